@@ -1,0 +1,124 @@
+// Knowledge-distillation loss: the per-row math shared by the CPU and CUDA kernels.
+// Notation (one row): z = logits / T, lse = logsumexp(z), log p_j = z_j - lse.
+//   forward KL  D = sum_j p_t (log p_t - log p_s)        dD/dz_s = p_s - p_t
+//   reverse KL  D = sum_j p_s (log p_s - log p_t)        dD/dz_s = p_s (d - D), d = log p_s - log p_t
+//   JSD(beta)   D = beta KL(p_t||m) + (1-beta) KL(p_s||m), m = beta p_t + (1-beta) p_s
+//               dD/dz_s = (1-beta) p_s (d - K_s), d = log p_s - log m, K_s = KL(p_s||m)
+//   CE (T = 1, smoothing eps): lse1 - (1-eps) s_y - eps/C sum_j s_j, d/ds = q - (1-eps) 1[y] - eps/C
+// row loss = alpha CE + (1 - alpha) c D, c = T^2 or 1; d/ds = alpha dCE/ds + (1 - alpha) c / T dD/dz_s.
+#pragma once
+
+#include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+
+#if defined(__CUDACC__)
+#define LF_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define LF_HOST_DEVICE inline
+#endif
+
+namespace lepton_fast {
+
+enum class Divergence : int { kForwardKL = 0, kReverseKL = 1, kJSD = 2 };
+
+// The scalar arguments of kd_loss_forward, resolved once per call.
+struct KDParams {
+  float inv_temperature;
+  Divergence divergence;
+  float beta;
+  float alpha;
+  float label_smoothing;
+  int64_t ignore_index;
+  float soft_weight;  // (1 - alpha) * (T^2 or 1): multiplies D
+  float soft_grad_weight;  // soft_weight / T: multiplies dD/dz_s
+  bool has_labels;
+  bool compute_grad;
+  bool needs_ce;  // alpha > 0
+  bool needs_soft;  // alpha < 1
+};
+
+inline KDParams make_kd_params(double temperature, c10::string_view divergence, double beta,
+                               double alpha, double label_smoothing, int64_t ignore_index,
+                               bool scale_by_t2, bool has_labels, bool compute_grad) {
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "temperature must be > 0, got ", temperature);
+  TORCH_CHECK(beta >= 0 && beta <= 1, "beta must be in [0, 1], got ", beta);
+  TORCH_CHECK(alpha >= 0 && alpha <= 1, "alpha must be in [0, 1], got ", alpha);
+  TORCH_CHECK(label_smoothing >= 0 && label_smoothing <= 1, "label_smoothing must be in [0, 1], got ",
+              label_smoothing);
+  TORCH_CHECK(alpha == 0 || has_labels, "alpha > 0 needs labels");
+  KDParams p;
+  if (divergence == "forward_kl" || (divergence == "jsd" && beta == 0)) {
+    p.divergence = Divergence::kForwardKL;
+  } else if (divergence == "reverse_kl" || (divergence == "jsd" && beta == 1)) {
+    p.divergence = Divergence::kReverseKL;
+  } else if (divergence == "jsd") {
+    p.divergence = Divergence::kJSD;
+  } else {
+    TORCH_CHECK(false, "divergence must be 'forward_kl', 'reverse_kl' or 'jsd', got '",
+                std::string(divergence), "'");
+  }
+  const double scale = scale_by_t2 ? temperature * temperature : 1.0;
+  p.inv_temperature = static_cast<float>(1.0 / temperature);
+  p.beta = static_cast<float>(beta);
+  p.alpha = static_cast<float>(alpha);
+  p.label_smoothing = static_cast<float>(label_smoothing);
+  p.ignore_index = ignore_index;
+  p.soft_weight = static_cast<float>((1.0 - alpha) * scale);
+  p.soft_grad_weight = static_cast<float>((1.0 - alpha) * scale / temperature);
+  p.has_labels = has_labels;
+  p.compute_grad = compute_grad;
+  p.needs_ce = alpha > 0;
+  p.needs_soft = alpha < 1;
+  return p;
+}
+
+// Online softmax statistics: running max and sum of exp(x - max).
+template <typename acc_t>
+struct SoftmaxStats {
+  acc_t max = -std::numeric_limits<acc_t>::infinity();
+  acc_t sum = 0;
+
+  LF_HOST_DEVICE void add(acc_t x) {
+    if (x > max) {
+      sum = sum * std::exp(max - x) + 1;
+      max = x;
+    } else {
+      sum += std::exp(x - max);
+    }
+  }
+  LF_HOST_DEVICE void merge(const SoftmaxStats& o) {
+    if (o.max > max) {
+      sum = sum * std::exp(max - o.max) + o.sum;
+      max = o.max;
+    } else if (o.max > -std::numeric_limits<acc_t>::infinity()) {
+      sum += o.sum * std::exp(o.max - max);
+    }
+  }
+  // logsumexp; NaN for an all -inf row (max = -inf, sum = 0 -> -inf - -inf).
+  LF_HOST_DEVICE acc_t lse() const {
+    return max == -std::numeric_limits<acc_t>::infinity() ? std::numeric_limits<acc_t>::quiet_NaN()
+                                                            : max + std::log(sum);
+  }
+};
+
+// p * (log p - log q) with 0 log 0 = 0.
+template <typename acc_t>
+LF_HOST_DEVICE acc_t kl_term(acc_t logp, acc_t logq) {
+  return logp == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : std::exp(logp) * (logp - logq);
+}
+
+// log(beta p_t + (1 - beta) p_s) from the two log-probabilities, -inf when both are 0.
+template <typename acc_t>
+LF_HOST_DEVICE acc_t log_mixture(acc_t logp_s, acc_t logp_t, acc_t log_beta, acc_t log_1m_beta) {
+  const acc_t a = logp_t + log_beta, b = logp_s + log_1m_beta;
+  const acc_t hi = a > b ? a : b, lo = a > b ? b : a;
+  if (hi == -std::numeric_limits<acc_t>::infinity()) return hi;
+  return hi + std::log1p(std::exp(lo - hi));
+}
+
+}  // namespace lepton_fast

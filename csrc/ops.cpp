@@ -1,0 +1,25 @@
+// Every op schema of lepton_fast, in one place. The kernels register their
+// implementations with TORCH_LIBRARY_IMPL in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu;
+// lepton_fast/ops/<op>.py wraps them in the public custom ops (fake impls, autograd).
+#include <Python.h>
+#include <torch/library.h>
+
+// `import lepton_fast._C` runs the static registrations below; the module has no functions.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY(lepton_fast, m) {
+  // Per-row knowledge-distillation loss of [N, C] logits (rows contiguous along C) and,
+  // when compute_grad, d(row loss)/d(student) * grad_scale (a 0-d float32 tensor) in the
+  // student's dtype. Ignored rows: loss 0, gradient 0. A row whose softmax is undefined
+  // (entirely -inf) yields NaN, which the Python layer turns into an error.
+  m.def(
+      "kd_loss_forward(Tensor student, Tensor teacher, Tensor? labels, Tensor grad_scale, "
+      "float temperature, str divergence, float beta, float alpha, float label_smoothing, "
+      "int ignore_index, bool scale_by_t2, bool compute_grad) -> (Tensor, Tensor)");
+  // grad *= scale, in place; scale is 0-d (skipped on the device when it is exactly 1)
+  // or [N], one factor per row of the [N, C] grad.
+  m.def("scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");
+}

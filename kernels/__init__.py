@@ -1,0 +1,1 @@
+"""Triton kernels, installed as lepton_fast.kernels. Each module imports triton."""

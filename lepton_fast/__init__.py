@@ -1,0 +1,14 @@
+"""lepton_fast: fused kernels for cross-domain transfer learning.
+
+Knowledge distillation, confidence-thresholded pseudo-labels and adversarial training as
+custom autograd ops with CPU C++, CUDA C++ and Triton kernels and a pure-PyTorch reference.
+"""
+from lepton_fast import _backend
+
+_backend.extension()  # load lepton_fast._C (its op registrations) before the ops wrap them
+
+from lepton_fast._info import info  # noqa: E402
+from lepton_fast.ops.kd_loss import fused_kd_loss  # noqa: E402
+from lepton_fast.version import __version__  # noqa: E402
+
+__all__ = ["__version__", "fused_kd_loss", "info"]

@@ -1,0 +1,145 @@
+"""Pure-PyTorch definitions of every lepton_fast op.
+
+This module is the single source of truth for the math. It is the CPU fallback when the
+extension is not built, the oracle of the tests (run in float64) and the baseline of the
+benchmarks (eager and under torch.compile). It computes in float32 at least, whatever the
+input dtype, as the kernels do; autograd gives its gradients.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+NEG_INF = float("-inf")
+
+
+def _acc(x: Tensor) -> Tensor:
+    """x in the accumulation dtype: float32, or float64 when x is float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _kl_rows(logp: Tensor, logq: Tensor) -> Tensor:
+    """KL(p || q) along the last dim with 0 * log 0 = 0.
+
+    Where p > 0 and q = 0 the term is +inf, the true value. The inner ``where`` keeps
+    the masked branch finite so that autograd sends no NaN through it.
+    """
+    present = logp > NEG_INF
+    logp_safe = torch.where(present, logp, 0.0)
+    terms = torch.where(present, logp_safe.exp() * (logp_safe - logq), 0.0)
+    return terms.sum(-1)
+
+
+def _log_mixture(logp_s: Tensor, logp_t: Tensor, beta: float) -> Tensor:
+    """log(beta * p_t + (1 - beta) * p_s), computed in log space, -inf where both are 0."""
+    both = torch.stack([logp_s + math.log1p(-beta), logp_t + math.log(beta)])
+    present = (both > NEG_INF).any(0)
+    safe = torch.where(present, both, 0.0)
+    return torch.where(present, torch.logsumexp(safe, 0), NEG_INF)
+
+
+def soft_divergence_rows(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float, divergence: str, beta: float
+) -> Tensor:
+    """Per-row divergence between softmax(student / T) and softmax(teacher / T), [N].
+
+    forward_kl = KL(p_t || p_s) (Hinton et al. 2015); reverse_kl = KL(p_s || p_t);
+    jsd = beta * KL(p_t || m) + (1 - beta) * KL(p_s || m), m = beta * p_t + (1 - beta) * p_s,
+    with beta = 0 giving forward KL and beta = 1 reverse KL (TRL's generalized JSD, Agarwal
+    et al. 2024).
+    """
+    logp_s = torch.log_softmax(_acc(student_logits) / temperature, dim=-1)
+    logp_t = torch.log_softmax(_acc(teacher_logits) / temperature, dim=-1)
+    if divergence == "jsd" and 0.0 < beta < 1.0:
+        log_m = _log_mixture(logp_s, logp_t, beta)
+        return beta * _kl_rows(logp_t, log_m) + (1.0 - beta) * _kl_rows(logp_s, log_m)
+    if divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0):
+        return _kl_rows(logp_t, logp_s)
+    if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
+        return _kl_rows(logp_s, logp_t)
+    raise ValueError(f"divergence must be 'forward_kl', 'reverse_kl' or 'jsd', got {divergence!r}")
+
+
+def kd_loss_rows(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    alpha: float = 0.0,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    scale_by_t2: bool = True,
+) -> Tensor:
+    """Per-row knowledge-distillation loss of [N, C] logits, float32 (float64 for float64), [N].
+
+    row = alpha * CE(student, label) + (1 - alpha) * T^2 * D(p_t, p_s), CE at T = 1 with
+    ``label_smoothing``; rows whose label is ``ignore_index`` are 0 and get no gradient.
+    A term whose weight is 0 is not computed, so its infinities cannot leak in as 0 * inf.
+    """
+    teacher_logits = teacher_logits.detach()
+    rows = student_logits.new_zeros(student_logits.shape[0], dtype=_acc(student_logits).dtype)
+    valid = None
+    if labels is not None:
+        valid = labels != ignore_index
+        # Ignored rows may hold anything (even all -inf): zero them so no NaN can reach autograd.
+        student_logits = torch.where(valid[:, None], student_logits, 0.0)
+        teacher_logits = torch.where(valid[:, None], teacher_logits, 0.0)
+    if alpha < 1.0:
+        soft = soft_divergence_rows(student_logits, teacher_logits, temperature, divergence, beta)
+        rows = rows + (1.0 - alpha) * (temperature**2 if scale_by_t2 else 1.0) * soft
+    if alpha > 0.0:
+        ce = torch.nn.functional.cross_entropy(
+            _acc(student_logits), labels, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, reduction="none",
+        )
+        rows = rows + alpha * ce
+    if valid is not None:
+        rows = torch.where(valid, rows, 0.0)
+    return rows
+
+
+def mean_divisor(labels: Tensor | None, ignore_index: int, n_rows: int):
+    """How many rows a "mean" averages over: the non-ignored ones (a tensor, no host sync),
+    at least 1, so that a batch with every row ignored has loss 0, not NaN."""
+    if labels is None:
+        return max(n_rows, 1)
+    return (labels != ignore_index).sum().clamp(min=1)
+
+
+def reduce_rows(rows: Tensor, reduction: str, divisor) -> Tensor:
+    """"mean"/"batchmean": sum / divisor; "sum"; "none": rows unchanged."""
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    return total if reduction == "sum" else total / divisor
+
+
+def fused_kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    *,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    labels: Tensor | None = None,
+    alpha: float = 0.0,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    scale_by_t2: bool = True,
+    reduction: str = "mean",
+) -> Tensor:
+    """Reference of :func:`lepton_fast.fused_kd_loss` on [..., C] logits (no argument checks)."""
+    lead, n_classes = student_logits.shape[:-1], student_logits.shape[-1]
+    flat_labels = None if labels is None else labels.reshape(-1)
+    rows = kd_loss_rows(
+        student_logits.reshape(-1, n_classes), teacher_logits.reshape(-1, n_classes), flat_labels,
+        temperature=temperature, divergence=divergence, beta=beta, alpha=alpha,
+        label_smoothing=label_smoothing, ignore_index=ignore_index, scale_by_t2=scale_by_t2,
+    )
+    divisor = mean_divisor(flat_labels, ignore_index, rows.shape[0])
+    return reduce_rows(rows, reduction, divisor).reshape(lead if reduction == "none" else ())
