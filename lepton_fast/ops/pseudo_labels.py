@@ -9,8 +9,8 @@ from torch import Tensor
 from lepton_fast import _backend, _validate, reference
 from lepton_fast.ops._grad import backward_scaled
 
-SELECT_SPEC = _backend.register("select_pseudo_labels", kernel=None, triton=None)
-LOSS_SPEC = _backend.register("fused_pseudo_label_loss", kernel=None, triton=None)
+SELECT_SPEC = _backend.register("select_pseudo_labels", kernel="select_pseudo_labels", triton=None)
+LOSS_SPEC = _backend.register("fused_pseudo_label_loss", kernel="pseudo_label_loss_forward", triton=None)
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -101,7 +101,7 @@ def _kernel(spec, backend: str, name: str):
 # --- select_pseudo_labels ------------------------------------------------------------------
 
 
-@torch.library.custom_op("lepton_fast::select_pseudo_labels", mutates_args=())
+@torch.library.custom_op("lepton_fast::pseudo_labels", mutates_args=())
 def select_op(
     logits: Tensor, class_thresholds: Optional[Tensor], threshold: float, temperature: float, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
