@@ -9,8 +9,8 @@ from torch import Tensor
 from lepton_fast import _backend, _validate, reference
 from lepton_fast.ops._grad import backward_scaled
 
-SELECT_SPEC = _backend.register("select_pseudo_labels", kernel="select_pseudo_labels", triton=None)
-LOSS_SPEC = _backend.register("fused_pseudo_label_loss", kernel="pseudo_label_loss_forward", triton=None)
+SELECT_SPEC = _backend.register("select_pseudo_labels", kernel="select_pseudo_labels", triton="pseudo_labels")
+LOSS_SPEC = _backend.register("fused_pseudo_label_loss", kernel="pseudo_label_loss_forward", triton="pseudo_labels")
 REDUCTIONS = ("mean", "sum", "none")
 
 
