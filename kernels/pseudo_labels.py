@@ -84,7 +84,8 @@ def _pseudo_label_kernel(
                     target = (j == label).to(ACC)
                 if COMPUTE_GRAD:
                     g = tl.where(keep, gw * (tl.exp(x - lse_s) - target), 0.0)
-                    tl.store(grad_ptr + row * n_classes + j, g.to(grad_ptr.dtype.element_ty), mask=inside)
+                    g = g.to(grad_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+                    tl.store(grad_ptr + row * n_classes + j, g, mask=inside)
         if not SOFT:
             dot = tl.load(s_row + label).to(ACC)
         tl.store(rows_ptr + row, tl.where(keep, weight * (lse_s - dot), 0.0))

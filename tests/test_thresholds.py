@@ -1,0 +1,155 @@
+"""Threshold state (lepton_fast.thresholds): hand-computed updates, state_dict round trips."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lepton_fast import fused_pseudo_label_loss, select_pseudo_labels
+from lepton_fast.thresholds import FixedThreshold, FlexMatchThreshold, FreeMatchThreshold, SoftMatchWeight
+
+
+def _result(labels, confidence):
+    labels = torch.tensor(labels)
+    confidence = torch.tensor(confidence)
+    return SimpleNamespace(labels=labels, confidence=confidence, mask=confidence >= 0)
+
+
+def test_fixed_threshold():
+    policy = FixedThreshold(0.8)
+    assert policy.loss_kwargs() == {"threshold": 0.8} == policy(torch.randn(2, 3))
+    policy.update(_result([0], [0.5]))
+    assert policy.state_dict() == {}
+    with pytest.raises(ValueError, match="threshold"):
+        FixedThreshold(1.2)
+
+
+def test_flexmatch_hand_computed_with_warmup():
+    policy = FlexMatchThreshold(num_classes=3, num_unlabeled=5, threshold=0.9)
+    assert torch.equal(policy.class_thresholds(), torch.zeros(3))  # beta = 0: everything passes at first
+    # Confidences >= 0.9 are remembered: samples 0 -> class 0, 2 -> class 2; 3 of 5 unused.
+    policy.update(_result([0, 1, 2], [0.95, 0.5, 0.92]), indices=torch.tensor([0, 1, 2]))
+    assert policy.selected_label.tolist() == [0, -1, 2, -1, -1]
+    # warm-up: sigma = (1, 0, 1), max(max sigma, unused) = 3 -> beta = (1/3, 0, 1/3)
+    torch.testing.assert_close(policy.classwise_acc, torch.tensor([1 / 3, 0.0, 1 / 3]))
+    third = 0.9 * (1 / 3) / (2 - 1 / 3)  # convex mapping x / (2 - x)
+    torch.testing.assert_close(policy.loss_kwargs()["class_thresholds"], torch.tensor([third, 0.0, third]))
+    # Sample 1 reaches 0.95 as class 1; samples 3, 4 as class 0: sigma = (3, 1, 1), none unused.
+    policy.update(_result([0, 0, 1], [0.99, 0.91, 0.95]), indices=torch.tensor([3, 4, 1]))
+    assert policy.selected_label.tolist() == [0, 1, 2, 0, 0]
+    torch.testing.assert_close(policy.classwise_acc, torch.tensor([1.0, 1 / 3, 1 / 3]))
+    torch.testing.assert_close(policy.class_thresholds(), torch.tensor([0.9, third, third]))
+    # Every sample class 0: one value holds them all, so (as USB) beta stays where it was.
+    policy.update(_result([0, 0], [0.99, 0.99]), indices=torch.tensor([1, 2]))
+    torch.testing.assert_close(policy.classwise_acc, torch.tensor([1.0, 1 / 3, 1 / 3]))
+
+
+def test_flexmatch_without_warmup():
+    policy = FlexMatchThreshold(num_classes=3, num_unlabeled=5, threshold=0.9, warmup=False)
+    policy.update(_result([0, 1, 2], [0.95, 0.5, 0.92]), indices=torch.tensor([0, 1, 2]))
+    # sigma = (1, 0, 1) normalised by max sigma = 1, the unused samples left out.
+    torch.testing.assert_close(policy.classwise_acc, torch.tensor([1.0, 0.0, 1.0]))
+    torch.testing.assert_close(policy.class_thresholds(), torch.tensor([0.9, 0.0, 0.9]))
+
+
+def test_freematch_hand_computed():
+    policy = FreeMatchThreshold(num_classes=2, momentum=0.5)
+    torch.testing.assert_close(policy.class_thresholds(), torch.tensor([0.5, 0.5]))  # 1/C, uniform
+    weak = torch.tensor([[0.0, math.log(3.0)], [0.0, 0.0]])  # probabilities (1/4, 3/4), (1/2, 1/2)
+    policy.update(select_pseudo_labels(weak), weak_logits=weak)
+    # tau = 0.5 * 1/2 + 0.5 * mean(3/4, 1/2) = 0.5625; p = 0.5 * (1/2, 1/2) + 0.5 * (3/8, 5/8)
+    torch.testing.assert_close(policy.time_p, torch.tensor(0.5625))
+    torch.testing.assert_close(policy.p_model, torch.tensor([0.4375, 0.5625]))
+    torch.testing.assert_close(policy.loss_kwargs()["class_thresholds"], torch.tensor([0.4375, 0.5625]))
+    policy.update(select_pseudo_labels(weak), weak_logits=weak)
+    # tau = 0.5 * 0.5625 + 0.5 * 0.625; p = 0.5 * (0.4375, 0.5625) + 0.5 * (3/8, 5/8)
+    torch.testing.assert_close(policy.time_p, torch.tensor(0.59375))
+    torch.testing.assert_close(policy.p_model, torch.tensor([0.40625, 0.59375]))
+    torch.testing.assert_close(policy.class_thresholds(), 0.59375 * torch.tensor([0.40625 / 0.59375, 1.0]))
+
+
+def test_softmatch_hand_computed():
+    policy = SoftMatchWeight(num_classes=4, n_sigma=2.0, momentum=0.5)
+    policy.update(_result([0, 1], [0.5, 0.9]))
+    # mean 0.7, unbiased var 0.08: mu = 0.5 * 0.25 + 0.5 * 0.7, var = 0.5 * 1 + 0.5 * 0.08
+    torch.testing.assert_close(policy.mu, torch.tensor(0.475))
+    torch.testing.assert_close(policy.var, torch.tensor(0.54))
+    w = policy.weights(torch.tensor([0.2, 0.475, 0.9]))
+    expected = math.exp(-((0.2 - 0.475) ** 2) / (2 * 0.54 / 2.0**2))
+    torch.testing.assert_close(w, torch.tensor([expected, 1.0, 1.0]))
+    policy.update(_result([3], [0.1]))  # one row: the mean moves, the variance cannot be estimated
+    torch.testing.assert_close(policy.mu, torch.tensor(0.2875))
+    torch.testing.assert_close(policy.var, torch.tensor(0.54))
+
+
+def test_softmatch_weights_flow_into_the_loss():
+    policy = SoftMatchWeight(num_classes=5)
+    weak, strong = torch.randn(6, 5) * 2, torch.randn(6, 5)
+    kw = policy.loss_kwargs(weak)
+    conf = select_pseudo_labels(weak).confidence
+    torch.testing.assert_close(kw["weights"], policy.weights(conf))
+    out = fused_pseudo_label_loss(strong, weak, **kw)
+    assert out.mask.all()  # threshold 0: every row kept, weighted
+    with pytest.raises(ValueError, match="weak_logits"):
+        policy.loss_kwargs()
+
+
+def _drive(policy, steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        weak = torch.randn(8, 4, generator=g) * 3
+        strong = torch.randn(8, 4, generator=g)
+        idx = torch.randperm(20, generator=g)[:8]
+        out = fused_pseudo_label_loss(strong, weak, **policy.loss_kwargs(weak))
+        policy.update(out, weak_logits=weak, indices=idx)
+    return policy.loss_kwargs(torch.ones(8, 4))
+
+
+FACTORIES = {
+    "flexmatch": lambda: FlexMatchThreshold(4, 20, threshold=0.7),
+    "freematch": lambda: FreeMatchThreshold(4, momentum=0.9),
+    "softmatch": lambda: SoftMatchWeight(4, momentum=0.9),
+}
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_state_dict_round_trip_resumes(name):
+    make = FACTORIES[name]
+    uninterrupted = make()
+    _drive(uninterrupted, 3, seed=0)
+    expected = _drive(uninterrupted, 2, seed=1)
+
+    first = make()
+    _drive(first, 3, seed=0)
+    state = {k: v.clone() for k, v in first.state_dict().items()}
+    assert state and all(isinstance(v, torch.Tensor) for v in state.values())
+    resumed = make()
+    resumed.load_state_dict(state)
+    for key, value in resumed.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    got = _drive(resumed, 2, seed=1)
+    assert got.keys() == expected.keys()
+    for key in got:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+    # The state moved: a fresh module would give other thresholds.
+    fresh = make().loss_kwargs(torch.ones(8, 4))
+    assert any(not torch.equal(torch.as_tensor(fresh[k]), torch.as_tensor(got[k])) for k in got)
+
+
+def test_missing_or_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="indices"):
+        FlexMatchThreshold(3, 10).update(_result([0], [0.99]))
+    with pytest.raises(ValueError, match="indices"):
+        FlexMatchThreshold(3, 10).update(_result([0, 1], [0.99, 0.9]), indices=torch.tensor([1]))
+    with pytest.raises(ValueError, match="weak_logits"):
+        FreeMatchThreshold(3).update(_result([0], [0.99]))
+    with pytest.raises(ValueError, match="weak_logits"):
+        FreeMatchThreshold(3).update(_result([0], [0.99]), weak_logits=torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="momentum"):
+        FreeMatchThreshold(3, momentum=1.0)
+    with pytest.raises(ValueError, match="num_classes"):
+        SoftMatchWeight(0)
+    with pytest.raises(ValueError, match="n_sigma"):
+        SoftMatchWeight(3, n_sigma=0)
+    with pytest.raises(ValueError, match="num_unlabeled"):
+        FlexMatchThreshold(3, 0)
