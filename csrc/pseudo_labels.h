@@ -13,7 +13,7 @@
 #include <cstdint>
 #include <limits>
 
-#include "kd_loss.h"  // LF_HOST_DEVICE, SoftmaxStats
+#include "kd_loss.h"  // LF_HOST_DEVICE
 
 namespace lepton_fast {
 
@@ -33,19 +33,35 @@ inline PseudoLabelParams make_pseudo_label_params(double threshold, double tempe
   return {1.0 / temperature, threshold, grad_scale, soft, compute_grad};
 }
 
-// Online arg-max and softmax statistics; a tie keeps the lower index, in add and merge.
+// Online arg-max and softmax statistics: running max, sum of exp(x - max), index of the
+// max (a tie keeps the lower index, in add and in merge). Unlike SoftmaxStats in kd_loss.h,
+// -inf entries before the first finite one leave the sum at 0 (masked classes), and a NaN
+// entry makes the sum NaN, so that the caller reports the row.
 template <typename acc_t>
 struct ArgmaxSoftmax {
-  SoftmaxStats<acc_t> stats;
+  acc_t max = -std::numeric_limits<acc_t>::infinity();
+  acc_t sum = 0;
   int64_t arg = 0;
 
   LF_HOST_DEVICE void add(acc_t x, int64_t j) {
-    if (x > stats.max) arg = j;
-    stats.add(x);
+    if (x > max) {
+      sum = sum * std::exp(max - x) + acc_t(1);
+      max = x;
+      arg = j;
+    } else if (x != -std::numeric_limits<acc_t>::infinity()) {
+      sum += std::exp(x - max);
+    }
   }
   LF_HOST_DEVICE void merge(const ArgmaxSoftmax& o) {
-    if (o.stats.max > stats.max || (o.stats.max == stats.max && o.arg < arg)) arg = o.arg;
-    stats.merge(o.stats);
+    if (o.max > max || (o.max == max && o.arg < arg)) arg = o.arg;
+    if (o.max > max) {
+      sum = sum * std::exp(max - o.max) + o.sum;
+      max = o.max;
+    } else if (o.max != -std::numeric_limits<acc_t>::infinity()) {
+      sum += o.sum * std::exp(o.max - max);
+    } else {
+      sum += o.sum;  // 0, or NaN to pass on
+    }
   }
 };
 

@@ -116,6 +116,8 @@ def _variant_kwargs(name, shape, seed=3):
 def test_loss_matches_reference(backend, dtype, shape, soft, variant):
     if backend == "triton" and (shape == SHAPES["wide"]) and variant != "threshold":
         pytest.skip("the wide shape runs once per backend in the interpreter (slow)")
+    if dtype == torch.float16 and variant in ("class_thresholds", "weights"):
+        pytest.skip("float16 and bfloat16 share the kernels' code path; bfloat16 covers these")
     strong, weak = _views(shape, dtype)
     _assert_loss_matches(strong, weak, backend, soft=soft, **_variant_kwargs(variant, shape))
 
