@@ -19,13 +19,13 @@ def _reference(strong, weak, threshold):
     return reference.fused_pseudo_label_loss(strong, weak, threshold)
 
 
-_compiled_reference = torch.compile(_reference)
-
-
 def _variants(threshold):
+    # A fresh static-shape compile per case: one shared compile would switch to dynamic
+    # shapes at the second shape, which is slower and not what a training loop sees.
+    compiled = torch.compile(_reference, dynamic=False)
     variants = {
         "reference": lambda s, w: _reference(s, w, threshold)[0],
-        "compile(reference)": lambda s, w: _compiled_reference(s, w, threshold)[0],
+        "compile(reference)": lambda s, w: compiled(s, w, threshold)[0],
     }
     for backend in BACKENDS:
         variants[backend] = lambda s, w, b=backend: fused_pseudo_label_loss(s, w, threshold, backend=b).loss

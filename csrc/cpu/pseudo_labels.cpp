@@ -111,6 +111,29 @@ LF_SIMD_CLONES float target_dot(const float* e, const float* s, int64_t n) {
   return sum;
 }
 
+// The first index holding m (the row's max): the lowest on ties, as torch.argmax; 0 if none
+// (an all -inf or NaN row, reported through its NaN confidence).
+LF_SIMD_CLONES int64_t first_index_of(const float* x, int64_t n, float m) {
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const i8 hit = load8(x + j) == m;
+    bool any = false;
+    for (int i = 0; i < kLanes; ++i) any |= hit[i] != 0;
+    if (any) break;
+  }
+  for (; j < n; ++j) {
+    if (x[j] == m) return j;
+  }
+  return 0;
+}
+
+int64_t first_index_of(const double* x, int64_t n, double m) {
+  for (int64_t j = 0; j < n; ++j) {
+    if (x[j] == m) return j;
+  }
+  return 0;
+}
+
 double max_of(const double* x, int64_t n) {
   double m = -std::numeric_limits<double>::infinity();
   for (int64_t j = 0; j < n; ++j) m = std::max(m, x[j]);
@@ -144,14 +167,7 @@ struct WeakRow {
 template <typename acc_t>
 WeakRow<acc_t> weak_row(acc_t* z, int64_t n, bool keep_exp) {
   const acc_t m = max_of(z, n);
-  // argmax = the first index holding the max (lowest on ties); 0 for an all -inf / NaN row.
-  int64_t label = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    if (z[j] == m) {
-      label = j;
-      break;
-    }
-  }
+  const int64_t label = first_index_of(z, n, m);
   const acc_t sum = exp_shift_sum(z, n, m, keep_exp);
   return {label, confidence_from_sum(m, sum), sum};
 }
