@@ -22,4 +22,16 @@ TORCH_LIBRARY(lepton_fast, m) {
   // grad *= scale, in place; scale is 0-d (skipped on the device when it is exactly 1)
   // or [N], one factor per row of the [N, C] grad.
   m.def("scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");
+  // Adversarial perturbation steps on contiguous tensors of one floating dtype, written into
+  // `out` (which may be the input x / x_adv itself: the kernels are elementwise). A per-sample
+  // tensor [N] (opmath dtype) replaces the float beside it and applies to consecutive runs of
+  // numel / N elements. sign(0) = sign(NaN) = 0. clamp bounds are both given or both None.
+  //   fgsm: out = clamp(x + eps * sign(grad))
+  //   pgd:  out = clamp(x_orig + clamp(x_adv + step_size * sign(grad) - x_orig, -eps, eps))
+  m.def(
+      "fgsm_perturb_out(Tensor x, Tensor grad, float eps, Tensor? eps_per_sample, float? clamp_min, "
+      "float? clamp_max, Tensor(a!) out) -> ()");
+  m.def(
+      "pgd_step_out(Tensor x_adv, Tensor x_orig, Tensor grad, float step_size, Tensor? step_per_sample, "
+      "float eps, Tensor? eps_per_sample, float? clamp_min, float? clamp_max, Tensor(a!) out) -> ()");
 }

@@ -10,5 +10,11 @@ _backend.extension()  # load lepton_fast._C (its op registrations) before the op
 from lepton_fast._info import info  # noqa: E402
 from lepton_fast.ops.kd_loss import fused_kd_loss  # noqa: E402
 from lepton_fast.version import __version__  # noqa: E402
+from lepton_fast.ops.grad_reverse import grad_reverse  # noqa: E402
+from lepton_fast.ops.adversarial import fgsm_perturb, fgsm_perturb_, pgd_step, pgd_step_  # noqa: E402
+from lepton_fast.adversarial import fgsm, pgd, vat_loss  # noqa: E402
+from lepton_fast.nn import GradientReversal  # noqa: E402
 
 __all__ = ["__version__", "fused_kd_loss", "info"]
+__all__ += ["grad_reverse", "GradientReversal", "fgsm_perturb", "fgsm_perturb_", "pgd_step", "pgd_step_",
+            "fgsm", "pgd", "vat_loss"]
