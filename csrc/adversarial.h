@@ -1,5 +1,5 @@
 // Adversarial perturbation steps: the per-element math shared by the CPU kernel (on
-// at::vec::Vectorized<acc_t>) and the CUDA kernel (on float / double).
+// float / double) and the CUDA kernel (on an IEEE float32 wrapper / double).
 //   sign(g)  = [g > 0] - [g < 0]             (0 for 0 and NaN, as torch.sign)
 //   clamp(v) = min(max(v, lo), hi)           keeping v when it equals a bound, NaN propagated
 //   fgsm     = clamp01(x + eps * sign(g))
@@ -18,10 +18,6 @@
 #else
 #define LF_HOST_DEVICE inline
 #endif
-#endif
-
-#if !defined(__CUDACC__)
-#include <ATen/cpu/vec/vec.h>
 #endif
 
 namespace lepton_fast {
@@ -51,21 +47,6 @@ LF_HOST_DEVICE T clamp_keep(T v, T lo, T hi) {
   return hi < v ? hi : v;
 }
 
-#if !defined(__CUDACC__)
-template <typename T>
-inline at::vec::Vectorized<T> sign_of(const at::vec::Vectorized<T>& g) {
-  const at::vec::Vectorized<T> zero(T(0));
-  return g.gt(zero) - g.lt(zero);
-}
-
-template <typename T>
-inline at::vec::Vectorized<T> clamp_keep(at::vec::Vectorized<T> v, const at::vec::Vectorized<T>& lo,
-                                         const at::vec::Vectorized<T>& hi) {
-  using V = at::vec::Vectorized<T>;
-  v = V::blendv(v, lo, v < lo);
-  return V::blendv(v, hi, hi < v);
-}
-#endif
 
 template <typename V>
 LF_HOST_DEVICE V fgsm_value(V x, V g, V eps, bool clamp, V lo, V hi) {
