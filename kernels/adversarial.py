@@ -31,14 +31,14 @@ def _step_kernel(
     x_ptr, orig_ptr, g_ptr, out_ptr, numel, inner,
     step, eps, lo, hi, step_ps_ptr, eps_ps_ptr, params_ptr,
     IS_PGD: tl.constexpr, STEP_PS: tl.constexpr, EPS_PS: tl.constexpr, CLAMP: tl.constexpr,
-    PARAMS_IN_MEMORY: tl.constexpr, BLOCK: tl.constexpr,
+    IS_F64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = offs < numel
     x = tl.load(x_ptr + offs, mask=live)
-    acc_t = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
-    x = x.to(acc_t)
-    if PARAMS_IN_MEMORY:  # float64: Triton passes float arguments as float32
+    if not IS_F64:
+        x = x.to(tl.float32)
+    if IS_F64:  # Triton passes float arguments as float32: float64 scalars come from memory
         step = tl.load(params_ptr + 0)
         eps = tl.load(params_ptr + 1)
         lo = tl.load(params_ptr + 2)
@@ -46,12 +46,14 @@ def _step_kernel(
     sample = offs // inner
     if STEP_PS:
         step = tl.load(step_ps_ptr + sample, mask=live)
-    s = _sign(tl.load(g_ptr + offs, mask=live)).to(acc_t)
-    out = x + step * s
+    # sign is 0 or +-1, exact in any dtype; the product promotes to x's compute dtype
+    out = x + step * _sign(tl.load(g_ptr + offs, mask=live))
     if IS_PGD:
         if EPS_PS:
             eps = tl.load(eps_ps_ptr + sample, mask=live)
-        orig = tl.load(orig_ptr + offs, mask=live).to(acc_t)
+        orig = tl.load(orig_ptr + offs, mask=live)
+        if not IS_F64:
+            orig = orig.to(tl.float32)
         out = orig + _clamp_keep(out - orig, -eps, eps)
     if CLAMP:
         out = _clamp_keep(out, lo, hi)
@@ -74,13 +76,14 @@ def _launch(x, orig, grad, step, step_ps, eps, eps_ps, clamp_min, clamp_max, out
     inner = numel // n if per_sample and n > 0 else numel
     clamp = clamp_min is not None
     lo, hi = (clamp_min, clamp_max) if clamp else (0.0, 0.0)
-    in_memory = out.dtype == torch.float64
-    params = torch.tensor([step, eps, lo, hi], dtype=torch.float64, device=out.device) if in_memory else out
+    is_f64 = out.dtype == torch.float64
+    # float64 only (rare): its scalars travel in a small tensor, one host-to-device copy
+    params = torch.tensor([step, eps, lo, hi], dtype=torch.float64, device=out.device) if is_f64 else out
     _step_kernel[(triton.cdiv(numel, BLOCK),)](
         x, orig, grad, out, numel, inner, step, eps, lo, hi,
         step_ps if step_ps is not None else out, eps_ps if eps_ps is not None else out, params,
         IS_PGD=is_pgd, STEP_PS=step_ps is not None, EPS_PS=eps_ps is not None, CLAMP=clamp,
-        PARAMS_IN_MEMORY=in_memory, BLOCK=BLOCK,
+        IS_F64=is_f64, BLOCK=BLOCK,
     )
 
 
