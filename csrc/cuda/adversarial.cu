@@ -4,7 +4,7 @@
 // Bit-exactness with torch: the extension is built with --use_fast_math, whose -ftz would
 // flush float32 denormals in additions and comparisons (a denormal gradient would get
 // sign 0, where torch.sign gives +-1). float32 math therefore goes through Ieee32, whose
-// operators are explicit round-to-nearest PTX instructions without .ftz; they are also
+// operators are explicit PTX instructions without .ftz (round to nearest); they are also
 // never contracted into FMAs. double is unaffected by -ftz.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -40,6 +40,11 @@ __device__ __forceinline__ Ieee32 operator-(Ieee32 a, Ieee32 b) {
 __device__ __forceinline__ Ieee32 operator*(Ieee32 a, Ieee32 b) {
   float r;
   asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a.v), "f"(b.v));
+  return r;
+}
+__device__ __forceinline__ Ieee32 operator-(Ieee32 a) {
+  float r;
+  asm("neg.f32 %0, %1;" : "=f"(r) : "f"(a.v));
   return r;
 }
 __device__ __forceinline__ bool operator<(Ieee32 a, Ieee32 b) {
@@ -97,9 +102,9 @@ __global__ void step_kernel(const scalar_t* x,  // may be out itself (in place)
       const T step = p.step_per_sample ? p.step_per_sample[k < n ? sample : 0] : p.step;
       T out_k;
       if (PGD) {
-        const auto radius = p.eps_per_sample ? p.eps_per_sample[k < n ? sample : 0] : p.eps;
-        out_k = adv::pgd_value(M::load(xs.v[k]), M::load(os.v[k]), M::load(gs.v[k]), step, T(-radius), T(radius),
-                               p.clamp, lo, hi);
+        const T radius = p.eps_per_sample ? p.eps_per_sample[k < n ? sample : 0] : p.eps;
+        out_k = adv::pgd_value(M::load(xs.v[k]), M::load(os.v[k]), M::load(gs.v[k]), step, -radius, radius, p.clamp,
+                               lo, hi);
       } else {
         out_k = adv::fgsm_value(M::load(xs.v[k]), M::load(gs.v[k]), step, p.clamp, lo, hi);
       }
