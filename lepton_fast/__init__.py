@@ -7,13 +7,40 @@ from lepton_fast import _backend
 
 _backend.extension()  # load lepton_fast._C (its op registrations) before the ops wrap them
 
-from lepton_fast._info import info  # noqa: E402
-from lepton_fast.ops.kd_loss import fused_kd_loss  # noqa: E402
-from lepton_fast.version import __version__  # noqa: E402
-from lepton_fast.ops.pseudo_labels import (  # noqa: E402
-    PseudoLabelLoss, PseudoLabels, fused_pseudo_label_loss, select_pseudo_labels,
-)
 from lepton_fast import thresholds  # noqa: E402
+from lepton_fast._info import info  # noqa: E402
+from lepton_fast.adversarial import fgsm, pgd, vat_loss  # noqa: E402
+from lepton_fast.nn import GradientReversal  # noqa: E402
+from lepton_fast.ops.adversarial import fgsm_perturb, fgsm_perturb_, pgd_step, pgd_step_  # noqa: E402
+from lepton_fast.ops.grad_reverse import grad_reverse  # noqa: E402
+from lepton_fast.ops.kd_loss import fused_kd_loss  # noqa: E402
+from lepton_fast.ops.pseudo_labels import (  # noqa: E402
+    PseudoLabelLoss,
+    PseudoLabels,
+    fused_pseudo_label_loss,
+    select_pseudo_labels,
+)
+from lepton_fast.version import __version__  # noqa: E402
 
-__all__ = ["__version__", "fused_kd_loss", "info"]
-__all__ += ["PseudoLabelLoss", "PseudoLabels", "fused_pseudo_label_loss", "select_pseudo_labels", "thresholds"]
+__all__ = [
+    "__version__",
+    "info",
+    # knowledge distillation
+    "fused_kd_loss",
+    # pseudo-labels
+    "PseudoLabelLoss",
+    "PseudoLabels",
+    "fused_pseudo_label_loss",
+    "select_pseudo_labels",
+    "thresholds",
+    # adversarial training
+    "GradientReversal",
+    "fgsm",
+    "fgsm_perturb",
+    "fgsm_perturb_",
+    "grad_reverse",
+    "pgd",
+    "pgd_step",
+    "pgd_step_",
+    "vat_loss",
+]

@@ -1,0 +1,119 @@
+// CPU kernels of fgsm_perturb_out and pgd_step_out: one pass over contiguous buffers,
+// chunks of the flat range in parallel (at::parallel_for), bfloat16 / float16 widened to
+// float32 and rounded once at the store. A chunk is cut at sample boundaries when a
+// per-sample eps or step size applies, so each run sees constant scalars.
+//
+// The inner loop is plain C++ that the compiler vectorises. at::vec is not used: this
+// extension is compiled once, without torch's per-CPU-capability builds, so at::vec falls
+// back to its generic Vectorized (arrays, masks through memory), which measured 4x slower
+// than this loop on 224x224 images (and no faster than the eager composition).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../adversarial.h"
+
+namespace lepton_fast {
+namespace {
+
+using adv::StepParams;
+
+// ~256 KB of float32 per task: large enough to amortise the task, small enough to balance.
+constexpr int64_t kGrain = 1 << 16;
+
+void check_buffers(const char* op, const at::Tensor& out, std::initializer_list<const at::Tensor*> inputs) {
+  TORCH_CHECK(out.is_contiguous(), op, ": out must be contiguous");
+  TORCH_CHECK(at::isFloatingType(out.scalar_type()), op, ": expected a floating dtype, got ", out.scalar_type());
+  for (const at::Tensor* t : inputs) {
+    TORCH_CHECK(t->sizes() == out.sizes() && t->scalar_type() == out.scalar_type() && t->is_contiguous(), op,
+                ": every input must be contiguous with the shape and dtype of out");
+  }
+}
+
+// The scalars as the kernels read them. A per-sample tensor must be [N] in the opmath dtype.
+template <typename acc_t>
+StepParams<acc_t> make_params(const char* op, const at::Tensor& out, double step,
+                              const std::optional<at::Tensor>& step_ps, double eps,
+                              const std::optional<at::Tensor>& eps_ps, std::optional<double> lo,
+                              std::optional<double> hi) {
+  TORCH_CHECK(lo.has_value() == hi.has_value(), op, ": clamp_min and clamp_max must both be given or both be None");
+  StepParams<acc_t> p{acc_t(step), acc_t(eps), nullptr, nullptr, lo.has_value(),
+                      acc_t(lo.value_or(0)), acc_t(hi.value_or(0)), out.numel()};
+  const int64_t n = out.dim() > 0 ? out.size(0) : 1;
+  for (auto [t, ptr] : {std::pair{&step_ps, &p.step_per_sample}, std::pair{&eps_ps, &p.eps_per_sample}}) {
+    if (!t->has_value()) continue;
+    const at::Tensor& v = t->value();
+    TORCH_CHECK(out.dim() > 0 && v.dim() == 1 && v.size(0) == n && v.is_contiguous() &&
+                    v.scalar_type() == c10::CppTypeToScalarType<acc_t>::value && v.device() == out.device(),
+                op, ": a per-sample tensor must be a contiguous [N] tensor of the opmath dtype");
+    *ptr = v.data_ptr<acc_t>();
+    p.inner = n > 0 ? out.numel() / n : 1;
+  }
+  return p;
+}
+
+// Calls run(begin, end, step, eps) on maximal runs of [0, numel) inside one sample, in parallel.
+template <typename acc_t, typename Run>
+void for_each_run(int64_t numel, const StepParams<acc_t>& p, const Run& run) {
+  at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+    while (begin < end) {
+      const int64_t sample = p.inner > 0 ? begin / p.inner : 0;
+      const int64_t stop = std::min(end, (sample + 1) * p.inner);
+      run(begin, stop, p.step_per_sample ? p.step_per_sample[sample] : p.step,
+          p.eps_per_sample ? p.eps_per_sample[sample] : p.eps);
+      begin = stop;
+    }
+  });
+}
+
+void fgsm_perturb_out_cpu(const at::Tensor& x, const at::Tensor& grad, double eps,
+                          const std::optional<at::Tensor>& eps_per_sample, std::optional<double> clamp_min,
+                          std::optional<double> clamp_max, const at::Tensor& out) {
+  check_buffers("fgsm_perturb_out", out, {&x, &grad});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fgsm_perturb_out_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto p = make_params<acc_t>("fgsm_perturb_out", out, eps, eps_per_sample, 0.0, std::nullopt,
+                                      clamp_min, clamp_max);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    for_each_run(out.numel(), p, [&](int64_t begin, int64_t end, acc_t size, acc_t) {
+      for (int64_t i = begin; i < end; ++i) {
+        op[i] = static_cast<scalar_t>(adv::fgsm_value<acc_t>(xp[i], gp[i], size, p.clamp, p.lo, p.hi));
+      }
+    });
+  });
+}
+
+void pgd_step_out_cpu(const at::Tensor& x_adv, const at::Tensor& x_orig, const at::Tensor& grad, double step_size,
+                      const std::optional<at::Tensor>& step_per_sample, double eps,
+                      const std::optional<at::Tensor>& eps_per_sample, std::optional<double> clamp_min,
+                      std::optional<double> clamp_max, const at::Tensor& out) {
+  check_buffers("pgd_step_out", out, {&x_adv, &x_orig, &grad});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_adv.scalar_type(), "pgd_step_out_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto p = make_params<acc_t>("pgd_step_out", out, step_size, step_per_sample, eps, eps_per_sample,
+                                      clamp_min, clamp_max);
+    const scalar_t* ap = x_adv.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x_orig.const_data_ptr<scalar_t>();
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    for_each_run(out.numel(), p, [&](int64_t begin, int64_t end, acc_t step, acc_t radius) {
+      for (int64_t i = begin; i < end; ++i) {
+        op[i] = static_cast<scalar_t>(
+            adv::pgd_value<acc_t>(ap[i], xp[i], gp[i], step, -radius, radius, p.clamp, p.lo, p.hi));
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lepton_fast, CPU, m) {
+  m.impl("fgsm_perturb_out", &fgsm_perturb_out_cpu);
+  m.impl("pgd_step_out", &pgd_step_out_cpu);
+}
+
+}  // namespace lepton_fast
