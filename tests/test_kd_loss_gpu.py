@@ -16,6 +16,10 @@ import torch
 from lepton_fast import _backend, fused_kd_loss, reference
 from lepton_fast.ops import kd_loss as kd_ops
 
+# The interpreter evaluates both sides of tl.where with numpy, which warns about the
+# -inf - -inf of masked lanes on the side that is thrown away.
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
+                                        "ignore:divide by zero encountered:RuntimeWarning")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interpreter = pytest.mark.skipif(not INTERPRETED, reason="Triton interpreter tests run where there is no GPU")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -332,12 +336,18 @@ def test_cuda_opcheck(backend):
     require(backend)
     student, teacher, labels = make_inputs(8, 300, torch.float32, "cuda")
     if backend == "cuda":
+        # The C++ kernels have no fake impls of their own (the public custom ops carry them):
+        # check that they honour their schemas (what they mutate, what they alias).
         grad_scale = torch.tensor(0.5, device="cuda")
+        schema_only = ("test_schema",)
         torch.library.opcheck(
             torch.ops.lepton_fast.kd_loss_forward,
             (student, teacher, labels, grad_scale, 2.0, "jsd", 0.3, 0.2, 0.1, -100, True, True),
+            test_utils=schema_only,
         )
-        torch.library.opcheck(torch.ops.lepton_fast.scale_grad_, (torch.randn(8, 300, device="cuda"), grad_scale))
+        torch.library.opcheck(
+            torch.ops.lepton_fast.scale_grad_, (torch.randn(8, 300, device="cuda"), grad_scale), test_utils=schema_only
+        )
     student.requires_grad_(True)
     args = (student, teacher, labels, 2.0, "forward_kl", 0.5, 0.3, 0.1, -100, True, "mean", True, backend)
     torch.library.opcheck(torch.ops.lepton_fast.kd_loss, args)
@@ -360,7 +370,8 @@ def test_cuda_compile_fullgraph(backend):
     ref = step(ref_x, teacher, labels)
     (ref * 3.0).backward()
     torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(x.grad, ref_x.grad, atol=0, rtol=0)
+    # Traced, the backward multiplies out of place (lepton_fast/ops/_grad.py): one bf16 rounding.
+    torch.testing.assert_close(x.grad, ref_x.grad)
 
 
 @pytest.mark.cuda
