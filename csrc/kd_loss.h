@@ -84,6 +84,8 @@ struct SoftmaxStats {
   acc_t sum = 0;
 
   LF_HOST_DEVICE void add(acc_t x) {
+    // exp(-inf) = 0 contributes nothing; going on would form -inf - -inf = NaN while max is -inf.
+    if (x == -std::numeric_limits<acc_t>::infinity()) return;
     if (x > max) {
       sum = sum * std::exp(max - x) + 1;
       max = x;
