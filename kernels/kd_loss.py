@@ -9,7 +9,9 @@ also the running sum E_p[z_p - z_q] that gives the divergence in the same pass:
 
 The last pass writes the gradient (already times grad_scale). JSD needs log m, which depends
 on both row constants, so it takes one more pass for the divergence and its gradient
-constant. Inputs are read twice (three times for JSD) and the gradient written once.
+constant. Inputs are read twice (three times for JSD) and the gradient written once; each
+pass walks the row in the direction opposite to the one before, so that a re-read starts
+on the columns most recently loaded, the ones most likely to be still in L2.
 Accumulation is float32 (float64 for float64 inputs). Per-row losses are written, never
 atomically added, so the reduction the Python layer does on them is deterministic.
 
@@ -83,6 +85,7 @@ def _kd_loss_kernel(
     t_row = t_ptr + row * t_stride
     g_row = g_ptr + row * C
     cols0 = tl.arange(0, BLOCK)
+    n_blocks = tl.cdiv(C, BLOCK)
     neg_inf = float("-inf")
     label = -1
     ignored = False
@@ -137,8 +140,8 @@ def _kd_loss_kernel(
                 # Pass 2 (JSD): D and K_s = KL(p_s || m) need log m, hence both row constants.
                 acc_div = tl.zeros([BLOCK], ACC)
                 acc_ks = tl.zeros([BLOCK], ACC)
-                for off in range(0, C, BLOCK):
-                    cols = off + cols0
+                for k in range(0, n_blocks):
+                    cols = (n_blocks - 1 - k) * BLOCK + cols0  # backwards: see the module docstring
                     mask = cols < C
                     lps = tl.load(s_row + cols, mask=mask, other=neg_inf).to(ACC) * inv_t - lse_s
                     lpt = tl.load(t_row + cols, mask=mask, other=neg_inf).to(ACC) * inv_t - lse_t
@@ -162,7 +165,10 @@ def _kd_loss_kernel(
             gs = tl.load(gs_ptr).to(ACC)
             soft_scale = soft_gw * gs
             ce_scale = alpha * gs
-            for off in range(0, C, BLOCK):
+            for k in range(0, n_blocks):
+                # Against the direction of the previous pass, so that it starts on the columns
+                # that pass read last, the likeliest to be still in L2.
+                off = (n_blocks - 1 - k) * BLOCK if DIV != 2 else k * BLOCK
                 cols = off + cols0
                 mask = cols < C
                 xs = tl.load(s_row + cols, mask=mask, other=neg_inf).to(ACC)

@@ -198,6 +198,19 @@ def test_triton_public_op_backward(reduction):
 
 
 @interpreter
+def test_triton_without_grad():
+    # compute_grad=False (no_grad, or a student that needs no gradient): losses only.
+    student, teacher, labels = make_inputs(3, 20, torch.float32)
+    mode = MODES["jsd_beta0.3"]
+    temperature, divergence, beta, alpha, eps, t2 = mode
+    rows, grad = triton_kernel(student, teacher, labels, torch.tensor(1.0), temperature, divergence, beta, alpha,
+                               eps, -100, t2, False, block=16)
+    assert grad.numel() == 0
+    exp_rows, _ = reference_rows_grad(student.double(), teacher.double(), labels, 1.0, mode)
+    torch.testing.assert_close(rows.double(), exp_rows, atol=1e-5, rtol=1e-5)
+
+
+@interpreter
 def test_triton_opcheck():
     student, teacher, labels = make_inputs(3, 10, torch.float32)
     student.requires_grad_(True)
@@ -244,15 +257,22 @@ def require(backend):
         pytest.fail(f"{backend} backend unavailable on a CUDA machine: {why}")
 
 
+# Every mode in float32 and bfloat16; float16 shares bfloat16's code paths, so one mode.
+CUDA_DTYPE_MODES = [
+    (dtype, mode)
+    for dtype in (torch.float32, torch.bfloat16)
+    for mode in ("fwd_kl_T2", "rev_kl_T0.5_unscaled", "jsd_beta0.3", "alpha0.4_smooth0.1_fwd")
+] + [(torch.float16, "alpha0.4_smooth0.1_fwd")]
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize(
     "n,c",
     [(37, 1000), (5, 50257), (3, 7), (4, 131072)],
     ids=["C=1000", "C=50257_odd_unvectorised", "C=7_tiny", "C=131072_wide"],
 )
-@pytest.mark.parametrize("mode_name", ["fwd_kl_T2", "rev_kl_T0.5_unscaled", "jsd_beta0.3", "alpha0.4_smooth0.1_fwd"])
+@pytest.mark.parametrize("dtype,mode_name", CUDA_DTYPE_MODES, ids=[f"{d}-{m}" for d, m in CUDA_DTYPE_MODES])
 def test_cuda_matches_reference(backend, dtype, n, c, mode_name):
     require(backend)
     mode = MODES[mode_name]

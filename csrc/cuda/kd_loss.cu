@@ -85,6 +85,20 @@ __device__ acc_t block_sum(acc_t v, acc_t* smem) {
   return total;
 }
 
+// Calls f(i) for this thread's columns i = first, first + step, ... below n, in reverse order
+// when `reverse`. The passes over a row alternate direction, so that each re-read starts on
+// the columns the previous pass loaded last, the likeliest to be still in L2.
+template <typename F>
+__device__ __forceinline__ void sweep(int64_t n, int64_t first, int64_t step, bool reverse, F&& f) {
+  if (!reverse) {
+    for (int64_t i = first; i < n; i += step) f(i);
+  } else {
+    for (int64_t base = (n - 1) / step * step; base >= 0; base -= step) {
+      if (base + first < n) f(base + first);
+    }
+  }
+}
+
 template <typename scalar_t, int kVec, int kThreads>
 __global__ void __launch_bounds__(kThreads)
     kd_loss_kernel(const scalar_t* __restrict__ student, const scalar_t* __restrict__ teacher,
@@ -154,7 +168,7 @@ __global__ void __launch_bounds__(kThreads)
     } else {
       // Pass 2 (JSD): D and K_s = KL(p_s || m) need log m, hence both row constants.
       acc_t d_part = 0, k_part = 0;
-      for (int64_t i = first; i < n_classes; i += step) {
+      sweep(n_classes, first, step, /*reverse=*/true, [&](int64_t i) {
         const P xs = load_pack<scalar_t, kVec>(s + i), xt = load_pack<scalar_t, kVec>(t + i);
 #pragma unroll
         for (int k = 0; k < kVec; ++k) {
@@ -164,7 +178,7 @@ __global__ void __launch_bounds__(kThreads)
           k_part += ks;
           d_part += beta * kl_term(lpt, lm) + (1 - beta) * ks;
         }
-      }
+      });
       div = block_sum<acc_t, kThreads>(d_part, smem_sum);
       k_s = block_sum<acc_t, kThreads>(k_part, smem_sum);
     }
@@ -184,7 +198,8 @@ __global__ void __launch_bounds__(kThreads)
 
   // Last pass: d(row loss)/d(student) * grad_scale.
   const acc_t gs = *grad_scale, soft_w = acc_t(p.soft_grad_weight) * gs, ce_w = acc_t(p.alpha) * gs;
-  for (int64_t i = first; i < n_classes; i += step) {
+  const bool jsd = p.needs_soft && p.divergence == Divergence::kJSD;  // its pass 2 went backwards
+  sweep(n_classes, first, step, /*reverse=*/!jsd, [&](int64_t i) {
     const P xs = load_pack<scalar_t, kVec>(s + i);
     P xt, out;
     if (p.needs_soft) xt = load_pack<scalar_t, kVec>(t + i);
@@ -200,7 +215,7 @@ __global__ void __launch_bounds__(kThreads)
       out.v[k] = static_cast<scalar_t>(d);
     }
     store_pack(g + i, out);
-  }
+  });
 }
 
 // 16 bytes per load when every row of every operand starts on a 16-byte boundary.
