@@ -168,8 +168,10 @@ def _kd_loss_kernel(
             for k in range(0, n_blocks):
                 # Against the direction of the previous pass, so that it starts on the columns
                 # that pass read last, the likeliest to be still in L2.
-                off = (n_blocks - 1 - k) * BLOCK if DIV != 2 else k * BLOCK
-                cols = off + cols0
+                if DIV == 2:
+                    cols = k * BLOCK + cols0
+                else:
+                    cols = (n_blocks - 1 - k) * BLOCK + cols0
                 mask = cols < C
                 xs = tl.load(s_row + cols, mask=mask, other=neg_inf).to(ACC)
                 d = tl.zeros([BLOCK], ACC)
