@@ -84,6 +84,8 @@ struct SoftmaxStats {
   acc_t sum = 0;
 
   LF_HOST_DEVICE void add(acc_t x) {
+    // exp(-inf) = 0 contributes nothing; going on would form -inf - -inf = NaN while max is -inf.
+    if (x == -std::numeric_limits<acc_t>::infinity()) return;
     if (x > max) {
       sum = sum * std::exp(max - x) + 1;
       max = x;
@@ -119,6 +121,64 @@ LF_HOST_DEVICE acc_t log_mixture(acc_t logp_s, acc_t logp_t, acc_t log_beta, acc
   const acc_t hi = a > b ? a : b, lo = a > b ? b : a;
   if (hi == -std::numeric_limits<acc_t>::infinity()) return hi;
   return hi + std::log1p(std::exp(lo - hi));
+}
+
+// Online softmax statistics of z together with W = sum_j exp(z_j - max) w_j, so that
+// E_p[w] = W / sum comes out of the same single pass. With w = z - z_q this gives
+// KL(p || q) = E_p[z - z_q] - lse_p + lse_q without a second pass over the row (the GPU
+// kernels use it). Entries with z = -inf have p = 0 and contribute nothing, whatever w is.
+template <typename acc_t>
+struct WeightedSoftmaxStats {
+  acc_t max = -std::numeric_limits<acc_t>::infinity();
+  acc_t sum = 0;
+  acc_t weighted = 0;
+
+  LF_HOST_DEVICE void add(acc_t x, acc_t w = 0) {
+    if (x == -std::numeric_limits<acc_t>::infinity()) return;
+    if (x > max) {
+      const acc_t r = std::exp(max - x);
+      sum = sum * r + 1;
+      weighted = weighted * r + w;
+      max = x;
+    } else {
+      const acc_t e = std::exp(x - max);
+      sum += e;
+      weighted += e * w;
+    }
+  }
+  LF_HOST_DEVICE void merge(const WeightedSoftmaxStats& o) {
+    if (o.max == -std::numeric_limits<acc_t>::infinity()) return;
+    if (o.max > max) {
+      const acc_t r = std::exp(max - o.max);
+      sum = sum * r + o.sum;
+      weighted = weighted * r + o.weighted;
+      max = o.max;
+    } else {
+      const acc_t r = std::exp(o.max - max);
+      sum += o.sum * r;
+      weighted += o.weighted * r;
+    }
+  }
+  // logsumexp; NaN for a row without a finite entry.
+  LF_HOST_DEVICE acc_t lse() const {
+    return max == -std::numeric_limits<acc_t>::infinity() ? std::numeric_limits<acc_t>::quiet_NaN()
+                                                            : max + std::log(sum);
+  }
+  LF_HOST_DEVICE acc_t mean() const { return weighted / sum; }
+};
+
+// d(D)/d(z_s) of one element for the soft term (see the top of this file); 0 where p_s = 0
+// for reverse KL and JSD. k_s is the row constant: D for reverse KL, KL(p_s || m) for JSD.
+template <typename acc_t>
+LF_HOST_DEVICE acc_t soft_grad(Divergence div, acc_t lps, acc_t lpt, acc_t k_s, acc_t beta, acc_t log_beta,
+                               acc_t log_1m_beta) {
+  const acc_t ps = std::exp(lps);
+  switch (div) {
+    case Divergence::kForwardKL: return ps - std::exp(lpt);
+    case Divergence::kReverseKL: return ps == 0 ? acc_t(0) : ps * (lps - lpt - k_s);
+    default:
+      return ps == 0 ? acc_t(0) : (1 - beta) * ps * (lps - log_mixture(lps, lpt, log_beta, log_1m_beta) - k_s);
+  }
 }
 
 }  // namespace lepton_fast
