@@ -9,7 +9,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -158,7 +159,7 @@ void launch(const scalar_t* x, const scalar_t* orig, const scalar_t* grad, scala
   const bool vec = aligned(x) && aligned(grad) && aligned(out) && (!PGD || aligned(orig));
   const int64_t per_block = int64_t(kThreads) * (vec ? kVec : 1);
   const int64_t blocks = std::min<int64_t>((numel + per_block - 1) / per_block, (int64_t(1) << 31) - 1);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   if (vec) {
     step_kernel<scalar_t, kVec, PGD><<<blocks, kThreads, 0, stream>>>(x, orig, grad, out, numel, p);
   } else {

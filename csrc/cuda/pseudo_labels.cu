@@ -6,8 +6,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -162,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch(
   auto rows = loss ? at::empty({n_rows}, weak.options().dtype(acc_type)) : at::empty({0}, weak.options().dtype(acc_type));
   auto grad = loss && p.compute_grad ? at::empty({n_rows, n_classes}, strong.options()) : at::empty({0}, strong.options());
   if (n_rows == 0) return {rows, grad, labels, confidence, mask};
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   const int threads = threads_for(n_classes);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weak.scalar_type(), "pseudo_label_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
