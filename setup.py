@@ -21,6 +21,8 @@ torch falls back instead of loading a binary built for something else.
 import glob
 import os
 import pprint
+import re
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -50,6 +52,28 @@ def packing_sources_only():
     return "sdist" in sys.argv[1:]
 
 
+def find_cuda_home(ce):
+    """The CUDA toolkit to compile and link against, or None.
+
+    Without $CUDA_HOME torch takes the folder two levels above the nvcc on PATH, which is
+    wrong when that nvcc is a wrapper script (here /usr/local/bin/nvcc runs
+    /usr/local/cuda-13.0/bin/nvcc): the compile works and the link then cannot find
+    cudart. nvcc itself knows where its toolkit is (TOP in a dry run), so ask it.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or ce.CUDA_HOME is None:
+        return ce.CUDA_HOME
+    nvcc = os.path.join(ce.CUDA_HOME, "bin", "nvcc")
+    if not os.path.exists(nvcc):
+        return None
+    try:
+        dry = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return ce.CUDA_HOME
+    top = re.search(r"^#\$ TOP=(.+)$", dry.stdout + dry.stderr, re.MULTILINE)
+    return os.path.realpath(top.group(1).strip()) if top else ce.CUDA_HOME
+
+
 def build_facts():
     """What the extension will be compiled against, or None when no extension is built."""
     if flag("LEPTON_FAST_SKIP_EXT") or packing_sources_only():
@@ -64,7 +88,8 @@ def build_facts():
             "    pip install --no-build-isolation lepton_fast\n"
             "(or set LEPTON_FAST_SKIP_EXT=1 for a build without compiled kernels)."
         )
-    nvcc_found = ce.CUDA_HOME is not None and os.path.exists(os.path.join(ce.CUDA_HOME, "bin", "nvcc"))
+    cuda_home = find_cuda_home(ce) if torch.version.cuda is not None else None
+    nvcc_found = cuda_home is not None and os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
     with_cuda = not flag("LEPTON_FAST_SKIP_CUDA") and torch.version.cuda is not None and nvcc_found
     # A release build asks for CUDA and must not quietly produce a CPU-only wheel instead.
     if flag("LEPTON_FAST_FORCE_CUDA") and not with_cuda and not flag("LEPTON_FAST_SKIP_CUDA"):
@@ -72,8 +97,10 @@ def build_facts():
             f"LEPTON_FAST_FORCE_CUDA=1, but torch {torch.__version__} is "
             + ("a CPU-only build" if torch.version.cuda is None else "a CUDA build and nvcc was not found (set CUDA_HOME)")
         )
-    if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+    if with_cuda:
+        # cpp_extension reads CUDA_HOME from its module at compile and link time.
+        ce.CUDA_HOME = os.environ["CUDA_HOME"] = cuda_home
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
     return {
         "extension": True,
         "torch": torch.__version__.split("+")[0],

@@ -63,7 +63,7 @@ for variant in "${variants[@]}"; do
         sdist_built=1
     fi
     if [ "$variant" = cuda ]; then
-        build_wheel "$py" LEPTON_FAST_FORCE_CUDA=1 CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+        build_wheel "$py" LEPTON_FAST_FORCE_CUDA=1
     else
         build_wheel "$py" LEPTON_FAST_SKIP_CUDA=1
     fi
