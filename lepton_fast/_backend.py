@@ -105,7 +105,8 @@ def extension() -> ExtensionStatus:
         return ExtensionStatus(
             None, "not built (no build record: installed with LEPTON_FAST_SKIP_EXT=1, or a source tree never built)"
         )
-    if BUILD_INFO.get("extension") is False:  # the record setup.py wrote for LEPTON_FAST_SKIP_EXT=1 before 0.1.0
+    # Earlier setup.py versions wrote this record for LEPTON_FAST_SKIP_EXT=1 into source trees.
+    if BUILD_INFO.get("extension") is False:
         return ExtensionStatus(None, "not built (LEPTON_FAST_SKIP_EXT=1)")
     mismatch = _build_mismatch(BUILD_INFO, _running_build())
     if mismatch is None:

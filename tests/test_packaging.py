@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from packaging.version import Version
 
 from lepton_fast import _backend
 from lepton_fast.version import __version__
@@ -85,6 +86,7 @@ def test_version_label_is_opt_in(labelled):
     version = _run([sys.executable, "setup.py", "--version"], cwd=REPO, env=env).stdout.split()[-1]
     label = f"+cputorch{'.'.join(torch.__version__.split('.')[:2])}" if labelled else ""
     assert version == __version__ + label
+    assert str(Version(version)) == version  # PEP 440, already in normal form
 
 
 # --- helpers for the builds ---------------------------------------------------------------
