@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import textwrap
 import time
 import zipfile
@@ -205,17 +206,8 @@ def _run_user_program(bin_dir: Path, cwd: Path, timings, label) -> dict:
 
 # --- the wheels -----------------------------------------------------------------------------
 
-@pytest.fixture
-def scratch(tmp_path):
-    """tmp_path, less its virtual environments (about a GB each) once the test is done;
-    pytest keeps the last three runs' folders."""
-    yield tmp_path
-    for venv in tmp_path.glob("*venv*"):
-        shutil.rmtree(venv, ignore_errors=True)
-
-
 @pytest.mark.packaging
-def test_cpu_wheel_installs_runs_and_falls_back(scratch):
+def test_cpu_wheel_installs_runs_and_falls_back(tmp_path):
     """scripts/build_wheels.sh builds the sdist and the CPU wheel for torch 2.13 in a fresh
     venv; the wheel installs into another fresh venv (pip picks torch 2.13 from its pin),
     runs there, and refuses a build record that does not match with one warning."""
@@ -225,14 +217,14 @@ def test_cpu_wheel_installs_runs_and_falls_back(scratch):
     if shutil.which("c++") is None:
         pytest.skip("no C++ compiler (c++) to build the extension")
     timings = {}
-    src = _copy_sources(scratch / "src")
-    dist = scratch / "dist"
+    src = _copy_sources(tmp_path / "src")
+    dist = tmp_path / "dist"
     _run(["bash", "scripts/build_wheels.sh", "cpu"], timings, "build_wheels.sh cpu (venv, sdist, wheel)", cwd=src,
-         env=_clean_env(DIST=str(dist), WHEEL_VENVS=str(scratch / "build-venvs")))
+         env=_clean_env(DIST=str(dist), WHEEL_VENVS=str(tmp_path / "build-venvs")))
 
     sdists = list(dist.glob("*.tar.gz"))
     assert [p.name for p in sdists] == [f"lepton_fast-{__version__}.tar.gz"]  # no local label on an sdist
-    with __import__("tarfile").open(sdists[0]) as tf:
+    with tarfile.open(sdists[0]) as tf:
         in_sdist = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
     needed = {str(p.relative_to(src)) for p in (src / "csrc").rglob("*") if p.is_file()}
     needed |= {str(p.relative_to(src)) for p in (src / "kernels").rglob("*.py")}
@@ -245,9 +237,9 @@ def test_cpu_wheel_installs_runs_and_falls_back(scratch):
     built = _check_wheel_contents(wheels[0], src)
     assert built["torch"] == CPU_TORCH and built["cuda"] is None
 
-    run_dir = scratch / "user"  # outside the source tree: nothing there to import by accident
+    run_dir = tmp_path / "user"  # outside the source tree: nothing there to import by accident
     run_dir.mkdir()
-    bin_dir = _venv(scratch / "user-venv", timings)
+    bin_dir = _venv(tmp_path / "user-venv", timings)
     _run([str(bin_dir / "python"), "-m", "pip", "install", str(wheels[0])], timings, "pip install wheel (+torch)",
          cwd=run_dir, env=_clean_env())
     info = _run([str(bin_dir / "lepton-fast"), "info"], timings, "lepton-fast info", cwd=run_dir, env=_clean_env())
@@ -255,7 +247,7 @@ def test_cpu_wheel_installs_runs_and_falls_back(scratch):
     assert info.stderr.count("lepton_fast: compiled kernels disabled") == 0, info.stderr
 
     good = _run_user_program(bin_dir, run_dir, timings, "fused_kd_loss, matching build")
-    assert Path(good["file"]).is_relative_to(scratch / "user-venv"), good["file"]
+    assert Path(good["file"]).is_relative_to(tmp_path / "user-venv"), good["file"]
     assert good["backend"] == "cpu" and good["warnings"] == []
     assert good["loss_err"] <= 1e-5 and good["grad_err"] <= 1e-5 and good["grad_dtype"] == "torch.float32", good
 
