@@ -2,22 +2,37 @@
 
 CPU sources always; CUDA sources when nvcc and a CUDA build of torch are present.
 Switches (environment):
-  LEPTON_FAST_SKIP_EXT=1    no extension: the package runs on reference.py (and Triton)
-  LEPTON_FAST_SKIP_CUDA=1   CPU sources only
-  LEPTON_FAST_FORCE_CUDA=1  CUDA sources even without a visible GPU (the usual case on a build box)
-  TORCH_CUDA_ARCH_LIST      default "8.0;9.0+PTX"
-  MAX_JOBS                  parallel compile jobs (ninja)
-The build facts (torch, CUDA, archs, C++ ABI) are written to lepton_fast/_build_info.py,
-so that an import under another torch falls back instead of crashing.
+  LEPTON_FAST_SKIP_EXT=1       no extension: the package runs on reference.py (and Triton)
+  LEPTON_FAST_SKIP_CUDA=1      CPU sources only
+  LEPTON_FAST_FORCE_CUDA=1     fail rather than build without CUDA (CUDA sources are compiled
+                               whenever torch is a CUDA build and nvcc is found, GPU or not)
+  TORCH_CUDA_ARCH_LIST         default "8.0;9.0+PTX"
+  MAX_JOBS                     parallel compile jobs (ninja)
+  LEPTON_FAST_LOCAL_VERSION=1  append the PEP 440 local label +cu130torch2.14 / +cputorch2.14
+                               (release wheels; scripts/build_wheels.sh sets it)
+
+The extension compiles against the torch that is installed, so build without isolation
+(`pip install --no-build-isolation ...`). Packing an sdist needs no torch.
+
+The build facts (torch, CUDA, archs, C++ ABI) go into lepton_fast/_build_info.py next to
+the compiled module, written only once it has compiled, so that an import under another
+torch falls back instead of loading a binary built for something else.
 """
 import glob
 import os
 import pprint
+import re
+import subprocess
+import sys
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;9.0+PTX"
+EXTENSION = "lepton_fast._C"
+RECORD = "_build_info"  # lepton_fast/_build_info.py, generated; never taken from the source tree
+TORCH_FLOOR = "torch>=2.6"
 
 
 def flag(name):
@@ -31,61 +46,145 @@ def base_version():
     return scope["__version__"]
 
 
-def extension_and_build_info():
-    if flag("LEPTON_FAST_SKIP_EXT"):
-        return [], {}, {"extension": False}
-    import torch
-    from torch.utils import cpp_extension as ce
+def packing_sources_only():
+    """`setup.py sdist` (what `python -m build --sdist` runs): no compiler, no torch needed,
+    and no local label, since an sdist is the same whatever torch builds it later."""
+    return "sdist" in sys.argv[1:]
 
-    cuda_requested = flag("LEPTON_FAST_FORCE_CUDA") or torch.cuda.is_available()
-    cuda_possible = torch.version.cuda is not None and ce.CUDA_HOME is not None
-    with_cuda = not flag("LEPTON_FAST_SKIP_CUDA") and cuda_possible and (
-        cuda_requested or os.path.exists(os.path.join(ce.CUDA_HOME, "bin", "nvcc"))
-    )
-    if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
 
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fvisibility=hidden"]
-    macros = [("LEPTON_FAST_WITH_CUDA", "1" if with_cuda else "0")]
+def find_cuda_home(ce):
+    """The CUDA toolkit to compile and link against, or None.
+
+    Without $CUDA_HOME torch takes the folder two levels above the nvcc on PATH, which is
+    wrong when that nvcc is a wrapper script (here /usr/local/bin/nvcc runs
+    /usr/local/cuda-13.0/bin/nvcc): the compile works and the link then cannot find
+    cudart. nvcc itself knows where its toolkit is (TOP in a dry run), so ask it.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or ce.CUDA_HOME is None:
+        return ce.CUDA_HOME
+    nvcc = os.path.join(ce.CUDA_HOME, "bin", "nvcc")
+    if not os.path.exists(nvcc):
+        return None
+    try:
+        dry = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return ce.CUDA_HOME
+    top = re.search(r"^#\$ TOP=(.+)$", dry.stdout + dry.stderr, re.MULTILINE)
+    return os.path.realpath(top.group(1).strip()) if top else ce.CUDA_HOME
+
+
+def build_facts():
+    """What the extension will be compiled against, or None when no extension is built."""
+    if flag("LEPTON_FAST_SKIP_EXT") or packing_sources_only():
+        return None
+    try:
+        import torch
+        from torch.utils import cpp_extension as ce
+    except ImportError:
+        sys.exit(
+            "lepton_fast compiles its kernels against the installed torch, and torch is not "
+            "importable here. Install torch first, then build without build isolation:\n"
+            "    pip install --no-build-isolation lepton_fast\n"
+            "(or set LEPTON_FAST_SKIP_EXT=1 for a build without compiled kernels)."
+        )
+    cuda_home = find_cuda_home(ce) if torch.version.cuda is not None else None
+    nvcc_found = cuda_home is not None and os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
+    with_cuda = not flag("LEPTON_FAST_SKIP_CUDA") and torch.version.cuda is not None and nvcc_found
+    # A release build asks for CUDA and must not quietly produce a CPU-only wheel instead.
+    if flag("LEPTON_FAST_FORCE_CUDA") and not with_cuda and not flag("LEPTON_FAST_SKIP_CUDA"):
+        sys.exit(
+            f"LEPTON_FAST_FORCE_CUDA=1, but torch {torch.__version__} is "
+            + ("a CPU-only build" if torch.version.cuda is None else "a CUDA build and nvcc was not found (set CUDA_HOME)")
+        )
     if with_cuda:
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
-        ext = ce.CUDAExtension(
-            "lepton_fast._C", sources, define_macros=macros,
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-        )
-    else:
-        ext = ce.CppExtension(
-            "lepton_fast._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx}
-        )
-    info = {
+        # cpp_extension reads CUDA_HOME from its module at compile and link time.
+        ce.CUDA_HOME = os.environ["CUDA_HOME"] = cuda_home
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+    return {
         "extension": True,
         "torch": torch.__version__.split("+")[0],
         "cuda": torch.version.cuda if with_cuda else None,
-        "archs": os.environ.get("TORCH_CUDA_ARCH_LIST") if with_cuda else None,
+        "archs": os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else None,
         "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI),
     }
-    cmd = {"build_ext": ce.BuildExtension.with_options(use_ninja=True)}
-    return [ext], cmd, info
 
 
-def local_version(info):
+def torch_minor(facts):
+    return ".".join(facts["torch"].split(".")[:2])
+
+
+def local_version(facts):
     """PEP 440 local label naming the build: +cu130torch2.14 or +cputorch2.14."""
-    if not info.get("extension"):
+    if facts is None or not flag("LEPTON_FAST_LOCAL_VERSION"):
         return ""
-    major_minor = ".".join(info["torch"].split(".")[:2])
-    accel = "cu" + info["cuda"].replace(".", "") if info["cuda"] else "cpu"
-    return f"+{accel}torch{major_minor}"
+    accel = "cu" + facts["cuda"].replace(".", "") if facts["cuda"] else "cpu"
+    return f"+{accel}torch{torch_minor(facts)}"
 
 
-ext_modules, cmdclass, build_info = extension_and_build_info()
-with open(os.path.join(HERE, "lepton_fast", "_build_info.py"), "w") as f:
-    f.write('"""Written by setup.py at build time: what lepton_fast._C was compiled against."""\n')
-    f.write("BUILD_INFO = " + pprint.pformat(build_info) + "\n")
+def torch_requirement(facts):
+    """A compiled build runs only on the torch minor release it was built for (torch keeps
+    no C++ ABI across minor releases), so its wheel says so and pip keeps the two together."""
+    if facts is None:
+        return TORCH_FLOOR
+    major, minor = (int(p) for p in torch_minor(facts).split("."))
+    return f"torch>={major}.{minor},<{major}.{minor + 1}"
 
+
+class BuildPyWithoutRecord(build_py):
+    """A build record left in the source tree by an in-place build describes that build,
+    not this one: it never goes into an sdist or a wheel (build_ext writes the real one)."""
+
+    def find_package_modules(self, package, package_dir):
+        modules = super().find_package_modules(package, package_dir)
+        return [m for m in modules if (m[0], m[1]) != ("lepton_fast", RECORD)]
+
+
+def write_record(directory, facts):
+    with open(os.path.join(directory, RECORD + ".py"), "w") as f:
+        f.write('"""Written by setup.py once lepton_fast._C compiled: what it was built against."""\n')
+        f.write("BUILD_INFO = " + pprint.pformat(facts) + "\n")
+
+
+def extension_and_commands(facts):
+    commands = {"build_py": BuildPyWithoutRecord}
+    if facts is None:
+        return [], commands
+    from torch.utils import cpp_extension as ce
+
+    class BuildExtWithRecord(ce.BuildExtension):
+        """Writes the build record beside the compiled module, after it compiled, and
+        copies both into the source tree for in-place (editable) builds."""
+
+        def build_extensions(self):
+            super().build_extensions()
+            write_record(os.path.dirname(self.get_ext_fullpath(EXTENSION)), facts)
+
+        def copy_extensions_to_source(self):
+            super().copy_extensions_to_source()  # self.inplace is set here: paths are in the source tree
+            write_record(os.path.dirname(self.get_ext_fullpath(EXTENSION)), facts)
+
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-fvisibility=hidden"]
+    macros = [("LEPTON_FAST_WITH_CUDA", "1" if facts["cuda"] else "0")]
+    if facts["cuda"]:
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+        ext = ce.CUDAExtension(
+            EXTENSION, sources, define_macros=macros,
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        )
+    else:
+        ext = ce.CppExtension(EXTENSION, sources, define_macros=macros, extra_compile_args={"cxx": cxx})
+    commands["build_ext"] = BuildExtWithRecord.with_options(use_ninja=True)
+    return [ext], commands
+
+
+facts = build_facts()
+ext_modules, cmdclass = extension_and_commands(facts)
 setup(
-    version=base_version() + local_version(build_info),
+    version=base_version() + local_version(facts),
+    install_requires=[torch_requirement(facts), "numpy"],
     packages=find_packages(include=["lepton_fast", "lepton_fast.*"]) + ["lepton_fast.kernels"],
     package_dir={"lepton_fast.kernels": "kernels"},
     ext_modules=ext_modules,

@@ -51,17 +51,48 @@ class ExtensionStatus:
     reason: str | None  # why module is None
 
 
-def _build_mismatch(info: dict) -> str | None:
-    running = torch.__version__.split("+")[0]
-    if info["torch"] != running:
-        return f"built for torch {info['torch']}, running torch {running}"
-    if info["cuda"] and torch.version.cuda is None:
-        return f"built for CUDA {info['cuda']}, running a CPU-only torch"
-    if info["cuda"] and info["cuda"].split(".")[0] != torch.version.cuda.split(".")[0]:
-        return f"built for CUDA {info['cuda']}, running torch for CUDA {torch.version.cuda}"
-    if info["cxx11_abi"] != bool(torch._C._GLIBCXX_USE_CXX11_ABI):
-        return f"built with _GLIBCXX_USE_CXX11_ABI={int(info['cxx11_abi'])}, torch uses the other ABI"
-    return None
+def _running_build() -> dict:
+    """The running torch's facts, in the build record's terms (see setup.py)."""
+    return {
+        "torch": torch.__version__.split("+")[0],
+        "cuda": torch.version.cuda,
+        "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI),
+    }
+
+
+def _minor(version: str) -> str:
+    return ".".join(str(version).split(".")[:2])
+
+
+def _describe(facts: dict) -> str:
+    cuda = f"CUDA {facts['cuda']}" if facts.get("cuda") else "CPU only"
+    return f"torch {facts.get('torch')} ({cuda}, cxx11 ABI {int(bool(facts.get('cxx11_abi')))})"
+
+
+def _build_mismatch(record: dict, running: dict) -> str | None:
+    """None when an extension built as ``record`` says can load into ``running`` torch, else
+    what was expected and what was found.
+
+    torch keeps its C++ ABI within a minor release (the wheels are labelled torch2.14 for
+    that reason), CUDA keeps it within a major release; the C++ ABI flag must be equal. A
+    CPU-only build loads into a CUDA torch of the same release (its CUDA ops fall through
+    to Triton); a CUDA build needs CUDA in the running torch.
+    """
+    try:
+        problems = []
+        if _minor(record["torch"]) != _minor(running["torch"]):
+            problems.append(f"torch {_minor(record['torch'])}.x")
+        if record["cuda"] and not running["cuda"]:
+            problems.append("a CUDA build of torch")
+        elif record["cuda"] and record["cuda"].split(".")[0] != running["cuda"].split(".")[0]:
+            problems.append(f"CUDA {record['cuda'].split('.')[0]}.x")
+        if bool(record["cxx11_abi"]) != running["cxx11_abi"]:
+            problems.append(f"_GLIBCXX_USE_CXX11_ABI={int(bool(record['cxx11_abi']))}")
+    except (KeyError, TypeError, AttributeError) as e:
+        return f"unreadable build record {record!r} ({e!r})"
+    if not problems:
+        return None
+    return f"built for {_describe(record)}, needs {' and '.join(problems)}; running {_describe(running)}"
 
 
 @functools.cache
@@ -71,20 +102,24 @@ def extension() -> ExtensionStatus:
     try:
         from lepton_fast._build_info import BUILD_INFO
     except ImportError:
-        return ExtensionStatus(None, "no build record (running from a source tree that was never built)")
-    if not BUILD_INFO.get("extension"):
-        return ExtensionStatus(None, "built with LEPTON_FAST_SKIP_EXT=1")
-    mismatch = _build_mismatch(BUILD_INFO)
+        return ExtensionStatus(
+            None, "not built (no build record: installed with LEPTON_FAST_SKIP_EXT=1, or a source tree never built)"
+        )
+    # Earlier setup.py versions wrote this record for LEPTON_FAST_SKIP_EXT=1 into source trees.
+    if BUILD_INFO.get("extension") is False:
+        return ExtensionStatus(None, "not built (LEPTON_FAST_SKIP_EXT=1)")
+    mismatch = _build_mismatch(BUILD_INFO, _running_build())
     if mismatch is None:
         try:
             module = importlib.import_module("lepton_fast._C")
-        except ImportError as e:
+        except (ImportError, OSError) as e:
             mismatch = f"lepton_fast._C failed to load: {e}"
         else:
             return ExtensionStatus(module, None)
     warnings.warn(
-        f"lepton_fast: compiled kernels disabled ({mismatch}); falling back to Triton or the "
-        "PyTorch reference. Reinstall lepton_fast for this torch (see `lepton-fast info`).",
+        f"lepton_fast: compiled kernels disabled: {mismatch}. Falling back to Triton or the "
+        "PyTorch reference. Install the lepton_fast wheel built for this torch, or build from "
+        "source: pip install --no-build-isolation lepton_fast (`lepton-fast info` shows the state).",
         RuntimeWarning,
         stacklevel=2,
     )
