@@ -22,4 +22,19 @@ TORCH_LIBRARY(lepton_fast, m) {
   // grad *= scale, in place; scale is 0-d (skipped on the device when it is exactly 1)
   // or [N], one factor per row of the [N, C] grad.
   m.def("scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");
+
+  // Pseudo-labels of [N, C] logits (rows contiguous along C): (labels int64 [N], confidence
+  // [N] float32 (float64 for double), mask bool [N]), mask = confidence >= threshold or
+  // >= class_thresholds[label] ([C] float32). A row whose softmax is undefined gives NaN.
+  m.def(
+      "select_pseudo_labels(Tensor logits, Tensor? class_thresholds, float threshold, "
+      "float temperature) -> (Tensor, Tensor, Tensor)");
+  // FixMatch's unlabeled loss per row of [N, C] strong/weak views: (row losses [N], gradient
+  // d(row loss)/d(strong) * grad_scale in strong's dtype or an empty tensor, labels, confidence,
+  // mask) as select_pseudo_labels gives them for weak. The row weight is weights[row] ([N],
+  // float32; float64 for double) if given, else the mask.
+  m.def(
+      "pseudo_label_loss_forward(Tensor strong, Tensor weak, Tensor? class_thresholds, Tensor? weights, "
+      "float threshold, float temperature, bool soft, float grad_scale, bool compute_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

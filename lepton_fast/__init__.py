@@ -10,5 +10,10 @@ _backend.extension()  # load lepton_fast._C (its op registrations) before the op
 from lepton_fast._info import info  # noqa: E402
 from lepton_fast.ops.kd_loss import fused_kd_loss  # noqa: E402
 from lepton_fast.version import __version__  # noqa: E402
+from lepton_fast.ops.pseudo_labels import (  # noqa: E402
+    PseudoLabelLoss, PseudoLabels, fused_pseudo_label_loss, select_pseudo_labels,
+)
+from lepton_fast import thresholds  # noqa: E402
 
 __all__ = ["__version__", "fused_kd_loss", "info"]
+__all__ += ["PseudoLabelLoss", "PseudoLabels", "fused_pseudo_label_loss", "select_pseudo_labels", "thresholds"]

@@ -143,3 +143,83 @@ def fused_kd_loss(
     )
     divisor = mean_divisor(flat_labels, ignore_index, rows.shape[0])
     return reduce_rows(rows, reduction, divisor).reshape(lead if reduction == "none" else ())
+
+
+# --- Pseudo-labels (FixMatch, Sohn et al. 2020) ------------------------------------------
+
+
+def select_pseudo_labels(
+    logits: Tensor, threshold: float = 0.95, temperature: float = 1.0, class_thresholds: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(labels int64 [...], confidence [...], mask bool [...]) of [..., C] logits, no grad.
+
+    labels = argmax (ties: the lowest class index); confidence = max softmax(logits / T),
+    float32 (float64 for float64 logits); mask = confidence >= threshold, or
+    >= class_thresholds[label] when a [C] tensor is given (>=, as FixMatch and USB use).
+    """
+    z = _acc(logits.detach()) / temperature
+    labels = z.argmax(-1)
+    confidence = torch.softmax(z, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    cut = threshold if class_thresholds is None else class_thresholds.to(confidence.dtype)[labels]
+    return labels, confidence, confidence >= cut
+
+
+def pseudo_label_loss_rows(
+    strong_logits: Tensor,
+    weak_logits: Tensor,
+    threshold: float = 0.95,
+    temperature: float = 1.0,
+    soft: bool = False,
+    class_thresholds: Tensor | None = None,
+    weights: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(per-row loss [N], labels, confidence, mask) of [N, C] strong- and weak-view logits.
+
+    row = w * CE(strong, target): the target is the weak view's pseudo-label (soft=False) or
+    softmax(weak / T) (soft=True), CE at T = 1 on the strong view; w = mask, or
+    ``weights[row]`` when given (SoftMatch). Rows with w = 0 are 0 and get no gradient.
+    """
+    labels, confidence, mask = select_pseudo_labels(weak_logits, threshold, temperature, class_thresholds)
+    strong = _acc(strong_logits)
+    w = mask.to(strong.dtype) if weights is None else _acc(weights.detach()).to(strong.dtype)
+    kept = (w != 0).unsqueeze(-1)
+    # Left-out rows may hold anything (even all -inf): zero them so no NaN can reach autograd.
+    logp = torch.log_softmax(torch.where(kept, strong, 0.0), -1)
+    if soft:
+        target = torch.softmax(_acc(weak_logits.detach()).to(strong.dtype) / temperature, -1)
+        ce = -torch.where(target > 0, target * logp, 0.0).sum(-1)
+    else:
+        ce = -logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return torch.where(w != 0, w * ce, 0.0), labels, confidence, mask
+
+
+def fused_pseudo_label_loss(
+    strong_logits: Tensor,
+    weak_logits: Tensor,
+    threshold: float = 0.95,
+    temperature: float = 1.0,
+    soft: bool = False,
+    class_thresholds: Tensor | None = None,
+    weights: Tensor | None = None,
+    reduction: str = "mean",
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Reference of :func:`lepton_fast.fused_pseudo_label_loss` on [..., C] logits (no
+    argument checks): (loss, labels [...], confidence [...], mask [...], class_counts [C]).
+
+    "mean" divides by ALL rows, selected or not (FixMatch's unlabeled loss).
+    """
+    lead, n_classes = strong_logits.shape[:-1], strong_logits.shape[-1]
+    flat_weights = None if weights is None else weights.reshape(-1)
+    rows, labels, confidence, mask = pseudo_label_loss_rows(
+        strong_logits.reshape(-1, n_classes), weak_logits.reshape(-1, n_classes), threshold, temperature,
+        soft, class_thresholds, flat_weights,
+    )
+    loss = reduce_rows(rows, reduction, max(rows.shape[0], 1)).reshape(lead if reduction == "none" else ())
+    counts = selected_class_counts(labels, mask, n_classes)
+    return loss, labels.reshape(lead), confidence.reshape(lead), mask.reshape(lead), counts
+
+
+def selected_class_counts(labels: Tensor, mask: Tensor, n_classes: int) -> Tensor:
+    """int64 [C]: how many selected rows carry each pseudo-label (O(N), no host sync)."""
+    counts = torch.zeros(n_classes, dtype=torch.int64, device=labels.device)
+    return counts.index_add_(0, labels.reshape(-1), mask.reshape(-1).to(torch.int64))

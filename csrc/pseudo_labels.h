@@ -1,0 +1,86 @@
+// Pseudo-labels (FixMatch): the per-row math shared by the CPU and CUDA kernels.
+// One row, weak view w, strong view s, z = w / T:
+//   label y = argmax z (ties: lowest index), confidence c = max softmax(z) = 1 / sum_j exp(z_j - max z)
+//   selected = c >= threshold, or c >= class_thresholds[y]; row weight = weights[row] or selected
+//   hard:  loss = weight * (lse(s) - s_y),                 d/ds_j = weight * (p_j - [j == y])
+//   soft:  loss = weight * (lse(s) - sum_j q_j s_j),       d/ds_j = weight * (p_j - q_j)
+// with p = softmax(s) (T = 1), q = softmax(z). A row of weight 0 has loss 0 and gradient 0.
+#pragma once
+
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "kd_loss.h"  // LF_HOST_DEVICE, SoftmaxStats
+
+namespace lepton_fast {
+
+// The scalar arguments of the pseudo-label kernels, checked once per call.
+struct PseudoLabelParams {
+  double inv_temperature;
+  double threshold;
+  double grad_scale;  // 1/N for a mean, else 1; folded into the gradient
+  bool soft;
+  bool compute_grad;
+};
+
+inline PseudoLabelParams make_pseudo_label_params(double threshold, double temperature, bool soft,
+                                                  double grad_scale, bool compute_grad) {
+  TORCH_CHECK(threshold >= 0 && threshold <= 1, "threshold must be in [0, 1], got ", threshold);
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "temperature must be > 0, got ", temperature);
+  return {1.0 / temperature, threshold, grad_scale, soft, compute_grad};
+}
+
+// Online arg-max and softmax statistics; a tie keeps the lower index, in add and merge.
+template <typename acc_t>
+struct ArgmaxSoftmax {
+  SoftmaxStats<acc_t> stats;
+  int64_t arg = 0;
+
+  LF_HOST_DEVICE void add(acc_t x, int64_t j) {
+    if (x > stats.max) arg = j;
+    stats.add(x);
+  }
+  LF_HOST_DEVICE void merge(const ArgmaxSoftmax& o) {
+    if (o.stats.max > stats.max || (o.stats.max == stats.max && o.arg < arg)) arg = o.arg;
+    stats.merge(o.stats);
+  }
+};
+
+// max softmax = exp(max - max) / sum = 1 / sum; NaN for an all -inf row (sum = 0, max = -inf).
+template <typename acc_t>
+LF_HOST_DEVICE acc_t confidence_from_sum(acc_t max, acc_t sum) {
+  return max == -std::numeric_limits<acc_t>::infinity() ? std::numeric_limits<acc_t>::quiet_NaN()
+                                                          : acc_t(1) / sum;
+}
+
+// The row's weight: weights[row] when given, else 1 if selected, else 0.
+template <typename acc_t>
+LF_HOST_DEVICE acc_t row_weight(acc_t confidence, int64_t label, const float* class_thresholds,
+                                const acc_t* weights, int64_t row, double threshold, bool* selected) {
+  const acc_t cut = class_thresholds ? acc_t(class_thresholds[label]) : acc_t(threshold);
+  *selected = confidence >= cut;
+  return weights ? weights[row] : acc_t(*selected ? 1 : 0);
+}
+
+// Cross-entropy of softmax(s) against the target: hard (target_dot = s_y) or soft (sum_j q_j s_j).
+template <typename acc_t>
+LF_HOST_DEVICE acc_t pseudo_label_ce(acc_t lse_strong, acc_t target_dot) {
+  return lse_strong - target_dot;
+}
+
+// q_j s_j with 0 * (-inf) = 0: a class the target rules out contributes nothing.
+template <typename acc_t>
+LF_HOST_DEVICE acc_t target_term(acc_t q, acc_t s) {
+  return q == acc_t(0) ? acc_t(0) : q * s;
+}
+
+// d(weight * CE)/ds_j already multiplied by grad_scale: gw * (p_j - target_j).
+template <typename T>
+LF_HOST_DEVICE T pseudo_label_grad(T p, T target, T gw) {
+  return gw * (p - target);
+}
+
+}  // namespace lepton_fast

@@ -1,0 +1,134 @@
+"""Triton kernels of select_pseudo_labels and pseudo_label_loss_forward.
+
+Same signatures and outputs as the C++ ops (schemas in csrc/ops.cpp); the row math is the
+one in csrc/pseudo_labels.h. One program per row: pass 1 streams both views in blocks of
+columns, keeping online softmax statistics (and the weak view's arg-max); pass 2 writes the
+gradient (and sums the soft target's dot product).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_MAX_BLOCK = 4096
+
+
+@triton.jit
+def _online(m, s, x):
+    """Merge a block x into running (max m, sum of exp(. - m)); -inf blocks leave them be."""
+    m_new = tl.maximum(m, tl.max(x, 0))
+    base = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, s * tl.exp(m - base) + tl.sum(tl.exp(x - base), 0)
+
+
+@triton.jit
+def _pseudo_label_kernel(
+    strong_ptr, weak_ptr, thresholds_ptr, weights_ptr, grad_ptr,
+    rows_ptr, labels_ptr, confidence_ptr, mask_ptr,
+    n_classes, strong_stride, weak_stride,
+    threshold, inv_temperature, grad_scale,
+    ACC: tl.constexpr, LOSS: tl.constexpr, SOFT: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    HAS_THRESHOLDS: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    w_row = weak_ptr + row * weak_stride
+    s_row = strong_ptr + row * strong_stride
+    neg_inf = float("-inf")
+    w_max = tl.full((), neg_inf, ACC)
+    w_sum = tl.zeros((), ACC)
+    s_max = tl.full((), neg_inf, ACC)
+    s_sum = tl.zeros((), ACC)
+    label = tl.zeros((), tl.int64)
+    for start in range(0, n_classes, BLOCK):
+        j = start + cols
+        inside = j < n_classes
+        z = tl.load(w_row + j, mask=inside, other=neg_inf).to(ACC) * inv_temperature
+        block_max = tl.max(z, 0)
+        # Blocks come in column order and tl.argmax keeps the first maximum: ties -> lowest index.
+        label = tl.where(block_max > w_max, start + tl.argmax(z, 0).to(tl.int64), label)
+        w_max, w_sum = _online(w_max, w_sum, z)
+        if LOSS:
+            x = tl.load(s_row + j, mask=inside, other=neg_inf).to(ACC)
+            s_max, s_sum = _online(s_max, s_sum, x)
+    confidence = tl.where(w_max == neg_inf, float("nan"), 1.0 / w_sum)
+    if HAS_THRESHOLDS:
+        cut = tl.load(thresholds_ptr + label).to(ACC)
+    else:
+        cut = threshold
+    selected = confidence >= cut
+    tl.store(labels_ptr + row, label)
+    tl.store(confidence_ptr + row, confidence)
+    tl.store(mask_ptr + row, selected)
+    if LOSS:
+        if HAS_WEIGHTS:
+            weight = tl.load(weights_ptr + row).to(ACC)
+        else:
+            weight = selected.to(ACC)
+        keep = weight != 0
+        lse_s = s_max + tl.log(s_sum)
+        lse_w = w_max + tl.log(w_sum)
+        gw = weight * grad_scale
+        dot = tl.zeros((), ACC)
+        if SOFT or COMPUTE_GRAD:
+            for start in range(0, n_classes, BLOCK):
+                j = start + cols
+                inside = j < n_classes
+                x = tl.load(s_row + j, mask=inside, other=0.0).to(ACC)
+                if SOFT:
+                    z = tl.load(w_row + j, mask=inside, other=neg_inf).to(ACC) * inv_temperature
+                    target = tl.exp(z - lse_w)
+                    dot += tl.sum(tl.where(target == 0, 0.0, target * x), 0)
+                else:
+                    target = (j == label).to(ACC)
+                if COMPUTE_GRAD:
+                    g = tl.where(keep, gw * (tl.exp(x - lse_s) - target), 0.0)
+                    tl.store(grad_ptr + row * n_classes + j, g.to(grad_ptr.dtype.element_ty), mask=inside)
+        if not SOFT:
+            dot = tl.load(s_row + label).to(ACC)
+        tl.store(rows_ptr + row, tl.where(keep, weight * (lse_s - dot), 0.0))
+
+
+def _launch(strong, weak, class_thresholds, weights, threshold, temperature, soft, grad_scale, compute_grad, loss):
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    n_rows, n_classes = weak.shape
+    acc = torch.promote_types(weak.dtype, torch.float32)
+    labels = weak.new_empty((n_rows,), dtype=torch.int64)
+    confidence = weak.new_empty((n_rows,), dtype=acc)
+    mask = weak.new_empty((n_rows,), dtype=torch.bool)
+    rows = weak.new_empty((n_rows,), dtype=acc) if loss else confidence
+    grad = torch.empty_like(strong) if compute_grad else weak.new_empty((0,))
+    if class_thresholds is not None:
+        class_thresholds = class_thresholds.to(torch.float32).contiguous()
+    if weights is not None:
+        weights = weights.to(acc).contiguous()
+    if n_rows:
+        block = min(triton.next_power_of_2(n_classes), _MAX_BLOCK)
+        _pseudo_label_kernel[(n_rows,)](
+            strong, weak, class_thresholds, weights, grad, rows, labels, confidence, mask,
+            n_classes, strong.stride(0), weak.stride(0),
+            float(threshold), 1.0 / temperature, float(grad_scale),
+            ACC=tl.float64 if acc == torch.float64 else tl.float32, LOSS=loss, SOFT=bool(soft),
+            COMPUTE_GRAD=bool(compute_grad and loss), HAS_THRESHOLDS=class_thresholds is not None,
+            HAS_WEIGHTS=weights is not None, BLOCK=block,
+        )
+    return rows, grad, labels, confidence, mask
+
+
+def select_pseudo_labels(logits, class_thresholds, threshold, temperature):
+    _, _, labels, confidence, mask = _launch(
+        logits, logits, class_thresholds, None, threshold, temperature, False, 1.0, False, loss=False
+    )
+    return labels, confidence, mask
+
+
+def pseudo_label_loss_forward(strong, weak, class_thresholds, weights, threshold, temperature, soft, grad_scale,
+                              compute_grad):
+    if strong.shape != weak.shape or strong.dtype != weak.dtype:
+        raise ValueError("pseudo_label_loss_forward: strong and weak must have the same shape and dtype")
+    return _launch(strong, weak, class_thresholds, weights, threshold, temperature, soft, grad_scale, compute_grad,
+                   loss=True)
