@@ -37,4 +37,16 @@ TORCH_LIBRARY(lepton_fast, m) {
       "pseudo_label_loss_forward(Tensor strong, Tensor weak, Tensor? class_thresholds, Tensor? weights, "
       "float threshold, float temperature, bool soft, float grad_scale, bool compute_grad) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Adversarial perturbation steps on contiguous tensors of one floating dtype, written into
+  // `out` (which may be the input x / x_adv itself: the kernels are elementwise). A per-sample
+  // tensor [N] (opmath dtype) replaces the float beside it and applies to consecutive runs of
+  // numel / N elements. sign(0) = sign(NaN) = 0. clamp bounds are both given or both None.
+  //   fgsm: out = clamp(x + eps * sign(grad))
+  //   pgd:  out = clamp(x_orig + clamp(x_adv + step_size * sign(grad) - x_orig, -eps, eps))
+  m.def(
+      "fgsm_perturb_out(Tensor x, Tensor grad, float eps, Tensor? eps_per_sample, float? clamp_min, "
+      "float? clamp_max, Tensor(a!) out) -> ()");
+  m.def(
+      "pgd_step_out(Tensor x_adv, Tensor x_orig, Tensor grad, float step_size, Tensor? step_per_sample, "
+      "float eps, Tensor? eps_per_sample, float? clamp_min, float? clamp_max, Tensor(a!) out) -> ()");
 }

@@ -17,3 +17,10 @@ from lepton_fast import thresholds  # noqa: E402
 
 __all__ = ["__version__", "fused_kd_loss", "info"]
 __all__ += ["PseudoLabelLoss", "PseudoLabels", "fused_pseudo_label_loss", "select_pseudo_labels", "thresholds"]
+from lepton_fast.ops.grad_reverse import grad_reverse  # noqa: E402
+from lepton_fast.ops.adversarial import fgsm_perturb, fgsm_perturb_, pgd_step, pgd_step_  # noqa: E402
+from lepton_fast.adversarial import fgsm, pgd, vat_loss  # noqa: E402
+from lepton_fast.nn import GradientReversal  # noqa: E402
+
+__all__ += ["grad_reverse", "GradientReversal", "fgsm_perturb", "fgsm_perturb_", "pgd_step", "pgd_step_",
+            "fgsm", "pgd", "vat_loss"]

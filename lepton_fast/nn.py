@@ -1,0 +1,80 @@
+"""nn.Module wrappers of the lepton_fast ops."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from lepton_fast.ops.grad_reverse import grad_reverse
+
+
+class GradientReversal(nn.Module):
+    r"""Gradient-reversal layer (Ganin et al. 2016) with a fixed weight or the DANN schedule.
+
+    The forward returns its input (a view, no copy); the backward multiplies the gradient
+    by -λ. With ``total_steps`` the weight follows the DANN schedule
+
+    .. math:: \lambda(p) = lo + (hi - lo)\left(\frac{2}{1 + e^{-\gamma p}} - 1\right),
+              \quad p = \min(\mathrm{step} / \mathrm{total\_steps}, 1)
+
+    rising from ``lo`` at step 0 towards ``hi`` (γ = 10 as in the paper). Call :meth:`step`
+    once per optimiser step. The counter is a buffer, so ``state_dict()`` saves it and a
+    resumed run continues the schedule; λ is computed on the buffer's device as a 0-d
+    tensor, so neither the schedule nor torch.compile synchronises or recompiles.
+
+    Args:
+        lambda_: the fixed weight (default 1.0); not allowed together with ``total_steps``.
+        total_steps: length of the schedule in optimiser steps (> 0), or None for a fixed λ.
+        lo, hi: the schedule's start and limit (default 0 and 1).
+        gamma: the schedule's steepness γ > 0 (default 10).
+
+    Shape: any; the output is the input.
+    """
+
+    step_count: Tensor
+
+    def __init__(self, lambda_: Optional[float] = None, *, total_steps: Optional[int] = None,
+                 lo: float = 0.0, hi: float = 1.0, gamma: float = 10.0):
+        super().__init__()
+        if total_steps is not None:
+            if lambda_ is not None:
+                raise ValueError("give either a fixed lambda_ or a schedule (total_steps), not both")
+            if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
+                raise ValueError(f"total_steps must be an integer > 0, got {total_steps!r}")
+            if not (math.isfinite(gamma) and gamma > 0):
+                raise ValueError(f"gamma must be a finite number > 0, got {gamma}")
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise ValueError(f"lo and hi must be finite, got lo={lo}, hi={hi}")
+        elif lambda_ is None:
+            lambda_ = 1.0
+        if lambda_ is not None and not math.isfinite(lambda_):
+            raise ValueError(f"lambda_ must be finite, got {lambda_}")
+        self.fixed_lambda = None if lambda_ is None else float(lambda_)
+        self.total_steps = total_steps
+        self.lo, self.hi, self.gamma = float(lo), float(hi), float(gamma)
+        self.register_buffer("step_count", torch.zeros((), dtype=torch.int64))
+
+    def lambda_(self) -> Tensor:
+        """The current λ as a float32 0-d tensor on the buffer's device."""
+        if self.total_steps is None:
+            return torch.full((), self.fixed_lambda, dtype=torch.float32, device=self.step_count.device)
+        p = (self.step_count.to(torch.float64) / self.total_steps).clamp(max=1.0)
+        rise = 2.0 / (1.0 + torch.exp(-self.gamma * p)) - 1.0
+        return (self.lo + (self.hi - self.lo) * rise).to(torch.float32)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Advance the schedule by one optimiser step (in place on the device, no sync)."""
+        self.step_count += 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.total_steps is None:
+            return grad_reverse(x, self.fixed_lambda)
+        return grad_reverse(x, self.lambda_())
+
+    def extra_repr(self) -> str:
+        if self.total_steps is None:
+            return f"lambda_={self.fixed_lambda}"
+        return f"total_steps={self.total_steps}, lo={self.lo}, hi={self.hi}, gamma={self.gamma}"

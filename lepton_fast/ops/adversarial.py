@@ -1,0 +1,278 @@
+"""fgsm_perturb and pgd_step: the fused L-inf perturbation steps of FGSM and PGD.
+
+They are no-grad steps: an attack computes the gradient of its loss with respect to the
+input, then moves the input by it; nothing differentiates through the move. The custom ops
+therefore register no autograd formula, and the public functions detach their inputs, so
+the result never carries a graph.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from lepton_fast import _backend, _validate, reference
+
+FGSM_SPEC = _backend.register("fgsm_perturb", kernel="fgsm_perturb_out", triton="adversarial")
+PGD_SPEC = _backend.register("pgd_step", kernel="pgd_step_out", triton="adversarial")
+
+Scalar = Union[float, Tensor]
+
+
+def _kernel(spec, backend: str):
+    if backend in ("cpu", "cuda"):
+        return getattr(torch.ops.lepton_fast, spec.kernel)
+    return getattr(_backend.triton_kernels(spec), spec.kernel)
+
+
+# The kernels take flat contiguous buffers; an [N] per-sample tensor applies to runs of
+# numel / N consecutive elements.
+def _flat(x: Tensor) -> Tensor:
+    return x.contiguous()
+
+
+@torch.library.custom_op("lepton_fast::fgsm_perturb", mutates_args=())
+def _fgsm(x: Tensor, grad: Tensor, eps: float, eps_per_sample: Optional[Tensor],
+          clamp_min: Optional[float], clamp_max: Optional[float], backend: str) -> Tensor:
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _kernel(FGSM_SPEC, backend)(_flat(x), _flat(grad), eps, eps_per_sample, clamp_min, clamp_max, out)
+    return out
+
+
+@_fgsm.register_fake
+def _(x, grad, eps, eps_per_sample, clamp_min, clamp_max, backend):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("lepton_fast::fgsm_perturb_", mutates_args=("x",))
+def _fgsm_(x: Tensor, grad: Tensor, eps: float, eps_per_sample: Optional[Tensor],
+           clamp_min: Optional[float], clamp_max: Optional[float], backend: str) -> None:
+    # The kernels are elementwise, so the output may be the input itself.
+    target = x if x.is_contiguous() else x.contiguous()
+    _kernel(FGSM_SPEC, backend)(target, _flat(grad), eps, eps_per_sample, clamp_min, clamp_max, target)
+    if target is not x:
+        x.copy_(target)
+
+
+@torch.library.custom_op("lepton_fast::pgd_step", mutates_args=())
+def _pgd(x_adv: Tensor, x_orig: Tensor, grad: Tensor, step_size: float, step_per_sample: Optional[Tensor],
+         eps: float, eps_per_sample: Optional[Tensor], clamp_min: Optional[float], clamp_max: Optional[float],
+         backend: str) -> Tensor:
+    out = torch.empty_like(x_adv, memory_format=torch.contiguous_format)
+    _kernel(PGD_SPEC, backend)(_flat(x_adv), _flat(x_orig), _flat(grad), step_size, step_per_sample, eps,
+                               eps_per_sample, clamp_min, clamp_max, out)
+    return out
+
+
+@_pgd.register_fake
+def _(x_adv, x_orig, grad, step_size, step_per_sample, eps, eps_per_sample, clamp_min, clamp_max, backend):
+    return torch.empty_like(x_adv, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("lepton_fast::pgd_step_", mutates_args=("x_adv",))
+def _pgd_(x_adv: Tensor, x_orig: Tensor, grad: Tensor, step_size: float, step_per_sample: Optional[Tensor],
+          eps: float, eps_per_sample: Optional[Tensor], clamp_min: Optional[float], clamp_max: Optional[float],
+          backend: str) -> None:
+    target = x_adv if x_adv.is_contiguous() else x_adv.contiguous()
+    _kernel(PGD_SPEC, backend)(target, _flat(x_orig), _flat(grad), step_size, step_per_sample, eps,
+                               eps_per_sample, clamp_min, clamp_max, target)
+    if target is not x_adv:
+        x_adv.copy_(target)
+
+
+# --- argument checks ---------------------------------------------------------------------------
+
+def _check_input(name: str, x) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _validate.FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+    return x
+
+
+def _check_like(name: str, t, ref_name: str, ref: Tensor) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    _validate.same_shape(name, t, ref_name, ref)
+    return t
+
+
+def _check_size(name: str, value, x: Tensor):
+    """A float >= 0, or a per-sample [N] (or 0-d) tensor >= 0: returns (float, tensor or None).
+
+    The sign check of a tensor reads it: eagerly on CPU, with torch._assert_async elsewhere,
+    so that nothing synchronises with the host.
+    """
+    if isinstance(value, Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a float or a floating-point tensor, got {value.dtype}")
+        if x.dim() == 0:
+            raise ValueError(f"{name} as a tensor needs a batch dimension in the input, got a 0-d input")
+        if value.dim() == 0:
+            value = value.expand(x.shape[0])
+        if value.shape != (x.shape[0],):
+            raise ValueError(f"{name} must be a float or a per-sample tensor of shape [{x.shape[0]}], "
+                             f"got shape {tuple(value.shape)}")
+        if value.device != x.device:
+            raise ValueError(f"{name} is on {value.device} but the input is on {x.device}")
+        value = value.detach().to(torch.promote_types(x.dtype, torch.float32)).contiguous()
+        bad = ~(torch.isfinite(value) & (value >= 0))
+        message = f"{name} must be finite and >= 0 for every sample"
+        if value.device.type == "cpu" and not torch.compiler.is_compiling():
+            if bool(bad.any()):
+                raise ValueError(f"{message}; got {value[bad][:5].tolist()}")
+        else:
+            torch._assert_async(~bad.any(), message)
+        return 0.0, value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+    value = float(value)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return value, None
+
+
+def _check_clamp(clamp):
+    if clamp is None:
+        return None, None
+    try:
+        lo, hi = clamp
+        lo, hi = float(lo), float(hi)
+    except (TypeError, ValueError):
+        raise TypeError(f"clamp must be None or a pair (min, max) of numbers, got {clamp!r}") from None
+    if math.isnan(lo) or math.isnan(hi) or lo > hi:
+        raise ValueError(f"clamp must be (min, max) with min <= max, got {clamp!r}")
+    return lo, hi
+
+
+def _sign_operand(grad: Tensor, x: Tensor) -> Tensor:
+    # Only the sign of grad matters. Casting another dtype to x's could underflow a small
+    # gradient to 0 (float32 -> float16), so such a grad is reduced to its sign first.
+    grad = grad.detach()
+    return grad if grad.dtype == x.dtype else grad.sign().to(x.dtype)
+
+
+# --- public API --------------------------------------------------------------------------------
+
+def _fgsm_args(x, grad, eps, clamp):
+    _check_input("x", x)
+    _check_like("grad", grad, "x", x)
+    eps, eps_t = _check_size("eps", eps, x)
+    lo, hi = _check_clamp(clamp)
+    return _sign_operand(grad, x), eps, eps_t, lo, hi
+
+
+def fgsm_perturb(x: Tensor, grad: Tensor, eps: Scalar, clamp=(0.0, 1.0), *,
+                 backend: Optional[str] = None) -> Tensor:
+    r"""The FGSM step :math:`\mathrm{clamp}(x + \epsilon\,\mathrm{sign}(\nabla), lo, hi)` in one pass
+    (Goodfellow, Shlens & Szegedy 2015).
+
+    Args:
+        x: input of any shape [N, ...], float32, bfloat16, float16 or float64 (images in
+            [0, 1] with the default ``clamp``).
+        grad: d(loss)/dx, same shape as ``x`` (any floating dtype). sign(0) = sign(NaN) = 0,
+            so such an element is left unchanged, as ``torch.sign`` does.
+        eps: step in input units, a float >= 0 or a per-sample tensor [N] (broadcast over the
+            non-batch dims).
+        clamp: ``(min, max)`` bounds of the valid input range, or ``None`` for inputs that
+            are not bounded (features, embeddings).
+        backend: force ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
+
+    Returns:
+        A new tensor like ``x`` (contiguous), without a graph: the step is not
+        differentiable. For float32 it is bit-equal to
+        ``(x + eps * grad.sign()).clamp(lo, hi)``; lower precisions are computed in float32
+        and rounded once.
+
+    Raises:
+        TypeError: non-tensor or non-floating ``x``/``grad``/``eps``, malformed ``clamp``.
+        ValueError: shape or device mismatch, ``eps`` < 0 or not finite, clamp min > max.
+    """
+    g, eps, eps_t, lo, hi = _fgsm_args(x, grad, eps, clamp)
+    chosen = _backend.resolve(FGSM_SPEC, x.device, backend)
+    x = x.detach()
+    if chosen == "reference":
+        with torch.no_grad():
+            return reference.fgsm_perturb(x, g, eps if eps_t is None else eps_t, None if lo is None else (lo, hi))
+    return _fgsm(x, g, eps, eps_t, lo, hi, chosen)
+
+
+def fgsm_perturb_(x: Tensor, grad: Tensor, eps: Scalar, clamp=(0.0, 1.0), *,
+                  backend: Optional[str] = None) -> Tensor:
+    """In-place :func:`fgsm_perturb`: overwrites ``x`` and returns it. ``x`` must not need a
+    gradient (an attack's adversarial copy, detached)."""
+    g, eps, eps_t, lo, hi = _fgsm_args(x, grad, eps, clamp)
+    chosen = _backend.resolve(FGSM_SPEC, x.device, backend)
+    with torch.no_grad():
+        if chosen == "reference":
+            x.copy_(reference.fgsm_perturb(x, g, eps if eps_t is None else eps_t, None if lo is None else (lo, hi)))
+        else:
+            _fgsm_(x, g, eps, eps_t, lo, hi, chosen)
+    return x
+
+
+def _pgd_args(x_adv, x_orig, grad, step_size, eps, clamp):
+    _check_input("x_adv", x_adv)
+    _check_like("x_orig", x_orig, "x_adv", x_adv)
+    _check_like("grad", grad, "x_adv", x_adv)
+    step, step_t = _check_size("step_size", step_size, x_adv)
+    eps, eps_t = _check_size("eps", eps, x_adv)
+    lo, hi = _check_clamp(clamp)
+    x_orig = x_orig.detach().to(x_adv.dtype)
+    return x_orig, _sign_operand(grad, x_adv), step, step_t, eps, eps_t, lo, hi
+
+
+def pgd_step(x_adv: Tensor, x_orig: Tensor, grad: Tensor, step_size: Scalar, eps: Scalar,
+             clamp=(0.0, 1.0), *, backend: Optional[str] = None) -> Tensor:
+    r"""One L-inf PGD step in one pass (Madry et al. 2018): a signed-gradient step, the
+    projection onto the L-inf ball of radius eps around ``x_orig``, and the clamp:
+
+    .. math:: x' = x_{adv} + \alpha\,\mathrm{sign}(\nabla),\quad
+              \mathrm{clamp}(x_{orig} + \mathrm{clamp}(x' - x_{orig}, -\epsilon, \epsilon), lo, hi)
+
+    Args:
+        x_adv: current adversarial input [N, ...], float32, bfloat16, float16 or float64.
+        x_orig: the clean input, same shape (cast to ``x_adv``'s dtype).
+        grad: d(loss)/d(x_adv), same shape; sign(0) = sign(NaN) = 0.
+        step_size: α >= 0, a float or a per-sample tensor [N].
+        eps: radius >= 0 of the ball, a float or a per-sample tensor [N].
+        clamp: ``(min, max)`` of the valid input range, or ``None``.
+        backend: force ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
+
+    Returns:
+        A new tensor like ``x_adv`` (contiguous), without a graph. For float32 it is
+        bit-equal to the torchattacks composition ``x = x_adv + a * g.sign();
+        d = (x - x_orig).clamp(-eps, eps); (x_orig + d).clamp(lo, hi)``; ‖result − x_orig‖∞
+        ≤ eps up to the rounding of that last addition.
+
+    Raises:
+        TypeError: non-tensor or non-floating inputs, malformed ``clamp``.
+        ValueError: shape or device mismatch, ``step_size`` or ``eps`` < 0 or not finite,
+            clamp min > max.
+    """
+    x_orig, g, step, step_t, eps, eps_t, lo, hi = _pgd_args(x_adv, x_orig, grad, step_size, eps, clamp)
+    chosen = _backend.resolve(PGD_SPEC, x_adv.device, backend)
+    x_adv = x_adv.detach()
+    if chosen == "reference":
+        with torch.no_grad():
+            return reference.pgd_step(x_adv, x_orig, g, step if step_t is None else step_t,
+                                      eps if eps_t is None else eps_t, None if lo is None else (lo, hi))
+    return _pgd(x_adv, x_orig, g, step, step_t, eps, eps_t, lo, hi, chosen)
+
+
+def pgd_step_(x_adv: Tensor, x_orig: Tensor, grad: Tensor, step_size: Scalar, eps: Scalar,
+              clamp=(0.0, 1.0), *, backend: Optional[str] = None) -> Tensor:
+    """In-place :func:`pgd_step`: overwrites ``x_adv`` and returns it."""
+    x_orig, g, step, step_t, eps, eps_t, lo, hi = _pgd_args(x_adv, x_orig, grad, step_size, eps, clamp)
+    chosen = _backend.resolve(PGD_SPEC, x_adv.device, backend)
+    with torch.no_grad():
+        if chosen == "reference":
+            x_adv.copy_(reference.pgd_step(x_adv, x_orig, g, step if step_t is None else step_t,
+                                           eps if eps_t is None else eps_t, None if lo is None else (lo, hi)))
+        else:
+            _pgd_(x_adv, x_orig, g, step, step_t, eps, eps_t, lo, hi, chosen)
+    return x_adv
