@@ -104,7 +104,8 @@ class CrossDomainTrainer(Loop):
         distribution_alignment: align weak-view predictions before thresholding (default on).
         warmup_steps: ≥ 0.
         weak_augment, strong_augment: ``f(x, generator) -> x`` on a batch; default the digit
-            views of lepton_fast.data.augment.
+            views of lepton_fast.data.augment. source_augment: the source batches' view
+            (default ``weak_augment``).
         discriminator: for "domain"; default ``default_discriminator(feature_dim)``.
         feature_dim: the width of ``student.features`` (needed without ``discriminator``).
         attack: "fgsm", "pgd" or "vat"; eps > 0; pgd_steps ≥ 1.
@@ -125,6 +126,7 @@ class CrossDomainTrainer(Loop):
                  weights: Optional[dict] = None, temperature: float = 2.0, threshold: Optional[nn.Module] = None,
                  distribution_alignment: bool = True, warmup_steps: int = 0,
                  weak_augment: Callable = weak_view, strong_augment: Callable = strong_view,
+                 source_augment: Optional[Callable] = None,
                  discriminator: Optional[nn.Module] = None, feature_dim: Optional[int] = None,
                  attack: str = "fgsm", eps: float = 0.1, pgd_steps: int = 3,
                  optimizer=None, scheduler=None, device=None, amp: Optional[str] = None, seed: int = 0,
@@ -156,9 +158,10 @@ class CrossDomainTrainer(Loop):
         self.pgd_steps = pgd_steps
         super().__init__(student, optimizer=optimizer, scheduler=scheduler, device=device, amp=amp, seed=seed,
                          checkpoint=checkpoint, checkpoint_every=checkpoint_every, progress=progress)
-        self.teacher = None if teacher is None else teacher.to(self.device).eval().requires_grad_(False)
+        self.teacher = None if teacher is None else teacher.to(self.device).eval()
         self.warmup_steps = warmup_steps
         self.weak_augment, self.strong_augment = weak_augment, strong_augment
+        self.source_augment = source_augment or weak_augment
         self._threshold_arg, self._discriminator_arg = threshold, discriminator
         self._feature_dim = feature_dim
         self._use_alignment = distribution_alignment
@@ -222,7 +225,7 @@ class CrossDomainTrainer(Loop):
     def _train_step(self) -> dict:
         dev, g = self.device, self.generator
         xs, ys, _ = _common.unpack(self._source.next())
-        xs = self.weak_augment(xs.to(dev, non_blocking=True), g)
+        xs = self.source_augment(xs.to(dev, non_blocking=True), g)
         ys = ys.to(dev, non_blocking=True)
         parts, sizes = [xs], [xs.shape[0]]
         warm = self.step < self.warmup_steps
@@ -266,7 +269,7 @@ class CrossDomainTrainer(Loop):
                 out = fused_pseudo_label_loss(chunks[2], targets, **kwargs)
                 labels, mask = out.labels, out.mask
                 self.threshold.update(out, weak_logits=targets, indices=None if idx is None else idx.to(dev))
-                self._count_classes(out.labels, out.mask)
+                self._count_classes(out.class_counts)
                 logs["pseudo"], logs["mask"] = out.loss.detach(), out.mask.float().mean()
                 loss = loss + self.weights["pseudo"] * out.loss
             if use["adversarial"]:
@@ -299,8 +302,7 @@ class CrossDomainTrainer(Loop):
         return adv
 
     # -- collapse watch ---------------------------------------------------------------------
-    def _count_classes(self, labels: Tensor, mask: Tensor) -> None:
-        counts = torch.bincount(labels[mask], minlength=self.classes)
+    def _count_classes(self, counts: Tensor) -> None:
         self._window_counts = counts if getattr(self, "_window_counts", None) is None else self._window_counts + counts
 
     def _after_window(self, means: dict) -> None:

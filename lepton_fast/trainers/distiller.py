@@ -68,7 +68,7 @@ class KnowledgeDistiller(Loop):
         self.divergence = _validate.choice("divergence", divergence, DIVERGENCES)
         super().__init__(student, optimizer=optimizer, scheduler=scheduler, device=device, amp=amp, seed=seed,
                          checkpoint=checkpoint, checkpoint_every=checkpoint_every, progress=progress)
-        self.teacher = teacher.to(self.device).eval().requires_grad_(False)
+        self.teacher = teacher.to(self.device).eval()
         self._build(self.student.parameters())
         self.net = _common.wrap_ddp(self.student, self.device)
         self.classes: Optional[int] = None
