@@ -102,6 +102,9 @@ class CrossDomainTrainer(Loop):
         temperature: KD temperature T > 0.
         threshold: a lepton_fast.thresholds module (default FixedThreshold(0.95)).
         distribution_alignment: align weak-view predictions before thresholding (default on).
+        alignment_momentum: EMA momentum of the alignment's target class distribution
+            (default 0.99: a source classifier's bias on a new domain is large, so the
+            estimate must catch up within a hundred steps; USB's 0.999 is for SSL).
         warmup_steps: ≥ 0.
         weak_augment, strong_augment: ``f(x, generator) -> x`` on a batch; default the digit
             views of lepton_fast.data.augment. source_augment: the source batches' view
@@ -124,7 +127,7 @@ class CrossDomainTrainer(Loop):
 
     def __init__(self, student: nn.Module, *, terms: Sequence[str] = (), teacher: Optional[nn.Module] = None,
                  weights: Optional[dict] = None, temperature: float = 2.0, threshold: Optional[nn.Module] = None,
-                 distribution_alignment: bool = True, warmup_steps: int = 0,
+                 distribution_alignment: bool = True, alignment_momentum: float = 0.99, warmup_steps: int = 0,
                  weak_augment: Callable = weak_view, strong_augment: Callable = strong_view,
                  source_augment: Optional[Callable] = None,
                  discriminator: Optional[nn.Module] = None, feature_dim: Optional[int] = None,
@@ -165,6 +168,8 @@ class CrossDomainTrainer(Loop):
         self._threshold_arg, self._discriminator_arg = threshold, discriminator
         self._feature_dim = feature_dim
         self._use_alignment = distribution_alignment
+        self._alignment_momentum = _validate.in_unit_interval("alignment_momentum", alignment_momentum,
+                                                              open_right=True)
         self.threshold = self.alignment = self.grl = self.discriminator = self.net = None
         self.classes: Optional[int] = None
         self._source = self._target = None
@@ -187,7 +192,7 @@ class CrossDomainTrainer(Loop):
 
             self.threshold = (self._threshold_arg or FixedThreshold(0.95)).to(self.device)
             if self._use_alignment:
-                self.alignment = DistributionAlignment(num_classes).to(self.device)
+                self.alignment = DistributionAlignment(num_classes, self._alignment_momentum).to(self.device)
         if "domain" in self.terms:
             from lepton_fast.nn import GradientReversal
 
