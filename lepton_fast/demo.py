@@ -4,17 +4,17 @@ Rows, all scored on the held-out target test set (719 digits no training step se
 
 1. source-only teacher: a LeNet trained on the 5,000 MNIST digits alone (with the strong
    view of lepton_fast.data.augment as source augmentation; no target data).
-2. target-supervised: the teacher fine-tuned on source + the labeled adaptation set (the
-   only row that reads target labels): the upper bound.
+2. target-supervised: the teacher fine-tuned on the labeled adaptation set (the only row
+   that reads target labels): the upper bound.
 3. student + KD: the student starts from the teacher's weights (the source warm-up) and
    trains on source labels plus distillation from the teacher on target images.
-4.–6. student + KD + one more term: pseudo-labels (FixMatch with distribution alignment),
+4.–6. the student with one other term instead of KD: pseudo-labels (FixMatch with distribution alignment),
    domain-adversarial (DANN), adversarial samples (FGSM on pseudo-labels).
    Pseudo-labels: FixMatch's weak/strong views with FlexMatch's class-wise thresholds
    (τ = 0.95) after distribution alignment (the source warm-up is the teacher's training,
    which the student starts from). Measured on seed 0: a fixed 0.95 threshold with the
    same alignment reaches about 89 % after 600 steps, FlexMatch 96 % after 400.
-7. all together.
+7. all together: KD + pseudo-labels + domain-adversarial + adversarial samples.
 
 Every adapted row trains for the same number of steps. ``--seeds`` repeats everything per
 seed and reports mean ± std.
@@ -50,12 +50,15 @@ class LeNet(nn.Module):
         return self.classifier(self.features(x))
 
 
-# name, terms
+# name, terms. Each "+" row adds one term to the source-supervised student; KD is not kept
+# in them because a source-only teacher's systematic target errors (here 7 and 9 read as 3)
+# pull pseudo-labelling back: with KD (weight 0.3) in every row, "+ pseudo-labels" reached
+# 82.1 % (3 seeds) against 96 % without.
 ROWS = [
     ("student + KD", ("kd",)),
-    ("+ pseudo-labels", ("kd", "pseudo")),
-    ("+ domain-adversarial", ("kd", "domain")),
-    ("+ adversarial samples", ("kd", "adversarial")),
+    ("+ pseudo-labels", ("pseudo",)),
+    ("+ domain-adversarial", ("domain",)),
+    ("+ adversarial samples", ("adversarial",)),
     ("all together", ("kd", "pseudo", "domain", "adversarial")),
 ]
 TEACHER, UPPER = "source-only teacher", "target-supervised (bound)"
@@ -99,8 +102,7 @@ def run_seed(seed: int, *, source_steps: int, adapt_steps: int, batch_size: int,
     if device == "cpu" and threads:
         torch.set_num_threads(threads)
     train(TEACHER, teacher, source, steps=source_steps)
-    both = torch.utils.data.ConcatDataset([source, target.adapt])
-    train(UPPER, copy.deepcopy(teacher), both)
+    train(UPPER, copy.deepcopy(teacher), target.adapt)
     for name, terms in ROWS:
         train(name, copy.deepcopy(teacher), source, terms, teacher=teacher, temperature=2.0,
               threshold=FlexMatchThreshold(10, num_unlabeled=len(target.adapt), threshold=0.95),

@@ -229,7 +229,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="teacher predicts 3 classes but student predicts 4"):
         KnowledgeDistiller(Tiny(classes=3), Tiny(), progress=False).fit(SOURCE)
     with pytest.raises(ValueError, match="teacher predicts 3 classes"):
-        make(("kd",), teacher=Tiny(classes=3)).fit(SOURCE, TARGET, steps=1)
+        make(("kd",), teacher=Tiny(classes=3)).fit(SOURCE, TARGET, steps=1, batch_size=16)
     with pytest.raises(ValueError, match="target"):
         make(("pseudo",)).fit(SOURCE, steps=1)
     with pytest.raises(TypeError, match="train_data"):
