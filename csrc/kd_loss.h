@@ -18,6 +18,12 @@
 
 #if defined(__CUDACC__)
 #define LF_HOST_DEVICE __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// Always inlined on the host: the CPU kernel calls these from code compiled for AVX2/AVX-512
+// (csrc/cpu/kd_loss_rows_<isa>.cpp) while this header compiles for the baseline; a real call
+// would pass SIMD vectors under the baseline ABI, and a shared out-of-line copy could carry
+// the wrong instruction set.
+#define LF_HOST_DEVICE inline __attribute__((always_inline))
 #else
 #define LF_HOST_DEVICE inline
 #endif
@@ -121,6 +127,58 @@ LF_HOST_DEVICE acc_t log_mixture(acc_t logp_s, acc_t logp_t, acc_t log_beta, acc
   const acc_t hi = a > b ? a : b, lo = a > b ? b : a;
   if (hi == -std::numeric_limits<acc_t>::infinity()) return hi;
   return hi + std::log1p(std::exp(lo - hi));
+}
+
+// ---------------------------------------------------------------------------------------
+// The same per-element terms for any value type: a scalar (CUDA, CPU) or a SIMD vector (the
+// CPU kernel's at::vec::Vectorized). A math policy M supplies the few operations whose
+// spelling differs (ScalarMath below; csrc/cpu/kd_loss_rows.h has the vector one):
+//   M::exp, M::log1p, M::max, M::min,
+//   M::zero_where_zero(p, x) = p == 0 ? 0 : x,  M::keep_neg_inf(h, x) = h == -inf ? h : x.
+
+template <typename acc_t>
+struct ScalarMath {
+  using V = acc_t;
+  static LF_HOST_DEVICE V exp(V x) { return std::exp(x); }
+  static LF_HOST_DEVICE V log1p(V x) { return std::log1p(x); }
+  static LF_HOST_DEVICE V max(V a, V b) { return a > b ? a : b; }
+  static LF_HOST_DEVICE V min(V a, V b) { return a > b ? b : a; }
+  static LF_HOST_DEVICE V zero_where_zero(V p, V x) { return p == V(0) ? V(0) : x; }
+  static LF_HOST_DEVICE V keep_neg_inf(V h, V x) { return h == -std::numeric_limits<V>::infinity() ? h : x; }
+};
+
+// p * d with 0 * d = 0 for every d: a term of a KL sum (0 log 0 = 0; a class p rules out adds
+// nothing, also where d is +-inf), or the gradient p_s (d - K) of reverse KL and JSD.
+template <typename M, typename V = typename M::V>
+LF_HOST_DEVICE V weighted(V p, V d) {
+  return M::zero_where_zero(p, p * d);
+}
+
+// log(beta p_t + (1 - beta) p_s) in log space (no underflow of the mixture), -inf where both are 0.
+template <typename M, typename V = typename M::V>
+LF_HOST_DEVICE V log_mixture_of(V logp_s, V logp_t, V log_beta, V log_1m_beta) {
+  const V a = logp_t + log_beta, b = logp_s + log_1m_beta;
+  const V hi = M::max(a, b), lo = M::min(a, b);
+  return M::keep_neg_inf(hi, hi + M::log1p(M::exp(lo - hi)));
+}
+
+// KL(p || q) of softmax(z_p) and softmax(z_q) from one pass of online sums over the row:
+//   S_p = sum_j exp(z_p,j - m_p),  S_q likewise,  A = sum_j exp(z_p,j - m_p) (z_p,j - z_q,j),
+//   KL = A / S_p - (lse_p - lse_q) = A / S_p + (m_q - m_p) + log(S_q / S_p).
+// Forward KL is p = teacher, q = student; reverse KL the other way round. Differences of z
+// per element and of the maxes keep the cancellation of two large log-sum-exps out.
+template <typename acc_t>
+LF_HOST_DEVICE acc_t kl_from_sums(acc_t a, acc_t s_p, acc_t m_p, acc_t s_q, acc_t m_q) {
+  return a / s_p + (m_q - m_p) + std::log(s_q / s_p);
+}
+
+// Row cross-entropy at T = 1 with label smoothing eps:
+//   lse - (1 - eps) x_y - eps / C sum_j x_j   (the smoothing sum only when eps > 0, so that a
+// -inf logit cannot turn an unsmoothed loss into NaN).
+template <typename acc_t>
+LF_HOST_DEVICE acc_t ce_from_sums(acc_t lse, acc_t x_label, acc_t sum_x, acc_t eps, int64_t n_classes) {
+  const acc_t smooth = eps > 0 ? eps / acc_t(n_classes) * sum_x : acc_t(0);
+  return lse - (1 - eps) * x_label - smooth;
 }
 
 // Online softmax statistics of z together with W = sum_j exp(z_j - max) w_j, so that

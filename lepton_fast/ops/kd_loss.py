@@ -66,6 +66,9 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = inputs[-1]
     ctx.save_for_backward(output[1])
     ctx.mark_non_differentiable(output[1])
+    # Otherwise autograd fills an [N, C] zero tensor for the unused gradient of output[1]:
+    # one more buffer the size of the logits and one more pass over it in every backward.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, _unused):

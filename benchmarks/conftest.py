@@ -1,0 +1,107 @@
+"""Shared helpers for benchmarks/bench_<op>.py (pytest-benchmark).
+
+A bench file builds one ``Group`` per (op, shape, dtype, pass), named "<op> <shape> <dtype>
+<fwd|fwd+bwd>", with one callable per variant: the reference eager, torch.compile(reference)
+and each lepton_fast backend that runs here (``variants``). ``run_variant`` times it on fresh
+random inputs each round and measures the variant's peak extra memory once, untimed, with
+torch.profiler's memory events; the terminal summary prints those peaks.
+
+`pytest benchmarks --benchmark-only` times full shapes. With --benchmark-disable (CI's smoke
+run) every variant runs once on the small ``smoke`` shape of its group, which is what
+``full_or_smoke`` returns there.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from lepton_fast import _backend  # noqa: E402
+
+_SMOKE = False
+_PEAKS: dict[str, dict[str, int]] = {}
+
+
+def pytest_configure(config):
+    global _SMOKE
+    _SMOKE = bool(config.getoption("benchmark_disable", False))
+
+
+def smoke() -> bool:
+    """True under --benchmark-disable: run each case once on small inputs."""
+    return _SMOKE
+
+
+def full_or_smoke(full, small):
+    return small if _SMOKE else full
+
+
+def variants(spec, reference_fn: Callable, op_fn: Callable, device_type: str = "cpu") -> dict[str, Callable]:
+    """name -> callable(*args, **kwargs) for the reference eager, torch.compile(reference) and
+    every lepton_fast backend that can run ``spec`` on ``device_type`` tensors here (the
+    Triton interpreter is left out: it is a correctness tool, not a contender)."""
+    out = {"reference": reference_fn, "reference+compile": torch.compile(reference_fn, dynamic=False)}
+    for backend in ("cpu", "cuda", "triton"):
+        if backend == "triton" and device_type == "cpu":
+            continue
+        if _backend.unavailable(spec, backend, device_type) is None:
+            out[f"lepton_fast[{backend}]"] = functools.partial(op_fn, backend=backend)
+    return out
+
+
+def peak_extra_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes allocated while fn() runs beyond what existed before (CPU allocator events of
+    torch.profiler); what fn returns counts, as the gradient buffer of a loss does."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+        del result
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+@dataclass
+class Case:
+    """One timed unit: make() -> fresh (args, kwargs); run(fn, args, kwargs) does the work."""
+
+    group: str
+    make: Callable[[], tuple[tuple, dict]]
+    run: Callable[[Callable, tuple, dict], object]
+
+
+def run_variant(benchmark, case: Case, name: str, fn: Callable, rounds: int = 5):
+    benchmark.group = case.group
+    benchmark.name = name
+    if not smoke():
+        args, kwargs = case.make()
+        case.run(fn, args, kwargs)  # warm-up: compilation, first-touch of allocator pages
+        peak = peak_extra_bytes(lambda: case.run(fn, args, kwargs))
+        del args, kwargs
+        benchmark.extra_info["peak_extra_MB"] = round(peak / 2**20, 1)
+        _PEAKS.setdefault(case.group, {})[name] = peak
+    # setup hands each round fresh inputs, made outside the timed region.
+    benchmark.pedantic(lambda a, k: case.run(fn, a, k), setup=lambda: (case.make(), {}), rounds=rounds,
+                       iterations=1, warmup_rounds=0)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _PEAKS:
+        return
+    terminalreporter.section("peak extra memory (torch.profiler CPU allocator events, MiB)")
+    for group, peaks in _PEAKS.items():
+        row = ", ".join(f"{name}: {bytes_ / 2**20:.1f}" for name, bytes_ in peaks.items())
+        terminalreporter.write_line(f"{group}: {row}")

@@ -1,0 +1,51 @@
+// The kd_loss row kernel for AVX-512 (F, BW, VL, DQ), chosen at run time when ATen reports AVX512.
+#include "vec_isa_prelude.h"
+// (the prelude and this interface compile for the baseline, see vec_isa_prelude.h)
+#include "kd_loss_cpu.h"
+
+#if LF_X86_ISA_FILES
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+// g++ does not define the ISA macros after a target pragma; sleef.h declares its vector
+// functions only under them.
+#ifndef __AVX__
+#define __AVX__ 1
+#endif
+#ifndef __AVX2__
+#define __AVX2__ 1
+#endif
+#ifndef __FMA__
+#define __FMA__ 1
+#endif
+#ifndef __F16C__
+#define __F16C__ 1
+#endif
+#ifndef __AVX512F__
+#define __AVX512F__ 1
+#endif
+#ifndef __AVX512BW__
+#define __AVX512BW__ 1
+#endif
+#ifndef __AVX512VL__
+#define __AVX512VL__ 1
+#endif
+#ifndef __AVX512DQ__
+#define __AVX512DQ__ 1
+#endif
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#include "kd_loss_rows.h"
+
+namespace lepton_fast {
+namespace cpu {
+void kd_rows_avx512(const KDRows& a, int64_t begin, int64_t end) { kd_rows_any_dtype(a, begin, end); }
+}  // namespace cpu
+}  // namespace lepton_fast
+#pragma GCC pop_options
+#else
+namespace lepton_fast {
+namespace cpu {
+void kd_rows_avx512(const KDRows& a, int64_t begin, int64_t end) { kd_rows_default(a, begin, end); }
+}  // namespace cpu
+}  // namespace lepton_fast
+#endif
