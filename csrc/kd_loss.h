@@ -83,52 +83,6 @@ inline KDParams make_kd_params(double temperature, c10::string_view divergence, 
   return p;
 }
 
-// Online softmax statistics: running max and sum of exp(x - max).
-template <typename acc_t>
-struct SoftmaxStats {
-  acc_t max = -std::numeric_limits<acc_t>::infinity();
-  acc_t sum = 0;
-
-  LF_HOST_DEVICE void add(acc_t x) {
-    // exp(-inf) = 0 contributes nothing; going on would form -inf - -inf = NaN while max is -inf.
-    if (x == -std::numeric_limits<acc_t>::infinity()) return;
-    if (x > max) {
-      sum = sum * std::exp(max - x) + 1;
-      max = x;
-    } else {
-      sum += std::exp(x - max);
-    }
-  }
-  LF_HOST_DEVICE void merge(const SoftmaxStats& o) {
-    if (o.max > max) {
-      sum = sum * std::exp(max - o.max) + o.sum;
-      max = o.max;
-    } else if (o.max > -std::numeric_limits<acc_t>::infinity()) {
-      sum += o.sum * std::exp(o.max - max);
-    }
-  }
-  // logsumexp; NaN for an all -inf row (max = -inf, sum = 0 -> -inf - -inf).
-  LF_HOST_DEVICE acc_t lse() const {
-    return max == -std::numeric_limits<acc_t>::infinity() ? std::numeric_limits<acc_t>::quiet_NaN()
-                                                            : max + std::log(sum);
-  }
-};
-
-// p * (log p - log q) with 0 log 0 = 0.
-template <typename acc_t>
-LF_HOST_DEVICE acc_t kl_term(acc_t logp, acc_t logq) {
-  return logp == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : std::exp(logp) * (logp - logq);
-}
-
-// log(beta p_t + (1 - beta) p_s) from the two log-probabilities, -inf when both are 0.
-template <typename acc_t>
-LF_HOST_DEVICE acc_t log_mixture(acc_t logp_s, acc_t logp_t, acc_t log_beta, acc_t log_1m_beta) {
-  const acc_t a = logp_t + log_beta, b = logp_s + log_1m_beta;
-  const acc_t hi = a > b ? a : b, lo = a > b ? b : a;
-  if (hi == -std::numeric_limits<acc_t>::infinity()) return hi;
-  return hi + std::log1p(std::exp(lo - hi));
-}
-
 // ---------------------------------------------------------------------------------------
 // The same per-element terms for any value type: a scalar (CUDA, CPU) or a SIMD vector (the
 // CPU kernel's at::vec::Vectorized). A math policy M supplies the few operations whose
@@ -225,17 +179,23 @@ struct WeightedSoftmaxStats {
   LF_HOST_DEVICE acc_t mean() const { return weighted / sum; }
 };
 
+// p * (log p - log q) with 0 log 0 = 0: one term of a KL sum.
+template <typename acc_t>
+LF_HOST_DEVICE acc_t kl_term(acc_t logp, acc_t logq) {
+  return weighted<ScalarMath<acc_t>>(std::exp(logp), logp - logq);
+}
+
 // d(D)/d(z_s) of one element for the soft term (see the top of this file); 0 where p_s = 0
 // for reverse KL and JSD. k_s is the row constant: D for reverse KL, KL(p_s || m) for JSD.
 template <typename acc_t>
 LF_HOST_DEVICE acc_t soft_grad(Divergence div, acc_t lps, acc_t lpt, acc_t k_s, acc_t beta, acc_t log_beta,
                                acc_t log_1m_beta) {
+  using M = ScalarMath<acc_t>;
   const acc_t ps = std::exp(lps);
   switch (div) {
     case Divergence::kForwardKL: return ps - std::exp(lpt);
-    case Divergence::kReverseKL: return ps == 0 ? acc_t(0) : ps * (lps - lpt - k_s);
-    default:
-      return ps == 0 ? acc_t(0) : (1 - beta) * ps * (lps - log_mixture(lps, lpt, log_beta, log_1m_beta) - k_s);
+    case Divergence::kReverseKL: return weighted<M>(ps, lps - lpt - k_s);
+    default: return (1 - beta) * weighted<M>(ps, lps - log_mixture_of<M>(lps, lpt, log_beta, log_1m_beta) - k_s);
   }
 }
 

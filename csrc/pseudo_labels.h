@@ -34,9 +34,9 @@ inline PseudoLabelParams make_pseudo_label_params(double threshold, double tempe
 }
 
 // Online arg-max and softmax statistics: running max, sum of exp(x - max), index of the
-// max (a tie keeps the lower index, in add and in merge). Unlike SoftmaxStats in kd_loss.h,
-// -inf entries before the first finite one leave the sum at 0 (masked classes), and a NaN
-// entry makes the sum NaN, so that the caller reports the row.
+// max (a tie keeps the lower index, in add and in merge). -inf entries (masked classes) add
+// nothing, also before the first finite one, and a NaN entry makes the sum NaN, so that the
+// caller reports the row.
 template <typename acc_t>
 struct ArgmaxSoftmax {
   acc_t max = -std::numeric_limits<acc_t>::infinity();

@@ -173,7 +173,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int k = 0; k < kVec; ++k) {
           const acc_t lps = acc_t(xs.v[k]) * inv_t - lse_s, lpt = acc_t(xt.v[k]) * inv_t - lse_t;
-          const acc_t lm = log_mixture(lps, lpt, log_beta, log_1m_beta);
+          const acc_t lm = log_mixture_of<ScalarMath<acc_t>>(lps, lpt, log_beta, log_1m_beta);
           const acc_t ks = kl_term(lps, lm);
           k_part += ks;
           d_part += beta * kl_term(lpt, lm) + (1 - beta) * ks;
