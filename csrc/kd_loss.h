@@ -11,22 +11,14 @@
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 
+#include "common.h"
+
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <string>
 
-#if defined(__CUDACC__)
-#define LF_HOST_DEVICE __host__ __device__ __forceinline__
-#elif defined(__GNUC__)
-// Always inlined on the host: the CPU kernel calls these from code compiled for AVX2/AVX-512
-// (csrc/cpu/kd_loss_rows_<isa>.cpp) while this header compiles for the baseline; a real call
-// would pass SIMD vectors under the baseline ABI, and a shared out-of-line copy could carry
-// the wrong instruction set.
-#define LF_HOST_DEVICE inline __attribute__((always_inline))
-#else
-#define LF_HOST_DEVICE inline
-#endif
 
 namespace lepton_fast {
 
@@ -47,6 +39,22 @@ struct KDParams {
   bool needs_ce;  // alpha > 0
   bool needs_soft;  // alpha < 1
 };
+
+// The checks of kd_loss_forward's tensors that the CPU and CUDA kernels share.
+inline void check_kd_inputs(const at::Tensor& student, const at::Tensor& teacher,
+                            const std::optional<at::Tensor>& labels, const at::Tensor& grad_scale) {
+  check_rows(student, "kd_loss_forward", "student");
+  check_rows(teacher, "kd_loss_forward", "teacher");
+  TORCH_CHECK(teacher.sizes() == student.sizes(), "kd_loss_forward: student and teacher must have the same shape");
+  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), "kd_loss_forward: student and teacher dtypes differ");
+  TORCH_CHECK(teacher.device() == student.device() && grad_scale.device() == student.device(),
+              "kd_loss_forward: student, teacher and grad_scale must be on one device");
+  TORCH_CHECK(grad_scale.dim() == 0 && grad_scale.scalar_type() == at::kFloat,
+              "kd_loss_forward: grad_scale must be a 0-d float32 tensor");
+  TORCH_CHECK(!labels || (labels->dim() == 1 && labels->size(0) == student.size(0) &&
+                          labels->device() == student.device()),
+              "kd_loss_forward: labels must be [N] on the logits' device");
+}
 
 inline KDParams make_kd_params(double temperature, c10::string_view divergence, double beta,
                                double alpha, double label_smoothing, int64_t ignore_index,

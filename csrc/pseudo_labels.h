@@ -13,7 +13,7 @@
 #include <cstdint>
 #include <limits>
 
-#include "kd_loss.h"  // LF_HOST_DEVICE
+#include "common.h"
 
 namespace lepton_fast {
 

@@ -23,37 +23,6 @@ using adv::StepParams;
 // ~256 KB of float32 per task: large enough to amortise the task, small enough to balance.
 constexpr int64_t kGrain = 1 << 16;
 
-void check_buffers(const char* op, const at::Tensor& out, std::initializer_list<const at::Tensor*> inputs) {
-  TORCH_CHECK(out.is_contiguous(), op, ": out must be contiguous");
-  TORCH_CHECK(at::isFloatingType(out.scalar_type()), op, ": expected a floating dtype, got ", out.scalar_type());
-  for (const at::Tensor* t : inputs) {
-    TORCH_CHECK(t->sizes() == out.sizes() && t->scalar_type() == out.scalar_type() && t->is_contiguous(), op,
-                ": every input must be contiguous with the shape and dtype of out");
-  }
-}
-
-// The scalars as the kernels read them. A per-sample tensor must be [N] in the opmath dtype.
-template <typename acc_t>
-StepParams<acc_t> make_params(const char* op, const at::Tensor& out, double step,
-                              const std::optional<at::Tensor>& step_ps, double eps,
-                              const std::optional<at::Tensor>& eps_ps, std::optional<double> lo,
-                              std::optional<double> hi) {
-  TORCH_CHECK(lo.has_value() == hi.has_value(), op, ": clamp_min and clamp_max must both be given or both be None");
-  StepParams<acc_t> p{acc_t(step), acc_t(eps), nullptr, nullptr, lo.has_value(),
-                      acc_t(lo.value_or(0)), acc_t(hi.value_or(0)), out.numel()};
-  const int64_t n = out.dim() > 0 ? out.size(0) : 1;
-  for (auto [t, ptr] : {std::pair{&step_ps, &p.step_per_sample}, std::pair{&eps_ps, &p.eps_per_sample}}) {
-    if (!t->has_value()) continue;
-    const at::Tensor& v = t->value();
-    TORCH_CHECK(out.dim() > 0 && v.dim() == 1 && v.size(0) == n && v.is_contiguous() &&
-                    v.scalar_type() == c10::CppTypeToScalarType<acc_t>::value && v.device() == out.device(),
-                op, ": a per-sample tensor must be a contiguous [N] tensor of the opmath dtype");
-    *ptr = v.data_ptr<acc_t>();
-    p.inner = n > 0 ? out.numel() / n : 1;
-  }
-  return p;
-}
-
 // Calls run(begin, end, step, eps) on maximal runs of [0, numel) inside one sample, in parallel.
 template <typename acc_t, typename Run>
 void for_each_run(int64_t numel, const StepParams<acc_t>& p, const Run& run) {
@@ -71,10 +40,10 @@ void for_each_run(int64_t numel, const StepParams<acc_t>& p, const Run& run) {
 void fgsm_perturb_out_cpu(const at::Tensor& x, const at::Tensor& grad, double eps,
                           const std::optional<at::Tensor>& eps_per_sample, std::optional<double> clamp_min,
                           std::optional<double> clamp_max, const at::Tensor& out) {
-  check_buffers("fgsm_perturb_out", out, {&x, &grad});
+  adv::check_buffers("fgsm_perturb_out", out, {&x, &grad});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fgsm_perturb_out_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto p = make_params<acc_t>("fgsm_perturb_out", out, eps, eps_per_sample, 0.0, std::nullopt,
+    const auto p = adv::make_params<acc_t>("fgsm_perturb_out", out, eps, eps_per_sample, 0.0, std::nullopt,
                                       clamp_min, clamp_max);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
@@ -91,10 +60,10 @@ void pgd_step_out_cpu(const at::Tensor& x_adv, const at::Tensor& x_orig, const a
                       const std::optional<at::Tensor>& step_per_sample, double eps,
                       const std::optional<at::Tensor>& eps_per_sample, std::optional<double> clamp_min,
                       std::optional<double> clamp_max, const at::Tensor& out) {
-  check_buffers("pgd_step_out", out, {&x_adv, &x_orig, &grad});
+  adv::check_buffers("pgd_step_out", out, {&x_adv, &x_orig, &grad});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_adv.scalar_type(), "pgd_step_out_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto p = make_params<acc_t>("pgd_step_out", out, step_size, step_per_sample, eps, eps_per_sample,
+    const auto p = adv::make_params<acc_t>("pgd_step_out", out, step_size, step_per_sample, eps, eps_per_sample,
                                       clamp_min, clamp_max);
     const scalar_t* ap = x_adv.const_data_ptr<scalar_t>();
     const scalar_t* xp = x_orig.const_data_ptr<scalar_t>();

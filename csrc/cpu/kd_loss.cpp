@@ -59,20 +59,15 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_forward_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
     const at::Tensor& grad_scale, double temperature, c10::string_view divergence, double beta,
     double alpha, double label_smoothing, int64_t ignore_index, bool scale_by_t2, bool compute_grad) {
-  TORCH_CHECK(student.dim() == 2 && teacher.sizes() == student.sizes(),
-              "kd_loss_forward: student and teacher must be [N, C] of the same shape");
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), "kd_loss_forward: dtypes differ");
+  check_kd_inputs(student, teacher, labels, grad_scale);
   const auto dtype = student.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
               "kd_loss_forward: logits must be float32, float64, bfloat16 or float16, got ", dtype);
-  TORCH_CHECK(student.stride(1) == 1 && teacher.stride(1) == 1,
-              "kd_loss_forward: rows must be contiguous along C");
   const KDParams p = make_kd_params(temperature, divergence, beta, alpha, label_smoothing, ignore_index,
                                     scale_by_t2, labels.has_value(), compute_grad);
   const int64_t n_rows = student.size(0), n_classes = student.size(1);
   at::Tensor labels64;
   if (labels) {
-    TORCH_CHECK(labels->dim() == 1 && labels->size(0) == n_rows, "kd_loss_forward: labels must be [N]");
     labels64 = labels->to(at::kLong).contiguous();
     const bool in_range = ((labels64 >= 0) & (labels64 < n_classes) | (labels64 == ignore_index)).all().item<bool>();
     TORCH_CHECK(in_range, "kd_loss_forward: labels must be in [0, ", n_classes, ") or equal ignore_index");

@@ -180,10 +180,6 @@ void load_row(const scalar_t* x, acc_t* out, int64_t n, acc_t scale) {
 // Rows are independent; aim for a few hundred KB of input per task.
 int64_t grain(int64_t n_classes) { return std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(n_classes, 1)); }
 
-void check_rows(const at::Tensor& x, const char* op, const char* name) {
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, op, ": ", name, " must be [N, C], contiguous along C");
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> select_pseudo_labels_cpu(
     const at::Tensor& logits, const std::optional<at::Tensor>& class_thresholds, double threshold,
     double temperature) {

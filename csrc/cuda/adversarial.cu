@@ -119,36 +119,6 @@ __global__ void step_kernel(const scalar_t* x,  // may be out itself (in place)
   }
 }
 
-void check_buffers(const char* op, const at::Tensor& out, std::initializer_list<const at::Tensor*> inputs) {
-  TORCH_CHECK(out.is_cuda() && out.is_contiguous(), op, ": out must be a contiguous CUDA tensor");
-  for (const at::Tensor* t : inputs) {
-    TORCH_CHECK(t->device() == out.device() && t->sizes() == out.sizes() && t->scalar_type() == out.scalar_type() &&
-                    t->is_contiguous(),
-                op, ": every input must be contiguous, on out's device, with out's shape and dtype");
-  }
-}
-
-template <typename acc_t>
-StepParams<acc_t> make_params(const char* op, const at::Tensor& out, double step,
-                              const std::optional<at::Tensor>& step_ps, double eps,
-                              const std::optional<at::Tensor>& eps_ps, std::optional<double> lo,
-                              std::optional<double> hi) {
-  TORCH_CHECK(lo.has_value() == hi.has_value(), op, ": clamp_min and clamp_max must both be given or both be None");
-  StepParams<acc_t> p{acc_t(step), acc_t(eps), nullptr, nullptr, lo.has_value(),
-                      acc_t(lo.value_or(0)), acc_t(hi.value_or(0)), out.numel()};
-  const int64_t n = out.dim() > 0 ? out.size(0) : 1;
-  for (auto [t, ptr] : {std::pair{&step_ps, &p.step_per_sample}, std::pair{&eps_ps, &p.eps_per_sample}}) {
-    if (!t->has_value()) continue;
-    const at::Tensor& v = t->value();
-    TORCH_CHECK(out.dim() > 0 && v.dim() == 1 && v.size(0) == n && v.is_contiguous() &&
-                    v.scalar_type() == c10::CppTypeToScalarType<acc_t>::value && v.device() == out.device(),
-                op, ": a per-sample tensor must be a contiguous [N] tensor of the opmath dtype on out's device");
-    *ptr = v.const_data_ptr<acc_t>();
-    p.inner = n > 0 ? out.numel() / n : 1;
-  }
-  return p;
-}
-
 template <bool PGD, typename scalar_t>
 void launch(const scalar_t* x, const scalar_t* orig, const scalar_t* grad, scalar_t* out, int64_t numel,
             const StepParams<at::opmath_type<scalar_t>>& p) {
@@ -171,11 +141,11 @@ void launch(const scalar_t* x, const scalar_t* orig, const scalar_t* grad, scala
 void fgsm_perturb_out_cuda(const at::Tensor& x, const at::Tensor& grad, double eps,
                            const std::optional<at::Tensor>& eps_per_sample, std::optional<double> clamp_min,
                            std::optional<double> clamp_max, const at::Tensor& out) {
-  check_buffers("fgsm_perturb_out", out, {&x, &grad});
+  adv::check_buffers("fgsm_perturb_out", out, {&x, &grad});
   const c10::cuda::CUDAGuard guard(out.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "fgsm_perturb_out_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto p = make_params<acc_t>("fgsm_perturb_out", out, eps, eps_per_sample, 0.0, std::nullopt, clamp_min,
+    const auto p = adv::make_params<acc_t>("fgsm_perturb_out", out, eps, eps_per_sample, 0.0, std::nullopt, clamp_min,
                                       clamp_max);
     launch<false>(x.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
                   out.mutable_data_ptr<scalar_t>(), out.numel(), p);
@@ -186,11 +156,11 @@ void pgd_step_out_cuda(const at::Tensor& x_adv, const at::Tensor& x_orig, const 
                        const std::optional<at::Tensor>& step_per_sample, double eps,
                        const std::optional<at::Tensor>& eps_per_sample, std::optional<double> clamp_min,
                        std::optional<double> clamp_max, const at::Tensor& out) {
-  check_buffers("pgd_step_out", out, {&x_adv, &x_orig, &grad});
+  adv::check_buffers("pgd_step_out", out, {&x_adv, &x_orig, &grad});
   const c10::cuda::CUDAGuard guard(out.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "pgd_step_out_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto p = make_params<acc_t>("pgd_step_out", out, step_size, step_per_sample, eps, eps_per_sample,
+    const auto p = adv::make_params<acc_t>("pgd_step_out", out, step_size, step_per_sample, eps, eps_per_sample,
                                       clamp_min, clamp_max);
     launch<true>(x_adv.const_data_ptr<scalar_t>(), x_orig.const_data_ptr<scalar_t>(),
                  grad.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), out.numel(), p);

@@ -240,14 +240,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_forward_cuda(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
     const at::Tensor& grad_scale, double temperature, c10::string_view divergence, double beta,
     double alpha, double label_smoothing, int64_t ignore_index, bool scale_by_t2, bool compute_grad) {
-  TORCH_CHECK(student.dim() == 2 && teacher.sizes() == student.sizes(),
-              "kd_loss_forward: student and teacher must be [N, C] of the same shape");
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), "kd_loss_forward: dtypes differ");
-  TORCH_CHECK(student.stride(1) == 1 && teacher.stride(1) == 1, "kd_loss_forward: rows must be contiguous along C");
-  TORCH_CHECK(teacher.device() == student.device() && grad_scale.device() == student.device(),
-              "kd_loss_forward: student, teacher and grad_scale must be on one device");
-  TORCH_CHECK(grad_scale.dim() == 0 && grad_scale.scalar_type() == at::kFloat,
-              "kd_loss_forward: grad_scale must be a 0-d float32 tensor");
+  check_kd_inputs(student, teacher, labels, grad_scale);
   const KDParams p = make_kd_params(temperature, divergence, beta, alpha, label_smoothing, ignore_index, scale_by_t2,
                                     labels.has_value(), compute_grad);
   const c10::cuda::CUDAGuard guard(student.device());
@@ -255,8 +248,6 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_forward_cuda(
   TORCH_CHECK(n_rows <= int64_t(std::numeric_limits<int32_t>::max()), "kd_loss_forward: at most 2^31 - 1 rows");
   at::Tensor labels64;
   if (labels) {
-    TORCH_CHECK(labels->dim() == 1 && labels->size(0) == n_rows, "kd_loss_forward: labels must be [N]");
-    TORCH_CHECK(labels->device() == student.device(), "kd_loss_forward: labels must be on the logits' device");
     labels64 = labels->to(at::kLong).contiguous();
   }
   auto loss = at::empty({n_rows}, student.options().dtype(at::toOpMathType(student.scalar_type())));

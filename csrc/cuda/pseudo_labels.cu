@@ -135,17 +135,12 @@ int threads_for(int64_t n_classes) {
   return threads;
 }
 
-void check_rows(const at::Tensor& x, const char* op, const char* name) {
-  TORCH_CHECK(x.is_cuda(), op, ": ", name, " must be a CUDA tensor");
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, op, ": ", name, " must be [N, C], contiguous along C");
-  TORCH_CHECK(x.size(0) <= std::numeric_limits<int32_t>::max(), op, ": at most 2^31 - 1 rows");
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch(
     const at::Tensor& strong, const at::Tensor& weak, const std::optional<at::Tensor>& class_thresholds,
     const std::optional<at::Tensor>& weights, const PseudoLabelParams& p, bool loss) {
   const c10::cuda::CUDAGuard guard(weak.device());
   const int64_t n_rows = weak.size(0), n_classes = weak.size(1);
+  TORCH_CHECK(n_rows <= std::numeric_limits<int32_t>::max(), "pseudo-labels: at most 2^31 - 1 rows (one block each)");
   const auto acc_type = at::toOpMathType(weak.scalar_type());
   at::Tensor thresholds, row_weights;
   if (class_thresholds) {
