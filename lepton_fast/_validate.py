@@ -50,11 +50,31 @@ def choice(name: str, value, options) -> str:
     return value
 
 
+def no_bad_values(bad: Tensor, message: str, values: Tensor | None = None) -> None:
+    """Raise ValueError(message) if any element of the bool tensor ``bad`` is set.
+
+    Reading a tensor's values costs a host synchronisation off the CPU, so there the check
+    is torch._assert_async (it raises at the next synchronisation instead); on the CPU and in
+    eager mode it raises at once, quoting up to five offending ``values``.
+    """
+    if bad.device.type == "cpu" and not torch.compiler.is_compiling():
+        if bool(bad.any()):
+            quoted = f"; got {values[bad][:5].tolist()}" if values is not None else ""
+            raise ValueError(message + quoted)
+    else:
+        torch._assert_async(~bad.any(), message)
+
+
+def as_rows(x: Tensor) -> Tensor:
+    """[..., C] -> [N, C] with unit stride along C, as the kernels read it (a view when possible)."""
+    x = x.reshape(-1, x.shape[-1])
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def class_labels(name: str, labels, logits_name: str, x: Tensor, ignore_index: int) -> Tensor:
     """Integer labels of shape x.shape[:-1], each in [0, C) or equal to ignore_index.
 
-    The range check reads the labels (O(N)): eagerly on CPU, with torch._assert_async on
-    other devices so that it never synchronises with the host.
+    The range check reads the labels (O(N)); see no_bad_values.
     """
     if not isinstance(labels, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
@@ -69,12 +89,7 @@ def class_labels(name: str, labels, logits_name: str, x: Tensor, ignore_index: i
         raise ValueError(f"{name} is on {labels.device} but {logits_name} is on {x.device}")
     n_classes = x.shape[-1]
     bad = ((labels < 0) | (labels >= n_classes)) & (labels != ignore_index)
-    message = f"{name} must be in [0, {n_classes}) or equal ignore_index={ignore_index}"
-    if labels.device.type == "cpu" and not torch.compiler.is_compiling():
-        if bool(bad.any()):
-            raise ValueError(f"{message}; got {labels[bad][:5].tolist()}")
-    else:
-        torch._assert_async(~bad.any(), message)
+    no_bad_values(bad, f"{name} must be in [0, {n_classes}) or equal ignore_index={ignore_index}", labels)
     return labels.long()
 
 
@@ -83,9 +98,4 @@ def rows_defined(rows: Tensor, what: str) -> None:
 
     O(N) read of the per-row losses; no host synchronisation off the CPU.
     """
-    message = f"{what}: a row is entirely -inf or holds NaN, so its softmax is undefined"
-    if rows.device.type == "cpu" and not torch.compiler.is_compiling():
-        if bool(torch.isnan(rows).any()):
-            raise ValueError(message)
-    else:
-        torch._assert_async(~torch.isnan(rows).any(), message)
+    no_bad_values(torch.isnan(rows), f"{what}: a row is entirely -inf or holds NaN, so its softmax is undefined")

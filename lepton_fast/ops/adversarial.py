@@ -121,12 +121,7 @@ def _check_size(name: str, value, x: Tensor):
             raise ValueError(f"{name} is on {value.device} but the input is on {x.device}")
         value = value.detach().to(torch.promote_types(x.dtype, torch.float32)).contiguous()
         bad = ~(torch.isfinite(value) & (value >= 0))
-        message = f"{name} must be finite and >= 0 for every sample"
-        if value.device.type == "cpu" and not torch.compiler.is_compiling():
-            if bool(bad.any()):
-                raise ValueError(f"{message}; got {value[bad][:5].tolist()}")
-        else:
-            torch._assert_async(~bad.any(), message)
+        _validate.no_bad_values(bad, f"{name} must be finite and >= 0 for every sample", value)
         return 0.0, value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")

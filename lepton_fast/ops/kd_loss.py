@@ -79,12 +79,6 @@ def _backward(ctx, grad_loss, _unused):
 kd_loss.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _rows(x: Tensor) -> Tensor:
-    """[..., C] -> [N, C] with unit stride along C (a view when possible, as kernels need)."""
-    x = x.reshape(-1, x.shape[-1])
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def fused_kd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -164,8 +158,8 @@ def fused_kd_loss(
         raise ValueError(f"alpha={alpha} weights a hard-label cross-entropy, so labels are required")
 
     lead = student_logits.shape[:-1]
-    student = _rows(student_logits)
-    teacher = _rows(teacher_logits.detach().to(student.dtype))
+    student = _validate.as_rows(student_logits)
+    teacher = _validate.as_rows(teacher_logits.detach().to(student.dtype))
     chosen = _backend.resolve(SPEC, student.device, backend)
     if chosen == "reference":
         loss = reference.fused_kd_loss(

@@ -36,22 +36,6 @@ class PseudoLabelLoss(NamedTuple):
     class_counts: Tensor  # int64 [C]: selected rows per pseudo-label (sum == mask.sum())
 
 
-def _rows(x: Tensor) -> Tensor:
-    """[..., C] -> [N, C] with unit stride along C (a view when possible, as kernels need)."""
-    x = x.reshape(-1, x.shape[-1])
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _check_values(name: str, x: Tensor, bad: Tensor, what: str) -> None:
-    """Raise if any of ``bad`` holds: eagerly on CPU, with _assert_async elsewhere (no host sync)."""
-    message = f"{name} must be {what}"
-    if x.device.type == "cpu" and not torch.compiler.is_compiling():
-        if bool(bad.any()):
-            raise ValueError(f"{message}; got {x[bad][:5].tolist()}")
-    else:
-        torch._assert_async(~bad.any(), message)
-
-
 def _class_thresholds(value, logits_name: str, x: Tensor) -> Optional[Tensor]:
     if value is None:
         return None
@@ -68,7 +52,7 @@ def _class_thresholds(value, logits_name: str, x: Tensor) -> Optional[Tensor]:
     if value.device != x.device:
         raise ValueError(f"{name} is on {value.device} but {logits_name} is on {x.device}")
     value = value.detach()
-    _check_values(name, value, ~((value >= 0) & (value <= 1)), "in [0, 1]")
+    _validate.no_bad_values(~((value >= 0) & (value <= 1)), f"{name} must be in [0, 1]", value)
     return value.to(torch.float32).contiguous()
 
 
@@ -88,7 +72,7 @@ def _weights(value, logits_name: str, x: Tensor) -> Optional[Tensor]:
     if value.device != x.device:
         raise ValueError(f"{name} is on {value.device} but {logits_name} is on {x.device}")
     value = value.detach()
-    _check_values(name, value, ~((value >= 0) & torch.isfinite(value)), "finite and >= 0")
+    _validate.no_bad_values(~((value >= 0) & torch.isfinite(value)), f"{name} must be finite and >= 0", value)
     return value.reshape(-1).to(torch.promote_types(x.dtype, torch.float32)).contiguous()
 
 
@@ -161,7 +145,7 @@ def select_pseudo_labels(
     temperature = _validate.positive_finite("temperature", temperature)
     class_thresholds = _class_thresholds(class_thresholds, "logits", logits)
     lead = logits.shape[:-1]
-    x = _rows(logits.detach())
+    x = _validate.as_rows(logits.detach())
     chosen = _backend.resolve(SELECT_SPEC, x.device, backend)
     if chosen == "reference":
         labels, confidence, mask = reference.select_pseudo_labels(x, threshold, temperature, class_thresholds)
@@ -303,8 +287,8 @@ def fused_pseudo_label_loss(
     weights = _weights(weights, "strong_logits", strong_logits)
 
     lead, n_classes = strong_logits.shape[:-1], strong_logits.shape[-1]
-    strong = _rows(strong_logits)
-    weak = _rows(weak_logits.detach().to(strong.dtype))
+    strong = _validate.as_rows(strong_logits)
+    weak = _validate.as_rows(weak_logits.detach().to(strong.dtype))
     chosen = _backend.resolve(LOSS_SPEC, strong.device, backend)
     if chosen == "reference":
         rows, labels, confidence, mask = reference.pseudo_label_loss_rows(
