@@ -10,7 +10,7 @@ _backend.extension()  # load lepton_fast._C (its op registrations) before the op
 from lepton_fast import thresholds  # noqa: E402
 from lepton_fast._info import info  # noqa: E402
 from lepton_fast.adversarial import fgsm, pgd, vat_loss  # noqa: E402
-from lepton_fast.nn import GradientReversal  # noqa: E402
+from lepton_fast.nn import GradientReversal, KDLoss  # noqa: E402
 from lepton_fast.ops.adversarial import fgsm_perturb, fgsm_perturb_, pgd_step, pgd_step_  # noqa: E402
 from lepton_fast.ops.grad_reverse import grad_reverse  # noqa: E402
 from lepton_fast.ops.kd_loss import fused_kd_loss  # noqa: E402
@@ -26,6 +26,7 @@ __all__ = [
     "__version__",
     "info",
     # knowledge distillation
+    "KDLoss",
     "fused_kd_loss",
     # pseudo-labels
     "PseudoLabelLoss",

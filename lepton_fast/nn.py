@@ -8,6 +8,31 @@ import torch
 from torch import Tensor, nn
 
 from lepton_fast.ops.grad_reverse import grad_reverse
+from lepton_fast.ops.kd_loss import fused_kd_loss
+
+
+class KDLoss(nn.Module):
+    """:func:`lepton_fast.fused_kd_loss` as a module, in the manner of ``nn.KLDivLoss``.
+
+    The keyword arguments (temperature, divergence, beta, alpha, label_smoothing,
+    ignore_index, scale_by_t2, reduction, backend) are fixed at construction and checked
+    on the first call; see :func:`~lepton_fast.fused_kd_loss` for their meaning, shapes,
+    dtypes and errors (Hinton et al. 2015).
+
+    Shape: student_logits and teacher_logits [..., C]; labels [...] (optional); the loss is
+    a float32 scalar, or [...] for ``reduction="none"``.
+    """
+
+    def __init__(self, temperature: float = 1.0, **kwargs):
+        super().__init__()
+        self.temperature = temperature
+        self.kwargs = kwargs
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        return fused_kd_loss(student_logits, teacher_logits, self.temperature, labels=labels, **self.kwargs)
+
+    def extra_repr(self) -> str:
+        return ", ".join([f"temperature={self.temperature}"] + [f"{k}={v!r}" for k, v in self.kwargs.items()])
 
 
 class GradientReversal(nn.Module):
