@@ -14,7 +14,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import compiled_backends
+from conftest import compiled_backends, low_precision_tolerance
 from lepton_fast import fused_kd_loss, reference
 from lepton_fast.ops.kd_loss import SPEC
 
@@ -132,7 +132,7 @@ def test_low_precision(divergence, dtype, backend):
     err = (grad.double() - ref_grad).abs().max().item()
     ref_err = (low_grad.double() - ref_grad).abs().max().item()
     assert ref_err > 0  # the reference in low precision does round, so the bound is not vacuous
-    assert err <= 2 * ref_err, (err, ref_err)
+    assert err <= low_precision_tolerance(dtype, ref_err, backend, ref_grad.abs().max().item()), (err, ref_err)
 
 
 def _shapes():
@@ -358,3 +358,17 @@ def test_other_cpu_instruction_sets(isa):
     capability, status = out.stdout.split()
     assert capability.lower() == isa.lower() or isa == "avx2" and capability == "DEFAULT"
     assert status == "ok"
+
+
+def test_kdloss_module_is_the_function():
+    """nn.KDLoss holds the keywords and calls fused_kd_loss; the repr names them."""
+    from lepton_fast import KDLoss
+
+    student, teacher = randn(6, 11, seed=40), randn(6, 11, seed=41)
+    labels = random_labels((6,), 11, seed=42)
+    kw = dict(divergence="jsd", beta=0.3, alpha=0.4, label_smoothing=0.1, reduction="sum")
+    module = KDLoss(2.0, **kw)
+    assert "divergence='jsd'" in repr(module) and "temperature=2.0" in repr(module)
+    got = loss_and_grad(lambda s, t: module(s, t, labels), student, teacher)
+    want = loss_and_grad(lambda s, t: fused_kd_loss(s, t, 2.0, labels=labels, **kw), student, teacher)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
