@@ -1,51 +1,53 @@
 """fused_pseudo_label_loss forward+backward: reference eager, torch.compile(reference), each backend.
 
-Run: pytest benchmarks/bench_pseudo_labels.py --benchmark-only. Groups are
-"pseudo_labels <N>x<C> <dtype> fwd+bwd". The threshold is the median weak-view confidence, so
-half the rows are selected, as mid-training; every variant computes the same outputs (loss,
-labels, confidence, mask, class counts) and the gradient.
+Run: pytest benchmarks/bench_pseudo_labels.py --benchmark-only. The threshold is the median
+weak-view confidence, so half the rows are selected, as mid-training; every variant computes
+the same outputs (loss, labels, confidence, mask, class counts) and the gradient.
+Floors and measurements: benchmarks/RESULTS.md, section "fused_pseudo_label_loss".
 """
 import pytest
 import torch
 
-from lepton_fast import _backend, fused_pseudo_label_loss, reference
-from lepton_fast.ops import pseudo_labels as op
+from conftest import Case, full_or_smoke, run_variant, variants
+from lepton_fast import fused_pseudo_label_loss, reference
+from lepton_fast.ops.pseudo_labels import LOSS_SPEC
 
-SHAPES = [(4096, 1000), (448, 10)]  # ImageNet-1k-sized batch of classes; FixMatch CIFAR-10 (7 x 64 unlabeled)
-BACKENDS = [b for b in ("cpu",) if _backend.unavailable(op.LOSS_SPEC, b, "cpu") is None]
+# An ImageNet-1k-sized batch of classes; FixMatch on CIFAR-10 (7 x 64 unlabeled rows).
+SHAPES = [(4096, 1000), (448, 10)]
+SMOKE_SHAPE = (64, 100)
 
 
 def _reference(strong, weak, threshold):
-    return reference.fused_pseudo_label_loss(strong, weak, threshold)
+    return reference.fused_pseudo_label_loss(strong, weak, threshold)[0]
 
 
-def _variants(threshold):
-    # A fresh static-shape compile per case: one shared compile would switch to dynamic
-    # shapes at the second shape, which is slower and not what a training loop sees.
-    compiled = torch.compile(_reference, dynamic=False)
-    variants = {
-        "reference": lambda s, w: _reference(s, w, threshold)[0],
-        "compile(reference)": lambda s, w: compiled(s, w, threshold)[0],
-    }
-    for backend in BACKENDS:
-        variants[backend] = lambda s, w, b=backend: fused_pseudo_label_loss(s, w, threshold, backend=b).loss
-    return variants
+def _fused(strong, weak, threshold, backend=None):
+    return fused_pseudo_label_loss(strong, weak, threshold, backend=backend).loss
 
 
-@pytest.mark.parametrize("variant", ["reference", "compile(reference)"] + BACKENDS)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_pseudo_label_loss_fwd_bwd(benchmark, shape, variant):
-    g = torch.Generator().manual_seed(0)
-    strong = torch.randn(shape, generator=g).requires_grad_()
-    weak = torch.randn(shape, generator=g) * 4
-    threshold = float(reference.select_pseudo_labels(weak)[1].median())
-    loss_fn = _variants(threshold)[variant]
+VARIANTS = variants(LOSS_SPEC, _reference, _fused)
 
-    def step():
-        strong.grad = None
-        loss_fn(strong, weak).backward()
 
-    for _ in range(3):  # compile and warm caches outside the timing
-        step()
-    benchmark.group = f"pseudo_labels {shape[0]}x{shape[1]} float32 fwd+bwd"
-    benchmark.pedantic(step, rounds=20, iterations=1)
+def make_case(n, c):
+    n, c = full_or_smoke((n, c), SMOKE_SHAPE)
+
+    def make():  # fresh random views each round
+        strong = torch.randn(n, c).requires_grad_()
+        weak = torch.randn(n, c) * 4
+        threshold = float(reference.select_pseudo_labels(weak)[1].median())
+        return (strong, weak, threshold), {}
+
+    def run(fn, args, kwargs):
+        fn(*args, **kwargs).backward()
+        return args[0].grad
+
+    return Case(f"fused_pseudo_label_loss {n}x{c} float32 fwd+bwd", make, run)
+
+
+CASES = [make_case(n, c) for n, c in SHAPES]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("case", CASES, ids=[c.group for c in CASES])
+def test_pseudo_label_loss(benchmark, case, variant):
+    run_variant(benchmark, case, variant, VARIANTS[variant], rounds=10)
