@@ -98,4 +98,4 @@ def rows_defined(rows: Tensor, what: str) -> None:
 
     O(N) read of the per-row losses; no host synchronisation off the CPU.
     """
-    no_bad_values(torch.isnan(rows), f"{what}: a row is entirely -inf or holds NaN, so its softmax is undefined")
+    no_bad_values(torch.isnan(rows), f"{what}: a row is entirely -inf, or holds +inf or NaN, so its softmax is undefined")

@@ -169,6 +169,8 @@ def vat_loss(model: nn.Module, x: Tensor, xi: float = 1e-6, eps: float = 1.0, po
     _check_input("x", x)
     if x.dim() < 2:
         raise ValueError(f"x must be [N, ...] with at least 2 dims, got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:  # an empty batch has loss 0, as the fused losses' "mean" does
+        return sum(p.sum() for p in model.parameters()) * 0.0
     for name, value in (("xi", xi), ("eps", eps)):
         if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
             raise ValueError(f"{name} must be a finite number > 0, got {value!r}")

@@ -197,8 +197,9 @@ def main(args) -> int:
     adapted = {n: table[n]["accuracy"]["mean"] for n, _ in ROWS}
     best = max(adapted, key=adapted.get)
     gap = 100 * (table[UPPER]["accuracy"]["mean"] - adapted[best])
-    print(f"best adapted student: {best} {100 * adapted[best]:.2f}% ({gap:.2f} points below the target-supervised "
-          f"bound); total {time.perf_counter() - t0:.0f} s")
+    side = "below" if gap >= 0 else "above"
+    print(f"best adapted student: {best} {100 * adapted[best]:.2f}% ({abs(gap):.2f} points {side} the "
+          f"target-supervised bound); total {time.perf_counter() - t0:.0f} s")
     for r in per_seed:
         for name, row in r.items():
             if row["collapse"]:

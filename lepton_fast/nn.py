@@ -1,12 +1,14 @@
 """nn.Module wrappers of the lepton_fast ops."""
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
+from lepton_fast import _validate
 from lepton_fast.ops.grad_reverse import grad_reverse
 from lepton_fast.ops.kd_loss import fused_kd_loss
 
@@ -15,8 +17,9 @@ class KDLoss(nn.Module):
     """:func:`lepton_fast.fused_kd_loss` as a module, in the manner of ``nn.KLDivLoss``.
 
     The keyword arguments (temperature, divergence, beta, alpha, label_smoothing,
-    ignore_index, scale_by_t2, reduction, backend) are fixed at construction and checked
-    on the first call; see :func:`~lepton_fast.fused_kd_loss` for their meaning, shapes,
+    ignore_index, scale_by_t2, reduction, backend) are fixed at construction, where an
+    unknown keyword (TypeError) or a bad temperature (ValueError) is refused; the other
+    values are checked on the first call. See :func:`~lepton_fast.fused_kd_loss` for their meaning, shapes,
     dtypes and errors (Hinton et al. 2015).
 
     Shape: student_logits and teacher_logits [..., C]; labels [...] (optional); the loss is
@@ -25,7 +28,8 @@ class KDLoss(nn.Module):
 
     def __init__(self, temperature: float = 1.0, **kwargs):
         super().__init__()
-        self.temperature = temperature
+        inspect.signature(fused_kd_loss).bind(None, None, temperature, labels=None, **kwargs)
+        self.temperature = _validate.positive_finite("temperature", temperature)
         self.kwargs = kwargs
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None) -> Tensor:

@@ -188,3 +188,11 @@ def test_bad_arguments(call, error, match):
     x, y = images()
     with pytest.raises(error, match=match):
         call(model, x, y)
+
+
+def test_vat_loss_of_an_empty_batch_is_zero():
+    model = cnn()
+    loss = lepton_fast.vat_loss(model, torch.rand(0, 3, 6, 6))
+    assert loss.item() == 0.0
+    loss.backward()  # a graph to the parameters, all gradients 0
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())

@@ -5,8 +5,8 @@ import torch
 import lepton_fast
 from lepton_fast import reference
 from lepton_fast.ops import adversarial as adv_ops
-from tests.conftest import compiled_backends
-from tests.test_pgd_step import SHAPES, assert_matches
+from conftest import compiled_backends
+from test_pgd_step import SHAPES, assert_matches
 
 BACKENDS = ["reference"] + compiled_backends(adv_ops.FGSM_SPEC, "cpu")
 LOW = (torch.bfloat16, torch.float16)
@@ -133,3 +133,16 @@ def test_bad_arguments(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         lepton_fast.fgsm_perturb(**args)
+
+
+def test_in_place_refuses_a_tensor_autograd_tracks():
+    """As torch's own in-place ops on a leaf that requires grad; fine under no_grad."""
+    x, grad = inputs((3, 4), torch.float32, seed=8)
+    x.requires_grad_()
+    with pytest.raises(RuntimeError, match="x requires grad"):
+        lepton_fast.fgsm_perturb_(x, grad, 0.03)
+    with pytest.raises(RuntimeError, match="x_adv requires grad"):
+        lepton_fast.pgd_step_(x, x.detach(), grad, 0.01, 0.03)
+    with torch.no_grad():
+        expected = composition(x.detach(), grad, 0.03)
+        assert torch.equal(lepton_fast.fgsm_perturb_(x, grad, 0.03), expected)

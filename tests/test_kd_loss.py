@@ -375,3 +375,12 @@ def test_kdloss_module_is_the_function():
     got = loss_and_grad(lambda s, t: module(s, t, labels), student, teacher)
     want = loss_and_grad(lambda s, t: fused_kd_loss(s, t, 2.0, labels=labels, **kw), student, teacher)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_kdloss_refuses_bad_arguments_at_construction():
+    from lepton_fast import KDLoss
+
+    with pytest.raises(TypeError, match="alpah"):
+        KDLoss(2.0, alpah=0.5)
+    with pytest.raises(ValueError, match="temperature"):
+        KDLoss(-2.0)

@@ -5,7 +5,7 @@ import torch
 import lepton_fast
 from lepton_fast import reference
 from lepton_fast.ops import adversarial as adv_ops
-from tests.conftest import compiled_backends
+from conftest import compiled_backends
 
 BACKENDS = ["reference"] + compiled_backends(adv_ops.PGD_SPEC, "cpu")
 LOW = (torch.bfloat16, torch.float16)

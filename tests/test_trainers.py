@@ -186,6 +186,14 @@ def test_resume_gives_the_same_next_step(tmp_path):
     _assert_same(_state(straight), _state(resumed))
 
 
+def test_resume_from_another_configuration_names_the_checkpoint(tmp_path):
+    path = str(tmp_path / "run.pt")
+    flex = thresholds.FlexMatchThreshold(C, num_unlabeled=len(TARGET[1]), threshold=0.3)
+    make(("pseudo",), checkpoint=path, threshold=flex).fit(SOURCE, TARGET, steps=2, batch_size=16)
+    with pytest.raises(RuntimeError, match="run.pt.*another configuration"):
+        make(("pseudo",), checkpoint=path).fit(SOURCE, TARGET, steps=3, batch_size=16)
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / "c.pt")
     _common.save_atomic({"step": 1}, path)

@@ -196,11 +196,22 @@ def fgsm_perturb(x: Tensor, grad: Tensor, eps: Scalar, clamp=(0.0, 1.0), *,
     return _fgsm(x, g, eps, eps_t, lo, hi, chosen)
 
 
+def _check_in_place(name: str, x: Tensor) -> None:
+    """The in-place steps write under no_grad; refuse, as torch's own in-place ops do, a
+    tensor that autograd is tracking, whose history the write would silently break."""
+    if x.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{name} requires grad, so an in-place step would hide the write from autograd; pass a "
+            f"detached copy ({name}.detach().clone()) or call it under torch.no_grad()"
+        )
+
+
 def fgsm_perturb_(x: Tensor, grad: Tensor, eps: Scalar, clamp=(0.0, 1.0), *,
                   backend: Optional[str] = None) -> Tensor:
     """In-place :func:`fgsm_perturb`: overwrites ``x`` and returns it. ``x`` must not need a
     gradient (an attack's adversarial copy, detached)."""
     g, eps, eps_t, lo, hi = _fgsm_args(x, grad, eps, clamp)
+    _check_in_place("x", x)
     chosen = _backend.resolve(FGSM_SPEC, x.device, backend)
     with torch.no_grad():
         if chosen == "reference":
@@ -263,6 +274,7 @@ def pgd_step_(x_adv: Tensor, x_orig: Tensor, grad: Tensor, step_size: Scalar, ep
               clamp=(0.0, 1.0), *, backend: Optional[str] = None) -> Tensor:
     """In-place :func:`pgd_step`: overwrites ``x_adv`` and returns it."""
     x_orig, g, step, step_t, eps, eps_t, lo, hi = _pgd_args(x_adv, x_orig, grad, step_size, eps, clamp)
+    _check_in_place("x_adv", x_adv)
     chosen = _backend.resolve(PGD_SPEC, x_adv.device, backend)
     with torch.no_grad():
         if chosen == "reference":

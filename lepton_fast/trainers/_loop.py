@@ -107,7 +107,14 @@ class Loop:
     def _maybe_resume(self) -> None:
         if self.checkpoint and os.path.exists(self.checkpoint):
             state = torch.load(self.checkpoint, map_location=self.device, weights_only=False)
-            self.load_state_dict(state)
+            try:
+                self.load_state_dict(state)
+            except (RuntimeError, KeyError, ValueError) as e:
+                raise RuntimeError(
+                    f"checkpoint {self.checkpoint!r} was written by a trainer with another configuration "
+                    f"(model, optimiser, threshold or loss terms), so it cannot resume this one; delete it "
+                    f"or pass another checkpoint path. Loading it said: {e}"
+                ) from e
 
     # -- the loop ---------------------------------------------------------------------------
     def _run(self, total_steps: int, desc: str, validation_data, eval_every: int, num_classes: int) -> dict:
