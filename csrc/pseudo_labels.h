@@ -26,6 +26,14 @@ struct PseudoLabelParams {
   bool compute_grad;
 };
 
+// The checks of the two views that the CPU and CUDA loss kernels share.
+inline void check_views(const at::Tensor& strong, const at::Tensor& weak) {
+  check_rows(strong, "pseudo_label_loss_forward", "strong");
+  check_rows(weak, "pseudo_label_loss_forward", "weak");
+  TORCH_CHECK(strong.sizes() == weak.sizes() && strong.scalar_type() == weak.scalar_type(),
+              "pseudo_label_loss_forward: strong and weak must have the same shape and dtype");
+}
+
 inline PseudoLabelParams make_pseudo_label_params(double threshold, double temperature, bool soft,
                                                   double grad_scale, bool compute_grad) {
   TORCH_CHECK(threshold >= 0 && threshold <= 1, "threshold must be in [0, 1], got ", threshold);

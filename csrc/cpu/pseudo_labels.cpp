@@ -219,10 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pseudo_la
     const at::Tensor& strong, const at::Tensor& weak, const std::optional<at::Tensor>& class_thresholds,
     const std::optional<at::Tensor>& weights, double threshold, double temperature, bool soft, double grad_scale,
     bool compute_grad) {
-  check_rows(strong, "pseudo_label_loss_forward", "strong");
-  check_rows(weak, "pseudo_label_loss_forward", "weak");
-  TORCH_CHECK(strong.sizes() == weak.sizes() && strong.scalar_type() == weak.scalar_type(),
-              "pseudo_label_loss_forward: strong and weak must have the same shape and dtype");
+  check_views(strong, weak);
   const auto p = make_pseudo_label_params(threshold, temperature, soft, grad_scale, compute_grad);
   const int64_t n_rows = strong.size(0), n_classes = strong.size(1);
   const auto acc_type = at::toOpMathType(strong.scalar_type());
