@@ -164,7 +164,7 @@ def extension_and_commands(facts):
             super().copy_extensions_to_source()  # self.inplace is set here: paths are in the source tree
             write_record(os.path.dirname(self.get_ext_fullpath(EXTENSION)), facts)
 
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fvisibility=hidden"]
     macros = [("LEPTON_FAST_WITH_CUDA", "1" if facts["cuda"] else "0")]
     if facts["cuda"]:

@@ -75,23 +75,35 @@ inline void check_buffers(const char* op, const at::Tensor& out, std::initialize
   }
 }
 
+// A step size or radius: a single value (numel 1, read on the host when it is a CPU tensor),
+// or one value per sample (numel N, the opmath dtype, on out's device).
 template <typename acc_t>
-StepParams<acc_t> make_params(const char* op, const at::Tensor& out, double step,
-                              const std::optional<at::Tensor>& step_ps, double eps,
-                              const std::optional<at::Tensor>& eps_ps, std::optional<double> lo,
-                              std::optional<double> hi) {
-  TORCH_CHECK(lo.has_value() == hi.has_value(), op, ": clamp_min and clamp_max must both be given or both be None");
-  StepParams<acc_t> p{acc_t(step), acc_t(eps), nullptr, nullptr, lo.has_value(),
-                      acc_t(lo.value_or(0)), acc_t(hi.value_or(0)), out.numel()};
+void read_size(const char* op, const char* name, const at::Tensor& out, const at::Tensor& v, acc_t* value,
+               const acc_t** per_sample, int64_t* inner) {
   const int64_t n = out.dim() > 0 ? out.size(0) : 1;
-  for (auto [t, ptr] : {std::pair{&step_ps, &p.step_per_sample}, std::pair{&eps_ps, &p.eps_per_sample}}) {
-    if (!t->has_value()) continue;
-    const at::Tensor& v = t->value();
-    TORCH_CHECK(out.dim() > 0 && v.dim() == 1 && v.size(0) == n && v.is_contiguous() &&
-                    v.scalar_type() == c10::CppTypeToScalarType<acc_t>::value && v.device() == out.device(),
-                op, ": a per-sample tensor must be a contiguous [N] tensor of the opmath dtype on out's device");
-    *ptr = v.const_data_ptr<acc_t>();
-    p.inner = n > 0 ? out.numel() / n : 1;
+  if (v.numel() == 1 && v.device().is_cpu()) {
+    *value = acc_t(v.item<double>());
+    return;
+  }
+  TORCH_CHECK(out.dim() > 0 && v.numel() == n && v.is_contiguous() &&
+                  v.scalar_type() == c10::CppTypeToScalarType<acc_t>::value && v.device() == out.device(),
+              op, ": ", name, " must be one value or a contiguous per-sample tensor of the opmath dtype on out's device");
+  *per_sample = v.const_data_ptr<acc_t>();
+  *inner = n > 0 ? out.numel() / n : 1;
+}
+
+template <typename acc_t>
+StepParams<acc_t> make_params(const char* op, const at::Tensor& out, const at::Tensor& step, const at::Tensor* eps,
+                              const std::optional<at::Tensor>& lo, const std::optional<at::Tensor>& hi) {
+  TORCH_CHECK(lo.has_value() == hi.has_value(), op, ": clamp_min and clamp_max must both be given or both be None");
+  StepParams<acc_t> p{acc_t(0), acc_t(0), nullptr, nullptr, lo.has_value(), acc_t(0), acc_t(0), out.numel()};
+  read_size(op, "step", out, step, &p.step, &p.step_per_sample, &p.inner);
+  if (eps != nullptr) read_size(op, "eps", out, *eps, &p.eps, &p.eps_per_sample, &p.inner);
+  if (lo) {
+    TORCH_CHECK(lo->numel() == 1 && hi->numel() == 1 && lo->device().is_cpu() && hi->device().is_cpu(), op,
+                ": clamp bounds must be single CPU values");
+    p.lo = acc_t(lo->item<double>());
+    p.hi = acc_t(hi->item<double>());
   }
   return p;
 }

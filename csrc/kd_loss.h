@@ -10,6 +10,7 @@
 
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
+#include <ATen/core/Tensor.h>
 
 #include "common.h"
 
@@ -24,66 +25,60 @@ namespace lepton_fast {
 
 enum class Divergence : int { kForwardKL = 0, kReverseKL = 1, kJSD = 2 };
 
-// The scalar arguments of kd_loss_forward, resolved once per call.
+// The scalar arguments of fused_kd_loss, resolved once per call in double precision (each
+// kernel rounds them to its accumulation type). Their values were checked in Python:
+// temperature > 0, beta, alpha and label_smoothing in [0, 1], labels given when alpha > 0.
 struct KDParams {
-  float inv_temperature;
+  double inv_temperature;
   Divergence divergence;
-  float beta;
-  float alpha;
-  float label_smoothing;
+  double beta;
+  double alpha;
+  double label_smoothing;
   int64_t ignore_index;
-  float soft_weight;  // (1 - alpha) * (T^2 or 1): multiplies D
-  float soft_grad_weight;  // soft_weight / T: multiplies dD/dz_s
+  double soft_weight;  // (1 - alpha) * (T^2 or 1): multiplies D
+  double soft_grad_weight;  // soft_weight / T: multiplies dD/dz_s
   bool has_labels;
   bool compute_grad;
   bool needs_ce;  // alpha > 0
   bool needs_soft;  // alpha < 1
 };
 
-// The checks of kd_loss_forward's tensors that the CPU and CUDA kernels share.
-inline void check_kd_inputs(const at::Tensor& student, const at::Tensor& teacher,
-                            const std::optional<at::Tensor>& labels, const at::Tensor& grad_scale) {
-  check_rows(student, "kd_loss_forward", "student");
-  check_rows(teacher, "kd_loss_forward", "teacher");
-  TORCH_CHECK(teacher.sizes() == student.sizes(), "kd_loss_forward: student and teacher must have the same shape");
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), "kd_loss_forward: student and teacher dtypes differ");
-  TORCH_CHECK(teacher.device() == student.device() && grad_scale.device() == student.device(),
-              "kd_loss_forward: student, teacher and grad_scale must be on one device");
-  TORCH_CHECK(grad_scale.dim() == 0 && grad_scale.scalar_type() == at::kFloat,
-              "kd_loss_forward: grad_scale must be a 0-d float32 tensor");
-  TORCH_CHECK(!labels || (labels->dim() == 1 && labels->size(0) == student.size(0) &&
-                          labels->device() == student.device()),
-              "kd_loss_forward: labels must be [N] on the logits' device");
+// The checks of fused_kd_loss's tensors that the CPU and CUDA kernels share.
+inline void check_kd_inputs(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                            const std::optional<at::Tensor>& labels) {
+  LF_CHECK_ROWS(student_logits);
+  LF_CHECK_ROWS(teacher_logits);
+  TORCH_CHECK(teacher_logits.sizes() == student_logits.sizes(), "fused_kd_loss: logits shapes differ");
+  TORCH_CHECK(student_logits.scalar_type() == teacher_logits.scalar_type(), "fused_kd_loss: logits dtypes differ");
+  LF_CHECK_DEVICE(teacher_logits, student_logits);
+  if (labels) {
+    LF_CHECK_SHAPE(*labels, student_logits.size(0));
+    LF_CHECK_DEVICE(*labels, student_logits);
+  }
 }
 
-inline KDParams make_kd_params(double temperature, c10::string_view divergence, double beta,
-                               double alpha, double label_smoothing, int64_t ignore_index,
-                               bool scale_by_t2, bool has_labels, bool compute_grad) {
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "temperature must be > 0, got ", temperature);
-  TORCH_CHECK(beta >= 0 && beta <= 1, "beta must be in [0, 1], got ", beta);
-  TORCH_CHECK(alpha >= 0 && alpha <= 1, "alpha must be in [0, 1], got ", alpha);
-  TORCH_CHECK(label_smoothing >= 0 && label_smoothing <= 1, "label_smoothing must be in [0, 1], got ",
-              label_smoothing);
-  TORCH_CHECK(alpha == 0 || has_labels, "alpha > 0 needs labels");
+inline KDParams make_kd_params(const at::Tensor& temperature, const at::Tensor& beta_t, const at::Tensor& alpha_t,
+                               const at::Tensor& label_smoothing, c10::string_view divergence,
+                               int64_t ignore_index, bool scale_by_t2, bool has_labels, bool compute_grad) {
+  const double t = scalar_arg(temperature, "temperature"), beta = scalar_arg(beta_t, "beta");
+  const double alpha = scalar_arg(alpha_t, "alpha");
   KDParams p;
   if (divergence == "forward_kl" || (divergence == "jsd" && beta == 0)) {
     p.divergence = Divergence::kForwardKL;
   } else if (divergence == "reverse_kl" || (divergence == "jsd" && beta == 1)) {
     p.divergence = Divergence::kReverseKL;
-  } else if (divergence == "jsd") {
-    p.divergence = Divergence::kJSD;
   } else {
-    TORCH_CHECK(false, "divergence must be 'forward_kl', 'reverse_kl' or 'jsd', got '",
-                std::string(divergence), "'");
+    TORCH_CHECK(divergence == "jsd", "divergence must be 'forward_kl', 'reverse_kl' or 'jsd'");
+    p.divergence = Divergence::kJSD;
   }
-  const double scale = scale_by_t2 ? temperature * temperature : 1.0;
-  p.inv_temperature = static_cast<float>(1.0 / temperature);
-  p.beta = static_cast<float>(beta);
-  p.alpha = static_cast<float>(alpha);
-  p.label_smoothing = static_cast<float>(label_smoothing);
+  const double scale = scale_by_t2 ? t * t : 1.0;
+  p.inv_temperature = 1.0 / t;
+  p.beta = beta;
+  p.alpha = alpha;
+  p.label_smoothing = scalar_arg(label_smoothing, "label_smoothing");
   p.ignore_index = ignore_index;
-  p.soft_weight = static_cast<float>((1.0 - alpha) * scale);
-  p.soft_grad_weight = static_cast<float>((1.0 - alpha) * scale / temperature);
+  p.soft_weight = (1.0 - alpha) * scale;
+  p.soft_grad_weight = (1.0 - alpha) * scale / t;
   p.has_labels = has_labels;
   p.compute_grad = compute_grad;
   p.needs_ce = alpha > 0;

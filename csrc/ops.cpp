@@ -1,52 +1,63 @@
-// Every op schema of lepton_fast, in one place. The kernels register their
-// implementations with TORCH_LIBRARY_IMPL in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu;
-// lepton_fast/ops/<op>.py wraps them in the public custom ops (fake impls, autograd).
+// Every op schema of lepton_fast, in one place: one schema per public op (plus scale_grad_,
+// the fused losses' backward). Per-device kernels register under these names in
+// csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu, the autograd kernels in csrc/autograd.cpp, the
+// fake (meta) kernels and the Triton kernels in lepton_fast/ops/<op>.py.
+//
+// Conventions of every schema:
+//   - logits are [N, C] with rows contiguous along C (the Python layer flattens [..., C]);
+//   - a floating hyper-parameter (temperature, beta, eps, ...) is a 0-d float64 CPU tensor,
+//     so that a changing value neither recompiles a torch.compile graph nor syncs a device;
+//   - argument values are checked once, in Python (lepton_fast/_validate.py), before any
+//     kernel runs; kernels check shapes, dtypes, devices and strides, and the data they read
+//     (label ranges, rows whose softmax is undefined), raising ValueError on the CPU.
 #include <Python.h>
 #include <torch/library.h>
 
-// `import lepton_fast._C` runs the static registrations below; the module has no functions.
+// `import lepton_fast._C` runs the static registrations; the module has no functions.
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module);
 }
 
 TORCH_LIBRARY(lepton_fast, m) {
-  // Per-row knowledge-distillation loss of [N, C] logits (rows contiguous along C) and,
-  // when compute_grad, d(row loss)/d(student) * grad_scale (a 0-d float32 tensor) in the
-  // student's dtype. Ignored rows: loss 0, gradient 0. A row whose softmax is undefined
-  // (entirely -inf) yields NaN, which the Python layer turns into an error.
+  // Knowledge distillation (csrc/kd_loss.h has the formulas): the loss as `reduction` asks
+  // (float32; float64 for float64 logits) and, when compute_grad, d(loss)/d(student_logits)
+  // in the student's dtype, written during the forward. "mean" divides by the rows whose label
+  // is not ignore_index (at least 1); num_items_in_batch, when given, divides the sum instead.
   m.def(
-      "kd_loss_forward(Tensor student, Tensor teacher, Tensor? labels, Tensor grad_scale, "
-      "float temperature, str divergence, float beta, float alpha, float label_smoothing, "
-      "int ignore_index, bool scale_by_t2, bool compute_grad) -> (Tensor, Tensor)");
-  // grad *= scale, in place; scale is 0-d (skipped on the device when it is exactly 1)
-  // or [N], one factor per row of the [N, C] grad.
+      "fused_kd_loss(Tensor student_logits, Tensor teacher_logits, Tensor? labels, Tensor temperature, "
+      "Tensor beta, Tensor alpha, Tensor label_smoothing, str divergence, int ignore_index, bool scale_by_t2, "
+      "str reduction, Tensor? num_items_in_batch, bool compute_grad) -> (Tensor loss, Tensor grad)");
+  // FixMatch's unlabeled loss (csrc/pseudo_labels.h): pseudo-labels from the weak view, masked
+  // cross-entropy on the strong view. Returns (loss, d(loss)/d(strong) or an empty tensor,
+  // labels int64 [N], confidence [N], mask bool [N], class_counts int64 [C]). "mean" divides
+  // by N. The row weight is weights[row] ([N]) when given, else the mask.
+  m.def(
+      "fused_pseudo_label_loss(Tensor strong_logits, Tensor weak_logits, Tensor threshold, Tensor temperature, "
+      "bool soft, Tensor? class_thresholds, Tensor? weights, str reduction, bool compute_grad) "
+      "-> (Tensor loss, Tensor grad, Tensor labels, Tensor confidence, Tensor mask, Tensor class_counts)");
+  // The backward of both fused losses: grad *= scale in place, scale 0-d (skipped, on the
+  // device, when exactly 1) or [N] (one factor per row of the [N, C] grad).
   m.def("scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");
 
-  // Pseudo-labels of [N, C] logits (rows contiguous along C): (labels int64 [N], confidence
-  // [N] float32 (float64 for double), mask bool [N]), mask = confidence >= threshold or
-  // >= class_thresholds[label] ([C] float32). A row whose softmax is undefined gives NaN.
+  // Pseudo-labels of [N, C] logits: (labels int64 [N], confidence [N] float32 (float64 for
+  // float64), mask bool [N]), mask = confidence >= threshold, or >= class_thresholds[label].
   m.def(
-      "select_pseudo_labels(Tensor logits, Tensor? class_thresholds, float threshold, "
-      "float temperature) -> (Tensor, Tensor, Tensor)");
-  // FixMatch's unlabeled loss per row of [N, C] strong/weak views: (row losses [N], gradient
-  // d(row loss)/d(strong) * grad_scale in strong's dtype or an empty tensor, labels, confidence,
-  // mask) as select_pseudo_labels gives them for weak. The row weight is weights[row] ([N],
-  // float32; float64 for double) if given, else the mask.
+      "select_pseudo_labels(Tensor logits, Tensor threshold, Tensor temperature, Tensor? class_thresholds) "
+      "-> (Tensor labels, Tensor confidence, Tensor mask)");
+
+  // L-inf perturbation steps (csrc/adversarial.h) on tensors of one floating dtype. eps,
+  // step_size, clamp_min and clamp_max are tensors that broadcast to x (0-d, per sample [N, 1,
+  // ...], per channel [C, 1, 1], ...) in x's opmath dtype; the clamp bounds are both given or
+  // both None. The in-place forms overwrite their first argument.
+  //   fgsm: clamp(x + eps * sign(grad))
+  //   pgd:  clamp(x_orig + clamp(x_adv + step_size * sign(grad) - x_orig, -eps, eps))
+  m.def("fgsm_perturb(Tensor x, Tensor grad, Tensor eps, Tensor? clamp_min, Tensor? clamp_max) -> Tensor");
+  m.def("fgsm_perturb_(Tensor(a!) x, Tensor grad, Tensor eps, Tensor? clamp_min, Tensor? clamp_max) -> ()");
   m.def(
-      "pseudo_label_loss_forward(Tensor strong, Tensor weak, Tensor? class_thresholds, Tensor? weights, "
-      "float threshold, float temperature, bool soft, float grad_scale, bool compute_grad) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // Adversarial perturbation steps on contiguous tensors of one floating dtype, written into
-  // `out` (which may be the input x / x_adv itself: the kernels are elementwise). A per-sample
-  // tensor [N] (opmath dtype) replaces the float beside it and applies to consecutive runs of
-  // numel / N elements. sign(0) = sign(NaN) = 0. clamp bounds are both given or both None.
-  //   fgsm: out = clamp(x + eps * sign(grad))
-  //   pgd:  out = clamp(x_orig + clamp(x_adv + step_size * sign(grad) - x_orig, -eps, eps))
+      "pgd_step(Tensor x_adv, Tensor x_orig, Tensor grad, Tensor step_size, Tensor eps, Tensor? clamp_min, "
+      "Tensor? clamp_max) -> Tensor");
   m.def(
-      "fgsm_perturb_out(Tensor x, Tensor grad, float eps, Tensor? eps_per_sample, float? clamp_min, "
-      "float? clamp_max, Tensor(a!) out) -> ()");
-  m.def(
-      "pgd_step_out(Tensor x_adv, Tensor x_orig, Tensor grad, float step_size, Tensor? step_per_sample, "
-      "float eps, Tensor? eps_per_sample, float? clamp_min, float? clamp_max, Tensor(a!) out) -> ()");
+      "pgd_step_(Tensor(a!) x_adv, Tensor x_orig, Tensor grad, Tensor step_size, Tensor eps, Tensor? clamp_min, "
+      "Tensor? clamp_max) -> ()");
 }

@@ -17,28 +17,27 @@
 
 namespace lepton_fast {
 
-// The scalar arguments of the pseudo-label kernels, checked once per call.
+// The scalar arguments of the pseudo-label kernels (values checked in Python: threshold in
+// [0, 1], temperature > 0).
 struct PseudoLabelParams {
   double inv_temperature;
   double threshold;
-  double grad_scale;  // 1/N for a mean, else 1; folded into the gradient
   bool soft;
   bool compute_grad;
 };
 
 // The checks of the two views that the CPU and CUDA loss kernels share.
-inline void check_views(const at::Tensor& strong, const at::Tensor& weak) {
-  check_rows(strong, "pseudo_label_loss_forward", "strong");
-  check_rows(weak, "pseudo_label_loss_forward", "weak");
-  TORCH_CHECK(strong.sizes() == weak.sizes() && strong.scalar_type() == weak.scalar_type(),
-              "pseudo_label_loss_forward: strong and weak must have the same shape and dtype");
+inline void check_views(const at::Tensor& strong_logits, const at::Tensor& weak_logits) {
+  LF_CHECK_ROWS(strong_logits);
+  LF_CHECK_ROWS(weak_logits);
+  TORCH_CHECK(strong_logits.sizes() == weak_logits.sizes() && strong_logits.scalar_type() == weak_logits.scalar_type(),
+              "fused_pseudo_label_loss: strong_logits and weak_logits must have the same shape and dtype");
+  LF_CHECK_DEVICE(weak_logits, strong_logits);
 }
 
-inline PseudoLabelParams make_pseudo_label_params(double threshold, double temperature, bool soft,
-                                                  double grad_scale, bool compute_grad) {
-  TORCH_CHECK(threshold >= 0 && threshold <= 1, "threshold must be in [0, 1], got ", threshold);
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "temperature must be > 0, got ", temperature);
-  return {1.0 / temperature, threshold, grad_scale, soft, compute_grad};
+inline PseudoLabelParams make_pseudo_label_params(const at::Tensor& threshold, const at::Tensor& temperature,
+                                                  bool soft, bool compute_grad) {
+  return {1.0 / scalar_arg(temperature, "temperature"), scalar_arg(threshold, "threshold"), soft, compute_grad};
 }
 
 // Online arg-max and softmax statistics: running max, sum of exp(x - max), index of the

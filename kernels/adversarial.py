@@ -1,4 +1,4 @@
-"""Triton kernels of fgsm_perturb_out and pgd_step_out (same signatures as the C++ ops).
+"""Triton kernels of fgsm_perturb and pgd_step and their in-place forms (schemas: csrc/ops.cpp).
 
 One elementwise kernel serves both steps (IS_PGD); each program handles BLOCK consecutive
 elements of the flat contiguous buffers, in float32 (float64 for float64 inputs), rounded
@@ -60,7 +60,14 @@ def _step_kernel(
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=live)
 
 
-def _launch(x, orig, grad, step, step_ps, eps, eps_ps, clamp_min, clamp_max, out, is_pgd):
+def _size(v, out):
+    """(value, per-sample tensor or None) of a step size or radius tensor (see csrc/ops.cpp)."""
+    if v.numel() == 1 and v.device.type == "cpu":
+        return float(v), None
+    return 0.0, v.reshape(-1).contiguous()
+
+
+def _launch(x, orig, grad, step, eps, clamp_min, clamp_max, out, is_pgd):
     for t in (x, orig, grad):
         if t.shape != out.shape or t.dtype != out.dtype or not t.is_contiguous():
             raise RuntimeError("every input must be contiguous with the shape and dtype of out")
@@ -71,11 +78,13 @@ def _launch(x, orig, grad, step, step_ps, eps, eps_ps, clamp_min, clamp_max, out
     numel = out.numel()
     if numel == 0:
         return
+    step, step_ps = _size(step, out)
+    eps, eps_ps = _size(eps, out)
     n = out.shape[0] if out.dim() > 0 else 1
     per_sample = step_ps is not None or eps_ps is not None
     inner = numel // n if per_sample and n > 0 else numel
     clamp = clamp_min is not None
-    lo, hi = (clamp_min, clamp_max) if clamp else (0.0, 0.0)
+    lo, hi = (float(clamp_min), float(clamp_max)) if clamp else (0.0, 0.0)
     is_f64 = out.dtype == torch.float64
     # float64 only (rare): its scalars travel in a small tensor, one host-to-device copy
     params = torch.tensor([step, eps, lo, hi], dtype=torch.float64, device=out.device) if is_f64 else out
@@ -87,11 +96,21 @@ def _launch(x, orig, grad, step, step_ps, eps, eps_ps, clamp_min, clamp_max, out
     )
 
 
-def fgsm_perturb_out(x, grad, eps, eps_per_sample, clamp_min, clamp_max, out) -> None:
-    _launch(x, x, grad, eps, eps_per_sample, 0.0, None, clamp_min, clamp_max, out, is_pgd=False)
+def fgsm_perturb(x, grad, eps, clamp_min, clamp_max):
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _launch(x, x, grad, eps, torch.zeros((), dtype=torch.float64), clamp_min, clamp_max, out, is_pgd=False)
+    return out
 
 
-def pgd_step_out(x_adv, x_orig, grad, step_size, step_per_sample, eps, eps_per_sample, clamp_min, clamp_max,
-                 out) -> None:
-    _launch(x_adv, x_orig, grad, step_size, step_per_sample, eps, eps_per_sample, clamp_min, clamp_max, out,
-            is_pgd=True)
+def fgsm_perturb_(x, grad, eps, clamp_min, clamp_max) -> None:
+    _launch(x, x, grad, eps, torch.zeros((), dtype=torch.float64), clamp_min, clamp_max, x, is_pgd=False)
+
+
+def pgd_step(x_adv, x_orig, grad, step_size, eps, clamp_min, clamp_max):
+    out = torch.empty_like(x_adv, memory_format=torch.contiguous_format)
+    _launch(x_adv, x_orig, grad, step_size, eps, clamp_min, clamp_max, out, is_pgd=True)
+    return out
+
+
+def pgd_step_(x_adv, x_orig, grad, step_size, eps, clamp_min, clamp_max) -> None:
+    _launch(x_adv, x_orig, grad, step_size, eps, clamp_min, clamp_max, x_adv, is_pgd=True)

@@ -1,4 +1,4 @@
-"""Triton kernel of kd_loss_forward: the contract of the C++ op in csrc/ops.cpp.
+"""Triton kernel of fused_kd_loss (schema: csrc/ops.cpp), the same contract as the C++ kernels.
 
 One program per row walks the row in column blocks, so a row of any width (C >= 64k
 included) runs in a fixed number of registers. Pass 1 keeps online softmax statistics
@@ -25,24 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import acc_dtype, check_labels, check_rows_defined, lse, online_softmax, reduce_rows, scalar
+
 _DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 # Widest column block: 8 accumulators per element stay in registers at 8 warps.
 MAX_BLOCK = 2048
-
-
-@triton.jit
-def _lse(m, s):
-    # NaN for a row with no finite entry: the Python layer turns it into an error.
-    return tl.where(m == float("-inf"), float("nan"), m + tl.log(s))
-
-
-@triton.jit
-def _online(m, s, z):
-    """Fold a block z into the running (max m, sum s of exp(z - m))."""
-    m_new = tl.maximum(m, tl.max(z, 0))
-    safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    e = tl.exp(z - safe)
-    return m_new, s * tl.exp(m - safe) + tl.sum(e, 0), e, tl.exp(m - safe)
 
 
 @triton.jit
@@ -116,18 +103,18 @@ def _kd_loss_kernel(
                 xt = tl.load(t_row + cols, mask=mask, other=neg_inf).to(ACC)
                 zs = xs * inv_t
                 zt = xt * inv_t
-                m_s, l_s, e_s, r_s = _online(m_s, l_s, zs)
-                m_t, l_t, e_t, r_t = _online(m_t, l_t, zt)
+                m_s, l_s, e_s, r_s = online_softmax(m_s, l_s, zs)
+                m_t, l_t, e_t, r_t = online_softmax(m_t, l_t, zt)
                 if DIV == 0:
                     w_kl = w_kl * r_t + tl.sum(tl.where(zt == neg_inf, 0.0, e_t * (zt - zs)), 0)
                 elif DIV == 1:
                     w_kl = w_kl * r_s + tl.sum(tl.where(zs == neg_inf, 0.0, e_s * (zs - zt)), 0)
             if NEEDS_CE:
-                m_1, l_1, _e1, _r1 = _online(m_1, l_1, xs)
+                m_1, l_1, _e1, _r1 = online_softmax(m_1, l_1, xs)
                 if SMOOTH:
                     sum_x += tl.sum(tl.where(mask, xs, 0.0), 0)
-        lse_s = _lse(m_s, l_s)
-        lse_t = _lse(m_t, l_t)
+        lse_s = lse(m_s, l_s)
+        lse_t = lse(m_t, l_t)
         row_loss = tl.zeros([], ACC)
         k_s = tl.zeros([], ACC)  # the row constant of the reverse-KL / JSD gradient
         if NEEDS_SOFT:
@@ -152,7 +139,7 @@ def _kd_loss_kernel(
                 div = tl.sum(acc_div, 0)
                 k_s = tl.sum(acc_ks, 0)
             row_loss += soft_w * div
-        lse_1 = _lse(m_1, l_1)
+        lse_1 = lse(m_1, l_1)
         if NEEDS_CE:
             x_y = tl.load(s_row + label).to(ACC)
             ce = lse_1 - (1.0 - eps) * x_y
@@ -195,77 +182,65 @@ def _kd_loss_kernel(
                 tl.store(g_row + cols, d.to(g_ptr.dtype.element_ty), mask=mask)
 
 
-def _check_rows(name: str, x: torch.Tensor) -> None:
-    if x.dim() != 2 or x.stride(1) != 1:
-        raise ValueError(f"kd_loss_forward: {name} must be [N, C] with rows contiguous along C")
-
-
-def kd_loss_forward(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
+def fused_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
     labels: torch.Tensor | None,
-    grad_scale: torch.Tensor,
-    temperature: float,
+    temperature: torch.Tensor,
+    beta: torch.Tensor,
+    alpha: torch.Tensor,
+    label_smoothing: torch.Tensor,
     divergence: str,
-    beta: float,
-    alpha: float,
-    label_smoothing: float,
     ignore_index: int,
     scale_by_t2: bool,
+    reduction: str,
+    num_items_in_batch: torch.Tensor | None,
     compute_grad: bool,
     *,
     block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row KD losses [N] and d(row loss)/d(student) * grad_scale (or an empty tensor).
-
-    Same contract as ``torch.ops.lepton_fast.kd_loss_forward`` (csrc/ops.cpp): losses are
-    float32 (float64 for float64 logits, accumulated in float64), the gradient is in the
-    student's dtype; ignored rows get loss 0 and gradient 0; a row with no finite logit
-    gets a NaN loss. ``block`` overrides the column block (a power of two), for tests.
-    """
-    _check_rows("student", student)
-    _check_rows("teacher", teacher)
-    if teacher.shape != student.shape or teacher.dtype != student.dtype:
-        raise ValueError("kd_loss_forward: student and teacher must have the same shape and dtype")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    for name, value in (("beta", beta), ("alpha", alpha), ("label_smoothing", label_smoothing)):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1], got {value}")
-    if divergence not in _DIVERGENCES:
-        raise ValueError(f"divergence must be 'forward_kl', 'reverse_kl' or 'jsd', got {divergence!r}")
-    if alpha > 0 and labels is None:
-        raise ValueError("alpha > 0 needs labels")
+    """(loss as ``reduction`` asks, d(loss)/d(student) or an empty tensor): the contract of
+    ``torch.ops.lepton_fast.fused_kd_loss`` (csrc/ops.cpp). ``block`` overrides the column
+    block (a power of two), for tests."""
+    op = "fused_kd_loss"
+    if student_logits.dim() != 2 or student_logits.stride(1) != 1 or teacher_logits.stride(1) != 1:
+        raise ValueError(f"{op}: logits must be [N, C] with rows contiguous along C")
+    if teacher_logits.shape != student_logits.shape or teacher_logits.dtype != student_logits.dtype:
+        raise ValueError(f"{op}: student and teacher logits must have the same shape and dtype")
+    t, b, a, eps = scalar(temperature), scalar(beta), scalar(alpha), scalar(label_smoothing)
     # beta 0 / 1 are forward / reverse KL exactly (csrc/kd_loss.h make_kd_params).
     div = _DIVERGENCES[divergence]
-    if div == 2 and beta in (0.0, 1.0):
-        div = 0 if beta == 0.0 else 1
+    if div == 2 and b in (0.0, 1.0):
+        div = 0 if b == 0.0 else 1
 
-    n_rows, n_classes = student.shape
-    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
-    loss = torch.empty(n_rows, dtype=acc, device=student.device)
-    grad = torch.empty_like(student, memory_format=torch.contiguous_format) if compute_grad else student.new_empty((0,))
+    n_rows, n_classes = student_logits.shape
+    acc, tl_acc = acc_dtype(student_logits)
+    rows = torch.empty(n_rows, dtype=acc, device=student_logits.device)
+    grad = (torch.empty_like(student_logits, memory_format=torch.contiguous_format) if compute_grad
+            else student_logits.new_empty((0,)))
+    divisor = max(n_rows, 1)
     if labels is not None:
-        if labels.shape != (n_rows,):
-            raise ValueError("kd_loss_forward: labels must be [N]")
         labels = labels.to(torch.int64).contiguous()
-    grad_scale = grad_scale.to(device=student.device, dtype=torch.float32)
-    if n_rows == 0:
-        return loss, grad
-
-    if block is None:
-        block = min(max(triton.next_power_of_2(n_classes), 16), MAX_BLOCK)
-    scale = temperature * temperature if scale_by_t2 else 1.0
-    log_beta = math.log(beta) if beta > 0 else -math.inf
-    log_1m_beta = math.log1p(-beta) if beta < 1 else -math.inf
-    _kd_loss_kernel[(n_rows,)](
-        student, teacher, labels if labels is not None else loss, grad, loss, grad_scale,
-        n_classes, student.stride(0), teacher.stride(0),
-        1.0 / temperature, beta, log_beta, log_1m_beta, alpha, label_smoothing,
-        (1.0 - alpha) * scale, (1.0 - alpha) * scale / temperature, ignore_index,
-        DIV=div, NEEDS_SOFT=alpha < 1, NEEDS_CE=alpha > 0, SMOOTH=label_smoothing > 0,
-        HAS_LABELS=labels is not None, COMPUTE_GRAD=compute_grad,
-        ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=block,
-        num_warps=8 if block >= 2048 else 4,
-    )
-    return loss, grad
+        check_labels(op, labels, n_classes, ignore_index)
+        divisor = (labels != ignore_index).sum().clamp(min=1)
+    if num_items_in_batch is not None:
+        divisor, reduction = num_items_in_batch, "mean"  # the sum over this count instead
+    divides = reduction in ("mean", "batchmean")
+    grad_scale = torch.as_tensor(divisor if divides else 1, dtype=torch.float64, device=student_logits.device)
+    grad_scale = 1.0 / grad_scale
+    if n_rows:
+        if block is None:
+            block = min(max(triton.next_power_of_2(n_classes), 16), MAX_BLOCK)
+        scale = t * t if scale_by_t2 else 1.0
+        log_beta = math.log(b) if b > 0 else -math.inf
+        log_1m_beta = math.log1p(-b) if b < 1 else -math.inf
+        _kd_loss_kernel[(n_rows,)](
+            student_logits, teacher_logits, labels if labels is not None else rows, grad, rows, grad_scale,
+            n_classes, student_logits.stride(0), teacher_logits.stride(0),
+            1.0 / t, b, log_beta, log_1m_beta, a, eps, (1.0 - a) * scale, (1.0 - a) * scale / t, ignore_index,
+            DIV=div, NEEDS_SOFT=a < 1, NEEDS_CE=a > 0, SMOOTH=eps > 0,
+            HAS_LABELS=labels is not None, COMPUTE_GRAD=compute_grad, ACC=tl_acc, BLOCK=block,
+            num_warps=8 if block >= 2048 else 4,
+        )
+    check_rows_defined(op, rows, "student_logits or teacher_logits")
+    return reduce_rows(rows, reduction, divisor), grad

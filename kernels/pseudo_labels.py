@@ -1,4 +1,4 @@
-"""Triton kernels of select_pseudo_labels and pseudo_label_loss_forward.
+"""Triton kernels of select_pseudo_labels and fused_pseudo_label_loss.
 
 Same signatures and outputs as the C++ ops (schemas in csrc/ops.cpp); the row math is the
 one in csrc/pseudo_labels.h. One program per row: pass 1 streams both views in blocks of
@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .common import check_rows_defined, reduce_rows, scalar
 
 _MAX_BLOCK = 4096
 
@@ -120,16 +122,29 @@ def _launch(strong, weak, class_thresholds, weights, threshold, temperature, sof
     return rows, grad, labels, confidence, mask
 
 
-def select_pseudo_labels(logits, class_thresholds, threshold, temperature):
+def select_pseudo_labels(logits, threshold, temperature, class_thresholds):
+    """The contract of torch.ops.lepton_fast.select_pseudo_labels (csrc/ops.cpp)."""
     _, _, labels, confidence, mask = _launch(
-        logits, logits, class_thresholds, None, threshold, temperature, False, 1.0, False, loss=False
+        logits, logits, class_thresholds, None, scalar(threshold), scalar(temperature), False, 1.0, False, loss=False
     )
+    check_rows_defined("select_pseudo_labels", confidence, "logits")
     return labels, confidence, mask
 
 
-def pseudo_label_loss_forward(strong, weak, class_thresholds, weights, threshold, temperature, soft, grad_scale,
-                              compute_grad):
-    if strong.shape != weak.shape or strong.dtype != weak.dtype:
-        raise ValueError("pseudo_label_loss_forward: strong and weak must have the same shape and dtype")
-    return _launch(strong, weak, class_thresholds, weights, threshold, temperature, soft, grad_scale, compute_grad,
-                   loss=True)
+def fused_pseudo_label_loss(strong_logits, weak_logits, threshold, temperature, soft, class_thresholds, weights,
+                            reduction, compute_grad):
+    """The contract of torch.ops.lepton_fast.fused_pseudo_label_loss (csrc/ops.cpp)."""
+    if strong_logits.shape != weak_logits.shape or strong_logits.dtype != weak_logits.dtype:
+        raise ValueError("fused_pseudo_label_loss: strong and weak logits must have the same shape and dtype")
+    n_rows, n_classes = strong_logits.shape
+    divisor = max(n_rows, 1)
+    grad_scale = 1.0 / divisor if reduction in ("mean", "batchmean") else 1.0
+    rows, grad, labels, confidence, mask = _launch(
+        strong_logits, weak_logits, class_thresholds, weights, scalar(threshold), scalar(temperature), soft,
+        grad_scale, compute_grad, loss=True,
+    )
+    check_rows_defined("fused_pseudo_label_loss", confidence, "weak_logits")
+    check_rows_defined("fused_pseudo_label_loss", rows, "strong_logits")
+    counts = torch.zeros(n_classes, dtype=torch.int64, device=strong_logits.device)
+    counts.index_add_(0, labels, mask.to(torch.int64))
+    return reduce_rows(rows, reduction, divisor), grad, labels, confidence, mask, counts

@@ -5,8 +5,9 @@ custom autograd ops with CPU C++, CUDA C++ and Triton kernels and a pure-PyTorch
 """
 from lepton_fast import _backend
 
-_backend.extension()  # load lepton_fast._C (its op registrations) before the ops wrap them
+_backend.extension()  # load lepton_fast._C (the op schemas and kernels) before the ops register with it
 
+from lepton_fast.ops import scale_grad  # noqa: E402,F401  (the fused losses' backward op)
 from lepton_fast import thresholds  # noqa: E402
 from lepton_fast._info import info  # noqa: E402
 from lepton_fast.adversarial import fgsm, pgd, vat_loss  # noqa: E402

@@ -1,48 +1,52 @@
-"""Which implementation runs each op: the dispatch rules of DESIGN.md, in one place.
+"""Which implementation runs each op, in one place.
 
-| tensor device | first choice                     | then                      | last         |
-| cpu           | CPU C++ kernel (extension built) | -                         | reference.py |
-| cuda          | CUDA C++ kernel (built w/ CUDA)  | Triton (importable)       | reference.py |
+Every op has one schema, ``torch.ops.lepton_fast.<op>`` (csrc/ops.cpp), with its kernels
+registered under the dispatcher's device keys:
 
-``LEPTON_FAST_BACKEND=reference|cpu|cuda|triton`` or an op's ``backend=`` keyword forces
-one; a forced backend that cannot run is an error that says why.
+| tensor device | kernel under the device key                           | without the extension |
+| cpu           | CPU C++ (csrc/cpu)                                    | reference.py          |
+| cuda          | CUDA C++ (csrc/cuda); Triton (kernels/) when the      | reference.py          |
+|               | extension was built without CUDA                      |                       |
+
+The dispatcher picks the kernel, so the default path has no Python between the public
+function and the kernel. ``$LEPTON_FAST_BACKEND=reference|cpu|cuda|triton`` or an op's
+``backend=`` keyword forces one (for tests, benchmarks and debugging): "reference" calls
+reference.py instead of the op; "triton" where another kernel holds the device key swaps
+the Triton kernel in for the duration of the call (a dispatcher registration, so forcing is
+eager-only and not thread-safe); a forced backend that cannot run is an error that says why.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 ENV_BACKEND = "LEPTON_FAST_BACKEND"
-_PREFERENCE = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+LIBRARY = "lepton_fast"
 
 
 @dataclass(frozen=True)
 class OpSpec:
-    """An op as the dispatcher sees it.
-
-    ``kernel`` names the C++ op ``torch.ops.lepton_fast.<kernel>`` (CPU and CUDA dispatch
-    keys); ``triton`` the module ``lepton_fast.kernels.<triton>`` that launches its Triton
-    kernels. Either is ``None`` while that backend does not exist for the op.
-    """
+    """An op as the dispatcher table sees it: ``torch.ops.lepton_fast.<name>``, and the
+    module ``lepton_fast.kernels.<triton>`` whose function ``<name>`` is its Triton kernel
+    (same signature as the schema), or None."""
 
     name: str
-    kernel: str | None
-    triton: str | None
+    triton: Optional[str]
+
+    @property
+    def qualname(self) -> str:
+        return f"{LIBRARY}::{self.name}"
 
 
 OPS: dict[str, OpSpec] = {}
-
-
-def register(name: str, *, kernel: str | None, triton: str | None) -> OpSpec:
-    spec = OpSpec(name, kernel, triton)
-    OPS[name] = spec
-    return spec
 
 
 @dataclass(frozen=True)
@@ -75,8 +79,8 @@ def _build_mismatch(record: dict, running: dict) -> str | None:
 
     torch keeps its C++ ABI within a minor release (the wheels are labelled torch2.14 for
     that reason), CUDA keeps it within a major release; the C++ ABI flag must be equal. A
-    CPU-only build loads into a CUDA torch of the same release (its CUDA ops fall through
-    to Triton); a CUDA build needs CUDA in the running torch.
+    CPU-only build loads into a CUDA torch of the same release (CUDA tensors then run the
+    Triton kernels); a CUDA build needs CUDA in the running torch.
     """
     try:
         problems = []
@@ -97,8 +101,9 @@ def _build_mismatch(record: dict, running: dict) -> str | None:
 
 @functools.cache
 def extension() -> ExtensionStatus:
-    """Load lepton_fast._C once. A build that does not match the running torch is not
-    loaded (loading it could crash the process): one warning, then the next backend."""
+    """Load lepton_fast._C (the schemas and the C++ kernels) once. A build that does not
+    match the running torch is not loaded (loading it could crash the process): one
+    warning, and every op runs reference.py."""
     try:
         from lepton_fast._build_info import BUILD_INFO
     except ImportError:
@@ -117,9 +122,9 @@ def extension() -> ExtensionStatus:
         else:
             return ExtensionStatus(module, None)
     warnings.warn(
-        f"lepton_fast: compiled kernels disabled: {mismatch}. Falling back to Triton or the "
-        "PyTorch reference. Install the lepton_fast wheel built for this torch, or build from "
-        "source: pip install --no-build-isolation lepton_fast (`lepton-fast info` shows the state).",
+        f"lepton_fast: compiled kernels disabled: {mismatch}. Every op falls back to the PyTorch "
+        "reference. Install the lepton_fast wheel built for this torch, or build from source: pip install "
+        "--no-build-isolation lepton_fast (`lepton-fast info` shows the state).",
         RuntimeWarning,
         stacklevel=2,
     )
@@ -128,62 +133,135 @@ def extension() -> ExtensionStatus:
 
 @functools.cache
 def _triton_module(name: str):
-    """lepton_fast.kernels.<name>, or the reason it cannot be used."""
+    """lepton_fast.kernels.<name>, or the reason it cannot be used. Imported on first use:
+    importing triton costs seconds that a CPU-only user should not pay at `import lepton_fast`."""
     try:
         return importlib.import_module(f"lepton_fast.kernels.{name}"), None
     except ImportError as e:
         return None, f"triton is not importable ({e})"
 
 
-def triton_kernels(spec: OpSpec):
+def triton_kernel(spec: OpSpec):
+    """The Triton kernel of ``spec``: a Python function with the op's schema."""
     module, why = _triton_module(spec.triton)
     if module is None:
         raise RuntimeError(f"{spec.name}: the Triton backend is unavailable: {why}")
-    return module
+    return getattr(module, spec.name)
+
+
+def _lazy_triton(spec: OpSpec):
+    def kernel(*args):
+        return triton_kernel(spec)(*args)
+
+    kernel.__name__ = f"{spec.name}_triton"
+    return kernel
+
+
+def _native(spec: OpSpec, key: str) -> bool:
+    """Whether the C++ extension registered a kernel of ``spec`` under ``key``."""
+    return spec.name not in _TRITON_DEFAULT.get(key, set()) and torch._C._dispatch_has_kernel_for_dispatch_key(
+        spec.qualname, key
+    )
+
+
+_LIBRARY: Optional[torch.library.Library] = None  # the Triton kernels registered by default
+_TRITON_DEFAULT: dict[str, set] = {}
+
+
+def register(name: str, *, triton: Optional[str] = None) -> OpSpec:
+    """Declare an op (its schema is csrc/ops.cpp's). Where the extension has no CUDA kernel for
+    it (a build without CUDA) and it has a Triton kernel, that kernel becomes its CUDA kernel."""
+    global _LIBRARY
+    spec = OpSpec(name, triton)
+    OPS[name] = spec
+    if extension().module is not None and triton is not None and not _native(spec, "CUDA"):
+        if _LIBRARY is None:
+            _LIBRARY = torch.library.Library(LIBRARY, "IMPL")
+        _LIBRARY.impl(name, _lazy_triton(spec), "CUDA")
+        _TRITON_DEFAULT.setdefault("CUDA", set()).add(name)
+    return spec
 
 
 def unavailable(spec: OpSpec, backend: str, device_type: str) -> str | None:
     """None when ``backend`` can run ``spec`` on ``device_type`` tensors, else why not."""
     if backend == "reference":
         return None
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    status = extension()
+    if status.module is None:
+        return f"the extension lepton_fast._C is not loaded: {status.reason}"
     if backend in ("cpu", "cuda"):
         if device_type != backend:
             return f"the {backend} backend takes {backend} tensors, got {device_type} tensors"
-        status = extension()
-        if status.module is None:
-            return f"the extension lepton_fast._C is not loaded: {status.reason}"
-        if spec.kernel is None or not torch._C._dispatch_has_kernel_for_dispatch_key(
-            f"lepton_fast::{spec.kernel}", backend.upper()
-        ):
+        if not _native(spec, backend.upper()):
             return f"lepton_fast._C was built without a {backend} kernel for {spec.name}"
         return None
-    if backend == "triton":
-        if spec.triton is None:
-            return f"{spec.name} has no Triton kernel"
-        if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            return "Triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before triton is imported)"
-        if device_type not in ("cpu", "cuda"):
-            return f"Triton does not run on {device_type} tensors"
-        return _triton_module(spec.triton)[1]
-    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if spec.triton is None:
+        return f"{spec.name} has no Triton kernel"
+    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "Triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before triton is imported)"
+    if device_type not in ("cpu", "cuda"):
+        return f"Triton does not run on {device_type} tensors"
+    return _triton_module(spec.triton)[1]
 
 
-# torch.compile calls this at trace time and bakes the answer into the graph.
+@functools.cache
+def default(spec: OpSpec, device_type: str) -> str:
+    """The backend the dispatcher runs for ``device_type`` tensors without forcing."""
+    key = device_type.upper()
+    if extension().module is None or not torch._C._dispatch_has_kernel_for_dispatch_key(spec.qualname, key):
+        return "reference"
+    return "triton" if spec.name in _TRITON_DEFAULT.get(key, set()) else device_type
+
+
+@functools.lru_cache(maxsize=None)
+def _resolved(spec: OpSpec, device_type: str, requested: Optional[str], source: str) -> str:
+    if requested is None:
+        return default(spec, device_type)
+    if requested not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {requested!r}")
+    why = unavailable(spec, requested, device_type)
+    if why is not None:
+        raise RuntimeError(f"{spec.name}: {source}{requested!r} cannot run: {why}")
+    return requested
+
+
+# torch.compile calls these at trace time and bakes the answers into the graph.
 @torch.compiler.assume_constant_result
-def resolve(spec: OpSpec, device: torch.device, backend: str | None = None) -> str:
+def resolve(spec: OpSpec, device: torch.device, backend: Optional[str] = None) -> str:
     """The backend that runs ``spec`` on ``device``: ``backend`` if given, else
-    $LEPTON_FAST_BACKEND if set, else the first available in the table above."""
-    requested, source = backend, "backend="
-    if requested is None and os.environ.get(ENV_BACKEND):
-        requested, source = os.environ[ENV_BACKEND], f"${ENV_BACKEND}="
-    if requested is not None:
-        if requested not in BACKENDS:
-            raise ValueError(f"{source} must be one of {BACKENDS}, got {requested!r}")
-        why = unavailable(spec, requested, device.type)
-        if why is not None:
-            raise RuntimeError(f"{spec.name}: {source}{requested!r} cannot run: {why}")
-        return requested
-    for candidate in _PREFERENCE.get(device.type, ()):
-        if unavailable(spec, candidate, device.type) is None:
-            return candidate
-    return "reference"
+    $LEPTON_FAST_BACKEND if set, else the dispatcher's kernel (or reference.py without one)."""
+    if backend is not None:
+        return _resolved(spec, device.type, backend, "backend=")
+    env = os.environ.get(ENV_BACKEND) or None
+    return _resolved(spec, device.type, env, f"${ENV_BACKEND}=")
+
+
+@torch.compiler.assume_constant_result
+def _swapped(spec: OpSpec, backend: str, device_type: str) -> bool:
+    return backend != default(spec, device_type)
+
+
+@contextlib.contextmanager
+def forced(spec: OpSpec, backend: str, device_type: str):
+    """Run ``spec`` on ``backend``'s kernel inside the block (``backend`` resolved, not
+    "reference", and not the dispatcher's default: Triton where another kernel holds the
+    device key). The swap is a dispatcher registration, undone at the end of the block."""
+    with torch.library._scoped_library(LIBRARY, "IMPL") as lib:
+        lib.impl(spec.name, triton_kernel(spec), device_type.upper())
+        yield
+
+
+def call(spec: OpSpec, backend: str, device_type: str, *args):
+    """``torch.ops.lepton_fast.<op>(*args)`` on ``backend``'s kernel (as :func:`resolve` chose it)."""
+    op = getattr(torch.ops.lepton_fast, spec.name).default
+    if not _swapped(spec, backend, device_type):
+        return op(*args)
+    if torch.compiler.is_compiling():
+        raise RuntimeError(
+            f"{spec.name}: forcing backend {backend!r} is eager-only (it swaps a dispatcher registration); under "
+            "torch.compile the default kernel or backend='reference' run"
+        )
+    with forced(spec, backend, device_type):
+        return op(*args)

@@ -26,7 +26,7 @@ def _kl_rows(logp: Tensor, logq: Tensor) -> Tensor:
     Where p > 0 and q = 0 the term is +inf, the true value. The inner ``where`` keeps
     the masked branch finite so that autograd sends no NaN through it.
     """
-    present = logp > NEG_INF
+    present = logp != NEG_INF  # NaN (a row with no finite logit) stays, and shows
     logp_safe = torch.where(present, logp, 0.0)
     terms = torch.where(present, logp_safe.exp() * (logp_safe - logq), 0.0)
     return terms.sum(-1)
@@ -111,11 +111,14 @@ def mean_divisor(labels: Tensor | None, ignore_index: int, n_rows: int):
     return (labels != ignore_index).sum().clamp(min=1)
 
 
-def reduce_rows(rows: Tensor, reduction: str, divisor) -> Tensor:
-    """"mean"/"batchmean": sum / divisor; "sum"; "none": rows unchanged."""
+def reduce_rows(rows: Tensor, reduction: str, divisor, num_items_in_batch=None) -> Tensor:
+    """"mean"/"batchmean": sum / divisor; "sum"; "none": rows unchanged. num_items_in_batch,
+    when given, divides the sum instead (transformers' and TRL's gradient accumulation)."""
     if reduction == "none":
         return rows
     total = rows.sum()
+    if num_items_in_batch is not None:
+        return (total / num_items_in_batch).to(total.dtype)
     return total if reduction == "sum" else total / divisor
 
 
@@ -132,6 +135,7 @@ def fused_kd_loss(
     ignore_index: int = -100,
     scale_by_t2: bool = True,
     reduction: str = "mean",
+    num_items_in_batch=None,
 ) -> Tensor:
     """Reference of :func:`lepton_fast.fused_kd_loss` on [..., C] logits (no argument checks)."""
     lead, n_classes = student_logits.shape[:-1], student_logits.shape[-1]
@@ -142,7 +146,7 @@ def fused_kd_loss(
         label_smoothing=label_smoothing, ignore_index=ignore_index, scale_by_t2=scale_by_t2,
     )
     divisor = mean_divisor(flat_labels, ignore_index, rows.shape[0])
-    return reduce_rows(rows, reduction, divisor).reshape(lead if reduction == "none" else ())
+    return reduce_rows(rows, reduction, divisor, num_items_in_batch).reshape(lead if reduction == "none" else ())
 
 
 # --- Pseudo-labels (FixMatch, Sohn et al. 2020) ------------------------------------------

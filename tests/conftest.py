@@ -48,9 +48,31 @@ def low_precision_tolerance(dtype, ref_err, backend, magnitude):
     return tol
 
 
-def compiled_backends(spec, device_type):
-    """Every non-reference backend that can run ``spec`` on ``device_type`` here."""
-    return [b for b in ("cpu", "cuda", "triton") if _backend.unavailable(spec, b, device_type) is None]
+# Every kernel of an op, by the device of its tensors: the C++ kernel and the Triton kernel
+# (under the interpreter on CPU tensors). The CUDA cases carry the `cuda` mark, so that
+# `pytest -m cuda` on a GPU machine runs every GPU kernel and nothing else.
+DEVICE_BACKENDS = [
+    pytest.param("cpu", "cpu", id="cpu-cpu"),
+    pytest.param("cpu", "triton", id="cpu-triton"),
+    pytest.param("cuda", "cuda", id="cuda-cuda", marks=pytest.mark.cuda),
+    pytest.param("cuda", "triton", id="cuda-triton", marks=pytest.mark.cuda),
+]
+
+
+def require(spec, device: str, backend: str) -> None:
+    """Skip a case whose kernel cannot run here (the Triton interpreter where a GPU is, say);
+    on a GPU machine a CUDA case that cannot run is a failure, not a skip."""
+    why = _backend.unavailable(spec, backend, device)
+    if why is None:
+        return
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.fail(f"{spec.name}: the {backend} kernel cannot run on this GPU machine: {why}")
+    pytest.skip(why)
+
+
+def interpreted(device: str, backend: str) -> bool:
+    """Triton's interpreter: correct, but about a thousand times slower than a kernel."""
+    return backend == "triton" and device == "cpu"
 
 
 @pytest.fixture(autouse=True)
@@ -62,3 +84,8 @@ def poison_new_buffers():
     assert torch.utils.deterministic.fill_uninitialized_memory
     yield
     torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def compiled_backends(spec, device_type):
+    """Every non-reference backend that can run ``spec`` on ``device_type`` here."""
+    return [b for b in ("cpu", "cuda", "triton") if _backend.unavailable(spec, b, device_type) is None]

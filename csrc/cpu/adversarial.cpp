@@ -1,4 +1,4 @@
-// CPU kernels of fgsm_perturb_out and pgd_step_out: one pass over contiguous buffers,
+// CPU kernels of fgsm_perturb and pgd_step (and their in-place forms): one pass over contiguous buffers,
 // chunks of the flat range in parallel (at::parallel_for), bfloat16 / float16 widened to
 // float32 and rounded once at the store. A chunk is cut at sample boundaries when a
 // per-sample eps or step size applies, so each run sees constant scalars.
@@ -37,14 +37,13 @@ void for_each_run(int64_t numel, const StepParams<acc_t>& p, const Run& run) {
   });
 }
 
-void fgsm_perturb_out_cpu(const at::Tensor& x, const at::Tensor& grad, double eps,
-                          const std::optional<at::Tensor>& eps_per_sample, std::optional<double> clamp_min,
-                          std::optional<double> clamp_max, const at::Tensor& out) {
-  adv::check_buffers("fgsm_perturb_out", out, {&x, &grad});
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fgsm_perturb_out_cpu", [&] {
+void fgsm_into(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& eps,
+               const std::optional<at::Tensor>& clamp_min, const std::optional<at::Tensor>& clamp_max,
+               const at::Tensor& out) {
+  adv::check_buffers("fgsm_perturb", out, {&x, &grad});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fgsm_perturb_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto p = adv::make_params<acc_t>("fgsm_perturb_out", out, eps, eps_per_sample, 0.0, std::nullopt,
-                                      clamp_min, clamp_max);
+    const auto p = adv::make_params<acc_t>("fgsm_perturb", out, eps, nullptr, clamp_min, clamp_max);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
@@ -56,15 +55,13 @@ void fgsm_perturb_out_cpu(const at::Tensor& x, const at::Tensor& grad, double ep
   });
 }
 
-void pgd_step_out_cpu(const at::Tensor& x_adv, const at::Tensor& x_orig, const at::Tensor& grad, double step_size,
-                      const std::optional<at::Tensor>& step_per_sample, double eps,
-                      const std::optional<at::Tensor>& eps_per_sample, std::optional<double> clamp_min,
-                      std::optional<double> clamp_max, const at::Tensor& out) {
-  adv::check_buffers("pgd_step_out", out, {&x_adv, &x_orig, &grad});
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_adv.scalar_type(), "pgd_step_out_cpu", [&] {
+void pgd_into(const at::Tensor& x_adv, const at::Tensor& x_orig, const at::Tensor& grad, const at::Tensor& step_size,
+              const at::Tensor& eps, const std::optional<at::Tensor>& clamp_min,
+              const std::optional<at::Tensor>& clamp_max, const at::Tensor& out) {
+  adv::check_buffers("pgd_step", out, {&x_adv, &x_orig, &grad});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_adv.scalar_type(), "pgd_step_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto p = adv::make_params<acc_t>("pgd_step_out", out, step_size, step_per_sample, eps, eps_per_sample,
-                                      clamp_min, clamp_max);
+    const auto p = adv::make_params<acc_t>("pgd_step", out, step_size, &eps, clamp_min, clamp_max);
     const scalar_t* ap = x_adv.const_data_ptr<scalar_t>();
     const scalar_t* xp = x_orig.const_data_ptr<scalar_t>();
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
@@ -78,11 +75,39 @@ void pgd_step_out_cpu(const at::Tensor& x_adv, const at::Tensor& x_orig, const a
   });
 }
 
+at::Tensor fgsm_perturb_cpu(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& eps,
+                            const std::optional<at::Tensor>& clamp_min, const std::optional<at::Tensor>& clamp_max) {
+  auto out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  fgsm_into(x, grad, eps, clamp_min, clamp_max, out);
+  return out;
+}
+
+void fgsm_perturb_cpu_(at::Tensor& x, const at::Tensor& grad, const at::Tensor& eps,
+                       const std::optional<at::Tensor>& clamp_min, const std::optional<at::Tensor>& clamp_max) {
+  fgsm_into(x, grad, eps, clamp_min, clamp_max, x);  // elementwise: the output may be the input
+}
+
+at::Tensor pgd_step_cpu(const at::Tensor& x_adv, const at::Tensor& x_orig, const at::Tensor& grad,
+                        const at::Tensor& step_size, const at::Tensor& eps, const std::optional<at::Tensor>& clamp_min,
+                        const std::optional<at::Tensor>& clamp_max) {
+  auto out = at::empty_like(x_adv, at::MemoryFormat::Contiguous);
+  pgd_into(x_adv, x_orig, grad, step_size, eps, clamp_min, clamp_max, out);
+  return out;
+}
+
+void pgd_step_cpu_(at::Tensor& x_adv, const at::Tensor& x_orig, const at::Tensor& grad, const at::Tensor& step_size,
+                   const at::Tensor& eps, const std::optional<at::Tensor>& clamp_min,
+                   const std::optional<at::Tensor>& clamp_max) {
+  pgd_into(x_adv, x_orig, grad, step_size, eps, clamp_min, clamp_max, x_adv);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lepton_fast, CPU, m) {
-  m.impl("fgsm_perturb_out", &fgsm_perturb_out_cpu);
-  m.impl("pgd_step_out", &pgd_step_out_cpu);
+  m.impl("fgsm_perturb", &fgsm_perturb_cpu);
+  m.impl("fgsm_perturb_", &fgsm_perturb_cpu_);
+  m.impl("pgd_step", &pgd_step_cpu);
+  m.impl("pgd_step_", &pgd_step_cpu_);
 }
 
 }  // namespace lepton_fast

@@ -1,4 +1,4 @@
-// The interface between kd_loss.cpp (argument checks, allocation, threads) and the row
+// The interface between kd_loss.cpp (tensor checks, allocation, threads) and the row
 // kernel, which is compiled once per CPU capability (kd_loss_rows_<isa>.cpp) and chosen at
 // run time. Only baseline headers here: the ISA files include this before they switch the
 // instruction set, so nothing shared gets compiled for AVX2/AVX-512.
@@ -24,7 +24,7 @@ struct KDRows {
   int64_t t_stride;
   c10::ScalarType dtype;
   KDParams p;
-  float grad_scale;
+  double grad_scale;  // multiplies the gradient: 1 / the divisor of a mean, else 1
 };
 
 // Rows [begin, end) of `a`; one function per instruction set, all with the same results up

@@ -1,6 +1,6 @@
-// The row kernel of kd_loss_forward, vectorised with at::vec. Each kd_loss_rows_<isa>.cpp
-// includes it once, after choosing the instruction set and CPU_CAPABILITY; the code below
-// is in an anonymous namespace, so the copies never meet at link time.
+// The row kernel of fused_kd_loss, vectorised with at::vec. Each isa_<isa>.cpp includes it
+// once (through isa_kernels.h), after choosing the instruction set and CPU_CAPABILITY; the
+// code below is in an anonymous namespace, so the copies never meet at link time.
 //
 // One row, z = x / T (csrc/kd_loss.h has the formulas):
 //   pass 1 reads s and t from memory: lane-wise online softmax statistics of z_s and z_t

@@ -1,4 +1,4 @@
-// CPU kernels of select_pseudo_labels and pseudo_label_loss_forward (math in ../pseudo_labels.h).
+// CPU kernels of select_pseudo_labels and fused_pseudo_label_loss (math in ../pseudo_labels.h).
 // Rows run in parallel. Each row is copied once into float scratch (a few KB, it stays in
 // L1/L2), then max, exp-and-sum and the gradient run over the scratch in SIMD: two exps per
 // element (weak and strong), each stored and reused by the gradient. float64 runs scalar.
@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../pseudo_labels.h"
+#include "grad_buffer.h"
 
 namespace lepton_fast {
 namespace {
@@ -177,25 +178,37 @@ void load_row(const scalar_t* x, acc_t* out, int64_t n, acc_t scale) {
   for (int64_t j = 0; j < n; ++j) out[j] = acc_t(x[j]) * scale;
 }
 
+// A row whose softmax is undefined (entirely -inf, or NaN in it) came out NaN.
+template <typename acc_t>
+void check_rows_defined(const acc_t* values, int64_t n_rows, const char* op, const char* name) {
+  for (int64_t row = 0; row < n_rows; ++row) {
+    TORCH_CHECK_VALUE(!std::isnan(values[row]), op, ": row ", row, " of ", name,
+                      " is entirely -inf, or holds +inf or NaN, so its softmax is undefined");
+  }
+}
+
 // Rows are independent; aim for a few hundred KB of input per task.
 int64_t grain(int64_t n_classes) { return std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(n_classes, 1)); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> select_pseudo_labels_cpu(
-    const at::Tensor& logits, const std::optional<at::Tensor>& class_thresholds, double threshold,
-    double temperature) {
-  check_rows(logits, "select_pseudo_labels", "logits");
-  const auto p = make_pseudo_label_params(threshold, temperature, false, 1.0, false);
+    const at::Tensor& logits, const at::Tensor& threshold, const at::Tensor& temperature,
+    const std::optional<at::Tensor>& class_thresholds) {
+  LF_CHECK_ROWS(logits);
+  const auto p = make_pseudo_label_params(threshold, temperature, false, false);
   const int64_t n_rows = logits.size(0), n_classes = logits.size(1);
   at::Tensor thresholds;
-  if (class_thresholds) thresholds = class_thresholds->to(at::kFloat).contiguous();
+  if (class_thresholds) {
+    LF_CHECK_SHAPE(*class_thresholds, n_classes);
+    thresholds = class_thresholds->to(at::kFloat).contiguous();
+  }
   auto acc_type = at::toOpMathType(logits.scalar_type());
   auto labels = at::empty({n_rows}, logits.options().dtype(at::kLong));
   auto confidence = at::empty({n_rows}, logits.options().dtype(acc_type));
   auto mask = at::empty({n_rows}, logits.options().dtype(at::kBool));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "select_pseudo_labels_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto* x = logits.data_ptr<scalar_t>();
-    const float* ct = class_thresholds ? thresholds.data_ptr<float>() : nullptr;
+    const auto* x = logits.const_data_ptr<scalar_t>();
+    const float* ct = class_thresholds ? thresholds.const_data_ptr<float>() : nullptr;
     auto* y = labels.data_ptr<int64_t>();
     auto* c = confidence.data_ptr<acc_t>();
     auto* m = mask.data_ptr<bool>();
@@ -211,40 +224,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_pseudo_labels_cpu(
         m[row] = selected;
       }
     });
+    check_rows_defined(c, n_rows, "select_pseudo_labels", "logits");
   });
   return {labels, confidence, mask};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pseudo_label_loss_forward_cpu(
-    const at::Tensor& strong, const at::Tensor& weak, const std::optional<at::Tensor>& class_thresholds,
-    const std::optional<at::Tensor>& weights, double threshold, double temperature, bool soft, double grad_scale,
-    bool compute_grad) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_pseudo_label_loss_cpu(
+    const at::Tensor& strong, const at::Tensor& weak, const at::Tensor& threshold, const at::Tensor& temperature,
+    bool soft, const std::optional<at::Tensor>& class_thresholds, const std::optional<at::Tensor>& weights,
+    c10::string_view reduction, bool compute_grad) {
   check_views(strong, weak);
-  const auto p = make_pseudo_label_params(threshold, temperature, soft, grad_scale, compute_grad);
+  const auto p = make_pseudo_label_params(threshold, temperature, soft, compute_grad);
+  const Reduction how = parse_reduction(reduction);
   const int64_t n_rows = strong.size(0), n_classes = strong.size(1);
   const auto acc_type = at::toOpMathType(strong.scalar_type());
+  // "mean" averages over ALL rows (FixMatch), so its 1/N folds into the gradient.
+  const double grad_scale = how == Reduction::kMean ? 1.0 / std::max<int64_t>(n_rows, 1) : 1.0;
   at::Tensor thresholds, row_weights;
   if (class_thresholds) {
-    TORCH_CHECK(class_thresholds->numel() == n_classes, "class_thresholds must have C = ", n_classes, " entries");
+    LF_CHECK_SHAPE(*class_thresholds, n_classes);
     thresholds = class_thresholds->to(at::kFloat).contiguous();
   }
   if (weights) {
-    TORCH_CHECK(weights->numel() == n_rows, "weights must have N = ", n_rows, " entries");
+    LF_CHECK_SHAPE(*weights, n_rows);
     row_weights = weights->to(acc_type).contiguous();
   }
   auto rows = at::empty({n_rows}, strong.options().dtype(acc_type));
-  auto grad = compute_grad ? at::empty({n_rows, n_classes}, strong.options()) : at::empty({0}, strong.options());
+  auto grad = compute_grad ? cpu::GradientBlockCache::get().empty_like(strong) : at::empty({0}, strong.options());
   auto labels = at::empty({n_rows}, strong.options().dtype(at::kLong));
   auto confidence = at::empty({n_rows}, strong.options().dtype(acc_type));
   auto mask = at::empty({n_rows}, strong.options().dtype(at::kBool));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, strong.scalar_type(), "pseudo_label_loss_forward_cpu", [&] {
+  auto counts = at::zeros({n_classes}, strong.options().dtype(at::kLong));
+  at::Tensor loss;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, strong.scalar_type(), "fused_pseudo_label_loss_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto* s_ptr = strong.data_ptr<scalar_t>();
-    const auto* w_ptr = weak.data_ptr<scalar_t>();
-    const float* ct = class_thresholds ? thresholds.data_ptr<float>() : nullptr;
-    const acc_t* wt = weights ? row_weights.data_ptr<acc_t>() : nullptr;
+    const auto* s_ptr = strong.const_data_ptr<scalar_t>();
+    const auto* w_ptr = weak.const_data_ptr<scalar_t>();
+    const float* ct = class_thresholds ? thresholds.const_data_ptr<float>() : nullptr;
+    const acc_t* wt = weights ? row_weights.const_data_ptr<acc_t>() : nullptr;
     auto* g_ptr = compute_grad ? grad.data_ptr<scalar_t>() : nullptr;
-    auto* loss = rows.data_ptr<acc_t>();
+    auto* loss_rows = rows.data_ptr<acc_t>();
     auto* y = labels.data_ptr<int64_t>();
     auto* c = confidence.data_ptr<acc_t>();
     auto* m = mask.data_ptr<bool>();
@@ -263,7 +282,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pseudo_la
         c[row] = wr.confidence;
         m[row] = selected;
         if (weight == acc_t(0)) {
-          loss[row] = 0;
+          loss_rows[row] = 0;
           if (g) std::fill(g, g + n_classes, scalar_t(0));
           continue;
         }
@@ -273,9 +292,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pseudo_la
         const acc_t dot = p.soft ? target_dot(z, e, n_classes) / wr.sum : acc_t(s[wr.label]);
         const acc_t s_sum = exp_shift_sum(e, n_classes, s_max, true);
         const acc_t lse = s_max + std::log(s_sum);
-        loss[row] = weight * pseudo_label_ce(lse, dot);
+        loss_rows[row] = weight * pseudo_label_ce(lse, dot);
         if (!g) continue;
-        const acc_t gw = weight * acc_t(p.grad_scale), inv_s = acc_t(1) / s_sum, inv_w = acc_t(1) / wr.sum;
+        const acc_t gw = weight * acc_t(grad_scale), inv_s = acc_t(1) / s_sum, inv_w = acc_t(1) / wr.sum;
         if (p.soft) {
           for (int64_t j = 0; j < n_classes; ++j) g[j] = scalar_t(pseudo_label_grad(e[j] * inv_s, z[j] * inv_w, gw));
         } else {
@@ -284,15 +303,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pseudo_la
         }
       }
     });
+    check_rows_defined(c, n_rows, "fused_pseudo_label_loss", "weak_logits");
+    check_rows_defined(loss_rows, n_rows, "fused_pseudo_label_loss", "strong_logits");
+    auto* n_selected = counts.data_ptr<int64_t>();
+    double total = 0;
+    for (int64_t row = 0; row < n_rows; ++row) {
+      n_selected[y[row]] += m[row];
+      total += loss_rows[row];
+    }
+    loss = how == Reduction::kNone ? rows
+                                   : at::scalar_tensor(how == Reduction::kMean ? total * grad_scale : total,
+                                                       rows.options());
   });
-  return {rows, grad, labels, confidence, mask};
+  return {loss, grad, labels, confidence, mask, counts};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lepton_fast, CPU, m) {
   m.impl("select_pseudo_labels", &select_pseudo_labels_cpu);
-  m.impl("pseudo_label_loss_forward", &pseudo_label_loss_forward_cpu);
+  m.impl("fused_pseudo_label_loss", &fused_pseudo_label_loss_cpu);
 }
 
 }  // namespace lepton_fast

@@ -1,5 +1,5 @@
 // Include first in a file that compiles at::vec code for one instruction set
-// (kd_loss_rows_avx2.cpp, ...). Everything at::vec includes from outside its own headers is
+// (isa_avx2.cpp, ...). Everything at::vec includes from outside its own headers is
 // included here, before that file switches the instruction set with `#pragma GCC target`,
 // so these inline functions compile for baseline x86-64 in every file. at::vec itself lives
 // in a namespace named after CPU_CAPABILITY and the kernels in anonymous namespaces, so no

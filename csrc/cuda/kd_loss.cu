@@ -1,13 +1,13 @@
-// CUDA kernels of kd_loss_forward and scale_grad_ (schemas in csrc/ops.cpp).
+// CUDA kernels of fused_kd_loss and scale_grad_ (schemas in csrc/ops.cpp).
 //
 // One thread block per row; the block walks the row with 16-byte vector loads when every
 // row is 16-byte aligned. Pass 1 keeps online softmax statistics of student and teacher
 // (and, for forward/reverse KL, E_p[z_p - z_q], which gives the divergence in the same
-// pass: KL(p || q) = E_p[z_p - z_q] - lse_p + lse_q); warp shuffles and shared memory merge
-// them across the block in a fixed order, so results are deterministic. JSD takes one more
-// pass for its row constants. The last pass writes the gradient times grad_scale, which is
-// read on the device: nothing here synchronises with the host. Indexing is 64-bit.
-// The per-element math is csrc/kd_loss.h, shared with the CPU kernel.
+// pass: KL(p || q) = E_p[z_p - z_q] - lse_p + lse_q); a block reduction in a fixed tree
+// merges them, so results are deterministic. JSD takes one more pass for its row constants.
+// The last pass writes the gradient times grad_scale, which is read on the device: nothing
+// here synchronises with the host. Indexing is 64-bit. The per-element math is
+// csrc/kd_loss.h, shared with the CPU kernel.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -17,73 +17,27 @@
 #include <torch/library.h>
 
 #include "../kd_loss.h"
+#include "common.cuh"
 
 namespace lepton_fast {
+
+// The warp exchange block_reduce needs, beside the statistic's type (found by ADL).
+template <typename acc_t>
+__device__ __forceinline__ WeightedSoftmaxStats<acc_t> shfl_xor(const WeightedSoftmaxStats<acc_t>& a, int lane_mask) {
+  WeightedSoftmaxStats<acc_t> o;
+  o.max = __shfl_xor_sync(0xffffffffu, a.max, lane_mask);
+  o.sum = __shfl_xor_sync(0xffffffffu, a.sum, lane_mask);
+  o.weighted = __shfl_xor_sync(0xffffffffu, a.weighted, lane_mask);
+  return o;
+}
+
 namespace {
 
-constexpr int kWarp = 32;
-
-template <typename scalar_t, int kVec>
-struct alignas(sizeof(scalar_t) * kVec) Pack {
-  scalar_t v[kVec];
-};
-
-template <typename scalar_t, int kVec>
-__device__ __forceinline__ Pack<scalar_t, kVec> load_pack(const scalar_t* p) {
-  return *reinterpret_cast<const Pack<scalar_t, kVec>*>(p);
-}
-
-template <typename scalar_t, int kVec>
-__device__ __forceinline__ void store_pack(scalar_t* p, const Pack<scalar_t, kVec>& x) {
-  *reinterpret_cast<Pack<scalar_t, kVec>*>(p) = x;
-}
-
-// Block-wide merge of per-thread softmax statistics; every thread gets the result.
-// `smem` holds 3 values per warp. The tree is fixed, so the result is deterministic.
-template <typename acc_t, int kThreads>
-__device__ WeightedSoftmaxStats<acc_t> block_merge(WeightedSoftmaxStats<acc_t> st, acc_t* smem) {
-  constexpr int kWarps = kThreads / kWarp;
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    WeightedSoftmaxStats<acc_t> o;
-    o.max = __shfl_xor_sync(0xffffffffu, st.max, offset);
-    o.sum = __shfl_xor_sync(0xffffffffu, st.sum, offset);
-    o.weighted = __shfl_xor_sync(0xffffffffu, st.weighted, offset);
-    st.merge(o);
-  }
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  __syncthreads();  // smem may still be read by the previous reduction
-  if (lane == 0) {
-    smem[warp] = st.max;
-    smem[kWarps + warp] = st.sum;
-    smem[2 * kWarps + warp] = st.weighted;
-  }
-  __syncthreads();
-  WeightedSoftmaxStats<acc_t> total;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) {
-    WeightedSoftmaxStats<acc_t> o;
-    o.max = smem[w];
-    o.sum = smem[kWarps + w];
-    o.weighted = smem[2 * kWarps + w];
-    total.merge(o);
-  }
-  return total;
-}
-
-template <typename acc_t, int kThreads>
-__device__ acc_t block_sum(acc_t v, acc_t* smem) {
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  __syncthreads();
-  if (lane == 0) smem[warp] = v;
-  __syncthreads();
-  acc_t total = smem[0];
-#pragma unroll
-  for (int w = 1; w < kThreads / kWarp; ++w) total += smem[w];
-  return total;
-}
+using cuda::block_reduce;
+using cuda::load_pack;
+using cuda::Pack;
+using cuda::store_pack;
+using cuda::Sum;
 
 // Calls f(i) for this thread's columns i = first, first + step, ... below n, in reverse order
 // when `reverse`. The passes over a row alternate direction, so that each re-read starts on
@@ -107,8 +61,6 @@ __global__ void __launch_bounds__(kThreads)
                    int64_t n_classes, int64_t s_stride, int64_t t_stride, KDParams p) {
   using acc_t = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, kVec>;
-  __shared__ acc_t smem_stats[3 * (kThreads / kWarp)];
-  __shared__ acc_t smem_sum[kThreads / kWarp];
 
   const int64_t row = blockIdx.x;
   const scalar_t* s = student + row * s_stride;
@@ -116,6 +68,8 @@ __global__ void __launch_bounds__(kThreads)
   scalar_t* g = grad + row * n_classes;
   const int64_t first = int64_t(threadIdx.x) * kVec, step = int64_t(kThreads) * kVec;
   const int64_t label = p.has_labels ? labels[row] : -1;
+  // The labels' range, checked where they are read (as ATen's nll_loss does on the GPU).
+  CUDA_KERNEL_ASSERT(!p.has_labels || label == p.ignore_index || (label >= 0 && label < n_classes));
 
   if (p.has_labels && label == p.ignore_index) {
     if (threadIdx.x == 0) loss[row] = 0;
@@ -155,8 +109,8 @@ __global__ void __launch_bounds__(kThreads)
   }
   acc_t lse_s = 0, lse_t = 0, lse_1 = 0, row_loss = 0, k_s = 0;
   if (p.needs_soft) {
-    st_s = block_merge<acc_t, kThreads>(st_s, smem_stats);
-    st_t = block_merge<acc_t, kThreads>(st_t, smem_stats);
+    st_s = block_reduce(st_s);
+    st_t = block_reduce(st_t);
     lse_s = st_s.lse();
     lse_t = st_t.lse();
     acc_t div;
@@ -179,18 +133,18 @@ __global__ void __launch_bounds__(kThreads)
           d_part += beta * kl_term(lpt, lm) + (1 - beta) * ks;
         }
       });
-      div = block_sum<acc_t, kThreads>(d_part, smem_sum);
-      k_s = block_sum<acc_t, kThreads>(k_part, smem_sum);
+      div = block_reduce(Sum<acc_t>{d_part}).value;
+      k_s = block_reduce(Sum<acc_t>{k_part}).value;
     }
     row_loss = acc_t(p.soft_weight) * div;
   }
   const acc_t eps = p.label_smoothing, smooth = eps / acc_t(n_classes);
   if (p.needs_ce) {
-    st_1 = block_merge<acc_t, kThreads>(st_1, smem_stats);
+    st_1 = block_reduce(st_1);
     lse_1 = st_1.lse();
     acc_t ce = lse_1 - (1 - eps) * acc_t(s[label]);
     // Only with smoothing: a masked (-inf) logit makes the sum -inf, and 0 * -inf is NaN.
-    if (eps > 0) ce -= smooth * block_sum<acc_t, kThreads>(sum_x, smem_sum);
+    if (eps > 0) ce -= smooth * block_reduce(Sum<acc_t>{sum_x}).value;
     row_loss += acc_t(p.alpha) * ce;
   }
   if (threadIdx.x == 0) loss[row] = row_loss;
@@ -218,59 +172,79 @@ __global__ void __launch_bounds__(kThreads)
   });
 }
 
-// 16 bytes per load when every row of every operand starts on a 16-byte boundary.
-template <typename scalar_t>
-bool rows_aligned(const at::Tensor& x, int64_t row_stride) {
-  constexpr int64_t kBytes = 16;
-  return reinterpret_cast<uintptr_t>(x.data_ptr()) % kBytes == 0 && (row_stride * int64_t(sizeof(scalar_t))) % kBytes == 0;
-}
-
 template <typename scalar_t, int kVec, int kThreads>
 void launch_kd(const at::Tensor& student, const at::Tensor& teacher, const int64_t* labels, at::Tensor& grad,
-               at::Tensor& loss, const at::Tensor& grad_scale, const KDParams& p) {
+               at::Tensor& rows, const at::Tensor& grad_scale, const KDParams& p) {
   const int64_t n_rows = student.size(0);
   kd_loss_kernel<scalar_t, kVec, kThreads><<<n_rows, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(), labels,
-      p.compute_grad ? grad.data_ptr<scalar_t>() : nullptr, loss.data_ptr<at::opmath_type<scalar_t>>(),
-      grad_scale.data_ptr<float>(), student.size(1), student.stride(0), teacher.stride(0), p);
+      student.const_data_ptr<scalar_t>(), teacher.const_data_ptr<scalar_t>(), labels,
+      p.compute_grad ? grad.data_ptr<scalar_t>() : nullptr, rows.data_ptr<at::opmath_type<scalar_t>>(),
+      grad_scale.const_data_ptr<float>(), student.size(1), student.stride(0), teacher.stride(0), p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor> kd_loss_forward_cuda(
-    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
-    const at::Tensor& grad_scale, double temperature, c10::string_view divergence, double beta,
-    double alpha, double label_smoothing, int64_t ignore_index, bool scale_by_t2, bool compute_grad) {
-  check_kd_inputs(student, teacher, labels, grad_scale);
-  const KDParams p = make_kd_params(temperature, divergence, beta, alpha, label_smoothing, ignore_index, scale_by_t2,
+std::tuple<at::Tensor, at::Tensor> fused_kd_loss_cuda(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits, const std::optional<at::Tensor>& labels,
+    const at::Tensor& temperature, const at::Tensor& beta, const at::Tensor& alpha, const at::Tensor& label_smoothing,
+    c10::string_view divergence, int64_t ignore_index, bool scale_by_t2, c10::string_view reduction,
+    const std::optional<at::Tensor>& num_items_in_batch, bool compute_grad) {
+  check_kd_inputs(student_logits, teacher_logits, labels);
+  const KDParams p = make_kd_params(temperature, beta, alpha, label_smoothing, divergence, ignore_index, scale_by_t2,
                                     labels.has_value(), compute_grad);
-  const c10::cuda::CUDAGuard guard(student.device());
-  const int64_t n_rows = student.size(0), n_classes = student.size(1);
-  TORCH_CHECK(n_rows <= int64_t(std::numeric_limits<int32_t>::max()), "kd_loss_forward: at most 2^31 - 1 rows");
+  const Reduction how = parse_reduction(reduction);
+  const c10::cuda::CUDAGuard guard(student_logits.device());
+  const int64_t n_rows = student_logits.size(0), n_classes = student_logits.size(1);
+  TORCH_CHECK(n_rows <= int64_t(std::numeric_limits<int32_t>::max()), "fused_kd_loss: at most 2^31 - 1 rows");
+  const auto device = student_logits.device();
   at::Tensor labels64;
   if (labels) {
-    labels64 = labels->to(at::kLong).contiguous();
+    labels64 = labels->contiguous();
+    LF_CHECK_DTYPE(labels64, at::kLong);
   }
-  auto loss = at::empty({n_rows}, student.options().dtype(at::toOpMathType(student.scalar_type())));
-  auto grad = compute_grad ? at::empty({n_rows, n_classes}, student.options()) : at::empty({0}, student.options());
-  if (n_rows == 0 || n_classes == 0) return {loss, grad};
-  const int64_t* y = labels ? labels64.data_ptr<int64_t>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "kd_loss_forward_cuda", [&] {
-    constexpr int kVec = 16 / sizeof(scalar_t);
-    const bool vec = rows_aligned<scalar_t>(student, student.stride(0)) &&
-                     rows_aligned<scalar_t>(teacher, teacher.stride(0)) && n_classes % kVec == 0;
-    // Wide rows get more threads per row; narrow rows fewer, so more rows share an SM.
-    const bool wide = n_classes >= 8192;
-    if (vec && wide) {
-      launch_kd<scalar_t, kVec, 1024>(student, teacher, y, grad, loss, grad_scale, p);
-    } else if (vec) {
-      launch_kd<scalar_t, kVec, 128>(student, teacher, y, grad, loss, grad_scale, p);
-    } else if (wide) {
-      launch_kd<scalar_t, 1, 1024>(student, teacher, y, grad, loss, grad_scale, p);
-    } else {
-      launch_kd<scalar_t, 1, 128>(student, teacher, y, grad, loss, grad_scale, p);
-    }
-  });
-  return {loss, grad};
+  // What a "mean" divides by: the rows not ignored (counted on the device, at least 1), or
+  // num_items_in_batch. Its reciprocal scales the gradient, read by the kernel on the device.
+  at::Tensor divisor;
+  if (num_items_in_batch) {
+    divisor = num_items_in_batch->to(device, at::kFloat);
+  } else if (how == Reduction::kMean) {
+    divisor = labels ? (labels64 != ignore_index).sum().clamp_min(1).to(at::kFloat)
+                     : at::scalar_tensor(static_cast<double>(std::max<int64_t>(n_rows, 1)),
+                                         student_logits.options().dtype(at::kFloat));
+  }
+  const at::Tensor grad_scale =
+      divisor.defined() && how != Reduction::kNone ? divisor.reciprocal()
+                                                   : at::ones({}, student_logits.options().dtype(at::kFloat));
+  const auto acc_type = at::toOpMathType(student_logits.scalar_type());
+  auto rows = at::empty({n_rows}, student_logits.options().dtype(acc_type));
+  auto grad = compute_grad ? at::empty_like(student_logits, at::MemoryFormat::Contiguous)
+                           : at::empty({0}, student_logits.options());
+  if (n_rows > 0 && n_classes > 0) {
+    const int64_t* y = labels ? labels64.const_data_ptr<int64_t>() : nullptr;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student_logits.scalar_type(), "fused_kd_loss_cuda", [&] {
+      constexpr int kVec = 16 / sizeof(scalar_t);
+      const bool vec = cuda::rows_aligned16<scalar_t>(student_logits.const_data_ptr(), student_logits.stride(0)) &&
+                       cuda::rows_aligned16<scalar_t>(teacher_logits.const_data_ptr(), teacher_logits.stride(0)) &&
+                       n_classes % kVec == 0;
+      // Wide rows get more threads per row; narrow rows fewer, so more rows share an SM.
+      const bool wide = n_classes >= 8192;
+      if (vec && wide) {
+        launch_kd<scalar_t, kVec, 1024>(student_logits, teacher_logits, y, grad, rows, grad_scale, p);
+      } else if (vec) {
+        launch_kd<scalar_t, kVec, 128>(student_logits, teacher_logits, y, grad, rows, grad_scale, p);
+      } else if (wide) {
+        launch_kd<scalar_t, 1, 1024>(student_logits, teacher_logits, y, grad, rows, grad_scale, p);
+      } else {
+        launch_kd<scalar_t, 1, 128>(student_logits, teacher_logits, y, grad, rows, grad_scale, p);
+      }
+    });
+  }
+  // A row whose softmax is undefined came out NaN: an error at the next synchronisation.
+  at::_assert_async(at::logical_not(at::isnan(rows).any()),
+                    "fused_kd_loss: a row of student_logits or teacher_logits is entirely -inf, or holds +inf or NaN, "
+                    "so its softmax is undefined");
+  if (how == Reduction::kNone) return {rows, grad};
+  at::Tensor total = rows.sum();
+  return {divisor.defined() ? total / divisor.to(acc_type) : total, grad};
 }
 
 // grad *= scale. A 0-d scale equal to 1 is tested by every block on the device, which then
@@ -324,20 +298,17 @@ void scale_grad_cuda(at::Tensor& grad, const at::Tensor& scale) {
     constexpr int kVec = 16 / sizeof(scalar_t);
     const bool vec = reinterpret_cast<uintptr_t>(grad.data_ptr()) % 16 == 0 && grad.numel() % kVec == 0 &&
                      (!per_row || n_classes % kVec == 0);
-    if (per_row) {
-      vec ? launch_scale<scalar_t, kVec, true>(grad, factor, n_classes)
-          : launch_scale<scalar_t, 1, true>(grad, factor, n_classes);
-    } else {
-      vec ? launch_scale<scalar_t, kVec, false>(grad, factor, n_classes)
-          : launch_scale<scalar_t, 1, false>(grad, factor, n_classes);
-    }
+    BOOL_SWITCH(per_row, kPerRow, [&] {
+      vec ? launch_scale<scalar_t, kVec, kPerRow>(grad, factor, n_classes)
+          : launch_scale<scalar_t, 1, kPerRow>(grad, factor, n_classes);
+    });
   });
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lepton_fast, CUDA, m) {
-  m.impl("kd_loss_forward", &kd_loss_forward_cuda);
+  m.impl("fused_kd_loss", &fused_kd_loss_cuda);
   m.impl("scale_grad_", &scale_grad_cuda);
 }
 

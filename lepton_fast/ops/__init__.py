@@ -1,1 +1,2 @@
-"""One module per op: argument checks, backend choice, and the torch.ops.lepton_fast custom op."""
+"""One module per op family: the public function (argument checks, then the op), the fake
+kernels of its schemas, and its entry in the backend table (lepton_fast._backend)."""

@@ -7,7 +7,6 @@ the result never carries a graph.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Union
 
 import torch
@@ -15,71 +14,30 @@ from torch import Tensor
 
 from lepton_fast import _backend, _validate, reference
 
-FGSM_SPEC = _backend.register("fgsm_perturb", kernel="fgsm_perturb_out", triton="adversarial")
-PGD_SPEC = _backend.register("pgd_step", kernel="pgd_step_out", triton="adversarial")
+FGSM_SPEC = _backend.register("fgsm_perturb", triton="adversarial")
+FGSM_INPLACE_SPEC = _backend.register("fgsm_perturb_", triton="adversarial")
+PGD_SPEC = _backend.register("pgd_step", triton="adversarial")
+PGD_INPLACE_SPEC = _backend.register("pgd_step_", triton="adversarial")
 
 Scalar = Union[float, Tensor]
 
+if _backend.extension().module is not None:
 
-def _kernel(spec, backend: str):
-    if backend in ("cpu", "cuda"):
-        return getattr(torch.ops.lepton_fast, spec.kernel)
-    return getattr(_backend.triton_kernels(spec), spec.kernel)
+    @torch.library.register_fake("lepton_fast::fgsm_perturb")
+    def _(x, grad, eps, clamp_min, clamp_max):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
 
+    @torch.library.register_fake("lepton_fast::fgsm_perturb_")
+    def _(x, grad, eps, clamp_min, clamp_max):
+        return None
 
-# The kernels take flat contiguous buffers; an [N] per-sample tensor applies to runs of
-# numel / N consecutive elements.
-def _flat(x: Tensor) -> Tensor:
-    return x.contiguous()
+    @torch.library.register_fake("lepton_fast::pgd_step")
+    def _(x_adv, x_orig, grad, step_size, eps, clamp_min, clamp_max):
+        return torch.empty_like(x_adv, memory_format=torch.contiguous_format)
 
-
-@torch.library.custom_op("lepton_fast::fgsm_perturb", mutates_args=())
-def _fgsm(x: Tensor, grad: Tensor, eps: float, eps_per_sample: Optional[Tensor],
-          clamp_min: Optional[float], clamp_max: Optional[float], backend: str) -> Tensor:
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    _kernel(FGSM_SPEC, backend)(_flat(x), _flat(grad), eps, eps_per_sample, clamp_min, clamp_max, out)
-    return out
-
-
-@_fgsm.register_fake
-def _(x, grad, eps, eps_per_sample, clamp_min, clamp_max, backend):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("lepton_fast::fgsm_perturb_", mutates_args=("x",))
-def _fgsm_(x: Tensor, grad: Tensor, eps: float, eps_per_sample: Optional[Tensor],
-           clamp_min: Optional[float], clamp_max: Optional[float], backend: str) -> None:
-    # The kernels are elementwise, so the output may be the input itself.
-    target = x if x.is_contiguous() else x.contiguous()
-    _kernel(FGSM_SPEC, backend)(target, _flat(grad), eps, eps_per_sample, clamp_min, clamp_max, target)
-    if target is not x:
-        x.copy_(target)
-
-
-@torch.library.custom_op("lepton_fast::pgd_step", mutates_args=())
-def _pgd(x_adv: Tensor, x_orig: Tensor, grad: Tensor, step_size: float, step_per_sample: Optional[Tensor],
-         eps: float, eps_per_sample: Optional[Tensor], clamp_min: Optional[float], clamp_max: Optional[float],
-         backend: str) -> Tensor:
-    out = torch.empty_like(x_adv, memory_format=torch.contiguous_format)
-    _kernel(PGD_SPEC, backend)(_flat(x_adv), _flat(x_orig), _flat(grad), step_size, step_per_sample, eps,
-                               eps_per_sample, clamp_min, clamp_max, out)
-    return out
-
-
-@_pgd.register_fake
-def _(x_adv, x_orig, grad, step_size, step_per_sample, eps, eps_per_sample, clamp_min, clamp_max, backend):
-    return torch.empty_like(x_adv, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("lepton_fast::pgd_step_", mutates_args=("x_adv",))
-def _pgd_(x_adv: Tensor, x_orig: Tensor, grad: Tensor, step_size: float, step_per_sample: Optional[Tensor],
-          eps: float, eps_per_sample: Optional[Tensor], clamp_min: Optional[float], clamp_max: Optional[float],
-          backend: str) -> None:
-    target = x_adv if x_adv.is_contiguous() else x_adv.contiguous()
-    _kernel(PGD_SPEC, backend)(target, _flat(x_orig), _flat(grad), step_size, step_per_sample, eps,
-                               eps_per_sample, clamp_min, clamp_max, target)
-    if target is not x_adv:
-        x_adv.copy_(target)
+    @torch.library.register_fake("lepton_fast::pgd_step_")
+    def _(x_adv, x_orig, grad, step_size, eps, clamp_min, clamp_max):
+        return None
 
 
 # --- argument checks ---------------------------------------------------------------------------
@@ -101,13 +59,14 @@ def _check_like(name: str, t, ref_name: str, ref: Tensor) -> Tensor:
     return t
 
 
-def _check_size(name: str, value, x: Tensor):
-    """A float >= 0, or a per-sample [N] (or 0-d) tensor >= 0: returns (float, tensor or None).
+def _check_size(name: str, value, x: Tensor) -> Tensor:
+    """A number >= 0 (a 0-d float64 CPU tensor for the kernels), or a per-sample [N] (or 0-d)
+    tensor >= 0 in x's opmath dtype on x's device.
 
     The sign check of a tensor reads it: eagerly on CPU, with torch._assert_async elsewhere,
     so that nothing synchronises with the host.
     """
-    if isinstance(value, Tensor):
+    if isinstance(value, Tensor) and (value.dim() > 0 or value.device != torch.device("cpu")):
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a float or a floating-point tensor, got {value.dtype}")
         if x.dim() == 0:
@@ -122,13 +81,8 @@ def _check_size(name: str, value, x: Tensor):
         value = value.detach().to(torch.promote_types(x.dtype, torch.float32)).contiguous()
         bad = ~(torch.isfinite(value) & (value >= 0))
         _validate.no_bad_values(bad, f"{name} must be finite and >= 0 for every sample", value)
-        return 0.0, value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
-    value = float(value)
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-    return value, None
+        return value
+    return _validate.non_negative(name, value)
 
 
 def _check_clamp(clamp):
@@ -136,10 +90,10 @@ def _check_clamp(clamp):
         return None, None
     try:
         lo, hi = clamp
-        lo, hi = float(lo), float(hi)
     except (TypeError, ValueError):
         raise TypeError(f"clamp must be None or a pair (min, max) of numbers, got {clamp!r}") from None
-    if math.isnan(lo) or math.isnan(hi) or lo > hi:
+    lo, hi = _validate.hyper("clamp[0]", lo), _validate.hyper("clamp[1]", hi)
+    if not torch.compiler.is_compiling() and float(lo) > float(hi):
         raise ValueError(f"clamp must be (min, max) with min <= max, got {clamp!r}")
     return lo, hi
 
@@ -156,9 +110,13 @@ def _sign_operand(grad: Tensor, x: Tensor) -> Tensor:
 def _fgsm_args(x, grad, eps, clamp):
     _check_input("x", x)
     _check_like("grad", grad, "x", x)
-    eps, eps_t = _check_size("eps", eps, x)
+    eps = _check_size("eps", eps, x)
     lo, hi = _check_clamp(clamp)
-    return _sign_operand(grad, x), eps, eps_t, lo, hi
+    return _sign_operand(grad, x), eps, lo, hi
+
+
+def _reference_bounds(lo, hi):
+    return None if lo is None else (lo, hi)
 
 
 def fgsm_perturb(x: Tensor, grad: Tensor, eps: Scalar, clamp=(0.0, 1.0), *,
@@ -187,13 +145,13 @@ def fgsm_perturb(x: Tensor, grad: Tensor, eps: Scalar, clamp=(0.0, 1.0), *,
         TypeError: non-tensor or non-floating ``x``/``grad``/``eps``, malformed ``clamp``.
         ValueError: shape or device mismatch, ``eps`` < 0 or not finite, clamp min > max.
     """
-    g, eps, eps_t, lo, hi = _fgsm_args(x, grad, eps, clamp)
+    g, eps, lo, hi = _fgsm_args(x, grad, eps, clamp)
     chosen = _backend.resolve(FGSM_SPEC, x.device, backend)
     x = x.detach()
     if chosen == "reference":
         with torch.no_grad():
-            return reference.fgsm_perturb(x, g, eps if eps_t is None else eps_t, None if lo is None else (lo, hi))
-    return _fgsm(x, g, eps, eps_t, lo, hi, chosen)
+            return reference.fgsm_perturb(x, g, eps, _reference_bounds(lo, hi))
+    return _backend.call(FGSM_SPEC, chosen, x.device.type, x.contiguous(), g.contiguous(), eps, lo, hi)
 
 
 def _check_in_place(name: str, x: Tensor) -> None:
@@ -210,14 +168,17 @@ def fgsm_perturb_(x: Tensor, grad: Tensor, eps: Scalar, clamp=(0.0, 1.0), *,
                   backend: Optional[str] = None) -> Tensor:
     """In-place :func:`fgsm_perturb`: overwrites ``x`` and returns it. ``x`` must not need a
     gradient (an attack's adversarial copy, detached)."""
-    g, eps, eps_t, lo, hi = _fgsm_args(x, grad, eps, clamp)
+    g, eps, lo, hi = _fgsm_args(x, grad, eps, clamp)
     _check_in_place("x", x)
-    chosen = _backend.resolve(FGSM_SPEC, x.device, backend)
+    chosen = _backend.resolve(FGSM_INPLACE_SPEC, x.device, backend)
     with torch.no_grad():
         if chosen == "reference":
-            x.copy_(reference.fgsm_perturb(x, g, eps if eps_t is None else eps_t, None if lo is None else (lo, hi)))
+            x.copy_(reference.fgsm_perturb(x, g, eps, _reference_bounds(lo, hi)))
         else:
-            _fgsm_(x, g, eps, eps_t, lo, hi, chosen)
+            target = x if x.is_contiguous() else x.contiguous()
+            _backend.call(FGSM_INPLACE_SPEC, chosen, x.device.type, target, g.contiguous(), eps, lo, hi)
+            if target is not x:
+                x.copy_(target)
     return x
 
 
@@ -225,11 +186,11 @@ def _pgd_args(x_adv, x_orig, grad, step_size, eps, clamp):
     _check_input("x_adv", x_adv)
     _check_like("x_orig", x_orig, "x_adv", x_adv)
     _check_like("grad", grad, "x_adv", x_adv)
-    step, step_t = _check_size("step_size", step_size, x_adv)
-    eps, eps_t = _check_size("eps", eps, x_adv)
+    step = _check_size("step_size", step_size, x_adv)
+    eps = _check_size("eps", eps, x_adv)
     lo, hi = _check_clamp(clamp)
     x_orig = x_orig.detach().to(x_adv.dtype)
-    return x_orig, _sign_operand(grad, x_adv), step, step_t, eps, eps_t, lo, hi
+    return x_orig, _sign_operand(grad, x_adv), step, eps, lo, hi
 
 
 def pgd_step(x_adv: Tensor, x_orig: Tensor, grad: Tensor, step_size: Scalar, eps: Scalar,
@@ -260,26 +221,29 @@ def pgd_step(x_adv: Tensor, x_orig: Tensor, grad: Tensor, step_size: Scalar, eps
         ValueError: shape or device mismatch, ``step_size`` or ``eps`` < 0 or not finite,
             clamp min > max.
     """
-    x_orig, g, step, step_t, eps, eps_t, lo, hi = _pgd_args(x_adv, x_orig, grad, step_size, eps, clamp)
+    x_orig, g, step, eps, lo, hi = _pgd_args(x_adv, x_orig, grad, step_size, eps, clamp)
     chosen = _backend.resolve(PGD_SPEC, x_adv.device, backend)
     x_adv = x_adv.detach()
     if chosen == "reference":
         with torch.no_grad():
-            return reference.pgd_step(x_adv, x_orig, g, step if step_t is None else step_t,
-                                      eps if eps_t is None else eps_t, None if lo is None else (lo, hi))
-    return _pgd(x_adv, x_orig, g, step, step_t, eps, eps_t, lo, hi, chosen)
+            return reference.pgd_step(x_adv, x_orig, g, step, eps, _reference_bounds(lo, hi))
+    return _backend.call(PGD_SPEC, chosen, x_adv.device.type, x_adv.contiguous(), x_orig.contiguous(), g.contiguous(),
+                         step, eps, lo, hi)
 
 
 def pgd_step_(x_adv: Tensor, x_orig: Tensor, grad: Tensor, step_size: Scalar, eps: Scalar,
               clamp=(0.0, 1.0), *, backend: Optional[str] = None) -> Tensor:
     """In-place :func:`pgd_step`: overwrites ``x_adv`` and returns it."""
-    x_orig, g, step, step_t, eps, eps_t, lo, hi = _pgd_args(x_adv, x_orig, grad, step_size, eps, clamp)
+    x_orig, g, step, eps, lo, hi = _pgd_args(x_adv, x_orig, grad, step_size, eps, clamp)
     _check_in_place("x_adv", x_adv)
-    chosen = _backend.resolve(PGD_SPEC, x_adv.device, backend)
+    chosen = _backend.resolve(PGD_INPLACE_SPEC, x_adv.device, backend)
     with torch.no_grad():
         if chosen == "reference":
-            x_adv.copy_(reference.pgd_step(x_adv, x_orig, g, step if step_t is None else step_t,
-                                           eps if eps_t is None else eps_t, None if lo is None else (lo, hi)))
+            x_adv.copy_(reference.pgd_step(x_adv, x_orig, g, step, eps, _reference_bounds(lo, hi)))
         else:
-            _pgd_(x_adv, x_orig, g, step, step_t, eps, eps_t, lo, hi, chosen)
+            target = x_adv if x_adv.is_contiguous() else x_adv.contiguous()
+            _backend.call(PGD_INPLACE_SPEC, chosen, x_adv.device.type, target, x_orig.contiguous(), g.contiguous(),
+                          step, eps, lo, hi)
+            if target is not x_adv:
+                x_adv.copy_(target)
     return x_adv

@@ -7,11 +7,9 @@ import torch
 from torch import Tensor
 
 from lepton_fast import _backend, _validate, reference
-from lepton_fast.ops._grad import backward_scaled
 
-SELECT_SPEC = _backend.register("select_pseudo_labels", kernel="select_pseudo_labels", triton="pseudo_labels")
-LOSS_SPEC = _backend.register("fused_pseudo_label_loss", kernel="pseudo_label_loss_forward", triton="pseudo_labels")
-REDUCTIONS = ("mean", "sum", "none")
+SELECT_SPEC = _backend.register("select_pseudo_labels", triton="pseudo_labels")
+LOSS_SPEC = _backend.register("fused_pseudo_label_loss", triton="pseudo_labels")
 
 
 class PseudoLabels(NamedTuple):
@@ -76,36 +74,31 @@ def _weights(value, logits_name: str, x: Tensor) -> Optional[Tensor]:
     return value.reshape(-1).to(torch.promote_types(x.dtype, torch.float32)).contiguous()
 
 
-def _kernel(spec, backend: str, name: str):
-    if backend in ("cpu", "cuda"):
-        return getattr(torch.ops.lepton_fast, name)
-    return getattr(_backend.triton_kernels(spec), name)
+if _backend.extension().module is not None:
 
+    @torch.library.register_fake("lepton_fast::select_pseudo_labels")
+    def _(logits, threshold, temperature, class_thresholds):
+        n = logits.shape[0]
+        conf_dtype = torch.promote_types(logits.dtype, torch.float32)
+        return (
+            logits.new_empty((n,), dtype=torch.int64),
+            logits.new_empty((n,), dtype=conf_dtype),
+            logits.new_empty((n,), dtype=torch.bool),
+        )
 
-# --- select_pseudo_labels ------------------------------------------------------------------
-
-
-@torch.library.custom_op("lepton_fast::pseudo_labels", mutates_args=())
-def select_op(
-    logits: Tensor, class_thresholds: Optional[Tensor], threshold: float, temperature: float, backend: str
-) -> tuple[Tensor, Tensor, Tensor]:
-    """[N, C] logits -> (labels int64 [N], confidence [N], mask bool [N])."""
-    labels, confidence, mask = _kernel(SELECT_SPEC, backend, "select_pseudo_labels")(
-        logits, class_thresholds, threshold, temperature
-    )
-    _validate.rows_defined(confidence, "select_pseudo_labels: logits")
-    return labels, confidence, mask
-
-
-@select_op.register_fake
-def _(logits, class_thresholds, threshold, temperature, backend):
-    n = logits.shape[0]
-    conf_dtype = torch.promote_types(logits.dtype, torch.float32)
-    return (
-        logits.new_empty((n,), dtype=torch.int64),
-        logits.new_empty((n,), dtype=conf_dtype),
-        logits.new_empty((n,), dtype=torch.bool),
-    )
+    @torch.library.register_fake("lepton_fast::fused_pseudo_label_loss")
+    def _(strong_logits, weak_logits, threshold, temperature, soft, class_thresholds, weights, reduction,
+          compute_grad):
+        n, c = strong_logits.shape
+        acc = torch.promote_types(strong_logits.dtype, torch.float32)
+        return (
+            strong_logits.new_empty((n,) if reduction == "none" else (), dtype=acc),
+            torch.empty_like(strong_logits) if compute_grad else strong_logits.new_empty((0,)),
+            strong_logits.new_empty((n,), dtype=torch.int64),
+            strong_logits.new_empty((n,), dtype=acc),
+            strong_logits.new_empty((n,), dtype=torch.bool),
+            strong_logits.new_empty((c,), dtype=torch.int64),
+        )
 
 
 def select_pseudo_labels(
@@ -141,8 +134,8 @@ def select_pseudo_labels(
         RuntimeError: a forced backend that cannot run here (the message says why).
     """
     _validate.logits("logits", logits)
-    threshold = _validate.in_unit_interval("threshold", threshold)
-    temperature = _validate.positive_finite("temperature", temperature)
+    threshold_t = _validate.unit_interval("threshold", threshold)
+    temperature_t = _validate.positive("temperature", temperature)
     class_thresholds = _class_thresholds(class_thresholds, "logits", logits)
     lead = logits.shape[:-1]
     x = _validate.as_rows(logits.detach())
@@ -151,69 +144,10 @@ def select_pseudo_labels(
         labels, confidence, mask = reference.select_pseudo_labels(x, threshold, temperature, class_thresholds)
         _validate.rows_defined(confidence, "select_pseudo_labels: logits")
     else:
-        labels, confidence, mask = select_op(x, class_thresholds, threshold, temperature, chosen)
+        labels, confidence, mask = _backend.call(
+            SELECT_SPEC, chosen, x.device.type, x, threshold_t, temperature_t, class_thresholds
+        )
     return PseudoLabels(labels.reshape(lead), confidence.reshape(lead), mask.reshape(lead))
-
-
-# --- fused_pseudo_label_loss ---------------------------------------------------------------
-
-
-@torch.library.custom_op("lepton_fast::pseudo_label_loss", mutates_args=())
-def loss_op(
-    strong: Tensor,
-    weak: Tensor,
-    class_thresholds: Optional[Tensor],
-    weights: Optional[Tensor],
-    threshold: float,
-    temperature: float,
-    soft: bool,
-    reduction: str,
-    compute_grad: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """[N, C] views -> (loss, d(loss)/d(strong) or an empty tensor, labels, confidence, mask).
-
-    The kernel's gradient already carries the 1/N of a mean, so the backward multiplies
-    by grad_output alone.
-    """
-    n_rows = strong.shape[0]
-    grad_scale = 1.0 / max(n_rows, 1) if reduction == "mean" else 1.0
-    rows, grad, labels, confidence, mask = _kernel(LOSS_SPEC, backend, "pseudo_label_loss_forward")(
-        strong, weak, class_thresholds, weights, threshold, temperature, soft, grad_scale, compute_grad
-    )
-    _validate.rows_defined(confidence, "fused_pseudo_label_loss: weak_logits")
-    _validate.rows_defined(rows, "fused_pseudo_label_loss: strong_logits")
-    return reference.reduce_rows(rows, reduction, max(n_rows, 1)), grad, labels, confidence, mask
-
-
-@loss_op.register_fake
-def _(strong, weak, class_thresholds, weights, threshold, temperature, soft, reduction, compute_grad, backend):
-    n = strong.shape[0]
-    acc = torch.promote_types(strong.dtype, torch.float32)
-    return (
-        strong.new_empty((n,) if reduction == "none" else (), dtype=acc),
-        torch.empty_like(strong) if compute_grad else strong.new_empty((0,)),
-        strong.new_empty((n,), dtype=torch.int64),
-        strong.new_empty((n,), dtype=acc),
-        strong.new_empty((n,), dtype=torch.bool),
-    )
-
-
-def _setup_context(ctx, inputs, output):
-    ctx.backend = inputs[-1]
-    ctx.save_for_backward(output[1])
-    ctx.mark_non_differentiable(*output[1:])
-    # Otherwise autograd fills a zero "gradient" for each unused output, the [N, C] buffer
-    # included: a write of N x C elements that doubled the backward's time.
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, grad_loss, *_unused):
-    (grad,) = ctx.saved_tensors
-    return (backward_scaled(grad, grad_loss, ctx.backend),) + (None,) * 9
-
-
-loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_pseudo_label_loss(
@@ -252,7 +186,8 @@ def fused_pseudo_label_loss(
         class_thresholds: optional [C] tensor of per-class thresholds in [0, 1]
             (FlexMatch, FreeMatch).
         weights: optional [...] per-row weights, finite and ≥ 0, used instead of the mask.
-        reduction: ``"mean"`` (sum / number of rows), ``"sum"``, or ``"none"`` ([...]).
+        reduction: ``"mean"`` (= ``"batchmean"``: sum / number of rows), ``"sum"``, or
+            ``"none"`` ([...]).
         backend: force ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
 
     Returns:
@@ -279,30 +214,29 @@ def fused_pseudo_label_loss(
     _validate.logits("strong_logits", strong_logits)
     _validate.logits("weak_logits", weak_logits)
     _validate.same_shape("weak_logits", weak_logits, "strong_logits", strong_logits)
-    threshold = _validate.in_unit_interval("threshold", threshold)
-    temperature = _validate.positive_finite("temperature", temperature)
+    threshold_t = _validate.unit_interval("threshold", threshold)
+    temperature_t = _validate.positive("temperature", temperature)
     soft = bool(soft)
-    _validate.choice("reduction", reduction, REDUCTIONS)
+    _validate.choice("reduction", reduction, _validate.REDUCTIONS)
     class_thresholds = _class_thresholds(class_thresholds, "strong_logits", strong_logits)
     weights = _weights(weights, "strong_logits", strong_logits)
 
-    lead, n_classes = strong_logits.shape[:-1], strong_logits.shape[-1]
-    strong = _validate.as_rows(strong_logits)
-    weak = _validate.as_rows(weak_logits.detach().to(strong.dtype))
+    lead = strong_logits.shape[:-1]
+    strong, weak = _validate.common_dtype(strong_logits, weak_logits.detach())
+    strong, weak = _validate.as_rows(strong), _validate.as_rows(weak)
     chosen = _backend.resolve(LOSS_SPEC, strong.device, backend)
     if chosen == "reference":
-        rows, labels, confidence, mask = reference.pseudo_label_loss_rows(
-            strong, weak, threshold, temperature, soft, class_thresholds, weights
+        loss, labels, confidence, mask, counts = reference.fused_pseudo_label_loss(
+            strong, weak, threshold, temperature, soft, class_thresholds, weights, reduction
         )
         _validate.rows_defined(confidence, "fused_pseudo_label_loss: weak_logits")
-        _validate.rows_defined(rows, "fused_pseudo_label_loss: strong_logits")
-        loss = reference.reduce_rows(rows, reduction, max(rows.shape[0], 1))
+        _validate.rows_defined(loss.reshape(-1), "fused_pseudo_label_loss: strong_logits")
     else:
         compute_grad = strong.requires_grad and torch.is_grad_enabled()
-        loss, _, labels, confidence, mask = loss_op(
-            strong, weak, class_thresholds, weights, threshold, temperature, soft, reduction, compute_grad, chosen
+        loss, _, labels, confidence, mask, counts = _backend.call(
+            LOSS_SPEC, chosen, strong.device.type, strong, weak, threshold_t, temperature_t, soft, class_thresholds,
+            weights, reduction, compute_grad,
         )
-    counts = reference.selected_class_counts(labels, mask, n_classes)
     return PseudoLabelLoss(
         loss.reshape(lead) if reduction == "none" else loss,
         labels.reshape(lead), confidence.reshape(lead), mask.reshape(lead), counts,

@@ -1,8 +1,9 @@
-// The kd_loss row kernel for AVX-512 (F, BW, VL, DQ), chosen at run time when ATen reports AVX512.
+// The CPU row kernels for AVX-512 (F, BW, VL, DQ), chosen at run time when ATen reports AVX512 (isa.h).
 #include "vec_isa_prelude.h"
-// (the prelude and this interface compile for the baseline, see vec_isa_prelude.h)
-#include "kd_loss_cpu.h"
+#include "row_kernels.h"
+// (both compile for the baseline, see vec_isa_prelude.h)
 
+#define LF_ISA avx512
 #if LF_X86_ISA_FILES
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
@@ -34,18 +35,9 @@
 #endif
 #define CPU_CAPABILITY AVX512
 #define CPU_CAPABILITY_AVX512
-#include "kd_loss_rows.h"
-
-namespace lepton_fast {
-namespace cpu {
-void kd_rows_avx512(const KDRows& a, int64_t begin, int64_t end) { kd_rows_any_dtype(a, begin, end); }
-}  // namespace cpu
-}  // namespace lepton_fast
+#include "isa_kernels.h"
 #pragma GCC pop_options
 #else
-namespace lepton_fast {
-namespace cpu {
-void kd_rows_avx512(const KDRows& a, int64_t begin, int64_t end) { kd_rows_default(a, begin, end); }
-}  // namespace cpu
-}  // namespace lepton_fast
+#define LF_ISA_FALLBACK
+#include "isa_kernels.h"
 #endif

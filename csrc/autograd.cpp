@@ -1,0 +1,153 @@
+// Autograd kernels of the fused losses, registered under the Autograd key (the pattern of
+// torchvision's csrc/ops/autograd): the forward redispatches below autograd to the device
+// kernel, which returns the loss and d(loss)/d(logits) together; the backward multiplies
+// that saved gradient by grad_output in place (scale_grad_), so the whole backward is one
+// launch that does nothing when grad_output is exactly 1. No Python runs per call.
+//
+// The saved gradient is a constant: the fused losses have no second derivative. A backward
+// asked to build a graph (create_graph=True, as MAML-style inner loops and torch.func
+// transforms do) therefore raises instead of silently dropping the Hessian term, and so does
+// a second backward through the same graph (the first one scaled the buffer).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+
+namespace lepton_fast {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptionalTensor = std::optional<at::Tensor>;
+
+// The schemas of csrc/ops.cpp as C++ function types, for the typed dispatcher handles.
+using FusedKDLossFn = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const OptionalTensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, c10::string_view, int64_t, bool, c10::string_view, const OptionalTensor&,
+    bool);
+using PseudoLabelOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using FusedPseudoLabelLossFn = PseudoLabelOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                  const at::Tensor&, bool, const OptionalTensor&,
+                                                  const OptionalTensor&, c10::string_view, bool);
+
+void scale_grad_(at::Tensor& grad, const at::Tensor& scale) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("lepton_fast::scale_grad_", "")
+                             .typed<void(at::Tensor&, const at::Tensor&)>();
+  op.call(grad, scale);
+}
+
+void check_forward(const at::Tensor& logits, bool compute_grad, const char* op) {
+  TORCH_CHECK(compute_grad || !(at::GradMode::is_enabled() && logits.requires_grad()), op,
+              ": compute_grad=False, but the logits require a gradient");
+}
+
+// d(loss)/d(logits) from the gradient the forward saved, or an undefined tensor when the
+// loss took no part in the backward.
+at::Tensor saved_gradient_times(AutogradContext* ctx, const at::Tensor& grad_loss, const char* op) {
+  TORCH_CHECK(!at::GradMode::is_enabled(), op,
+              ": a second-order gradient was asked for (create_graph=True, or a torch.func transform), but "
+              "the fused kernel computes the first-order gradient during the forward and has no derivative "
+              "of its own. Pass backend=\"reference\" for higher-order gradients.");
+  TORCH_CHECK(ctx->saved_data.count("used") == 0, op,
+              ": backward ran twice through the same graph (retain_graph=True); the first one consumed the "
+              "gradient the forward wrote. Compute the loss again for another backward, or pass "
+              "backend=\"reference\".");
+  ctx->saved_data["used"] = true;
+  at::Tensor grad = ctx->get_saved_variables()[0];
+  if (!grad_loss.defined()) return {};
+  if (grad.key_set().has(c10::DispatchKey::Python)) {
+    // A tensor subclass: the fake and functional tensors of torch.compile's tracing, where
+    // the saved gradient is also an output of the traced forward and must stay as it was
+    // (the compiler plans the memory itself), or a DTensor. Out of place.
+    const at::Tensor factor = grad_loss.dim() == 0 ? grad_loss : grad_loss.unsqueeze(1);
+    return (grad * factor).to(grad.scalar_type());
+  }
+  scale_grad_(grad, grad_loss);
+  return grad;
+}
+
+class FusedKDLoss : public torch::autograd::Function<FusedKDLoss> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& student_logits,
+                               const at::Tensor& teacher_logits, const OptionalTensor& labels,
+                               const at::Tensor& temperature, const at::Tensor& beta, const at::Tensor& alpha,
+                               const at::Tensor& label_smoothing, c10::string_view divergence, int64_t ignore_index,
+                               bool scale_by_t2, c10::string_view reduction,
+                               const OptionalTensor& num_items_in_batch, bool compute_grad) {
+    check_forward(student_logits, compute_grad, "fused_kd_loss");
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("lepton_fast::fused_kd_loss", "")
+                               .typed<FusedKDLossFn>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [loss, grad] = op.call(student_logits, teacher_logits, labels, temperature, beta, alpha, label_smoothing,
+                                divergence, ignore_index, scale_by_t2, reduction, num_items_in_batch, compute_grad);
+    ctx->save_for_backward({grad});
+    ctx->mark_non_differentiable({grad});
+    ctx->set_materialize_grads(false);
+    return {loss, grad};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    variable_list grads(13);
+    grads[0] = saved_gradient_times(ctx, grad_outputs[0], "fused_kd_loss");
+    return grads;
+  }
+};
+
+class FusedPseudoLabelLoss : public torch::autograd::Function<FusedPseudoLabelLoss> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& strong_logits, const at::Tensor& weak_logits,
+                               const at::Tensor& threshold, const at::Tensor& temperature, bool soft,
+                               const OptionalTensor& class_thresholds,
+                               const OptionalTensor& weights, c10::string_view reduction,
+                               bool compute_grad) {
+    check_forward(strong_logits, compute_grad, "fused_pseudo_label_loss");
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("lepton_fast::fused_pseudo_label_loss", "")
+                               .typed<FusedPseudoLabelLossFn>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [loss, grad, labels, confidence, mask, counts] = op.call(
+        strong_logits, weak_logits, threshold, temperature, soft, class_thresholds, weights, reduction, compute_grad);
+    ctx->save_for_backward({grad});
+    ctx->mark_non_differentiable({grad, labels, confidence, mask, counts});
+    ctx->set_materialize_grads(false);
+    return {loss, grad, labels, confidence, mask, counts};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    variable_list grads(9);
+    grads[0] = saved_gradient_times(ctx, grad_outputs[0], "fused_pseudo_label_loss");
+    return grads;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> fused_kd_loss_autograd(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits, const OptionalTensor& labels,
+    const at::Tensor& temperature, const at::Tensor& beta, const at::Tensor& alpha, const at::Tensor& label_smoothing,
+    c10::string_view divergence, int64_t ignore_index, bool scale_by_t2, c10::string_view reduction,
+    const OptionalTensor& num_items_in_batch, bool compute_grad) {
+  auto out = FusedKDLoss::apply(student_logits, teacher_logits, labels, temperature, beta, alpha, label_smoothing,
+                                divergence, ignore_index, scale_by_t2, reduction, num_items_in_batch, compute_grad);
+  return {out[0], out[1]};
+}
+
+PseudoLabelOutputs fused_pseudo_label_loss_autograd(
+    const at::Tensor& strong_logits, const at::Tensor& weak_logits, const at::Tensor& threshold,
+    const at::Tensor& temperature, bool soft, const OptionalTensor& class_thresholds,
+    const OptionalTensor& weights, c10::string_view reduction, bool compute_grad) {
+  auto out = FusedPseudoLabelLoss::apply(strong_logits, weak_logits, threshold, temperature, soft, class_thresholds,
+                                         weights, reduction, compute_grad);
+  return {out[0], out[1], out[2], out[3], out[4], out[5]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lepton_fast, Autograd, m) {
+  m.impl("fused_kd_loss", &fused_kd_loss_autograd);
+  m.impl("fused_pseudo_label_loss", &fused_pseudo_label_loss_autograd);
+}
+
+}  // namespace lepton_fast

@@ -1,0 +1,6 @@
+// The interfaces of every CPU row kernel (argument structs and the per-ISA entry points).
+// Each isa_<isa>.cpp includes this before it switches the instruction set, so that nothing
+// these headers define (ATen's inline functions included) is compiled for AVX2/AVX-512.
+#pragma once
+
+#include "kd_loss_cpu.h"

@@ -1,0 +1,69 @@
+"""What the Triton kernels share: the online-softmax and log-sum-exp helpers (device code),
+and the host-side work of a launcher that the C++ kernels do in C++ (reading the 0-d
+hyper-parameter tensors, the label and row checks, the reduction).
+
+Scalars: every floating scalar argument of a ``@triton.jit`` kernel is annotated
+``tl.float64`` (Triton would otherwise pass a Python float as float32, and a float64 input
+would lose digits) and converted once, inside the kernel, to the accumulation type ACC.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def online_softmax(m, s, z):
+    """Fold a block z into the running (max m, sum s of exp(. - m)); an all -inf block leaves
+    them be. Returns (new max, new sum, exp(z - new max), the factor exp(m - new max))."""
+    m_new = tl.maximum(m, tl.max(z, 0))
+    safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    e = tl.exp(z - safe)
+    factor = tl.exp(m - safe)
+    return m_new, s * factor + tl.sum(e, 0), e, factor
+
+
+@triton.jit
+def lse(m, s):
+    """log-sum-exp from a row's (max, sum); NaN for a row with no finite entry, which the
+    launcher turns into an error."""
+    return tl.where(m == float("-inf"), float("nan"), m + tl.log(s))
+
+
+def scalar(t: torch.Tensor) -> float:
+    """The value of a 0-d hyper-parameter tensor (float64 on the CPU: no device sync)."""
+    return float(t)
+
+
+def acc_dtype(x: torch.Tensor):
+    """(torch, triton) accumulation dtypes of logits ``x``: float64 for float64, else float32."""
+    return (torch.float64, tl.float64) if x.dtype == torch.float64 else (torch.float32, tl.float32)
+
+
+def no_bad_values(bad: torch.Tensor, message: str) -> None:
+    """ValueError(message) if any element of ``bad`` is set: at once on CPU tensors (the
+    interpreter), through torch._assert_async on a GPU (no host synchronisation)."""
+    if bad.device.type == "cpu":
+        if bool(bad.any()):
+            raise ValueError(message)
+    else:
+        torch._assert_async(~bad.any(), message)
+
+
+def check_labels(op: str, labels: torch.Tensor, n_classes: int, ignore_index: int) -> None:
+    bad = ((labels < 0) | (labels >= n_classes)) & (labels != ignore_index)
+    no_bad_values(bad, f"{op}: labels must be in [0, {n_classes}) or equal ignore_index={ignore_index}")
+
+
+def check_rows_defined(op: str, rows: torch.Tensor, name: str) -> None:
+    no_bad_values(torch.isnan(rows), f"{op}: a row of {name} is entirely -inf, or holds +inf or NaN, so its softmax "
+                  "is undefined")
+
+
+def reduce_rows(rows: torch.Tensor, reduction: str, divisor) -> torch.Tensor:
+    """"none": rows; "sum": their sum; else their sum / divisor (a number or a 0-d tensor)."""
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    return total if reduction == "sum" else (total / divisor).to(rows.dtype)

@@ -1,0 +1,616 @@
+"""fused_kd_loss on every kernel (CPU C++, CUDA C++, Triton) against reference.py in float64.
+
+Inputs are fresh random logits (seeded per test, never zeros); conftest fills every new
+buffer with NaN, so an element a kernel forgets to write shows. float32 results must be
+within 1e-5 (abs and rel) of the float64 reference; bfloat16/float16 gradients within 2x the
+error of the reference run in that same dtype (the loss is float32 in every case and gets
+the float32 tolerance). Cases marked `cuda` run the CUDA C++ and the compiled Triton kernel
+on a GPU; without one, the Triton kernel runs on CPU tensors in Triton's interpreter.
+"""
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import DEVICE_BACKENDS, interpreted, low_precision_tolerance, require
+from lepton_fast import KDLoss, fused_kd_loss, reference
+from lepton_fast.ops.kd_loss import SPEC
+
+# The interpreter evaluates both sides of tl.where with numpy, which warns about the
+# -inf - -inf of masked lanes on the side that is thrown away.
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
+                                        "ignore:divide by zero encountered:RuntimeWarning")
+DIVERGENCES = ["forward_kl", "reverse_kl", "jsd"]
+REDUCTIONS = ["mean", "batchmean", "sum", "none"]
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def randn(*shape, seed, dtype=torch.float32, device="cpu", scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
+
+
+def random_labels(shape, n_classes, seed, device="cpu", ignore_every=3):
+    g = torch.Generator().manual_seed(seed + 1)
+    labels = torch.randint(0, n_classes, shape, generator=g)
+    labels.view(-1)[::ignore_every] = -100  # some rows ignored
+    return labels.to(device)
+
+
+def loss_and_grad(fn, student, teacher, grad_output=None, **kw):
+    s = student.detach().clone().requires_grad_()
+    loss = fn(s, teacher, **kw)
+    loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
+    return loss.detach(), s.grad
+
+
+def ours(backend, student, teacher, grad_output=None, **kw):
+    return loss_and_grad(lambda s, t, **k: fused_kd_loss(s, t, backend=backend, **k), student, teacher, grad_output,
+                         **kw)
+
+
+def oracle(student, teacher, grad_output=None, **kw):
+    """reference.py in float64 on the same (already rounded) input values."""
+    go = None if grad_output is None else grad_output.double()
+    return loss_and_grad(reference.fused_kd_loss, student.double(), teacher.double(), go, **kw)
+
+
+def assert_matches(backend, student, teacher, grad_output=None, **kw):
+    loss, grad = ours(backend, student, teacher, grad_output, **kw)
+    ref_loss, ref_grad = oracle(student, teacher, grad_output, **kw)
+    assert loss.dtype == (torch.float64 if student.dtype == torch.float64 else torch.float32)
+    assert grad.dtype == student.dtype and grad.shape == student.shape
+    torch.testing.assert_close(loss.double(), ref_loss, **TOL)
+    torch.testing.assert_close(grad.double(), ref_grad, **TOL)
+    return loss, grad
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("labels_mode", ["no_labels", "labels_ignore", "labels_alpha"])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_every_mode_float32(divergence, reduction, temperature, labels_mode, device, backend):
+    require(SPEC, device, backend)
+    # C = 37: not a multiple of any vector width, so every row has a tail.
+    n, c = 6, 37
+    s, t = randn(n, c, seed=1, device=device), randn(n, c, seed=2, device=device)
+    kw = dict(temperature=temperature, divergence=divergence, beta=0.3, reduction=reduction)
+    if labels_mode != "no_labels":
+        kw["labels"] = random_labels((n,), c, seed=3, device=device)
+    if labels_mode == "labels_alpha":
+        kw.update(alpha=0.4, label_smoothing=0.1)
+    assert_matches(backend, s, t, **kw)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_alpha_one_is_cross_entropy(label_smoothing, temperature, device, backend):
+    require(SPEC, device, backend)
+    s, t = randn(5, 29, seed=4, device=device), randn(5, 29, seed=5, device=device)
+    labels = random_labels((5,), 29, seed=6, device=device)
+    loss, _ = assert_matches(backend, s, t, temperature=temperature, labels=labels, alpha=1.0,
+                             label_smoothing=label_smoothing)
+    ce = torch.nn.functional.cross_entropy(s.double(), labels, label_smoothing=label_smoothing)
+    torch.testing.assert_close(loss.double(), ce, **TOL)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_jsd_beta_ends_are_the_kls(beta, device, backend):
+    require(SPEC, device, backend)
+    s, t = randn(4, 33, seed=7, device=device), randn(4, 33, seed=8, device=device)
+    jsd = fused_kd_loss(s, t, 2.0, divergence="jsd", beta=beta, backend=backend)
+    kl = fused_kd_loss(s, t, 2.0, divergence="forward_kl" if beta == 0 else "reverse_kl", backend=backend)
+    torch.testing.assert_close(jsd, kl, **TOL)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_loss_without_grad_is_the_same(divergence, device, backend):
+    # No gradient wanted: the kernel skips its gradient pass (one pass for the KLs).
+    require(SPEC, device, backend)
+    s, t = randn(7, 300, seed=9, device=device), randn(7, 300, seed=10, device=device)
+    with torch.no_grad():
+        loss = fused_kd_loss(s, t, 2.0, divergence=divergence, reduction="none", backend=backend)
+    ref = reference.fused_kd_loss(s.double(), t.double(), 2.0, divergence=divergence, reduction="none")
+    torch.testing.assert_close(loss.double(), ref, **TOL)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_other_dtypes(divergence, dtype, device, backend):
+    require(SPEC, device, backend)
+    n, c = 8, 300
+    s, t = randn(n, c, seed=11, dtype=dtype, device=device), randn(n, c, seed=12, dtype=dtype, device=device)
+    kw = dict(temperature=2.0, divergence=divergence, labels=random_labels((n,), c, seed=13, device=device),
+              alpha=0.3, label_smoothing=0.1)
+    if dtype == torch.float64:  # accumulated in float64: the float32 tolerance is loose
+        assert_matches(backend, s, t, **kw)
+        return
+    loss, grad = ours(backend, s, t, **kw)
+    ref_loss, ref_grad = oracle(s, t, **kw)
+    low_loss, low_grad = loss_and_grad(reference.fused_kd_loss, s, t, **kw)
+    assert grad.dtype == dtype and loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), ref_loss, **TOL)
+    err = (grad.double() - ref_grad).abs().max().item()
+    ref_err = (low_grad.double() - ref_grad).abs().max().item()
+    assert ref_err > 0  # the reference in low precision does round, so the bound is not vacuous
+    assert err <= low_precision_tolerance(dtype, ref_err, backend, ref_grad.abs().max().item()), (err, ref_err)
+
+
+def _shapes():
+    yield pytest.param((1, 50), id="N=1")
+    yield pytest.param((9, 1), id="C=1: every softmax is 1, loss 0")
+    yield pytest.param((2, 3, 40), id="[B,T,C] leading dims")
+    yield pytest.param((0, 17), id="N=0: an empty batch, loss 0")
+    yield pytest.param((3, 50257), id="C=50257 GPT-2 vocabulary, odd: no vector path")
+    yield pytest.param((2, 131072), id="C=131072: many column blocks per row")
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("shape", list(_shapes()))
+def test_shapes(shape, divergence, device, backend):
+    require(SPEC, device, backend)
+    if interpreted(device, backend) and shape[-1] > 1000:
+        pytest.skip("wide rows take minutes in Triton's interpreter; the compiled kernels cover them")
+    s, t = randn(*shape, seed=14, device=device), randn(*shape, seed=15, device=device)
+    labels = random_labels(shape[:-1], shape[-1], seed=16, device=device)
+    for reduction in ("mean", "none"):
+        loss, _ = assert_matches(backend, s, t, temperature=2.0, divergence=divergence, labels=labels,
+                                 alpha=0.25, reduction=reduction)
+        assert loss.shape == (shape[:-1] if reduction == "none" else ())
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("view", ["transposed", "sliced", "unaligned"])
+def test_non_contiguous(view, device, backend):
+    require(SPEC, device, backend)
+    if view == "transposed":  # [C, N] storage seen as [N, C]: stride along C is not 1
+        s, t = randn(40, 6, seed=17, device=device).t(), randn(40, 6, seed=18, device=device).t()
+    elif view == "sliced":  # every other row and a window of classes: row stride != C
+        s, t = randn(12, 60, seed=17, device=device)[::2, 5:45], randn(12, 60, seed=18, device=device)[::2, 5:45]
+    else:  # rows start one element in: not 16-byte aligned, the GPU kernels' scalar path
+        s, t = randn(6, 41, seed=17, device=device)[:, 1:], randn(6, 41, seed=18, device=device)[:, 1:]
+    assert_matches(backend, s, t, temperature=2.0, divergence="jsd", labels=random_labels((6,), 40, seed=19,
+                                                                                             device=device), alpha=0.5)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_neg_inf_masks(divergence, device, backend):
+    require(SPEC, device, backend)
+    n, c = 5, 70
+    s, t = randn(n, c, seed=20), randn(n, c, seed=21)
+    both = torch.zeros(n, c, dtype=torch.bool)
+    both[:, ::7] = True  # vocabulary padding masked in both; column 0 too, so a row starts at -inf
+    both[0, 16:32] = True  # a whole block of columns masked
+    s[both], t[both] = -math.inf, -math.inf
+    if divergence in ("forward_kl", "jsd"):
+        t[:, 3::11] = -math.inf  # the teacher rules classes out: they add nothing
+    if divergence in ("reverse_kl", "jsd"):
+        s[:, 5::13] = -math.inf  # the student rules classes out
+    s, t = s.to(device), t.to(device)
+    loss, grad = assert_matches(backend, s, t, temperature=2.0, divergence=divergence, reduction="none")
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    assert (grad[both.to(device)] == 0).all()
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_infinite_loss_is_the_true_value(device, backend):
+    # The student rules out a class the teacher allows: KL(p_t || p_s) is +inf, not NaN.
+    require(SPEC, device, backend)
+    s, t = randn(3, 20, seed=22), randn(3, 20, seed=23, device=device)
+    s[1, 4] = -math.inf
+    loss = fused_kd_loss(s.to(device), t, reduction="none", backend=backend)
+    assert loss[1] == math.inf and torch.isfinite(loss[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_every_row_ignored(reduction, device, backend):
+    require(SPEC, device, backend)
+    s, t = randn(4, 30, seed=24), randn(4, 30, seed=25, device=device)
+    s[2] = -math.inf  # an ignored row may hold anything
+    labels = torch.full((4,), -100, device=device)
+    loss, grad = ours(backend, s.to(device), t, labels=labels, alpha=0.5, reduction=reduction)
+    assert (loss == 0).all() and (grad == 0).all()
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_grad_output_not_one(device, backend):
+    # The backward's scale_grad_: a 0-d grad_output != 1 and a per-row one ("none").
+    require(SPEC, device, backend)
+    s, t = randn(6, 45, seed=26, device=device), randn(6, 45, seed=27, device=device)
+    labels = random_labels((6,), 45, seed=28, device=device)
+    assert_matches(backend, s, t, torch.tensor(3.7, device=device), temperature=2.0, labels=labels, alpha=0.3)
+    assert_matches(backend, s, t, torch.tensor(-0.25, device=device), divergence="reverse_kl", reduction="sum")
+    assert_matches(backend, s, t, randn(6, seed=29, device=device), divergence="jsd", reduction="none",
+                   labels=labels)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_num_items_in_batch_divides_the_sum(reduction, device, backend):
+    # transformers/TRL gradient accumulation: the summed loss over a count given from outside.
+    require(SPEC, device, backend)
+    s, t = randn(6, 23, seed=60, device=device), randn(6, 23, seed=61, device=device)
+    labels = random_labels((6,), 23, seed=62, device=device)
+    for count in (7, torch.tensor(7.0)):
+        loss, grad = assert_matches(backend, s, t, temperature=2.0, labels=labels, alpha=0.5, reduction=reduction,
+                                    num_items_in_batch=count)
+        total, total_grad = ours(backend, s, t, temperature=2.0, labels=labels, alpha=0.5, reduction="sum")
+        torch.testing.assert_close(loss, total / 7, **TOL)
+        torch.testing.assert_close(grad, total_grad / 7, **TOL)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_teacher_of_another_dtype_is_read_as_given(device, backend):
+    # A float32 teacher is never rounded to a bfloat16 student's precision (that cost 0.8 %
+    # of the loss here), and a finite float32 value beyond float16's range never overflows.
+    require(SPEC, device, backend)
+    s = randn(8, 64, seed=63, dtype=torch.bfloat16, device=device)
+    t = s.float() + randn(8, 64, seed=64, device=device, scale=0.1) + 20
+    loss, grad = ours(backend, s, t, temperature=1.0)
+    ref_loss, ref_grad = oracle(s, t, temperature=1.0)
+    torch.testing.assert_close(loss.double(), ref_loss, **TOL)
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(grad.double(), ref_grad, atol=2**-8 * ref_grad.abs().max().item(), rtol=0)
+    big = randn(4, 16, seed=65, device=device) * 5000  # up to ~70000
+    half = randn(4, 16, seed=66, dtype=torch.float16, device=device)
+    loss, _ = ours(backend, half, big, temperature=10000.0)
+    ref_loss, _ = oracle(half, big, temperature=10000.0)
+    assert torch.isfinite(loss).all()
+    torch.testing.assert_close(loss.double(), ref_loss, **TOL)
+
+
+def test_gradient_buffer_is_recycled_only_when_free():
+    # CPU: a freed gradient's memory serves the next call (no page faults); one that is
+    # still held is never handed out again.
+    s, t = randn(64, 8192, seed=67), randn(64, 8192, seed=68)  # 2 MiB: above the recycling size
+    x = s.clone().requires_grad_()
+    fused_kd_loss(x, t).backward()
+    first = x.grad.data_ptr()
+    x.grad = None
+    fused_kd_loss(x, t).backward()
+    assert x.grad.data_ptr() == first
+    held = x.grad
+    x.grad = None
+    fused_kd_loss(x, t).backward()
+    assert x.grad.data_ptr() != held.data_ptr()
+    torch.testing.assert_close(held, x.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_gradcheck_float64(divergence, device, backend):
+    require(SPEC, device, backend)
+    if backend == "triton":
+        pytest.skip("gradcheck backpropagates repeatedly through one graph: compiled with the default kernel only")
+    s = randn(3, 7, seed=30, dtype=torch.float64, scale=1.0, device=device).requires_grad_()
+    t = randn(3, 7, seed=31, dtype=torch.float64, scale=1.0, device=device)
+    labels = torch.tensor([2, -100, 6], device=device)
+    # Each case compiles the same lambda anew; without a reset the later cases hit dynamo's
+    # recompile limit, which fullgraph=True turns into an error.
+    torch.compiler.reset()
+    for reduction in ("mean", "none"):
+        # gradcheck runs several backwards through one graph, which the eager op refuses (its
+        # backward scales the saved gradient in place, see test_second_backward_raises);
+        # traced by AOTAutograd the backward is functional, and the forward still the kernel.
+        fn = torch.compile(
+            lambda x: fused_kd_loss(x, t, 1.5, divergence=divergence, labels=labels, alpha=0.3,
+                                    label_smoothing=0.1, reduction=reduction),
+            backend="aot_eager", fullgraph=True,
+        )
+        assert torch.autograd.gradcheck(fn, (s,), eps=1e-6, atol=1e-6)
+
+
+def _op_args(device, requires_grad):
+    s = randn(4, 19, seed=32, device=device).requires_grad_(requires_grad)
+    t = randn(4, 19, seed=33, device=device)
+    labels = random_labels((4,), 19, seed=34, device=device)
+    f64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    return [
+        (s, t, labels, f64(2.0), f64(0.5), f64(0.3), f64(0.1), "forward_kl", -100, True, "mean", None,
+         requires_grad),
+        (s, t, None, f64(1.0), f64(0.3), f64(0.0), f64(0.0), "jsd", -100, False, "none", None, requires_grad),
+        (s, t, labels, f64(0.5), f64(0.5), f64(0.5), f64(0.0), "reverse_kl", -100, True, "sum", f64(5.0),
+         requires_grad),
+    ]
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_opcheck(device, backend):
+    """The schema, fake kernel, autograd registration and AOT dispatch of every kernel."""
+    from lepton_fast import _backend
+
+    require(SPEC, device, backend)
+    # AOT dispatch runs dozens of launches: too slow for the interpreter.
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    if not interpreted(device, backend):
+        utils += ("test_aot_dispatch_dynamic",)
+    for requires_grad in (True, False):
+        for args in _op_args(device, requires_grad):
+            with _backend.forced(SPEC, backend, device) if backend == "triton" else _nothing():
+                torch.library.opcheck(torch.ops.lepton_fast.fused_kd_loss.default, args, test_utils=utils)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_torch_compile_fullgraph(device):
+    require(SPEC, device, device)
+    torch._dynamo.reset()
+    s, t = randn(2, 3, 41, seed=35, device=device), randn(2, 3, 41, seed=36, device=device)
+    labels = random_labels((2, 3), 41, seed=37, device=device)
+
+    def step(x):
+        return fused_kd_loss(x, t, 2.0, divergence="jsd", labels=labels, alpha=0.2) * 2
+
+    compiled = torch.compile(step, fullgraph=True)
+    eager_loss, eager_grad = loss_and_grad(lambda x, _t: step(x), s, t)
+    loss, grad = loss_and_grad(lambda x, _t: compiled(x), s, t)
+    torch.testing.assert_close(loss, eager_loss, **TOL)
+    torch.testing.assert_close(grad, eager_grad, **TOL)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_changing_hyper_parameters_do_not_recompile(device):
+    """Schedules change T, alpha, beta and label smoothing every step: one graph after the
+    first specialisation (torch.compile's automatic dynamic), right values, no graph break."""
+    from torch._dynamo.utils import counters
+
+    require(SPEC, device, device)
+    torch._dynamo.reset()
+    counters.clear()
+    s, t = randn(4, 30, seed=38, device=device), randn(4, 30, seed=39, device=device)
+    labels = random_labels((4,), 30, seed=40, device=device)
+    compiled = torch.compile(
+        lambda x, T, a, b, ls: fused_kd_loss(x, t, T, divergence="jsd", beta=b, labels=labels, alpha=a,
+                                             label_smoothing=ls),
+        fullgraph=True,
+    )
+    for step in range(5):
+        T, a, b, ls = 1.0 + step, 0.1 * step, 0.2 + 0.1 * step, 0.05 * step
+        got = compiled(s, T, a, b, ls)
+        want = reference.fused_kd_loss(s.double(), t.double(), T, divergence="jsd", beta=b, labels=labels, alpha=a,
+                                       label_smoothing=ls)
+        torch.testing.assert_close(got.double(), want, **TOL)
+    assert counters["stats"]["unique_graphs"] <= 2, counters["stats"]
+    with pytest.raises(Exception, match="temperature"):
+        compiled(s, -1.0, 0.1, 0.2, 0.0)
+
+
+BAD_INPUTS = [
+    ("teacher shape", dict(teacher=randn(4, 11, seed=0)), ValueError, "teacher_logits"),
+    ("labels shape", dict(labels=torch.zeros(5, dtype=torch.long)), ValueError, "labels"),
+    ("labels range", dict(labels=torch.tensor([0, 1, 10, 2])), ValueError, "labels"),
+    ("labels negative", dict(labels=torch.tensor([0, -1, 3, 2])), ValueError, "labels"),
+    ("labels float", dict(labels=torch.zeros(4)), TypeError, "labels"),
+    ("int logits", dict(student=torch.ones(4, 10, dtype=torch.long)), TypeError, "student_logits"),
+    ("int teacher", dict(teacher=torch.ones(4, 10, dtype=torch.int32)), TypeError, "teacher_logits"),
+    ("temperature 0", dict(temperature=0.0), ValueError, "temperature"),
+    ("temperature < 0", dict(temperature=-1.0), ValueError, "temperature"),
+    ("temperature inf", dict(temperature=math.inf), ValueError, "temperature"),
+    ("temperature nan", dict(temperature=math.nan), ValueError, "temperature"),
+    ("temperature str", dict(temperature="2"), TypeError, "temperature"),
+    ("temperature [2]", dict(temperature=torch.ones(2)), ValueError, "temperature"),
+    ("beta < 0", dict(divergence="jsd", beta=-0.1), ValueError, "beta"),
+    ("beta > 1", dict(divergence="jsd", beta=1.5), ValueError, "beta"),
+    ("divergence", dict(divergence="kl"), ValueError, "divergence"),
+    ("reduction", dict(reduction="avg"), ValueError, "reduction"),
+    ("alpha without labels", dict(alpha=0.5), ValueError, "labels"),
+    ("alpha > 1", dict(alpha=1.5, labels=torch.tensor([0, 1, 2, 3])), ValueError, "alpha"),
+    ("num_items 0", dict(num_items_in_batch=0), ValueError, "num_items_in_batch"),
+    ("num_items with none", dict(num_items_in_batch=3, reduction="none"), ValueError, "num_items_in_batch"),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("what,change,error,name", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input(what, change, error, name, backend):
+    if backend != "reference":
+        require(SPEC, "cpu", backend)
+    kw = dict(student=randn(4, 10, seed=38), teacher=randn(4, 10, seed=39))
+    kw.update(change)
+    with pytest.raises(error, match=name):
+        fused_kd_loss(kw.pop("student"), kw.pop("teacher"), backend=backend, **kw)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("which", ["student", "teacher"])
+def test_all_neg_inf_row_is_an_error(which, backend):
+    if backend != "reference":
+        require(SPEC, "cpu", backend)
+    s, t = randn(3, 10, seed=40), randn(3, 10, seed=41)
+    (s if which == "student" else t)[1] = -math.inf
+    with pytest.raises(ValueError, match="entirely -inf"):
+        fused_kd_loss(s, t, backend=backend)
+
+
+def test_backend_forcing(monkeypatch):
+    require(SPEC, "cpu", "cpu")
+    s, t = randn(3, 10, seed=42), randn(3, 10, seed=43)
+    calls = []
+    real = reference.fused_kd_loss
+    monkeypatch.setattr(reference, "fused_kd_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("LEPTON_FAST_BACKEND", "reference")
+    loss = fused_kd_loss(s, t)
+    assert calls == [1]
+    torch.testing.assert_close(fused_kd_loss(s, t, backend="cpu"), loss, **TOL)  # the keyword wins
+    assert calls == [1]
+    monkeypatch.setenv("LEPTON_FAST_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="LEPTON_FAST_BACKEND"):
+        fused_kd_loss(s, t)
+    monkeypatch.delenv("LEPTON_FAST_BACKEND")
+    with pytest.raises(RuntimeError, match="cuda.*cannot run"):
+        fused_kd_loss(s, t, backend="cuda")
+    with pytest.raises(ValueError, match="backend"):
+        fused_kd_loss(s, t, backend="gpu")
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_second_backward_raises(device, backend):
+    require(SPEC, device, backend)
+    s = randn(3, 10, seed=44, device=device).requires_grad_()
+    loss = fused_kd_loss(s, randn(3, 10, seed=45, device=device), backend=backend)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_second_order_gradient_raises_and_reference_gives_it(device, backend):
+    """A MAML-style inner step differentiates the gradient again: the fused kernels refuse
+    (their gradient is a constant), the reference gives the true outer gradient."""
+    require(SPEC, device, backend)
+    x, t = randn(5, 6, seed=46, device=device), randn(5, 9, seed=47, device=device)
+    w0 = randn(9, 6, seed=48, device=device, scale=0.5)
+
+    def outer_grad(chosen, dtype):
+        w = w0.to(dtype).clone().requires_grad_()
+        loss = fused_kd_loss(x.to(dtype) @ w.T, t.to(dtype), 2.0, backend=chosen)
+        (g,) = torch.autograd.grad(loss, w, create_graph=True)
+        (outer,) = torch.autograd.grad((w - 0.1 * g).square().sum(), w)
+        return outer
+
+    with pytest.raises(RuntimeError, match="second-order"):
+        outer_grad(backend, torch.float32)
+    want = outer_grad("reference", torch.float64)
+    torch.testing.assert_close(outer_grad("reference", torch.float32).double(), want, **TOL)
+
+
+def test_other_cpu_instruction_sets():
+    """The row kernels are compiled for the portable baseline, AVX2 and AVX-512 and follow
+    ATen's choice; ATEN_CPU_CAPABILITY lowers it, so this machine runs the other builds too."""
+    require(SPEC, "cpu", "cpu")
+    script = textwrap.dedent("""
+        import itertools, torch
+        from lepton_fast import fused_kd_loss, reference
+        print(torch.backends.cpu.get_cpu_capability())
+        g = torch.Generator().manual_seed(0)
+        for dtype, div in itertools.product([torch.float32, torch.bfloat16, torch.float64], ["forward_kl", "reverse_kl", "jsd"]):
+            s = (torch.randn(5, 77, generator=g) * 3).to(dtype)
+            t = (torch.randn(5, 77, generator=g) * 3).to(dtype)
+            t[:, ::9] = float("-inf"); s[:, ::9] = float("-inf")
+            y = torch.randint(0, 77, (5,), generator=g); y[0] = -100
+            kw = dict(divergence=div, beta=0.3, labels=y, alpha=0.3, label_smoothing=0.1, reduction="none")
+            x = s.clone().requires_grad_(); loss = fused_kd_loss(x, t, 3.0, backend="cpu", **kw); loss.sum().backward()
+            xr = s.double().requires_grad_(); ref = reference.fused_kd_loss(xr, t.double(), 3.0, **kw); ref.sum().backward()
+            tol = 1e-5 if dtype != torch.bfloat16 else 1e-2
+            torch.testing.assert_close(loss.double(), ref, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(x.grad.double(), xr.grad, atol=tol, rtol=tol)
+        print("ok")
+    """)
+    for isa in ("default", "avx2"):
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=isa)
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        capability, status = out.stdout.split()
+        assert capability.lower() == isa.lower() or isa == "avx2" and capability == "DEFAULT"
+        assert status == "ok"
+
+
+# --- Triton's column blocks: every boundary case, with a small block so that it shows --------
+
+
+@pytest.mark.parametrize(
+    "n,c,block",
+    [
+        (3, 10, 16),  # C smaller than one block
+        (2, 32, 16),  # C exactly two blocks
+        (3, 50, 16),  # three full blocks and a ragged tail of 2 columns
+        (1, 1, 16),  # a single class: every divergence is 0
+    ],
+    ids=["C<block", "C=2blocks", "ragged_tail", "C=1"],
+)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_triton_column_blocks(n, c, block, divergence):
+    require(SPEC, "cpu", "triton")
+    from lepton_fast.kernels.kd_loss import fused_kd_loss as triton_kd_loss
+
+    s, t = randn(n, c, seed=49).requires_grad_(False), randn(n, c, seed=50)
+    labels = random_labels((n,), c, seed=51, ignore_every=2)
+    f64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    loss, grad = triton_kd_loss(s, t, labels, f64(2.0), f64(0.3), f64(0.4), f64(0.1), divergence, -100, True, "sum",
+                                None, True, block=block)
+    ref_loss, ref_grad = oracle(s, t, temperature=2.0, divergence=divergence, beta=0.3, labels=labels, alpha=0.4,
+                                label_smoothing=0.1, reduction="sum")
+    torch.testing.assert_close(loss.double(), ref_loss, **TOL)
+    torch.testing.assert_close(grad.double(), ref_grad, **TOL)
+
+
+# --- CUDA only: sizes the CPU suites cannot afford -------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_llama3_vocab(backend):
+    # Llama-3's vocabulary in bfloat16: the wide-row path over many column blocks.
+    require(SPEC, "cuda", backend)
+    s, t = randn(64, 128256, seed=52, dtype=torch.bfloat16, device="cuda"), \
+        randn(64, 128256, seed=53, dtype=torch.bfloat16, device="cuda")
+    labels = random_labels((64,), 128256, seed=54, device="cuda")
+    kw = dict(temperature=2.0, labels=labels, alpha=0.4, label_smoothing=0.1)
+    loss, grad = ours(backend, s, t, **kw)
+    ref_loss, ref_grad = oracle(s, t, **kw)
+    _, low_grad = loss_and_grad(reference.fused_kd_loss, s, t, **kw)
+    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-5, rtol=1e-4)
+    ref_err = (low_grad.double() - ref_grad).abs().max().item()
+    assert (grad.double() - ref_grad).abs().max().item() <= 2 * ref_err + 1e-6
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_more_than_2_31_elements(backend):
+    # N*C > 2^31: the last rows start beyond int32 offsets (needs ~13 GB for s, t, grad).
+    require(SPEC, "cuda", backend)
+    c = 128256
+    n = 2**31 // c + 8
+    if torch.cuda.get_device_properties(0).total_memory < 3 * n * c * 2 + (8 << 30):
+        pytest.skip("not enough GPU memory for N*C > 2^31 in bfloat16")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    s = torch.randn(n, c, device="cuda", dtype=torch.bfloat16, generator=g)
+    t = torch.randn(n, c, device="cuda", dtype=torch.bfloat16, generator=g)
+    with torch.no_grad():
+        rows = fused_kd_loss(s, t, 0.5, divergence="reverse_kl", reduction="none", backend=backend)
+    for sl in (slice(0, 2), slice(n - 3, n)):
+        want = reference.fused_kd_loss(s[sl].double(), t[sl].double(), 0.5, divergence="reverse_kl", reduction="none")
+        torch.testing.assert_close(rows[sl].double(), want, atol=1e-5, rtol=1e-4)
+
+
+# --- nn.KDLoss -----------------------------------------------------------------------------------
+
+
+def test_kdloss_module_is_the_function():
+    """nn.KDLoss holds the keywords and calls fused_kd_loss; the repr names them."""
+    student, teacher = randn(6, 11, seed=40), randn(6, 11, seed=41)
+    labels = random_labels((6,), 11, seed=42)
+    kw = dict(divergence="jsd", beta=0.3, alpha=0.4, label_smoothing=0.1, reduction="sum")
+    module = KDLoss(2.0, **kw)
+    assert "divergence='jsd'" in repr(module) and "temperature=2.0" in repr(module)
+    got = loss_and_grad(lambda s, t: module(s, t, labels), student, teacher)
+    want = loss_and_grad(lambda s, t: fused_kd_loss(s, t, 2.0, labels=labels, **kw), student, teacher)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_kdloss_refuses_bad_arguments_at_construction():
+    with pytest.raises(TypeError, match="alpah"):
+        KDLoss(2.0, alpah=0.5)
+    with pytest.raises(ValueError, match="temperature"):
+        KDLoss(-2.0)
