@@ -262,19 +262,36 @@ def compile_for_hopper():
     from lepton_fast.kernels import kd_loss, scale_grad
 
     target = GPUTarget("cuda", 90, 32)
-    floats = ("inv_t", "beta", "log_beta", "log_1m_beta", "alpha", "eps", "soft_w", "soft_gw")
+    floats = ("temperature", "inv_t", "beta", "log_beta", "log_1m_beta", "alpha", "eps", "soft_w", "soft_gw")
     for dtype, div, needs_soft, needs_ce, has_labels, block in HOPPER_BUILDS:
-        signature = {
-            "s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "y_ptr": "*i64", "g_ptr": f"*{dtype}", "loss_ptr": "*fp32",
-            "gs_ptr": "*fp32", "C": "i32", "s_stride": "i64", "t_stride": "i64", **{f: "fp64" for f in floats},
-            "ignore_index": "i32",
-        }
-        constants = dict(DIV=div, NEEDS_SOFT=needs_soft, NEEDS_CE=needs_ce, SMOOTH=needs_ce, HAS_LABELS=has_labels,
-                         COMPUTE_GRAD=True, ACC=tl.float32, BLOCK=block)
+        for from_stats in (False, True):  # fused_kd_loss, kd_slice_loss
+            signature = {
+                "s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "y_ptr": "*i64", "g_ptr": f"*{dtype}",
+                "loss_ptr": "*fp32", "gs_ptr": "*fp32", "stats_ptr": "*fp32", "jsd_ptr": "*fp32", "C": "i32",
+                "s_stride": "i64", "t_stride": "i64", "class_offset": "i64", "row_classes": "i64",
+                **{f: "fp64" for f in floats}, "ignore_index": "i32",
+            }
+            constants = dict(DIV=div, NEEDS_SOFT=needs_soft, NEEDS_CE=needs_ce, CE_OWN=needs_ce, SMOOTH=needs_ce,
+                             HAS_LABELS=has_labels, COMPUTE_GRAD=True, FROM_STATS=from_stats, ACC=tl.float32,
+                             BLOCK=block)
+            signature.update({name: "constexpr" for name in constants})
+            compiled = triton.compile(ASTSource(kd_loss._kd_loss_kernel, signature, constants), target=target,
+                                      options={"num_warps": 8})
+            assert ".entry" in compiled.asm["ptx"]
+        # kd_slice_stats and kd_slice_jsd_sums
+        pointers = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "y_ptr": "*i64"}
+        signature = {**pointers, "out_ptr": "*fp32", "C": "i32", "s_stride": "i64", "t_stride": "i64",
+                     "class_offset": "i64", "row_classes": "i64", "temperature": "fp64", "inv_t": "fp64",
+                     "eps": "fp64", "ignore_index": "i32"}
+        constants = dict(DIV=div, NEEDS_SOFT=needs_soft, NEEDS_CE=needs_ce, CE_OWN=needs_ce, SMOOTH=needs_ce,
+                         HAS_LABELS=has_labels, ACC=tl.float32, BLOCK=block)
         signature.update({name: "constexpr" for name in constants})
-        compiled = triton.compile(ASTSource(kd_loss._kd_loss_kernel, signature, constants), target=target,
-                                  options={"num_warps": 8})
-        assert ".entry" in compiled.asm["ptx"]
+        triton.compile(ASTSource(kd_loss._kd_slice_stats_kernel, signature, constants), target=target)
+        signature = {**pointers, "stats_ptr": "*fp32", "out_ptr": "*fp32", "C": "i32", "s_stride": "i64",
+                     "t_stride": "i64", "inv_t": "fp64", "log_beta": "fp64", "log_1m_beta": "fp64",
+                     "ignore_index": "i32", "HAS_LABELS": "constexpr", "ACC": "constexpr", "BLOCK": "constexpr"}
+        constants = dict(HAS_LABELS=has_labels, ACC=tl.float32, BLOCK=block)
+        triton.compile(ASTSource(kd_loss._kd_slice_jsd_kernel, signature, constants), target=target)
     for dtype, per_row in (("bf16", False), ("fp32", True)):
         scale_signature = {"g_ptr": f"*{dtype}", "scale_ptr": "*fp32", "numel": "i64", "C": "i32",
                            "PER_ROW": "constexpr", "ACC": "constexpr", "BLOCK": "constexpr"}
