@@ -14,8 +14,8 @@ the scalar one).
 Which variants. A module lists hundreds (every dtype x every switch x every column block);
 compiling all of them takes an hour on two cores. By default the test compiles a set that
 covers every pair of values of any two dimensions with at most 4 values (dtype, each
-switch, arch, alignment: every switch in every dtype, on both archs) and every value of the
-wider ones (the column block), about 60 compiles in all. ``LEPTON_FAST_AOT=all`` compiles
+switch, arch, alignment: each switch's values in every dtype, on both archs, aligned or
+not) and every value of the wider ones (the column block): about 50 compiles in all. ``LEPTON_FAST_AOT=all`` compiles
 every variant on both archs, both alignments. ``LEPTON_FAST_AOT_JOBS`` sets the number of
 compile processes (default: the number of CPUs, at most 4).
 
@@ -163,6 +163,11 @@ def compile_all(exhaustive: bool, jobs: int) -> dict:
             entry["error"] = f"{type(e).__name__}: {e}"
             continue
         entry["targets"] = len(targets)
+        entry["values"] = {}
+        for _, _, constexprs, _ in targets:
+            for name, value in constexprs.items():
+                entry["values"].setdefault(name, set()).add(repr(value))
+        entry["values"] = {name: sorted(values) for name, values in entry["values"].items()}
         for candidates in by_kernel.values():
             chosen = select(candidates, exhaustive)
             entry["selected"] += len(chosen)
@@ -210,6 +215,9 @@ def test_kernels_compile_for_sm90_and_sm80(aot_report, module):
     for kernel in {r["kernel"] for r in results}:
         mine = [r for r in results if r["kernel"] == kernel]
         assert {r["arch"] for r in mine} == set(ARCHS), kernel
+    for name, values in entry["values"].items():
+        compiled = {r["constexprs"][name] for r in results if name in r["constexprs"]}
+        assert compiled == set(values), (name, sorted(compiled), values)
     print(f"kernels/{module}.py: {len(results)} variants compiled (of {entry['targets']} targets x "
           f"{len(ARCHS)} archs x 2 alignments), Triton {aot_report['triton']}, "
           f"{sum(r['seconds'] for r in results):.0f} s of compile time")
