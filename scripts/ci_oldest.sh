@@ -56,13 +56,16 @@ start=$SECONDS
 # Downloaded once into a wheelhouse kept between runs (torch 2.11 and its CUDA libraries are
 # about 2.5 GB that the local package mirror does not hold for Python 3.12), then installed
 # from it with no index, as on the GPU machines, which have no network.
+# --no-compile: no .pyc for the ~20,000 modules of torch and its libraries up front (CPU
+# time CI does not have); Python compiles the few it imports.
 reqs=("torch==$TORCH" ninja "setuptools>=77" "numpy<2.4" "pytest>=8" "pytest-benchmark>=4" expecttest)
-if ! pip install -q --no-index --find-links "$wheels" "${reqs[@]}" 2>/dev/null; then
+offline=(-q --no-compile --no-index --find-links "$wheels")
+if ! pip install "${offline[@]}" "${reqs[@]}" 2>/dev/null; then
     pip download -q -d "$wheels" "${reqs[@]}"
-    pip install -q --no-index --find-links "$wheels" "${reqs[@]}"
+    pip install "${offline[@]}" "${reqs[@]}"
 fi
 # the package and its dev extra, no compile yet (the GPU check builds it)
-LEPTON_FAST_SKIP_EXT=1 pip install -q --no-index --find-links "$wheels" --no-build-isolation -e "$src[dev]"
+LEPTON_FAST_SKIP_EXT=1 pip install "${offline[@]}" --no-build-isolation -e "$src[dev]"
 python -c "import sys, torch, triton, numpy, setuptools; print('installed:', sys.version.split()[0], torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__, 'setuptools', setuptools.__version__)"
 installed=$SECONDS
 
