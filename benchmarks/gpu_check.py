@@ -143,7 +143,7 @@ def preflight() -> dict:
     return result
 
 
-def build(env_extra: dict, dry_run: bool = False) -> dict:
+def build(env_extra: dict, dry_run: bool = False, timeout: float = 600.0) -> dict:
     import torch
 
     env = dict(os.environ, **env_extra)
@@ -161,11 +161,16 @@ def build(env_extra: dict, dry_run: bool = False) -> dict:
     log(f"[build] {' '.join(cmd)}  (TORCH_CUDA_ARCH_LIST={env.get('TORCH_CUDA_ARCH_LIST')}, MAX_JOBS={env['MAX_JOBS']}, "
         "LEPTON_FAST_FORCE_CUDA=1)")
     start = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    result = {"rc": proc.returncode, "seconds": round(time.time() - start, 1),
-              "arch_list": env.get("TORCH_CUDA_ARCH_LIST"), "output_tail": tail(proc.stdout + proc.stderr)}
-    log(f"[build] rc={proc.returncode} in {result['seconds']} s")
-    if proc.returncode != 0:
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        rc, out = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as e:
+        out = "".join(x.decode() if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr))
+        rc, out = "timeout", out + f"\n[build timed out after {timeout:.0f} s: --build-timeout]"
+    result = {"rc": rc, "seconds": round(time.time() - start, 1),
+              "arch_list": env.get("TORCH_CUDA_ARCH_LIST"), "output_tail": tail(out)}
+    log(f"[build] rc={rc} in {result['seconds']} s")
+    if rc != 0:
         log(result["output_tail"])
     return result
 
@@ -478,6 +483,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--only", help="time only the cases whose name contains this text")
     parser.add_argument("--budget", type=float, default=450.0, help="seconds for the whole run (default 450)")
+    parser.add_argument("--build-timeout", type=float, default=600.0, help="seconds for the build (default 600)")
     parser.add_argument("--quiet-summary", action="store_true", help=argparse.SUPPRESS)  # the child of a full run
     parser.add_argument("--dry-run", action="store_true",
                         help="no GPU: the same checks and build (for TORCH_CUDA_ARCH_LIST, default "
@@ -502,7 +508,7 @@ def main(argv=None) -> int:
     if not args.skip_build:
         report["preflight"] = preflight()
         if report["preflight"]["ok"]:
-            report["build"] = build({}, dry_run=args.dry_run)
+            report["build"] = build({}, dry_run=args.dry_run, timeout=args.build_timeout)
             if report["build"]["rc"] == 0:
                 report["verify"] = verify_build()
     stopped = (not report.get("preflight", {"ok": True})["ok"]

@@ -71,7 +71,8 @@ installed=$SECONDS
 
 # --- 2. the GPU check's dry run: build (CPU + CUDA), collect, compile, cases -------------
 cd "$src"
-python benchmarks/gpu_check.py --dry-run --json "$work/gpu_check.json"
+# (a long build timeout: a CI machine shared with other work may build slowly)
+python benchmarks/gpu_check.py --dry-run --build-timeout 2400 --json "$work/gpu_check.json"
 checked=$SECONDS
 lepton-fast info
 
