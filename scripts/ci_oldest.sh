@@ -15,6 +15,11 @@
 #    trainers and data (pure Python over the ops), the packaging tests (venvs and wheels:
 #    minutes) and the benchmarks' smoke run.
 #
+# Cost, measured end to end on this repository's shared 2-core machine (2026-11-30, load 5-11,
+# nice 10, MAX_JOBS=1, wheelhouse filled): 635 s of CPU (user + sys), of which the CPU + CUDA
+# build ~255 s; 1635 s of wall time under that load. On 2 idle cores with MAX_JOBS=2 that is
+# about 6-8 minutes. A first run also downloads ~2.6 GB (about a minute here).
+#
 # It works on a copy of the tree: the main job's editable install writes its build record
 # into lepton_fast/, and a build here would overwrite it.
 #
