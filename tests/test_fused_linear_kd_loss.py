@@ -241,7 +241,9 @@ def test_low_precision(dtype, device, backend):
     float32 tolerance; a gradient is rounded to the dtype once (the CPU widens the GEMM
     operands) or, on a GPU, also enters the d hidden / d weight GEMMs rounded: its error is
     bounded by u * (|dL/dz| @ |W|) for d hidden (u the unit roundoff) plus the final rounding.
-    Measured on the CPU (N=64, V=300, H=48): the largest error is 0.3-0.5 u of that bound."""
+    Measured on the CPU (N=64, V=300, H=48, this seed): the largest error is 0.25-0.32 of
+    that bound, 0.14-0.24 % of the largest gradient in bfloat16 and 0.02-0.04 % in float16;
+    the loss is within 2e-7 of the oracle."""
     require(SPEC, device, backend)
     x, labels = make(n=64, h_s=48, h_t=40, v=300, device=device, seed=15, dtype=dtype)
     kw = dict(temperature=2.0, divergence="jsd", labels=labels, alpha=0.3)
@@ -264,6 +266,22 @@ def test_low_precision(dtype, device, backend):
         err = (g.double() - ref_grads[k]).abs()
         assert (err <= bounds[k] + 1e-12).all(), (k, (err / bounds[k]).max().item())
         assert err.max() > 0  # the dtype does round: the bound is not vacuous
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_teacher_head_of_another_dtype(device, backend):
+    # A bfloat16 student distilled from a float32 teacher: each head multiplies in its own
+    # dtype, both logits in float32; the student's gradients come back in bfloat16.
+    require(SPEC, device, backend)
+    x, labels = make(device=device, seed=22)
+    for k in ("student_hidden", "student_weight", "student_bias"):
+        x[k] = x[k].bfloat16()
+    loss, grads = ours(backend, x, temperature=2.0, labels=labels, chunk_size=3)
+    ref_loss, ref_grads = oracle(x, temperature=2.0, labels=labels)
+    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-5, rtol=1e-5)
+    for k, g in grads.items():
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.double(), ref_grads[k], atol=2**-7 * ref_grads[k].abs().max().item(), rtol=0)
 
 
 # --- torch.compile, opcheck, memory ---------------------------------------------------------------

@@ -126,10 +126,11 @@ def _fused_linear_kd_loss(
     bs = None if student_bias is None else student_bias[:vocab_size].to(acc)
     bt = None if teacher_bias is None else teacher_bias[:vocab_size].to(acc)
     # GEMM operands: the GPU multiplies bfloat16/float16 with float32 output; the CPU has no such
-    # GEMM, so there the weights are widened once (what TRL's chunked loss does off the GPU too).
-    widen = device.type == "cpu"
-    if widen:
-        ws, wt = ws.to(acc), wt.to(acc)
+    # GEMM, so there (and for any other pair of dtypes) a head is widened to the accumulation
+    # dtype once per call (what TRL's chunked loss does off the GPU too).
+    widen_s, widen_t = (device.type == "cpu" or w.dtype not in _LOW_PRECISION or acc != torch.float32
+                        for w in (ws, wt))
+    ws, wt = (ws.to(acc) if widen_s else ws), (wt.to(acc) if widen_t else wt)
 
     valid = None if labels is None else labels != ignore_index
     rows = None  # the rows the chunks run over: all of them, or on the CPU the valid ones
@@ -170,8 +171,7 @@ def _fused_linear_kd_loss(
             index = rows[start:end]
             take = lambda x: x.index_select(0, index)  # noqa: E731
         h_s, h_t = take(student_hidden), take(teacher_hidden)
-        if widen:
-            h_s, h_t = h_s.to(acc), h_t.to(acc)
+        h_s, h_t = (h_s.to(acc) if widen_s else h_s), (h_t.to(acc) if widen_t else h_t)
         z_s = _project(h_s, ws, bs, student_logit_scale, student_softcap, buf_s[: end - start])
         z_t = _project(h_t, wt, bt, teacher_logit_scale, teacher_softcap, buf_t[: end - start])
         chunk_labels = None if labels is None else take(labels)
@@ -196,7 +196,7 @@ def _fused_linear_kd_loss(
         grad = _grad_through_head(grad, z_s, student_logit_scale, student_softcap)
         if grad_bias:
             acc_bias += grad.sum(0)
-        if not widen and ws.dtype != grad.dtype:
+        if not widen_s:
             grad = grad.to(ws.dtype)  # the GEMM operands of a bfloat16/float16 head on the GPU
         if grad_hidden:
             if index is None and d_hidden.dtype == grad.dtype:
