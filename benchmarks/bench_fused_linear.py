@@ -138,13 +138,13 @@ def main(argv=None) -> int:
         step(fn, x)
         for t in x.values():
             t.grad = None
-        peaks[name] = peak_extra_bytes(lambda: step(fn, x))
+        peaks[name] = peak_extra_bytes(lambda x=x: step(fn, x))
         print(f"warm-up {name}: peak {peaks[name] / 2**20:.0f} MiB, load {load_average()}", flush=True)
         del x
     times = alternate({name: timed(fn, FULL) for name, fn in fns.items()}, args.rounds,
                       log=lambda m: print(m, flush=True))
     floor = statistics.median(times["four bare GEMMs"]) if "four bare GEMMs" in times else None
-    print(f"\n| variant | median s | min s | max s | x GEMMs | peak MiB above inputs |\n|---|---|---|---|---|---|")
+    print("\n| variant | median s | min s | max s | x GEMMs | peak MiB above inputs |\n|---|---|---|---|---|---|")
     for name, ts in times.items():
         med = statistics.median(ts)
         ratio = f"{med / floor:.2f}" if floor else "-"

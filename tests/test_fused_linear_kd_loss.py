@@ -303,6 +303,18 @@ def test_torch_compile_fullgraph(device):
     torch.testing.assert_close(loss, want_loss, **TOL)
     for k in want:
         torch.testing.assert_close(got[k], want[k], **TOL)
+    # Dynamic shapes: the token count changes between calls, the chunk size is chosen inside.
+    for n in (5, 9):
+        x, labels = make(n=n, device=device, seed=16 + n)
+
+        def step_n(**a):
+            return fused_linear_kd_loss(**a, divergence="reverse_kl", labels=labels, student_logit_scale=0.5)
+
+        want_loss, want = run(step_n, x)
+        loss, got = run(torch.compile(step_n, fullgraph=True, dynamic=True), x)
+        torch.testing.assert_close(loss, want_loss, **TOL)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], **TOL)
 
 
 def _op_args(device, requires_grad):

@@ -235,8 +235,8 @@ def test_distillation_training_step_patched_is_unpatched():
             teacher_model=teacher, beta=0.5, temperature=1.5, model_kwarg_keys=(), _is_vlm=False,
             accelerator=types.SimpleNamespace(unwrap_model=lambda m: m, is_main_process=True),
             _forward_redirection=lambda wrapper, module, method, *a, **k: method(*a, **k))
-        trainer._get_last_hidden_state = types.MethodType(distillation_trainer.DistillationTrainer._get_last_hidden_state,
-                                                          trainer)
+        trainer._get_last_hidden_state = types.MethodType(
+            distillation_trainer.DistillationTrainer._get_last_hidden_state, trainer)
         inputs = dict(prompt_ids=prompt, completion_ids=completion, prompt_mask=torch.ones_like(prompt),
                       completion_mask=completion_mask)
         loss, _, n_valid = distillation_trainer.DistillationTrainer._compute_loss(trainer, student, inputs, None)

@@ -321,11 +321,14 @@ def _head(name: str, hidden: Tensor, weight_name: str, weight, bias_name: str, b
 
 
 def _finite(name: str, value, *, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A model constant (a logit scale, a softcap) as a Python float; torch.compile
+    specialises the graph on it (one graph per model, not per step)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or (positive and value <= 0):
+    value = float(value)
+    if not abs(value) < math.inf or (positive and value <= 0):  # (NaN fails the first test too)
         raise ValueError(f"{name} must be a finite number{' > 0' if positive else ''}, got {value}")
-    return float(value)
+    return value
 
 
 def fused_linear_kd_loss(
@@ -396,7 +399,9 @@ def fused_linear_kd_loss(
             rounding.
         backend: the row kernel, as in :func:`lepton_fast.fused_kd_loss`: ``"cpu"``,
             ``"cuda"``, ``"triton"``, or ``"reference"``, which projects the full logits with
-            autograd (an [N, V] buffer: for tests and higher-order gradients).
+            autograd (an [N, V] buffer: for tests and higher-order gradients). Forcing a
+            kernel is eager-only, and applies to the forward: with reduction "none" the
+            backward recomputes the gradients with the default kernel.
 
     Returns:
         float32 loss (float64 for float64 inputs): a scalar, or [...] for ``"none"``.
@@ -450,7 +455,8 @@ def _linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, t
     label_smoothing_t = _validate.unit_interval("label_smoothing", label_smoothing)
     _validate.choice("reduction", reduction, _validate.REDUCTIONS)
     if num_items_in_batch is not None and reduction == "none":
-        raise ValueError("num_items_in_batch divides the summed loss, so it needs reduction 'mean' or 'sum', not 'none'")
+        raise ValueError("num_items_in_batch divides the summed loss, so it needs reduction 'mean' or 'sum', "
+                         "not 'none'")
     s_scale = _finite("student_logit_scale", student_logit_scale)
     t_scale = _finite("teacher_logit_scale", teacher_logit_scale)
     s_cap = None if student_softcap is None else _finite("student_softcap", student_softcap, positive=True)
