@@ -152,6 +152,15 @@ def test_chunked_divergence_loss_is_trl(extra, beta, bias):
     assert got[0][2].dtype == torch.int64 and got[0][2] == 6  # the kept positions: 4 + 2
 
 
+def test_chunked_divergence_loss_on_the_reference_backend(monkeypatch):
+    # Without the compiled kernels (or with $LEPTON_FAST_BACKEND=reference) the entropy and
+    # the loss still come back as trl's.
+    monkeypatch.setenv("LEPTON_FAST_BACKEND", "reference")
+    extra = dict(student_final_logit_softcapping=3.0, temperature=1.5)
+    assert_same(_chunked_call(lf_trl.chunked_divergence_loss, 5, 0.3, True, **extra),
+                _chunked_call(TRL_CHUNKED, 5, 0.3, True, **extra))
+
+
 # --- patch() and one training step through trl's own trainer code --------------------------------
 
 

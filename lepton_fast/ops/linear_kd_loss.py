@@ -428,7 +428,8 @@ def _linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, t
                num_items_in_batch, vocab_size, student_logit_scale, teacher_logit_scale, student_softcap,
                teacher_softcap, chunk_size, backend, entropy: bool) -> tuple[Tensor, Optional[Tensor]]:
     """:func:`fused_linear_kd_loss` (every argument given) -> (loss, the sum of the student's
-    entropy of softmax(z_s / T) over the rows that count, no gradient, when ``entropy``; else None)."""
+    entropy of softmax(z_s / T) over the rows that count, no gradient, when ``entropy``; else
+    None), on every backend (the reference one projects the student's logits once more)."""
     _head("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias)
     _head("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias", teacher_bias)
     if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
@@ -480,7 +481,15 @@ def _linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, t
             teacher_bias=teacher_bias, vocab_size=vocab_size, student_logit_scale=s_scale,
             teacher_logit_scale=t_scale, student_softcap=s_cap, teacher_softcap=t_cap,
             num_items_in_batch=num_items_in_batch, **kw)
-        return (loss.reshape(lead) if reduction == "none" else loss), None
+        entropy_sum = None
+        if entropy:
+            with torch.no_grad():
+                z_s = reference.lm_head_logits(student_hidden, student_weight[:vocab_size],
+                                               None if student_bias is None else student_bias[:vocab_size],
+                                               s_scale, s_cap)
+                rows = _entropy_rows(z_s.reshape(-1, vocab_size), 1.0 / float(temperature_t))
+                entropy_sum = (rows if labels is None else rows * (labels != ignore_index)).sum()
+        return (loss.reshape(lead) if reduction == "none" else loss), entropy_sum
 
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
     h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
