@@ -288,15 +288,27 @@ def _overload(spec: OpSpec):
     return getattr(torch.ops.lepton_fast, spec.name).default
 
 
-def call(spec: OpSpec, backend: str, device_type: str, *args):
-    """``torch.ops.lepton_fast.<op>(*args)`` on ``backend``'s kernel (as :func:`resolve` chose it)."""
-    op = _overload(spec)
+@contextlib.contextmanager
+def running(spec: OpSpec, backend: str, device_type: str):
+    """Inside the block, ``spec``'s op runs ``backend``'s kernel on ``device_type`` tensors
+    (``backend`` as :func:`resolve` chose it, not "reference"), for callers that reach the op
+    through another (fused_linear_kd_loss calls fused_kd_loss per chunk)."""
     if not _swapped(spec.name, backend, device_type):
-        return op(*args)
+        yield
+        return
     if torch.compiler.is_compiling():
         raise RuntimeError(
             f"{spec.name}: forcing backend {backend!r} is eager-only (it swaps a dispatcher registration); under "
             "torch.compile the default kernel or backend='reference' run"
         )
     with forced(spec, backend, device_type):
+        yield
+
+
+def call(spec: OpSpec, backend: str, device_type: str, *args):
+    """``torch.ops.lepton_fast.<op>(*args)`` on ``backend``'s kernel (as :func:`resolve` chose it)."""
+    op = _overload(spec)
+    if not _swapped(spec.name, backend, device_type):  # the common case, without a context manager
+        return op(*args)
+    with running(spec, backend, device_type):
         return op(*args)

@@ -505,14 +505,7 @@ def _linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, t
             None if teacher_bias is None else teacher_bias.detach(), labels, temperature_t, beta_t, alpha_t,
             label_smoothing_t, divergence, ignore_index, scale_by_t2, reduction, num_items, vocab_size, s_scale,
             t_scale, s_cap, t_cap, chunk_size, None, *needs, entropy)
-    if _backend._swapped(KD_SPEC, chosen, h_s.device.type):
-        if torch.compiler.is_compiling():
-            raise RuntimeError(f"fused_linear_kd_loss: forcing backend {chosen!r} is eager-only (it swaps a "
-                               "dispatcher registration); under torch.compile the default kernel or "
-                               "backend='reference' run")
-        with _backend.forced(KD_SPEC, chosen, h_s.device.type):
-            out = _fused_linear_kd_loss(*args)
-    else:
+    with _backend.running(KD_SPEC, chosen, h_s.device.type):
         out = _fused_linear_kd_loss(*args)
     loss = out[0].reshape(lead) if reduction == "none" else out[0]
     return loss, (out[4] if entropy else None)
