@@ -36,6 +36,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional
 
@@ -60,9 +61,10 @@ class Task:
     """What a demo task supplies; the rest (seeds, processes, table, JSON, plot) is shared.
 
     ``trainer_kwargs(row, data)`` returns the CrossDomainTrainer keyword arguments of a row
-    (views, threshold, weights, ...) other than ``terms``, ``teacher``, ``optimizer``,
-    ``device``, ``amp``, ``seed`` and ``progress``. ``cost`` ranks the rows by run time so
-    that the longest start first.
+    (views, threshold, weights, feature split, ...) other than ``terms``, ``optimizer``,
+    ``device``, ``amp``, ``seed`` and ``progress``; a "kd" row's ``teacher`` defaults to a
+    copy of the source-only teacher (give another one, e.g. a rule-based model, here).
+    ``cost`` ranks the rows by run time so that the longest start first.
     """
 
     name: str
@@ -189,15 +191,19 @@ def run_row(settings: Settings, seed: int, row: str, teacher_state: Optional[dic
     if row != TEACHER:
         model.load_state_dict(teacher_state)  # every other row starts from the teacher
     terms = ROW_TERMS.get(row, ())
-    teacher = copy.deepcopy(model).eval() if "kd" in terms else None
+    kwargs = task.trainer_kwargs(row, data)
+    if "kd" in terms:
+        kwargs.setdefault("teacher", copy.deepcopy(model).eval())
     steps, lr = {TEACHER: (settings.source_steps, task.teacher_lr),
                  UPPER: (settings.adapt_steps, task.teacher_lr)}.get(row, (settings.adapt_steps, task.adapt_lr))
     t0 = time.perf_counter()
-    trainer = CrossDomainTrainer(model, terms=terms, teacher=teacher,
-                                 optimizer=functools.partial(torch.optim.Adam, lr=lr), device=settings.device,
-                                 amp=settings.amp, seed=seed, progress=progress, **task.trainer_kwargs(row, data))
-    history = trainer.fit(data.adapt if row == UPPER else data.source, data.adapt if terms else None, steps=steps,
-                          batch_size=settings.batch_size, validation_data=data.test, eval_every=settings.eval_every)
+    trainer = CrossDomainTrainer(model, terms=terms, optimizer=functools.partial(torch.optim.Adam, lr=lr),
+                                 device=settings.device, amp=settings.amp, seed=seed, progress=progress, **kwargs)
+    with warnings.catch_warnings():  # the table reports collapses itself, after the rows
+        warnings.filterwarnings("ignore", "pseudo-label collapse", RuntimeWarning)
+        history = trainer.fit(data.adapt if row == UPPER else data.source, data.adapt if terms else None,
+                              steps=steps, batch_size=settings.batch_size, validation_data=data.test,
+                              eval_every=settings.eval_every)
     final = history["validation"][-1]
     out = {"accuracy": final["accuracy"], "macro_recall": final["macro_recall"], "macro_f1": final["macro_f1"],
            "seconds": time.perf_counter() - t0, "curve": [(v["step"], v["accuracy"]) for v in history["validation"]],

@@ -158,7 +158,7 @@ def test_missing_or_bad_arguments_are_named():
 def test_flexmatch_indices_outside_the_unlabeled_set_are_named():
     policy = FlexMatchThreshold(3, num_unlabeled=5)
     for bad in ([0, 5], [-1, 2]):
-        with pytest.raises(ValueError, match=r"indices must be positions in the unlabeled set, in \[0, num_unlabeled=5\)"):
+        with pytest.raises(ValueError, match=r"indices must be positions .* in \[0, num_unlabeled=5\)"):
             policy.update(_result([0, 1], [0.99, 0.99]), indices=torch.tensor(bad))
     assert policy.selected_label.tolist() == [-1] * 5  # nothing written
     with pytest.raises(TypeError, match="indices"):

@@ -1,10 +1,12 @@
 """Trainers on tiny synthetic data (seconds): round trips, each loss term, generic data
 (features, token ids, unlabeled sets), the checks at fit() start, resume, reproducibility,
 DDP and bad arguments. The demo's pipeline is in test_cli.py."""
+import ast
 import inspect
 import os
 import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -687,3 +689,14 @@ def test_ddp_two_processes_gloo():
     for r in (r0, r1):
         _assert_same(r["resume"]["straight"], r["resume"]["resumed"])
     assert not torch.equal(r0["resume"]["resumed"][1], r1["resume"]["resumed"][1])
+
+
+def test_trainers_do_not_import_the_example_data_or_the_demo():
+    imported = set()
+    for path in Path(lepton_fast.trainers.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                imported.add(node.module or "")
+            elif isinstance(node, ast.Import):
+                imported.update(a.name for a in node.names)
+    assert not {m for m in imported if m.startswith(("lepton_fast.data", "lepton_fast.demo"))}, imported

@@ -271,8 +271,8 @@ def evaluate(model: nn.Module, data, device: torch.device, amp: Optional[str] = 
     from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassRecall
 
     dataset, collate = as_dataset(data, "data")
-    _, world = distributed()
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=distributed()[0], shuffle=False) if world > 1 else None
+    rank, world = distributed()
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
     metrics = None
     was_training = model.training
     model.eval()

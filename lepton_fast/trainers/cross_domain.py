@@ -315,7 +315,7 @@ class CrossDomainTrainer(Loop):
         self.clamp = None if clamp is None else tuple(
             b.to(self.device) if isinstance(b, Tensor) else b for b in clamp)
         self.features = self.classifier = None
-        if "domain" in on or ("adversarial" in on and self.perturb == "features"):
+        if split_used:
             why = "the 'domain' term" if "domain" in on else "perturb='features'"
             self.features, self.classifier = split_student(self.student, features, classifier, why)
         self.teacher = None if teacher is None else teacher.to(self.device).eval()

@@ -19,7 +19,8 @@ def probe_classes(teacher: nn.Module, student: nn.Module, x: torch.Tensor) -> in
     c_t = _common.eval_mode_forward(teacher, x).shape[-1]
     c_s = _common.eval_mode_forward(student, x).shape[-1]
     if c_t != c_s:
-        raise ValueError(f"teacher predicts {c_t} classes but student predicts {c_s}; distillation needs the same classes")
+        raise ValueError(f"teacher predicts {c_t} classes but student predicts {c_s}; distillation needs the "
+                         f"same classes")
     return c_s
 
 
