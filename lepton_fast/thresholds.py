@@ -51,9 +51,16 @@ def _momentum(value) -> float:
     return _validate.in_unit_interval("momentum", value, open_right=True)
 
 
+_WHAT = {
+    "indices": "each row's position in the unlabeled set, e.g. the index that "
+               "lepton_fast.data.IndexedTensorDataset yields as (x, y, index); CrossDomainTrainer passes it itself",
+    "weak_logits": "the weak view's logits [..., C]",
+}
+
+
 def _required(name: str, value, who: str) -> Tensor:
     if value is None:
-        raise ValueError(f"{who}.update needs {name}")
+        raise ValueError(f"{who}.update needs {name}: {_WHAT[name]}")
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     return value.detach()

@@ -137,7 +137,7 @@ def test_state_dict_round_trip_resumes(name):
 
 
 def test_missing_or_bad_arguments_are_named():
-    with pytest.raises(ValueError, match="indices"):
+    with pytest.raises(ValueError, match="needs indices: each row's position in the unlabeled set.*IndexedTensorDataset"):
         FlexMatchThreshold(3, 10).update(_result([0], [0.99]))
     with pytest.raises(ValueError, match="indices"):
         FlexMatchThreshold(3, 10).update(_result([0, 1], [0.99, 0.9]), indices=torch.tensor([1]))
