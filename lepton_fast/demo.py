@@ -196,7 +196,7 @@ def run_row(settings: Settings, seed: int, row: str, teacher_state: Optional[dic
         kwargs.setdefault("teacher", copy.deepcopy(model).eval())
     steps, lr = {TEACHER: (settings.source_steps, task.teacher_lr),
                  UPPER: (settings.adapt_steps, task.teacher_lr)}.get(row, (settings.adapt_steps, task.adapt_lr))
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     trainer = CrossDomainTrainer(model, terms=terms, optimizer=functools.partial(torch.optim.Adam, lr=lr),
                                  device=settings.device, amp=settings.amp, seed=seed, progress=progress, **kwargs)
     with warnings.catch_warnings():  # the table reports collapses itself, after the rows
@@ -206,8 +206,8 @@ def run_row(settings: Settings, seed: int, row: str, teacher_state: Optional[dic
                               eval_every=settings.eval_every)
     final = history["validation"][-1]
     out = {"accuracy": final["accuracy"], "macro_recall": final["macro_recall"], "macro_f1": final["macro_f1"],
-           "seconds": time.perf_counter() - t0, "curve": [(v["step"], v["accuracy"]) for v in history["validation"]],
-           "collapse": trainer.collapse}
+           "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0,
+           "curve": [(v["step"], v["accuracy"]) for v in history["validation"]], "collapse": trainer.collapse}
     return {"row": out, "teacher_state": model.state_dict() if row == TEACHER else None}
 
 
@@ -237,8 +237,11 @@ def run(settings: Settings, seeds: list[int], jobs: int, progress: bool, log=_lo
                 results[seed][row] = run_row(settings, seed, row, teacher["teacher_state"], progress)["row"]
                 _report(seed, row, results[seed][row], log)
     else:
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                    initializer=_data, initargs=(settings.task,)) as pool:
             pending = {pool.submit(run_row, settings, seed, TEACHER, None, False): (seed, TEACHER) for seed in seeds}
+            for _ in range(jobs - len(seeds)):  # start every worker now: it loads the data while teachers train
+                pool.submit(int)
             while pending:
                 done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
                 for future in done:
@@ -256,7 +259,7 @@ def summarize(per_seed: list[dict]) -> dict:
     table = {}
     for name in per_seed[0]:
         row = {}
-        for metric in ("accuracy", "macro_recall", "macro_f1", "seconds"):
+        for metric in ("accuracy", "macro_recall", "macro_f1", "seconds", "cpu_seconds"):
             values = [r[name][metric] for r in per_seed]
             row[metric] = {"mean": statistics.fmean(values),
                            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
