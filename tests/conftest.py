@@ -17,6 +17,8 @@ from lepton_fast import _backend  # noqa: E402
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "network: downloads from the package index (skipped only when it is "
+                                       "unreachable)")
     # A test run that silently fell back to reference.py would test nothing compiled.
     status = _backend.extension()
     if status.module is None and os.environ.get("LEPTON_FAST_SKIP_EXT") != "1":
