@@ -137,10 +137,9 @@ class HashedNgrams(nn.Module):
         if not isinstance(ngrams, int) or ngrams < 1:
             raise ValueError(f"ngrams must be an int >= 1, got {ngrams!r}")
         self.buckets, self.ngrams = buckets, ngrams
-        self.bag = nn.EmbeddingBag(buckets, dim, mode="mean", padding_idx=PAD, sparse=sparse)
-        nn.init.normal_(self.bag.weight, std=0.1)
-        with torch.no_grad():
-            self.bag.weight[PAD].zero_()
+        weight = torch.empty(buckets, dim).normal_(0.0, 0.1)  # initialised once: 2^18 x 64 takes 0.3 s
+        weight[PAD] = 0.0
+        self.bag = nn.EmbeddingBag(buckets, dim, mode="mean", padding_idx=PAD, sparse=sparse, _weight=weight)
 
     def ids(self, x: Tensor) -> Tensor:
         """x [N, L] → bucket ids [N, L·ngrams − …] of every n-gram (0 = none)."""
@@ -241,10 +240,9 @@ class LexiconTeacher(nn.Module):
             words = tokenize(token)
             if len(words) == 1:  # multi-token entries (emoticons) cannot match single words
                 table[token_hash(words[0])] = float(valence)
-        keys = torch.tensor(sorted(table), dtype=torch.int64)
-        self.register_buffer("keys", keys, persistent=False)
-        self.register_buffer("values", torch.tensor([table[int(k)] for k in keys], dtype=torch.float32),
-                             persistent=False)
+        keys = sorted(table)
+        self.register_buffer("keys", torch.tensor(keys, dtype=torch.int64), persistent=False)
+        self.register_buffer("values", torch.tensor([table[k] for k in keys], dtype=torch.float32), persistent=False)
         self.register_buffer("negations", self._hashes(NEGATIONS), persistent=False)
         self.register_buffer("boost_up", self._hashes(BOOSTERS_UP), persistent=False)
         self.register_buffer("boost_down", self._hashes(BOOSTERS_DOWN), persistent=False)
