@@ -204,7 +204,7 @@ def task():
 
     return Task(
         name="sentiment", title=TITLE, test_set=TEST_SET, load=load, model=model, trainer_kwargs=trainer_kwargs,
-        source_steps=300, adapt_steps=600, batch_size=64, eval_every=100, teacher_lr=0.1, adapt_lr=0.1,
+        source_steps=300, adapt_steps=600, batch_size=64, eval_every=50, teacher_lr=0.1, adapt_lr=0.1,
         optimizer=optimizer, kd_teacher=kd_teacher, fresh_students=True,
         cost={UPPER: 1, **dict(zip(ADAPTED, (3, 3, 2.5, 2, 4)))},
     )
