@@ -151,7 +151,8 @@ def test_offline_says_what_to_download_and_where(tmp_path, monkeypatch):
     message = str(info.value)
     assert "network unreachable" in message and S.SDIST in message and S.SDIST_SHA256 in message
     assert str(tmp_path / "c") in message
-    assert not any((tmp_path / "c").iterdir())  # nothing half-written left behind
+    left = {p.name for p in (tmp_path / "c").iterdir()}
+    assert left <= {".lock"}  # nothing half-written left behind
 
 
 def _index_reachable() -> bool:
@@ -173,3 +174,15 @@ def test_real_download_smoke(tmp_path):
     assert target == 2943 and round(100 * positive / target, 1) == 58.6
     assert (len(d.adapt.texts), len(d.test.texts)) == (1766, 1177)
     assert len(S.load_lexicon(cache=tmp_path, progress=False)) > 7000
+
+
+def test_concurrent_fetches_unpack_once(fake_cache, monkeypatch):
+    import concurrent.futures
+
+    unpacked = []
+    unpack = S._unpack
+    monkeypatch.setattr(S, "_unpack", lambda *a: (unpacked.append(1), unpack(*a)))
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        folders = list(pool.map(lambda _: S.fetch_corpora(fake_cache, progress=False), range(4)))
+    assert len(set(folders)) == 1 and len(unpacked) == 1
+    assert len(S.load_corpus("amazon", cache=fake_cache, progress=False).texts) == 50

@@ -25,6 +25,7 @@ unlabeled adaptation pool and a test set that no training step sees.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -131,6 +132,23 @@ def _unpack(sdist: Path, folder: Path, bar) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _locked(root: Path):
+    """An exclusive lock on ``root`` (POSIX flock), so that processes that start at once
+    (the demo's parallel rows) download and unpack once; elsewhere no lock."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    with open(root / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def fetch_corpora(cache: Union[str, os.PathLike, None] = None, progress: bool = True) -> Path:
     """The folder that holds the four ``*_GroundTruth.txt`` corpora and ``vader_lexicon.txt``,
     downloading and unpacking them on first use (see the module docstring).
@@ -154,8 +172,10 @@ def fetch_corpora(cache: Union[str, os.PathLike, None] = None, progress: bool = 
                               f"folder") from e
     from tqdm.auto import tqdm
 
-    with tqdm(total=2 + 1 + len(CORPORA), desc=f"{PACKAGE} {VERSION} corpora", disable=not progress,
-              leave=False) as bar:
+    with _locked(root), tqdm(total=2 + 1 + len(CORPORA), desc=f"{PACKAGE} {VERSION} corpora",
+                             disable=not progress, leave=False) as bar:
+        if (folder / _DONE).exists():  # another process fetched them while this one waited
+            return folder
         sdist = root / SDIST
         if not sdist.exists():
             sdist = _download(root, bar)
