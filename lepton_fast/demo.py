@@ -65,6 +65,12 @@ class Task:
     ``device``, ``amp``, ``seed`` and ``progress``; a "kd" row's ``teacher`` defaults to a
     copy of the source-only teacher (give another one, e.g. a rule-based model, here).
     ``cost`` ranks the rows by run time so that the longest start first.
+
+    ``optimizer(lr)`` gives the trainers' optimizer factory ``params -> Optimizer`` (default
+    Adam). ``kd_teacher(teacher, data)``, if given, builds the "kd" rows' teacher from a copy
+    of the trained source-only teacher (e.g. an ensemble with a rule-based model).
+    ``fresh_students``: the adapted rows start from a new, seeded model instead of the
+    teacher's weights (the bound always starts from the teacher).
     """
 
     name: str
@@ -80,6 +86,9 @@ class Task:
     teacher_lr: float
     adapt_lr: float             # adapted rows (the bound trains at teacher_lr)
     cost: dict = field(default_factory=dict)
+    optimizer: Callable[[float], Callable] = lambda lr: functools.partial(torch.optim.Adam, lr=lr)
+    kd_teacher: Optional[Callable[[nn.Module, object], nn.Module]] = None
+    fresh_students: bool = False
 
 
 # -- the digit task ------------------------------------------------------------------------
@@ -144,10 +153,9 @@ DIGITS = Task(
 
 
 def _sentiment_task() -> Task:
-    raise NotImplementedError(
-        "--task sentiment is not wired yet: define its Task in lepton_fast/demo.py (data from "
-        "lepton_fast.data.sentiment, a text model with .features/.classifier or features=/classifier= "
-        "in trainer_kwargs, text views) and return it here")
+    from lepton_fast import demo_sentiment
+
+    return demo_sentiment.task()
 
 
 TASKS: dict[str, Callable[[], Task]] = {"digits": lambda: DIGITS, "sentiment": _sentiment_task}
@@ -188,16 +196,22 @@ def run_row(settings: Settings, seed: int, row: str, teacher_state: Optional[dic
     task, data = get_task(settings.task), _data(settings.task)
     torch.manual_seed(seed)
     model = task.model()
-    if row != TEACHER:
-        model.load_state_dict(teacher_state)  # every other row starts from the teacher
     terms = ROW_TERMS.get(row, ())
     kwargs = task.trainer_kwargs(row, data)
-    if "kd" in terms:
-        kwargs.setdefault("teacher", copy.deepcopy(model).eval())
+    if row != TEACHER:
+        model.load_state_dict(teacher_state)  # the bound (and, by default, every row) starts from the teacher
+        if "kd" in terms and "teacher" not in kwargs:
+            teacher = copy.deepcopy(model).eval()
+            kwargs["teacher"] = teacher if task.kd_teacher is None else task.kd_teacher(teacher, data)
+        if task.fresh_students and row != UPPER:
+            torch.manual_seed(seed + 1)
+            model = task.model()
     steps, lr = {TEACHER: (settings.source_steps, task.teacher_lr),
                  UPPER: (settings.adapt_steps, task.teacher_lr)}.get(row, (settings.adapt_steps, task.adapt_lr))
+    if "warmup_steps" in kwargs:  # a short run (--quick, --adapt-steps) still reaches every term
+        kwargs["warmup_steps"] = min(kwargs["warmup_steps"], steps // 2)
     t0, cpu0 = time.perf_counter(), time.process_time()
-    trainer = CrossDomainTrainer(model, terms=terms, optimizer=functools.partial(torch.optim.Adam, lr=lr),
+    trainer = CrossDomainTrainer(model, terms=terms, optimizer=task.optimizer(lr),
                                  device=settings.device, amp=settings.amp, seed=seed, progress=progress, **kwargs)
     with warnings.catch_warnings():  # the table reports collapses itself, after the rows
         warnings.filterwarnings("ignore", "pseudo-label collapse", RuntimeWarning)
@@ -207,7 +221,8 @@ def run_row(settings: Settings, seed: int, row: str, teacher_state: Optional[dic
     final = history["validation"][-1]
     out = {"accuracy": final["accuracy"], "macro_recall": final["macro_recall"], "macro_f1": final["macro_f1"],
            "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0,
-           "curve": [(v["step"], v["accuracy"]) for v in history["validation"]], "collapse": trainer.collapse}
+           "curve": [(v["step"], v["accuracy"]) for v in history["validation"]], "collapse": trainer.collapse,
+           "from_teacher": row == UPPER or (row != TEACHER and not task.fresh_students)}
     return {"row": out, "teacher_state": model.state_dict() if row == TEACHER else None}
 
 
@@ -286,8 +301,8 @@ def curves(per_seed: list[dict]) -> dict:
     teacher start at step 0 with the teacher's accuracy (same weights)."""
     out = {}
     for name in per_seed[0]:
-        per = [r[name]["curve"] if name == TEACHER else [(0, r[TEACHER]["accuracy"])] + r[name]["curve"]
-               for r in per_seed]
+        per = [[(0, r[TEACHER]["accuracy"])] + r[name]["curve"] if r[name].get("from_teacher", name != TEACHER)
+               else r[name]["curve"] for r in per_seed]
         steps = [s for s, _ in per[0]]
         accs = [[c[i][1] for c in per] for i in range(len(steps))]
         out[name] = (steps, [statistics.fmean(a) for a in accs],
@@ -309,7 +324,7 @@ def plot(per_seed: list[dict], seeds: list[int], title: str, path: str) -> None:
                             [100 * (m + s) for m, s in zip(mean, std)], color=line.get_color(), alpha=0.15, lw=0)
     spread = "; band: ± 1 std" if len(seeds) > 1 else ""
     ax.set_title(f"{title}\nlines: mean over seeds {seeds}{spread}", fontsize=10)
-    ax.set_xlabel("training step (the teacher's are source steps; the other rows start from the teacher)")
+    ax.set_xlabel("training step (the teacher's are source steps; a row drawn from step 0 starts from the teacher)")
     ax.set_ylabel("target test accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -344,7 +359,8 @@ def _task_defaults(attr: str) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", choices=tuple(TASKS), default="digits",
-                   help="which transfer: digits = MNIST -> scikit-learn digits (default: digits)")
+                   help="which transfer: digits = MNIST -> scikit-learn digits; sentiment = movie -> Amazon review "
+                        "snippets, downloaded on first use (default: digits)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed; mean ± std (default: 0)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--amp", choices=["bf16", "fp16"], default=None,

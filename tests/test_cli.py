@@ -47,7 +47,8 @@ def test_demo_help_shows_the_defaults(cli):
     out = cli["help"]
     text = " ".join(out.stdout.split())
     assert out.returncode == 0
-    for default in ("(default: digits 400)", "(default: digits 600)", "(default: digits 64)", "(default: digits 50)",
+    for default in ("(default: digits 400, sentiment 300)", "(default: digits 600, sentiment 600)",
+                    "(default: digits 64, sentiment 64)", "(default: digits 50, sentiment 50)",
                     "(default: 0)", "(default: cpu)", "(default: digits)", "the cores this process may use"):
         assert default in text, default
 
