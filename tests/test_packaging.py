@@ -152,7 +152,9 @@ def test_supported_versions_agree():
                 "| setuptools | 77 |"):
         assert row in readme, row
     assert 'pip install torch==2.14.1 ninja "setuptools>=77"' in readme
-    assert 'pip install torch==2.14.1 ninja "setuptools>=77"' in (REPO / ".ci" / "run").read_text()
+    makefile = (REPO / "Makefile").read_text()  # `make test`, what .ci/run runs
+    assert "TORCH ?= torch==2.14.1" in makefile and '$(TORCH) ninja "setuptools>=77"' in makefile
+    assert "make test" in (REPO / ".ci" / "run").read_text() and "make test" in readme
 
 
 # --- helpers for the builds ---------------------------------------------------------------
