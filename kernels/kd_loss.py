@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, check_labels, check_rows_defined, online_softmax, reduce_rows, scalar
+from ._common import acc_dtype, check_labels, check_rows_defined, online_softmax, reduce_rows, scalar
 
 _DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 # Widest column block: 8 accumulators per element stay in registers at 8 warps.
@@ -477,3 +477,66 @@ def kd_slice_jsd_sums(student_logits, teacher_logits, labels, stats, temperature
             num_warps=call.num_warps,
         )
     return out
+
+
+def compile_targets():
+    """Every variant the launchers above can pick, for tests/test_triton_aot.py, which
+    compiles them ahead of time for GPU targets: [(kernel, signature, constexprs, options)].
+
+    Keep in step with _Call and the launchers: per dtype, divergence (jsd with beta 0 or 1
+    runs as DIV 0 or 1), alpha (0: soft only, (0, 1): both, 1: CE only), the CE's own
+    softmax (CE_OWN: at T != 1, or without the soft term), label smoothing (CE only), labels
+    given and column block (with its num_warps); for _kd_loss_kernel also the gradient
+    wanted and FROM_STATS (kd_slice_loss). Absent buffers get the row-loss (or output)
+    buffer in their place: without labels y_ptr, without stats stats_ptr and jsd_ptr.
+    """
+    targets = []
+    blocks = [16 << i for i in range((MAX_BLOCK // 16).bit_length())]  # 16 .. MAX_BLOCK
+    for dtype in ("fp32", "bf16", "fp16", "fp64"):
+        acc = "fp64" if dtype == "fp64" else "fp32"
+        tl_acc = tl.float64 if acc == "fp64" else tl.float32
+        rows = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}"}
+        for block in blocks:
+            options = {"num_warps": 8 if block >= 2048 else 4}
+            for has_labels in (False, True):
+                y = {"y_ptr": "*i64" if has_labels else f"*{acc}"}
+                signature = {**rows, **y, "stats_ptr": f"*{acc}", "out_ptr": f"*{acc}", "C": "i32",
+                             "s_stride": "i32", "t_stride": "i32", "inv_t": "fp64", "log_beta": "fp64",
+                             "log_1m_beta": "fp64", "ignore_index": "i32"}
+                constexprs = {"HAS_LABELS": has_labels, "ACC": tl_acc, "BLOCK": block}
+                targets.append((_kd_slice_jsd_kernel, {**signature, **dict.fromkeys(constexprs, "constexpr")},
+                                constexprs, options))
+            for div in _DIVERGENCES.values():
+                for needs_soft, needs_ce in ((True, False), (True, True), (False, True)):
+                    for ce_own in ((True,) if not needs_soft else (False, True) if needs_ce else (False,)):
+                        for smooth in ((False, True) if needs_ce else (False,)):
+                            for has_labels in ((True,) if needs_ce else (False, True)):
+                                y = {"y_ptr": "*i64" if has_labels else f"*{acc}"}
+                                flags = {"DIV": div, "NEEDS_SOFT": needs_soft, "NEEDS_CE": needs_ce,
+                                         "CE_OWN": ce_own, "SMOOTH": smooth, "HAS_LABELS": has_labels}
+                                signature = {**rows, **y, "out_ptr": f"*{acc}", "C": "i32", "s_stride": "i32",
+                                             "t_stride": "i32", "class_offset": "i32", "row_classes": "i32",
+                                             "temperature": "fp64", "inv_t": "fp64", "eps": "fp64",
+                                             "ignore_index": "i32"}
+                                constexprs = {**flags, "ACC": tl_acc, "BLOCK": block}
+                                targets.append((_kd_slice_stats_kernel,
+                                                {**signature, **dict.fromkeys(constexprs, "constexpr")},
+                                                constexprs, options))
+                                for compute_grad in (False, True):
+                                    for from_stats in (False, True):
+                                        signature = {
+                                            **rows, **y, "g_ptr": f"*{dtype}", "loss_ptr": f"*{acc}",
+                                            "gs_ptr": "*fp64", "stats_ptr": f"*{acc}", "jsd_ptr": f"*{acc}",
+                                            "C": "i32", "s_stride": "i32", "t_stride": "i32", "class_offset": "i32",
+                                            "row_classes": "i32",
+                                            **dict.fromkeys(("temperature", "inv_t", "beta", "log_beta",
+                                                             "log_1m_beta", "alpha", "eps", "soft_w", "soft_gw"),
+                                                            "fp64"),
+                                            "ignore_index": "i32",
+                                        }
+                                        constexprs = {**flags, "COMPUTE_GRAD": compute_grad,
+                                                      "FROM_STATS": from_stats, "ACC": tl_acc, "BLOCK": block}
+                                        targets.append((_kd_loss_kernel,
+                                                        {**signature, **dict.fromkeys(constexprs, "constexpr")},
+                                                        constexprs, options))
+    return targets

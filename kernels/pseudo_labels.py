@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import check_rows_defined, reduce_rows, scalar
+from ._common import check_rows_defined, reduce_rows, scalar
 
 _MAX_BLOCK = 4096
 
@@ -148,3 +148,50 @@ def fused_pseudo_label_loss(strong_logits, weak_logits, threshold, temperature, 
     counts = torch.zeros(n_classes, dtype=torch.int64, device=strong_logits.device)
     counts.index_add_(0, labels, mask.to(torch.int64))
     return reduce_rows(rows, reduction, divisor), grad, labels, confidence, mask, counts
+
+
+def compile_targets():
+    """Every variant _launch above can pick, for tests/test_triton_aot.py, which compiles them
+    ahead of time for GPU targets: [(kernel, signature, constexprs, options)].
+
+    Keep in step with _launch: one entry per dtype, op (select: LOSS False; loss: soft or
+    hard targets, gradient wanted, weights given), per-class thresholds given, and column
+    block. Absent tensors arrive as None (a constexpr); select passes confidence as rows.
+    BLOCK 1 means one class, where Triton makes the class count and strides the constant 1.
+    """
+    targets = []
+    blocks = [1 << i for i in range(_MAX_BLOCK.bit_length())]  # 1 .. _MAX_BLOCK
+    for dtype in ("fp32", "bf16", "fp16", "fp64"):
+        acc = "fp64" if dtype == "fp64" else "fp32"
+        variants = [(False, False, False, False)]  # select: (LOSS, SOFT, COMPUTE_GRAD, HAS_WEIGHTS)
+        variants += [(True, soft, grad, weights) for soft in (False, True) for grad in (False, True)
+                     for weights in (False, True)]
+        for loss, soft, compute_grad, has_weights in variants:
+            for has_thresholds in (False, True):
+                for block in blocks:
+                    one_class = block == 1
+                    signature = {
+                        "strong_ptr": f"*{dtype}", "weak_ptr": f"*{dtype}",
+                        "thresholds_ptr": "*fp32" if has_thresholds else "constexpr",
+                        "weights_ptr": f"*{acc}" if has_weights else "constexpr",
+                        "grad_ptr": f"*{dtype}", "rows_ptr": f"*{acc}", "labels_ptr": "*i64",
+                        "confidence_ptr": f"*{acc}", "mask_ptr": "*u1",
+                        "n_classes": "constexpr" if one_class else "i32",
+                        "strong_stride": "constexpr" if one_class else "i32",
+                        "weak_stride": "constexpr" if one_class else "i32",
+                        "threshold": "fp32", "inv_temperature": "fp32", "grad_scale": "fp32",
+                    }
+                    constexprs = {
+                        "ACC": tl.float64 if acc == "fp64" else tl.float32, "LOSS": loss, "SOFT": soft,
+                        "COMPUTE_GRAD": compute_grad, "HAS_THRESHOLDS": has_thresholds,
+                        "HAS_WEIGHTS": has_weights, "BLOCK": block,
+                    }
+                    signature.update({name: "constexpr" for name in constexprs})
+                    if not has_thresholds:
+                        constexprs["thresholds_ptr"] = None
+                    if not has_weights:
+                        constexprs["weights_ptr"] = None
+                    if one_class:
+                        constexprs.update(n_classes=1, strong_stride=1, weak_stride=1)
+                    targets.append((_pseudo_label_kernel, signature, constexprs, {"num_warps": 4}))
+    return targets

@@ -249,21 +249,28 @@ def _constant_under_compile(fn):
     return fn
 
 
-@_constant_under_compile
 def resolve(spec: OpSpec, device: torch.device, backend: Optional[str] = None) -> str:
     """The backend that runs ``spec`` on ``device``: ``backend`` if given, else
     $LEPTON_FAST_BACKEND if set, else the dispatcher's kernel (or reference.py without one)."""
+    return _resolve(spec.name, device.type, backend)
+
+
+# The functions torch.compile runs at trace time take names, not OpSpec objects: torch 2.11's
+# dynamo cannot pass a frozen dataclass instance to them.
+@_constant_under_compile
+def _resolve(name: str, device_type: str, backend: Optional[str]) -> str:
+    spec = OPS[name]
     if backend is not None:
-        return _resolved(spec, device.type, backend, "backend")
+        return _resolved(spec, device_type, backend, "backend")
     env = os.environ.get(ENV_BACKEND)
     if not env:
-        return default(spec, device.type)
-    return _resolved(spec, device.type, env, f"${ENV_BACKEND}")
+        return default(spec, device_type)
+    return _resolved(spec, device_type, env, f"${ENV_BACKEND}")
 
 
 @_constant_under_compile
-def _swapped(spec: OpSpec, backend: str, device_type: str) -> bool:
-    return backend != default(spec, device_type)
+def _swapped(name: str, backend: str, device_type: str) -> bool:
+    return backend != default(OPS[name], device_type)
 
 
 @contextlib.contextmanager
@@ -281,15 +288,27 @@ def _overload(spec: OpSpec):
     return getattr(torch.ops.lepton_fast, spec.name).default
 
 
-def call(spec: OpSpec, backend: str, device_type: str, *args):
-    """``torch.ops.lepton_fast.<op>(*args)`` on ``backend``'s kernel (as :func:`resolve` chose it)."""
-    op = _overload(spec)
-    if not _swapped(spec, backend, device_type):
-        return op(*args)
+@contextlib.contextmanager
+def running(spec: OpSpec, backend: str, device_type: str):
+    """Inside the block, ``spec``'s op runs ``backend``'s kernel on ``device_type`` tensors
+    (``backend`` as :func:`resolve` chose it, not "reference"), for callers that reach the op
+    through another (fused_linear_kd_loss calls fused_kd_loss per chunk)."""
+    if not _swapped(spec.name, backend, device_type):
+        yield
+        return
     if torch.compiler.is_compiling():
         raise RuntimeError(
             f"{spec.name}: forcing backend {backend!r} is eager-only (it swaps a dispatcher registration); under "
             "torch.compile the default kernel or backend='reference' run"
         )
     with forced(spec, backend, device_type):
+        yield
+
+
+def call(spec: OpSpec, backend: str, device_type: str, *args):
+    """``torch.ops.lepton_fast.<op>(*args)`` on ``backend``'s kernel (as :func:`resolve` chose it)."""
+    op = _overload(spec)
+    if not _swapped(spec.name, backend, device_type):  # the common case, without a context manager
+        return op(*args)
+    with running(spec, backend, device_type):
         return op(*args)
