@@ -20,6 +20,7 @@
 
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 
 #include "common.h"
@@ -54,18 +55,35 @@ struct KDParams {
   bool needs_soft;  // alpha < 1
 };
 
-// The checks of fused_kd_loss's tensors that the CPU and CUDA kernels share.
-inline void check_kd_inputs(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
-                            const std::optional<at::Tensor>& labels) {
+// The checks of the KD ops' tensors that the CPU and CUDA kernels share. `op` names the op in
+// the messages; a slice of the rows' columns (the kd_slice_* ops) is the student's
+// C_r = size(1) columns at class_offset of rows of row_classes columns (0: not checked).
+inline void check_kd_inputs(const char* op, const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                            const std::optional<at::Tensor>& labels, int64_t class_offset = 0,
+                            int64_t row_classes = 0) {
   LF_CHECK_ROWS(student_logits);
   LF_CHECK_ROWS(teacher_logits);
-  TORCH_CHECK(teacher_logits.sizes() == student_logits.sizes(), "fused_kd_loss: logits shapes differ");
-  TORCH_CHECK(student_logits.scalar_type() == teacher_logits.scalar_type(), "fused_kd_loss: logits dtypes differ");
+  TORCH_CHECK(teacher_logits.sizes() == student_logits.sizes(), op, ": logits shapes differ");
+  TORCH_CHECK(student_logits.scalar_type() == teacher_logits.scalar_type(), op, ": logits dtypes differ");
   LF_CHECK_DEVICE(teacher_logits, student_logits);
   if (labels) {
     LF_CHECK_SHAPE(*labels, student_logits.size(0));
     LF_CHECK_DEVICE(*labels, student_logits);
   }
+  const int64_t n_classes = student_logits.size(1);
+  TORCH_CHECK_VALUE(row_classes == 0 || (class_offset >= 0 && class_offset + n_classes <= row_classes), op,
+                    ": a slice of ", n_classes, " columns at class_offset=", class_offset,
+                    " does not fit in n_classes=", row_classes);
+}
+
+// Merged statistics (or JSD sums) of every row, [N, width] in the logits' accumulation type,
+// as kd_slice_jsd_sums and kd_slice_loss take them.
+inline void check_merged_stats(const char* op, const at::Tensor& x, const at::Tensor& student, int64_t width) {
+  const auto acc = at::toOpMathType(student.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == student.size(0) && x.size(1) == width && x.is_contiguous(), op,
+              ": merged statistics must be a contiguous [", student.size(0), ", ", width, "] tensor, got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == acc, op, ": merged statistics must be ", acc, ", got ", x.scalar_type());
+  LF_CHECK_DEVICE(x, student);
 }
 
 inline KDParams make_kd_params(const at::Tensor& temperature, const at::Tensor& beta_t, const at::Tensor& alpha_t,

@@ -58,21 +58,20 @@ struct KDCall {
 KDCall prepare(const char* op, KDMode mode, const at::Tensor& student, const at::Tensor& teacher,
                const std::optional<at::Tensor>& labels, const KDParams& p, int64_t class_offset,
                int64_t row_classes) {
-  check_kd_inputs(student, teacher, labels);
+  check_kd_inputs(op, student, teacher, labels, class_offset, row_classes);
   const auto dtype = student.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf, op,
               ": logits must be float32, float64, bfloat16 or float16, got ", dtype);
   const int64_t n_rows = student.size(0), n_classes = student.size(1);
-  TORCH_CHECK_VALUE(row_classes == 0 || (class_offset >= 0 && class_offset + n_classes <= row_classes), op,
-                    ": a slice of ", n_classes, " columns at class_offset=", class_offset,
-                    " does not fit in n_classes=", row_classes);
   KDCall call;
   call.n_valid = n_rows;
   if (labels) {
     call.labels64 = labels->contiguous();
     LF_CHECK_DTYPE(call.labels64, at::kLong);
-    if (row_classes > 0) call.n_valid = count_valid_labels(op, call.labels64.const_data_ptr<int64_t>(), n_rows, row_classes,
-                                      p.ignore_index);
+    if (row_classes > 0) {
+      call.n_valid =
+          count_valid_labels(op, call.labels64.const_data_ptr<int64_t>(), n_rows, row_classes, p.ignore_index);
+    }
   }
   call.acc_type = at::toOpMathType(dtype);
   call.rows = KDRows{mode, student.const_data_ptr(), teacher.const_data_ptr(),
@@ -80,14 +79,6 @@ KDCall prepare(const char* op, KDMode mode, const at::Tensor& student, const at:
                      nullptr, n_classes, class_offset, row_classes, student.stride(0), teacher.stride(0), dtype, p,
                      1.0};
   return call;
-}
-
-// Merged statistics (or JSD sums) of every row, as the slice ops take them.
-void check_merged(const char* op, const at::Tensor& x, const at::Tensor& student, int64_t width, at::ScalarType acc) {
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == student.size(0) && x.size(1) == width && x.is_contiguous(), op,
-              ": merged statistics must be a contiguous [", student.size(0), ", ", width, "] tensor, got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == acc, op, ": merged statistics must be ", acc, ", got ", x.scalar_type());
-  LF_CHECK_DEVICE(x, student);
 }
 
 void run_rows(const KDRows& a, int64_t n_rows) {
@@ -110,11 +101,11 @@ std::tuple<at::Tensor, at::Tensor> loss_and_grad(
   KDCall call = prepare(op, mode, student_logits, teacher_logits, labels, p, class_offset, row_classes);
   KDRows& a = call.rows;
   if (stats) {
-    check_merged(op, *stats, student_logits, kNumKDStats, call.acc_type);
+    check_merged_stats(op, *stats, student_logits, kNumKDStats);
     a.stats = stats->const_data_ptr();
     if (p.needs_soft && p.divergence == Divergence::kJSD) {
       TORCH_CHECK(jsd_sums.has_value(), op, ": the JSD needs jsd_sums");
-      check_merged(op, *jsd_sums, student_logits, 2, call.acc_type);
+      check_merged_stats(op, *jsd_sums, student_logits, 2);
       a.jsd = jsd_sums->const_data_ptr();
     }
   }
@@ -188,7 +179,7 @@ at::Tensor kd_slice_jsd_sums_cpu(const at::Tensor& student_logits, const at::Ten
   const KDParams p = make_kd_params(temperature, beta, zero, zero, "jsd", ignore_index, false, labels.has_value(),
                                     false);
   KDCall call = prepare("kd_slice_jsd_sums", KDMode::kJSDSums, student_logits, teacher_logits, labels, p, 0, 0);
-  check_merged("kd_slice_jsd_sums", stats, student_logits, kNumKDStats, call.acc_type);
+  check_merged_stats("kd_slice_jsd_sums", stats, student_logits, kNumKDStats);
   auto out = at::empty({student_logits.size(0), 2}, student_logits.options().dtype(call.acc_type));
   call.rows.stats = stats.const_data_ptr();
   call.rows.out = out.data_ptr();

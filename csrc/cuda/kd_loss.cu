@@ -267,11 +267,8 @@ struct KDLaunch {
            const std::optional<at::Tensor>& labels, const KDParams& p, int64_t class_offset, int64_t row_classes)
       : mode(mode), student(student), teacher(teacher), labels(labels), p(p), class_offset(class_offset),
         row_classes(row_classes) {
-    check_kd_inputs(student, teacher, labels);
+    check_kd_inputs(op, student, teacher, labels, class_offset, row_classes);
     TORCH_CHECK(student.size(0) <= int64_t(std::numeric_limits<int32_t>::max()), op, ": at most 2^31 - 1 rows");
-    TORCH_CHECK_VALUE(row_classes == 0 || (class_offset >= 0 && class_offset + student.size(1) <= row_classes), op,
-                      ": a slice of ", student.size(1), " columns at class_offset=", class_offset,
-                      " does not fit in n_classes=", row_classes);
     if (labels) {
       labels64 = labels->contiguous();
       LF_CHECK_DTYPE(labels64, at::kLong);
@@ -311,15 +308,6 @@ struct KDLaunch {
   }
 };
 
-at::Tensor merged(const char* op, const at::Tensor& x, const at::Tensor& student, int64_t width) {
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == student.size(0) && x.size(1) == width && x.is_contiguous(), op,
-              ": merged statistics must be a contiguous [", student.size(0), ", ", width, "] tensor, got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::toOpMathType(student.scalar_type()), op, ": merged statistics must be ",
-              at::toOpMathType(student.scalar_type()), ", got ", x.scalar_type());
-  LF_CHECK_DEVICE(x, student);
-  return x;
-}
-
 // fused_kd_loss (no stats) or kd_slice_loss: the loss as `reduction` asks, and the gradient.
 std::tuple<at::Tensor, at::Tensor> loss_and_grad(
     const char* op, const at::Tensor& student_logits, const at::Tensor& teacher_logits,
@@ -335,9 +323,9 @@ std::tuple<at::Tensor, at::Tensor> loss_and_grad(
                         class_offset, row_classes);
   const bool jsd = p.needs_soft && p.divergence == Divergence::kJSD;
   if (stats) {
-    merged(op, *stats, student_logits, kNumKDStats);
+    check_merged_stats(op, *stats, student_logits, kNumKDStats);
     TORCH_CHECK(!jsd || jsd_sums.has_value(), op, ": the JSD needs jsd_sums");
-    if (jsd) merged(op, *jsd_sums, student_logits, 2);
+    if (jsd) check_merged_stats(op, *jsd_sums, student_logits, 2);
   }
   const Reduction how = parse_reduction(reduction);
   const int64_t n_rows = student_logits.size(0);
@@ -422,7 +410,7 @@ at::Tensor kd_slice_jsd_sums_cuda(const at::Tensor& student_logits, const at::Te
                                     false);
   const c10::cuda::CUDAGuard guard(student_logits.device());
   const KDLaunch launch("kd_slice_jsd_sums", KDMode::kJSDSums, student_logits, teacher_logits, labels, p, 0, 0);
-  merged("kd_slice_jsd_sums", stats, student_logits, kNumKDStats);
+  check_merged_stats("kd_slice_jsd_sums", stats, student_logits, kNumKDStats);
   auto out = at::empty({student_logits.size(0), 2}, student_logits.options().dtype(launch.acc_type()));
   const auto one = at::ones({}, student_logits.options().dtype(at::kFloat));
   launch.run(one, [&](auto& a) {
