@@ -258,8 +258,3 @@ def pgd_step(x_adv: Tensor, x_orig: Tensor, grad: Tensor, step_size, eps, clamp=
     stepped = xa + _operand(step_size, xa) * grad.sign().to(xa.dtype)
     delta = torch.clamp(stepped - xo, -eps, eps)
     return _clamp(xo + delta, clamp).to(x_adv.dtype)
-
-
-def grad_reverse_backward(grad: Tensor, lambda_) -> Tensor:
-    """Gradient of the gradient-reversal layer (Ganin et al. 2016): -lambda * grad."""
-    return grad * (-lambda_)
