@@ -61,7 +61,7 @@ struct Operand {
 // The operands of one call and the largest opmath value that rounds to a finite scalar_t.
 struct StepArgs {
   Operand step;  // fgsm: eps
-  Operand eps;  // pgd: the radius; fgsm: unused (the radius is the step)
+  Operand eps;  // pgd: the radius; fgsm: step again (its radius is its step)
   Operand lo, hi;  // when clamp
   bool clamp;
   double limit;

@@ -14,6 +14,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <tuple>
 
 #include "adversarial_cpu.h"
 
@@ -30,49 +31,57 @@ struct StepVecOps {
   static V abs(const V& v) { return v.abs(); }
 };
 
+// Blocks of kBlock elements as kVecs vectors of acc_t: one vector for float and double, two for
+// bfloat16 / float16, whose Vectorized holds 2W elements, so that each block is one load and
+// one store of the 16-bit type and one conversion each way.
 template <typename scalar_t>
 struct StepIO {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = at::vec::Vectorized<acc_t>;
   static constexpr int64_t W = Vec::size();
+  static constexpr bool kSame = std::is_same_v<scalar_t, acc_t>;
+  static constexpr int64_t kVecs = kSame ? 1 : 2;
+  static constexpr int64_t kBlock = kVecs * W;
 
-  // n <= W elements in acc_t; the other lanes 0, which no fault test flags.
-  static Vec load(const scalar_t* p, int64_t n) {
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      return Vec::loadu(p, n);
+  // n <= kBlock elements; the other lanes 0, which no fault test flags.
+  static void load(const scalar_t* p, int64_t n, Vec (&v)[kVecs]) {
+    if constexpr (kSame) {
+      v[0] = Vec::loadu(p, n);
     } else {
-      if (n == W) {
-        Vec v;
-        at::vec::load_to_float(p, v);
-        return v;
+      if (n == kBlock) {
+        std::tie(v[0], v[1]) = at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p));
+        return;
       }
-      alignas(64) acc_t buf[W] = {};
+      alignas(64) acc_t buf[kBlock] = {};
       for (int64_t i = 0; i < n; ++i) buf[i] = acc_t(p[i]);
-      return Vec::loadu(buf);
+      v[0] = Vec::loadu(buf);
+      v[1] = Vec::loadu(buf + W);
     }
   }
 
-  static void store(scalar_t* p, const Vec& v, int64_t n) {
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      v.store(p, n);
+  static void store(scalar_t* p, const Vec (&v)[kVecs], int64_t n) {
+    if constexpr (kSame) {
+      v[0].store(p, n);
     } else {
-      if (n == W) {
-        at::vec::convert_from_float<scalar_t>(v, v).store(p, W);
+      if (n == kBlock) {
+        at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(p);
         return;
       }
-      alignas(64) acc_t buf[W];
-      v.store(buf);
+      alignas(64) acc_t buf[kBlock];
+      v[0].store(buf);
+      v[1].store(buf + W);
       for (int64_t i = 0; i < n; ++i) p[i] = static_cast<scalar_t>(buf[i]);
     }
   }
 
-  // The first lane of a comparison mask that is set, or -1.
+  // The first lane of a comparison mask that is set, or -1: one test per vector when none is
+  // (the rule), the lanes only once a fault is found.
   static int64_t first_set(const Vec& mask) {
-    const int zero = mask.zero_mask();
-    for (int64_t i = 0; i < W; ++i) {
-      if (!((zero >> i) & 1)) return i;
-    }
-    return -1;
+    const int64_t set = ~int64_t(mask.zero_mask()) & ((int64_t(1) << W) - 1);
+    if (set == 0) return -1;
+    int64_t i = 0;
+    while (!((set >> i) & 1)) ++i;
+    return i;
   }
 
   static acc_t lane(const Vec& v, int64_t i) {
@@ -134,31 +143,34 @@ StepFaults step_impl(const StepBuffers& a, int64_t begin, int64_t end) {
       lo = enter_segment<acc_t>(a.args.lo, i, stop);
       hi = enter_segment<acc_t>(a.args.hi, i, stop);
     }
-    for (int64_t j = i; j < stop; j += W) {
-      const int64_t n = std::min(W, stop - j), k = j - i;
-      const Vec xv = IO::load(x + j, n), gv = IO::load(grad + j, n);
-      const Vec sv = value_of(step, k, n), lv = value_of(lo, k, n), hv = value_of(hi, k, n);
-      Vec result, input, radius;
-      if constexpr (kPgd) {
-        input = IO::load(orig + j, n);
-        radius = value_of(eps, k, n);
-        result = adv::pgd_value<Ops>(xv, input, gv, sv, radius, kClamp, lv, hv);
-      } else {
-        input = xv;
-        radius = sv;
-        result = adv::fgsm_value<Ops>(xv, gv, sv, kClamp, lv, hv);
-      }
-      IO::store(out + j, result, n);
-      if (faults.overflow.index < 0) {
-        const int64_t l = IO::first_set(adv::overflows<Ops>(result, xv, input, limit, finite));
-        if (l >= 0) faults.overflow = {j + l, double(IO::lane(input, l))};
-      }
-      if constexpr (kClamp) {
-        if (faults.outside_box.index < 0) {
+    for (int64_t j = i; j < stop; j += IO::kBlock) {
+      const int64_t n = std::min(IO::kBlock, stop - j);
+      Vec xs[IO::kVecs], gs[IO::kVecs], os[IO::kVecs], results[IO::kVecs];
+      IO::load(x + j, n, xs);
+      IO::load(grad + j, n, gs);
+      if constexpr (kPgd) IO::load(orig + j, n, os);
+      for (int64_t h = 0; h < IO::kVecs; ++h) {
+        // this vector's W lanes: elements j + h W ... of the block, m of them real
+        const int64_t k = j - i + h * W, m = std::max<int64_t>(0, std::min(W, n - h * W));
+        const Vec sv = value_of(step, k, m), lv = value_of(lo, k, m), hv = value_of(hi, k, m);
+        Vec input = xs[h], radius = sv;
+        if constexpr (kPgd) {
+          input = os[h];
+          radius = value_of(eps, k, m);
+          results[h] = adv::pgd_value<Ops>(xs[h], input, gs[h], sv, radius, kClamp, lv, hv);
+        } else {
+          results[h] = adv::fgsm_value<Ops>(xs[h], gs[h], sv, kClamp, lv, hv);
+        }
+        if (faults.overflow.index < 0) {
+          const int64_t l = IO::first_set(adv::overflows<Ops>(results[h], xs[h], input, limit, finite));
+          if (l >= 0) faults.overflow = {j + h * W + l, double(IO::lane(input, l))};
+        }
+        if (kClamp && faults.outside_box.index < 0) {
           const int64_t l = IO::first_set(adv::outside_box<Ops>(input, radius, lv, hv));
-          if (l >= 0) faults.outside_box = {j + l, double(IO::lane(input, l))};
+          if (l >= 0) faults.outside_box = {j + h * W + l, double(IO::lane(input, l))};
         }
       }
+      IO::store(out + j, results, n);
     }
     i = stop;
   }
