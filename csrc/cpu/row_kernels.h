@@ -3,4 +3,5 @@
 // these headers define (ATen's inline functions included) is compiled for AVX2/AVX-512.
 #pragma once
 
+#include "adversarial_cpu.h"
 #include "kd_loss_cpu.h"
