@@ -112,7 +112,8 @@ struct BlockRow {
         if (smoothing) sum_x += x;
       }
     }
-    KDRowStats<acc_t> r{-std::numeric_limits<acc_t>::infinity(), -std::numeric_limits<acc_t>::infinity(), 0, 0, 0, 0, 0};
+    constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+    KDRowStats<acc_t> r{kNegInf, kNegInf, 0, 0, 0, 0, 0};
     if (p.needs_soft) {
       st_s = block_reduce(st_s);
       st_t = block_reduce(st_t);
