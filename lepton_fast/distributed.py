@@ -18,13 +18,17 @@ float64 for float64 logits):
   sum) to the SUM, one more column, and at T != 1 its own sum of exponentials, a second;
 - the backward: none (the gradient was written during the forward, as fused_kd_loss does).
 
+``fused_linear_kd_loss(..., group=)`` (a vocabulary-sharded lm_head) runs the same
+all-reduces per chunk of rows (:func:`chunk_loss_and_grad`), and one more of the hidden
+states' gradient [N, H_s].
+
 So the bytes sent per step are O(N), independent of the vocabulary. The slices' sizes are
 exchanged once per process group (one all-gather of one integer at the first call, cached),
 and never for DTensors, whose layout says them.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -116,7 +120,7 @@ def vocab_parallel_kd_loss(
         raise RuntimeError("vocab_parallel_kd_loss needs torch.distributed initialised (init_process_group)")
     group = dist.group.WORLD if group is None else group
     _validate.logits("student_logits", student_logits, empty_ok=True)
-    class_offset, n_classes = _slice_of(group, student_logits)
+    class_offset, n_classes = _slice_of(group, student_logits.shape[-1], student_logits.device)
     return _sharded_loss(student_logits, teacher_logits, group, class_offset, n_classes, temperature, divergence,
                          beta, labels, alpha, label_smoothing, ignore_index, scale_by_t2, reduction,
                          num_items_in_batch)
@@ -128,6 +132,16 @@ def _sharded_loss(student_logits, teacher_logits, group, class_offset, n_classes
     a = kd_ops.checked(student_logits, teacher_logits, temperature, divergence, beta, labels, alpha,
                        label_smoothing, reduction, num_items_in_batch, slice_of_classes=True)
     backend = kd_ops.slice_backend(a.student.device)
+    merged, jsd_sums = _merged_statistics(backend, a, group, divergence, ignore_index, class_offset, n_classes)
+    loss = kd_ops.slice_loss(backend, a, merged, jsd_sums, divergence, ignore_index, scale_by_t2, reduction,
+                             class_offset, n_classes)
+    return loss.reshape(a.lead) if reduction == "none" else loss
+
+
+def _merged_statistics(backend: str, a: kd_ops.KDArgs, group, divergence: str, ignore_index: int,
+                       class_offset: int, n_classes: int) -> tuple[Tensor, Optional[Tensor]]:
+    """Every row's statistics over the whole vocabulary (and the JSD's sums, else None), from
+    this rank's slice and the all-reduces listed in the module docstring."""
     merge = kd_ops.SliceMerge(divergence, float(a.temperature), float(a.beta), float(a.alpha))
     stats = kd_ops.slice_stats(backend, a, divergence, ignore_index, class_offset, n_classes)
     merged_max = merge.maxima(stats)
@@ -139,25 +153,52 @@ def _sharded_loss(student_logits, teacher_logits, group, class_offset, n_classes
     if merge.jsd:
         jsd_sums = kd_ops.slice_jsd_sums(backend, a, merged, ignore_index)
         dist.all_reduce(jsd_sums, group=group)
-    loss = kd_ops.slice_loss(backend, a, merged, jsd_sums, divergence, ignore_index, scale_by_t2, reduction,
-                             class_offset, n_classes)
-    return loss.reshape(a.lead) if reduction == "none" else loss
+    return merged, jsd_sums
 
 
-def _slice_of(group, student_logits: Tensor) -> tuple[int, int]:
+class VocabSplit(NamedTuple):
+    """This rank's slice of the vocabulary in ``group`` and the backend of the slice ops:
+    what fused_linear_kd_loss(group=) hands its chunk loop (lepton_fast/ops/linear_kd_loss.py)."""
+
+    group: object
+    class_offset: int
+    n_classes: int
+    backend: str
+
+
+def vocab_split(group, n_local: int, device: torch.device, backend: str) -> VocabSplit:
+    """The VocabSplit of a rank holding ``n_local`` classes (the size exchange of the module
+    docstring at the group's first call)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("group= needs torch.distributed initialised (init_process_group)")
+    group = dist.group.WORLD if group is None else group
+    return VocabSplit(group, *_slice_of(group, n_local, device, "student_weight", "rows"), backend)
+
+
+def chunk_loss_and_grad(split: VocabSplit, a: kd_ops.KDArgs, divergence: str, ignore_index: int, scale_by_t2: bool,
+                        reduction: str) -> tuple[Tensor, Tensor]:
+    """(the loss of a chunk of whole rows, d(loss)/d(this rank's logits slice)) as
+    fused_kd_loss's kernel gives them on one device: for fused_linear_kd_loss(group=)."""
+    merged, jsd_sums = _merged_statistics(split.backend, a, split.group, divergence, ignore_index, split.class_offset,
+                                          split.n_classes)
+    return kd_ops.slice_loss_and_grad(split.backend, a, merged, jsd_sums, divergence, ignore_index, scale_by_t2,
+                                      reduction, split.class_offset, split.n_classes)
+
+
+def _slice_of(group, size: int, device: torch.device, name: str = "student_logits",
+              what: str = "columns") -> tuple[int, int]:
     """(this rank's first class, the number of classes C) from the slice sizes of ``group``,
     exchanged at its first call."""
-    size = student_logits.shape[-1]
     rank = dist.get_rank(group)
     sizes = _SLICE_SIZES.get(group)
     if sizes is None:
-        mine = torch.tensor([size], dtype=torch.int64, device=student_logits.device)
+        mine = torch.tensor([size], dtype=torch.int64, device=device)
         gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
         dist.all_gather(gathered, mine, group=group)
         sizes = _SLICE_SIZES[group] = tuple(int(x) for x in torch.cat(gathered).tolist())
     if sizes[rank] != size:
         raise ValueError(
-            f"student_logits: this rank's slice of the classes has {size} columns, but it had {sizes[rank]} when "
+            f"{name}: this rank's slice of the classes has {size} {what}, but it had {sizes[rank]} when "
             f"the slice sizes were exchanged for this group ({list(sizes)} in rank order); the split of the classes "
             "must stay the same for a process group (use another group for another split)"
         )

@@ -6,6 +6,7 @@ random logits are split 19/18 over two ranks, 13/13/11 and 20/0/17 over three, 1
 over four; every rank generates the same logits and keeps its slice. Each rank's loss must be
 fused_kd_loss's on the whole logits, and the ranks' gradients side by side its gradient.
 """
+import contextlib
 import math
 import os
 import re
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 from conftest import require
 from rank_pool import CollectiveRecorder, RankPool, WorkerError
-from lepton_fast import fused_kd_loss, reference
+from lepton_fast import fused_kd_loss, fused_linear_kd_loss, reference
 from lepton_fast.distributed import vocab_parallel_kd_loss
 from lepton_fast.ops import kd_loss as kd_ops
 
@@ -244,7 +245,8 @@ def test_equals_the_single_process_op(pool, divergence, mode, split):
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_reductions_and_grad_output(pool, reduction):
     kw = dict(temperature=3.0, divergence="jsd", labelled=True, alpha=0.2, reduction=reduction)
-    go = torch.linspace(-1, 2, 5, dtype=torch.float64) if reduction == "none" else torch.tensor(0.7, dtype=torch.float64)
+    go = (torch.linspace(-1, 2, 5, dtype=torch.float64) if reduction == "none"
+          else torch.tensor(0.7, dtype=torch.float64))
     assert_ranks_match(pool.run(_rank_loss, "3", 12, 5, dict(kw), None, go), 12, 5, kw, go)
     if reduction == "sum":
         kw.update(num_items_in_batch=9)
@@ -381,6 +383,87 @@ def _rank_inf_row(ctx, split):
     lo = sum(sizes[:ctx.rank])
     return vocab_parallel_kd_loss(s[:, lo:lo + sizes[ctx.rank]], t[:, lo:lo + sizes[ctx.rank]],
                                   group=ctx.groups[index])
+
+
+def linear_data(seed, n=7, h_s=8, h_t=6):
+    """(student hidden, weight, bias, teacher hidden, weight, bias, labels): two lm_heads over
+    the 37 classes, the same on every rank; a third of the labels ignored."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    labels = torch.randint(0, N_CLASSES, (n,), generator=g)
+    labels[::3] = -100
+    return r(n, h_s), r(N_CLASSES, h_s), r(N_CLASSES), r(n, h_t), r(N_CLASSES, h_t), r(N_CLASSES), labels
+
+
+def _rank_linear(ctx, split, seed, kw):
+    """fused_linear_kd_loss(group=) on this rank's rows of both heads: (loss, d hidden, d weight
+    slice, d bias slice, the all-reduces of the forward, the collectives of the backward)."""
+    index, sizes = SPLITS[split]
+    group = ctx.groups[index]
+    if group is None:
+        return None
+    h_s, w_s, b_s, h_t, w_t, b_t, labels = linear_data(seed)
+    lo, hi = sum(sizes[:ctx.rank]), sum(sizes[:ctx.rank + 1])
+    h, w, b = (x.clone().requires_grad_() for x in (h_s, w_s[lo:hi], b_s[lo:hi]))
+    forward, backward = [], []
+    with _recording_all_reduce(forward):
+        loss = fused_linear_kd_loss(h, w, h_t, w_t[lo:hi], student_bias=b, teacher_bias=b_t[lo:hi], labels=labels,
+                                    chunk_size=3, group=group, **kw)
+    with _recording_all_reduce(backward):
+        loss.backward()
+    return loss.detach(), h.grad, w.grad, b.grad, forward, backward
+
+
+@contextlib.contextmanager
+def _recording_all_reduce(calls):
+    """Appends (reduction, shape) of every dist.all_reduce to ``calls``. CollectiveRecorder (a
+    dispatch mode) cannot see into fused_linear_kd_loss: a custom op runs its body below it."""
+    real = dist.all_reduce
+
+    def recording(tensor, op=dist.ReduceOp.SUM, **kwargs):
+        calls.append(("MAX" if op == dist.ReduceOp.MAX else "SUM" if op == dist.ReduceOp.SUM else op,
+                      tuple(tensor.shape)))
+        return real(tensor, op=op, **kwargs)
+
+    dist.all_reduce = recording
+    try:
+        yield
+    finally:
+        dist.all_reduce = real
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_linear_kd_loss_over_a_vocabulary_sharded_head(pool, divergence):
+    """fused_linear_kd_loss(group=): each rank its [V_r, H] rows of both heads (13/13/11), the
+    same loss as the single-process reference on the whole heads, each rank the gradient of its
+    weight and bias rows, and every rank the whole hidden-state gradient (all-reduced in the
+    forward: per chunk the loss's all-reduces, then one [N, H_s]; the backward none)."""
+    kw = dict(temperature=2.0, divergence=divergence, beta=0.3, alpha=0.3, label_smoothing=0.1,
+              student_softcap=4.0, teacher_logit_scale=0.7)
+    answers = pool.run(_rank_linear, "3", 17, kw)[:3]
+    h_s, w_s, b_s, h_t, w_t, b_t, labels = linear_data(17)
+    h, w, b = (x.clone().requires_grad_() for x in (h_s, w_s, b_s))
+    want = reference.fused_linear_kd_loss(h, w, h_t, w_t, student_bias=b, teacher_bias=b_t, labels=labels, **kw)
+    want.backward()
+    for loss, d_hidden, _, _, forward, backward in answers:
+        torch.testing.assert_close(loss, want.detach(), **F64_TOL)
+        torch.testing.assert_close(d_hidden, h.grad, **F64_TOL)
+        # 4 valid rows in chunks of 3: two chunks, each MAX [rows, 2] and SUM [rows, 5] (KL, the CE at T=2),
+        # for the JSD SUM [rows, 4] and [rows, 2]; then the hidden-state gradient.
+        per_chunk = [("MAX", 2), ("SUM", 4), ("SUM", 2)] if divergence == "jsd" else [("MAX", 2), ("SUM", 5)]
+        assert forward == [(op, (rows, k)) for rows in (3, 1) for op, k in per_chunk] + [("SUM", (7, 8))]
+        assert backward == []
+    torch.testing.assert_close(torch.cat([a[2] for a in answers]), w.grad, **F64_TOL)
+    torch.testing.assert_close(torch.cat([a[3] for a in answers]), b.grad, **F64_TOL)
+
+
+@pytest.mark.parametrize("kw,refused", [(dict(reduction="none"), "reduction 'none'"),
+                                       (dict(vocab_size=30), "vocab_size"),
+                                       (dict(backend="reference"), "backend='reference'")])
+def test_linear_kd_loss_group_refuses(kw, refused):
+    h_s, w_s, b_s, h_t, w_t, b_t, labels = linear_data(18)
+    with pytest.raises(ValueError, match=f"group=: not with {re.escape(refused)}"):
+        fused_linear_kd_loss(h_s, w_s, h_t, w_t, group=object(), **kw)
 
 
 def test_example_runs_under_torchrun():

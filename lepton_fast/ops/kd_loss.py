@@ -198,7 +198,8 @@ def checked(student_logits, teacher_logits, temperature, divergence, beta, label
     label_smoothing_t = _validate.unit_interval("label_smoothing", label_smoothing)
     _validate.choice("reduction", reduction, _validate.REDUCTIONS)
     if num_items_in_batch is not None and reduction == "none":
-        raise ValueError("num_items_in_batch divides the summed loss, so it needs reduction 'mean' or 'sum', not 'none'")
+        raise ValueError(
+            "num_items_in_batch divides the summed loss, so it needs reduction 'mean' or 'sum', not 'none'")
     num_items = _num_items(num_items_in_batch, student_logits)
     if labels is not None:
         labels = _validate.class_labels("labels", labels, "student_logits", student_logits).reshape(-1)
@@ -326,10 +327,11 @@ class _WithGradient(torch.autograd.Function):
         return grad * (grad_loss if grad_loss.dim() == 0 else grad_loss[:, None]), None, None
 
 
-def slice_loss(backend: str, a: KDArgs, stats: Tensor, jsd_sums: Optional[Tensor], divergence: str,
-               ignore_index: int, scale_by_t2: bool, reduction: str, class_offset: int, n_classes: int) -> Tensor:
-    """kd_slice_loss: the loss of the whole rows from their merged statistics, differentiable
-    with respect to a.student (the slice) through the gradient the op wrote."""
+def slice_loss_and_grad(backend: str, a: KDArgs, stats: Tensor, jsd_sums: Optional[Tensor], divergence: str,
+                        ignore_index: int, scale_by_t2: bool, reduction: str, class_offset: int,
+                        n_classes: int) -> tuple[Tensor, Tensor]:
+    """kd_slice_loss's answer as it is: (the loss of the whole rows from their merged
+    statistics, d(loss)/d(a.student) or an empty tensor unless a.compute_grad)."""
     if backend == "reference":
         loss, grad = reference.kd_slice_loss(
             a.student, a.teacher, a.labels, stats, jsd_sums, divergence=divergence, alpha=float(a.alpha),
@@ -337,8 +339,19 @@ def slice_loss(backend: str, a: KDArgs, stats: Tensor, jsd_sums: Optional[Tensor
             reduction=reduction, num_items_in_batch=None if a.num_items is None else float(a.num_items),
             class_offset=class_offset, n_classes=n_classes, **_floats(a))
         _validate.rows_defined(loss.reshape(-1), "kd_slice_loss: student_logits or teacher_logits")
-        return _WithGradient.apply(a.student, loss, grad) if a.compute_grad else loss
-    loss, _ = _backend.call(SLICE_SPEC, backend, a.student.device.type, a.student, a.teacher, a.labels, stats,
-                            jsd_sums, a.temperature, a.beta, a.alpha, a.label_smoothing, divergence, ignore_index,
-                            scale_by_t2, reduction, a.num_items, class_offset, n_classes, a.compute_grad)
+        return loss, grad
+    return _backend.call(SLICE_SPEC, backend, a.student.device.type, a.student, a.teacher, a.labels, stats,
+                         jsd_sums, a.temperature, a.beta, a.alpha, a.label_smoothing, divergence, ignore_index,
+                         scale_by_t2, reduction, a.num_items, class_offset, n_classes, a.compute_grad)
+
+
+def slice_loss(backend: str, a: KDArgs, stats: Tensor, jsd_sums: Optional[Tensor], divergence: str,
+               ignore_index: int, scale_by_t2: bool, reduction: str, class_offset: int, n_classes: int) -> Tensor:
+    """kd_slice_loss: the loss of the whole rows from their merged statistics, differentiable
+    with respect to a.student (the slice) through the gradient the op wrote (the op's C++
+    autograd kernel; for reference.py's answer, _WithGradient)."""
+    loss, grad = slice_loss_and_grad(backend, a, stats, jsd_sums, divergence, ignore_index, scale_by_t2, reduction,
+                                     class_offset, n_classes)
+    if backend == "reference" and a.compute_grad:
+        return _WithGradient.apply(a.student, loss, grad)
     return loss
