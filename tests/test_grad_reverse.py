@@ -17,16 +17,17 @@ def randn(shape, dtype, seed=0, requires_grad=False):
     return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_(requires_grad)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(1,), (4, 7), (2, 3, 5, 5)], ids=["one-element", "features", "images"])
 @pytest.mark.parametrize("lam", [1.0, 0.37, torch.tensor(0.37), torch.tensor(2.5, dtype=torch.float64)],
                          ids=["float-1", "float", "tensor", "tensor-f64"])
-def test_forward_is_input_and_backward_is_negated(dtype, shape, lam):
-    x = randn(shape, dtype, requires_grad=True)
+def test_forward_is_input_and_backward_is_negated(dtype, shape, lam, device):
+    x = randn(shape, dtype).to(device).requires_grad_()
     y = lepton_fast.grad_reverse(x, lam)
     assert y.data_ptr() == x.data_ptr() and y.shape == x.shape and y.dtype == dtype
     assert torch.equal(y, x)
-    upstream = randn(shape, dtype, seed=1)  # grad_output != 1
+    upstream = randn(shape, dtype, seed=1).to(device)  # grad_output != 1
     y.backward(upstream)
     assert x.grad.dtype == dtype
     # -lambda * grad, formed in x's dtype with lambda kept as the scalar it is (not rounded first)
