@@ -18,88 +18,13 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include "kd_loss_cpu.h"
+#include "row_io.h"
 
 namespace lepton_fast {
 namespace cpu {
 namespace {
 
-template <typename acc_t>
-struct VecMath {
-  using V = at::vec::Vectorized<acc_t>;
-  static V exp(V x) { return x.exp_u20(); }
-  static V log1p(V x) { return x.log1p(); }
-  static V max(V a, V b) { return at::vec::maximum(a, b); }
-  static V min(V a, V b) { return at::vec::minimum(a, b); }
-  static V zero_where_zero(V p, V x) { return V::blendv(x, V(0), p == V(0)); }
-  static V keep_neg_inf(V h, V x) {
-    return V::blendv(x, h, h == V(-std::numeric_limits<acc_t>::infinity()));
-  }
-};
-
 enum class Soft { kNone, kForwardKL, kReverseKL, kJSD };
-
-template <typename scalar_t>
-struct RowIO {
-  using acc_t = at::opmath_type<scalar_t>;
-  using Vec = at::vec::Vectorized<acc_t>;
-  static constexpr int64_t W = Vec::size();
-
-  // W elements at p in acc_t, or the first n < W of them and `pad` in the other lanes.
-  static Vec load(const scalar_t* p, int64_t n, acc_t pad) {
-    if (n == W) {
-      if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        return Vec::loadu(p);
-      } else {
-        Vec v;
-        at::vec::load_to_float(p, v);
-        return v;
-      }
-    }
-    alignas(64) acc_t buf[W];
-    for (int64_t i = 0; i < W; ++i) buf[i] = i < n ? acc_t(p[i]) : pad;
-    return Vec::loadu(buf);
-  }
-
-  static void store(scalar_t* p, const Vec& v, int64_t n) {
-    if (n == W) {
-      if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        v.store(p);
-      } else {
-        at::vec::convert_from_float<scalar_t>(v, v).store(p, W);
-      }
-      return;
-    }
-    alignas(64) acc_t buf[W];
-    v.store(buf);
-    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<scalar_t>(buf[i]);
-  }
-
-  static acc_t sum(const Vec& v) {
-    alignas(64) acc_t buf[W];
-    v.store(buf);
-    acc_t total = 0;
-    for (int64_t i = 0; i < W; ++i) total += buf[i];
-    return total;
-  }
-
-  // Lane statistics -> row: the max (NaN if any lane saw a NaN), the sum of exp(z - max)
-  // and the sum `a` rescaled alongside it (0 * inf = 0 for a lane whose factor underflows).
-  static void merge(const Vec& m, const Vec& s, const Vec& a, acc_t& m_row, acc_t& s_row, acc_t& a_row) {
-    alignas(64) acc_t mb[W], sb[W], ab[W];
-    m.store(mb);
-    s.store(sb);
-    a.store(ab);
-    m_row = mb[0];
-    for (int64_t i = 1; i < W; ++i) m_row = (mb[i] > m_row || std::isnan(mb[i])) ? mb[i] : m_row;
-    s_row = 0;
-    a_row = 0;
-    for (int64_t i = 0; i < W; ++i) {
-      const acc_t f = std::exp(mb[i] - m_row);
-      s_row += sb[i] * f;
-      a_row += ScalarMath<acc_t>::zero_where_zero(f, ab[i] * f);
-    }
-  }
-};
 
 // log-sum-exp from a row's max and sum; NaN for a row that is entirely -inf (sum 0), which
 // the Python layer reports as an error.
