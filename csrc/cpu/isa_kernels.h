@@ -13,6 +13,7 @@
 #include "row_kernels.h"
 #ifndef LF_ISA_FALLBACK
 #include "kd_loss_rows.h"
+#include "pseudo_labels_rows.h"
 #endif
 
 namespace lepton_fast {
@@ -20,8 +21,14 @@ namespace cpu {
 
 #ifndef LF_ISA_FALLBACK
 void LF_CAT(kd_rows, LF_ISA)(const KDRows& a, int64_t begin, int64_t end) { kd_rows_any_dtype(a, begin, end); }
+void LF_CAT(pseudo_label_rows, LF_ISA)(const PseudoLabelRows& a, int64_t begin, int64_t end) {
+  pseudo_label_rows_any_dtype(a, begin, end);
+}
 #else
 void LF_CAT(kd_rows, LF_ISA)(const KDRows& a, int64_t begin, int64_t end) { kd_rows_default(a, begin, end); }
+void LF_CAT(pseudo_label_rows, LF_ISA)(const PseudoLabelRows& a, int64_t begin, int64_t end) {
+  pseudo_label_rows_default(a, begin, end);
+}
 #endif
 
 }  // namespace cpu

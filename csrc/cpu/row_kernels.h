@@ -4,3 +4,4 @@
 #pragma once
 
 #include "kd_loss_cpu.h"
+#include "pseudo_labels_cpu.h"
