@@ -12,7 +12,11 @@ Switches (environment):
                                (release wheels; scripts/build_wheels.sh sets it)
 
 The extension compiles against the torch that is installed, so build without isolation
-(`pip install --no-build-isolation ...`). Packing an sdist needs no torch.
+(`pip install --no-build-isolation ...`). Packing an sdist needs no torch. Without isolation
+pip installs nothing that [build-system] lists, so this file checks it itself: setuptools
+>= 77 (the first that reads pyproject.toml's PEP 639 `license = "Apache-2.0"`; a Python 3.11
+venv comes with 65.5, and torch 2.11 allows up to 81) and a torch in the supported range,
+each with a one-line error that gives the command that fixes it.
 
 The build facts (torch, CUDA, archs, C++ ABI) go into lepton_fast/_build_info.py next to
 the compiled module, written only once it has compiled, so that an import under another
@@ -25,14 +29,48 @@ import re
 import subprocess
 import sys
 
-from setuptools import find_packages, setup
-from setuptools.command.build_py import build_py
+import setuptools
+
+# The supported range (README "Supported versions"): the oldest torch is what the GPU machines
+# run (2.11, with Triton 3.6); CI builds and tests both ends, 2.11 and the pinned 2.14.
+SETUPTOOLS_FLOOR = (77, 0)
+TORCH_OLDEST = (2, 11)
+
+
+def version_tuple(text):
+    return tuple(int(p) for p in re.findall(r"\d+", text.split("+")[0])[:2])
+
+
+def installed_torch():
+    """The installed torch's version string, read without importing it, or None."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def check_setuptools():
+    if version_tuple(setuptools.__version__) >= SETUPTOOLS_FLOOR:
+        return
+    # Naming the installed torch keeps it, and lets pip pick a setuptools it accepts.
+    torch_version = installed_torch()
+    keep = f' "torch=={torch_version}"' if torch_version else ""
+    sys.exit(f"lepton_fast needs setuptools>=77 to read pyproject.toml and found {setuptools.__version__} "
+             f"(--no-build-isolation installs none): run  pip install \"setuptools>=77\"{keep}  and build again")
+
+
+check_setuptools()
+
+from setuptools import find_packages, setup  # noqa: E402
+from setuptools.command.build_py import build_py  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;9.0+PTX"
 EXTENSION = "lepton_fast._C"
 RECORD = "_build_info"  # lepton_fast/_build_info.py, generated; never taken from the source tree
-TORCH_FLOOR = "torch>=2.6"
+TORCH_FLOOR = "torch>=%d.%d" % TORCH_OLDEST
 
 
 def flag(name):
@@ -88,6 +126,10 @@ def build_facts():
             "    pip install --no-build-isolation lepton_fast\n"
             "(or set LEPTON_FAST_SKIP_EXT=1 for a build without compiled kernels)."
         )
+    if version_tuple(torch.__version__) < TORCH_OLDEST:
+        sys.exit(f"lepton_fast supports torch >= {'.'.join(map(str, TORCH_OLDEST))} and found torch "
+                 f"{torch.__version__}: run  pip install \"torch>={'.'.join(map(str, TORCH_OLDEST))}\"  "
+                 "and build again (or set LEPTON_FAST_SKIP_EXT=1 for a build without compiled kernels)")
     cuda_home = find_cuda_home(ce) if torch.version.cuda is not None else None
     nvcc_found = cuda_home is not None and os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
     with_cuda = not flag("LEPTON_FAST_SKIP_CUDA") and torch.version.cuda is not None and nvcc_found

@@ -105,3 +105,25 @@ def pytest_terminal_summary(terminalreporter):
     for group, peaks in _PEAKS.items():
         row = ", ".join(f"{name}: {bytes_ / 2**20:.1f}" for name, bytes_ in peaks.items())
         terminalreporter.write_line(f"{group}: {row}")
+
+
+def load_average() -> str:
+    """The 1-minute load average, as quoted next to every figure of a shared machine."""
+    return f"{os.getloadavg()[0]:.1f}"
+
+
+def alternate(variants: dict[str, Callable[[], object]], rounds: int, log=print) -> dict[str, list[float]]:
+    """Seconds per call of each variant, timed round by round in rotating order (round r starts
+    with variant r), so that a change of the machine's load during the run reaches every
+    variant alike instead of whichever ran last. Each callable makes its own fresh inputs
+    outside what it times and returns the seconds its timed part took."""
+    import time
+
+    names = list(variants)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        start = time.time()
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            times[name].append(variants[name]())
+        log(f"round {r + 1}/{rounds}: {time.time() - start:.0f} s, load {load_average()}")
+    return times

@@ -1,10 +1,10 @@
 """One command for a CUDA machine: build, test, measure copy bandwidth, time every GPU case.
 
-    python benchmarks/gpu_check.py [--json PATH] [--skip-build] [--skip-tests] [--only TEXT]
+    python benchmarks/gpu_check.py [--json PATH] [--skip-build] [--skip-tests] [--only TEXT] [--dry-run]
 
 1. Builds lepton_fast in place with the machine's own torch, nvcc and ninja
-   (`pip install --no-build-isolation --no-deps -e .`, no network), for this GPU's arch
-   unless TORCH_CUDA_ARCH_LIST is set.
+   (`pip install --no-build-isolation --no-deps --no-index -e .`, no network), for this
+   GPU's arch unless TORCH_CUDA_ARCH_LIST is set, with LEPTON_FAST_FORCE_CUDA=1.
 2. Runs `pytest -m cuda`.
 3. Measures the device-to-device copy bandwidth (CUDA events; bytes read + written).
 4. Times every variant of every case in benchmarks/gpu_cases/*.py (contract in
@@ -17,8 +17,19 @@ Prints a table and writes everything as JSON to $OUT/gpu_check.json when $OUT is
 to --json. It keeps to a time budget (--budget, default 450 s in all): each variant times
 for at most ~1 s, and cases that no longer fit are reported as skipped.
 
-`--dry-run` checks the harness without a GPU: no build, no tests, the cases' CPU smoke
-shapes with wall-clock timing (Triton in its interpreter).
+Before anything else it checks what the build and the tests need (Python, torch and its
+Triton, nvcc of torch's CUDA major version, setuptools, ninja, pytest, a C++ compiler and
+Python's headers) and stops, saying what is missing, rather than fail inside the build: the
+GPU machine has no network to install anything. After the build it checks, in a fresh
+interpreter, that the extension loads with its CUDA kernels and that every op has its CUDA
+and Triton backend on CUDA tensors.
+
+`--dry-run` proves all that on a machine without a GPU, in the GPU machine's toolchain
+(Python 3.12, torch 2.11, Triton 3.6, nvcc 13; .ci/run runs it so): the same checks and the
+same offline build (CPU + CUDA, for --arch, default 9.0, an H200), then, in place of running
+the `cuda` tests, it collects them, compiles every Triton kernel for sm_90 and sm_80
+(tests/test_triton_aot.py), and times the cases' CPU smoke shapes (Triton in its
+interpreter). Any step that fails makes the exit status 1, and the last line says which.
 """
 from __future__ import annotations
 
@@ -30,14 +41,24 @@ import json
 import os
 import pkgutil
 import platform
+import re
+import shutil
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The supported range (README "Supported versions") and what the build and the cuda tests
+# import. All of it is in the GPU machines' image (device KINDS.md lists its packages;
+# expecttest, in the dev extra, is not there and no test needs it).
+OLDEST_PYTHON = (3, 11)
+OLDEST_TORCH = (2, 11)
+NEEDED = ("setuptools>=77", "ninja", "pytest>=8", "packaging", "numpy", "triton")
+DRY_RUN_ARCH = "9.0"  # the GPU machines' H200
 
 
 def log(msg: str) -> None:
@@ -48,24 +69,214 @@ def tail(text: str, n: int = 3000) -> str:
     return text[-n:]
 
 
-def build(env_extra: dict) -> dict:
+def _major_minor(text: str) -> tuple:
+    return tuple(int(p) for p in re.findall(r"\d+", text.split("+")[0])[:2])
+
+
+def find_nvcc() -> str | None:
+    """The nvcc the build will use: $CUDA_HOME/bin/nvcc, else the one on PATH (setup.py
+    then finds its toolkit from it)."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home:
+        path = os.path.join(home, "bin", "nvcc")
+        return path if os.path.exists(path) else None
+    return shutil.which("nvcc")
+
+
+def preflight() -> dict:
+    """Everything the build and the tests need, checked before either runs."""
+    from importlib import metadata
+
+    import torch
+    from packaging.requirements import Requirement
+
+    problems = []
+    facts = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda}
+    if sys.version_info[:2] < OLDEST_PYTHON:
+        problems.append(f"Python {platform.python_version()}: lepton_fast needs Python >= "
+                        f"{'.'.join(map(str, OLDEST_PYTHON))}")
+    if _major_minor(torch.__version__) < OLDEST_TORCH:
+        problems.append(f"torch {torch.__version__}: lepton_fast needs torch >= {'.'.join(map(str, OLDEST_TORCH))}")
+    if torch.version.cuda is None:
+        problems.append(f"torch {torch.__version__} is a CPU-only build: no CUDA kernels can be built or run")
+    for text in NEEDED:
+        req = Requirement(text)
+        try:
+            found = metadata.version(req.name)
+        except metadata.PackageNotFoundError:
+            problems.append(f"{req.name} is not installed (the build and tests need {text})")
+            continue
+        facts[req.name] = found
+        if not req.specifier.contains(found, prereleases=True):
+            problems.append(f"{req.name} {found} is installed, the build and tests need {text}")
+    # torch pins the Triton it was built with (torch 2.11: triton==3.6.0); another one breaks
+    # torch.compile and may not know this GPU.
+    for text in metadata.requires("torch") or []:
+        req = Requirement(text)
+        if req.name == "triton" and (req.marker is None or req.marker.evaluate()) and "triton" in facts:
+            if not req.specifier.contains(facts["triton"], prereleases=True):
+                problems.append(f"triton {facts['triton']} is installed, torch {torch.__version__} needs {req}")
+    nvcc = find_nvcc()
+    if nvcc is None:
+        problems.append("nvcc not found: set CUDA_HOME or put the CUDA toolkit's bin/ on PATH")
+    else:
+        try:
+            out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+        except (OSError, subprocess.SubprocessError) as e:
+            out = ""
+            problems.append(f"{nvcc} --version failed: {e}")
+        release = re.search(r"release (\d+)\.(\d+)", out)
+        facts["nvcc"] = f"{nvcc} {release.group(1)}.{release.group(2)}" if release else nvcc
+        if release and torch.version.cuda and release.group(1) != torch.version.cuda.split(".")[0]:
+            problems.append(f"nvcc {release.group(1)}.{release.group(2)} ({nvcc}) cannot build for torch "
+                            f"{torch.__version__} (CUDA {torch.version.cuda}): it needs nvcc "
+                            f"{torch.version.cuda.split('.')[0]}.x")
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        problems.append(f"no C++ compiler ({cxx}) on PATH")
+    if not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")):
+        problems.append(f"Python.h not found in {sysconfig.get_paths()['include']} (the Python headers)")
+    result = {"ok": not problems, "problems": problems, "facts": facts}
+    log(f"[preflight] {'ok' if not problems else 'FAILED'}: {json.dumps(facts)}")
+    for p in problems:
+        log(f"[preflight]   {p}")
+    return result
+
+
+def build(env_extra: dict, dry_run: bool = False, timeout: float = 600.0) -> dict:
     import torch
 
     env = dict(os.environ, **env_extra)
     env.setdefault("MAX_JOBS", str(os.cpu_count() or 4))
+    # A build that quietly left CUDA out would waste the GPU run: stop instead.
+    env["LEPTON_FAST_FORCE_CUDA"] = "1"
+    env.pop("LEPTON_FAST_SKIP_CUDA", None)
+    env.pop("LEPTON_FAST_SKIP_EXT", None)
     if "TORCH_CUDA_ARCH_LIST" not in env and torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         env["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+    elif "TORCH_CUDA_ARCH_LIST" not in env and dry_run:
+        env["TORCH_CUDA_ARCH_LIST"] = DRY_RUN_ARCH
     cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "-e", "."]
-    log(f"[build] {' '.join(cmd)}  (TORCH_CUDA_ARCH_LIST={env.get('TORCH_CUDA_ARCH_LIST')}, MAX_JOBS={env['MAX_JOBS']})")
+    log(f"[build] {' '.join(cmd)}  (TORCH_CUDA_ARCH_LIST={env.get('TORCH_CUDA_ARCH_LIST')}, MAX_JOBS={env['MAX_JOBS']}, "
+        "LEPTON_FAST_FORCE_CUDA=1)")
     start = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    result = {"rc": proc.returncode, "seconds": round(time.time() - start, 1),
-              "arch_list": env.get("TORCH_CUDA_ARCH_LIST"), "output_tail": tail(proc.stdout + proc.stderr)}
-    log(f"[build] rc={proc.returncode} in {result['seconds']} s")
-    if proc.returncode != 0:
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        rc, out = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as e:
+        out = "".join(x.decode() if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr))
+        rc, out = "timeout", out + f"\n[build timed out after {timeout:.0f} s: --build-timeout]"
+    result = {"rc": rc, "seconds": round(time.time() - start, 1),
+              "arch_list": env.get("TORCH_CUDA_ARCH_LIST"), "output_tail": tail(out)}
+    log(f"[build] rc={rc} in {result['seconds']} s")
+    if rc != 0:
         log(result["output_tail"])
     return result
+
+
+# Run in a fresh interpreter, after the build: what the GPU run will find.
+VERIFY_BUILD = r"""
+import json, torch, lepton_fast
+from lepton_fast import _backend
+problems = []
+status = _backend.extension()
+if status.module is None:
+    problems.append(f"lepton_fast._C does not load: {status.reason}")
+try:
+    from lepton_fast._build_info import BUILD_INFO
+except ImportError:
+    BUILD_INFO = {}
+if BUILD_INFO.get("cuda") != torch.version.cuda:
+    problems.append(f"the extension was built for CUDA {BUILD_INFO.get('cuda')}, torch has CUDA {torch.version.cuda}")
+ops = {}
+for name, spec in sorted(_backend.OPS.items()):
+    ops[name] = {}
+    for backend, exists in (("cuda", spec.kernel), ("triton", spec.triton)):
+        why = _backend.unavailable(spec, backend, "cuda") if exists else "no such backend for this op"
+        ops[name][backend] = why or "ok"
+        if exists and why:
+            problems.append(f"{name}: the {backend} backend cannot run on CUDA tensors: {why}")
+print(json.dumps({"file": lepton_fast.__file__, "build": BUILD_INFO, "ops": ops, "problems": problems}))
+"""
+
+
+def verify_build() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", VERIFY_BUILD], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    try:
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        result = {"problems": [f"the check of the build exited with {proc.returncode}: {tail(proc.stderr, 2000)}"]}
+    result["ok"] = proc.returncode == 0 and not result["problems"]
+    log(f"[verify] {'ok' if result['ok'] else 'FAILED'}: built {result.get('build')}")
+    for p in result["problems"]:
+        log(f"[verify]   {p}")
+    return result
+
+
+def collect_cuda_tests() -> dict:
+    """What `pytest -m cuda` would run: collected, not run (no GPU)."""
+    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "--collect-only", "-q", "-p", "no:cacheprovider", "tests"]
+    log(f"[collect] {' '.join(cmd)}")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    ids = [line for line in proc.stdout.splitlines() if "::" in line and not line.startswith(("ERROR", "FAILED"))]
+    per_file: dict[str, int] = {}
+    for test_id in ids:
+        per_file[test_id.split("::")[0]] = per_file.get(test_id.split("::")[0], 0) + 1
+    ok = proc.returncode == 0 and len(ids) > 0
+    result = {"rc": proc.returncode, "ok": ok, "count": len(ids), "per_file": per_file,
+              "output_tail": tail(proc.stdout + proc.stderr, 4000)}
+    log(f"[collect] rc={proc.returncode}: {len(ids)} cuda tests {json.dumps(per_file)}")
+    if not ok:
+        log(result["output_tail"])
+    return result
+
+
+def compile_triton_ahead_of_time() -> dict:
+    """Every Triton kernel compiled for sm_90 and sm_80 by this Triton (no GPU needed)."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton_aot.py"]
+    log(f"[aot] {' '.join(cmd)}")
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    counts = [line for line in proc.stdout.splitlines() if re.search(r"\d+ (passed|failed|error)", line)]
+    result = {"rc": proc.returncode, "ok": proc.returncode == 0, "seconds": round(time.time() - start, 1),
+              "summary": counts[-1] if counts else "", "output_tail": tail(proc.stdout + proc.stderr, 4000)}
+    log(f"[aot] rc={proc.returncode} in {result['seconds']} s: {result['summary']}")
+    if not result["ok"]:
+        log(result["output_tail"])
+    return result
+
+
+def interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run here (the dry run's CPU timings use it), or None.
+    Triton 3.6's interpreter fails on numpy >= 2.4 (tests/conftest.py has the same probe)."""
+    try:
+        import numpy
+        import torch
+        import triton
+        import triton.language as tl
+    except ImportError as e:
+        return f"cannot import {e.name}"
+
+    @triton.jit
+    def probe(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        acc = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, n, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            acc += tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+        tl.store(out_ptr, tl.sum(acc, 0))
+
+    out = torch.zeros(1)
+    try:
+        probe[(1,)](torch.arange(10, dtype=torch.float32), out, 10, BLOCK=4)
+    except Exception as e:
+        if "only 0-dimensional arrays can be converted to Python scalars" in str(e):
+            return (f"Triton {triton.__version__}'s interpreter cannot run on numpy {numpy.__version__}: "
+                    'install "numpy<2.4" to time the Triton variants in a dry run')
+        raise
+    return None
 
 
 def run_tests(timeout: float) -> dict:
@@ -164,11 +375,12 @@ def time_variant(fn, device, timer: Timer) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    fn()
-    if cuda:
+        fn()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
-    times = timer.measure(fn)
+    # A dry run (CPU smoke shapes, Triton interpreted) checks that each variant runs: one
+    # timed call is enough, and keeps the run short.
+    times = timer.measure(fn) if cuda else timer.measure(fn, min_reps=1, max_reps=1)
     return {
         "median_ms": statistics.median(times) * 1e3,
         "min_ms": min(times) * 1e3,
@@ -177,7 +389,7 @@ def time_variant(fn, device, timer: Timer) -> dict:
     }
 
 
-def run_cases(cases, device, timer: Timer, copy_gbps: float, deadline: float) -> list[dict]:
+def run_cases(cases, device, timer: Timer, copy_gbps: float, deadline: float, skip=None) -> list[dict]:
     import torch
 
     results = []
@@ -185,7 +397,9 @@ def run_cases(cases, device, timer: Timer, copy_gbps: float, deadline: float) ->
         case = cases.pop(0)  # dropped after its turn, which frees its inputs
         for variant, fn in case.variants.items():
             row = {"case": case.name, "variant": variant, "min_bytes": case.min_bytes}
-            if time.time() > deadline:
+            if variant in (skip or {}):
+                row["error"] = skip[variant]
+            elif time.time() > deadline:
                 row["error"] = "skipped: time budget spent"
             else:
                 try:
@@ -265,16 +479,20 @@ def machine_info(device) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="where to write the results (default $OUT/gpu_check.json when $OUT is set)")
-    parser.add_argument("--skip-build", action="store_true")
+    parser.add_argument("--skip-build", action="store_true", help="no checks, no build: use what is installed")
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--only", help="time only the cases whose name contains this text")
     parser.add_argument("--budget", type=float, default=450.0, help="seconds for the whole run (default 450)")
+    parser.add_argument("--build-timeout", type=float, default=600.0, help="seconds for the build (default 600)")
     parser.add_argument("--quiet-summary", action="store_true", help=argparse.SUPPRESS)  # the child of a full run
     parser.add_argument("--dry-run", action="store_true",
-                        help="no GPU: skip build and tests, time the cases' CPU smoke shapes")
+                        help="no GPU: the same checks and build (for TORCH_CUDA_ARCH_LIST, default "
+                             f"{DRY_RUN_ARCH}), then collect the cuda tests, compile the Triton kernels ahead of "
+                             "time and time the cases' CPU smoke shapes")
     args = parser.parse_args(argv)
     start = time.time()
-    deadline = start + args.budget
+    # A dry run must run every case once, however long its build took: no budget.
+    deadline = start + args.budget if not args.dry_run else float("inf")
     os.chdir(ROOT)
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
@@ -288,20 +506,30 @@ def main(argv=None) -> int:
                     "machine": machine_info(device)}
     log(f"[machine] {json.dumps(report['machine'])}")
 
-    if not (args.dry_run or args.skip_build):
-        report["build"] = build({})
-    if not (args.dry_run or args.skip_tests):
-        # Leave at least half of what remains for the timings.
-        report["tests"] = run_tests(timeout=max(60.0, (deadline - time.time()) * 0.5))
-    if "build" in report:
+    if not args.skip_build:
+        report["preflight"] = preflight()
+        if report["preflight"]["ok"]:
+            report["build"] = build({}, dry_run=args.dry_run, timeout=args.build_timeout)
+            if report["build"]["rc"] == 0:
+                report["verify"] = verify_build()
+    stopped = (not report.get("preflight", {"ok": True})["ok"]
+               or (args.dry_run and report.get("build", {}).get("rc") not in (None, 0)))
+    if not (stopped or args.skip_tests):
+        if args.dry_run:
+            report["collect"] = collect_cuda_tests()
+            report["aot"] = compile_triton_ahead_of_time()
+        else:
+            # Leave at least half of what remains for the timings.
+            report["tests"] = run_tests(timeout=max(60.0, (deadline - time.time()) * 0.5))
+    if not stopped and "build" in report:
         # A fresh interpreter sees the editable install this one has just made.
         report.update(time_in_subprocess(args, deadline))
-    else:
+    elif not stopped:
         report.update(time_here(args, device, deadline))
     report["seconds"] = round(time.time() - start, 1)
 
     results = report.get("results", [])
-    if not args.quiet_summary:
+    if not (args.quiet_summary or stopped):
         log("")
         log(f"copy bandwidth: {report.get('copy', {}).get('GBps', float('nan')):.0f} GB/s")
         log(HEADER)
@@ -309,16 +537,30 @@ def main(argv=None) -> int:
             log(format_row(row))
         for line in speedups(results):
             log(line)
-        log(f"[done] {report['seconds']} s")
 
     path = args.json or (os.path.join(os.environ["OUT"], "gpu_check.json") if os.environ.get("OUT") else None)
     if path:
         with open(path, "w") as f:
             json.dump(report, f, indent=1, default=str)
         log(f"[json] {path}")
-    failed = (report.get("build", {}).get("rc") not in (None, 0) or report.get("tests", {}).get("rc") not in (None, 0)
-              or "fatal" in report or any("error" in r and not r["error"].startswith("skipped") for r in results))
+    failed = failures(report)
+    if not args.quiet_summary:
+        log(f"[done] {report['seconds']} s: " + (f"FAILED ({', '.join(failed)})" if failed else "ok"))
     return 1 if failed else 0
+
+
+def failures(report: dict) -> list[str]:
+    """The steps that failed, in order; empty when the run passed."""
+    failed = [step for step in ("preflight", "verify", "collect", "aot") if report.get(step, {"ok": True})["ok"] is False]
+    failed += [step for step in ("build", "tests") if report.get(step, {}).get("rc") not in (None, 0)]
+    if "fatal" in report:
+        failed.append("fatal: " + report["fatal"])
+    if report.get("case_errors"):
+        failed.append("case modules: " + ", ".join(e["module"] for e in report["case_errors"]))
+    errors = [r for r in report.get("results", []) if "error" in r and not r["error"].startswith("skipped")]
+    if errors:
+        failed.append(f"{len(errors)} case variants")
+    return failed
 
 
 def time_in_subprocess(args, deadline: float) -> dict:
@@ -350,8 +592,12 @@ def time_here(args, device, deadline: float) -> dict:
         report["lepton_fast"] = {"version": lepton_fast.__version__, "file": lepton_fast.__file__}
         report["copy"] = copy_bandwidth(device, timer)
         cases, report["case_errors"] = discover_cases(device, args.only)
+        skip = {}
+        if device.type == "cpu" and (why := interpreter_problem()):
+            log(f"[cases] Triton variants skipped: {why}")
+            skip["triton"] = f"skipped: {why}"
         log(HEADER)
-        report["results"] = run_cases(cases, device, timer, report["copy"]["GBps"], deadline)
+        report["results"] = run_cases(cases, device, timer, report["copy"]["GBps"], deadline, skip)
     except Exception as e:  # report what was measured so far rather than nothing
         report["fatal"] = f"{type(e).__name__}: {e}"
         report["fatal_traceback"] = traceback.format_exc()

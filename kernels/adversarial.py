@@ -114,3 +114,35 @@ def pgd_step(x_adv, x_orig, grad, step_size, eps, clamp_min, clamp_max):
 
 def pgd_step_(x_adv, x_orig, grad, step_size, eps, clamp_min, clamp_max) -> None:
     _launch(x_adv, x_orig, grad, step_size, eps, clamp_min, clamp_max, x_adv, is_pgd=True)
+
+
+def compile_targets():
+    """Every variant _launch above can pick, for tests/test_triton_aot.py, which compiles them
+    ahead of time for GPU targets: [(kernel, signature, constexprs, options)].
+
+    Keep in step with _launch: one entry per dtype, step (FGSM or PGD), per-sample step and
+    eps, clamp, and index width (numel past 2^31 - 1 arrives as i64). A per-sample tensor is
+    in the compute dtype; an absent one is replaced by ``out``, as is ``params`` below float64.
+    """
+    targets = []
+    for dtype in ("fp32", "bf16", "fp16", "fp64"):
+        acc = "fp64" if dtype == "fp64" else "fp32"
+        for is_pgd in (False, True):
+            for step_ps in (False, True):
+                for eps_ps in ((False, True) if is_pgd else (False,)):
+                    for clamp in (False, True):
+                        for numel in ("i32", "i64"):
+                            signature = {
+                                "x_ptr": f"*{dtype}", "orig_ptr": f"*{dtype}", "g_ptr": f"*{dtype}",
+                                "out_ptr": f"*{dtype}", "numel": numel,
+                                "inner": "i32" if step_ps or eps_ps else numel,
+                                "step": "fp32", "eps": "fp32", "lo": "fp32", "hi": "fp32",
+                                "step_ps_ptr": f"*{acc if step_ps else dtype}",
+                                "eps_ps_ptr": f"*{acc if eps_ps else dtype}",
+                                "params_ptr": f"*{dtype}",
+                            }
+                            constexprs = {"IS_PGD": is_pgd, "STEP_PS": step_ps, "EPS_PS": eps_ps, "CLAMP": clamp,
+                                          "IS_F64": dtype == "fp64", "BLOCK": BLOCK}
+                            signature.update({name: "constexpr" for name in constexprs})
+                            targets.append((_step_kernel, signature, constexprs, {"num_warps": 4}))
+    return targets

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, check_labels, check_rows_defined, lse, online_softmax, reduce_rows, scalar
+from ._common import acc_dtype, check_labels, check_rows_defined, lse, online_softmax, reduce_rows, scalar
 
 _DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 # Widest column block: 8 accumulators per element stay in registers at 8 warps.
@@ -244,3 +244,41 @@ def fused_kd_loss(
         )
     check_rows_defined(op, rows, "student_logits or teacher_logits")
     return reduce_rows(rows, reduction, divisor), grad
+
+
+def compile_targets():
+    """Every variant fused_kd_loss above can launch, for tests/test_triton_aot.py, which
+    compiles them ahead of time for GPU targets: [(kernel, signature, constexprs, options)].
+
+    Keep in step with fused_kd_loss: one entry per dtype, divergence (jsd with beta 0 or 1
+    runs as DIV 0 or 1), alpha (0: soft only, (0, 1): both, 1: CE only), label smoothing,
+    labels given, gradient wanted and column block (with its num_warps). Without labels the
+    loss buffer stands in for y_ptr.
+    """
+    targets = []
+    floats = ("inv_t", "beta", "log_beta", "log_1m_beta", "alpha", "eps", "soft_w", "soft_gw")
+    blocks = [16 << i for i in range((MAX_BLOCK // 16).bit_length())]  # 16 .. MAX_BLOCK
+    for dtype in ("fp32", "bf16", "fp16", "fp64"):
+        acc = "fp64" if dtype == "fp64" else "fp32"
+        for div in _DIVERGENCES.values():
+            for needs_soft, needs_ce in ((True, False), (True, True), (False, True)):
+                for smooth in (False, True):
+                    for has_labels in ((True,) if needs_ce else (False, True)):
+                        for compute_grad in (False, True):
+                            for block in blocks:
+                                signature = {
+                                    "s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}",
+                                    "y_ptr": "*i64" if has_labels else f"*{acc}", "g_ptr": f"*{dtype}",
+                                    "loss_ptr": f"*{acc}", "gs_ptr": "*fp64",
+                                    "C": "i32", "s_stride": "i32", "t_stride": "i32",
+                                    **{name: "fp64" for name in floats}, "ignore_index": "i32",
+                                }
+                                constexprs = {
+                                    "DIV": div, "NEEDS_SOFT": needs_soft, "NEEDS_CE": needs_ce, "SMOOTH": smooth,
+                                    "HAS_LABELS": has_labels, "COMPUTE_GRAD": compute_grad,
+                                    "ACC": tl.float64 if acc == "fp64" else tl.float32, "BLOCK": block,
+                                }
+                                signature.update({name: "constexpr" for name in constexprs})
+                                options = {"num_warps": 8 if block >= 2048 else 4}
+                                targets.append((_kd_loss_kernel, signature, constexprs, options))
+    return targets

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, check_rows_defined, lse, online_softmax, reduce_rows, scalar
+from ._common import acc_dtype, check_rows_defined, lse, online_softmax, reduce_rows, scalar
 
 # Widest column block: two views and their exps per element stay in registers at 8 warps.
 MAX_BLOCK = 4096
@@ -136,10 +136,13 @@ def _launch(strong, weak, threshold, temperature, soft, class_thresholds, weight
     if n_rows:
         if block is None:
             block = min(max(triton.next_power_of_2(n_classes), 16), MAX_BLOCK)
+        # select (LOSS False) never reads strong_ptr nor writes loss_ptr: any tensor of the
+        # right type stands in for them.
+        strong_or_weak = strong if strong is not None else weak
         _pseudo_label_kernel[(n_rows,)](
-            strong if strong is not None else weak, weak, class_thresholds, weights, grad,
+            strong_or_weak, weak, class_thresholds, weights, grad,
             rows if rows is not None else confidence, labels, confidence, mask,
-            n_classes, strong.stride(0) if strong is not None else 0, weak.stride(0),
+            n_classes, strong_or_weak.stride(0), weak.stride(0),
             scalar(threshold), 1.0 / scalar(temperature), grad_scale,
             LOSS=strong is not None, SOFT=bool(soft), COMPUTE_GRAD=bool(compute_grad),
             HAS_THRESHOLDS=class_thresholds is not None, HAS_WEIGHTS=weights is not None, ACC=tl_acc, BLOCK=block,
@@ -194,3 +197,52 @@ def fused_pseudo_label_loss(
     counts = torch.zeros(n_classes, dtype=torch.int64, device=strong_logits.device)
     counts.index_add_(0, labels, mask.to(torch.int64))
     return reduce_rows(rows, reduction, divisor), grad, labels, confidence, mask, counts
+
+
+def compile_targets():
+    """Every variant _launch above can pick, for tests/test_triton_aot.py, which compiles them
+    ahead of time for GPU targets: [(kernel, signature, constexprs, options)].
+
+    Keep in step with _launch: one entry per dtype, op (select: LOSS False; loss: soft or
+    hard targets, gradient wanted, weights given), per-class thresholds given, and column
+    block (with its num_warps). Absent tensors arrive as None (a constexpr); select passes
+    confidence as the loss buffer and the weak view as the strong one. One class (C = 1, the
+    smallest block) is a variant of its own: Triton makes the class count and the strides the
+    constant 1 there.
+    """
+    targets = []
+    blocks = [16 << i for i in range((MAX_BLOCK // 16).bit_length())]  # 16 .. MAX_BLOCK
+    for dtype in ("fp32", "bf16", "fp16", "fp64"):
+        acc = "fp64" if dtype == "fp64" else "fp32"
+        variants = [(False, False, False, False)]  # select: (LOSS, SOFT, COMPUTE_GRAD, HAS_WEIGHTS)
+        variants += [(True, soft, grad, weights) for soft in (False, True) for grad in (False, True)
+                     for weights in (False, True)]
+        for loss, soft, compute_grad, has_weights in variants:
+            for has_thresholds in (False, True):
+                for block, one_class in [(b, False) for b in blocks] + [(blocks[0], True)]:
+                    signature = {
+                        "strong_ptr": f"*{dtype}", "weak_ptr": f"*{dtype}",
+                        "thresholds_ptr": f"*{acc}" if has_thresholds else "constexpr",
+                        "weights_ptr": f"*{acc}" if has_weights else "constexpr",
+                        "grad_ptr": f"*{dtype}", "loss_ptr": f"*{acc}", "labels_ptr": "*i64",
+                        "confidence_ptr": f"*{acc}", "mask_ptr": "*u1",
+                        "C": "constexpr" if one_class else "i32",
+                        "strong_stride": "constexpr" if one_class else "i32",
+                        "weak_stride": "constexpr" if one_class else "i32",
+                        "threshold": "fp64", "inv_t": "fp64", "grad_scale": "fp64",
+                    }
+                    constexprs = {
+                        "LOSS": loss, "SOFT": soft, "COMPUTE_GRAD": compute_grad, "HAS_THRESHOLDS": has_thresholds,
+                        "HAS_WEIGHTS": has_weights, "ACC": tl.float64 if acc == "fp64" else tl.float32,
+                        "BLOCK": block,
+                    }
+                    signature.update({name: "constexpr" for name in constexprs})
+                    if not has_thresholds:
+                        constexprs["thresholds_ptr"] = None
+                    if not has_weights:
+                        constexprs["weights_ptr"] = None
+                    if one_class:
+                        constexprs.update(C=1, strong_stride=1, weak_stride=1)
+                    options = {"num_warps": 8 if block >= 2048 else 4}
+                    targets.append((_pseudo_label_kernel, signature, constexprs, options))
+    return targets

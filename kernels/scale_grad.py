@@ -49,3 +49,22 @@ def scale_grad_(grad: torch.Tensor, scale: torch.Tensor) -> None:
         grad, scale, grad.numel(), n_classes, PER_ROW=per_row,
         ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=BLOCK, num_warps=8,
     )
+
+
+def compile_targets():
+    """Every variant scale_grad_ above can launch, for tests/test_triton_aot.py, which compiles
+    them ahead of time for GPU targets: [(kernel, signature, constexprs, options)].
+
+    Keep in step with scale_grad_: one entry per gradient dtype, scale shape (PER_ROW) and
+    index width (numel past 2^31 - 1 arrives as i64).
+    """
+    targets = []
+    for dtype in ("fp32", "bf16", "fp16", "fp64"):
+        acc = "fp64" if dtype == "fp64" else "fp32"
+        for per_row in (False, True):
+            for numel in ("i32", "i64"):
+                signature = {"g_ptr": f"*{dtype}", "scale_ptr": f"*{acc}", "numel": numel, "C": "i32",
+                             "PER_ROW": "constexpr", "ACC": "constexpr", "BLOCK": "constexpr"}
+                constexprs = {"PER_ROW": per_row, "ACC": tl.float64 if acc == "fp64" else tl.float32, "BLOCK": BLOCK}
+                targets.append((_scale_grad_kernel, signature, constexprs, {"num_warps": 8}))
+    return targets

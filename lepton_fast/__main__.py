@@ -5,12 +5,15 @@ import argparse
 
 
 def main(argv=None) -> int:
+    from lepton_fast import demo as demo_module
+    from lepton_fast.version import __version__
+
     parser = argparse.ArgumentParser(prog="lepton-fast", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, build record and the backend each op uses")
-    demo = sub.add_parser("demo", help="cross-domain transfer MNIST -> scikit-learn digits, one table")
-    from lepton_fast import demo as demo_module
-
+    demo = sub.add_parser("demo", help="cross-domain transfer (MNIST -> scikit-learn digits by default), one table",
+                          description=demo_module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo_module.add_arguments(demo)
     args = parser.parse_args(argv)
     if args.command == "info":
@@ -18,6 +21,7 @@ def main(argv=None) -> int:
 
         lepton_fast.info()
     elif args.command == "demo":
+        demo_module.check_arguments(args, demo)
         return demo_module.main(args)
     return 0
 

@@ -32,14 +32,16 @@ ENV_BACKEND = "LEPTON_FAST_BACKEND"
 LIBRARY = "lepton_fast"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # one object per op: identity is equality, and hashing is free
 class OpSpec:
     """An op as the dispatcher table sees it: ``torch.ops.lepton_fast.<name>``, and the
     module ``lepton_fast.kernels.<triton>`` whose function ``<name>`` is its Triton kernel
-    (same signature as the schema), or None."""
+    (same signature as the schema), or None. ``public`` is False for an op that only other
+    ops call (the fused losses' backward)."""
 
     name: str
     triton: Optional[str]
+    public: bool = True
 
     @property
     def qualname(self) -> str:
@@ -99,14 +101,22 @@ def _build_mismatch(record: dict, running: dict) -> str | None:
     return f"built for {_describe(record)}, needs {' and '.join(problems)}; running {_describe(running)}"
 
 
+def extension_build() -> dict:
+    """The build record of the installed extension (setup.py writes it), or {}."""
+    try:
+        from lepton_fast._build_info import BUILD_INFO
+    except ImportError:
+        return {}
+    return BUILD_INFO
+
+
 @functools.cache
 def extension() -> ExtensionStatus:
     """Load lepton_fast._C (the schemas and the C++ kernels) once. A build that does not
     match the running torch is not loaded (loading it could crash the process): one
     warning, and every op runs reference.py."""
-    try:
-        from lepton_fast._build_info import BUILD_INFO
-    except ImportError:
+    BUILD_INFO = extension_build()
+    if not BUILD_INFO:
         return ExtensionStatus(
             None, "not built (no build record: installed with LEPTON_FAST_SKIP_EXT=1, or a source tree never built)"
         )
@@ -168,11 +178,11 @@ _LIBRARY: Optional[torch.library.Library] = None  # the Triton kernels registere
 _TRITON_DEFAULT: dict[str, set] = {}
 
 
-def register(name: str, *, triton: Optional[str] = None) -> OpSpec:
+def register(name: str, *, triton: Optional[str] = None, public: bool = True) -> OpSpec:
     """Declare an op (its schema is csrc/ops.cpp's). Where the extension has no CUDA kernel for
     it (a build without CUDA) and it has a Triton kernel, that kernel becomes its CUDA kernel."""
     global _LIBRARY
-    spec = OpSpec(name, triton)
+    spec = OpSpec(name, triton, public)
     OPS[name] = spec
     if extension().module is not None and triton is not None and not _native(spec, "CUDA"):
         if _LIBRARY is None:
@@ -195,6 +205,10 @@ def unavailable(spec: OpSpec, backend: str, device_type: str) -> str | None:
         if device_type != backend:
             return f"the {backend} backend takes {backend} tensors, got {device_type} tensors"
         if not _native(spec, backend.upper()):
+            built = extension_build()
+            if backend == "cuda" and not built.get("cuda"):
+                return ("lepton_fast._C was built without CUDA (a CPU-only torch, no nvcc found, or "
+                        "LEPTON_FAST_SKIP_CUDA=1)")
             return f"lepton_fast._C was built without a {backend} kernel for {spec.name}"
         return None
     if spec.triton is None:
@@ -220,27 +234,43 @@ def _resolved(spec: OpSpec, device_type: str, requested: Optional[str], source: 
     if requested is None:
         return default(spec, device_type)
     if requested not in BACKENDS:
-        raise ValueError(f"{source} must be one of {BACKENDS}, got {requested!r}")
+        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}; got {requested!r}")
     why = unavailable(spec, requested, device_type)
     if why is not None:
-        raise RuntimeError(f"{spec.name}: {source}{requested!r} cannot run: {why}")
+        raise RuntimeError(f"{spec.name}: {source}={requested!r} cannot run: {why}")
     return requested
 
 
-# torch.compile calls these at trace time and bakes the answers into the graph.
-@torch.compiler.assume_constant_result
+def _constant_under_compile(fn):
+    """torch.compiler.assume_constant_result, which torch.compile calls at trace time and bakes
+    the answer of into the graph, minus the import of torch._dynamo it costs (seconds of
+    `import lepton_fast` for users who never compile): the mark is this attribute."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def resolve(spec: OpSpec, device: torch.device, backend: Optional[str] = None) -> str:
     """The backend that runs ``spec`` on ``device``: ``backend`` if given, else
     $LEPTON_FAST_BACKEND if set, else the dispatcher's kernel (or reference.py without one)."""
+    return _resolve(spec.name, device.type, backend)
+
+
+# The functions torch.compile runs at trace time take names, not OpSpec objects: torch 2.11's
+# dynamo cannot pass a frozen dataclass instance to them.
+@_constant_under_compile
+def _resolve(name: str, device_type: str, backend: Optional[str]) -> str:
+    spec = OPS[name]
     if backend is not None:
-        return _resolved(spec, device.type, backend, "backend=")
-    env = os.environ.get(ENV_BACKEND) or None
-    return _resolved(spec, device.type, env, f"${ENV_BACKEND}=")
+        return _resolved(spec, device_type, backend, "backend")
+    env = os.environ.get(ENV_BACKEND)
+    if not env:
+        return default(spec, device_type)
+    return _resolved(spec, device_type, env, f"${ENV_BACKEND}")
 
 
-@torch.compiler.assume_constant_result
-def _swapped(spec: OpSpec, backend: str, device_type: str) -> bool:
-    return backend != default(spec, device_type)
+@_constant_under_compile
+def _swapped(name: str, backend: str, device_type: str) -> bool:
+    return backend != default(OPS[name], device_type)
 
 
 @contextlib.contextmanager
@@ -253,15 +283,32 @@ def forced(spec: OpSpec, backend: str, device_type: str):
         yield
 
 
-def call(spec: OpSpec, backend: str, device_type: str, *args):
-    """``torch.ops.lepton_fast.<op>(*args)`` on ``backend``'s kernel (as :func:`resolve` chose it)."""
-    op = getattr(torch.ops.lepton_fast, spec.name).default
-    if not _swapped(spec, backend, device_type):
-        return op(*args)
+@functools.cache
+def _overload(spec: OpSpec):
+    return getattr(torch.ops.lepton_fast, spec.name).default
+
+
+@contextlib.contextmanager
+def running(spec: OpSpec, backend: str, device_type: str):
+    """Inside the block, ``spec``'s op runs ``backend``'s kernel on ``device_type`` tensors
+    (``backend`` as :func:`resolve` chose it, not "reference"), for callers that reach the op
+    through another (fused_linear_kd_loss calls fused_kd_loss per chunk)."""
+    if not _swapped(spec.name, backend, device_type):
+        yield
+        return
     if torch.compiler.is_compiling():
         raise RuntimeError(
             f"{spec.name}: forcing backend {backend!r} is eager-only (it swaps a dispatcher registration); under "
             "torch.compile the default kernel or backend='reference' run"
         )
     with forced(spec, backend, device_type):
+        yield
+
+
+def call(spec: OpSpec, backend: str, device_type: str, *args):
+    """``torch.ops.lepton_fast.<op>(*args)`` on ``backend``'s kernel (as :func:`resolve` chose it)."""
+    op = _overload(spec)
+    if not _swapped(spec.name, backend, device_type):  # the common case, without a context manager
+        return op(*args)
+    with running(spec, backend, device_type):
         return op(*args)

@@ -1,4 +1,5 @@
-"""`lepton-fast info`: what was built, what runs, and which backend each op picks."""
+"""`lepton-fast info`: what was built, what runs, and which kernel each op uses, with the
+reason wherever a faster kernel is not the one that runs."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,9 @@ import torch
 
 from lepton_fast import _backend
 
+# The faster kernels, fastest first, per device: what the dispatch table would pick.
+_PREFERRED = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+
 
 def _triton_version() -> str:
     try:
@@ -18,16 +22,33 @@ def _triton_version() -> str:
     return triton.__version__
 
 
+def _choice(spec, device: str, override: str | None) -> tuple[str, list[str]]:
+    """The kernel ``spec`` runs on ``device`` tensors and why each faster one does not."""
+    skipped = []
+    if override == "reference":
+        return "reference", skipped
+    for candidate in _PREFERRED[device] if override is None else (override,):
+        why = _backend.unavailable(spec, candidate, device)
+        if why is None:
+            return candidate, skipped
+        skipped.append(f"{candidate}: {why}")
+    return ("reference" if override is None else "unavailable"), skipped
+
+
 def info(file=None) -> dict:
     """Print (to ``file``, default stdout) and return the versions, the build record and,
-    for each op and device type, the backend it uses and why the faster ones are skipped."""
+    for each public op and device type, the kernel it uses and why any faster one is skipped.
+    An invalid ``$LEPTON_FAST_BACKEND`` is reported once, and the table shows the defaults."""
     from lepton_fast.version import __version__
 
-    try:
-        from lepton_fast._build_info import BUILD_INFO
-    except ImportError:
-        BUILD_INFO = {}
+    BUILD_INFO = _backend.extension_build()
     status = _backend.extension()
+    override = os.environ.get(_backend.ENV_BACKEND) or None
+    override_problem = None
+    if override is not None and override not in _backend.BACKENDS:
+        override_problem = (f"${_backend.ENV_BACKEND}={override!r} is not a backend (one of "
+                            f"{', '.join(_backend.BACKENDS)}); it is ignored below, and every op call raises")
+        override = None
     facts = {
         "lepton_fast": __version__,
         "python": platform.python_version(),
@@ -39,17 +60,16 @@ def info(file=None) -> dict:
         "extension_loaded": status.module is not None,
         "extension_problem": status.reason,
         "backend_override": os.environ.get(_backend.ENV_BACKEND),
+        "backend_override_problem": override_problem,
         "ops": {},
     }
     for name, spec in sorted(_backend.OPS.items()):
+        if not spec.public:
+            continue
         facts["ops"][name] = {}
         for device in ("cpu", "cuda"):
-            skipped = {b: _backend.unavailable(spec, b, device) for b in _backend.BACKENDS if b != "reference"}
-            try:
-                chosen = _backend.resolve(spec, torch.device(device))
-            except (RuntimeError, ValueError) as e:
-                chosen = f"error: {e}"
-            facts["ops"][name][device] = {"backend": chosen, "unavailable": {b: w for b, w in skipped.items() if w}}
+            chosen, skipped = _choice(spec, device, override)
+            facts["ops"][name][device] = {"backend": chosen, "skipped": skipped}
 
     out = file or sys.stdout
     print(f"lepton_fast {facts['lepton_fast']}  python {facts['python']}  torch {facts['torch']} "
@@ -58,11 +78,20 @@ def info(file=None) -> dict:
     if BUILD_INFO.get("extension"):
         print(f"extension built for torch {BUILD_INFO['torch']}, CUDA {BUILD_INFO['cuda']}, "
               f"archs {BUILD_INFO['archs']}, cxx11 ABI {BUILD_INFO['cxx11_abi']}", file=out)
-    print(f"extension loaded: {facts['extension_loaded']}"
-          + (f" ({status.reason})" if status.reason else ""), file=out)
-    if facts["backend_override"]:
-        print(f"${_backend.ENV_BACKEND}={facts['backend_override']}", file=out)
-    print(f"{'op':<24}{'cpu tensors':<16}{'cuda tensors':<16}", file=out)
+    print(f"extension loaded: {facts['extension_loaded']}" + (f" ({status.reason})" if status.reason else ""),
+          file=out)
+    if override_problem:
+        print(override_problem, file=out)
+    elif override:
+        print(f"${_backend.ENV_BACKEND}={override}: every op is forced to it", file=out)
+    width = max([len("op")] + [len(n) for n in facts["ops"]]) + 2
+    print(f"{'op':<{width}}{'cpu tensors':<14}{'cuda tensors':<14}", file=out)
+    reasons: dict[str, set] = {}
     for name, per_device in facts["ops"].items():
-        print(f"{name:<24}{per_device['cpu']['backend']:<16}{per_device['cuda']['backend']:<16}", file=out)
+        print(f"{name:<{width}}{per_device['cpu']['backend']:<14}{per_device['cuda']['backend']:<14}", file=out)
+        for device, row in per_device.items():
+            for why in row["skipped"]:
+                reasons.setdefault(why, set()).add(device)
+    for why, devices in reasons.items():
+        print(f"  not used on {' or '.join(sorted(devices))} tensors: {why}", file=out)
     return facts

@@ -42,6 +42,11 @@ def hyper(name: str, value, lo: float = -math.inf, hi: float = math.inf, *, lo_o
     ``lo`` and ``hi`` (open ends as flagged). Raises TypeError for another type, ValueError
     for a value outside the interval.
     """
+    kind = type(value)
+    if (kind is float or kind is int) and not torch.compiler.is_compiling():  # the common case, first
+        inside = (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)
+        if inside and math.isfinite(value):
+            return _scalar_tensor(float(value))
     interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
     if isinstance(value, Tensor):
         if value.numel() != 1 or value.dim() > 1:
@@ -160,7 +165,8 @@ def common_dtype(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 
 def as_rows(x: Tensor) -> Tensor:
     """[..., C] -> [N, C] with unit stride along C, as the kernels read it (a view when possible)."""
-    x = x.reshape(-1, x.shape[-1])
+    if x.dim() != 2:
+        x = x.reshape(-1, x.shape[-1])
     return x if x.stride(-1) == 1 else x.contiguous()
 
 

@@ -53,6 +53,9 @@ class GradientReversal(nn.Module):
     resumed run continues the schedule; λ is computed on the buffer's device as a 0-d
     tensor, so neither the schedule nor torch.compile synchronises or recompiles.
 
+    ``grl.lambda_`` is the current λ, a float32 0-d tensor on the buffer's device:
+    ``float(grl.lambda_)`` reads it as a number (one host read, when you ask for it).
+
     Args:
         lambda_: the fixed weight (default 1.0); not allowed together with ``total_steps``.
         total_steps: length of the schedule in optimiser steps (> 0), or None for a fixed λ.
@@ -85,6 +88,7 @@ class GradientReversal(nn.Module):
         self.lo, self.hi, self.gamma = float(lo), float(hi), float(gamma)
         self.register_buffer("step_count", torch.zeros((), dtype=torch.int64))
 
+    @property
     def lambda_(self) -> Tensor:
         """The current λ as a float32 0-d tensor on the buffer's device."""
         if self.total_steps is None:
@@ -101,7 +105,7 @@ class GradientReversal(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.total_steps is None:
             return grad_reverse(x, self.fixed_lambda)
-        return grad_reverse(x, self.lambda_())
+        return grad_reverse(x, self.lambda_)
 
     def extra_repr(self) -> str:
         if self.total_steps is None:

@@ -149,6 +149,44 @@ def fused_kd_loss(
     return reduce_rows(rows, reduction, divisor, num_items_in_batch).reshape(lead if reduction == "none" else ())
 
 
+
+def lm_head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None = None, logit_scale: float = 1.0,
+                   softcap: float | None = None) -> Tensor:
+    """Logits of an lm_head in the accumulation dtype: softcap * tanh(scale * (h @ W.T + b) / softcap),
+    the tanh only when ``softcap`` is given (Gemma-2's final-logit soft-capping)."""
+    z = _acc(hidden) @ _acc(weight).T
+    if bias is not None:
+        z = z + _acc(bias)
+    z = z * logit_scale
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
+def fused_linear_kd_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    temperature: float = 1.0,
+    *,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    vocab_size: int | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    **kd_kwargs,
+) -> Tensor:
+    """Reference of :func:`lepton_fast.fused_linear_kd_loss` (no argument checks): both heads
+    projected in full, cut to ``vocab_size`` (default: the student's), then :func:`fused_kd_loss`
+    with ``kd_kwargs``. Autograd gives the gradients of the hidden states, weight and bias."""
+    v = student_weight.shape[0] if vocab_size is None else vocab_size
+    cut = lambda b: None if b is None else b[:v]  # noqa: E731
+    z_s = lm_head_logits(student_hidden, student_weight[:v], cut(student_bias), student_logit_scale, student_softcap)
+    z_t = lm_head_logits(teacher_hidden.detach(), teacher_weight[:v].detach(), cut(teacher_bias),
+                         teacher_logit_scale, teacher_softcap)
+    return fused_kd_loss(z_s, z_t, temperature, **kd_kwargs)
+
 # --- Pseudo-labels (FixMatch, Sohn et al. 2020) ------------------------------------------
 
 

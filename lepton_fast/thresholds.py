@@ -17,6 +17,9 @@ Every class here is an ``nn.Module`` with one interface, made for a training loo
   Each class says which of ``weak_logits`` / ``indices`` it needs, and raises ValueError
   naming the one that is missing.
 
+A policy built for C classes refuses, in every method, ``weak_logits`` whose last
+dimension is not C (ValueError naming the argument).
+
 The state lives in registered buffers, so ``state_dict()`` saves it and
 ``load_state_dict()`` resumes a run where it stopped; ``.to(device)`` moves it. Nothing
 synchronises with the host. The confidences are meant to be at temperature 1, as the
@@ -34,8 +37,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+import lepton_fast
 from lepton_fast import _validate
-from lepton_fast.ops.pseudo_labels import select_pseudo_labels
 
 
 def _num_classes(value) -> int:
@@ -48,9 +51,16 @@ def _momentum(value) -> float:
     return _validate.in_unit_interval("momentum", value, open_right=True)
 
 
+_WHAT = {
+    "indices": "each row's position in the unlabeled set, e.g. the index that "
+               "lepton_fast.data.IndexedTensorDataset yields as (x, y, index); CrossDomainTrainer passes it itself",
+    "weak_logits": "the weak view's logits [..., C]",
+}
+
+
 def _required(name: str, value, who: str) -> Tensor:
     if value is None:
-        raise ValueError(f"{who}.update needs {name}")
+        raise ValueError(f"{who}.update needs {name}: {_WHAT[name]}")
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     return value.detach()
@@ -58,6 +68,18 @@ def _required(name: str, value, who: str) -> Tensor:
 
 class PseudoLabelThreshold(nn.Module):
     """The interface shared by the thresholds in this module (see the module docstring)."""
+
+    num_classes: Optional[int] = None  # C, for the policies whose state is per class
+
+    def _check_logits(self, name: str, logits: Optional[Tensor]) -> None:
+        """``logits`` [..., C] of this policy's C classes (or None)."""
+        if logits is None or self.num_classes is None:
+            return
+        if not isinstance(logits, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+        if logits.dim() == 0 or logits.shape[-1] != self.num_classes:
+            raise ValueError(f"{name} must have {self.num_classes} classes (its last dimension), as "
+                             f"{type(self).__name__} was built for, got shape {tuple(logits.shape)}")
 
     def loss_kwargs(self, weak_logits: Optional[Tensor] = None) -> dict:
         raise NotImplementedError
@@ -106,8 +128,8 @@ class FlexMatchThreshold(PseudoLabelThreshold):
         threshold: τ in [0, 1], 0.95 as in the paper.
         warmup: threshold warm-up (default True, as in the paper and USB).
 
-    ``update(result, indices=...)``: ``indices`` int64 [...] index into the unlabeled set
-    for each row of ``result``.
+    ``update(result, indices=...)``: ``indices`` [...] (any integer dtype), each row's
+    position in the unlabeled set, in [0, num_unlabeled); ``result.labels`` in [0, C).
     """
 
     def __init__(self, num_classes: int, num_unlabeled: int, threshold: float = 0.95, warmup: bool = True):
@@ -127,17 +149,25 @@ class FlexMatchThreshold(PseudoLabelThreshold):
         return self.threshold * beta / (2.0 - beta)
 
     def loss_kwargs(self, weak_logits=None) -> dict:
+        self._check_logits("weak_logits", weak_logits)
         return {"threshold": self.threshold, "class_thresholds": self.class_thresholds()}
 
     @torch.no_grad()
     def update(self, result, *, weak_logits=None, indices=None) -> None:
+        self._check_logits("weak_logits", weak_logits)
         indices = _required("indices", indices, type(self).__name__).reshape(-1).to(self.selected_label.device)
         labels = result.labels.reshape(-1)
-        if indices.dtype != torch.int64 or indices.shape != labels.shape:
-            raise ValueError(
-                f"indices must be int64 with one entry per row ({labels.numel()}), got {indices.dtype} "
-                f"of shape {tuple(indices.shape)}"
-            )
+        if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+            raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
+        if indices.shape != labels.shape:
+            raise ValueError(f"indices must have one entry per row ({labels.numel()}), got shape "
+                             f"{tuple(indices.shape)}")
+        indices = indices.long()
+        _validate.no_bad_values((indices < 0) | (indices >= self.num_unlabeled),
+                                f"indices must be positions in the unlabeled set, in [0, num_unlabeled="
+                                f"{self.num_unlabeled})", indices)
+        _validate.no_bad_values((labels < 0) | (labels >= self.num_classes),
+                                f"result.labels must be classes in [0, num_classes={self.num_classes})", labels)
         reached = result.confidence.reshape(-1) >= self.threshold
         self.selected_label[indices] = torch.where(reached, labels, self.selected_label[indices])
         # counts[0] = unused samples, counts[1 + c] = sigma(c).
@@ -181,13 +211,13 @@ class FreeMatchThreshold(PseudoLabelThreshold):
         return self.time_p * self.p_model / self.p_model.max()
 
     def loss_kwargs(self, weak_logits=None) -> dict:
+        self._check_logits("weak_logits", weak_logits)
         return {"class_thresholds": self.class_thresholds()}
 
     @torch.no_grad()
     def update(self, result, *, weak_logits=None, indices=None) -> None:
         weak = _required("weak_logits", weak_logits, type(self).__name__)
-        if weak.shape[-1] != self.num_classes:
-            raise ValueError(f"weak_logits must have {self.num_classes} classes, got shape {tuple(weak.shape)}")
+        self._check_logits("weak_logits", weak)
         confidence = result.confidence.reshape(-1)
         if confidence.numel() == 0:
             return
@@ -240,11 +270,13 @@ class SoftMatchWeight(PseudoLabelThreshold):
     def loss_kwargs(self, weak_logits=None) -> dict:
         if weak_logits is None:
             raise ValueError("SoftMatchWeight.loss_kwargs needs weak_logits (the weights depend on the confidence)")
-        confidence = select_pseudo_labels(weak_logits.detach(), threshold=0.0).confidence
+        self._check_logits("weak_logits", weak_logits)
+        confidence = lepton_fast.select_pseudo_labels(weak_logits.detach(), threshold=0.0).confidence
         return {"threshold": 0.0, "weights": self.weights(confidence)}
 
     @torch.no_grad()
     def update(self, result, *, weak_logits=None, indices=None) -> None:
+        self._check_logits("weak_logits", weak_logits)
         confidence = result.confidence.reshape(-1).to(torch.float32)
         if confidence.numel() == 0:
             return

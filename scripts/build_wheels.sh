@@ -26,7 +26,7 @@ variants=("$@")
 venv() {
     local dir="$WHEEL_VENVS/$1"
     [ -x "$dir/bin/python" ] || "$PYTHON" -m venv "$dir" >&2
-    "$dir/bin/python" -m pip install -q "$2" numpy setuptools wheel ninja build >&2
+    "$dir/bin/python" -m pip install -q "$2" numpy "setuptools>=77" wheel ninja build >&2
     echo "$dir/bin/python"
 }
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lepton_fast.data import IndexedTensorDataset, frame_digits
-from lepton_fast.data.augment import strong_view, weak_view
+from lepton_fast.data import strong_view, weak_view
 
 pytest.importorskip("sklearn")
 

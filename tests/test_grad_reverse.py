@@ -127,20 +127,20 @@ def dann(step, total, lo=0.0, hi=1.0, gamma=10.0):
 
 def test_dann_schedule_hand_computed():
     layer = GradientReversal(total_steps=100)
-    assert float(layer.lambda_()) == 0.0
+    assert float(layer.lambda_) == 0.0
     # p = 0.1: 2 / (1 + e^-1) - 1 = tanh(1/2)
     for _ in range(10):
         layer.step()
-    assert float(layer.lambda_()) == pytest.approx(math.tanh(0.5), abs=1e-7)
+    assert float(layer.lambda_) == pytest.approx(math.tanh(0.5), abs=1e-7)
     for _ in range(40):
         layer.step()
-    assert float(layer.lambda_()) == pytest.approx(math.tanh(2.5), abs=1e-7)  # p = 0.5
+    assert float(layer.lambda_) == pytest.approx(math.tanh(2.5), abs=1e-7)  # p = 0.5
     for _ in range(100):
         layer.step()
-    assert float(layer.lambda_()) == pytest.approx(math.tanh(5.0), abs=1e-7)  # p capped at 1
+    assert float(layer.lambda_) == pytest.approx(math.tanh(5.0), abs=1e-7)  # p capped at 1
     shifted = GradientReversal(total_steps=10, lo=0.1, hi=0.5, gamma=3.0)
     for step in range(12):
-        assert float(shifted.lambda_()) == pytest.approx(dann(step, 10, 0.1, 0.5, 3.0), abs=1e-7)
+        assert float(shifted.lambda_) == pytest.approx(dann(step, 10, 0.1, 0.5, 3.0), abs=1e-7)
         shifted.step()
 
 
@@ -168,9 +168,9 @@ def test_state_dict_round_trip_mid_schedule():
     assert int(state["step_count"]) == 17
     resumed = GradientReversal(total_steps=50)
     resumed.load_state_dict(state)
-    assert float(resumed.lambda_()) == float(layer.lambda_()) == pytest.approx(dann(17, 50), abs=1e-7)
+    assert float(resumed.lambda_) == float(layer.lambda_) == pytest.approx(dann(17, 50), abs=1e-7)
     resumed.step()
-    assert float(resumed.lambda_()) == pytest.approx(dann(18, 50), abs=1e-7)
+    assert float(resumed.lambda_) == pytest.approx(dann(18, 50), abs=1e-7)
     assert int(layer.step_count) == 17  # the copy advanced, not the original
 
 

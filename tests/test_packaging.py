@@ -90,6 +90,73 @@ def test_version_label_is_opt_in(labelled):
     assert str(Version(version)) == version  # PEP 440, already in normal form
 
 
+# --- what the build needs, and the supported range ---------------------------------------
+
+def test_old_setuptools_stops_with_the_command_that_fixes_it():
+    """--no-build-isolation installs nothing the build lists: setup.py checks setuptools
+    itself, before setuptools reads pyproject.toml, and says in one line what to run."""
+    code = ("import runpy, sys, setuptools; setuptools.__version__ = '65.5.0'; "
+            "sys.argv = ['setup.py', '--version']; runpy.run_path('setup.py', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=_clean_env())
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    from importlib import metadata
+
+    fix = f'pip install "setuptools>=77" "torch=={metadata.version("torch")}"'
+    assert "needs setuptools>=77" in lines[0] and "found 65.5.0" in lines[0] and fix in lines[0], lines[0]
+
+
+@pytest.mark.packaging
+def test_bundled_old_setuptools_fails_fast_in_a_fresh_venv(tmp_path):
+    """The report of issue 16 as a user meets it: a venv whose bundled setuptools is too old
+    (Python 3.11's 65.5), then the README's editable install without isolation."""
+    timings = {}
+    bin_dir = _venv(tmp_path / "venv", timings)
+    probe = _run([str(bin_dir / "python"), "-c", "import setuptools; print(setuptools.__version__)"], env=_clean_env())
+    found = probe.stdout.strip()
+    if tuple(int(p) for p in found.split(".")[:2]) >= (77, 0):
+        pytest.skip(f"this Python's venv comes with setuptools {found}, new enough")
+    src = _copy_sources(tmp_path / "src")
+    proc = subprocess.run([str(bin_dir / "pip"), "install", "--no-build-isolation", "--no-deps", "--no-index", "-e",
+                           str(src)], capture_output=True, text=True, timeout=STEP_TIMEOUT_S,
+                          env=_clean_env(LEPTON_FAST_SKIP_EXT="1"))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"needs setuptools>=77 to read pyproject.toml and found {found}" in out, out[-3000:]
+    assert 'run  pip install "setuptools>=77"' in out and "project.license" not in out, out[-3000:]
+
+
+def test_supported_versions_agree():
+    """The range stated in the README is the one the metadata, setup.py, the GPU check and
+    the CI job on the oldest versions use."""
+    import importlib.util
+    import re
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert project["project"]["requires-python"] == ">=3.11"
+    assert "setuptools>=77" in project["build-system"]["requires"]
+    assert project["project"]["optional-dependencies"]["triton"] == ["triton>=3.6"]
+    setup_py = (REPO / "setup.py").read_text()
+    assert "TORCH_OLDEST = (2, 11)" in setup_py and "SETUPTOOLS_FLOOR = (77, 0)" in setup_py
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    assert gpu_check.OLDEST_TORCH == (2, 11) and gpu_check.OLDEST_PYTHON == (3, 11)
+    assert "setuptools>=77" in gpu_check.NEEDED
+    assert re.search(r"^TORCH=2\.11\.0$", (REPO / "scripts" / "ci_oldest.sh").read_text(), re.MULTILINE)
+    readme = (REPO / "README.md").read_text()
+    for row in ("| Python | 3.11 | 3.12 |", "| torch | 2.11 | 2.14 (2.14.1) |", "| Triton | 3.6 (torch 2.11's) | 3.8",
+                "| setuptools | 77 |"):
+        assert row in readme, row
+    assert 'pip install torch==2.14.1 ninja "setuptools>=77"' in readme
+    makefile = (REPO / "Makefile").read_text()  # `make test`, what .ci/run runs
+    assert "TORCH ?= torch==2.14.1" in makefile and '$(TORCH) ninja "setuptools>=77"' in makefile
+    assert "make test" in (REPO / ".ci" / "run").read_text() and "make test" in readme
+
+
 # --- helpers for the builds ---------------------------------------------------------------
 
 def _clean_env(**extra):
@@ -121,7 +188,7 @@ def _copy_sources(dest: Path) -> Path:
     """The work tree without what a build leaves in it, so builds here never touch it."""
     shutil.copytree(REPO, dest, ignore=shutil.ignore_patterns(
         ".git", "build", "dist", "*.egg-info", "__pycache__", "*.so", "_build_info.py",
-        ".venv", ".benchmarks", ".pytest_cache"))
+        ".venv*", ".benchmarks", ".pytest_cache"))
     return dest
 
 

@@ -137,7 +137,7 @@ def test_state_dict_round_trip_resumes(name):
 
 
 def test_missing_or_bad_arguments_are_named():
-    with pytest.raises(ValueError, match="indices"):
+    with pytest.raises(ValueError, match="needs indices: each row's position in the unlabeled set.*IndexedTensorDataset"):
         FlexMatchThreshold(3, 10).update(_result([0], [0.99]))
     with pytest.raises(ValueError, match="indices"):
         FlexMatchThreshold(3, 10).update(_result([0, 1], [0.99, 0.9]), indices=torch.tensor([1]))
@@ -153,3 +153,45 @@ def test_missing_or_bad_arguments_are_named():
         SoftMatchWeight(3, n_sigma=0)
     with pytest.raises(ValueError, match="num_unlabeled"):
         FlexMatchThreshold(3, 0)
+
+
+def test_flexmatch_indices_outside_the_unlabeled_set_are_named():
+    policy = FlexMatchThreshold(3, num_unlabeled=5)
+    for bad in ([0, 5], [-1, 2]):
+        with pytest.raises(ValueError, match=r"indices must be positions .* in \[0, num_unlabeled=5\)"):
+            policy.update(_result([0, 1], [0.99, 0.99]), indices=torch.tensor(bad))
+    assert policy.selected_label.tolist() == [-1] * 5  # nothing written
+    with pytest.raises(TypeError, match="indices"):
+        policy.update(_result([0], [0.99]), indices=torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="result.labels"):
+        policy.update(_result([3], [0.99]), indices=torch.tensor([1]))
+
+
+def test_flexmatch_takes_int32_indices():
+    policy = FlexMatchThreshold(3, num_unlabeled=5, threshold=0.9)
+    policy.update(_result([2, 1], [0.95, 0.95]), indices=torch.tensor([4, 0], dtype=torch.int32))
+    assert policy.selected_label.tolist() == [1, -1, -1, -1, 2]
+
+
+POLICIES_WITH_C = {
+    "flexmatch": lambda: FlexMatchThreshold(3, num_unlabeled=5),
+    "freematch": lambda: FreeMatchThreshold(3),
+    "softmatch": lambda: SoftMatchWeight(3),
+}
+
+
+@pytest.mark.parametrize("name", list(POLICIES_WITH_C))
+@pytest.mark.parametrize("method", ["loss_kwargs", "forward", "update"])
+def test_logits_of_another_class_count_are_refused_in_every_method(name, method):
+    policy = POLICIES_WITH_C[name]()
+    four = torch.randn(2, 4)
+    call = {
+        "loss_kwargs": lambda: policy.loss_kwargs(four),
+        "forward": lambda: policy(four),
+        "update": lambda: policy.update(_result([0, 1], [0.99, 0.99]), weak_logits=four, indices=torch.tensor([0, 1])),
+    }[method]
+    state = {k: v.clone() for k, v in policy.state_dict().items()}
+    with pytest.raises(ValueError, match=r"weak_logits must have 3 classes.*shape \(2, 4\)"):
+        call()
+    for k, v in policy.state_dict().items():
+        assert torch.equal(v, state[k]), k  # refused before any state changed

@@ -1,24 +1,29 @@
-"""Trainers on tiny synthetic data (seconds): round trips, each loss term, resume, DDP,
-bad arguments, and the demo's pipeline end to end (not its accuracy)."""
+"""Trainers on tiny synthetic data (seconds): round trips, each loss term, generic data
+(features, token ids, unlabeled sets), the checks at fit() start, resume, reproducibility,
+DDP and bad arguments. The demo's pipeline is in test_cli.py."""
+import ast
+import inspect
 import os
 import tempfile
+import warnings
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
+import lepton_fast
 from lepton_fast import thresholds
 from lepton_fast.trainers import TERMS, CrossDomainTrainer, KnowledgeDistiller
 from lepton_fast.trainers import _common
+from lepton_fast.trainers.cross_domain import as_view
 
 pytest.importorskip("torchmetrics")
 pytest.importorskip("tqdm")
 
 C, SIDE = 4, 8
-
-
-def _identity(x, generator):
-    return x
 
 
 def _noise(x, generator):
@@ -39,7 +44,6 @@ def blobs(n, seed, shift=0.0):
 class Tiny(nn.Module):
     def __init__(self, classes=C):
         super().__init__()
-        self.feature_dim = 16
         self.features = nn.Sequential(nn.Flatten(), nn.Linear(SIDE * SIDE, 16), nn.BatchNorm1d(16), nn.ReLU())
         self.classifier = nn.Linear(16, classes)
 
@@ -47,18 +51,21 @@ class Tiny(nn.Module):
         return self.classifier(self.features(x))
 
 
-def make(terms, seed=0, teacher=None, **kw):
+def make(terms, seed=0, teacher=None, student=None, **kw):
     torch.manual_seed(seed)
-    student = Tiny()
+    student = Tiny() if student is None else student
     if teacher is None and "kd" in terms:
         teacher = Tiny()
-    kw.setdefault("weak_augment", _noise)
-    kw.setdefault("strong_augment", _noise)
-    return CrossDomainTrainer(student, terms=terms, teacher=teacher, feature_dim=16, progress=False, seed=seed,
-                              device="cpu", **kw)
+    if terms:
+        kw.setdefault("weak_augment", _noise)
+        kw.setdefault("strong_augment", _noise)
+    if "adversarial" in terms and kw.get("attack") != "vat":
+        kw.setdefault("clamp", (0.0, 1.0))
+    return CrossDomainTrainer(student, terms=terms, teacher=teacher, progress=False, seed=seed, device="cpu", **kw)
 
 
 SOURCE, TARGET = blobs(64, 0), blobs(48, 1, shift=0.3)
+FLEX = dict(num_unlabeled=len(TARGET[1]), threshold=0.3)
 
 
 def test_distiller_round_trip_and_metrics_match_sklearn():
@@ -67,7 +74,7 @@ def test_distiller_round_trip_and_metrics_match_sklearn():
     teacher = Tiny()
     KnowledgeDistiller(Tiny(), teacher, alpha=1.0, progress=False).fit(SOURCE, epochs=8, batch_size=16)
     student = Tiny()
-    distiller = KnowledgeDistiller(teacher, student, temperature=2.0, alpha=0.5, progress=False)
+    distiller = KnowledgeDistiller(teacher, student, temperature=2.0, alpha=0.5, lr=1e-2, progress=False)
     history = distiller.fit(SOURCE, epochs=4, batch_size=16, validation_data=SOURCE)
     assert len(history["validation"]) == 4 and history["step"][-1] == 16
     scores = distiller.evaluate(SOURCE)
@@ -86,10 +93,10 @@ def test_distiller_accepts_each_data_form(form):
     from lepton_fast.data import IndexedTensorDataset
 
     data = {"tensors": SOURCE, "dataset": IndexedTensorDataset(*SOURCE),
-            "dataloader": torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*SOURCE), batch_size=32)}[form]
+            "dataloader": DataLoader(TensorDataset(*SOURCE), batch_size=32)}[form]
     torch.manual_seed(0)
     d = KnowledgeDistiller(Tiny(), Tiny(), progress=False)
-    history = d.fit(data, epochs=1, batch_size=32)
+    history = d.fit(data, batch_size=32)  # one epoch by default
     assert history["step"][-1] == 2  # 64 samples in batches of 32 (the DataLoader's own size)
     assert set(d.evaluate(data)) == {"accuracy", "macro_recall", "macro_f1"}
 
@@ -101,7 +108,9 @@ TERM_CASES = [("kd", {}), ("pseudo", {}), ("domain", {}), ("adversarial", {"atta
 @pytest.mark.parametrize("term,kw", TERM_CASES, ids=[f"{t}-{k.get('attack', '')}" for t, k in TERM_CASES])
 def test_each_term_alone_trains_and_logs(term, kw):
     # a threshold of 0 keeps every pseudo-label, so the masked terms are never zero
-    trainer = make((term,), threshold=thresholds.FixedThreshold(0.0), **kw)
+    if term in ("pseudo", "adversarial"):
+        kw = {**kw, "threshold": thresholds.FixedThreshold(0.0)}
+    trainer = make((term,), **kw)
     before = [p.detach().clone() for p in trainer.student.parameters()]
     history = trainer.fit(SOURCE, TARGET, steps=3, batch_size=16)
     logged = history["train"][-1]
@@ -127,15 +136,367 @@ def test_pseudo_term_with_each_threshold(policy):
     assert any(not torch.equal(changed[k], fresh[k]) for k in fresh)
 
 
+def test_flexmatch_gets_each_sample_position_without_an_index_in_the_data():
+    # The target is a bare tensor: the trainer indexes samples by position, so after one
+    # epoch at tau = 1/C every sample of the target has a remembered prediction.
+    policy = thresholds.FlexMatchThreshold(C, num_unlabeled=48, threshold=1 / C)
+    trainer = make(("pseudo",), threshold=policy)
+    trainer.fit(SOURCE, TARGET[0], steps=3, batch_size=16)  # 3 batches of 16 = the 48 targets
+    assert (policy.selected_label >= 0).all()
+
+
 def test_bf16_autocast_runs():
     trainer = make(("kd", "pseudo"), amp="bf16")
     history = trainer.fit(SOURCE, TARGET, steps=2, batch_size=16)
     assert torch.isfinite(torch.tensor(history["train"][-1]["loss"]))
 
 
+# -- generic data: no digit assumptions ------------------------------------------------------
+def test_identity_views_and_plain_student_on_feature_vectors():
+    # [N, F] standardised features (values far outside [0, 1]) and an nn.Sequential without
+    # .features: every term that needs no feature split runs with the default views.
+    g = torch.Generator().manual_seed(0)
+    xs, ys = 3 * torch.randn(64, 5, generator=g), torch.arange(64) % 3
+    xt = 3 * torch.randn(48, 5, generator=g) + 1
+    torch.manual_seed(0)
+    mlp = lambda: nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))  # noqa: E731
+    source_only = CrossDomainTrainer(mlp(), progress=False)
+    source_only.fit((xs, ys), steps=2, batch_size=16)
+    trainer = CrossDomainTrainer(mlp(), terms=("kd", "pseudo", "adversarial"), teacher=mlp(),
+                                 threshold=thresholds.FixedThreshold(0.0), progress=False)
+    history = trainer.fit((xs, ys), xt, steps=3, batch_size=16)
+    assert {"kd", "pseudo", "adversarial"} <= set(history["train"][-1])
+
+
+def test_views_take_x_alone_or_x_and_the_generator():
+    x, g = torch.ones(2, 3), torch.Generator().manual_seed(0)
+    calls = []
+
+    def positional(x, generator):
+        calls.append(generator)
+        return x
+
+    def keyword(x, *, generator=None):
+        calls.append(generator)
+        return x
+
+    def scale(x, factor=2.0):  # a second parameter with a default is not the generator
+        return x * factor
+
+    for fn in (positional, keyword):
+        assert torch.equal(as_view(fn, "weak_augment")(x, g), x)
+    assert calls == [g, g]
+    assert torch.equal(as_view(scale, "weak_augment")(x, g), 2 * x)
+    assert torch.equal(as_view(torch.neg, "weak_augment")(x, g), -x)  # a builtin: f(x)
+    assert torch.equal(as_view(None, "weak_augment")(x, g), x)
+    assert torch.equal(as_view(nn.Dropout(0.0), "weak_augment")(x, g), x)  # a module: forward(x)
+    with pytest.raises(TypeError, match="strong_augment"):
+        as_view("flip", "strong_augment")
+    with pytest.raises(TypeError, match="weak_augment.*requires"):
+        as_view(lambda x, g, h: x, "weak_augment")
+
+
+class TextClassifier(nn.Module):
+    """fastText-style: mean of token embeddings (id 0 = padding), then a linear layer."""
+
+    def __init__(self, vocab=50, dim=8, classes=2):
+        super().__init__()
+        self.embed = nn.EmbeddingBag(vocab, dim, mode="mean", padding_idx=0)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, tokens):
+        return self.head(self.embed(tokens))
+
+
+def token_ids(n, length, seed):
+    """int64 [n, length] ids in [1, 50) with a random amount of trailing padding (0)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 50, (n, length), generator=g)
+    keep = torch.randint(2, length + 1, (n, 1), generator=g)
+    return ids.masked_fill(torch.arange(length) >= keep, 0), (ids[:, 0] % 2)
+
+
+def _drop_tokens(tokens, generator):
+    """A text view: each token dropped to padding with probability 0.2."""
+    return tokens.masked_fill(torch.rand(tokens.shape, generator=generator) < 0.2, 0)
+
+
+def _pad_batch(items):
+    """A DataLoader collate_fn padding each batch to its own longest sequence."""
+    length = max(int((t != 0).sum()) for t, _ in items)
+    return torch.stack([t[:length] for t, _ in items]), torch.stack([y for _, y in items])
+
+
+@pytest.mark.parametrize("padding", ["fixed", "per batch"])
+def test_text_model_on_token_ids_through_every_term(padding):
+    xs, ys = token_ids(64, 12, 0)
+    xt, _ = token_ids(48, 12, 1)
+    torch.manual_seed(0)
+    student, teacher = TextClassifier(), TextClassifier()
+    source = (xs, ys) if padding == "fixed" else DataLoader(TensorDataset(xs, ys), batch_size=16,
+                                                            collate_fn=_pad_batch)
+    trainer = CrossDomainTrainer(student, terms=TERMS, teacher=teacher, features="embed", classifier="head",
+                                 perturb="features", eps=0.5, weak_augment=_drop_tokens, strong_augment=_drop_tokens,
+                                 threshold=thresholds.FlexMatchThreshold(2, num_unlabeled=48, threshold=0.0),
+                                 progress=False)
+    before = student.embed.weight.detach().clone()
+    history = trainer.fit(source, xt, steps=3, batch_size=16, validation_data=(xs, ys), eval_every=3)
+    assert set(TERMS) <= set(history["train"][-1]) and history["validation"][-1]["step"] == 3
+    assert not torch.equal(before, student.embed.weight)
+
+
+def test_adversarial_on_token_ids_needs_perturb_features():
+    xs, ys = token_ids(32, 6, 0)
+    trainer = CrossDomainTrainer(TextClassifier(), terms=("adversarial",), progress=False)
+    with pytest.raises(ValueError, match="perturb='features'"):
+        trainer.fit((xs, ys), xs, steps=1, batch_size=16)
+
+
+def test_feature_split_by_module_name_or_callable():
+    student = Tiny()
+    by_name = make(("domain",), student=student, features="features", classifier="classifier")
+    assert by_name.features is student.features
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(SIDE * SIDE, 16), nn.ReLU(), nn.Linear(16, C))
+    with_callables = make(("domain",), student=plain, features=lambda x: plain[:3](x), classifier=lambda f: plain[3](f))
+    history = with_callables.fit(SOURCE, TARGET, steps=2, batch_size=16)
+    assert "domain" in history["train"][-1]
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({}, "features= and classifier="),
+    ({"features": "body"}, "give both"),
+    ({"features": "body", "classifier": "head"}, "not a submodule"),
+    ({"features": nn.Linear(64, 16), "classifier": "1"}, "not the student's"),
+])
+def test_feature_split_errors_name_the_argument(kw, match):
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(64, C))
+    with pytest.raises(ValueError, match=match):
+        make(("domain",), student=plain, **kw)
+
+
+def test_feature_split_must_reproduce_the_student():
+    wrong = make(("domain",), features="features", classifier=lambda f: torch.zeros(f.shape[0], C))
+    with pytest.raises(ValueError, match="classifier\\(features\\(x\\)\\) differs"):
+        wrong.fit(SOURCE, TARGET, steps=1, batch_size=16)
+    assert wrong.step == 0
+
+
+# -- unlabeled data --------------------------------------------------------------------------
+@pytest.mark.parametrize("form", ["tensor", "tuple", "TensorDataset", "labeled"])
+def test_target_may_be_unlabeled_in_any_form(form):
+    x = TARGET[0]
+    target = {"tensor": x, "tuple": (x,), "TensorDataset": TensorDataset(x), "labeled": TARGET}[form]
+    history = make(("pseudo", "kd")).fit(SOURCE, target, steps=2, batch_size=16)
+    assert "pseudo" in history["train"][-1]
+
+
+def test_distiller_without_labels_at_alpha_0():
+    torch.manual_seed(0)
+    student = Tiny()
+    before = [p.detach().clone() for p in student.parameters()]
+    distiller = KnowledgeDistiller(Tiny(), student, alpha=0.0, progress=False)
+    history = distiller.fit(SOURCE[0], batch_size=16)
+    assert history["train"][-1]["loss"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+    with pytest.raises(ValueError, match="alpha=0"):
+        KnowledgeDistiller(Tiny(), Tiny(), progress=False).fit((SOURCE[0],))
+
+
+def test_distiller_warns_when_every_label_is_ignored():
+    ignored = (SOURCE[0], torch.full_like(SOURCE[1], -100))
+    distiller = KnowledgeDistiller(Tiny(), Tiny(), progress=False)
+    with pytest.warns(RuntimeWarning, match="exactly 0.*alpha=0"):
+        history = distiller.fit(ignored, batch_size=16)
+    assert history["train"][-1]["loss"] == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        KnowledgeDistiller(Tiny(), Tiny(), progress=False).fit(SOURCE, batch_size=16)
+
+
+def test_source_must_be_labeled():
+    with pytest.raises(ValueError, match="source must be labeled"):
+        make(()).fit(SOURCE[0], steps=1, batch_size=16)
+
+
+def test_int32_labels_are_accepted():
+    labels32 = SOURCE[1].to(torch.int32)
+    make(("pseudo",)).fit((SOURCE[0], labels32), TARGET, steps=1, batch_size=16)
+    KnowledgeDistiller(Tiny(), Tiny(), progress=False).fit((SOURCE[0], labels32), steps=1, batch_size=16)
+
+
+# -- checks at the start of fit --------------------------------------------------------------
+def test_num_unlabeled_must_match_the_target_before_the_first_step():
+    trainer = make(("pseudo",), threshold=thresholds.FlexMatchThreshold(C, num_unlabeled=40))
+    with pytest.raises(ValueError, match="num_unlabeled=40 but the target has 48"):
+        trainer.fit(SOURCE, TARGET, steps=2, batch_size=16)
+    assert trainer.step == 0
+
+
+def test_optimizer_over_other_parameters_is_refused():
+    stranger = nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="does not update any parameter of the student"):
+        make((), optimizer=torch.optim.SGD(stranger.parameters(), lr=0.1)).fit(SOURCE, steps=1, batch_size=16)
+    student = Tiny()
+    both = list(student.parameters()) + list(stranger.parameters())
+    with pytest.raises(ValueError, match="not the student's"):
+        make((), student=student, optimizer=torch.optim.SGD(both, lr=0.1)).fit(SOURCE, steps=1, batch_size=16)
+    with pytest.raises(ValueError, match="discriminator would never train"):
+        student = Tiny()
+        make(("domain",), student=student, optimizer=torch.optim.SGD(student.parameters(), lr=0.1)).fit(
+            SOURCE, TARGET, steps=1, batch_size=16)
+    with pytest.raises(ValueError, match="student would never train"):
+        KnowledgeDistiller(Tiny(), Tiny(), optimizer=torch.optim.SGD(stranger.parameters(), lr=0.1))
+    # a part of the student (fine-tuning the head alone) is fine
+    student = Tiny()
+    make((), student=student, optimizer=torch.optim.SGD(student.classifier.parameters(), lr=0.1)).fit(
+        SOURCE, steps=1, batch_size=16)
+
+
+def test_lr_sets_the_default_optimizer_only():
+    trainer = make((), lr=0.05)
+    trainer.fit(SOURCE, steps=1, batch_size=16)
+    assert trainer.optimizer.param_groups[0]["lr"] == 0.05
+    assert KnowledgeDistiller(Tiny(), Tiny(), lr=0.02).optimizer.param_groups[0]["lr"] == 0.02
+    with pytest.raises(ValueError, match="lr"):
+        make((), lr=0.05, optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    with pytest.raises(ValueError, match="lr"):
+        KnowledgeDistiller(Tiny(), Tiny(), lr=-1.0)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"weights": {"domain": 0.5}}, "weights\\['domain'\\].*not on"),
+    ({"teacher": Tiny()}, "teacher is used by the 'kd' term"),
+    ({"threshold": thresholds.FixedThreshold(0.5)}, "threshold is used by"),
+    ({"discriminator": nn.Linear(16, 1)}, "discriminator is used by the 'domain' term"),
+    ({"clamp": (0.0, 1.0)}, "clamp is used by the 'adversarial' term"),
+    ({"features": "features", "classifier": "classifier"}, "features/classifier is used by"),
+])
+def test_arguments_for_a_term_that_is_off_are_refused(kw, match):
+    with pytest.raises(ValueError, match=match):
+        make(("pseudo",) if "threshold" not in kw else ("kd",), **kw)
+
+
+# -- attack bounds ---------------------------------------------------------------------------
+def _capture_attack(monkeypatch):
+    seen = []
+    real = lepton_fast.fgsm
+
+    def fgsm(model, x, y, eps, *args, clamp=(0.0, 1.0), **kw):
+        seen.append(clamp)
+        return real(model, x, y, eps, *args, clamp=None, **kw)
+
+    monkeypatch.setattr(lepton_fast, "fgsm", fgsm)
+    return seen
+
+
+def test_default_clamp_is_none_for_any_data(monkeypatch):
+    seen = _capture_attack(monkeypatch)
+    xs = 7 * (SOURCE[0] - 0.5)  # standardised-like values in [-3.5, 3.5]
+    trainer = CrossDomainTrainer(Tiny(), terms=("adversarial",), threshold=thresholds.FixedThreshold(0.0),
+                                 progress=False)
+    trainer.fit((xs, SOURCE[1]), 7 * (TARGET[0] - 0.5), steps=2, batch_size=16)
+    assert seen == [None, None]
+
+
+def test_per_channel_bounds_pass_through_unchanged(monkeypatch):
+    seen = _capture_attack(monkeypatch)
+    lo, hi = torch.full((1, 1, 1), -0.1), torch.full((1, 1, 1), 1.1)
+    make(("adversarial",), clamp=(lo, hi), threshold=thresholds.FixedThreshold(0.0)).fit(
+        SOURCE, TARGET, steps=1, batch_size=16)
+    assert seen[0][0] is lo and seen[0][1] is hi
+
+
+def test_inputs_outside_the_bounds_are_refused():
+    with pytest.raises(ValueError, match="outside the bounds"):
+        make(("adversarial",), clamp=(0.0, 0.5)).fit(SOURCE, TARGET, steps=1, batch_size=16)
+    # a view that leaves the bounds is caught at the end of the first logging window
+    trainer = make(("adversarial",), weak_augment=lambda x: x + 2.0, threshold=thresholds.FixedThreshold(0.0))
+    with pytest.raises(ValueError, match="outside the bounds"):
+        trainer.fit(SOURCE, TARGET, steps=3, batch_size=16)
+    with pytest.raises(ValueError, match="vat"):
+        make(("adversarial",), attack="vat", clamp=(0.0, 1.0))
+    with pytest.raises(TypeError, match="clamp"):
+        make(("adversarial",), clamp=1.0)
+
+
+# -- collapse --------------------------------------------------------------------------------
+class _Bar:
+    def __init__(self, *args, **kwargs):
+        self.postfix = []
+
+    def set_postfix(self, values, refresh=True):
+        self.postfix.append(values)
+
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_collapse_is_warned_shown_and_reported_with_threshold_state(monkeypatch):
+    bars = []
+    monkeypatch.setattr(_common, "progress", lambda *a, **k: bars.append(_Bar()) or bars[-1])
+    trainer = make(("pseudo",), threshold=thresholds.FixedThreshold(0.5), distribution_alignment=False,
+                   optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+    with torch.no_grad():
+        trainer.student.classifier.bias.copy_(torch.tensor([50.0, 0.0, 0.0, 0.0]))
+    with pytest.warns(RuntimeWarning, match="collapse.*class 0"):
+        trainer.fit(SOURCE, TARGET, steps=3, batch_size=16)
+    assert trainer.collapse and "class 0" in trainer.collapse and "FixedThreshold" in trainer.collapse
+    assert bars[0].postfix[-1]["collapse"] == "class 0"
+
+
+# -- evaluation and consistency --------------------------------------------------------------
+def test_evaluate_before_fit():
+    torch.manual_seed(0)
+    model = Tiny()
+    accuracy = (model.eval()(SOURCE[0]).argmax(-1) == SOURCE[1]).float().mean().item()
+    scores = CrossDomainTrainer(model, progress=False).evaluate(SOURCE)
+    assert set(scores) == {"accuracy", "macro_recall", "macro_f1"}
+    assert scores["accuracy"] == pytest.approx(accuracy)
+    assert KnowledgeDistiller(Tiny(), model, progress=False).evaluate(SOURCE) == scores
+    with pytest.raises(ValueError, match="labeled"):
+        CrossDomainTrainer(Tiny(), progress=False).evaluate(SOURCE[0])
+
+
+def test_one_default_temperature_everywhere():
+    defaults = {f.__name__: inspect.signature(f).parameters["temperature"].default
+                for f in (lepton_fast.fused_kd_loss, lepton_fast.KDLoss, CrossDomainTrainer, KnowledgeDistiller)}
+    assert set(defaults.values()) == {1.0}, defaults
+
+
+def test_steps_or_epochs_in_both_trainers():
+    cross = make(())
+    assert cross.fit(SOURCE, epochs=2, batch_size=16)["step"][-1] == 8  # 64 / 16 = 4 steps per epoch
+    assert make(()).fit(SOURCE, batch_size=16)["step"][-1] == 4  # one epoch by default
+    distil = KnowledgeDistiller(Tiny(), Tiny(), progress=False)
+    assert distil.fit(SOURCE, steps=3, batch_size=16)["step"][-1] == 3
+    for trainer in (make(()), KnowledgeDistiller(Tiny(), Tiny(), progress=False)):
+        with pytest.raises(ValueError, match="steps or epochs"):
+            trainer.fit(SOURCE, steps=2, epochs=1)
+        with pytest.raises(ValueError, match="epochs"):
+            trainer.fit(SOURCE, epochs=0)
+
+
+# -- reproducibility -------------------------------------------------------------------------
+def _seeded_run(seed):
+    trainer = make(TERMS, seed=seed, attack="pgd",
+                   threshold=thresholds.FlexMatchThreshold(C, **FLEX), weights={"domain": 0.5})
+    history = trainer.fit(SOURCE, TARGET, steps=4, batch_size=16, validation_data=TARGET, eval_every=2)
+    return history, torch.cat([p.detach().flatten() for p in trainer.student.parameters()])
+
+
+def test_same_seed_gives_bit_identical_histories():
+    (h1, p1), (h2, p2), (h3, _) = _seeded_run(3), _seeded_run(3), _seeded_run(4)
+    assert h1 == h2 and torch.equal(p1, p2)
+    assert h1["train"] != h3["train"]
+
+
+# -- checkpoints -----------------------------------------------------------------------------
 def _state(trainer):
     state = trainer.state_dict()
-    return state["modules"], state["optimizer"]["state"], state["scheduler"]
+    return state["modules"], state["optimizer"]["state"], state["scheduler"], state["rng"]
 
 
 def _assert_same(a, b, path=""):
@@ -149,38 +510,42 @@ def _assert_same(a, b, path=""):
         assert len(a) == len(b), path
         for i, (x, y) in enumerate(zip(a, b)):
             _assert_same(x, y, f"{path}/{i}")
+    elif isinstance(a, np.ndarray):
+        assert np.array_equal(a, b), path
     else:
         assert a == b, path
 
 
-def test_resume_gives_the_same_next_step(tmp_path):
-    kw = dict(threshold=thresholds.FlexMatchThreshold(C, num_unlabeled=len(TARGET[1]), threshold=0.3),
-              attack="pgd", weights={"domain": 0.5},
-              scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5))
-    terms = TERMS
-    straight = make(terms, **kw)
-    straight.fit(SOURCE, TARGET, steps=5, batch_size=16)
-
-    path = str(tmp_path / "run.pt")
-    kw["threshold"] = thresholds.FlexMatchThreshold(C, num_unlabeled=len(TARGET[1]), threshold=0.3)
-    first = make(terms, checkpoint=path, checkpoint_every=2, **kw)
-    step = first._train_step
-    calls = []
+def _interrupt_at(trainer, step):
+    real, calls = trainer._train_step, []
 
     def interrupted():
         calls.append(1)
-        if len(calls) == 5:  # Ctrl-C during step 5: the last checkpoint is step 4's
+        if len(calls) == step:  # Ctrl-C during this step
             raise KeyboardInterrupt
-        return step()
+        return real()
 
-    first._train_step = interrupted
+    trainer._train_step = interrupted
+
+
+@pytest.mark.filterwarnings("ignore:pseudo-label collapse")
+def test_resume_gives_the_same_next_step(tmp_path):
+    def kw():
+        return dict(threshold=thresholds.FlexMatchThreshold(C, **FLEX), attack="pgd", weights={"domain": 0.5},
+                    scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5))
+
+    straight = make(TERMS, **kw())
+    straight.fit(SOURCE, TARGET, steps=5, batch_size=16)
+
+    path = str(tmp_path / "run.pt")
+    first = make(TERMS, checkpoint=path, checkpoint_every=2, **kw())
+    _interrupt_at(first, 5)  # the last checkpoint is step 4's
     with pytest.raises(KeyboardInterrupt):
         first.fit(SOURCE, TARGET, steps=5, batch_size=16)
     assert os.path.exists(path) and not [f for f in os.listdir(tmp_path) if ".tmp" in f]
     assert torch.load(path, weights_only=False)["step"] == 4
 
-    kw["threshold"] = thresholds.FlexMatchThreshold(C, num_unlabeled=len(TARGET[1]), threshold=0.3)
-    resumed = make(terms, seed=0, checkpoint=path, **kw)
+    resumed = make(TERMS, seed=0, checkpoint=path, **kw())
     resumed.fit(SOURCE, TARGET, steps=5, batch_size=16)
     assert resumed.step == 5 and int(resumed.grl.step_count) == 5
     _assert_same(_state(straight), _state(resumed))
@@ -188,7 +553,7 @@ def test_resume_gives_the_same_next_step(tmp_path):
 
 def test_resume_from_another_configuration_names_the_checkpoint(tmp_path):
     path = str(tmp_path / "run.pt")
-    flex = thresholds.FlexMatchThreshold(C, num_unlabeled=len(TARGET[1]), threshold=0.3)
+    flex = thresholds.FlexMatchThreshold(C, **FLEX)
     make(("pseudo",), checkpoint=path, threshold=flex).fit(SOURCE, TARGET, steps=2, batch_size=16)
     with pytest.raises(RuntimeError, match="run.pt.*another configuration"):
         make(("pseudo",), checkpoint=path).fit(SOURCE, TARGET, steps=3, batch_size=16)
@@ -210,15 +575,6 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert torch.load(path)["step"] == 1
 
 
-def test_collapse_is_reported_with_threshold_state():
-    trainer = make(("pseudo",), threshold=thresholds.FixedThreshold(0.5), distribution_alignment=False,
-                   optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
-    with torch.no_grad():
-        trainer.student.classifier.bias.copy_(torch.tensor([50.0, 0.0, 0.0, 0.0]))
-    trainer.fit(SOURCE, TARGET, steps=3, batch_size=16)
-    assert trainer.collapse and "class 0" in trainer.collapse and "FixedThreshold" in trainer.collapse
-
-
 def test_bad_arguments():
     with pytest.raises(ValueError, match="terms"):
         make(("kd", "mixup"))
@@ -226,26 +582,42 @@ def test_bad_arguments():
         make(("kd",), temperature=-1.0)
     with pytest.raises(ValueError, match="temperature"):
         KnowledgeDistiller(Tiny(), Tiny(), temperature=-2.0)
+    with pytest.raises(ValueError, match="divergence"):
+        KnowledgeDistiller(Tiny(), Tiny(), divergence="kl")
     with pytest.raises(ValueError, match="teacher"):
         CrossDomainTrainer(Tiny(), terms=("kd",))
     with pytest.raises(ValueError, match="alpha"):
         KnowledgeDistiller(Tiny(), Tiny(), alpha=1.5)
     with pytest.raises(ValueError, match="attack"):
         make(("adversarial",), attack="cw")
-    with pytest.raises(ValueError, match="features"):
-        CrossDomainTrainer(nn.Sequential(nn.Flatten(), nn.Linear(64, C)), terms=("domain",))
+    with pytest.raises(ValueError, match="perturb"):
+        make(("adversarial",), perturb="logits")
     with pytest.raises(ValueError, match="teacher predicts 3 classes but student predicts 4"):
         KnowledgeDistiller(Tiny(classes=3), Tiny(), progress=False).fit(SOURCE)
     with pytest.raises(ValueError, match="teacher predicts 3 classes"):
         make(("kd",), teacher=Tiny(classes=3)).fit(SOURCE, TARGET, steps=1, batch_size=16)
-    with pytest.raises(ValueError, match="target"):
+    with pytest.raises(ValueError, match="need target"):
         make(("pseudo",)).fit(SOURCE, steps=1)
+    with pytest.raises(ValueError, match="no term uses it"):
+        make(()).fit(SOURCE, TARGET, steps=1)
     with pytest.raises(TypeError, match="train_data"):
         KnowledgeDistiller(Tiny(), Tiny(), progress=False).fit([1, 2, 3])
+    with pytest.raises(ValueError, match="first \\(sample\\) dimension"):
+        make(()).fit((SOURCE[0], SOURCE[1][:10]), steps=1)
     with pytest.raises(TypeError, match="optimizer"):
         KnowledgeDistiller(Tiny(), Tiny(), optimizer="adam")
     with pytest.raises(ValueError, match="fp16"):
         make((), amp="fp16")  # fp16 autocast needs CUDA
+
+
+# -- DistributedDataParallel (2 gloo processes on CPU) ----------------------------------------
+def _ddp_trainer(**kw):
+    return make(("kd", "pseudo", "domain", "adversarial"), threshold=thresholds.FlexMatchThreshold(C, **FLEX),
+                **kw)
+
+
+def _flat(trainer):
+    return torch.cat([p.detach().flatten() for p in trainer.student.parameters()])
 
 
 def _ddp_worker(rank, world, init_file, out_dir):
@@ -254,10 +626,38 @@ def _ddp_worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        trainer = make(("kd", "pseudo", "domain", "adversarial"), threshold=thresholds.FixedThreshold(0.3))
+        # 1. replicas and global state stay identical; record what the threshold was given
+        trainer = _ddp_trainer()
+        updates = []
+        real_update = trainer._update_threshold
+
+        def recording(out, all_targets, positions):
+            updates.append({"local": (out.labels.clone(), out.confidence.clone(), out.mask.clone(),
+                                      positions.clone(), trainer.alignment.p_model.clone())})
+            real_update(out, all_targets, positions)
+            updates[-1]["state"] = {k: v.clone() for k, v in trainer.threshold.state_dict().items()}
+
+        trainer._update_threshold = recording
         history = trainer.fit(SOURCE, TARGET, steps=3, batch_size=8, validation_data=TARGET, eval_every=3)
-        flat = torch.cat([p.detach().flatten() for p in trainer.student.parameters()])
-        torch.save({"params": flat, "validation": history["validation"], "train": history["train"]},
+        global_state = {k: {n: t.clone() for n, t in trainer._modules()[k].state_dict().items()}
+                        for k in ("threshold", "alignment", "grl")}
+
+        # 2. a resume restores every rank's own random state
+        path = os.path.join(out_dir, "run.pt")
+        straight = _ddp_trainer()
+        straight.fit(SOURCE, TARGET, steps=4, batch_size=8)
+        first = _ddp_trainer(checkpoint=path, checkpoint_every=2)
+        _interrupt_at(first, 3)
+        try:
+            first.fit(SOURCE, TARGET, steps=4, batch_size=8)
+        except KeyboardInterrupt:
+            pass
+        resumed = _ddp_trainer(checkpoint=path)
+        resumed.fit(SOURCE, TARGET, steps=4, batch_size=8)
+        torch.save({"params": _flat(trainer), "validation": history["validation"], "train": history["train"],
+                    "updates": updates, "global": global_state,
+                    "resume": {"straight": (_flat(straight), straight.generator.get_state(), torch.get_rng_state()),
+                               "resumed": (_flat(resumed), resumed.generator.get_state(), torch.get_rng_state())}},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -268,25 +668,35 @@ def test_ddp_two_processes_gloo():
 
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_ddp_worker, args=(2, os.path.join(d, "init"), d), nprocs=2, join=True)
-        r0, r1 = (torch.load(os.path.join(d, f"rank{r}.pt")) for r in (0, 1))
+        r0, r1 = (torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False) for r in (0, 1))
     # DDP keeps the replicas identical; metrics and logged losses are reduced across ranks
     assert torch.equal(r0["params"], r1["params"])
     assert r0["validation"] == r1["validation"] and r0["train"] == r1["train"]
+    # threshold, alignment and GRL state are global: the same on both ranks...
+    _assert_same(r0["global"], r1["global"])
+    # ... and what one process would hold after updating with the global batches (rank
+    # 0's rows, then rank 1's), step by step
+    replay = thresholds.FlexMatchThreshold(C, **FLEX)
+    for u0, u1 in zip(r0["updates"], r1["updates"]):
+        labels, confidence, mask, positions = (torch.cat([a, b]) for a, b in zip(u0["local"][:4], u1["local"][:4]))
+        assert torch.equal(u0["local"][4], u1["local"][4])  # alignment: the same global p_model
+        replay.update(lepton_fast.PseudoLabels(labels, confidence, mask), indices=positions)
+        _assert_same(replay.state_dict(), u0["state"])
+        _assert_same(replay.state_dict(), u1["state"])
+    assert len(r0["updates"]) == 3 and (replay.selected_label >= 0).any()
+    # each rank resumed its own random state: the resumed run equals the straight run on
+    # every rank, and the ranks' generators differ from each other
+    for r in (r0, r1):
+        _assert_same(r["resume"]["straight"], r["resume"]["resumed"])
+    assert not torch.equal(r0["resume"]["resumed"][1], r1["resume"]["resumed"][1])
 
 
-def test_demo_quick_end_to_end(tmp_path, capsys):
-    pytest.importorskip("mlxtend")
-    pytest.importorskip("matplotlib")
-    import json
-
-    from lepton_fast.__main__ import main
-
-    out_json, out_png = tmp_path / "demo.json", tmp_path / "demo.png"
-    assert main(["demo", "--quick", "--no-progress", "--json", str(out_json), "--plot", str(out_png)]) == 0
-    printed = capsys.readouterr().out
-    for row in ("source-only teacher", "target-supervised", "student + KD", "+ pseudo-labels",
-                "+ domain-adversarial", "+ adversarial samples", "all together"):
-        assert row in printed
-    figures = json.loads(out_json.read_text())
-    assert len(figures["table"]) == 7 and out_png.stat().st_size > 0
-    assert all(0 <= r["accuracy"]["mean"] <= 1 for r in figures["table"].values())
+def test_trainers_do_not_import_the_example_data_or_the_demo():
+    imported = set()
+    for path in Path(lepton_fast.trainers.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                imported.add(node.module or "")
+            elif isinstance(node, ast.Import):
+                imported.update(a.name for a in node.names)
+    assert not {m for m in imported if m.startswith(("lepton_fast.data", "lepton_fast.demo"))}, imported

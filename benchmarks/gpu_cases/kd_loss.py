@@ -5,7 +5,7 @@ can run on the device ("cuda", "triton"; "cpu" on CPU). Every variant computes t
 d(loss)/d(student) with torch.autograd.grad and returns nothing, so that after the warm-up
 call only the inputs stay allocated and gpu_check.py's peak memory is what one step adds.
 
-Minimum traffic (DESIGN.md): read student and teacher once, write the gradient once,
+Minimum traffic: read student and teacher once, write the gradient once,
 3 * N * C * itemsize bytes. On a CPU device (gpu_check.py --dry-run) the shapes shrink to a
 smoke-test size, so that the harness can be checked without a GPU.
 """

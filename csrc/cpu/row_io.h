@@ -68,29 +68,18 @@ struct RowIO {
   }
 
   static acc_t sum(const Vec& v) {
-    alignas(64) acc_t buf[W];
-    v.store(buf);
-    acc_t total = 0;
-    for (int64_t i = 0; i < W; ++i) total += buf[i];
-    return total;
+    return at::vec::vec_reduce_all<acc_t>([](const Vec& x, const Vec& y) { return x + y; }, v);
   }
 
   // Lane statistics -> row: the max (NaN if any lane saw a NaN), the sum of exp(z - max)
   // and the sum `a` rescaled alongside it (0 * inf = 0 for a lane whose factor underflows).
+  // One vector exp for the W lanes: at small C (a classifier's 10 classes) this merge is a
+  // large part of a row's work.
   static void merge(const Vec& m, const Vec& s, const Vec& a, acc_t& m_row, acc_t& s_row, acc_t& a_row) {
-    alignas(64) acc_t mb[W], sb[W], ab[W];
-    m.store(mb);
-    s.store(sb);
-    a.store(ab);
-    m_row = mb[0];
-    for (int64_t i = 1; i < W; ++i) m_row = (mb[i] > m_row || std::isnan(mb[i])) ? mb[i] : m_row;
-    s_row = 0;
-    a_row = 0;
-    for (int64_t i = 0; i < W; ++i) {
-      const acc_t f = std::exp(mb[i] - m_row);
-      s_row += sb[i] * f;
-      a_row += f == acc_t(0) ? acc_t(0) : ab[i] * f;
-    }
+    m_row = at::vec::vec_reduce_all<acc_t>([](const Vec& x, const Vec& y) { return at::vec::maximum(x, y); }, m);
+    const Vec f = (m - Vec(m_row)).exp();
+    s_row = sum(s * f);
+    a_row = sum(VecMath<acc_t>::zero_where_zero(f, a * f));
   }
 };
 

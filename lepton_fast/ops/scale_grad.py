@@ -11,7 +11,7 @@ import torch
 
 from lepton_fast import _backend
 
-SPEC = _backend.register("scale_grad_", triton="scale_grad")
+SPEC = _backend.register("scale_grad_", triton="scale_grad", public=False)
 
 if _backend.extension().module is not None:
 

@@ -1,26 +1,26 @@
-"""KnowledgeDistiller: a student learns from labels and a frozen teacher with fused_kd_loss."""
+"""KnowledgeDistiller: a student learns from a frozen teacher (and labels) with fused_kd_loss."""
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 from torch import nn
 
-from lepton_fast import _validate
-from lepton_fast.ops.kd_loss import DIVERGENCES, fused_kd_loss
+import lepton_fast
 from lepton_fast.trainers import _common
-from lepton_fast.trainers._loop import Loop, epochs_to_steps
+from lepton_fast.trainers._loop import Loop, steps_for
+
+IGNORE_INDEX = -100  # fused_kd_loss's default: rows with this label are left out of the loss
 
 
 def probe_classes(teacher: nn.Module, student: nn.Module, x: torch.Tensor) -> int:
-    """Run both on one sample; their class counts must agree (else ValueError)."""
-    was = teacher.training, student.training
-    teacher.eval(), student.eval()
-    with torch.no_grad():
-        c_t, c_s = teacher(x[:1]).shape[-1], student(x[:1]).shape[-1]
-    teacher.train(was[0]), student.train(was[1])
+    """Run both on a batch (eval mode, no graph); their class counts must agree (else ValueError)."""
+    c_t = _common.eval_mode_forward(teacher, x).shape[-1]
+    c_s = _common.eval_mode_forward(student, x).shape[-1]
     if c_t != c_s:
-        raise ValueError(f"teacher predicts {c_t} classes but student predicts {c_s}; distillation needs the same classes")
+        raise ValueError(f"teacher predicts {c_t} classes but student predicts {c_s}; distillation needs the "
+                         f"same classes")
     return c_s
 
 
@@ -28,21 +28,31 @@ class KnowledgeDistiller(Loop):
     """Distil a frozen ``teacher`` into ``student`` (Hinton, Vinyals & Dean 2015).
 
     Each step minimises ``fused_kd_loss(student(x), teacher(x), temperature, labels=y,
-    alpha=alpha)`` = α·CE(student, y) + (1 − α)·T²·KL(p_teacher ‖ p_student).
+    alpha=alpha)`` = α·CE(student, y) + (1 − α)·T²·KL(p_teacher ‖ p_student). With
+    ``alpha=0`` labels are not read, so unlabeled data (a tensor ``x``, ``(x,)``, a
+    TensorDataset(x)) distils too.
 
     Args:
         teacher, student: nn.Modules mapping x [N, ...] to logits [N, C] (same C). The
             teacher is put in eval mode and never updated.
-        temperature: T > 0 (default 4).
-        alpha: weight of the hard-label cross-entropy in [0, 1] (default 0.5; 0 = pure KD).
+        temperature: T > 0, default 1.0 as ``fused_kd_loss``, ``KDLoss`` and
+            CrossDomainTrainer (the plain KL of the two predictions; Hinton et al. use
+            1–20, soft targets carry more at T > 1).
+        alpha: weight of the hard-label cross-entropy in [0, 1] (default 0.5; 0 = pure KD,
+            no labels needed). Rows labeled ``-100`` are left out of the loss; a logging
+            window in which every label is ``-100`` has a loss of exactly 0 and is warned
+            about (RuntimeWarning).
         optimizer: a torch.optim.Optimizer over the student's parameters, or a callable
-            ``params -> Optimizer``; default Adam(lr=1e-3).
+            ``params -> Optimizer``; default Adam(lr).
+        lr: the default optimizer's learning rate (default 1e-3); not with ``optimizer``.
         scheduler: an LR scheduler, or a callable ``optimizer -> scheduler``; stepped once
             per optimiser step.
         divergence: ``"forward_kl"``, ``"reverse_kl"`` or ``"jsd"`` (see fused_kd_loss).
         device: default CUDA if available, else CPU. amp: None, ``"bf16"`` (CPU or CUDA) or
             ``"fp16"`` (CUDA, with a GradScaler) for torch.autocast.
-        seed: seeds torch/NumPy/Python, the data order and the augmentation generator.
+        seed: seeds torch/NumPy/Python, the data order and the augmentation generator. The
+            same seed gives the same numbers on the same machine, thread count and
+            versions; see the README for what may differ across machines.
         checkpoint: a file path; written atomically every ``checkpoint_every`` steps and at
             the end, and read by ``fit`` to resume where an interrupted run stopped.
         progress: a tqdm bar with the running loss (rank 0 only).
@@ -53,54 +63,85 @@ class KnowledgeDistiller(Loop):
 
     Raises:
         TypeError: teacher/student not nn.Modules, bad optimizer or data types.
-        ValueError: temperature ≤ 0, alpha outside [0, 1], unknown divergence or amp,
-            teacher and student with different class counts (found at the start of fit).
+        ValueError: temperature ≤ 0, alpha outside [0, 1], unknown divergence or amp, lr
+            with an optimizer, an optimizer over other parameters; at the start of
+            ``fit``: teacher and student with different class counts, ``alpha > 0`` with
+            unlabeled data.
     """
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, *, temperature: float = 4.0, alpha: float = 0.5,
-                 optimizer=None, scheduler=None, divergence: str = "forward_kl", device=None,
-                 amp: Optional[str] = None, seed: int = 0, checkpoint: Optional[str] = None,
+    def __init__(self, teacher: nn.Module, student: nn.Module, *, temperature: float = 1.0, alpha: float = 0.5,
+                 optimizer=None, lr: Optional[float] = None, scheduler=None, divergence: str = "forward_kl",
+                 device=None, amp: Optional[str] = None, seed: int = 0, checkpoint: Optional[str] = None,
                  checkpoint_every: int = 100, progress: bool = True):
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
-        self.temperature = _validate.positive_finite("temperature", temperature)
-        self.alpha = _validate.in_unit_interval("alpha", alpha)
-        self.divergence = _validate.choice("divergence", divergence, DIVERGENCES)
-        super().__init__(student, optimizer=optimizer, scheduler=scheduler, device=device, amp=amp, seed=seed,
+        self.temperature = _common.check_positive("temperature", temperature)
+        self.alpha = _common.check_unit("alpha", alpha)
+        # The op checks its own arguments (divergence among them): ask it once, on a tiny input.
+        lepton_fast.fused_kd_loss(torch.zeros(1, 2), torch.zeros(1, 2), self.temperature, divergence=divergence)
+        self.divergence = divergence
+        super().__init__(student, optimizer=optimizer, lr=lr, scheduler=scheduler, device=device, amp=amp, seed=seed,
                          checkpoint=checkpoint, checkpoint_every=checkpoint_every, progress=progress)
         self.teacher = teacher.to(self.device).eval()
-        self._build(self.student.parameters())
+        self._build({"student": self.student})
         self.net = _common.wrap_ddp(self.student, self.device)
-        self.classes: Optional[int] = None
         self._data = None
+        self._labeled = None
+        self._warned = False
 
     def _streams(self) -> dict:
         return {"train": self._data} if self._data is not None else {}
 
-    def _num_classes(self) -> int:
-        if self.classes is None:
-            raise RuntimeError("call fit first, or evaluate after the class count is known")
-        return self.classes
-
     def _train_step(self) -> dict:
-        x, y, _ = _common.unpack(self._data.next())
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        (x, y), _ = self._data.next()
+        x = x.to(self.device, non_blocking=True)
+        labels = None
+        if self.alpha > 0:
+            labels = _common.as_labels(y, "train_data").to(self.device, non_blocking=True)
+            labeled = (labels != IGNORE_INDEX).sum()
+            self._labeled = labeled if self._labeled is None else self._labeled + labeled
         with torch.no_grad(), _common.autocast(self.device, self.amp):
             teacher_logits = self.teacher(x)
         with _common.autocast(self.device, self.amp):
             student_logits = self.net(x)
-        loss = fused_kd_loss(student_logits, teacher_logits, self.temperature, labels=y, alpha=self.alpha,
-                             divergence=self.divergence)
+        loss = lepton_fast.fused_kd_loss(student_logits, teacher_logits, self.temperature, labels=labels,
+                                         alpha=self.alpha, divergence=self.divergence)
         self._optimize(loss)
         return {"loss": loss}
 
-    def fit(self, train_data, *, epochs: int = 1, batch_size: int = 64, validation_data=None) -> dict:
-        """Train for ``epochs`` passes over ``train_data`` (tensors (x, y), a Dataset of
-        (x, y[, index]) or a DataLoader). Returns the history: ``step``, ``train`` (mean
-        loss per logging window) and ``validation`` (metrics after each epoch)."""
+    def _after_window(self, means: dict) -> dict:
+        labeled, self._labeled = self._labeled, None
+        if labeled is not None and int(labeled) == 0:
+            if not self._warned:
+                warnings.warn(f"every label of the last {self.log_every} steps is {IGNORE_INDEX} (ignore_index): "
+                              f"those rows are left out of the loss, which is exactly 0, and the student does not "
+                              f"learn. For unlabeled data use alpha=0 (labels are then not read)",
+                              RuntimeWarning, stacklevel=4)  # the caller of fit()
+                self._warned = True
+            return {"labels": "all ignored"}
+        return {}
+
+    def fit(self, train_data, *, steps: Optional[int] = None, epochs: Optional[int] = None, batch_size: int = 64,
+            validation_data=None, eval_every: Optional[int] = None) -> dict:
+        """Train for ``steps`` optimiser steps or ``epochs`` passes over ``train_data`` (one
+        epoch by default).
+
+        Args:
+            train_data: (x, y) tensors, a Dataset of (x, y[, index]) or a DataLoader; with
+                ``alpha=0`` also unlabeled: a tensor x, (x,), a TensorDataset(x).
+            validation_data: labeled data scored every ``eval_every`` steps (default: each
+                epoch) and at the end.
+
+        Returns the history: ``step``, ``train`` (mean loss per logging window) and
+        ``validation`` (metrics).
+        """
         self._data = _common.Batches(train_data, "train_data", batch_size, shuffle=True, seed=self.seed,
                                      drop_last=False)
-        x0, _, _ = _common.unpack(self._data.dataset[0])
-        self.classes = probe_classes(self.teacher, self.student, x0.unsqueeze(0).to(self.device))
-        total = epochs_to_steps(epochs, len(self._data))
-        return self._run(total, "distil", validation_data, len(self._data), self.classes)
+        total = steps_for(steps, epochs, len(self._data))
+        eval_every = len(self._data) if eval_every is None else _common.check_int("eval_every", eval_every, 1)
+        x0, y0 = self._data.first()
+        if self.alpha > 0 and y0 is None:
+            raise ValueError(f"alpha={self.alpha} weights a cross-entropy on labels, but train_data has none: pass "
+                             f"alpha=0 to distil unlabeled data")
+        probe_classes(self.teacher, self.student, x0.to(self.device))
+        return self._run(total, "distil", validation_data, eval_every)

@@ -1,0 +1,169 @@
+"""fused_linear_kd_loss against materialised PyTorch, torch.compile, Liger-Kernel, TRL and the GEMMs.
+
+    python benchmarks/bench_fused_linear.py [--rounds 3] [--threads 2]
+
+The CPU case of the LLM-scale issue: float32, N=2048 tokens, H=1024 (student and teacher),
+V=32000, generalized JSD beta=0.5 at T=1 without T², forward + backward (the loss and the
+gradients of the student's hidden states and lm_head weight). Variants:
+
+- materialised eager: both [N, V] logits, then reference.fused_kd_loss (autograd);
+- materialised torch.compile: the same under torch.compile;
+- Liger-Kernel 0.8.5's chunked ``LigerFusedLinearJSDLoss`` (soft loss only);
+- TRL 1.16's ``_chunked_divergence_loss`` (DistillationTrainer);
+- lepton_fast.fused_linear_kd_loss;
+- the four bare GEMMs (student and teacher logits, d hidden, d weight): the floor.
+
+Variants run round by round in rotating order (benchmarks/conftest.py: alternate), each
+round on fresh random inputs; the peak memory above the inputs (torch.profiler's CPU
+allocator events, the returned gradients included) is measured once per variant, untimed.
+Variants whose package is not installed are left out. Results: benchmarks/RESULTS.md, section
+"fused_linear_kd_loss on CPU". `pytest benchmarks --benchmark-disable` runs every variant once
+on a small shape and checks that they agree.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import alternate, load_average, peak_extra_bytes  # noqa: E402
+
+from lepton_fast import fused_linear_kd_loss, reference  # noqa: E402
+
+FULL = dict(n=2048, h=1024, v=32000)
+SMOKE = dict(n=48, h=32, v=500)
+BETA = 0.5
+
+
+def make_inputs(n, h, v, seed=None):
+    """Fresh student/teacher hidden states and heads; the student's require grad."""
+    g = torch.Generator().manual_seed(seed if seed is not None else time.time_ns() % 2**31)
+    return dict(
+        student_hidden=torch.randn(n, h, generator=g).requires_grad_(),
+        student_weight=(torch.randn(v, h, generator=g) * (2 / h**0.5)).requires_grad_(),
+        teacher_hidden=torch.randn(n, h, generator=g),
+        teacher_weight=torch.randn(v, h, generator=g) * (2 / h**0.5),
+        labels=torch.randint(0, v, (n,), generator=g),
+    )
+
+
+def _materialised(x):
+    return reference.fused_linear_kd_loss(x["student_hidden"], x["student_weight"], x["teacher_hidden"],
+                                          x["teacher_weight"], divergence="jsd", beta=BETA, scale_by_t2=False)
+
+
+def _ours(x):
+    return fused_linear_kd_loss(x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"],
+                                divergence="jsd", beta=BETA, scale_by_t2=False)
+
+
+def _gemms(x):
+    """The four GEMMs of the op, alone: [N, V] logits of both heads, then d hidden = G @ W and
+    d weight = G.T @ h with the student's logits standing in for G."""
+    with torch.no_grad():
+        hs, ws, ht, wt = x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"]
+        z = hs @ ws.T
+        ht @ wt.T
+        z @ ws
+        z.T @ hs
+
+
+def loss_functions() -> dict:
+    """name -> loss(inputs) (None for the GEMM floor, which has no loss) of every variant here."""
+    out = {
+        "materialised eager": _materialised,
+        "materialised torch.compile": torch.compile(_materialised, dynamic=False),
+    }
+    if importlib.util.find_spec("liger_kernel") is not None:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        liger = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=BETA)
+        out["Liger LigerFusedLinearJSDLoss"] = lambda x: liger(
+            x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"], x["labels"])
+    if importlib.util.find_spec("trl") is not None:
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+        out["TRL _chunked_divergence_loss"] = lambda x: _chunked_divergence_loss(
+            x["student_hidden"][None], x["teacher_hidden"][None], x["student_weight"], x["teacher_weight"],
+            torch.ones(1, x["student_hidden"].shape[0], dtype=torch.long), BETA)[0]
+    out["lepton_fast.fused_linear_kd_loss"] = _ours
+    out["four bare GEMMs"] = None
+    return out
+
+
+def step(loss_fn, x):
+    """One forward + backward; returns the loss (None for the GEMM floor)."""
+    if loss_fn is None:
+        _gemms(x)
+        return None
+    loss = loss_fn(x)
+    loss.backward()
+    return loss.detach()
+
+
+def timed(loss_fn, shape):
+    def run():
+        x = make_inputs(**shape)
+        start = time.perf_counter()
+        step(loss_fn, x)
+        return time.perf_counter() - start
+
+    return run
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--only", help="comma-separated substrings of the variants to run")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    fns = loss_functions()
+    if args.only:
+        keep = args.only.split(",")
+        fns = {k: f for k, f in fns.items() if any(s in k for s in keep)}
+    print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, N={FULL['n']} H={FULL['h']} V={FULL['v']} float32 jsd beta={BETA}, "
+          f"load {load_average()}", flush=True)
+    peaks = {}
+    for name, fn in fns.items():  # warm-up (compilation, first touch) and the untimed peak
+        x = make_inputs(**FULL)
+        step(fn, x)
+        for t in x.values():
+            t.grad = None
+        peaks[name] = peak_extra_bytes(lambda x=x: step(fn, x))
+        print(f"warm-up {name}: peak {peaks[name] / 2**20:.0f} MiB, load {load_average()}", flush=True)
+        del x
+    times = alternate({name: timed(fn, FULL) for name, fn in fns.items()}, args.rounds,
+                      log=lambda m: print(m, flush=True))
+    floor = statistics.median(times["four bare GEMMs"]) if "four bare GEMMs" in times else None
+    print("\n| variant | median s | min s | max s | x GEMMs | peak MiB above inputs |\n|---|---|---|---|---|---|")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        ratio = f"{med / floor:.2f}" if floor else "-"
+        print(f"| {name} | {med:.2f} | {min(ts):.2f} | {max(ts):.2f} | {ratio} | {peaks[name] / 2**20:.0f} |")
+    print(f"\nload at the end {load_average()}")
+    return 0
+
+
+def test_every_variant_agrees_on_a_small_shape():
+    """The smoke run (`pytest benchmarks --benchmark-disable`): every variant once, small."""
+    x = make_inputs(**SMOKE, seed=0)
+    want = step(_materialised, {k: t.detach().double().requires_grad_(t.requires_grad) for k, t in x.items()
+                                if k != "labels"})
+    for name, fn in loss_functions().items():
+        inputs = {k: t.detach().clone().requires_grad_(t.requires_grad) for k, t in x.items()}
+        loss = step(fn, inputs)
+        if loss is not None:
+            torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Drop-in replacements for other libraries' distillation losses (``lepton_fast.integrations.trl``)."""

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# CI job on the oldest supported versions, the GPU machines' toolchain: Python 3.12,
+# torch 2.11.0 (PyPI's CUDA 13.0 build, with Triton 3.6) and nvcc 13. .ci/run calls it.
+#
+# 1. A fresh venv with what the README's install line gives, plus numpy < 2.4, which Triton
+#    3.6's interpreter needs (README "Supported versions"), and the test tools.
+# 2. benchmarks/gpu_check.py --dry-run, the GPU check as it will run on the GPU machine but
+#    without a GPU: its checks, its own offline build (CPU + CUDA, for sm_90), the `cuda`
+#    tests collected, every Triton kernel compiled for sm_90 and sm_80, the GPU cases
+#    discovered and run on CPU smoke shapes. It fails on whatever would stop the real run.
+# 3. A representative part of the tests against that build: every test file of the ops
+#    (CPU C++ kernels, Triton kernels in the interpreter, opcheck, torch.compile, autograd)
+#    and of the build record, less the two widest sweeps of the CPU kernels (every KD mode
+#    in float32, every CPU instruction set), which the main job runs in full. Not here: the
+#    trainers and data (pure Python over the ops), the packaging tests (venvs and wheels:
+#    minutes) and the benchmarks' smoke run.
+#
+# Cost, measured end to end on this repository's shared 2-core machine (2026-11-30, load 5-11,
+# nice 10, MAX_JOBS=1, wheelhouse filled): 635 s of CPU (user + sys), of which the CPU + CUDA
+# build ~255 s; 1635 s of wall time under that load. On 2 idle cores with MAX_JOBS=2 that is
+# about 6-8 minutes. A first run also downloads ~2.6 GB (about a minute here).
+#
+# It works on a copy of the tree: the main job's editable install writes its build record
+# into lepton_fast/, and a build here would overwrite it.
+#
+# Environment: LEPTON_FAST_OLDEST_PYTHON (a Python 3.12 interpreter; default: python3.12 on
+# PATH, else pyenv's), OLDEST_WORK (work folder, default a new temporary one),
+# LEPTON_FAST_WHEELHOUSE (downloaded wheels, default ~/.cache/lepton_fast/...), MAX_JOBS.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TORCH=2.11.0
+
+find_python() {
+    if [ -n "${LEPTON_FAST_OLDEST_PYTHON:-}" ]; then echo "$LEPTON_FAST_OLDEST_PYTHON"; return; fi
+    if command -v python3.12 >/dev/null && python3.12 -c "" 2>/dev/null; then command -v python3.12; return; fi
+    local root; root=$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")
+    for p in "$root"/versions/3.12*/bin/python3.12; do
+        [ -x "$p" ] && { echo "$p"; return; }
+    done
+    return 1
+}
+if ! py=$(find_python); then
+    echo "ci_oldest.sh: no Python 3.12 interpreter (python3.12 on PATH, or pyenv's): set LEPTON_FAST_OLDEST_PYTHON" >&2
+    exit 1
+fi
+
+work=${OLDEST_WORK:-$(mktemp -d)}
+wheels=${LEPTON_FAST_WHEELHOUSE:-$HOME/.cache/lepton_fast/wheels-py312-torch$TORCH}
+mkdir -p "$wheels"
+src=$work/src
+mkdir -p "$src"
+git ls-files -co --exclude-standard -z | tar --null -T - -cf - | tar -xf - -C "$src"
+"$py" -m venv "$work/venv"
+# shellcheck disable=SC1091
+. "$work/venv/bin/activate"
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+set -x
+start=$SECONDS
+
+# --- 1. the oldest versions, installed as the README says -----------------------------
+# Downloaded once into a wheelhouse kept between runs (torch 2.11 and its CUDA libraries are
+# about 2.5 GB that the local package mirror does not hold for Python 3.12), then installed
+# from it with no index, as on the GPU machines, which have no network.
+# --no-compile: no .pyc for the ~20,000 modules of torch and its libraries up front (CPU
+# time CI does not have); Python compiles the few it imports.
+reqs=("torch==$TORCH" ninja "setuptools>=77" "numpy<2.4" "pytest>=8" "pytest-benchmark>=4" expecttest)
+offline=(-q --no-compile --no-index --find-links "$wheels")
+if ! pip install "${offline[@]}" "${reqs[@]}" 2>/dev/null; then
+    pip download -q -d "$wheels" "${reqs[@]}"
+    pip install "${offline[@]}" "${reqs[@]}"
+fi
+# the package and its dev extra, no compile yet (the GPU check builds it)
+LEPTON_FAST_SKIP_EXT=1 pip install "${offline[@]}" --no-build-isolation -e "$src[dev]"
+python -c "import sys, torch, triton, numpy, setuptools; print('installed:', sys.version.split()[0], torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__, 'setuptools', setuptools.__version__)"
+installed=$SECONDS
+
+# --- 2. the GPU check's dry run: build (CPU + CUDA), collect, compile, cases -------------
+cd "$src"
+# (a long build timeout: a CI machine shared with other work may build slowly)
+python benchmarks/gpu_check.py --dry-run --build-timeout 2400 --json "$work/gpu_check.json"
+checked=$SECONDS
+lepton-fast info
+
+# --- 3. the representative tests, with the interpreter required to run ---------------------
+LEPTON_FAST_REQUIRE_TRITON_INTERPRETER=1 python -m pytest -q -p no:cacheprovider -m "not packaging" \
+    tests/test_kd_loss.py tests/test_kd_loss_gpu.py tests/test_pseudo_labels.py tests/test_fgsm_perturb.py \
+    tests/test_pgd_step.py tests/test_grad_reverse.py tests/test_attacks.py tests/test_thresholds.py \
+    tests/test_packaging.py \
+    --deselect tests/test_kd_loss.py::test_every_mode_float32 \
+    --deselect tests/test_kd_loss.py::test_other_cpu_instruction_sets
+set +x
+echo "ci_oldest.sh: install $((installed - start)) s, gpu_check --dry-run $((checked - installed)) s," \
+     "tests $((SECONDS - checked)) s, total $((SECONDS - start)) s"

@@ -1,0 +1,128 @@
+"""The command line as a user meets it (`lepton-fast ...` through subprocess), and the demo's
+pipeline end to end: its table, JSON, plot, and the same numbers in parallel as in sequence."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lepton_fast import demo
+from lepton_fast.__main__ import main
+from lepton_fast.version import __version__
+
+
+INVOCATIONS = {
+    "version": ("--version",),
+    "help": ("demo", "--help"),
+    "cuda": ("demo", "--device", "cuda"),
+    "fp16": ("demo", "--amp", "fp16"),
+    "jobs": ("demo", "--jobs", "0"),
+    "json": ("demo", "--json", "{tmp}/missing/demo.json"),
+    "plot": ("demo", "--plot", "{tmp}"),
+}
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    """Every invocation above as `python -m lepton_fast ...`, started together (each one
+    spends its time importing torch) → {name: CompletedProcess-like}."""
+    tmp = str(tmp_path_factory.mktemp("cli"))
+    procs = {name: subprocess.Popen([sys.executable, "-m", "lepton_fast", *(a.format(tmp=tmp) for a in args)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, args in INVOCATIONS.items()}
+    out = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        out[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    return out
+
+
+def test_version(cli):
+    out = cli["version"]
+    assert out.returncode == 0 and out.stdout.strip() == f"lepton-fast {__version__}"
+
+
+def test_demo_help_shows_the_defaults(cli):
+    out = cli["help"]
+    text = " ".join(out.stdout.split())
+    assert out.returncode == 0
+    for default in ("(default: digits 400, sentiment 300)", "(default: digits 600, sentiment 600)",
+                    "(default: digits 64, sentiment 64)", "(default: digits 50, sentiment 50)",
+                    "(default: 0)", "(default: cpu)", "(default: digits)", "the cores this process may use"):
+        assert default in text, default
+
+
+def _one_line_error(out, *fragments):
+    assert out.returncode == 2, out
+    assert "Traceback" not in out.stderr
+    errors = [line for line in out.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, out.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_device_cuda_without_a_gpu_is_a_usage_error(cli):
+    _one_line_error(cli["cuda"], "--device cuda", "no CUDA device")
+
+
+def test_fp16_on_cpu_and_jobs_0_are_usage_errors(cli):
+    _one_line_error(cli["fp16"], "--amp fp16 needs --device cuda")
+    _one_line_error(cli["jobs"], "--jobs", "must be >= 1")
+
+
+def test_output_paths_are_checked_before_the_run(cli):
+    _one_line_error(cli["json"], "--json", "does not exist")
+    _one_line_error(cli["plot"], "--plot", "is a folder")
+
+
+def test_a_task_that_is_not_wired_is_a_usage_error(monkeypatch, capsys):
+    def unwired():
+        raise NotImplementedError("--task sentiment is not wired yet")
+
+    monkeypatch.setitem(demo.TASKS, "sentiment", unwired)
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--task", "sentiment"])
+    assert exit_.value.code == 2 and "error: --task sentiment is not wired yet" in capsys.readouterr().err
+    with pytest.raises(NotImplementedError):
+        demo.get_task("sentiment")
+
+
+def test_curves_start_the_adapted_rows_at_the_teacher_and_plot_the_spread(tmp_path):
+    pytest.importorskip("matplotlib")
+
+    def seed(teacher, adapted):
+        rows = {demo.TEACHER: {"accuracy": teacher, "curve": [(50, 0.5), (100, teacher)]}}
+        rows.update({name: {"accuracy": adapted, "curve": [(50, adapted)]} for name in demo.ROWS[1:]})
+        return rows
+
+    per_seed = [seed(0.6, 0.9), seed(0.8, 0.7)]
+    curves = demo.curves(per_seed)
+    steps, mean, std = curves["+ pseudo-labels"]
+    assert steps == [0, 50] and mean == pytest.approx([0.7, 0.8])
+    assert std == pytest.approx([0.1414213, 0.1414213], rel=1e-5)
+    assert curves[demo.TEACHER][0] == [50, 100]
+    demo.plot(per_seed, [0, 1], "title", str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_demo_quick_end_to_end_same_numbers_in_parallel(tmp_path, capsys):
+    pytest.importorskip("mlxtend")
+    pytest.importorskip("matplotlib")
+    runs = {}
+    for jobs in ("1", "2"):
+        out_json, out_png = tmp_path / f"demo{jobs}.json", tmp_path / f"demo{jobs}.png"
+        assert main(["demo", "--quick", "--no-progress", "--jobs", jobs, "--json", str(out_json),
+                     "--plot", str(out_png)]) == 0
+        printed = capsys.readouterr().out
+        for row in demo.ROWS:
+            assert row in printed
+        runs[jobs] = json.loads(out_json.read_text())
+        assert len(runs[jobs]["table"]) == 7 and out_png.stat().st_size > 0
+        assert all(0 <= r["accuracy"]["mean"] <= 1 for r in runs[jobs]["table"].values())
+    assert runs["1"]["jobs"] == 1 and runs["2"]["jobs"] == 2
+    for row in demo.ROWS:
+        one, two = runs["1"]["per_seed"][0][row], runs["2"]["per_seed"][0][row]
+        assert (one["accuracy"], one["macro_f1"], one["curve"]) == (two["accuracy"], two["macro_f1"], two["curve"]), row
+

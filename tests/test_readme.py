@@ -1,0 +1,61 @@
+"""Every ```python block of README.md runs as written.
+
+Blocks run in order, each in a fresh namespace, in a temporary working folder. A block may
+be left out only by an HTML comment on the line just before it that says why:
+``<!-- readme-test: skip (needs a GPU) -->``.
+"""
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+SKIP = re.compile(r"<!--\s*readme-test:\s*skip\s*\((?P<reason>[^)]+)\)\s*-->")
+
+
+def python_blocks(text: str):
+    """[(heading, line number, code, skip reason or None)] of the ```python blocks."""
+    blocks, heading, lines = [], "top", text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("#"):
+            heading = line.lstrip("#").strip()
+        if line.strip() == "```python":
+            start, body = i + 1, []
+            i += 1
+            while lines[i].strip() != "```":
+                body.append(lines[i])
+                i += 1
+            previous = next((lines[j] for j in range(start - 2, -1, -1) if lines[j].strip()), "")
+            match = SKIP.search(previous)
+            blocks.append((heading, start + 1, "\n".join(body) + "\n", match and match["reason"].strip()))
+        i += 1
+    return blocks
+
+
+BLOCKS = python_blocks(README.read_text(encoding="utf-8"))
+
+
+def test_the_extraction_finds_blocks_and_skip_reasons():
+    text = "# A\n```python\nx = 1\n```\n<!-- readme-test: skip (needs a GPU) -->\n```python\ny = 2\n```\n"
+    assert python_blocks(text) == [("A", 3, "x = 1\n", None), ("A", 7, "y = 2\n", "needs a GPU")]
+    assert len(BLOCKS) >= 4
+
+
+@pytest.mark.parametrize("heading,line,code,skip", BLOCKS, ids=[f"line{b[1]}-{b[0][:30]}" for b in BLOCKS])
+def test_readme_block_runs(heading, line, code, skip, tmp_path, monkeypatch):
+    if skip:
+        pytest.skip(skip)
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "__readme__"}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a LeNet on 64 images gains little from more; a shared CI machine loses
+    try:
+        exec(compile(code, f"README.md:{line}", "exec"), namespace)
+    finally:
+        torch.set_num_threads(threads)
+    if heading.startswith("Main job"):  # the main job's snippet adapts: the student beats its teacher
+        teacher = namespace["source_only"].evaluate(namespace["target"].test)["accuracy"]
+        assert namespace["trainer"].history["validation"][-1]["accuracy"] > teacher + 0.05
