@@ -31,10 +31,6 @@ struct PseudoLabelParams {
   bool compute_grad;
 };
 
-// "mean" divides by every row, selected or not (FixMatch's unlabeled loss); at least 1, so
-// that an empty batch has loss 0.
-inline double pseudo_label_divisor(int64_t n_rows) { return static_cast<double>(std::max<int64_t>(n_rows, 1)); }
-
 inline PseudoLabelParams make_pseudo_label_params(const at::Tensor& threshold, const at::Tensor& temperature,
                                                   bool soft, bool compute_grad, double grad_scale) {
   return {1.0 / scalar_arg(temperature, "temperature"), scalar_arg(threshold, "threshold"), grad_scale, soft,
@@ -62,6 +58,29 @@ inline void check_pseudo_label_inputs(const char* op, const at::Tensor& weak_log
   TORCH_CHECK(!weights || (weights->dim() == 1 && weights->size(0) == weak_logits.size(0) &&
                            weights->device() == weak_logits.device()),
               op, ": weights must be [N] on the logits' device");
+}
+
+// The start of a fused_pseudo_label_loss call, shared by the CPU and CUDA kernels: the tensor
+// checks, then the reduction, its divisor and the kernel's parameters. "mean" divides by every
+// row, selected or not (FixMatch's unlabeled loss), at least 1 so that an empty batch has
+// loss 0; the gradient is written already scaled by 1 / divisor.
+struct PseudoLabelLossCall {
+  Reduction how;
+  double divisor;
+  PseudoLabelParams p;
+};
+
+inline PseudoLabelLossCall start_pseudo_label_loss(const at::Tensor& strong_logits, const at::Tensor& weak_logits,
+                                                   const at::Tensor& threshold, const at::Tensor& temperature,
+                                                   bool soft, const std::optional<at::Tensor>& class_thresholds,
+                                                   const std::optional<at::Tensor>& weights,
+                                                   c10::string_view reduction, bool compute_grad) {
+  check_pseudo_label_inputs("fused_pseudo_label_loss", weak_logits, &strong_logits, class_thresholds, weights);
+  const Reduction how = parse_reduction(reduction);
+  const double divisor = static_cast<double>(std::max<int64_t>(strong_logits.size(0), 1));
+  return {how, divisor,
+          make_pseudo_label_params(threshold, temperature, soft, compute_grad,
+                                   how == Reduction::kMean ? 1.0 / divisor : 1.0)};
 }
 
 // A row's softmax is defined when its max is finite: an entirely -inf row (sum 0, or max

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, check_rows_defined, lse, online_softmax, reduce_rows, scalar
+from ._common import acc_dtype, check_rows_defined, lse, online_softmax, reduce_rows, scalar, store_zeros
 
 # Widest column block: two views and their exps per element stay in registers at 8 warps.
 MAX_BLOCK = 4096
@@ -79,9 +79,7 @@ def _pseudo_label_kernel(
         if weight == 0:
             tl.store(loss_ptr + row, tl.zeros([], ACC))
             if COMPUTE_GRAD:
-                for off in range(0, C, BLOCK):
-                    cols = off + cols0
-                    tl.store(g_row + cols, tl.zeros([BLOCK], ACC).to(grad_ptr.dtype.element_ty), mask=cols < C)
+                store_zeros(g_row, C, BLOCK)
         else:
             # Pass 2: the strong view.
             m_s = tl.full([], neg_inf, ACC)

@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICE_BACKENDS, interpreted, require
-from lepton_fast import _backend, reference, select_pseudo_labels
+from conftest import DEVICE_BACKENDS, TRITON_COLUMN_BLOCKS, interpreted, opcheck_kernel, require
+from lepton_fast import reference, select_pseudo_labels
 from lepton_fast.ops.pseudo_labels import SELECT_SPEC as SPEC
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
@@ -160,12 +160,7 @@ def _op_args(device):
 def test_opcheck(device, backend):
     """The schema, fake kernel, autograd registration and AOT dispatch of every kernel."""
     require(SPEC, device, backend)
-    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
-    if not interpreted(device, backend):  # AOT dispatch runs dozens of launches
-        utils += ("test_aot_dispatch_dynamic",)
-    for args in _op_args(device):
-        with _backend.running(SPEC, backend, device):
-            torch.library.opcheck(torch.ops.lepton_fast.select_pseudo_labels.default, args, test_utils=utils)
+    opcheck_kernel(SPEC, device, backend, _op_args(device))
 
 
 @pytest.mark.parametrize("device", [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)])
@@ -214,16 +209,7 @@ def test_bad_input(what, change, error, name, backend):
         select_pseudo_labels(kw.pop("logits"), backend=backend, **kw)
 
 
-@pytest.mark.parametrize(
-    "n,c,block",
-    [
-        (3, 10, 16),  # C smaller than one block
-        (2, 32, 16),  # C exactly two blocks
-        (3, 50, 16),  # three full blocks and a ragged tail of 2 columns
-        (2, 1, 16),  # a single class: confidence 1
-    ],
-    ids=["C<block", "C=2blocks", "ragged_tail", "C=1"],
-)
+@TRITON_COLUMN_BLOCKS
 def test_triton_column_blocks(n, c, block):
     require(SPEC, "cpu", "triton")
     from lepton_fast.kernels.pseudo_labels import select_pseudo_labels as triton_select

@@ -213,15 +213,8 @@ void rows_any_kind(const KDRows& a, int64_t begin, int64_t end) {
   }
 }
 
-// kd_loss.cpp has checked the dtype; any other leaves the rows unwritten.
 inline void kd_rows_any_dtype(const KDRows& a, int64_t begin, int64_t end) {
-  switch (a.dtype) {
-    case c10::ScalarType::Float: return rows_any_kind<float>(a, begin, end);
-    case c10::ScalarType::Double: return rows_any_kind<double>(a, begin, end);
-    case c10::ScalarType::BFloat16: return rows_any_kind<c10::BFloat16>(a, begin, end);
-    case c10::ScalarType::Half: return rows_any_kind<c10::Half>(a, begin, end);
-    default: return;
-  }
+  with_row_dtype(a.dtype, [&](auto tag) { rows_any_kind<decltype(tag)>(a, begin, end); });
 }
 
 }  // namespace

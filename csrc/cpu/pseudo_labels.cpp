@@ -76,10 +76,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& temperature, bool soft, const std::optional<at::Tensor>& class_thresholds,
     const std::optional<at::Tensor>& weights, c10::string_view reduction, bool compute_grad) {
   constexpr const char* op = "fused_pseudo_label_loss";
-  check_pseudo_label_inputs(op, weak_logits, &strong_logits, class_thresholds, weights);
-  const Reduction how = parse_reduction(reduction);
+  const PseudoLabelLossCall call = start_pseudo_label_loss(strong_logits, weak_logits, threshold, temperature, soft,
+                                                           class_thresholds, weights, reduction, compute_grad);
   const int64_t n_rows = strong_logits.size(0), n_classes = strong_logits.size(1);
-  const double divisor = pseudo_label_divisor(n_rows);
   const auto acc_type = at::toOpMathType(strong_logits.scalar_type());
   const at::Tensor thresholds = acc_contiguous(class_thresholds, acc_type);
   const at::Tensor row_weights = acc_contiguous(weights, acc_type);
@@ -97,8 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   a.strong_stride = strong_logits.stride(0);
   a.weak_stride = weak_logits.stride(0);
   a.dtype = strong_logits.scalar_type();
-  a.p = make_pseudo_label_params(threshold, temperature, soft, compute_grad,
-                                 how == Reduction::kMean ? 1.0 / divisor : 1.0);
+  a.p = call.p;
   auto [labels, confidence, mask] = run_rows(a, weak_logits);
 
   auto counts = at::zeros({n_classes}, labels.options());
@@ -115,8 +113,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       n_selected[y[row]] += m[row];
       total += r[row];
     }
-    if (how == Reduction::kNone) return rows;
-    return at::scalar_tensor(how == Reduction::kMean ? total / divisor : total, rows.options());
+    if (call.how == Reduction::kNone) return rows;
+    return at::scalar_tensor(call.how == Reduction::kMean ? total / call.divisor : total, rows.options());
   });
   return {loss, grad, labels, confidence, mask, counts};
 }

@@ -232,15 +232,8 @@ void pseudo_label_rows_any_kind(const PseudoLabelRows& a, int64_t begin, int64_t
   });
 }
 
-// pseudo_labels.cpp has checked the dtype; any other leaves the rows unwritten.
 inline void pseudo_label_rows_any_dtype(const PseudoLabelRows& a, int64_t begin, int64_t end) {
-  switch (a.dtype) {
-    case c10::ScalarType::Float: return pseudo_label_rows_any_kind<float>(a, begin, end);
-    case c10::ScalarType::Double: return pseudo_label_rows_any_kind<double>(a, begin, end);
-    case c10::ScalarType::BFloat16: return pseudo_label_rows_any_kind<c10::BFloat16>(a, begin, end);
-    case c10::ScalarType::Half: return pseudo_label_rows_any_kind<c10::Half>(a, begin, end);
-    default: return;
-  }
+  with_row_dtype(a.dtype, [&](auto tag) { pseudo_label_rows_any_kind<decltype(tag)>(a, begin, end); });
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/core/ScalarType.h>
 
 #include <cmath>
 #include <cstdint>
@@ -82,6 +83,19 @@ struct RowIO {
     a_row = sum(VecMath<acc_t>::zero_where_zero(f, a * f));
   }
 };
+
+// f(scalar_t{}) for the row kernels' four dtypes; the <op>.cpp callers have checked the
+// dtype, so any other does nothing (and leaves the rows unwritten).
+template <typename F>
+void with_row_dtype(c10::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case c10::ScalarType::Float: return f(float{});
+    case c10::ScalarType::Double: return f(double{});
+    case c10::ScalarType::BFloat16: return f(c10::BFloat16{});
+    case c10::ScalarType::Half: return f(c10::Half{});
+    default: return;
+  }
+}
 
 }  // namespace
 }  // namespace cpu

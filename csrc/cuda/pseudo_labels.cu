@@ -229,19 +229,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& temperature, bool soft, const std::optional<at::Tensor>& class_thresholds,
     const std::optional<at::Tensor>& weights, c10::string_view reduction, bool compute_grad) {
   constexpr const char* op = "fused_pseudo_label_loss";
-  check_pseudo_label_inputs(op, weak_logits, &strong_logits, class_thresholds, weights);
-  const Reduction how = parse_reduction(reduction);
-  const double divisor = pseudo_label_divisor(strong_logits.size(0));
-  const auto p = make_pseudo_label_params(threshold, temperature, soft, compute_grad,
-                                          how == Reduction::kMean ? 1.0 / divisor : 1.0);
-  Outputs out = launch(strong_logits, weak_logits, class_thresholds, weights, p);
+  const PseudoLabelLossCall call = start_pseudo_label_loss(strong_logits, weak_logits, threshold, temperature, soft,
+                                                           class_thresholds, weights, reduction, compute_grad);
+  Outputs out = launch(strong_logits, weak_logits, class_thresholds, weights, call.p);
   assert_rows_defined(out.confidence, op, "weak_logits");
   assert_rows_defined(out.rows, op, "strong_logits");
   auto counts = at::zeros({weak_logits.size(1)}, out.labels.options());
   counts.index_add_(0, out.labels, out.mask.to(at::kLong));
   at::Tensor loss = out.rows;
-  if (how == Reduction::kSum) loss = out.rows.sum();
-  if (how == Reduction::kMean) loss = out.rows.sum() / divisor;
+  if (call.how == Reduction::kSum) loss = out.rows.sum();
+  if (call.how == Reduction::kMean) loss = out.rows.sum() / call.divisor;
   return {loss, out.grad, out.labels, out.confidence, out.mask, counts};
 }
 
