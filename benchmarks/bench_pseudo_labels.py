@@ -6,15 +6,21 @@ mid-training; it is one number per case, so that torch.compile(reference) compil
 (a float argument that changed every round would recompile it every round). Every variant
 computes the same outputs (loss, labels, confidence, mask, class counts) and the gradient.
 
-On a shared machine, `python benchmarks/bench_pseudo_labels.py [--threads N]` times the
-variants in alternating rounds instead (wall and process CPU time, medians), with the load
-average and a copy of the same size as the bandwidth reference.
+On a shared machine, `python benchmarks/bench_pseudo_labels.py [--threads N] [--rounds R]`
+times the variants in alternating rounds instead (conftest.alternate: a load that comes and
+goes reaches every variant alike), with the load average and one copy of a view as the
+bandwidth reference.
 Floors and measurements: benchmarks/RESULTS.md, section "fused_pseudo_label_loss".
 """
+import argparse
+import statistics
+import sys
+import time
+
 import pytest
 import torch
 
-from conftest import Case, full_or_smoke, run_variant, variants
+from conftest import Case, alternate, full_or_smoke, load_average, run_variant, variants
 from lepton_fast import fused_pseudo_label_loss, reference
 from lepton_fast.ops.pseudo_labels import LOSS_SPEC
 
@@ -59,54 +65,40 @@ def test_pseudo_label_loss(benchmark, case, variant):
     run_variant(benchmark, case, variant, VARIANTS[variant], rounds=10)
 
 
-def alternating_rounds(case: Case, rounds: int) -> dict:
-    """name -> (median wall s, median process CPU s) over `rounds`, each round running every
-    variant once on the same fresh inputs (so load that comes and goes hits all alike), plus
-    "copy": one copy of the strong view into a buffer (2 x N x C x 4 bytes moved)."""
-    import resource
-    import time
-
-    def cpu_time():
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return usage.ru_utime + usage.ru_stime
-
-    args, _ = case.make()
-    buffer = torch.empty_like(args[0])
-    steps = {name: (lambda a, fn=fn: case.run(fn, a, {})) for name, fn in VARIANTS.items()}
-    steps["copy"] = lambda a: buffer.copy_(a[0].detach())
-    for step in steps.values():  # warm-up: compilation, the gradient buffer, allocator pages
-        args[0].grad = None
-        step(args)
-    times = {name: [] for name in steps}
-    for _ in range(rounds):
+def timed(case: Case, step):
+    """A callable for conftest.alternate: fresh inputs, then the seconds `step` takes on them."""
+    def run():
         args, _ = case.make()
-        for name, step in steps.items():
-            args[0].grad = None
-            t0, c0 = time.perf_counter(), cpu_time()
-            step(args)
-            times[name].append((time.perf_counter() - t0, cpu_time() - c0))
-    return {name: tuple(sorted(t[i] for t in ts)[len(ts) // 2] for i in (0, 1)) for name, ts in times.items()}
+        start = time.perf_counter()
+        step(args)
+        return time.perf_counter() - start
+
+    return run
 
 
-def main():
-    import argparse
-    import os
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--rounds", type=int, default=30)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     for case in CASES:
-        load = os.getloadavg()
-        result = alternating_rounds(case, args.rounds)
-        print(f"{case.group}, {args.threads} threads, {args.rounds} alternating rounds, load average "
-              f"{load[0]:.2f} -> {os.getloadavg()[0]:.2f}")
-        fused = result["lepton_fast[cpu]"] if "lepton_fast[cpu]" in result else None
-        for name, (wall, cpu) in result.items():
-            ratio = f"  {wall / fused[0]:5.2f}x fused wall" if fused else ""
-            print(f"  {name:20s} wall {wall * 1e3:9.3f} ms  cpu {cpu * 1e3:9.3f} ms{ratio}")
+        buffer = torch.empty(case.make()[0][0].shape)
+        steps = {name: (lambda a, fn=fn: case.run(fn, a, {})) for name, fn in VARIANTS.items()}
+        # The bandwidth reference: one copy of a view (2 x N x C x 4 bytes moved).
+        steps["copy"] = lambda a: buffer.copy_(a[0].detach())
+        for step in steps.values():  # warm-up: compilation, the gradient buffer, allocator pages
+            step(case.make()[0])
+        print(f"{case.group}, {args.threads} threads, {args.rounds} alternating rounds, load {load_average()}")
+        times = alternate({name: timed(case, step) for name, step in steps.items()}, args.rounds, log=lambda m: None)
+        fused = statistics.median(times["lepton_fast[cpu]"]) if "lepton_fast[cpu]" in times else None
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            ratio = f"  {med / fused:5.2f}x fused" if fused else ""
+            print(f"  {name:20s} median {med * 1e3:9.3f} ms  min {min(ts) * 1e3:9.3f} ms{ratio}")
+        print(f"  load at the end {load_average()}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
