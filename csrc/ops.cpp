@@ -47,9 +47,12 @@ TORCH_LIBRARY(lepton_fast, m) {
       "-> (Tensor labels, Tensor confidence, Tensor mask)");
 
   // L-inf perturbation steps (csrc/adversarial.h) on tensors of one floating dtype. eps,
-  // step_size, clamp_min and clamp_max are tensors that broadcast to x (0-d, per sample [N, 1,
-  // ...], per channel [C, 1, 1], ...) in x's opmath dtype; the clamp bounds are both given or
-  // both None. The in-place forms overwrite their first argument.
+  // step_size, clamp_min and clamp_max are each a 0-d CPU tensor (read on the host) or a tensor
+  // in x's opmath dtype on x's device that broadcasts to x: per sample [N, 1, ...], per channel
+  // [C, 1, 1] (the box of a normalised image), full shape, ...; the clamp bounds are both given
+  // or both None. The in-place forms overwrite their first argument. The kernels refuse (CPU:
+  // ValueError; CUDA: a device assertion) an input (fgsm: x, pgd: x_orig) farther than eps
+  // outside [clamp_min, clamp_max], and a finite input whose result is not finite in its dtype.
   //   fgsm: clamp(x + eps * sign(grad))
   //   pgd:  clamp(x_orig + clamp(x_adv + step_size * sign(grad) - x_orig, -eps, eps))
   m.def("fgsm_perturb(Tensor x, Tensor grad, Tensor eps, Tensor? clamp_min, Tensor? clamp_max) -> Tensor");

@@ -268,24 +268,23 @@ def selected_class_counts(labels: Tensor, mask: Tensor, n_classes: int) -> Tenso
 # --- Adversarial perturbation steps (Goodfellow et al. 2015; Madry et al. 2018) ---------------
 # Each is written as the usual composition of torch ops (as torchattacks writes it), in the
 # accumulation dtype: for float32 inputs it is exactly the eager composition, and the kernels
-# reproduce it bit for bit; low-precision inputs are rounded once, at the end.
+# reproduce it bit for bit; low-precision inputs are rounded once, at the end. eps, step_size
+# and the clamp bounds are numbers or tensors that broadcast to the input.
 
 
-def _per_sample(value, like: Tensor):
-    """A float, or an [N] tensor viewed as [N, 1, ..., 1] to broadcast over the non-batch dims."""
-    if isinstance(value, Tensor):
-        return value.to(like.dtype).reshape((-1,) + (1,) * (like.dim() - 1))
-    return value
+def _operand(value, like: Tensor):
+    return value.to(like.dtype) if isinstance(value, Tensor) else value
 
 
 def _clamp(x: Tensor, clamp) -> Tensor:
-    return x if clamp is None else torch.clamp(x, clamp[0], clamp[1])
+    # In two calls, the values of torch.clamp(x, lo, hi), for a number beside a tensor too.
+    return x if clamp is None else x.clamp(min=_operand(clamp[0], x)).clamp(max=_operand(clamp[1], x))
 
 
 def fgsm_perturb(x: Tensor, grad: Tensor, eps, clamp=(0.0, 1.0)) -> Tensor:
     """clamp(x + eps * sign(grad)); sign(0) = sign(NaN) = 0 leaves an element unchanged."""
     xa = _acc(x)
-    out = xa + _per_sample(eps, xa) * grad.sign().to(xa.dtype)
+    out = xa + _operand(eps, xa) * grad.sign().to(xa.dtype)
     return _clamp(out, clamp).to(x.dtype)
 
 
@@ -293,12 +292,7 @@ def pgd_step(x_adv: Tensor, x_orig: Tensor, grad: Tensor, step_size, eps, clamp=
     """One L-inf PGD step: x' = x_adv + step_size * sign(grad), projected onto the ball of
     radius eps around x_orig as x_orig + clamp(x' - x_orig, -eps, eps), then clamped."""
     xa, xo = _acc(x_adv), _acc(x_orig)
-    eps = _per_sample(eps, xa)
-    stepped = xa + _per_sample(step_size, xa) * grad.sign().to(xa.dtype)
+    eps = _operand(eps, xa)
+    stepped = xa + _operand(step_size, xa) * grad.sign().to(xa.dtype)
     delta = torch.clamp(stepped - xo, -eps, eps)
     return _clamp(xo + delta, clamp).to(x_adv.dtype)
-
-
-def grad_reverse_backward(grad: Tensor, lambda_) -> Tensor:
-    """Gradient of the gradient-reversal layer (Ganin et al. 2016): -lambda * grad."""
-    return grad * (-lambda_)

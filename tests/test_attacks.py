@@ -1,10 +1,19 @@
-"""fgsm, pgd and vat_loss: attacks built on the fused steps that leave the model as found."""
+"""fgsm, pgd and vat_loss: attacks built on the fused steps that leave the model as found, stay
+within eps of their input or refuse with the fix, and take any callable model."""
+import copy
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import lepton_fast
+
+# CIFAR-10's channel statistics: a normalised image lies in [-2.4, 2.8], not [0, 1].
+MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(3, 1, 1)
+STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(3, 1, 1)
+BOX = ((0 - MEAN) / STD, (1 - MEAN) / STD)
 
 
 def cnn(seed=0):
@@ -43,6 +52,14 @@ def with_grads(model):
     return model
 
 
+def run_attack(attack, model, x, y):
+    if attack == "fgsm":
+        return lepton_fast.fgsm(model, x, y, 8 / 255)
+    if attack == "pgd":
+        return lepton_fast.pgd(model, x, y, 8 / 255, 2 / 255, steps=3)
+    return lepton_fast.vat_loss(model, x, eps=0.5)
+
+
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("attack", ["fgsm", "pgd", "vat"])
 def test_model_left_as_found(mode, attack):
@@ -51,13 +68,29 @@ def test_model_left_as_found(mode, attack):
     model[3].eval()  # a mixed state must survive too
     x, y = images()
     before = snapshot(model)
-    if attack == "fgsm":
-        lepton_fast.fgsm(model, x, y, 8 / 255)
-    elif attack == "pgd":
-        lepton_fast.pgd(model, x, y, 8 / 255, 2 / 255, steps=3)
-    else:
-        lepton_fast.vat_loss(model, x, eps=0.5)
+    run_attack(attack, model, x, y)
     assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("wrap", ["lambda", "partial", "bound method"])
+@pytest.mark.parametrize("attack", ["fgsm", "pgd", "vat"])
+def test_any_callable_model(attack, wrap):
+    """Issue 15 #7's kind: a lambda or functools.partial failed on `.modules`. BatchNorm is held
+    still wherever the module can be found (a partial of it, its bound method)."""
+    model = cnn().train()
+    x, y = images()
+    before = snapshot(with_grads(model))
+    wrapped = {
+        "lambda": lambda inputs: model(inputs),
+        "partial": functools.partial(model),
+        "bound method": model.forward,
+    }[wrap]
+    torch.manual_seed(1)
+    got = run_attack(attack, wrapped, x, y)
+    if wrap != "lambda":
+        assert_untouched(model, before)
+        torch.manual_seed(1)
+        assert torch.equal(got, run_attack(attack, model, x, y))
 
 
 def input_grad(model, x, y, loss_fn=F.cross_entropy):
@@ -115,14 +148,86 @@ def test_pgd_raises_the_loss():
     assert adv > clean
 
 
+# --- normalised inputs (issue 15 #2) -----------------------------------------------------------
+
+def normalised(n=4, seed=0):
+    image, y = images(n, seed)
+    return (image - MEAN) / STD, y
+
+
+@pytest.mark.parametrize("attack", ["fgsm", "pgd"])
+def test_normalised_inputs_with_the_default_box_are_refused_with_the_fix(attack):
+    """The issue's reproducer: pgd on CIFAR-normalised inputs with the default clamp=(0, 1)
+    moved them by 2.41 (the docstring promises <= eps); now a ValueError names the fix."""
+    model = cnn().eval()
+    x, y = normalised()
+    with pytest.raises(ValueError, match=r"clamp box.*normalised image.*\(0 - mean\) / std.*\[C, 1, 1\]"):
+        if attack == "fgsm":
+            lepton_fast.fgsm(model, x, y, 8 / 255)
+        else:
+            lepton_fast.pgd(model, x, y, eps=8 / 255, step_size=2 / 255, steps=3)
+
+
+@pytest.mark.parametrize("random_start", [True, False])
+def test_normalised_inputs_with_their_box_stay_within_eps(random_start):
+    model = cnn().eval()
+    x, y = normalised()
+    eps = 8 / 255 / STD  # 8/255 in pixel units, per channel
+    adv = lepton_fast.pgd(model, x, y, eps, 2 / 255 / STD, steps=3, random_start=random_start, clamp=BOX,
+                          generator=torch.Generator().manual_seed(0))
+    assert ((adv - x).abs() <= eps * (1 + 2**-20)).all()
+    assert (adv >= BOX[0]).all() and (adv <= BOX[1]).all()
+    assert (adv != x).any()
+    once = lepton_fast.fgsm(model, x, y, eps, clamp=BOX)
+    assert ((once - x).abs() <= eps * (1 + 2**-20)).all() and (once >= BOX[0]).all() and (once <= BOX[1]).all()
+
+
+def test_vat_loss_clamps_into_the_box_and_refuses_an_input_outside_it():
+    model = cnn().eval()
+    x, _ = normalised()
+    seen = []
+
+    def recording(inputs):
+        seen.append(inputs.detach())
+        return model(inputs)
+
+    lepton_fast.vat_loss(recording, x, eps=2.0, clamp=BOX, generator=torch.Generator().manual_seed(0))
+    moved = seen[-1]
+    assert (moved >= BOX[0]).all() and (moved <= BOX[1]).all()
+    assert ((moved - x).flatten(1).norm(dim=1) <= 2.0 * (1 + 1e-6)).all()
+    with pytest.raises(ValueError, match="vat_loss: x lies outside the clamp box.*normalised image"):
+        lepton_fast.vat_loss(model, x, clamp=(0.0, 1.0))
+
+
+# --- labels (issue 15 #7) ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("attack", ["fgsm", "pgd"])
+def test_labels_out_of_range_name_y(attack):
+    """pgd(model, x, y=[0, 7]) with 3 classes raised a bare IndexError from cross_entropy."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 6 * 6, 3))
+    x, _ = images(2)
+    call = {"fgsm": lambda y: lepton_fast.fgsm(model, x, y, 0.03),
+            "pgd": lambda y: lepton_fast.pgd(model, x, y, 0.03, 0.01, steps=2)}[attack]
+    with pytest.raises(ValueError, match=r"y must be in \[0, 3\)"):
+        call([0, 7])
+    with pytest.raises(ValueError, match=r"y must hold one class index per sample"):
+        call([0, 1, 2])
+    with pytest.raises(TypeError, match="y must be"):
+        call(torch.tensor([True, False]))
+    assert call([0, 2]).shape == x.shape  # a list of valid labels is taken as a tensor
+
+
+# --- VAT ---------------------------------------------------------------------------------------
+
+def unit(v):
+    return v / v.flatten(1).norm(dim=1).view((-1,) + (1,) * (v.dim() - 1))
+
+
 def reference_vat(model, x, xi, eps, iterations, d):
     """Miyato et al.'s algorithm written out plainly, from a given initial direction."""
     with torch.no_grad():
         p = F.softmax(model(x), dim=1)
-
-    def unit(v):
-        v = v / (v.abs().amax(dim=tuple(range(1, v.dim())), keepdim=True) + 1e-12)
-        return v / torch.sqrt(1e-6 + (v * v).sum(dim=tuple(range(1, v.dim())), keepdim=True))
 
     def kl(logits):
         return F.kl_div(F.log_softmax(logits, dim=1), p, reduction="batchmean")
@@ -137,7 +242,7 @@ def reference_vat(model, x, xi, eps, iterations, d):
 
 @pytest.mark.parametrize("kind", ["features", "images"])
 @pytest.mark.parametrize("iterations", [1, 2])
-def test_vat_loss_matches_the_algorithm(kind, iterations):
+def test_vat_loss_matches_the_algorithm_in_float64(kind, iterations):
     torch.manual_seed(0)
     if kind == "features":
         model = nn.Sequential(nn.Linear(7, 16), nn.Tanh(), nn.Linear(16, 4)).double()
@@ -153,6 +258,63 @@ def test_vat_loss_matches_the_algorithm(kind, iterations):
     assert loss > 0
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def vat_perturbations(net, x, eps, seed):
+    """(finite-difference probe - x, r_adv) of one vat_loss call, read off the model's inputs."""
+    seen = []
+
+    def recording(inputs):
+        seen.append(inputs.detach())
+        return net(inputs)
+
+    lepton_fast.vat_loss(recording, x, eps=eps, generator=torch.Generator().manual_seed(seed))
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    return seen[1] - xf, seen[2] - xf
+
+
+def power_iteration_float64(net, x, seed, xi=1e-6):
+    """The right direction: one power-iteration step in float64 from vat_loss's random d."""
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    d = unit(torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(seed)).double())
+    x = x.double()
+    with torch.no_grad():
+        logp = F.log_softmax(net(x), dim=-1)
+    d.requires_grad_(True)
+    kl = (logp.exp() * (logp - F.log_softmax(net(x + xi * d), dim=-1))).sum(-1).mean()
+    (g,) = torch.autograd.grad(kl, d)
+    return unit(g)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-3, 1e3], ids=["x~0.5", "x~5e-4", "x~500"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_vat_perturbation_has_norm_eps_and_the_power_iteration_direction(dtype, scale):
+    """Issue 15 #3: in float32, x in [0.25, 0.75] and xi = 1e-6, x + xi*d changed 25 % of the
+    elements, ||r_adv|| came out 0.0-0.96 instead of eps and its cosine with the float64 power
+    iteration was 0.04. The model sees x / scale, so every scale is the same problem."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4), nn.Flatten(),
+                        nn.Linear(8 * 8 * 8, 10))
+    if dtype == torch.float64:
+        net = net.double()
+    x = ((0.25 + 0.5 * torch.rand(8, 3, 32, 32)) * scale).to(dtype)
+    probe, r_adv = vat_perturbations(lambda inputs: net(inputs / scale), x, eps=1.0, seed=5)
+    assert (probe != 0).double().mean() > 0.99  # the finite difference moved (nearly) every element
+    norms = r_adv.double().flatten(1).norm(dim=1)
+    # the norm of (x + r_adv) - x, whose rounding is a few ulps of x per element
+    torch.testing.assert_close(norms, torch.ones_like(norms), rtol=0, atol=1e-4 if scale > 1 else 1e-6)
+    want = power_iteration_float64(lambda inputs: copy.deepcopy(net).double()(inputs / scale), x, seed=5)
+    cosine = F.cosine_similarity(r_adv.double().flatten(1), want.flatten(1), dim=1)
+    assert cosine.min() > 0.99, cosine
+
+
+def test_vat_direction_of_a_flat_model_keeps_norm_eps():
+    """A model constant around x gives a zero gradient: the direction falls back to the random
+    one, still of norm eps, where the old +1e-12 / +1e-6 made it vanish."""
+    x = torch.rand(3, 5)
+    _, r_adv = vat_perturbations(lambda inputs: inputs.sum(-1, keepdim=True) * 0 + torch.tensor([1.0, 2.0]), x,
+                                 eps=0.7, seed=0)
+    torch.testing.assert_close(r_adv.norm(dim=1), torch.full((3,), 0.7), rtol=1e-6, atol=0)
 
 
 def test_vat_loss_in_float32_under_autocast():
@@ -175,12 +337,15 @@ def test_vat_loss_in_float32_under_autocast():
         (lambda m, x, y: lepton_fast.fgsm(m, x, y, -0.1), ValueError, "eps"),
         (lambda m, x, y: lepton_fast.fgsm(m, x.long(), y, 0.1), TypeError, "x"),
         (lambda m, x, y: lepton_fast.fgsm(m, x, y, 0.1, clamp=(1, 0)), ValueError, "clamp"),
+        (lambda m, x, y: lepton_fast.fgsm(m, x, y, torch.ones(4)), ValueError, "eps.*per sample"),
         (lambda m, x, y: lepton_fast.pgd(m, x, y, 0.1, -0.01, 3), ValueError, "step_size"),
         (lambda m, x, y: lepton_fast.pgd(m, x, y, 0.1, 0.01, -1), ValueError, "steps"),
+        (lambda m, x, y: lepton_fast.pgd(m, x, y, 0.1, 0.01, 1, clamp=(0.0,)), TypeError, "clamp"),
         (lambda m, x, y: lepton_fast.vat_loss(m, x, xi=0.0), ValueError, "xi"),
         (lambda m, x, y: lepton_fast.vat_loss(m, x, eps=-1.0), ValueError, "eps"),
         (lambda m, x, y: lepton_fast.vat_loss(m, x, power_iterations=0), ValueError, "power_iterations"),
         (lambda m, x, y: lepton_fast.vat_loss(m, x[0, 0, 0]), ValueError, "x"),
+        (lambda m, x, y: lepton_fast.vat_loss(m, x, clamp=(torch.ones(2), 1.0)), ValueError, r"clamp\[0\]"),
     ],
 )
 def test_bad_arguments(call, error, match):

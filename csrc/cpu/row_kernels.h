@@ -3,5 +3,6 @@
 // these headers define (ATen's inline functions included) is compiled for AVX2/AVX-512.
 #pragma once
 
+#include "adversarial_cpu.h"
 #include "kd_loss_cpu.h"
 #include "pseudo_labels_cpu.h"

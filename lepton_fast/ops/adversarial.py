@@ -4,6 +4,13 @@ They are no-grad steps: an attack computes the gradient of its loss with respect
 input, then moves the input by it; nothing differentiates through the move. The custom ops
 therefore register no autograd formula, and the public functions detach their inputs, so
 the result never carries a graph.
+
+eps, step_size and the clamp bounds are numbers or tensors that broadcast to the input, so a
+per-sample budget ([N], or [N, 1, ...]) and the per-channel box of a normalised image
+([C, 1, 1]) take no extra pass. Every step stays within eps of its input, or refuses: the
+kernels check, where they read the data, that the input lies in the clamp box up to eps (a
+normalised image clamped to [0, 1] does not) and that no finite input steps to inf in its
+dtype (eps beyond float16's range).
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ PGD_SPEC = _backend.register("pgd_step", triton="adversarial")
 PGD_INPLACE_SPEC = _backend.register("pgd_step_", triton="adversarial")
 
 Scalar = Union[float, Tensor]
+Clamp = Optional[tuple]
 
 if _backend.extension().module is not None:
 
@@ -42,7 +50,7 @@ if _backend.extension().module is not None:
 
 # --- argument checks ---------------------------------------------------------------------------
 
-def _check_input(name: str, x) -> Tensor:
+def check_input(name: str, x) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _validate.FLOAT_DTYPES:
@@ -59,43 +67,66 @@ def _check_like(name: str, t, ref_name: str, ref: Tensor) -> Tensor:
     return t
 
 
-def _check_size(name: str, value, x: Tensor) -> Tensor:
-    """A number >= 0 (a 0-d float64 CPU tensor for the kernels), or a per-sample [N] (or 0-d)
-    tensor >= 0 in x's opmath dtype on x's device.
+def _opmath(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
-    The sign check of a tensor reads it: eagerly on CPU, with torch._assert_async elsewhere,
-    so that nothing synchronises with the host.
+
+def operand(name: str, value, x: Tensor, *, non_negative: bool) -> Tensor:
+    """eps, step_size or a clamp bound as the kernels take it (csrc/ops.cpp): a number (or a
+    0-d CPU tensor) becomes a 0-d float64 CPU tensor, checked at once; a tensor that broadcasts
+    to x becomes x's opmath dtype on x's device, checked without a host sync off the CPU.
+
+    A 1-d tensor is one value per sample ([N], viewed as [N, 1, ...]) whatever x's shape: for
+    per-channel or per-feature values give a shape that broadcasts ([C, 1, 1], [1, D]).
     """
-    if isinstance(value, Tensor) and (value.dim() > 0 or value.device != torch.device("cpu")):
-        if not value.is_floating_point():
-            raise TypeError(f"{name} must be a float or a floating-point tensor, got {value.dtype}")
-        if x.dim() == 0:
-            raise ValueError(f"{name} as a tensor needs a batch dimension in the input, got a 0-d input")
-        if value.dim() == 0:
-            value = value.expand(x.shape[0])
-        if value.shape != (x.shape[0],):
-            raise ValueError(f"{name} must be a float or a per-sample tensor of shape [{x.shape[0]}], "
-                             f"got shape {tuple(value.shape)}")
-        if value.device != x.device:
-            raise ValueError(f"{name} is on {value.device} but the input is on {x.device}")
-        value = value.detach().to(torch.promote_types(x.dtype, torch.float32)).contiguous()
-        bad = ~(torch.isfinite(value) & (value >= 0))
-        _validate.no_bad_values(bad, f"{name} must be finite and >= 0 for every sample", value)
-        return value
-    return _validate.non_negative(name, value)
+    if not isinstance(value, Tensor) or (value.dim() == 0 and value.device.type == "cpu"):
+        return _validate.non_negative(name, value) if non_negative else _validate.hyper(name, value)
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a number or a floating-point tensor, got {value.dtype}")
+    if value.dim() == 1 and x.dim() > 1:
+        if value.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"{name} of shape {tuple(value.shape)}: a 1-d {name} is one value per sample and needs length "
+                f"{x.shape[0]} for x of shape {tuple(x.shape)}; for one value per channel or feature give a shape "
+                f"that broadcasts to x, such as [C, 1, 1] or [1, D]"
+            )
+        value = value.reshape((-1,) + (1,) * (x.dim() - 1))
+    try:
+        fits = torch.broadcast_shapes(value.shape, x.shape) == x.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"{name} of shape {tuple(value.shape)} does not broadcast to x's shape {tuple(x.shape)}")
+    if value.device != x.device:
+        raise ValueError(
+            f"{name} is on {value.device} but x is on {x.device}: move it once with .to(x.device) (a number or a "
+            "0-d CPU tensor may stay on the CPU)"
+        )
+    value = value.detach().to(_opmath(x))
+    bad = ~torch.isfinite(value)
+    if non_negative:
+        bad |= value < 0
+    _validate.no_bad_values(bad, f"{name} must be finite{' and >= 0' if non_negative else ''} everywhere", value)
+    return value
 
 
-def _check_clamp(clamp):
+def clamp_bounds(clamp, x: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """(lo, hi) as ``operand`` makes them, or (None, None) for clamp=None; lo <= hi everywhere."""
     if clamp is None:
         return None, None
     try:
         lo, hi = clamp
     except (TypeError, ValueError):
-        raise TypeError(f"clamp must be None or a pair (min, max) of numbers, got {clamp!r}") from None
-    lo, hi = _validate.hyper("clamp[0]", lo), _validate.hyper("clamp[1]", hi)
-    if not torch.compiler.is_compiling() and float(lo) > float(hi):
-        raise ValueError(f"clamp must be (min, max) with min <= max, got {clamp!r}")
-    return lo, hi
+        raise TypeError(f"clamp must be None or a pair (min, max) of numbers or tensors, got {clamp!r}") from None
+    numbers = not isinstance(lo, Tensor) and not isinstance(hi, Tensor)
+    lo_t, hi_t = operand("clamp[0]", lo, x, non_negative=False), operand("clamp[1]", hi, x, non_negative=False)
+    message = "clamp must be (min, max) with min <= max everywhere"
+    if numbers and not torch.compiler.is_compiling():
+        if float(lo) > float(hi):
+            raise ValueError(f"{message}, got {clamp!r}")
+    else:
+        _validate.no_bad_values(lo_t > hi_t, message)
+    return lo_t, hi_t
 
 
 def _sign_operand(grad: Tensor, x: Tensor) -> Tensor:
@@ -105,53 +136,73 @@ def _sign_operand(grad: Tensor, x: Tensor) -> Tensor:
     return grad if grad.dtype == x.dtype else grad.sign().to(x.dtype)
 
 
+# --- the steps, on checked operands ------------------------------------------------------------
+
+_BOX_FIX = ("If the input is a normalised image ((image - mean) / std), its box is ((0 - mean) / std, (1 - mean) / std) "
+            "per channel: pass clamp=(lo, hi) with tensors of shape [C, 1, 1], or clamp=None for inputs without bounds.")
+
+
+def _reference_faults(op: str, inp_name: str, inp: Tensor, radius: Tensor, lo, hi, out: Tensor, inputs,
+                      sizes: str) -> None:
+    """The reference's check of what the kernels check where they read the data."""
+    acc = _opmath(inp)
+    a = inp.to(acc)
+    if lo is not None:
+        outside = (a + radius.to(acc) < lo.to(acc)) | (hi.to(acc) < a - radius.to(acc))
+        _validate.no_bad_values(outside, f"{op}: {inp_name} lies farther than eps outside the clamp box, so the clamp "
+                                f"would move the result more than eps from {inp_name}. {_BOX_FIX}")
+    finite = torch.isfinite(inputs[0])
+    for t in inputs[1:]:
+        finite &= torch.isfinite(t)
+    _validate.no_bad_values(~torch.isfinite(out) & finite,
+                            f"{op}: the step is not finite in {str(out.dtype)[6:]}: {sizes} beyond its range for this input "
+                            f"(largest finite value {torch.finfo(out.dtype).max:g}). Use a smaller value, a clamp "
+                            "within the range, or a wider dtype.")
+
+
+def fgsm_checked(x: Tensor, g: Tensor, eps: Tensor, lo, hi, backend: Optional[str], *, in_place: bool) -> Tensor:
+    """fgsm_perturb(_) on checked arguments (x detached, g in x's dtype, operands as made above)."""
+    spec = FGSM_INPLACE_SPEC if in_place else FGSM_SPEC
+    chosen = _backend.resolve(spec, x.device, backend)
+    with torch.no_grad():
+        if chosen == "reference":
+            out = reference.fgsm_perturb(x, g, eps, None if lo is None else (lo, hi))
+            _reference_faults(spec.name, "x", x, eps, lo, hi, out, (x,), "eps is")
+            return x.copy_(out) if in_place else out
+        if not in_place:
+            return _backend.call(spec, chosen, x.device.type, x.contiguous(), g.contiguous(), eps, lo, hi)
+        target = x if x.is_contiguous() else x.contiguous()
+        _backend.call(spec, chosen, x.device.type, target, g.contiguous(), eps, lo, hi)
+        return x if target is x else x.copy_(target)
+
+
+def pgd_checked(x_adv: Tensor, x_orig: Tensor, g: Tensor, step: Tensor, eps: Tensor, lo, hi,
+                     backend: Optional[str], *, in_place: bool) -> Tensor:
+    """pgd_step(_) on checked arguments (x_orig in x_adv's dtype, g as fgsm_step takes it)."""
+    spec = PGD_INPLACE_SPEC if in_place else PGD_SPEC
+    chosen = _backend.resolve(spec, x_adv.device, backend)
+    with torch.no_grad():
+        if chosen == "reference":
+            out = reference.pgd_step(x_adv, x_orig, g, step, eps, None if lo is None else (lo, hi))
+            _reference_faults(spec.name, "x_orig", x_orig, eps, lo, hi, out, (x_adv, x_orig), "step_size and eps are")
+            return x_adv.copy_(out) if in_place else out
+        args = (x_orig.contiguous(), g.contiguous(), step, eps, lo, hi)
+        if not in_place:
+            return _backend.call(spec, chosen, x_adv.device.type, x_adv.contiguous(), *args)
+        target = x_adv if x_adv.is_contiguous() else x_adv.contiguous()
+        _backend.call(spec, chosen, x_adv.device.type, target, *args)
+        return x_adv if target is x_adv else x_adv.copy_(target)
+
+
 # --- public API --------------------------------------------------------------------------------
 
-def _fgsm_args(x, grad, eps, clamp):
-    _check_input("x", x)
-    _check_like("grad", grad, "x", x)
-    eps = _check_size("eps", eps, x)
-    lo, hi = _check_clamp(clamp)
-    return _sign_operand(grad, x), eps, lo, hi
-
-
-def _reference_bounds(lo, hi):
-    return None if lo is None else (lo, hi)
-
-
-def fgsm_perturb(x: Tensor, grad: Tensor, eps: Scalar, clamp=(0.0, 1.0), *,
-                 backend: Optional[str] = None) -> Tensor:
-    r"""The FGSM step :math:`\mathrm{clamp}(x + \epsilon\,\mathrm{sign}(\nabla), lo, hi)` in one pass
-    (Goodfellow, Shlens & Szegedy 2015).
-
-    Args:
-        x: input of any shape [N, ...], float32, bfloat16, float16 or float64 (images in
-            [0, 1] with the default ``clamp``).
-        grad: d(loss)/dx, same shape as ``x`` (any floating dtype). sign(0) = sign(NaN) = 0,
-            so such an element is left unchanged, as ``torch.sign`` does.
-        eps: step in input units, a float >= 0 or a per-sample tensor [N] (broadcast over the
-            non-batch dims).
-        clamp: ``(min, max)`` bounds of the valid input range, or ``None`` for inputs that
-            are not bounded (features, embeddings).
-        backend: force ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
-
-    Returns:
-        A new tensor like ``x`` (contiguous), without a graph: the step is not
-        differentiable. For float32 it is bit-equal to
-        ``(x + eps * grad.sign()).clamp(lo, hi)``; lower precisions are computed in float32
-        and rounded once.
-
-    Raises:
-        TypeError: non-tensor or non-floating ``x``/``grad``/``eps``, malformed ``clamp``.
-        ValueError: shape or device mismatch, ``eps`` < 0 or not finite, clamp min > max.
-    """
-    g, eps, lo, hi = _fgsm_args(x, grad, eps, clamp)
-    chosen = _backend.resolve(FGSM_SPEC, x.device, backend)
-    x = x.detach()
-    if chosen == "reference":
-        with torch.no_grad():
-            return reference.fgsm_perturb(x, g, eps, _reference_bounds(lo, hi))
-    return _backend.call(FGSM_SPEC, chosen, x.device.type, x.contiguous(), g.contiguous(), eps, lo, hi)
+_CLAMP_DOC = """clamp: ``(min, max)`` bounds of the valid input range, each a number or a tensor
+            that broadcasts to the input, or ``None`` for inputs without bounds (features,
+            embeddings). The default suits images in [0, 1]. A normalised image
+            ``(image - mean) / std`` has the per-channel box ``((0 - mean) / std, (1 - mean) / std)``:
+            pass it as two [C, 1, 1] tensors on the input's device. The input must lie in the
+            box up to eps (a ValueError otherwise, which names the fix), so that the step
+            stays within eps of it."""
 
 
 def _check_in_place(name: str, x: Tensor) -> None:
@@ -164,39 +215,69 @@ def _check_in_place(name: str, x: Tensor) -> None:
         )
 
 
-def fgsm_perturb_(x: Tensor, grad: Tensor, eps: Scalar, clamp=(0.0, 1.0), *,
+def _fgsm_args(x, grad, eps, clamp):
+    check_input("x", x)
+    _check_like("grad", grad, "x", x)
+    lo, hi = clamp_bounds(clamp, x)
+    return _sign_operand(grad, x), operand("eps", eps, x, non_negative=True), lo, hi
+
+
+def fgsm_perturb(x: Tensor, grad: Tensor, eps: Scalar, clamp: Clamp = (0.0, 1.0), *,
+                 backend: Optional[str] = None) -> Tensor:
+    r"""The FGSM step :math:`\mathrm{clamp}(x + \epsilon\,\mathrm{sign}(\nabla), lo, hi)` in one pass
+    (Goodfellow, Shlens & Szegedy, "Explaining and Harnessing Adversarial Examples", ICLR 2015).
+
+    Args:
+        x: input of any shape [N, ...], float32, bfloat16, float16 or float64.
+        grad: d(loss)/dx, same shape as ``x`` (any floating dtype). sign(0) = sign(NaN) = 0,
+            so such an element is left unchanged, as ``torch.sign`` does.
+        eps: step in input units >= 0: a number, a per-sample tensor [N], or any tensor that
+            broadcasts to ``x`` (per channel [C, 1, 1], full shape).
+        {clamp}
+        backend: force ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
+
+    Returns:
+        A new tensor like ``x`` (contiguous), without a graph: the step is not
+        differentiable. For float32 it is bit-equal to
+        ``(x + eps * grad.sign()).clamp(lo, hi)``; lower precisions are computed in float32
+        and rounded once.
+
+    Raises:
+        TypeError: non-tensor or non-floating ``x``/``grad``/``eps``, malformed ``clamp``.
+        ValueError: shape or device mismatch; ``eps`` < 0 or not finite; clamp min > max; ``x``
+            farther than eps outside the clamp box; a finite ``x`` that the step takes to inf
+            in its dtype (``eps`` beyond float16's range, say). On the CPU at once; on a GPU
+            the data checks are asynchronous device assertions (no host sync).
+    """
+    g, eps, lo, hi = _fgsm_args(x, grad, eps, clamp)
+    return fgsm_checked(x.detach(), g, eps, lo, hi, backend, in_place=False)
+
+
+def fgsm_perturb_(x: Tensor, grad: Tensor, eps: Scalar, clamp: Clamp = (0.0, 1.0), *,
                   backend: Optional[str] = None) -> Tensor:
     """In-place :func:`fgsm_perturb`: overwrites ``x`` and returns it. ``x`` must not need a
-    gradient (an attack's adversarial copy, detached)."""
+    gradient (an attack's adversarial copy, detached). A data error is raised after the
+    write."""
     g, eps, lo, hi = _fgsm_args(x, grad, eps, clamp)
     _check_in_place("x", x)
-    chosen = _backend.resolve(FGSM_INPLACE_SPEC, x.device, backend)
-    with torch.no_grad():
-        if chosen == "reference":
-            x.copy_(reference.fgsm_perturb(x, g, eps, _reference_bounds(lo, hi)))
-        else:
-            target = x if x.is_contiguous() else x.contiguous()
-            _backend.call(FGSM_INPLACE_SPEC, chosen, x.device.type, target, g.contiguous(), eps, lo, hi)
-            if target is not x:
-                x.copy_(target)
-    return x
+    return fgsm_checked(x, g, eps, lo, hi, backend, in_place=True)
 
 
 def _pgd_args(x_adv, x_orig, grad, step_size, eps, clamp):
-    _check_input("x_adv", x_adv)
+    check_input("x_adv", x_adv)
     _check_like("x_orig", x_orig, "x_adv", x_adv)
     _check_like("grad", grad, "x_adv", x_adv)
-    step = _check_size("step_size", step_size, x_adv)
-    eps = _check_size("eps", eps, x_adv)
-    lo, hi = _check_clamp(clamp)
-    x_orig = x_orig.detach().to(x_adv.dtype)
-    return x_orig, _sign_operand(grad, x_adv), step, eps, lo, hi
+    step = operand("step_size", step_size, x_adv, non_negative=True)
+    eps = operand("eps", eps, x_adv, non_negative=True)
+    lo, hi = clamp_bounds(clamp, x_adv)
+    return x_orig.detach().to(x_adv.dtype), _sign_operand(grad, x_adv), step, eps, lo, hi
 
 
 def pgd_step(x_adv: Tensor, x_orig: Tensor, grad: Tensor, step_size: Scalar, eps: Scalar,
-             clamp=(0.0, 1.0), *, backend: Optional[str] = None) -> Tensor:
-    r"""One L-inf PGD step in one pass (Madry et al. 2018): a signed-gradient step, the
-    projection onto the L-inf ball of radius eps around ``x_orig``, and the clamp:
+             clamp: Clamp = (0.0, 1.0), *, backend: Optional[str] = None) -> Tensor:
+    r"""One L-inf PGD step in one pass (Madry, Makelov, Schmidt, Tsipras & Vladu, "Towards
+    Deep Learning Models Resistant to Adversarial Attacks", ICLR 2018): a signed-gradient
+    step, the projection onto the L-inf ball of radius eps around ``x_orig``, and the clamp:
 
     .. math:: x' = x_{adv} + \alpha\,\mathrm{sign}(\nabla),\quad
               \mathrm{clamp}(x_{orig} + \mathrm{clamp}(x' - x_{orig}, -\epsilon, \epsilon), lo, hi)
@@ -205,9 +286,9 @@ def pgd_step(x_adv: Tensor, x_orig: Tensor, grad: Tensor, step_size: Scalar, eps
         x_adv: current adversarial input [N, ...], float32, bfloat16, float16 or float64.
         x_orig: the clean input, same shape (cast to ``x_adv``'s dtype).
         grad: d(loss)/d(x_adv), same shape; sign(0) = sign(NaN) = 0.
-        step_size: α >= 0, a float or a per-sample tensor [N].
-        eps: radius >= 0 of the ball, a float or a per-sample tensor [N].
-        clamp: ``(min, max)`` of the valid input range, or ``None``.
+        step_size: α >= 0: a number, a per-sample tensor [N], or a tensor that broadcasts.
+        eps: radius >= 0 of the ball, as ``step_size``.
+        {clamp}
         backend: force ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
 
     Returns:
@@ -218,32 +299,22 @@ def pgd_step(x_adv: Tensor, x_orig: Tensor, grad: Tensor, step_size: Scalar, eps
 
     Raises:
         TypeError: non-tensor or non-floating inputs, malformed ``clamp``.
-        ValueError: shape or device mismatch, ``step_size`` or ``eps`` < 0 or not finite,
-            clamp min > max.
+        ValueError: shape or device mismatch; ``step_size`` or ``eps`` < 0 or not finite;
+            clamp min > max; ``x_orig`` farther than eps outside the clamp box; a step that is
+            not finite in the dtype. Data checks as :func:`fgsm_perturb`.
     """
     x_orig, g, step, eps, lo, hi = _pgd_args(x_adv, x_orig, grad, step_size, eps, clamp)
-    chosen = _backend.resolve(PGD_SPEC, x_adv.device, backend)
-    x_adv = x_adv.detach()
-    if chosen == "reference":
-        with torch.no_grad():
-            return reference.pgd_step(x_adv, x_orig, g, step, eps, _reference_bounds(lo, hi))
-    return _backend.call(PGD_SPEC, chosen, x_adv.device.type, x_adv.contiguous(), x_orig.contiguous(), g.contiguous(),
-                         step, eps, lo, hi)
+    return pgd_checked(x_adv.detach(), x_orig, g, step, eps, lo, hi, backend, in_place=False)
 
 
 def pgd_step_(x_adv: Tensor, x_orig: Tensor, grad: Tensor, step_size: Scalar, eps: Scalar,
-              clamp=(0.0, 1.0), *, backend: Optional[str] = None) -> Tensor:
-    """In-place :func:`pgd_step`: overwrites ``x_adv`` and returns it."""
+              clamp: Clamp = (0.0, 1.0), *, backend: Optional[str] = None) -> Tensor:
+    """In-place :func:`pgd_step`: overwrites ``x_adv`` and returns it. A data error is raised
+    after the write."""
     x_orig, g, step, eps, lo, hi = _pgd_args(x_adv, x_orig, grad, step_size, eps, clamp)
     _check_in_place("x_adv", x_adv)
-    chosen = _backend.resolve(PGD_INPLACE_SPEC, x_adv.device, backend)
-    with torch.no_grad():
-        if chosen == "reference":
-            x_adv.copy_(reference.pgd_step(x_adv, x_orig, g, step, eps, _reference_bounds(lo, hi)))
-        else:
-            target = x_adv if x_adv.is_contiguous() else x_adv.contiguous()
-            _backend.call(PGD_INPLACE_SPEC, chosen, x_adv.device.type, target, x_orig.contiguous(), g.contiguous(),
-                          step, eps, lo, hi)
-            if target is not x_adv:
-                x_adv.copy_(target)
-    return x_adv
+    return pgd_checked(x_adv, x_orig, g, step, eps, lo, hi, backend, in_place=True)
+
+
+fgsm_perturb.__doc__ = fgsm_perturb.__doc__.replace("{clamp}", _CLAMP_DOC)
+pgd_step.__doc__ = pgd_step.__doc__.replace("{clamp}", _CLAMP_DOC)
