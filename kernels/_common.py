@@ -31,6 +31,15 @@ def lse(m, s):
     return tl.where(m == float("-inf"), float("nan"), m + tl.log(s))
 
 
+@triton.jit
+def store_zeros(ptr, n, BLOCK: tl.constexpr):
+    """ptr[0:n] = 0, in blocks of BLOCK: the gradient of a row left out of the loss."""
+    cols0 = tl.arange(0, BLOCK)
+    for off in range(0, n, BLOCK):
+        cols = off + cols0
+        tl.store(ptr + cols, tl.zeros([BLOCK], ptr.dtype.element_ty), mask=cols < n)
+
+
 def scalar(t: torch.Tensor) -> float:
     """The value of a 0-d hyper-parameter tensor (float64 on the CPU: no device sync)."""
     return float(t)

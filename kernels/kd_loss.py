@@ -30,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, check_labels, check_rows_defined, online_softmax, reduce_rows, scalar
+from ._common import (acc_dtype, check_labels, check_rows_defined, online_softmax, reduce_rows, scalar,
+                      store_zeros)
 
 _DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 # Widest column block: 8 accumulators per element stay in registers at 8 warps.
@@ -235,10 +236,7 @@ def _kd_loss_kernel(
     if ignored:
         tl.store(loss_ptr + row, 0.0)
         if COMPUTE_GRAD:
-            cols0 = tl.arange(0, BLOCK)
-            for off in range(0, C, BLOCK):
-                cols = off + cols0
-                tl.store(g_row + cols, tl.zeros([BLOCK], ACC).to(g_ptr.dtype.element_ty), mask=cols < C)
+            store_zeros(g_row, C, BLOCK)
     else:
         k_t = tl.zeros([], ACC)
         k_s = tl.zeros([], ACC)

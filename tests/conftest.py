@@ -14,6 +14,7 @@ kernel fault can never cause a skip, since no test's own error is looked at.
 """
 import importlib
 import os
+import subprocess
 import sys
 
 import torch
@@ -204,6 +205,46 @@ def poison_new_buffers():
     assert torch.utils.deterministic.fill_uninitialized_memory
     yield
     torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def opcheck_kernel(spec, device: str, backend: str, arg_sets) -> None:
+    """torch.library.opcheck of ``spec``'s op, run by ``backend``'s kernel, on each argument
+    tuple: the schema, fake kernel, autograd registration and, except in Triton's interpreter
+    (where its dozens of launches take minutes), AOT dispatch."""
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    if not interpreted(device, backend):
+        utils += ("test_aot_dispatch_dynamic",)
+    op = getattr(torch.ops.lepton_fast, spec.name).default
+    for args in arg_sets:
+        with _backend.running(spec, backend, device):
+            torch.library.opcheck(op, args, test_utils=utils)
+
+
+def run_on_each_cpu_capability(script: str) -> None:
+    """Runs ``script`` in a fresh process at the portable baseline and at AVX2. The CPU row
+    kernels are compiled once per instruction set and follow ATen's choice, which
+    ATEN_CPU_CAPABILITY lowers, so one machine runs every build. The script prints
+    ``torch.backends.cpu.get_cpu_capability()``, then "ok" when its checks passed."""
+    for isa in ("default", "avx2"):
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=isa)
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        capability, status = out.stdout.split()
+        assert capability.lower() == isa.lower() or isa == "avx2" and capability == "DEFAULT"  # a CPU without AVX2
+        assert status == "ok"
+
+
+# The edges of Triton's column blocks, with a block small enough that they show: (n, c, block).
+TRITON_COLUMN_BLOCKS = pytest.mark.parametrize(
+    "n,c,block",
+    [
+        (3, 10, 16),  # C smaller than one block
+        (2, 32, 16),  # C exactly two blocks
+        (3, 50, 16),  # three full blocks and a ragged tail of 2 columns
+        (2, 1, 16),  # a single class: every softmax is 1
+    ],
+    ids=["C<block", "C=2blocks", "ragged_tail", "C=1"],
+)
 
 
 def compiled_backends(spec, device_type):

@@ -8,15 +8,13 @@ the float32 tolerance). Cases marked `cuda` run the CUDA C++ and the compiled Tr
 on a GPU; without one, the Triton kernel runs on CPU tensors in Triton's interpreter.
 """
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
-from conftest import DEVICE_BACKENDS, interpreted, low_precision_tolerance, require
+from conftest import (DEVICE_BACKENDS, TRITON_COLUMN_BLOCKS, interpreted, low_precision_tolerance, opcheck_kernel,
+                      require, run_on_each_cpu_capability)
 from lepton_fast import KDLoss, fused_kd_loss, reference
 from lepton_fast.ops.kd_loss import SPEC
 
@@ -329,25 +327,8 @@ def _op_args(device, requires_grad):
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_opcheck(device, backend):
     """The schema, fake kernel, autograd registration and AOT dispatch of every kernel."""
-    from lepton_fast import _backend
-
     require(SPEC, device, backend)
-    # AOT dispatch runs dozens of launches: too slow for the interpreter.
-    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
-    if not interpreted(device, backend):
-        utils += ("test_aot_dispatch_dynamic",)
-    for requires_grad in (True, False):
-        for args in _op_args(device, requires_grad):
-            with _backend.forced(SPEC, backend, device) if backend == "triton" else _nothing():
-                torch.library.opcheck(torch.ops.lepton_fast.fused_kd_loss.default, args, test_utils=utils)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    opcheck_kernel(SPEC, device, backend, _op_args(device, True) + _op_args(device, False))
 
 
 @pytest.mark.parametrize("device", [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)])
@@ -515,28 +496,13 @@ def test_other_cpu_instruction_sets():
             torch.testing.assert_close(x.grad.double(), xr.grad, atol=tol, rtol=tol)
         print("ok")
     """)
-    for isa in ("default", "avx2"):
-        env = dict(os.environ, ATEN_CPU_CAPABILITY=isa)
-        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr[-3000:]
-        capability, status = out.stdout.split()
-        assert capability.lower() == isa.lower() or isa == "avx2" and capability == "DEFAULT"
-        assert status == "ok"
+    run_on_each_cpu_capability(script)
 
 
 # --- Triton's column blocks: every boundary case, with a small block so that it shows --------
 
 
-@pytest.mark.parametrize(
-    "n,c,block",
-    [
-        (3, 10, 16),  # C smaller than one block
-        (2, 32, 16),  # C exactly two blocks
-        (3, 50, 16),  # three full blocks and a ragged tail of 2 columns
-        (1, 1, 16),  # a single class: every divergence is 0
-    ],
-    ids=["C<block", "C=2blocks", "ragged_tail", "C=1"],
-)
+@TRITON_COLUMN_BLOCKS
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_triton_column_blocks(n, c, block, divergence):
     require(SPEC, "cpu", "triton")

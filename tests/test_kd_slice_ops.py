@@ -8,13 +8,12 @@ the all-reduces), and each slice's loss must be fused_kd_loss's on the whole row
 gradient the slice of the whole gradient. conftest fills every new buffer with NaN, so an
 element a kernel forgets to write shows.
 """
-import contextlib
 import math
 
 import pytest
 import torch
 
-from conftest import DEVICE_BACKENDS, interpreted, require
+from conftest import DEVICE_BACKENDS, interpreted, opcheck_kernel, require
 from lepton_fast import fused_kd_loss, reference
 from lepton_fast.ops import kd_loss as kd_ops
 
@@ -221,17 +220,7 @@ def _slice_op_args(device):
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_opcheck(device, backend):
     """The schemas, fake kernels, autograd registration and AOT dispatch of the slice ops."""
-    from lepton_fast import _backend
-
     require(kd_ops.SLICE_SPEC, device, backend)
-    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
-    if not interpreted(device, backend):
-        utils += ("test_aot_dispatch_dynamic",)
     stats, jsd, loss = _slice_op_args(device)
-    for spec, op, cases in ((kd_ops.STATS_SPEC, "kd_slice_stats", stats),
-                            (kd_ops.JSD_SUMS_SPEC, "kd_slice_jsd_sums", jsd),
-                            (kd_ops.SLICE_SPEC, "kd_slice_loss", loss)):
-        for args in cases:
-            with _backend.forced(spec, backend, device) if backend == "triton" else contextlib.nullcontext():
-                torch.library.opcheck(getattr(torch.ops.lepton_fast, op).default, args, test_utils=utils)
-
+    for spec, cases in ((kd_ops.STATS_SPEC, stats), (kd_ops.JSD_SUMS_SPEC, jsd), (kd_ops.SLICE_SPEC, loss)):
+        opcheck_kernel(spec, device, backend, cases)

@@ -14,6 +14,7 @@
 #ifndef LF_ISA_FALLBACK
 #include "adversarial_rows.h"
 #include "kd_loss_rows.h"
+#include "pseudo_labels_rows.h"
 #endif
 
 namespace lepton_fast {
@@ -21,11 +22,17 @@ namespace cpu {
 
 #ifndef LF_ISA_FALLBACK
 void LF_CAT(kd_rows, LF_ISA)(const KDRows& a, int64_t begin, int64_t end) { kd_rows_any_dtype(a, begin, end); }
+void LF_CAT(pseudo_label_rows, LF_ISA)(const PseudoLabelRows& a, int64_t begin, int64_t end) {
+  pseudo_label_rows_any_dtype(a, begin, end);
+}
 StepFaults LF_CAT(adversarial_step, LF_ISA)(const StepBuffers& a, int64_t begin, int64_t end) {
   return adversarial_step_any_dtype(a, begin, end);
 }
 #else
 void LF_CAT(kd_rows, LF_ISA)(const KDRows& a, int64_t begin, int64_t end) { kd_rows_default(a, begin, end); }
+void LF_CAT(pseudo_label_rows, LF_ISA)(const PseudoLabelRows& a, int64_t begin, int64_t end) {
+  pseudo_label_rows_default(a, begin, end);
+}
 StepFaults LF_CAT(adversarial_step, LF_ISA)(const StepBuffers& a, int64_t begin, int64_t end) {
   return adversarial_step_default(a, begin, end);
 }

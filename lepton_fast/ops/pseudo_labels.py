@@ -1,7 +1,7 @@
 """Confidence-thresholded pseudo-labels: selection, and FixMatch's unlabeled loss in one pass."""
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -10,6 +10,8 @@ from lepton_fast import _backend, _validate, reference
 
 SELECT_SPEC = _backend.register("select_pseudo_labels", triton="pseudo_labels")
 LOSS_SPEC = _backend.register("fused_pseudo_label_loss", triton="pseudo_labels")
+
+Scalar = Union[float, Tensor]
 
 
 class PseudoLabels(NamedTuple):
@@ -34,7 +36,15 @@ class PseudoLabelLoss(NamedTuple):
     class_counts: Tensor  # int64 [C]: selected rows per pseudo-label (sum == mask.sum())
 
 
-def _class_thresholds(value, logits_name: str, x: Tensor) -> Optional[Tensor]:
+def _acc_dtype(*logits: Tensor) -> torch.dtype:
+    """The kernels' accumulation dtype for these logits (read in the widest of their dtypes)."""
+    dtype = torch.float32
+    for x in logits:
+        dtype = torch.promote_types(dtype, x.dtype)
+    return dtype
+
+
+def _class_thresholds(value, logits_name: str, x: Tensor, acc: torch.dtype) -> Optional[Tensor]:
     if value is None:
         return None
     name = "class_thresholds"
@@ -51,10 +61,11 @@ def _class_thresholds(value, logits_name: str, x: Tensor) -> Optional[Tensor]:
         raise ValueError(f"{name} is on {value.device} but {logits_name} is on {x.device}")
     value = value.detach()
     _validate.no_bad_values(~((value >= 0) & (value <= 1)), f"{name} must be in [0, 1]", value)
-    return value.to(torch.float32).contiguous()
+    # Compared with the confidence in its own dtype, as the reference compares them.
+    return value.to(acc).contiguous()
 
 
-def _weights(value, logits_name: str, x: Tensor) -> Optional[Tensor]:
+def _weights(value, logits_name: str, x: Tensor, acc: torch.dtype) -> Optional[Tensor]:
     if value is None:
         return None
     name = "weights"
@@ -71,7 +82,7 @@ def _weights(value, logits_name: str, x: Tensor) -> Optional[Tensor]:
         raise ValueError(f"{name} is on {value.device} but {logits_name} is on {x.device}")
     value = value.detach()
     _validate.no_bad_values(~((value >= 0) & torch.isfinite(value)), f"{name} must be finite and >= 0", value)
-    return value.reshape(-1).to(torch.promote_types(x.dtype, torch.float32)).contiguous()
+    return value.reshape(-1).to(acc).contiguous()
 
 
 if _backend.extension().module is not None:
@@ -103,8 +114,8 @@ if _backend.extension().module is not None:
 
 def select_pseudo_labels(
     logits: Tensor,
-    threshold: float = 0.95,
-    temperature: float = 1.0,
+    threshold: Scalar = 0.95,
+    temperature: Scalar = 1.0,
     class_thresholds: Optional[Tensor] = None,
     *,
     backend: Optional[str] = None,
@@ -118,7 +129,9 @@ def select_pseudo_labels(
 
     Args:
         logits: [..., C] float32, bfloat16, float16 or float64; non-contiguous is fine.
-        threshold: in [0, 1]; ignored when ``class_thresholds`` is given.
+        threshold: in [0, 1]; ignored when ``class_thresholds`` is given. A float or a 0-d
+            CPU tensor (as is temperature): a value that changes every step does not
+            recompile a ``torch.compile`` graph.
         temperature: T > 0 (T < 1 sharpens, so raises the confidence).
         class_thresholds: optional [C] floating tensor of per-class thresholds in [0, 1].
         backend: force ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
@@ -136,7 +149,7 @@ def select_pseudo_labels(
     _validate.logits("logits", logits)
     threshold_t = _validate.unit_interval("threshold", threshold)
     temperature_t = _validate.positive("temperature", temperature)
-    class_thresholds = _class_thresholds(class_thresholds, "logits", logits)
+    class_thresholds = _class_thresholds(class_thresholds, "logits", logits, _acc_dtype(logits))
     lead = logits.shape[:-1]
     x = _validate.as_rows(logits.detach())
     chosen = _backend.resolve(SELECT_SPEC, x.device, backend)
@@ -153,8 +166,8 @@ def select_pseudo_labels(
 def fused_pseudo_label_loss(
     strong_logits: Tensor,
     weak_logits: Tensor,
-    threshold: float = 0.95,
-    temperature: float = 1.0,
+    threshold: Scalar = 0.95,
+    temperature: Scalar = 1.0,
     soft: bool = False,
     class_thresholds: Optional[Tensor] = None,
     weights: Optional[Tensor] = None,
@@ -179,8 +192,12 @@ def fused_pseudo_label_loss(
 
     Args:
         strong_logits: [..., C] float32, bfloat16, float16 or float64. Gradient flows here.
-        weak_logits: [..., C], same shape; a constant (detached), cast to the strong dtype.
-        threshold: τ in [0, 1]; ignored when ``class_thresholds`` is given.
+        weak_logits: [..., C], same shape; a constant (detached). Of another dtype, both
+            views are read in the wider of the two (never rounded to the narrower), and the
+            gradient comes back in the strong view's dtype.
+        threshold: τ in [0, 1]; ignored when ``class_thresholds`` is given. A float or a
+            0-d CPU tensor (as is temperature): a value that changes every step does not
+            recompile a ``torch.compile`` graph.
         temperature: T > 0 for the weak view's confidence and soft target.
         soft: use softmax(weak / T) as the target instead of the hard pseudo-label.
         class_thresholds: optional [C] tensor of per-class thresholds in [0, 1]
@@ -218,8 +235,9 @@ def fused_pseudo_label_loss(
     temperature_t = _validate.positive("temperature", temperature)
     soft = bool(soft)
     _validate.choice("reduction", reduction, _validate.REDUCTIONS)
-    class_thresholds = _class_thresholds(class_thresholds, "strong_logits", strong_logits)
-    weights = _weights(weights, "strong_logits", strong_logits)
+    acc = _acc_dtype(strong_logits, weak_logits)
+    class_thresholds = _class_thresholds(class_thresholds, "strong_logits", strong_logits, acc)
+    weights = _weights(weights, "strong_logits", strong_logits, acc)
 
     lead = strong_logits.shape[:-1]
     strong, weak = _validate.common_dtype(strong_logits, weak_logits.detach())
