@@ -83,11 +83,11 @@ lepton-fast info
 
 # --- 3. the representative tests, with the interpreter required to run ---------------------
 LEPTON_FAST_REQUIRE_TRITON_INTERPRETER=1 python -m pytest -q -p no:cacheprovider -m "not packaging" \
-    tests/test_kd_loss.py tests/test_kd_loss_gpu.py tests/test_pseudo_labels.py tests/test_fgsm_perturb.py \
-    tests/test_pgd_step.py tests/test_grad_reverse.py tests/test_attacks.py tests/test_thresholds.py \
-    tests/test_packaging.py \
-    --deselect tests/test_kd_loss.py::test_every_mode_float32 \
-    --deselect tests/test_kd_loss.py::test_other_cpu_instruction_sets
+    tests/test_fused_kd_loss.py tests/test_fused_pseudo_label_loss.py tests/test_select_pseudo_labels.py \
+    tests/test_fgsm_perturb.py tests/test_pgd_step.py tests/test_grad_reverse.py tests/test_attacks.py \
+    tests/test_thresholds.py tests/test_packaging.py \
+    --deselect tests/test_fused_kd_loss.py::test_every_mode_float32 \
+    --deselect tests/test_fused_kd_loss.py::test_other_cpu_instruction_sets
 set +x
 echo "ci_oldest.sh: install $((installed - start)) s, gpu_check --dry-run $((checked - installed)) s," \
      "tests $((SECONDS - checked)) s, total $((SECONDS - start)) s"
