@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <tuple>
 
 namespace lepton_fast {
 namespace {
@@ -27,6 +28,10 @@ using FusedKDLossFn = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const OptionalTensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, c10::string_view, int64_t, bool, c10::string_view, const OptionalTensor&,
     bool);
+using KDSliceLossFn = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const OptionalTensor&, const at::Tensor&, const OptionalTensor&,
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view, int64_t, bool,
+    c10::string_view, const OptionalTensor&, int64_t, int64_t, bool);
 using PseudoLabelOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using FusedPseudoLabelLossFn = PseudoLabelOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                   const at::Tensor&, bool, const OptionalTensor&,
@@ -69,21 +74,20 @@ at::Tensor saved_gradient_times(AutogradContext* ctx, const at::Tensor& grad_los
   return grad;
 }
 
-class FusedKDLoss : public torch::autograd::Function<FusedKDLoss> {
+// The KD losses, fused_kd_loss and kd_slice_loss: Op names the schema, whose first argument
+// is the student's logits (the gradient flows there) and last compute_grad, and which
+// returns (loss, grad).
+template <typename Op>
+class KDLoss : public torch::autograd::Function<KDLoss<Op>> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& student_logits,
-                               const at::Tensor& teacher_logits, const OptionalTensor& labels,
-                               const at::Tensor& temperature, const at::Tensor& beta, const at::Tensor& alpha,
-                               const at::Tensor& label_smoothing, c10::string_view divergence, int64_t ignore_index,
-                               bool scale_by_t2, c10::string_view reduction,
-                               const OptionalTensor& num_items_in_batch, bool compute_grad) {
-    check_forward(student_logits, compute_grad, "fused_kd_loss");
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("lepton_fast::fused_kd_loss", "")
-                               .typed<FusedKDLossFn>();
+  template <typename... Args>
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& student_logits, const Args&... args) {
+    const bool compute_grad = std::get<sizeof...(Args) - 1>(std::tie(args...));
+    check_forward(student_logits, compute_grad, Op::kName);
+    static const auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow(Op::kQualName, "").template typed<typename Op::Fn>();
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, grad] = op.call(student_logits, teacher_logits, labels, temperature, beta, alpha, label_smoothing,
-                                divergence, ignore_index, scale_by_t2, reduction, num_items_in_batch, compute_grad);
+    auto [loss, grad] = op.call(student_logits, args...);
     ctx->save_for_backward({grad});
     ctx->mark_non_differentiable({grad});
     ctx->set_materialize_grads(false);
@@ -91,10 +95,24 @@ class FusedKDLoss : public torch::autograd::Function<FusedKDLoss> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    variable_list grads(13);
-    grads[0] = saved_gradient_times(ctx, grad_outputs[0], "fused_kd_loss");
+    variable_list grads(Op::kInputs);
+    grads[0] = saved_gradient_times(ctx, grad_outputs[0], Op::kName);
     return grads;
   }
+};
+
+struct FusedKDLossOp {
+  static constexpr const char* kName = "fused_kd_loss";
+  static constexpr const char* kQualName = "lepton_fast::fused_kd_loss";
+  static constexpr int kInputs = 13;
+  using Fn = FusedKDLossFn;
+};
+
+struct KDSliceLossOp {
+  static constexpr const char* kName = "kd_slice_loss";
+  static constexpr const char* kQualName = "lepton_fast::kd_slice_loss";
+  static constexpr int kInputs = 17;
+  using Fn = KDSliceLossFn;
 };
 
 class FusedPseudoLabelLoss : public torch::autograd::Function<FusedPseudoLabelLoss> {
@@ -129,8 +147,21 @@ std::tuple<at::Tensor, at::Tensor> fused_kd_loss_autograd(
     const at::Tensor& temperature, const at::Tensor& beta, const at::Tensor& alpha, const at::Tensor& label_smoothing,
     c10::string_view divergence, int64_t ignore_index, bool scale_by_t2, c10::string_view reduction,
     const OptionalTensor& num_items_in_batch, bool compute_grad) {
-  auto out = FusedKDLoss::apply(student_logits, teacher_logits, labels, temperature, beta, alpha, label_smoothing,
-                                divergence, ignore_index, scale_by_t2, reduction, num_items_in_batch, compute_grad);
+  auto out = KDLoss<FusedKDLossOp>::apply(student_logits, teacher_logits, labels, temperature, beta, alpha,
+                                          label_smoothing, divergence, ignore_index, scale_by_t2, reduction,
+                                          num_items_in_batch, compute_grad);
+  return {out[0], out[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_slice_loss_autograd(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits, const OptionalTensor& labels,
+    const at::Tensor& stats, const OptionalTensor& jsd_sums, const at::Tensor& temperature, const at::Tensor& beta,
+    const at::Tensor& alpha, const at::Tensor& label_smoothing, c10::string_view divergence, int64_t ignore_index,
+    bool scale_by_t2, c10::string_view reduction, const OptionalTensor& num_items_in_batch, int64_t class_offset,
+    int64_t n_classes, bool compute_grad) {
+  auto out = KDLoss<KDSliceLossOp>::apply(student_logits, teacher_logits, labels, stats, jsd_sums, temperature, beta,
+                                          alpha, label_smoothing, divergence, ignore_index, scale_by_t2, reduction,
+                                          num_items_in_batch, class_offset, n_classes, compute_grad);
   return {out[0], out[1]};
 }
 
@@ -147,6 +178,7 @@ PseudoLabelOutputs fused_pseudo_label_loss_autograd(
 
 TORCH_LIBRARY_IMPL(lepton_fast, Autograd, m) {
   m.impl("fused_kd_loss", &fused_kd_loss_autograd);
+  m.impl("kd_slice_loss", &kd_slice_loss_autograd);
   m.impl("fused_pseudo_label_loss", &fused_pseudo_label_loss_autograd);
 }
 

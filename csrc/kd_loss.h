@@ -6,10 +6,21 @@
 //               dD/dz_s = (1-beta) p_s (d - K_s), d = log p_s - log m, K_s = KL(p_s||m)
 //   CE (T = 1, smoothing eps): lse1 - (1-eps) s_y - eps/C sum_j s_j, d/ds = q - (1-eps) 1[y] - eps/C
 // row loss = alpha CE + (1 - alpha) c D, c = T^2 or 1; d/ds = alpha dCE/ds + (1 - alpha) c / T dD/dz_s.
+//
+// Every kernel computes a row in the same steps, which also run on a slice of the row's
+// columns (the vocabulary-parallel loss, lepton_fast/distributed.py, where each rank holds one):
+//   1. statistics of the row (or slice): KDRowStats below, which merge across slices;
+//   2. JSD only: with both log-sum-exps known, the sums K_t = KL(p_t || m), K_s = KL(p_s || m),
+//      which add up across slices;
+//   3. from the row's statistics (and sums), its constants and loss: kd_row_consts;
+//   4. the gradient of each column, from the constants.
+// fused_kd_loss runs the four in one kernel call per row; the kd_slice_* ops run 1, 2 and
+// 3 + 4 on a slice, and the caller merges in between (csrc/ops.cpp).
 #pragma once
 
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 
 #include "common.h"
@@ -29,6 +40,7 @@ enum class Divergence : int { kForwardKL = 0, kReverseKL = 1, kJSD = 2 };
 // kernel rounds them to its accumulation type). Their values were checked in Python:
 // temperature > 0, beta, alpha and label_smoothing in [0, 1], labels given when alpha > 0.
 struct KDParams {
+  double temperature;
   double inv_temperature;
   Divergence divergence;
   double beta;
@@ -43,18 +55,35 @@ struct KDParams {
   bool needs_soft;  // alpha < 1
 };
 
-// The checks of fused_kd_loss's tensors that the CPU and CUDA kernels share.
-inline void check_kd_inputs(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
-                            const std::optional<at::Tensor>& labels) {
+// The checks of the KD ops' tensors that the CPU and CUDA kernels share. `op` names the op in
+// the messages; a slice of the rows' columns (the kd_slice_* ops) is the student's
+// C_r = size(1) columns at class_offset of rows of row_classes columns (0: not checked).
+inline void check_kd_inputs(const char* op, const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                            const std::optional<at::Tensor>& labels, int64_t class_offset = 0,
+                            int64_t row_classes = 0) {
   LF_CHECK_ROWS(student_logits);
   LF_CHECK_ROWS(teacher_logits);
-  TORCH_CHECK(teacher_logits.sizes() == student_logits.sizes(), "fused_kd_loss: logits shapes differ");
-  TORCH_CHECK(student_logits.scalar_type() == teacher_logits.scalar_type(), "fused_kd_loss: logits dtypes differ");
+  TORCH_CHECK(teacher_logits.sizes() == student_logits.sizes(), op, ": logits shapes differ");
+  TORCH_CHECK(student_logits.scalar_type() == teacher_logits.scalar_type(), op, ": logits dtypes differ");
   LF_CHECK_DEVICE(teacher_logits, student_logits);
   if (labels) {
     LF_CHECK_SHAPE(*labels, student_logits.size(0));
     LF_CHECK_DEVICE(*labels, student_logits);
   }
+  const int64_t n_classes = student_logits.size(1);
+  TORCH_CHECK_VALUE(row_classes == 0 || (class_offset >= 0 && class_offset + n_classes <= row_classes), op,
+                    ": a slice of ", n_classes, " columns at class_offset=", class_offset,
+                    " does not fit in n_classes=", row_classes);
+}
+
+// Merged statistics (or JSD sums) of every row, [N, width] in the logits' accumulation type,
+// as kd_slice_jsd_sums and kd_slice_loss take them.
+inline void check_merged_stats(const char* op, const at::Tensor& x, const at::Tensor& student, int64_t width) {
+  const auto acc = at::toOpMathType(student.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == student.size(0) && x.size(1) == width && x.is_contiguous(), op,
+              ": merged statistics must be a contiguous [", student.size(0), ", ", width, "] tensor, got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == acc, op, ": merged statistics must be ", acc, ", got ", x.scalar_type());
+  LF_CHECK_DEVICE(x, student);
 }
 
 inline KDParams make_kd_params(const at::Tensor& temperature, const at::Tensor& beta_t, const at::Tensor& alpha_t,
@@ -72,6 +101,7 @@ inline KDParams make_kd_params(const at::Tensor& temperature, const at::Tensor& 
     p.divergence = Divergence::kJSD;
   }
   const double scale = scale_by_t2 ? t * t : 1.0;
+  p.temperature = t;
   p.inv_temperature = 1.0 / t;
   p.beta = beta;
   p.alpha = alpha;
@@ -129,13 +159,15 @@ LF_HOST_DEVICE acc_t kl_from_sums(acc_t a, acc_t s_p, acc_t m_p, acc_t s_q, acc_
   return a / s_p + (m_q - m_p) + std::log(s_q / s_p);
 }
 
-// Row cross-entropy at T = 1 with label smoothing eps:
-//   lse - (1 - eps) x_y - eps / C sum_j x_j   (the smoothing sum only when eps > 0, so that a
-// -inf logit cannot turn an unsmoothed loss into NaN).
+// The part of a row's cross-entropy at T = 1 (label smoothing eps, C classes in the row) that
+// is linear in the logits x, over the columns of a slice of the row:
+//   (1 - eps) x_label (when the label is in the slice) + eps / C sum_j x_j,
+// the smoothing sum only when eps > 0, so that a -inf logit cannot turn an unsmoothed loss
+// into NaN. The parts of a row's slices add up; the row's CE is lse(x) - their sum.
 template <typename acc_t>
-LF_HOST_DEVICE acc_t ce_from_sums(acc_t lse, acc_t x_label, acc_t sum_x, acc_t eps, int64_t n_classes) {
+LF_HOST_DEVICE acc_t ce_linear_part(bool has_label, acc_t x_label, acc_t sum_x, acc_t eps, int64_t n_classes) {
   const acc_t smooth = eps > 0 ? eps / acc_t(n_classes) * sum_x : acc_t(0);
-  return lse - (1 - eps) * x_label - smooth;
+  return (has_label ? (1 - eps) * x_label : acc_t(0)) + smooth;
 }
 
 // Online softmax statistics of z together with W = sum_j exp(z_j - max) w_j, so that
@@ -200,6 +232,89 @@ LF_HOST_DEVICE acc_t soft_grad(Divergence div, acc_t lps, acc_t lpt, acc_t k_s, 
     case Divergence::kReverseKL: return weighted<M>(ps, lps - lpt - k_s);
     default: return (1 - beta) * weighted<M>(ps, lps - log_mixture_of<M>(lps, lpt, log_beta, log_1m_beta) - k_s);
   }
+}
+
+// ---------------------------------------------------------------------------------------
+// Which of a row's steps a kernel call runs, and for which op.
+enum class KDMode : int {
+  kFused,  // fused_kd_loss: steps 1-4 on whole rows
+  kStats,  // kd_slice_stats: step 1 on a slice
+  kJSDSums,  // kd_slice_jsd_sums: step 2 on a slice, from the merged statistics
+  kSlice,  // kd_slice_loss: steps 3-4 on a slice, from the merged statistics (and JSD sums)
+};
+
+// Step 1's statistics of one row over a slice of its columns (the whole row, or a part).
+// z = x / T for student (s) and teacher (t). Each max is a reference the sums are taken
+// against: the slice's max of z up to rounding, -inf where the slice has no finite z (its
+// sums are then 0). kd_slice_stats writes them as the columns KDStat of an [N, 7] tensor.
+//   kl: forward KL sum exp(z_t - max_t) (z_t - z_s); reverse KL sum exp(z_s - max_s) (z_s - z_t);
+//       0 for JSD (kl_from_sums has the formulas);
+//   sum_ce: sum exp(x_s - T max_s), the CE's softmax at T = 1 against T max_s (= sum_s at T = 1);
+//   lin_ce: ce_linear_part over the slice.
+// Slices merge as online-softmax statistics do: max = the largest max; each sum times
+// exp(its max - max) (sum_ce: exp(T (max_s - max))), with 0 for a slice whose max is -inf
+// and 0 * inf = 0; then sums add, and lin_ce adds.
+enum KDStat : int { kStatMaxS = 0, kStatMaxT, kStatSumS, kStatSumT, kStatKL, kStatSumCE, kStatLinCE, kNumKDStats };
+
+template <typename acc_t>
+struct KDRowStats {
+  acc_t max_s, max_t, sum_s, sum_t, kl, sum_ce, lin_ce;
+
+  LF_HOST_DEVICE void store(acc_t* out) const {
+    out[kStatMaxS] = max_s;
+    out[kStatMaxT] = max_t;
+    out[kStatSumS] = sum_s;
+    out[kStatSumT] = sum_t;
+    out[kStatKL] = kl;
+    out[kStatSumCE] = sum_ce;
+    out[kStatLinCE] = lin_ce;
+  }
+  LF_HOST_DEVICE static KDRowStats load(const acc_t* in) {
+    return {in[kStatMaxS], in[kStatMaxT], in[kStatSumS], in[kStatSumT], in[kStatKL], in[kStatSumCE], in[kStatLinCE]};
+  }
+};
+
+// log-sum-exp from a max and its sum; NaN where the sum is 0 (no finite entry: the softmax is
+// undefined, which the kernels report) or NaN.
+template <typename acc_t>
+LF_HOST_DEVICE acc_t lse_from(acc_t max, acc_t sum) {
+  return sum > 0 ? max + std::log(sum) : std::numeric_limits<acc_t>::quiet_NaN();
+}
+
+// Step 3's constants of a row: the log-sum-exps, the row constant k of the soft gradient (D for
+// reverse KL, K_s for JSD, see soft_grad) and the row's loss, NaN where a softmax is undefined.
+template <typename acc_t>
+struct KDRowConsts {
+  acc_t lse_s, lse_t, lse_ce, k, loss;
+};
+
+// From a row's statistics over all its columns; k_t, k_s are JSD's step-2 sums (else unused).
+template <typename acc_t>
+LF_HOST_DEVICE KDRowConsts<acc_t> kd_row_consts(const KDRowStats<acc_t>& st, const KDParams& p, acc_t k_t, acc_t k_s) {
+  KDRowConsts<acc_t> c{0, 0, 0, 0, 0};
+  if (p.needs_soft) {
+    c.lse_s = lse_from(st.max_s, st.sum_s);
+    c.lse_t = lse_from(st.max_t, st.sum_t);
+    acc_t div;
+    if (p.divergence == Divergence::kForwardKL) {
+      div = kl_from_sums(st.kl, st.sum_t, st.max_t, st.sum_s, st.max_s);
+    } else if (p.divergence == Divergence::kReverseKL) {
+      div = kl_from_sums(st.kl, st.sum_s, st.max_s, st.sum_t, st.max_t);
+      c.k = div;
+    } else {
+      const acc_t beta = p.beta;
+      div = beta * k_t + (1 - beta) * k_s;
+      c.k = k_s;
+    }
+    // An entirely -inf (or NaN) row must come out NaN, whatever the sums.
+    if (c.lse_s != c.lse_s || c.lse_t != c.lse_t) div = std::numeric_limits<acc_t>::quiet_NaN();
+    c.loss = acc_t(p.soft_weight) * div;
+  }
+  if (p.needs_ce) {
+    c.lse_ce = lse_from(acc_t(p.temperature) * st.max_s, st.sum_ce);
+    c.loss += acc_t(p.alpha) * (c.lse_ce - st.lin_ce);
+  }
+  return c;
 }
 
 }  // namespace lepton_fast

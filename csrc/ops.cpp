@@ -28,6 +28,30 @@ TORCH_LIBRARY(lepton_fast, m) {
       "fused_kd_loss(Tensor student_logits, Tensor teacher_logits, Tensor? labels, Tensor temperature, "
       "Tensor beta, Tensor alpha, Tensor label_smoothing, str divergence, int ignore_index, bool scale_by_t2, "
       "str reduction, Tensor? num_items_in_batch, bool compute_grad) -> (Tensor loss, Tensor grad)");
+  // fused_kd_loss split at its steps (csrc/kd_loss.h), for rows whose columns lie in slices
+  // (lepton_fast/distributed.py: a vocabulary split over ranks). Each op reads the [N, C_r]
+  // slice of the rows' columns that starts at column class_offset of rows of n_classes;
+  // labels are class ids of the whole row. The caller merges the statistics of all slices in
+  // between (KDStat in csrc/kd_loss.h has the layout and the merge).
+  //   kd_slice_stats: each row's statistics over the slice, [N, 7] (float32; float64 for
+  //     float64 logits); rows whose label is ignore_index get zeros.
+  //   kd_slice_jsd_sums: given the merged statistics, the slice's part of the JSD's sums
+  //     K_t = KL(p_t || m), K_s = KL(p_s || m), [N, 2] (0 at ignored rows).
+  //   kd_slice_loss: given the merged statistics (and merged jsd_sums for the JSD), the loss of
+  //     the whole rows as fused_kd_loss gives it, and the gradient of the slice (its Autograd
+  //     kernel is fused_kd_loss's).
+  m.def(
+      "kd_slice_stats(Tensor student_logits, Tensor teacher_logits, Tensor? labels, Tensor temperature, "
+      "Tensor beta, Tensor alpha, Tensor label_smoothing, str divergence, int ignore_index, int class_offset, "
+      "int n_classes) -> Tensor");
+  m.def(
+      "kd_slice_jsd_sums(Tensor student_logits, Tensor teacher_logits, Tensor? labels, Tensor stats, "
+      "Tensor temperature, Tensor beta, int ignore_index) -> Tensor");
+  m.def(
+      "kd_slice_loss(Tensor student_logits, Tensor teacher_logits, Tensor? labels, Tensor stats, Tensor? jsd_sums, "
+      "Tensor temperature, Tensor beta, Tensor alpha, Tensor label_smoothing, str divergence, int ignore_index, "
+      "bool scale_by_t2, str reduction, Tensor? num_items_in_batch, int class_offset, int n_classes, "
+      "bool compute_grad) -> (Tensor loss, Tensor grad)");
   // FixMatch's unlabeled loss (csrc/pseudo_labels.h): pseudo-labels from the weak view, masked
   // cross-entropy on the strong view. Returns (loss, d(loss)/d(strong) or an empty tensor,
   // labels int64 [N], confidence [N], mask bool [N], class_counts int64 [C]). "mean" divides

@@ -1,21 +1,26 @@
-"""Triton kernel of fused_kd_loss (schema: csrc/ops.cpp), the same contract as the C++ kernels.
+"""Triton kernels of fused_kd_loss and the kd_slice_* ops (schemas: csrc/ops.cpp), the same
+contract as the C++ kernels.
 
-One program per row walks the row in column blocks, so a row of any width (C >= 64k
-included) runs in a fixed number of registers. Pass 1 keeps online softmax statistics
-(running max and sum of exponentials) of student and teacher, and for forward/reverse KL
-also the running sum E_p[z_p - z_q] that gives the divergence in the same pass:
+A row's steps (csrc/kd_loss.h documents them and the formulas) are ``@triton.jit`` functions
+below: ``_row_stats`` (step 1), ``_row_jsd_sums`` (step 2, JSD only), ``_row_consts`` (step 3)
+and ``_row_grad`` (step 4). ``_kd_loss_kernel`` composes them, one program per row, for
+fused_kd_loss (all four) and kd_slice_loss (3 and 4 from merged statistics); the two other
+kernels run step 1 and step 2 on a slice of the columns.
+
+Each program walks its row in column blocks, so a row of any width (C >= 64k included) runs
+in a fixed number of registers. Step 1 keeps online softmax statistics (running max and sum
+of exponentials) of student and teacher, and for forward/reverse KL also the running sum
+E_p[z_p - z_q] that gives the divergence in the same pass:
 
     KL(p || q) = E_p[z_p - z_q] - lse_p + lse_q,  z = logits / T.
 
 The last pass writes the gradient (already times grad_scale). JSD needs log m, which depends
 on both row constants, so it takes one more pass for the divergence and its gradient
-constant. Inputs are read twice (three times for JSD) and the gradient written once; each
-pass walks the row in the direction opposite to the one before, so that a re-read starts
-on the columns most recently loaded, the ones most likely to be still in L2.
+constant. fused_kd_loss reads its inputs twice (three times for JSD) and writes the gradient
+once; each pass walks the row in the direction opposite to the one before, so that a re-read
+starts on the columns most recently loaded, the ones most likely to be still in L2.
 Accumulation is float32 (float64 for float64 inputs). Per-row losses are written, never
 atomically added, so the reduction the Python layer does on them is deterministic.
-
-The per-element math mirrors csrc/kd_loss.h, which documents the formulas.
 """
 from __future__ import annotations
 
@@ -25,12 +30,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (acc_dtype, check_labels, check_rows_defined, lse, online_softmax, reduce_rows, scalar,
+from ._common import (acc_dtype, check_labels, check_rows_defined, online_softmax, reduce_rows, scalar,
                       store_zeros)
 
 _DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 # Widest column block: 8 accumulators per element stay in registers at 8 warps.
 MAX_BLOCK = 2048
+N_STATS = 7  # the columns of kd_slice_stats (KDStat in csrc/kd_loss.h)
 
 
 @triton.jit
@@ -51,15 +57,169 @@ def _kl_term(logp, logq):
 
 
 @triton.jit
+def _lse_from(m, s):
+    """log-sum-exp from a max and its sum; NaN where the sum is 0 (no finite entry)."""
+    return tl.where(s > 0, m + tl.log(tl.where(s > 0, s, 1.0)), float("nan"))
+
+
+@triton.jit
+def _row_stats(s_row, t_row, C, label, inv_t, temperature, eps, row_classes,
+               DIV: tl.constexpr, NEEDS_SOFT: tl.constexpr, NEEDS_CE: tl.constexpr, CE_OWN: tl.constexpr,
+               SMOOTH: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Step 1 on the C columns at s_row, t_row (``label``: its column among them, or -1):
+    (max_s, max_t, sum_s, sum_t, kl, sum_ce, lin_ce), KDRowStats of csrc/kd_loss.h."""
+    neg_inf = float("-inf")
+    cols0 = tl.arange(0, BLOCK)
+    m_s = tl.full([], neg_inf, ACC)
+    l_s = tl.zeros([], ACC)
+    m_t = tl.full([], neg_inf, ACC)
+    l_t = tl.zeros([], ACC)
+    m_1 = tl.full([], neg_inf, ACC)
+    l_1 = tl.zeros([], ACC)
+    w_kl = tl.zeros([], ACC)  # sum exp(z_p - m_p) (z_p - z_q), p = teacher (fwd) or student (rev)
+    sum_x = tl.zeros([], ACC)
+    for off in range(0, C, BLOCK):
+        cols = off + cols0
+        mask = cols < C
+        xs = tl.load(s_row + cols, mask=mask, other=neg_inf).to(ACC)
+        if NEEDS_SOFT:
+            xt = tl.load(t_row + cols, mask=mask, other=neg_inf).to(ACC)
+            zs = xs * inv_t
+            zt = xt * inv_t
+            m_s, l_s, e_s, r_s = online_softmax(m_s, l_s, zs)
+            m_t, l_t, e_t, r_t = online_softmax(m_t, l_t, zt)
+            if DIV == 0:
+                w_kl = w_kl * r_t + tl.sum(tl.where(zt == neg_inf, 0.0, e_t * (zt - zs)), 0)
+            elif DIV == 1:
+                w_kl = w_kl * r_s + tl.sum(tl.where(zs == neg_inf, 0.0, e_s * (zs - zt)), 0)
+        if CE_OWN:
+            m_1, l_1, _e1, _r1 = online_softmax(m_1, l_1, xs)
+        if SMOOTH:
+            sum_x += tl.sum(tl.where(mask, xs, 0.0), 0)
+    sum_ce = l_s
+    lin_ce = tl.zeros([], ACC)
+    if NEEDS_CE:
+        if CE_OWN:
+            if not NEEDS_SOFT:
+                m_s = m_1 * inv_t
+            # Against T max_s, which equals m_1 up to rounding (so the factor is about 1).
+            safe = tl.where(l_1 > 0, m_1 - temperature * m_s, 0.0)
+            sum_ce = tl.where(l_1 > 0, l_1 * tl.exp(safe), 0.0)
+        x_label = tl.load(s_row + tl.maximum(label, 0), mask=label >= 0, other=0.0).to(ACC)
+        lin_ce = tl.where(label >= 0, (1.0 - eps) * x_label, 0.0)
+        if SMOOTH:
+            lin_ce += eps / row_classes * sum_x
+    return m_s, m_t, l_s, l_t, w_kl, sum_ce, lin_ce
+
+
+@triton.jit
+def _row_jsd_sums(s_row, t_row, C, lse_s, lse_t, inv_t, log_beta, log_1m_beta, ACC: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """Step 2 (JSD): K_t = KL(p_t || m) and K_s = KL(p_s || m) over the C columns, backwards."""
+    neg_inf = float("-inf")
+    cols0 = tl.arange(0, BLOCK)
+    n_blocks = tl.cdiv(C, BLOCK)
+    acc_t = tl.zeros([BLOCK], ACC)
+    acc_s = tl.zeros([BLOCK], ACC)
+    for k in range(0, n_blocks):
+        cols = (n_blocks - 1 - k) * BLOCK + cols0  # backwards: see the module docstring
+        mask = cols < C
+        lps = tl.load(s_row + cols, mask=mask, other=neg_inf).to(ACC) * inv_t - lse_s
+        lpt = tl.load(t_row + cols, mask=mask, other=neg_inf).to(ACC) * inv_t - lse_t
+        lm = _log_mixture(lps, lpt, log_beta, log_1m_beta)
+        acc_t += _kl_term(lpt, lm)
+        acc_s += _kl_term(lps, lm)
+    return tl.sum(acc_t, 0), tl.sum(acc_s, 0)
+
+
+@triton.jit
+def _row_consts(m_s, m_t, l_s, l_t, w_kl, sum_ce, lin_ce, k_t, k_s, temperature, beta, alpha, soft_w,
+                DIV: tl.constexpr, NEEDS_SOFT: tl.constexpr, NEEDS_CE: tl.constexpr):
+    """Step 3: (lse_s, lse_t, lse_ce, k, row loss) from the row's statistics (kd_row_consts)."""
+    lse_s = _lse_from(m_s, l_s)
+    lse_t = _lse_from(m_t, l_t)
+    lse_ce = lse_s
+    k = tl.zeros_like(lse_s)
+    row_loss = tl.zeros_like(lse_s)
+    if NEEDS_SOFT:
+        if DIV == 0:
+            div = w_kl / l_t - lse_t + lse_s
+        elif DIV == 1:
+            div = w_kl / l_s - lse_s + lse_t
+            k = div
+        else:
+            div = beta * k_t + (1.0 - beta) * k_s
+            k = k_s
+        row_loss += soft_w * tl.where((lse_s != lse_s) | (lse_t != lse_t), float("nan"), div)
+    if NEEDS_CE:
+        lse_ce = _lse_from(temperature * m_s, sum_ce)
+        row_loss += alpha * (lse_ce - lin_ce)
+    return lse_s, lse_t, lse_ce, k, row_loss
+
+
+@triton.jit
+def _row_grad(s_row, t_row, g_row, C, label, lse_s, lse_t, lse_ce, k, inv_t, beta, log_beta, log_1m_beta, eps,
+              soft_scale, ce_scale, row_classes, DIV: tl.constexpr, NEEDS_SOFT: tl.constexpr,
+              NEEDS_CE: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Step 4: d(row loss)/d(student) of the C columns, times grad_scale (in the scales)."""
+    neg_inf = float("-inf")
+    cols0 = tl.arange(0, BLOCK)
+    n_blocks = tl.cdiv(C, BLOCK)
+    for kb in range(0, n_blocks):
+        if REVERSE:
+            cols = (n_blocks - 1 - kb) * BLOCK + cols0
+        else:
+            cols = kb * BLOCK + cols0
+        mask = cols < C
+        xs = tl.load(s_row + cols, mask=mask, other=neg_inf).to(ACC)
+        d = tl.zeros([BLOCK], ACC)
+        if NEEDS_SOFT:
+            xt = tl.load(t_row + cols, mask=mask, other=neg_inf).to(ACC)
+            lps = xs * inv_t - lse_s
+            lpt = xt * inv_t - lse_t
+            ps = tl.exp(lps)
+            if DIV == 0:
+                d = ps - tl.exp(lpt)
+            elif DIV == 1:
+                d = tl.where(ps == 0.0, 0.0, ps * (lps - lpt - k))
+            else:
+                lm = _log_mixture(lps, lpt, log_beta, log_1m_beta)
+                d = tl.where(ps == 0.0, 0.0, (1.0 - beta) * ps * (lps - lm - k))
+            d = d * soft_scale
+        if NEEDS_CE:
+            q = tl.exp(xs - lse_ce)
+            onehot = tl.where(cols == label, 1.0 - eps, 0.0)
+            d += ce_scale * (q - eps / row_classes - onehot)
+        tl.store(g_row + cols, d.to(g_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _label_of_row(y_ptr, row, C, class_offset, ignore_index, HAS_LABELS: tl.constexpr):
+    """(whether the row is ignored, the label's column among the slice's C or -1)."""
+    ignored = False
+    here = tl.full([], -1, tl.int64)
+    if HAS_LABELS:
+        label = tl.load(y_ptr + row)
+        ignored = label == ignore_index
+        column = label - class_offset
+        here = tl.where((label != ignore_index) & (column >= 0) & (column < C), column, -1)
+    return ignored, here
+
+
+@triton.jit
 def _kd_loss_kernel(
-    s_ptr, t_ptr, y_ptr, g_ptr, loss_ptr, gs_ptr,
-    C, s_stride, t_stride,
+    s_ptr, t_ptr, y_ptr, g_ptr, loss_ptr, gs_ptr, stats_ptr, jsd_ptr,
+    C, s_stride, t_stride, class_offset, row_classes,
     # Float scalars arrive as float64 so that float64 inputs keep full precision.
-    inv_t: tl.float64, beta: tl.float64, log_beta: tl.float64, log_1m_beta: tl.float64,
+    temperature: tl.float64, inv_t: tl.float64, beta: tl.float64, log_beta: tl.float64, log_1m_beta: tl.float64,
     alpha: tl.float64, eps: tl.float64, soft_w: tl.float64, soft_gw: tl.float64, ignore_index,
-    DIV: tl.constexpr, NEEDS_SOFT: tl.constexpr, NEEDS_CE: tl.constexpr, SMOOTH: tl.constexpr,
-    HAS_LABELS: tl.constexpr, COMPUTE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    DIV: tl.constexpr, NEEDS_SOFT: tl.constexpr, NEEDS_CE: tl.constexpr, CE_OWN: tl.constexpr,
+    SMOOTH: tl.constexpr, HAS_LABELS: tl.constexpr, COMPUTE_GRAD: tl.constexpr, FROM_STATS: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    """fused_kd_loss (steps 1-4 per row), or kd_slice_loss when FROM_STATS (3-4 from the
+    merged statistics at stats_ptr and JSD sums at jsd_ptr)."""
+    temperature = tl.full([], temperature, ACC)
     inv_t = tl.full([], inv_t, ACC)
     beta = tl.full([], beta, ACC)
     log_beta = tl.full([], log_beta, ACC)
@@ -72,113 +232,182 @@ def _kd_loss_kernel(
     s_row = s_ptr + row * s_stride
     t_row = t_ptr + row * t_stride
     g_row = g_ptr + row * C
-    cols0 = tl.arange(0, BLOCK)
-    n_blocks = tl.cdiv(C, BLOCK)
-    neg_inf = float("-inf")
-    label = -1
-    ignored = False
-    if HAS_LABELS:
-        label = tl.load(y_ptr + row)
-        ignored = label == ignore_index
+    ignored, label = _label_of_row(y_ptr, row, C, class_offset, ignore_index, HAS_LABELS)
     if ignored:
         tl.store(loss_ptr + row, 0.0)
         if COMPUTE_GRAD:
             store_zeros(g_row, C, BLOCK)
     else:
-        # Pass 1: softmax statistics at T (student, teacher), at T = 1 (CE), and E_p[z_p - z_q].
-        m_s = tl.full([], neg_inf, ACC)
-        l_s = tl.zeros([], ACC)
-        m_t = tl.full([], neg_inf, ACC)
-        l_t = tl.zeros([], ACC)
-        m_1 = tl.full([], neg_inf, ACC)
-        l_1 = tl.zeros([], ACC)
-        w_kl = tl.zeros([], ACC)  # sum exp(z_p - m_p) (z_p - z_q), p = teacher (fwd) or student (rev)
-        sum_x = tl.zeros([], ACC)
-        for off in range(0, C, BLOCK):
-            cols = off + cols0
-            mask = cols < C
-            xs = tl.load(s_row + cols, mask=mask, other=neg_inf).to(ACC)
-            if NEEDS_SOFT:
-                xt = tl.load(t_row + cols, mask=mask, other=neg_inf).to(ACC)
-                zs = xs * inv_t
-                zt = xt * inv_t
-                m_s, l_s, e_s, r_s = online_softmax(m_s, l_s, zs)
-                m_t, l_t, e_t, r_t = online_softmax(m_t, l_t, zt)
-                if DIV == 0:
-                    w_kl = w_kl * r_t + tl.sum(tl.where(zt == neg_inf, 0.0, e_t * (zt - zs)), 0)
-                elif DIV == 1:
-                    w_kl = w_kl * r_s + tl.sum(tl.where(zs == neg_inf, 0.0, e_s * (zs - zt)), 0)
-            if NEEDS_CE:
-                m_1, l_1, _e1, _r1 = online_softmax(m_1, l_1, xs)
-                if SMOOTH:
-                    sum_x += tl.sum(tl.where(mask, xs, 0.0), 0)
-        lse_s = lse(m_s, l_s)
-        lse_t = lse(m_t, l_t)
-        row_loss = tl.zeros([], ACC)
-        k_s = tl.zeros([], ACC)  # the row constant of the reverse-KL / JSD gradient
-        if NEEDS_SOFT:
-            if DIV == 0:
-                div = w_kl / l_t - lse_t + lse_s
-            elif DIV == 1:
-                div = w_kl / l_s - lse_s + lse_t
-                k_s = div
-            else:
-                # Pass 2 (JSD): D and K_s = KL(p_s || m) need log m, hence both row constants.
-                acc_div = tl.zeros([BLOCK], ACC)
-                acc_ks = tl.zeros([BLOCK], ACC)
-                for k in range(0, n_blocks):
-                    cols = (n_blocks - 1 - k) * BLOCK + cols0  # backwards: see the module docstring
-                    mask = cols < C
-                    lps = tl.load(s_row + cols, mask=mask, other=neg_inf).to(ACC) * inv_t - lse_s
-                    lpt = tl.load(t_row + cols, mask=mask, other=neg_inf).to(ACC) * inv_t - lse_t
-                    lm = _log_mixture(lps, lpt, log_beta, log_1m_beta)
-                    ks = _kl_term(lps, lm)
-                    acc_ks += ks
-                    acc_div += beta * _kl_term(lpt, lm) + (1.0 - beta) * ks
-                div = tl.sum(acc_div, 0)
-                k_s = tl.sum(acc_ks, 0)
-            row_loss += soft_w * div
-        lse_1 = lse(m_1, l_1)
-        if NEEDS_CE:
-            x_y = tl.load(s_row + label).to(ACC)
-            ce = lse_1 - (1.0 - eps) * x_y
-            if SMOOTH:
-                ce -= eps / C * sum_x
-            row_loss += alpha * ce
+        k_t = tl.zeros([], ACC)
+        k_s = tl.zeros([], ACC)
+        if FROM_STATS:
+            st = stats_ptr + row * 7
+            m_s = tl.load(st + 0)
+            m_t = tl.load(st + 1)
+            l_s = tl.load(st + 2)
+            l_t = tl.load(st + 3)
+            w_kl = tl.load(st + 4)
+            sum_ce = tl.load(st + 5)
+            lin_ce = tl.load(st + 6)
+            if NEEDS_SOFT and DIV == 2:
+                k_t = tl.load(jsd_ptr + row * 2)
+                k_s = tl.load(jsd_ptr + row * 2 + 1)
+        else:
+            m_s, m_t, l_s, l_t, w_kl, sum_ce, lin_ce = _row_stats(
+                s_row, t_row, C, label, inv_t, temperature, eps, row_classes,
+                DIV, NEEDS_SOFT, NEEDS_CE, CE_OWN, SMOOTH, ACC, BLOCK)
+            if NEEDS_SOFT and DIV == 2:
+                k_t, k_s = _row_jsd_sums(s_row, t_row, C, _lse_from(m_s, l_s), _lse_from(m_t, l_t), inv_t, log_beta,
+                                         log_1m_beta, ACC, BLOCK)
+        lse_s, lse_t, lse_ce, k, row_loss = _row_consts(m_s, m_t, l_s, l_t, w_kl, sum_ce, lin_ce, k_t, k_s,
+                                                        temperature, beta, alpha, soft_w, DIV, NEEDS_SOFT, NEEDS_CE)
         tl.store(loss_ptr + row, row_loss)
         if COMPUTE_GRAD:
-            # Last pass: d(row loss)/d(student) * grad_scale.
             gs = tl.load(gs_ptr).to(ACC)
-            soft_scale = soft_gw * gs
-            ce_scale = alpha * gs
-            for k in range(0, n_blocks):
-                # Against the direction of the previous pass, so that it starts on the columns
-                # that pass read last, the likeliest to be still in L2.
-                if DIV == 2:
-                    cols = k * BLOCK + cols0
-                else:
-                    cols = (n_blocks - 1 - k) * BLOCK + cols0
-                mask = cols < C
-                xs = tl.load(s_row + cols, mask=mask, other=neg_inf).to(ACC)
-                d = tl.zeros([BLOCK], ACC)
-                if NEEDS_SOFT:
-                    xt = tl.load(t_row + cols, mask=mask, other=neg_inf).to(ACC)
-                    lps = xs * inv_t - lse_s
-                    lpt = xt * inv_t - lse_t
-                    ps = tl.exp(lps)
-                    if DIV == 0:
-                        d = ps - tl.exp(lpt)
-                    elif DIV == 1:
-                        d = tl.where(ps == 0.0, 0.0, ps * (lps - lpt - k_s))
-                    else:
-                        lm = _log_mixture(lps, lpt, log_beta, log_1m_beta)
-                        d = tl.where(ps == 0.0, 0.0, (1.0 - beta) * ps * (lps - lm - k_s))
-                    d = d * soft_scale
-                if NEEDS_CE:
-                    q = tl.exp(xs - lse_1)
-                    onehot = tl.where(cols == label, 1.0 - eps, 0.0)
-                    d += ce_scale * (q - eps / C - onehot)
-                tl.store(g_row + cols, d.to(g_ptr.dtype.element_ty), mask=mask)
+            # Against the direction of the previous pass (JSD's step 2 went backwards).
+            _row_grad(s_row, t_row, g_row, C, label, lse_s, lse_t, lse_ce, k, inv_t, beta, log_beta, log_1m_beta,
+                      eps, soft_gw * gs, alpha * gs, row_classes, DIV, NEEDS_SOFT, NEEDS_CE, DIV != 2, ACC, BLOCK)
+
+
+@triton.jit
+def _kd_slice_stats_kernel(
+    s_ptr, t_ptr, y_ptr, out_ptr, C, s_stride, t_stride, class_offset, row_classes,
+    temperature: tl.float64, inv_t: tl.float64, eps: tl.float64, ignore_index,
+    DIV: tl.constexpr, NEEDS_SOFT: tl.constexpr, NEEDS_CE: tl.constexpr, CE_OWN: tl.constexpr,
+    SMOOTH: tl.constexpr, HAS_LABELS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """kd_slice_stats: step 1 per row, zeros at ignored rows."""
+    temperature = tl.full([], temperature, ACC)
+    inv_t = tl.full([], inv_t, ACC)
+    eps = tl.full([], eps, ACC)
+    row = tl.program_id(0).to(tl.int64)
+    ignored, label = _label_of_row(y_ptr, row, C, class_offset, ignore_index, HAS_LABELS)
+    out = out_ptr + row * 7
+    if ignored:
+        for i in range(0, 7):
+            tl.store(out + i, tl.zeros([], ACC))
+    else:
+        m_s, m_t, l_s, l_t, w_kl, sum_ce, lin_ce = _row_stats(
+            s_ptr + row * s_stride, t_ptr + row * t_stride, C, label, inv_t, temperature, eps, row_classes,
+            DIV, NEEDS_SOFT, NEEDS_CE, CE_OWN, SMOOTH, ACC, BLOCK)
+        tl.store(out + 0, m_s)
+        tl.store(out + 1, m_t)
+        tl.store(out + 2, l_s)
+        tl.store(out + 3, l_t)
+        tl.store(out + 4, w_kl)
+        tl.store(out + 5, sum_ce)
+        tl.store(out + 6, lin_ce)
+
+
+@triton.jit
+def _kd_slice_jsd_kernel(
+    s_ptr, t_ptr, y_ptr, stats_ptr, out_ptr, C, s_stride, t_stride,
+    inv_t: tl.float64, log_beta: tl.float64, log_1m_beta: tl.float64, ignore_index,
+    HAS_LABELS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """kd_slice_jsd_sums: step 2 per row from the merged statistics, zeros at ignored rows."""
+    inv_t = tl.full([], inv_t, ACC)
+    log_beta = tl.full([], log_beta, ACC)
+    log_1m_beta = tl.full([], log_1m_beta, ACC)
+    row = tl.program_id(0).to(tl.int64)
+    ignored, _label = _label_of_row(y_ptr, row, C, 0, ignore_index, HAS_LABELS)
+    k_t = tl.zeros([], ACC)
+    k_s = tl.zeros([], ACC)
+    if not ignored:
+        st = stats_ptr + row * 7
+        lse_s = _lse_from(tl.load(st + 0), tl.load(st + 2))
+        lse_t = _lse_from(tl.load(st + 1), tl.load(st + 3))
+        k_t, k_s = _row_jsd_sums(s_ptr + row * s_stride, t_ptr + row * t_stride, C, lse_s, lse_t, inv_t, log_beta,
+                                 log_1m_beta, ACC, BLOCK)
+    tl.store(out_ptr + row * 2, k_t)
+    tl.store(out_ptr + row * 2 + 1, k_s)
+
+
+class _Call:
+    """The host-side part every launcher shares: the checks of the logits, the resolved
+    hyper-parameters, and the launch grid and block."""
+
+    def __init__(self, op, student_logits, teacher_logits, labels, temperature, beta, alpha, label_smoothing,
+                 divergence, ignore_index, block):
+        if student_logits.dim() != 2 or student_logits.stride(1) != 1 or teacher_logits.stride(1) != 1:
+            raise ValueError(f"{op}: logits must be [N, C] with rows contiguous along C")
+        if teacher_logits.shape != student_logits.shape or teacher_logits.dtype != student_logits.dtype:
+            raise ValueError(f"{op}: student and teacher logits must have the same shape and dtype")
+        self.op, self.ignore_index = op, ignore_index
+        self.t, self.b, self.a, self.eps = scalar(temperature), scalar(beta), scalar(alpha), scalar(label_smoothing)
+        # beta 0 / 1 are forward / reverse KL exactly (csrc/kd_loss.h make_kd_params).
+        div = _DIVERGENCES[divergence]
+        if div == 2 and self.b in (0.0, 1.0):
+            div = 0 if self.b == 0.0 else 1
+        self.div = div
+        self.n_rows, self.n_classes = student_logits.shape
+        self.acc, self.tl_acc = acc_dtype(student_logits)
+        self.labels = None if labels is None else labels.to(torch.int64).contiguous()
+        self.block = block or min(max(triton.next_power_of_2(self.n_classes), 16), MAX_BLOCK)
+        self.log_beta = math.log(self.b) if self.b > 0 else -math.inf
+        self.log_1m_beta = math.log1p(-self.b) if self.b < 1 else -math.inf
+        needs_soft, needs_ce = self.a < 1, self.a > 0
+        self.flags = dict(DIV=div, NEEDS_SOFT=needs_soft, NEEDS_CE=needs_ce,
+                          CE_OWN=needs_ce and (not needs_soft or self.t != 1.0), SMOOTH=needs_ce and self.eps > 0,
+                          HAS_LABELS=labels is not None, ACC=self.tl_acc, BLOCK=self.block)
+        self.num_warps = 8 if self.block >= 2048 else 4
+
+    def check_slice(self, class_offset, n_classes):
+        if not (0 <= class_offset and class_offset + self.n_classes <= n_classes):
+            raise ValueError(f"{self.op}: a slice of {self.n_classes} columns at class_offset={class_offset} does "
+                             f"not fit in n_classes={n_classes}")
+        if self.labels is not None:
+            check_labels(self.op, self.labels, n_classes, self.ignore_index)
+
+    def labels_or(self, fallback):
+        return self.labels if self.labels is not None else fallback
+
+
+def _merged(op, x, call, width):
+    if x.shape != (call.n_rows, width) or not x.is_contiguous() or x.dtype != call.acc:
+        raise ValueError(f"{op}: merged statistics must be a contiguous [{call.n_rows}, {width}] {call.acc} tensor, "
+                         f"got {tuple(x.shape)} {x.dtype}")
+    return x
+
+
+def _loss_and_grad(op, student_logits, teacher_logits, labels, stats, jsd_sums, temperature, beta, alpha,
+                   label_smoothing, divergence, ignore_index, scale_by_t2, reduction, num_items_in_batch,
+                   class_offset, n_classes, compute_grad, block):
+    """fused_kd_loss (stats None) or kd_slice_loss: the loss as ``reduction`` asks, and the gradient."""
+    call = _Call(op, student_logits, teacher_logits, labels, temperature, beta, alpha, label_smoothing, divergence,
+                 ignore_index, block)
+    call.check_slice(class_offset, n_classes)
+    jsd = call.flags["NEEDS_SOFT"] and call.div == 2
+    if stats is not None:
+        _merged(op, stats, call, N_STATS)
+        if jsd:
+            if jsd_sums is None:
+                raise ValueError(f"{op}: the JSD needs jsd_sums")
+            _merged(op, jsd_sums, call, 2)
+    rows = torch.empty(call.n_rows, dtype=call.acc, device=student_logits.device)
+    grad = (torch.empty_like(student_logits, memory_format=torch.contiguous_format) if compute_grad
+            else student_logits.new_empty((0,)))
+    divisor = max(call.n_rows, 1)
+    if call.labels is not None:
+        divisor = (call.labels != ignore_index).sum().clamp(min=1)
+    if num_items_in_batch is not None:
+        divisor, reduction = num_items_in_batch, "mean"  # the sum over this count instead
+    divides = reduction in ("mean", "batchmean")
+    grad_scale = torch.as_tensor(divisor if divides else 1, dtype=torch.float64, device=student_logits.device)
+    grad_scale = 1.0 / grad_scale
+    if call.n_rows:
+        t, a = call.t, call.a
+        scale = t * t if scale_by_t2 else 1.0
+        _kd_loss_kernel[(call.n_rows,)](
+            student_logits, teacher_logits, call.labels_or(rows), grad, rows, grad_scale,
+            rows if stats is None else stats, rows if not (stats is not None and jsd) else jsd_sums,
+            call.n_classes, student_logits.stride(0), teacher_logits.stride(0), class_offset, n_classes,
+            t, 1.0 / t, call.b, call.log_beta, call.log_1m_beta, a, call.eps, (1.0 - a) * scale, (1.0 - a) * scale / t,
+            ignore_index, COMPUTE_GRAD=compute_grad, FROM_STATS=stats is not None, num_warps=call.num_warps,
+            **call.flags,
+        )
+    check_rows_defined(op, rows, "student_logits or teacher_logits")
+    return reduce_rows(rows, reduction, divisor), grad
 
 
 def fused_kd_loss(
@@ -201,83 +430,111 @@ def fused_kd_loss(
     """(loss as ``reduction`` asks, d(loss)/d(student) or an empty tensor): the contract of
     ``torch.ops.lepton_fast.fused_kd_loss`` (csrc/ops.cpp). ``block`` overrides the column
     block (a power of two), for tests."""
-    op = "fused_kd_loss"
-    if student_logits.dim() != 2 or student_logits.stride(1) != 1 or teacher_logits.stride(1) != 1:
-        raise ValueError(f"{op}: logits must be [N, C] with rows contiguous along C")
-    if teacher_logits.shape != student_logits.shape or teacher_logits.dtype != student_logits.dtype:
-        raise ValueError(f"{op}: student and teacher logits must have the same shape and dtype")
-    t, b, a, eps = scalar(temperature), scalar(beta), scalar(alpha), scalar(label_smoothing)
-    # beta 0 / 1 are forward / reverse KL exactly (csrc/kd_loss.h make_kd_params).
-    div = _DIVERGENCES[divergence]
-    if div == 2 and b in (0.0, 1.0):
-        div = 0 if b == 0.0 else 1
+    return _loss_and_grad("fused_kd_loss", student_logits, teacher_logits, labels, None, None, temperature, beta,
+                          alpha, label_smoothing, divergence, ignore_index, scale_by_t2, reduction, num_items_in_batch,
+                          0, student_logits.shape[-1], compute_grad, block)
 
-    n_rows, n_classes = student_logits.shape
-    acc, tl_acc = acc_dtype(student_logits)
-    rows = torch.empty(n_rows, dtype=acc, device=student_logits.device)
-    grad = (torch.empty_like(student_logits, memory_format=torch.contiguous_format) if compute_grad
-            else student_logits.new_empty((0,)))
-    divisor = max(n_rows, 1)
-    if labels is not None:
-        labels = labels.to(torch.int64).contiguous()
-        check_labels(op, labels, n_classes, ignore_index)
-        divisor = (labels != ignore_index).sum().clamp(min=1)
-    if num_items_in_batch is not None:
-        divisor, reduction = num_items_in_batch, "mean"  # the sum over this count instead
-    divides = reduction in ("mean", "batchmean")
-    grad_scale = torch.as_tensor(divisor if divides else 1, dtype=torch.float64, device=student_logits.device)
-    grad_scale = 1.0 / grad_scale
-    if n_rows:
-        if block is None:
-            block = min(max(triton.next_power_of_2(n_classes), 16), MAX_BLOCK)
-        scale = t * t if scale_by_t2 else 1.0
-        log_beta = math.log(b) if b > 0 else -math.inf
-        log_1m_beta = math.log1p(-b) if b < 1 else -math.inf
-        _kd_loss_kernel[(n_rows,)](
-            student_logits, teacher_logits, labels if labels is not None else rows, grad, rows, grad_scale,
-            n_classes, student_logits.stride(0), teacher_logits.stride(0),
-            1.0 / t, b, log_beta, log_1m_beta, a, eps, (1.0 - a) * scale, (1.0 - a) * scale / t, ignore_index,
-            DIV=div, NEEDS_SOFT=a < 1, NEEDS_CE=a > 0, SMOOTH=eps > 0,
-            HAS_LABELS=labels is not None, COMPUTE_GRAD=compute_grad, ACC=tl_acc, BLOCK=block,
-            num_warps=8 if block >= 2048 else 4,
+
+def kd_slice_loss(student_logits, teacher_logits, labels, stats, jsd_sums, temperature, beta, alpha, label_smoothing,
+                  divergence, ignore_index, scale_by_t2, reduction, num_items_in_batch, class_offset, n_classes,
+                  compute_grad, *, block=None):
+    """The contract of ``torch.ops.lepton_fast.kd_slice_loss`` (csrc/ops.cpp)."""
+    return _loss_and_grad("kd_slice_loss", student_logits, teacher_logits, labels, stats, jsd_sums, temperature, beta,
+                          alpha, label_smoothing, divergence, ignore_index, scale_by_t2, reduction, num_items_in_batch,
+                          class_offset, n_classes, compute_grad, block)
+
+
+def kd_slice_stats(student_logits, teacher_logits, labels, temperature, beta, alpha, label_smoothing, divergence,
+                   ignore_index, class_offset, n_classes, *, block=None):
+    """The contract of ``torch.ops.lepton_fast.kd_slice_stats`` (csrc/ops.cpp)."""
+    call = _Call("kd_slice_stats", student_logits, teacher_logits, labels, temperature, beta, alpha,
+                 label_smoothing, divergence, ignore_index, block)
+    call.check_slice(class_offset, n_classes)
+    out = torch.empty(call.n_rows, N_STATS, dtype=call.acc, device=student_logits.device)
+    if call.n_rows:
+        _kd_slice_stats_kernel[(call.n_rows,)](
+            student_logits, teacher_logits, call.labels_or(out), out, call.n_classes, student_logits.stride(0),
+            teacher_logits.stride(0), class_offset, n_classes, call.t, 1.0 / call.t, call.eps, ignore_index,
+            num_warps=call.num_warps, **call.flags,
         )
-    check_rows_defined(op, rows, "student_logits or teacher_logits")
-    return reduce_rows(rows, reduction, divisor), grad
+    return out
+
+
+def kd_slice_jsd_sums(student_logits, teacher_logits, labels, stats, temperature, beta, ignore_index, *, block=None):
+    """The contract of ``torch.ops.lepton_fast.kd_slice_jsd_sums`` (csrc/ops.cpp)."""
+    zero = torch.zeros((), dtype=torch.float64)
+    call = _Call("kd_slice_jsd_sums", student_logits, teacher_logits, labels, temperature, beta, zero, zero, "jsd",
+                 ignore_index, block)
+    _merged("kd_slice_jsd_sums", stats, call, N_STATS)
+    out = torch.empty(call.n_rows, 2, dtype=call.acc, device=student_logits.device)
+    if call.n_rows:
+        _kd_slice_jsd_kernel[(call.n_rows,)](
+            student_logits, teacher_logits, call.labels_or(out), stats, out, call.n_classes,
+            student_logits.stride(0), teacher_logits.stride(0), 1.0 / call.t, call.log_beta, call.log_1m_beta,
+            ignore_index, HAS_LABELS=call.flags["HAS_LABELS"], ACC=call.tl_acc, BLOCK=call.block,
+            num_warps=call.num_warps,
+        )
+    return out
 
 
 def compile_targets():
-    """Every variant fused_kd_loss above can launch, for tests/test_triton_aot.py, which
+    """Every variant the launchers above can pick, for tests/test_triton_aot.py, which
     compiles them ahead of time for GPU targets: [(kernel, signature, constexprs, options)].
 
-    Keep in step with fused_kd_loss: one entry per dtype, divergence (jsd with beta 0 or 1
-    runs as DIV 0 or 1), alpha (0: soft only, (0, 1): both, 1: CE only), label smoothing,
-    labels given, gradient wanted and column block (with its num_warps). Without labels the
-    loss buffer stands in for y_ptr.
+    Keep in step with _Call and the launchers: per dtype, divergence (jsd with beta 0 or 1
+    runs as DIV 0 or 1), alpha (0: soft only, (0, 1): both, 1: CE only), the CE's own
+    softmax (CE_OWN: at T != 1, or without the soft term), label smoothing (CE only), labels
+    given and column block (with its num_warps); for _kd_loss_kernel also the gradient
+    wanted and FROM_STATS (kd_slice_loss). Absent buffers get the row-loss (or output)
+    buffer in their place: without labels y_ptr, without stats stats_ptr and jsd_ptr.
     """
     targets = []
-    floats = ("inv_t", "beta", "log_beta", "log_1m_beta", "alpha", "eps", "soft_w", "soft_gw")
     blocks = [16 << i for i in range((MAX_BLOCK // 16).bit_length())]  # 16 .. MAX_BLOCK
     for dtype in ("fp32", "bf16", "fp16", "fp64"):
         acc = "fp64" if dtype == "fp64" else "fp32"
-        for div in _DIVERGENCES.values():
-            for needs_soft, needs_ce in ((True, False), (True, True), (False, True)):
-                for smooth in (False, True):
-                    for has_labels in ((True,) if needs_ce else (False, True)):
-                        for compute_grad in (False, True):
-                            for block in blocks:
-                                signature = {
-                                    "s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}",
-                                    "y_ptr": "*i64" if has_labels else f"*{acc}", "g_ptr": f"*{dtype}",
-                                    "loss_ptr": f"*{acc}", "gs_ptr": "*fp64",
-                                    "C": "i32", "s_stride": "i32", "t_stride": "i32",
-                                    **{name: "fp64" for name in floats}, "ignore_index": "i32",
-                                }
-                                constexprs = {
-                                    "DIV": div, "NEEDS_SOFT": needs_soft, "NEEDS_CE": needs_ce, "SMOOTH": smooth,
-                                    "HAS_LABELS": has_labels, "COMPUTE_GRAD": compute_grad,
-                                    "ACC": tl.float64 if acc == "fp64" else tl.float32, "BLOCK": block,
-                                }
-                                signature.update({name: "constexpr" for name in constexprs})
-                                options = {"num_warps": 8 if block >= 2048 else 4}
-                                targets.append((_kd_loss_kernel, signature, constexprs, options))
+        tl_acc = tl.float64 if acc == "fp64" else tl.float32
+        rows = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}"}
+        for block in blocks:
+            options = {"num_warps": 8 if block >= 2048 else 4}
+            for has_labels in (False, True):
+                y = {"y_ptr": "*i64" if has_labels else f"*{acc}"}
+                signature = {**rows, **y, "stats_ptr": f"*{acc}", "out_ptr": f"*{acc}", "C": "i32",
+                             "s_stride": "i32", "t_stride": "i32", "inv_t": "fp64", "log_beta": "fp64",
+                             "log_1m_beta": "fp64", "ignore_index": "i32"}
+                constexprs = {"HAS_LABELS": has_labels, "ACC": tl_acc, "BLOCK": block}
+                targets.append((_kd_slice_jsd_kernel, {**signature, **dict.fromkeys(constexprs, "constexpr")},
+                                constexprs, options))
+            for div in _DIVERGENCES.values():
+                for needs_soft, needs_ce in ((True, False), (True, True), (False, True)):
+                    for ce_own in ((True,) if not needs_soft else (False, True) if needs_ce else (False,)):
+                        for smooth in ((False, True) if needs_ce else (False,)):
+                            for has_labels in ((True,) if needs_ce else (False, True)):
+                                y = {"y_ptr": "*i64" if has_labels else f"*{acc}"}
+                                flags = {"DIV": div, "NEEDS_SOFT": needs_soft, "NEEDS_CE": needs_ce,
+                                         "CE_OWN": ce_own, "SMOOTH": smooth, "HAS_LABELS": has_labels}
+                                signature = {**rows, **y, "out_ptr": f"*{acc}", "C": "i32", "s_stride": "i32",
+                                             "t_stride": "i32", "class_offset": "i32", "row_classes": "i32",
+                                             "temperature": "fp64", "inv_t": "fp64", "eps": "fp64",
+                                             "ignore_index": "i32"}
+                                constexprs = {**flags, "ACC": tl_acc, "BLOCK": block}
+                                targets.append((_kd_slice_stats_kernel,
+                                                {**signature, **dict.fromkeys(constexprs, "constexpr")},
+                                                constexprs, options))
+                                for compute_grad in (False, True):
+                                    for from_stats in (False, True):
+                                        signature = {
+                                            **rows, **y, "g_ptr": f"*{dtype}", "loss_ptr": f"*{acc}",
+                                            "gs_ptr": "*fp64", "stats_ptr": f"*{acc}", "jsd_ptr": f"*{acc}",
+                                            "C": "i32", "s_stride": "i32", "t_stride": "i32", "class_offset": "i32",
+                                            "row_classes": "i32",
+                                            **dict.fromkeys(("temperature", "inv_t", "beta", "log_beta",
+                                                             "log_1m_beta", "alpha", "eps", "soft_w", "soft_gw"),
+                                                            "fp64"),
+                                            "ignore_index": "i32",
+                                        }
+                                        constexprs = {**flags, "COMPUTE_GRAD": compute_grad,
+                                                      "FROM_STATS": from_stats, "ACC": tl_acc, "BLOCK": block}
+                                        targets.append((_kd_loss_kernel,
+                                                        {**signature, **dict.fromkeys(constexprs, "constexpr")},
+                                                        constexprs, options))
     return targets

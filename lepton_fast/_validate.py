@@ -134,14 +134,15 @@ def choice(name: str, value, options) -> str:
     return value
 
 
-def logits(name: str, x) -> Tensor:
+def logits(name: str, x, *, empty_ok: bool = False) -> Tensor:
+    """Floating logits [..., C]; C = 0 only when ``empty_ok`` (a rank's slice of the classes)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
     if x.dim() == 0:
         raise ValueError(f"{name} must have a class dimension [..., C], got a 0-d tensor")
-    if x.shape[-1] == 0:
+    if x.shape[-1] == 0 and not empty_ok:
         raise ValueError(f"{name} must have at least one class, got shape {tuple(x.shape)}")
     return x
 

@@ -40,6 +40,13 @@ def _log_mixture(logp_s: Tensor, logp_t: Tensor, beta: float) -> Tensor:
     return torch.where(present, torch.logsumexp(safe, 0), NEG_INF)
 
 
+def soft_kind(divergence: str, beta: float) -> str:
+    """The divergence computed: JSD at beta 0 / 1 is forward / reverse KL."""
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        return "forward_kl" if beta == 0.0 else "reverse_kl"
+    return divergence
+
+
 def soft_divergence_rows(
     student_logits: Tensor, teacher_logits: Tensor, temperature: float, divergence: str, beta: float
 ) -> Tensor:
@@ -52,12 +59,13 @@ def soft_divergence_rows(
     """
     logp_s = torch.log_softmax(_acc(student_logits) / temperature, dim=-1)
     logp_t = torch.log_softmax(_acc(teacher_logits) / temperature, dim=-1)
-    if divergence == "jsd" and 0.0 < beta < 1.0:
+    kind = soft_kind(divergence, beta)
+    if kind == "jsd":
         log_m = _log_mixture(logp_s, logp_t, beta)
         return beta * _kl_rows(logp_t, log_m) + (1.0 - beta) * _kl_rows(logp_s, log_m)
-    if divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0):
+    if kind == "forward_kl":
         return _kl_rows(logp_t, logp_s)
-    if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
+    if kind == "reverse_kl":
         return _kl_rows(logp_s, logp_t)
     raise ValueError(f"divergence must be 'forward_kl', 'reverse_kl' or 'jsd', got {divergence!r}")
 
@@ -148,6 +156,119 @@ def fused_kd_loss(
     divisor = mean_divisor(flat_labels, ignore_index, rows.shape[0])
     return reduce_rows(rows, reduction, divisor, num_items_in_batch).reshape(lead if reduction == "none" else ())
 
+
+# --- Knowledge distillation over slices of the classes (the vocabulary-parallel loss) -----
+# fused_kd_loss split at its steps (csrc/kd_loss.h): each slice's statistics, merged by the
+# caller (lepton_fast.ops.kd_loss.SliceMerge), then each slice's gradient. The columns of the
+# statistics, KDStat in csrc/kd_loss.h:
+MAX_S, MAX_T, SUM_S, SUM_T, KL_SUM, SUM_CE, LIN_CE = range(7)
+
+
+def _slice_max(z: Tensor) -> Tensor:
+    return z.amax(-1) if z.shape[-1] else z.new_full(z.shape[:-1], NEG_INF)
+
+
+def _sum_exp(z: Tensor, m: Tensor) -> Tensor:
+    """sum exp(z - m) along the last dim; 0 where m = -inf (nothing finite)."""
+    some = m != NEG_INF
+    return torch.where(some, (z - torch.where(some, m, 0.0)[:, None]).exp().sum(-1), 0.0)
+
+
+def _lse_from(m: Tensor, s: Tensor) -> Tensor:
+    return torch.where(s > 0, m + torch.where(s > 0, s, 1.0).log(), math.nan)
+
+
+def _label_columns(labels: Tensor | None, ignore_index: int, class_offset: int, n: int):
+    """(rows not ignored or None, the label's column in the slice or -1)."""
+    if labels is None:
+        return None, None
+    valid = labels != ignore_index
+    column = labels - class_offset
+    return valid, torch.where(valid & (column >= 0) & (column < n), column, -1)
+
+
+def kd_slice_stats(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None, *, temperature: float,
+                   divergence: str, beta: float, alpha: float, label_smoothing: float, ignore_index: int,
+                   class_offset: int, n_classes: int) -> Tensor:
+    """Each [N, C_r] row slice's statistics, [N, 7] (the columns above); 0 at ignored rows."""
+    s, t = _acc(student_logits), _acc(teacher_logits.detach())
+    zs, zt = s / temperature, t / temperature
+    out = s.new_zeros(s.shape[0], 7)
+    out[:, MAX_S], out[:, MAX_T] = _slice_max(zs), _slice_max(zt)
+    out[:, SUM_S], out[:, SUM_T] = _sum_exp(zs, out[:, MAX_S]), _sum_exp(zt, out[:, MAX_T])
+    kind = soft_kind(divergence, beta)
+    if kind in ("forward_kl", "reverse_kl"):
+        p, q, m = (zt, zs, out[:, MAX_T]) if kind == "forward_kl" else (zs, zt, out[:, MAX_S])
+        some = (p != NEG_INF) & (m != NEG_INF)[:, None]
+        safe = torch.where(some, p - torch.where(m != NEG_INF, m, 0.0)[:, None], 0.0)
+        out[:, KL_SUM] = torch.where(some, safe.exp() * (p - q), 0.0).sum(-1)
+    out[:, SUM_CE] = _sum_exp(s, temperature * out[:, MAX_S])
+    valid, column = _label_columns(labels, ignore_index, class_offset, s.shape[-1])
+    if alpha > 0:
+        x_label = s.gather(1, column.clamp(min=0)[:, None])[:, 0] if s.shape[-1] else s.new_zeros(s.shape[0])
+        out[:, LIN_CE] = torch.where(column >= 0, (1.0 - label_smoothing) * x_label, 0.0)
+        if label_smoothing > 0:
+            out[:, LIN_CE] += label_smoothing / n_classes * s.sum(-1)
+    return out if valid is None else torch.where(valid[:, None], out, 0.0)
+
+
+def kd_slice_jsd_sums(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None, stats: Tensor, *,
+                      temperature: float, beta: float, ignore_index: int) -> Tensor:
+    """The slice's part of K_t = KL(p_t || m) and K_s = KL(p_s || m), [N, 2], from the rows'
+    merged statistics; 0 at ignored rows."""
+    lps = _acc(student_logits) / temperature - _lse_from(stats[:, MAX_S], stats[:, SUM_S])[:, None]
+    lpt = _acc(teacher_logits.detach()) / temperature - _lse_from(stats[:, MAX_T], stats[:, SUM_T])[:, None]
+    log_m = _log_mixture(lps, lpt, beta)
+    out = torch.stack([_kl_rows(lpt, log_m), _kl_rows(lps, log_m)], 1)
+    valid, _ = _label_columns(labels, ignore_index, 0, 0)
+    return out if valid is None else torch.where(valid[:, None], out, 0.0)
+
+
+def kd_slice_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None, stats: Tensor,
+                  jsd_sums: Tensor | None, *, temperature: float, divergence: str, beta: float, alpha: float,
+                  label_smoothing: float, ignore_index: int, scale_by_t2: bool, reduction: str,
+                  num_items_in_batch=None, class_offset: int, n_classes: int) -> tuple[Tensor, Tensor]:
+    """(the loss of the whole rows, as fused_kd_loss gives it, from their merged statistics;
+    d(loss)/d(this slice) written out, the formulas at the top of csrc/kd_loss.h)."""
+    s, t = _acc(student_logits.detach()), _acc(teacher_logits.detach())
+    st = stats
+    lse_s, lse_t = _lse_from(st[:, MAX_S], st[:, SUM_S]), _lse_from(st[:, MAX_T], st[:, SUM_T])
+    lps, lpt = s / temperature - lse_s[:, None], t / temperature - lse_t[:, None]
+    kind = soft_kind(divergence, beta)
+    rows = s.new_zeros(s.shape[0])
+    grad = torch.zeros_like(s)
+    if alpha < 1:
+        if kind == "forward_kl":
+            div = st[:, KL_SUM] / st[:, SUM_T] + (st[:, MAX_S] - st[:, MAX_T]) + (st[:, SUM_S] / st[:, SUM_T]).log()
+            d = lps.exp() - lpt.exp()
+        elif kind == "reverse_kl":
+            div = st[:, KL_SUM] / st[:, SUM_S] + (st[:, MAX_T] - st[:, MAX_S]) + (st[:, SUM_T] / st[:, SUM_S]).log()
+            ps = lps.exp()
+            d = torch.where(ps == 0, 0.0, ps * (lps - lpt - div[:, None]))
+        else:
+            div = beta * jsd_sums[:, 0] + (1 - beta) * jsd_sums[:, 1]
+            ps = lps.exp()
+            log_m = _log_mixture(lps, lpt, beta)
+            d = torch.where(ps == 0, 0.0, (1 - beta) * ps * (lps - log_m - jsd_sums[:, 1:]))
+        weight = (1 - alpha) * (temperature**2 if scale_by_t2 else 1.0)
+        rows = rows + weight * torch.where(lse_s.isnan() | lse_t.isnan(), math.nan, div)
+        grad = grad + weight / temperature * d
+    valid, column = _label_columns(labels, ignore_index, class_offset, s.shape[-1])
+    if alpha > 0:
+        lse_ce = _lse_from(temperature * st[:, MAX_S], st[:, SUM_CE])
+        rows = rows + alpha * (lse_ce - st[:, LIN_CE])
+        onehot = torch.zeros_like(s)
+        here = column >= 0
+        onehot[here.nonzero()[:, 0], column[here]] = 1.0 - label_smoothing
+        grad = grad + alpha * ((s - lse_ce[:, None]).exp() - label_smoothing / n_classes - onehot)
+    if valid is not None:
+        rows, grad = torch.where(valid, rows, 0.0), torch.where(valid[:, None], grad, 0.0)
+    divisor = mean_divisor(labels, ignore_index, rows.shape[0])
+    loss = reduce_rows(rows, reduction, divisor, num_items_in_batch)
+    if reduction != "none":
+        grad = grad / (num_items_in_batch if num_items_in_batch is not None else
+                       divisor if reduction in ("mean", "batchmean") else 1)
+    return loss, grad.to(student_logits.dtype)
 
 
 def lm_head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None = None, logit_scale: float = 1.0,

@@ -1,6 +1,7 @@
-// CPU fused_kd_loss: tensor checks, the label and row checks, outputs, rows in parallel,
-// and the choice of the row kernel's instruction set (kd_loss_rows.h, compiled once per
-// ISA in isa_<isa>.cpp, picked with ATen's own at::get_cpu_capability(): see isa.h).
+// CPU kernels of fused_kd_loss and the kd_slice_* ops (schemas in csrc/ops.cpp): tensor
+// checks, the label and row checks, outputs, rows in parallel, and the choice of the row
+// kernel's instruction set (kd_loss_rows.h, compiled once per ISA in isa_<isa>.cpp, picked
+// with ATen's own at::get_cpu_capability(): see isa.h).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -19,13 +20,14 @@ namespace {
 
 // The labels' range, checked where they are read (the CUDA kernel asserts the same), and the
 // count of rows a "mean" divides by.
-int64_t count_valid_labels(const int64_t* labels, int64_t n_rows, int64_t n_classes, int64_t ignore_index) {
+int64_t count_valid_labels(const char* op, const int64_t* labels, int64_t n_rows, int64_t n_classes,
+                           int64_t ignore_index) {
   int64_t valid = 0;
   for (int64_t i = 0; i < n_rows; ++i) {
     const int64_t y = labels[i];
     if (y == ignore_index) continue;
-    TORCH_CHECK_VALUE(y >= 0 && y < n_classes, "fused_kd_loss: labels must be in [0, ", n_classes,
-                      ") or equal ignore_index=", ignore_index, "; got ", y, " at row ", i);
+    TORCH_CHECK_VALUE(y >= 0 && y < n_classes, op, ": labels must be in [0, ", n_classes, ") or equal ignore_index=",
+                      ignore_index, "; got ", y, " at row ", i);
     ++valid;
   }
   return valid;
@@ -42,60 +44,157 @@ at::Tensor reduce_rows(const at::Tensor& rows, Reduction reduction, double divis
   return at::scalar_tensor(total / divisor, rows.options());
 }
 
-std::tuple<at::Tensor, at::Tensor> fused_kd_loss_cpu(
-    const at::Tensor& student_logits, const at::Tensor& teacher_logits, const std::optional<at::Tensor>& labels,
+// The part every op shares: the checks of the logits and labels, and the row kernel's
+// arguments for a slice of `row_classes`-column rows starting at class_offset. Labels are
+// class ids of the whole row; their range is checked unless row_classes is 0 (kJSDSums, which
+// reads them only to skip ignored rows, after kd_slice_stats checked them).
+struct KDCall {
+  KDRows rows;
+  at::Tensor labels64;
+  int64_t n_valid;  // rows whose label is not ignore_index
+  at::ScalarType acc_type;
+};
+
+KDCall prepare(const char* op, KDMode mode, const at::Tensor& student, const at::Tensor& teacher,
+               const std::optional<at::Tensor>& labels, const KDParams& p, int64_t class_offset,
+               int64_t row_classes) {
+  check_kd_inputs(op, student, teacher, labels, class_offset, row_classes);
+  const auto dtype = student.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+              ": logits must be float32, float64, bfloat16 or float16, got ", dtype);
+  const int64_t n_rows = student.size(0), n_classes = student.size(1);
+  KDCall call;
+  call.n_valid = n_rows;
+  if (labels) {
+    call.labels64 = labels->contiguous();
+    LF_CHECK_DTYPE(call.labels64, at::kLong);
+    if (row_classes > 0) {
+      call.n_valid =
+          count_valid_labels(op, call.labels64.const_data_ptr<int64_t>(), n_rows, row_classes, p.ignore_index);
+    }
+  }
+  call.acc_type = at::toOpMathType(dtype);
+  call.rows = KDRows{mode, student.const_data_ptr(), teacher.const_data_ptr(),
+                     labels ? call.labels64.const_data_ptr<int64_t>() : nullptr, nullptr, nullptr, nullptr, nullptr,
+                     nullptr, n_classes, class_offset, row_classes, student.stride(0), teacher.stride(0), dtype, p,
+                     1.0};
+  return call;
+}
+
+void run_rows(const KDRows& a, int64_t n_rows) {
+  // Rows are independent; a task of at least ~64k elements keeps scheduling cost negligible.
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(a.n_classes, 1));
+  const auto fn = pick_isa(&kd_rows_default, &kd_rows_avx2, &kd_rows_avx512);
+  at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) { fn(a, begin, end); });
+}
+
+// The row losses and gradient of fused_kd_loss (kFused) or kd_slice_loss (kSlice), reduced.
+std::tuple<at::Tensor, at::Tensor> loss_and_grad(
+    const char* op, KDMode mode, const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+    const std::optional<at::Tensor>& labels, const at::Tensor* stats, const std::optional<at::Tensor>& jsd_sums,
     const at::Tensor& temperature, const at::Tensor& beta, const at::Tensor& alpha, const at::Tensor& label_smoothing,
     c10::string_view divergence, int64_t ignore_index, bool scale_by_t2, c10::string_view reduction,
-    const std::optional<at::Tensor>& num_items_in_batch, bool compute_grad) {
-  check_kd_inputs(student_logits, teacher_logits, labels);
-  const auto dtype = student_logits.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
-              "fused_kd_loss: logits must be float32, float64, bfloat16 or float16, got ", dtype);
+    const std::optional<at::Tensor>& num_items_in_batch, int64_t class_offset, int64_t row_classes,
+    bool compute_grad) {
   const KDParams p = make_kd_params(temperature, beta, alpha, label_smoothing, divergence, ignore_index, scale_by_t2,
                                     labels.has_value(), compute_grad);
-  const Reduction how = parse_reduction(reduction);
-  const int64_t n_rows = student_logits.size(0), n_classes = student_logits.size(1);
-  at::Tensor labels64;
-  int64_t n_valid = n_rows;
-  if (labels) {
-    labels64 = labels->contiguous();
-    LF_CHECK_DTYPE(labels64, at::kLong);
-    n_valid = count_valid_labels(labels64.const_data_ptr<int64_t>(), n_rows, n_classes, ignore_index);
+  KDCall call = prepare(op, mode, student_logits, teacher_logits, labels, p, class_offset, row_classes);
+  KDRows& a = call.rows;
+  if (stats) {
+    check_merged_stats(op, *stats, student_logits, kNumKDStats);
+    a.stats = stats->const_data_ptr();
+    if (p.needs_soft && p.divergence == Divergence::kJSD) {
+      TORCH_CHECK(jsd_sums.has_value(), op, ": the JSD needs jsd_sums");
+      check_merged_stats(op, *jsd_sums, student_logits, 2);
+      a.jsd = jsd_sums->const_data_ptr();
+    }
   }
+  const Reduction how = parse_reduction(reduction);
   double divisor = 1;
   if (num_items_in_batch) {
     divisor = scalar_arg(*num_items_in_batch, "num_items_in_batch");
   } else if (how == Reduction::kMean) {
-    divisor = static_cast<double>(std::max<int64_t>(n_valid, 1));
+    divisor = static_cast<double>(std::max<int64_t>(call.n_valid, 1));
   }
-
-  const auto acc_type = at::toOpMathType(dtype);
-  auto rows = at::empty({n_rows}, student_logits.options().dtype(acc_type));
+  const int64_t n_rows = student_logits.size(0);
+  auto rows = at::empty({n_rows}, student_logits.options().dtype(call.acc_type));
   auto grad = compute_grad ? GradientBlockCache::get().empty_like(student_logits)
                            : at::empty({0}, student_logits.options());
-  KDRows a{student_logits.const_data_ptr(), teacher_logits.const_data_ptr(),
-           labels ? labels64.const_data_ptr<int64_t>() : nullptr, compute_grad ? grad.data_ptr() : nullptr,
-           rows.data_ptr(), n_classes, student_logits.stride(0), teacher_logits.stride(0), dtype, p,
-           how == Reduction::kNone ? 1.0 : 1.0 / divisor};
-  // Rows are independent; a task of at least ~64k elements keeps scheduling cost negligible.
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(n_classes, 1));
-  const auto fn = pick_isa(&kd_rows_default, &kd_rows_avx2, &kd_rows_avx512);
-  at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) { fn(a, begin, end); });
+  a.loss = rows.data_ptr();
+  a.grad = compute_grad ? grad.data_ptr() : nullptr;
+  a.grad_scale = how == Reduction::kNone ? 1.0 : 1.0 / divisor;
+  run_rows(a, n_rows);
 
-  return AT_DISPATCH_FLOATING_TYPES(acc_type, "fused_kd_loss_cpu", [&] {
+  return AT_DISPATCH_FLOATING_TYPES(call.acc_type, "kd_loss_cpu", [&] {
     // A row whose softmax is undefined (entirely -inf, or +inf / NaN in it) came out NaN.
     const scalar_t* r = rows.const_data_ptr<scalar_t>();
     for (int64_t i = 0; i < n_rows; ++i) {
-      TORCH_CHECK_VALUE(!std::isnan(r[i]), "fused_kd_loss: row ", i, " of student_logits or teacher_logits is "
-                        "entirely -inf, or holds +inf or NaN, so its softmax is undefined");
+      TORCH_CHECK_VALUE(!std::isnan(r[i]), op, ": row ", i, " of student_logits or teacher_logits is entirely -inf, "
+                        "or holds +inf or NaN, so its softmax is undefined");
     }
     return std::make_tuple(reduce_rows<scalar_t>(rows, how, divisor), grad);
   });
 }
 
+std::tuple<at::Tensor, at::Tensor> fused_kd_loss_cpu(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits, const std::optional<at::Tensor>& labels,
+    const at::Tensor& temperature, const at::Tensor& beta, const at::Tensor& alpha, const at::Tensor& label_smoothing,
+    c10::string_view divergence, int64_t ignore_index, bool scale_by_t2, c10::string_view reduction,
+    const std::optional<at::Tensor>& num_items_in_batch, bool compute_grad) {
+  return loss_and_grad("fused_kd_loss", KDMode::kFused, student_logits, teacher_logits, labels, nullptr, std::nullopt,
+                       temperature, beta, alpha, label_smoothing, divergence, ignore_index, scale_by_t2, reduction,
+                       num_items_in_batch, 0, student_logits.size(-1), compute_grad);
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_slice_loss_cpu(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits, const std::optional<at::Tensor>& labels,
+    const at::Tensor& stats, const std::optional<at::Tensor>& jsd_sums, const at::Tensor& temperature,
+    const at::Tensor& beta, const at::Tensor& alpha, const at::Tensor& label_smoothing, c10::string_view divergence,
+    int64_t ignore_index, bool scale_by_t2, c10::string_view reduction,
+    const std::optional<at::Tensor>& num_items_in_batch, int64_t class_offset, int64_t n_classes, bool compute_grad) {
+  return loss_and_grad("kd_slice_loss", KDMode::kSlice, student_logits, teacher_logits, labels, &stats, jsd_sums,
+                       temperature, beta, alpha, label_smoothing, divergence, ignore_index, scale_by_t2, reduction,
+                       num_items_in_batch, class_offset, n_classes, compute_grad);
+}
+
+at::Tensor kd_slice_stats_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                              const std::optional<at::Tensor>& labels, const at::Tensor& temperature,
+                              const at::Tensor& beta, const at::Tensor& alpha, const at::Tensor& label_smoothing,
+                              c10::string_view divergence, int64_t ignore_index, int64_t class_offset,
+                              int64_t n_classes) {
+  const KDParams p = make_kd_params(temperature, beta, alpha, label_smoothing, divergence, ignore_index, false,
+                                    labels.has_value(), false);
+  KDCall call = prepare("kd_slice_stats", KDMode::kStats, student_logits, teacher_logits, labels, p, class_offset,
+                        n_classes);
+  auto out = at::empty({student_logits.size(0), kNumKDStats}, student_logits.options().dtype(call.acc_type));
+  call.rows.out = out.data_ptr();
+  run_rows(call.rows, student_logits.size(0));
+  return out;
+}
+
+at::Tensor kd_slice_jsd_sums_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                                 const std::optional<at::Tensor>& labels, const at::Tensor& stats,
+                                 const at::Tensor& temperature, const at::Tensor& beta, int64_t ignore_index) {
+  const auto zero = at::zeros({}, at::kDouble);
+  const KDParams p = make_kd_params(temperature, beta, zero, zero, "jsd", ignore_index, false, labels.has_value(),
+                                    false);
+  KDCall call = prepare("kd_slice_jsd_sums", KDMode::kJSDSums, student_logits, teacher_logits, labels, p, 0, 0);
+  check_merged_stats("kd_slice_jsd_sums", stats, student_logits, kNumKDStats);
+  auto out = at::empty({student_logits.size(0), 2}, student_logits.options().dtype(call.acc_type));
+  call.rows.stats = stats.const_data_ptr();
+  call.rows.out = out.data_ptr();
+  run_rows(call.rows, student_logits.size(0));
+  return out;
+}
+
 }  // namespace
 }  // namespace cpu
 
-TORCH_LIBRARY_IMPL(lepton_fast, CPU, m) { m.impl("fused_kd_loss", &cpu::fused_kd_loss_cpu); }
+TORCH_LIBRARY_IMPL(lepton_fast, CPU, m) {
+  m.impl("fused_kd_loss", &cpu::fused_kd_loss_cpu);
+  m.impl("kd_slice_stats", &cpu::kd_slice_stats_cpu);
+  m.impl("kd_slice_jsd_sums", &cpu::kd_slice_jsd_sums_cpu);
+  m.impl("kd_slice_loss", &cpu::kd_slice_loss_cpu);
+}
 
 }  // namespace lepton_fast

@@ -4,10 +4,16 @@ Path of a call: :func:`fused_kd_loss` checks the arguments (lepton_fast._validat
 ``torch.ops.lepton_fast.fused_kd_loss`` (schema: csrc/ops.cpp); the dispatcher runs the C++
 autograd kernel (csrc/autograd.cpp), then the device kernel (csrc/cpu/kd_loss.cpp,
 csrc/cuda/kd_loss.cu, or kernels/kd_loss.py). ``backend="reference"`` runs reference.py.
+
+The same kernels split at a row's steps are the internal ops ``kd_slice_stats``,
+``kd_slice_jsd_sums`` and ``kd_slice_loss``, for rows whose classes lie in slices on several
+ranks (lepton_fast.distributed): :class:`SliceMerge` says which statistics travel between
+the steps and merges them; :func:`slice_stats`, :func:`slice_jsd_sums` and
+:func:`slice_loss` run the ops on a resolved backend.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -15,7 +21,11 @@ from torch import Tensor
 from lepton_fast import _backend, _validate, reference
 
 SPEC = _backend.register("fused_kd_loss", triton="kd_loss")
+STATS_SPEC = _backend.register("kd_slice_stats", triton="kd_loss", public=False)
+JSD_SUMS_SPEC = _backend.register("kd_slice_jsd_sums", triton="kd_loss", public=False)
+SLICE_SPEC = _backend.register("kd_slice_loss", triton="kd_loss", public=False)
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+N_STATS = 7  # the columns of kd_slice_stats, reference.MAX_S ... reference.LIN_CE
 
 Scalar = Union[float, Tensor]
 
@@ -26,6 +36,24 @@ if _backend.extension().module is not None:
           ignore_index, scale_by_t2, reduction, num_items_in_batch, compute_grad):
         acc = torch.promote_types(student_logits.dtype, torch.float32)
         loss = student_logits.new_empty((student_logits.shape[0],) if reduction == "none" else (), dtype=acc)
+        grad = torch.empty_like(student_logits) if compute_grad else student_logits.new_empty((0,))
+        return loss, grad
+
+    @torch.library.register_fake("lepton_fast::kd_slice_stats")
+    def _(student_logits, teacher_logits, labels, temperature, beta, alpha, label_smoothing, divergence,
+          ignore_index, class_offset, n_classes):
+        acc = torch.promote_types(student_logits.dtype, torch.float32)
+        return student_logits.new_empty((student_logits.shape[0], N_STATS), dtype=acc)
+
+    @torch.library.register_fake("lepton_fast::kd_slice_jsd_sums")
+    def _(student_logits, teacher_logits, labels, stats, temperature, beta, ignore_index):
+        return stats.new_empty((student_logits.shape[0], 2))
+
+    @torch.library.register_fake("lepton_fast::kd_slice_loss")
+    def _(student_logits, teacher_logits, labels, stats, jsd_sums, temperature, beta, alpha, label_smoothing,
+          divergence, ignore_index, scale_by_t2, reduction, num_items_in_batch, class_offset, n_classes,
+          compute_grad):
+        loss = stats.new_empty((student_logits.shape[0],) if reduction == "none" else ())
         grad = torch.empty_like(student_logits) if compute_grad else student_logits.new_empty((0,))
         return loss, grad
 
@@ -119,8 +147,49 @@ def fused_kd_loss(
     The gradient is computed during the forward into one buffer the size of the logits;
     nothing else larger than O(N) is allocated. The backward scales it in place.
     """
-    _validate.logits("student_logits", student_logits)
-    _validate.logits("teacher_logits", teacher_logits)
+    a = checked(student_logits, teacher_logits, temperature, divergence, beta, labels, alpha, label_smoothing,
+                reduction, num_items_in_batch)
+    chosen = _backend.resolve(SPEC, a.student.device, backend)
+    if chosen == "reference":
+        if a.labels is not None:
+            _validate.labels_in_range("labels", a.labels, a.student.shape[-1], ignore_index)
+        loss = reference.fused_kd_loss(
+            a.student, a.teacher, temperature, divergence=divergence, beta=beta, labels=a.labels, alpha=alpha,
+            label_smoothing=label_smoothing, ignore_index=ignore_index, scale_by_t2=scale_by_t2, reduction=reduction,
+            num_items_in_batch=num_items_in_batch,
+        )
+        # Every term is >= 0 (or +inf), so a NaN row leaves NaN in a sum as well.
+        _validate.rows_defined(loss.reshape(-1), "fused_kd_loss: student_logits or teacher_logits")
+    else:
+        loss, _ = _backend.call(
+            SPEC, chosen, a.student.device.type, a.student, a.teacher, a.labels, a.temperature, a.beta, a.alpha,
+            a.label_smoothing, divergence, ignore_index, scale_by_t2, reduction, a.num_items, a.compute_grad,
+        )
+    return loss.reshape(a.lead) if reduction == "none" else loss
+
+
+class KDArgs(NamedTuple):
+    """The arguments of a KD loss as the ops take them, checked (:func:`checked`)."""
+
+    student: Tensor  # [N, C], rows contiguous along C, in the wider dtype of student and teacher
+    teacher: Tensor  # [N, C], detached
+    labels: Optional[Tensor]  # [N] int64 or None
+    lead: torch.Size  # the logits' leading dims, for a "none" loss
+    temperature: Tensor  # 0-d float64 CPU tensors, as the schemas take them
+    beta: Tensor
+    alpha: Tensor
+    label_smoothing: Tensor
+    num_items: Optional[Tensor]
+    compute_grad: bool  # the student requires a gradient and grad mode is on
+
+
+def checked(student_logits, teacher_logits, temperature, divergence, beta, labels, alpha, label_smoothing, reduction,
+            num_items_in_batch, *, slice_of_classes=False) -> KDArgs:
+    """Every check of fused_kd_loss's arguments (the label range aside: the kernels check it
+    where they read the labels), and the arguments as the ops take them. A slice of the
+    classes (``slice_of_classes``) may be empty."""
+    _validate.logits("student_logits", student_logits, empty_ok=slice_of_classes)
+    _validate.logits("teacher_logits", teacher_logits, empty_ok=slice_of_classes)
     _validate.same_shape("teacher_logits", teacher_logits, "student_logits", student_logits)
     temperature_t = _validate.positive("temperature", temperature)
     _validate.choice("divergence", divergence, DIVERGENCES)
@@ -129,31 +198,160 @@ def fused_kd_loss(
     label_smoothing_t = _validate.unit_interval("label_smoothing", label_smoothing)
     _validate.choice("reduction", reduction, _validate.REDUCTIONS)
     if num_items_in_batch is not None and reduction == "none":
-        raise ValueError("num_items_in_batch divides the summed loss, so it needs reduction 'mean' or 'sum', not 'none'")
+        raise ValueError(
+            "num_items_in_batch divides the summed loss, so it needs reduction 'mean' or 'sum', not 'none'")
     num_items = _num_items(num_items_in_batch, student_logits)
     if labels is not None:
         labels = _validate.class_labels("labels", labels, "student_logits", student_logits).reshape(-1)
     else:
         _validate.zero("alpha", alpha, "alpha > 0 weights a hard-label cross-entropy, so labels are required")
-
-    lead = student_logits.shape[:-1]
     student, teacher = _validate.common_dtype(student_logits, teacher_logits.detach())
     student, teacher = _validate.as_rows(student), _validate.as_rows(teacher)
-    chosen = _backend.resolve(SPEC, student.device, backend)
-    if chosen == "reference":
-        if labels is not None:
-            _validate.labels_in_range("labels", labels, student.shape[-1], ignore_index)
-        loss = reference.fused_kd_loss(
-            student, teacher, temperature, divergence=divergence, beta=beta, labels=labels, alpha=alpha,
-            label_smoothing=label_smoothing, ignore_index=ignore_index, scale_by_t2=scale_by_t2, reduction=reduction,
-            num_items_in_batch=num_items_in_batch,
-        )
-        # Every term is >= 0 (or +inf), so a NaN row leaves NaN in a sum as well.
-        _validate.rows_defined(loss.reshape(-1), "fused_kd_loss: student_logits or teacher_logits")
-    else:
-        compute_grad = student.requires_grad and torch.is_grad_enabled()
-        loss, _ = _backend.call(
-            SPEC, chosen, student.device.type, student, teacher, labels, temperature_t, beta_t, alpha_t,
-            label_smoothing_t, divergence, ignore_index, scale_by_t2, reduction, num_items, compute_grad,
-        )
-    return loss.reshape(lead) if reduction == "none" else loss
+    compute_grad = student.requires_grad and torch.is_grad_enabled()
+    return KDArgs(student, teacher, labels, student_logits.shape[:-1], temperature_t, beta_t, alpha_t,
+                  label_smoothing_t, num_items, compute_grad)
+
+
+# --- The slice ops ---------------------------------------------------------------------------
+
+
+class SliceMerge:
+    """Which of kd_slice_stats' columns (reference.MAX_S, ...) the slices of a row must
+    merge for a loss, and the merge (KDStat in csrc/kd_loss.h): the maxima by their max; each
+    sum against the merged max (``rescaled``), then summed; the CE's linear part summed.
+
+    Forward and reverse KL need the two maxima, then the two sums and the KL sum; the JSD
+    the maxima and the sums, and afterwards its own two sums (kd_slice_jsd_sums); the CE
+    (alpha > 0) adds its linear part and, at T != 1 (or without the soft term), its sum.
+    """
+
+    def __init__(self, divergence: str, temperature: float, beta: float, alpha: float):
+        kind = reference.soft_kind(divergence, beta)
+        soft, ce = alpha < 1, alpha > 0
+        self.temperature = temperature
+        self.jsd = soft and kind == "jsd"
+        self.max_cols = [reference.MAX_S, reference.MAX_T] if soft else [reference.MAX_S]
+        # (column, the column of the max it is taken against, or None for a plain sum)
+        sums = []
+        if soft:
+            sums += [(reference.SUM_S, reference.MAX_S), (reference.SUM_T, reference.MAX_T)]
+            if kind != "jsd":
+                sums.append((reference.KL_SUM, reference.MAX_T if kind == "forward_kl" else reference.MAX_S))
+        self.ce_is_soft = soft and ce and temperature == 1.0  # the CE's sum is the student's
+        if ce:
+            if not self.ce_is_soft:
+                sums.append((reference.SUM_CE, reference.MAX_S))
+            sums.append((reference.LIN_CE, None))
+        self.sum_cols = [c for c, _ in sums]
+        self._against = [m for _, m in sums]
+
+    def maxima(self, stats: Tensor) -> Tensor:
+        """[N, len(max_cols)], contiguous: what the maxima's merge reduces with MAX."""
+        return stats[:, self.max_cols].contiguous()
+
+    def rescaled(self, stats: Tensor, merged_max: Tensor) -> Tensor:
+        """[N, len(sum_cols)], contiguous: this slice's sums against the merged maxima
+        (``maxima`` reduced by MAX), what the sums' merge reduces with SUM."""
+        local = stats[:, self.max_cols]
+        some = local != float("-inf")  # a slice with no finite entry adds 0
+        delta = torch.where(some, local - merged_max, 0.0)
+        factor = torch.where(some, delta.exp(), 0.0)
+        ce_factor = torch.where(some[:, 0], (self.temperature * delta[:, 0]).exp(), 0.0)
+        columns = []
+        for col, against in zip(self.sum_cols, self._against):
+            x = stats[:, col]
+            if against is not None:
+                f = ce_factor if col == reference.SUM_CE else factor[:, self.max_cols.index(against)]
+                x = torch.where(f == 0, 0.0, x * f) if col == reference.KL_SUM else x * f  # 0 * inf = 0, as merged
+            columns.append(x)
+        return torch.stack(columns, 1)
+
+    def merged(self, merged_max: Tensor, merged_sums: Tensor) -> Tensor:
+        """The [N, 7] merged statistics kd_slice_jsd_sums and kd_slice_loss take."""
+        out = merged_max.new_zeros(merged_max.shape[0], N_STATS)
+        out[:, self.max_cols] = merged_max
+        out[:, self.sum_cols] = merged_sums
+        if self.ce_is_soft:
+            out[:, reference.SUM_CE] = out[:, reference.SUM_S]
+        return out
+
+
+def slice_backend(device: torch.device) -> str:
+    """The backend the slice ops run on for tensors on ``device`` ($LEPTON_FAST_BACKEND or
+    the dispatcher's kernel; reference.py without the extension)."""
+    return _backend.resolve(SLICE_SPEC, device)
+
+
+def _floats(a: KDArgs) -> dict:
+    return dict(temperature=float(a.temperature), beta=float(a.beta))
+
+
+def slice_stats(backend: str, a: KDArgs, divergence: str, ignore_index: int, class_offset: int,
+                n_classes: int) -> Tensor:
+    """kd_slice_stats of the slice a.student (columns class_offset... of n_classes)."""
+    student = a.student.detach()
+    if backend == "reference":
+        if a.labels is not None:
+            _validate.labels_in_range("labels", a.labels, n_classes, ignore_index)
+        return reference.kd_slice_stats(
+            student, a.teacher, a.labels, divergence=divergence, alpha=float(a.alpha),
+            label_smoothing=float(a.label_smoothing), ignore_index=ignore_index, class_offset=class_offset,
+            n_classes=n_classes, **_floats(a))
+    return _backend.call(STATS_SPEC, backend, student.device.type, student, a.teacher, a.labels, a.temperature,
+                         a.beta, a.alpha, a.label_smoothing, divergence, ignore_index, class_offset, n_classes)
+
+
+def slice_jsd_sums(backend: str, a: KDArgs, stats: Tensor, ignore_index: int) -> Tensor:
+    """kd_slice_jsd_sums of the slice a.student, given the merged statistics."""
+    student = a.student.detach()
+    if backend == "reference":
+        return reference.kd_slice_jsd_sums(student, a.teacher, a.labels, stats, ignore_index=ignore_index,
+                                           **_floats(a))
+    return _backend.call(JSD_SUMS_SPEC, backend, student.device.type, student, a.teacher, a.labels, stats,
+                         a.temperature, a.beta, ignore_index)
+
+
+class _WithGradient(torch.autograd.Function):
+    """``loss``, whose gradient with respect to ``logits`` is the given ``grad`` (times the
+    loss's gradient): reference.kd_slice_loss's answer made differentiable, as the ops' C++
+    autograd kernel does with theirs."""
+
+    @staticmethod
+    def forward(ctx, logits, loss, grad):
+        ctx.save_for_backward(grad)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return grad * (grad_loss if grad_loss.dim() == 0 else grad_loss[:, None]), None, None
+
+
+def slice_loss_and_grad(backend: str, a: KDArgs, stats: Tensor, jsd_sums: Optional[Tensor], divergence: str,
+                        ignore_index: int, scale_by_t2: bool, reduction: str, class_offset: int,
+                        n_classes: int) -> tuple[Tensor, Tensor]:
+    """kd_slice_loss's answer as it is: (the loss of the whole rows from their merged
+    statistics, d(loss)/d(a.student) or an empty tensor unless a.compute_grad)."""
+    if backend == "reference":
+        loss, grad = reference.kd_slice_loss(
+            a.student, a.teacher, a.labels, stats, jsd_sums, divergence=divergence, alpha=float(a.alpha),
+            label_smoothing=float(a.label_smoothing), ignore_index=ignore_index, scale_by_t2=scale_by_t2,
+            reduction=reduction, num_items_in_batch=None if a.num_items is None else float(a.num_items),
+            class_offset=class_offset, n_classes=n_classes, **_floats(a))
+        _validate.rows_defined(loss.reshape(-1), "kd_slice_loss: student_logits or teacher_logits")
+        return loss, grad
+    return _backend.call(SLICE_SPEC, backend, a.student.device.type, a.student, a.teacher, a.labels, stats,
+                         jsd_sums, a.temperature, a.beta, a.alpha, a.label_smoothing, divergence, ignore_index,
+                         scale_by_t2, reduction, a.num_items, class_offset, n_classes, a.compute_grad)
+
+
+def slice_loss(backend: str, a: KDArgs, stats: Tensor, jsd_sums: Optional[Tensor], divergence: str,
+               ignore_index: int, scale_by_t2: bool, reduction: str, class_offset: int, n_classes: int) -> Tensor:
+    """kd_slice_loss: the loss of the whole rows from their merged statistics, differentiable
+    with respect to a.student (the slice) through the gradient the op wrote (the op's C++
+    autograd kernel; for reference.py's answer, _WithGradient)."""
+    loss, grad = slice_loss_and_grad(backend, a, stats, jsd_sums, divergence, ignore_index, scale_by_t2, reduction,
+                                     class_offset, n_classes)
+    if backend == "reference" and a.compute_grad:
+        return _WithGradient.apply(a.student, loss, grad)
+    return loss

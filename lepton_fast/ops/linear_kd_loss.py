@@ -32,12 +32,16 @@ there, the row kernel gives the ignored ones zero loss and gradient, and their G
 still paid (skipping it without a synchronisation needs GEMMs that read the row count on the
 device).
 
-Vocabulary-parallel use (a ``group=`` argument, later): each rank would pass its [V_r, H]
-weight slices; the loop stays as it is, the row kernel becomes the vocabulary-parallel one
-(global row statistics by all-reduce) and d(loss)/d(student_hidden) is all-reduced at the end.
+Vocabulary-parallel use (``group=``): each rank passes its [V_r, H] weight slices; the loop
+stays as it is, the row kernel becomes the vocabulary-parallel one (lepton_fast.distributed:
+every chunk's row statistics all-reduced between the kd_slice_* ops) and
+d(loss)/d(student_hidden) is all-reduced once at the end. A process group cannot be an
+argument of a custom op's schema, so the op reads this rank's split from ``_VOCAB_SPLIT``,
+which only fused_linear_kd_loss sets, around its call of the op.
 """
 from __future__ import annotations
 
+import contextvars
 import math
 from typing import Optional, Union
 
@@ -57,6 +61,8 @@ Scalar = Union[float, Tensor]
 # float32 weight-gradient accumulator of a bfloat16 head (2 GiB at H = 4096).
 CHUNK_BUDGET_BYTES = {"cpu": 256 << 20, "other": 1 << 30}
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+# lepton_fast.distributed.VocabSplit while fused_linear_kd_loss(group=) runs the op; else None.
+_VOCAB_SPLIT: contextvars.ContextVar = contextvars.ContextVar("lepton_fast_vocab_split", default=None)
 
 
 def _grad_through_head(grad: Tensor, logits: Tensor, scale: float, softcap: Optional[float]) -> Tensor:
@@ -159,6 +165,7 @@ def _fused_linear_kd_loss(
     entropy_sum = torch.zeros((), dtype=acc, device=device) if entropy else empty()
     compute_grad = grad_hidden or grad_weight or grad_bias
 
+    split = _VOCAB_SPLIT.get()
     chunk = min(chunk_size, max(n_rows, 1))
     buf_s = torch.empty((chunk, vocab_size), dtype=acc, device=device)
     buf_t = torch.empty((chunk, vocab_size), dtype=acc, device=device)
@@ -175,9 +182,17 @@ def _fused_linear_kd_loss(
         z_s = _project(h_s, ws, bs, student_logit_scale, student_softcap, buf_s[: end - start])
         z_t = _project(h_t, wt, bt, teacher_logit_scale, teacher_softcap, buf_t[: end - start])
         chunk_labels = None if labels is None else take(labels)
-        part, grad = torch.ops.lepton_fast.fused_kd_loss.default(
-            z_s, z_t, chunk_labels, temperature, beta, alpha, label_smoothing, divergence, ignore_index, scale_by_t2,
-            kd_reduction, divisor, compute_grad)
+        if split is None:
+            part, grad = torch.ops.lepton_fast.fused_kd_loss.default(
+                z_s, z_t, chunk_labels, temperature, beta, alpha, label_smoothing, divergence, ignore_index,
+                scale_by_t2, kd_reduction, divisor, compute_grad)
+        else:
+            from lepton_fast import distributed
+
+            a = kd_loss.KDArgs(z_s, z_t, chunk_labels, z_s.shape[:-1], temperature, beta, alpha, label_smoothing,
+                               divisor, compute_grad)
+            part, grad = distributed.chunk_loss_and_grad(split, a, divergence, ignore_index, scale_by_t2,
+                                                         kd_reduction)
         if entropy:
             rows_entropy = _entropy_rows(z_s, inv_t)
             if rows is None and valid is not None:
@@ -214,6 +229,8 @@ def _fused_linear_kd_loss(
         d_weight[:vocab_size] = acc_weight
     if grad_bias:
         d_bias[:vocab_size] = acc_bias
+    if split is not None and grad_hidden:
+        torch.distributed.all_reduce(d_hidden, group=split.group)  # every slice's part of dL/dh
     return loss, d_hidden, d_weight, d_bias, entropy_sum
 
 
@@ -356,6 +373,7 @@ def fused_linear_kd_loss(
     teacher_softcap: Optional[float] = None,
     chunk_size: Optional[int] = None,
     backend: Optional[str] = None,
+    group=None,
 ) -> Tensor:
     r"""Knowledge distillation through both models' lm_heads, the [N, V] logits never
     materialised (Hinton, Vinyals & Dean 2015; generalized JSD of Agarwal et al. 2024).
@@ -402,6 +420,17 @@ def fused_linear_kd_loss(
             autograd (an [N, V] buffer: for tests and higher-order gradients). Forcing a
             kernel is eager-only, and applies to the forward: with reduction "none" the
             backward recomputes the gradients with the default kernel.
+        group: a torch.distributed process group whose ranks split the vocabulary (an lm_head
+            sharded as Megatron's ColumnParallelLinear), or None for one device. Each rank
+            passes its contiguous [V_r, H] slices of both heads (and of the biases), in rank
+            order, sizes may differ; hidden states and labels (global class ids) are the same
+            on every rank, as is ``chunk_size``. Every rank gets the loss of the whole
+            vocabulary, the gradient of its weight and bias slices, and the gradient of the
+            hidden states all-reduced over the group. Per chunk the rows' statistics take the
+            all-reduces of :func:`lepton_fast.distributed.vocab_parallel_kd_loss`, plus one of
+            [N, H_s] at the end; the backward none. Eager only; not with reduction "none",
+            ``vocab_size`` or ``backend="reference"`` (whose full projection is what the group
+            avoids).
 
     Returns:
         float32 loss (float64 for float64 inputs): a scalar, or [...] for ``"none"``.
@@ -426,7 +455,7 @@ def fused_linear_kd_loss(
 def _linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, temperature, *, student_bias,
                teacher_bias, divergence, beta, labels, alpha, label_smoothing, ignore_index, scale_by_t2, reduction,
                num_items_in_batch, vocab_size, student_logit_scale, teacher_logit_scale, student_softcap,
-               teacher_softcap, chunk_size, backend, entropy: bool) -> tuple[Tensor, Optional[Tensor]]:
+               teacher_softcap, chunk_size, backend, entropy: bool, group=None) -> tuple[Tensor, Optional[Tensor]]:
     """:func:`fused_linear_kd_loss` (every argument given) -> (loss, the sum of the student's
     entropy of softmax(z_s / T) over the rows that count, no gradient, when ``entropy``; else
     None), on every backend (the reference one projects the student's logits once more)."""
@@ -473,6 +502,19 @@ def _linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, t
     kw = dict(divergence=divergence, beta=beta, labels=labels, alpha=alpha, label_smoothing=label_smoothing,
               ignore_index=ignore_index, scale_by_t2=scale_by_t2, reduction=reduction)
     chosen = _backend.resolve(KD_SPEC, student_hidden.device, backend)
+    split = None
+    if group is not None:
+        refused = [what for what, given in (
+            ("reduction 'none'", reduction == "none"), ("vocab_size", vocab_size != v_s),
+            ("backend='reference'", chosen == "reference"), ("torch.compile", torch.compiler.is_compiling()),
+            ("the entropy", entropy)) if given]
+        if refused:
+            raise ValueError(f"fused_linear_kd_loss with group=: not with {refused[0]} (see the docstring)")
+        from lepton_fast import distributed
+
+        split = distributed.vocab_split(group, v_s, student_hidden.device, _backend.resolve(kd_loss.SLICE_SPEC,
+                                                                                            student_hidden.device,
+                                                                                            backend))
     if chosen == "reference":
         if labels is not None:
             _validate.labels_in_range("labels", labels, vocab_size, ignore_index)
@@ -499,13 +541,19 @@ def _linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, t
     needs = [grad_on and reduction != "none" and t is not None and t.requires_grad
              for t in (student_hidden, student_weight, student_bias)]
     acc = torch.promote_types(torch.promote_types(h_s.dtype, h_t.dtype), torch.float32)
-    if chunk_size is None:
-        chunk_size = _auto_chunk_size(h_s.shape[0], vocab_size, acc, student_weight.dtype, h_s.device)
+    if chunk_size is None:  # with a group, from the whole vocabulary: every rank must cut the same chunks
+        chunk_size = _auto_chunk_size(h_s.shape[0], vocab_size if split is None else split.n_classes, acc,
+                                      student_weight.dtype, h_s.device)
     args = (h_s, student_weight, h_t, teacher_weight.detach(), student_bias,
             None if teacher_bias is None else teacher_bias.detach(), labels, temperature_t, beta_t, alpha_t,
             label_smoothing_t, divergence, ignore_index, scale_by_t2, reduction, num_items, vocab_size, s_scale,
             t_scale, s_cap, t_cap, chunk_size, None, *needs, entropy)
-    with _backend.running(KD_SPEC, chosen, h_s.device.type):
-        out = _fused_linear_kd_loss(*args)
+    token = None if split is None else _VOCAB_SPLIT.set(split)  # (torch.compile cannot trace a set)
+    try:
+        with _backend.running(KD_SPEC, chosen, h_s.device.type):
+            out = _fused_linear_kd_loss(*args)
+    finally:
+        if token is not None:
+            _VOCAB_SPLIT.reset(token)
     loss = out[0].reshape(lead) if reduction == "none" else out[0]
     return loss, (out[4] if entropy else None)

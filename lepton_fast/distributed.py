@@ -1,0 +1,275 @@
+"""Knowledge distillation across ranks: the vocabulary-parallel KD loss.
+
+When a language model's lm_head is split over its vocabulary (Megatron-LM's
+ColumnParallelLinear, a DTensor placed ``Shard(-1)``), each rank holds the logits of a
+contiguous slice of the classes. :func:`vocab_parallel_kd_loss` gives every rank the loss of
+the gathered logits and the gradient of its own slice without any rank holding the whole
+vocabulary: the fused KD kernels split at a row's steps (csrc/kd_loss.h, the ops
+``kd_slice_*`` of lepton_fast.ops.kd_loss), with the rows' statistics all-reduced between them.
+
+Per forward, for N rows (all-reduces over ``group``, in the statistics' dtype: float32, or
+float64 for float64 logits):
+
+- forward / reverse KL: MAX of [N, 2] (each row's maximum of z_s and z_t), then SUM of
+  [N, 3] (the sums of exponentials of both sides against those maxima, and the KL's sum);
+- JSD: the same two with [N, 2] sums, and a SUM of [N, 2] (K_t, K_s) once both
+  log-sum-exps are known: three;
+- the hard-label cross-entropy (alpha > 0) adds its linear part (label logit and smoothing
+  sum) to the SUM, one more column, and at T != 1 its own sum of exponentials, a second;
+- the backward: none (the gradient was written during the forward, as fused_kd_loss does).
+
+``fused_linear_kd_loss(..., group=)`` (a vocabulary-sharded lm_head) runs the same
+all-reduces per chunk of rows (:func:`chunk_loss_and_grad`), and one more of the hidden
+states' gradient [N, H_s].
+
+So the bytes sent per step are O(N), independent of the vocabulary. The slices' sizes are
+exchanged once per process group (one all-gather of one integer at the first call, cached),
+and never for DTensors, whose layout says them.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lepton_fast import _validate
+from lepton_fast.ops import kd_loss as kd_ops
+
+__all__ = ["vocab_parallel_kd_loss"]
+
+Scalar = Union[float, Tensor]
+
+# Each process group's slice sizes in rank order, from the one exchange at its first call.
+_SLICE_SIZES: dict = {}
+
+
+def vocab_parallel_kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: Scalar = 1.0,
+    *,
+    group: Optional[dist.ProcessGroup] = None,
+    divergence: str = "forward_kl",
+    beta: Scalar = 0.5,
+    labels: Optional[Tensor] = None,
+    alpha: Scalar = 0.0,
+    label_smoothing: Scalar = 0.0,
+    ignore_index: int = -100,
+    scale_by_t2: bool = True,
+    reduction: str = "mean",
+    num_items_in_batch: Optional[Union[int, Tensor]] = None,
+) -> Tensor:
+    r""":func:`lepton_fast.fused_kd_loss` of logits whose classes are split over ranks.
+
+    Each rank of ``group`` passes the logits of its contiguous slice of the C classes, in rank
+    order (rank 0 the first classes); slices may differ in size, and may be empty. Every rank
+    gets the loss of the gathered [..., C] logits, exactly as ``fused_kd_loss`` gives it on
+    one device (Hinton, Vinyals & Dean 2015; the divergences, CE term and reductions of its
+    docstring), and ``backward`` gives each rank the gradient of its own slice. No rank holds
+    more than its slice: the rows' softmax statistics merge across ranks as the online
+    softmax merges blocks of a row, in two all-reduces of [N, <= 3] for forward/reverse KL and
+    three for the JSD (one or two more columns for the CE term), and none in the backward:
+    the module docstring has the list. This is the scheme of Megatron-LM's
+    vocabulary-parallel cross-entropy (Shoeybi et al. 2019, "Megatron-LM: Training
+    Multi-Billion Parameter Language Models Using Model Parallelism"), which takes three
+    all-reduces for the cross-entropy alone, extended to the KD divergences.
+
+    Args:
+        student_logits: [..., C_r] this rank's slice, float32, bfloat16, float16 or float64;
+            gradient flows here. Or a DTensor placed ``Shard(-1)`` on one dimension of its
+            device mesh and ``Replicate()`` on the others (a 1-D mesh, or a 2-D mesh whose
+            other dimension replicates): the slices are its shards.
+        teacher_logits: [..., C_r] the teacher's logits of the same slice (a DTensor placed like
+            the student's when the student is one); a constant.
+        temperature, divergence, beta, alpha, label_smoothing, ignore_index, scale_by_t2,
+            reduction, num_items_in_batch: as for ``fused_kd_loss``, the same on every rank.
+        group: the process group the classes are split over (default: the world); with
+            DTensors, the mesh dimension that shards the classes (None, or that dimension's group).
+        labels: optional [...] integer class ids into the whole vocabulary [0, C), the same on
+            every rank (a tensor, or a replicated DTensor).
+
+    Returns:
+        On every rank, the loss of the whole rows: a scalar, or [...] for ``"none"``; float32
+        (float64 for float64 logits). For DTensor inputs a DTensor placed ``Replicate()``, and
+        the student's gradient is a DTensor placed like the student.
+
+    Raises:
+        TypeError, ValueError: as ``fused_kd_loss`` (labels are checked against the whole
+            vocabulary [0, C)); also a student slice whose size differs from the one this
+            rank passed to the group before, DTensors placed other than above, a teacher placed
+            otherwise than the student, or a ``group`` that is not the mesh's.
+        RuntimeError: torch.distributed is not initialised.
+
+    Why not ``torch.distributed.tensor.parallel.loss_parallel()``: it makes
+    ``F.cross_entropy`` on ``Shard(-1)`` logits right by computing the softmax-minus-one-hot
+    gradient in the cross-entropy's backward and letting ``log_softmax``'s backward pass its
+    input through; composed with ``F.kl_div`` instead, the loss is right but the gradient
+    misses the softmax term (pytorch#190746). Here the gradient comes from the same kernels
+    as ``fused_kd_loss``'s.
+
+    The size exchange: at a group's first call each rank sends its slice size (one
+    all-gather of one integer); later calls check the size against it, so the split of the
+    classes must stay the same for a group (pass another group, or DTensors, for another).
+    """
+    if _is_dtensor(student_logits) or _is_dtensor(teacher_logits):
+        return _dtensor_loss(student_logits, teacher_logits, group, temperature, divergence, beta, labels, alpha,
+                             label_smoothing, ignore_index, scale_by_t2, reduction, num_items_in_batch)
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("vocab_parallel_kd_loss needs torch.distributed initialised (init_process_group)")
+    group = dist.group.WORLD if group is None else group
+    _validate.logits("student_logits", student_logits, empty_ok=True)
+    class_offset, n_classes = _slice_of(group, student_logits.shape[-1], student_logits.device)
+    return _sharded_loss(student_logits, teacher_logits, group, class_offset, n_classes, temperature, divergence,
+                         beta, labels, alpha, label_smoothing, ignore_index, scale_by_t2, reduction,
+                         num_items_in_batch)
+
+
+def _sharded_loss(student_logits, teacher_logits, group, class_offset, n_classes, temperature, divergence, beta,
+                  labels, alpha, label_smoothing, ignore_index, scale_by_t2, reduction, num_items_in_batch) -> Tensor:
+    """The loss of the whole rows on this rank, from its slice at class_offset of n_classes."""
+    a = kd_ops.checked(student_logits, teacher_logits, temperature, divergence, beta, labels, alpha,
+                       label_smoothing, reduction, num_items_in_batch, slice_of_classes=True)
+    backend = kd_ops.slice_backend(a.student.device)
+    merged, jsd_sums = _merged_statistics(backend, a, group, divergence, ignore_index, class_offset, n_classes)
+    loss = kd_ops.slice_loss(backend, a, merged, jsd_sums, divergence, ignore_index, scale_by_t2, reduction,
+                             class_offset, n_classes)
+    return loss.reshape(a.lead) if reduction == "none" else loss
+
+
+def _merged_statistics(backend: str, a: kd_ops.KDArgs, group, divergence: str, ignore_index: int,
+                       class_offset: int, n_classes: int) -> tuple[Tensor, Optional[Tensor]]:
+    """Every row's statistics over the whole vocabulary (and the JSD's sums, else None), from
+    this rank's slice and the all-reduces listed in the module docstring."""
+    merge = kd_ops.SliceMerge(divergence, float(a.temperature), float(a.beta), float(a.alpha))
+    stats = kd_ops.slice_stats(backend, a, divergence, ignore_index, class_offset, n_classes)
+    merged_max = merge.maxima(stats)
+    dist.all_reduce(merged_max, op=dist.ReduceOp.MAX, group=group)
+    sums = merge.rescaled(stats, merged_max)
+    dist.all_reduce(sums, group=group)
+    merged = merge.merged(merged_max, sums)
+    jsd_sums = None
+    if merge.jsd:
+        jsd_sums = kd_ops.slice_jsd_sums(backend, a, merged, ignore_index)
+        dist.all_reduce(jsd_sums, group=group)
+    return merged, jsd_sums
+
+
+class VocabSplit(NamedTuple):
+    """This rank's slice of the vocabulary in ``group`` and the backend of the slice ops:
+    what fused_linear_kd_loss(group=) hands its chunk loop (lepton_fast/ops/linear_kd_loss.py)."""
+
+    group: object
+    class_offset: int
+    n_classes: int
+    backend: str
+
+
+def vocab_split(group, n_local: int, device: torch.device, backend: str) -> VocabSplit:
+    """The VocabSplit of a rank holding ``n_local`` classes (the size exchange of the module
+    docstring at the group's first call)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("group= needs torch.distributed initialised (init_process_group)")
+    group = dist.group.WORLD if group is None else group
+    return VocabSplit(group, *_slice_of(group, n_local, device, "student_weight", "rows"), backend)
+
+
+def chunk_loss_and_grad(split: VocabSplit, a: kd_ops.KDArgs, divergence: str, ignore_index: int, scale_by_t2: bool,
+                        reduction: str) -> tuple[Tensor, Tensor]:
+    """(the loss of a chunk of whole rows, d(loss)/d(this rank's logits slice)) as
+    fused_kd_loss's kernel gives them on one device: for fused_linear_kd_loss(group=)."""
+    merged, jsd_sums = _merged_statistics(split.backend, a, split.group, divergence, ignore_index, split.class_offset,
+                                          split.n_classes)
+    return kd_ops.slice_loss_and_grad(split.backend, a, merged, jsd_sums, divergence, ignore_index, scale_by_t2,
+                                      reduction, split.class_offset, split.n_classes)
+
+
+def _slice_of(group, size: int, device: torch.device, name: str = "student_logits",
+              what: str = "columns") -> tuple[int, int]:
+    """(this rank's first class, the number of classes C) from the slice sizes of ``group``,
+    exchanged at its first call."""
+    rank = dist.get_rank(group)
+    sizes = _SLICE_SIZES.get(group)
+    if sizes is None:
+        mine = torch.tensor([size], dtype=torch.int64, device=device)
+        gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, mine, group=group)
+        sizes = _SLICE_SIZES[group] = tuple(int(x) for x in torch.cat(gathered).tolist())
+    if sizes[rank] != size:
+        raise ValueError(
+            f"{name}: this rank's slice of the classes has {size} {what}, but it had {sizes[rank]} when "
+            f"the slice sizes were exchanged for this group ({list(sizes)} in rank order); the split of the classes "
+            "must stay the same for a process group (use another group for another split)"
+        )
+    return sum(sizes[:rank]), sum(sizes)
+
+
+# --- DTensor -------------------------------------------------------------------------------------
+
+
+def _is_dtensor(x) -> bool:
+    if not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(x, DTensor)
+
+
+def _vocab_mesh_dim(name: str, x) -> int:
+    """The mesh dimension that shards x's last dim; ValueError unless it is the only one
+    not Replicate()."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    placements = x.placements
+    last = x.dim() - 1
+    sharded = [i for i, p in enumerate(placements) if isinstance(p, Shard) and p.dim % x.dim() == last]
+    others = [p for i, p in enumerate(placements) if i not in sharded and not isinstance(p, Replicate)]
+    if len(sharded) != 1 or others:
+        raise ValueError(
+            f"{name} must be a DTensor placed Shard(-1) on one mesh dimension and Replicate() on the others (the "
+            f"classes split over ranks, every rank with all rows), got placements {tuple(placements)}; for rows "
+            "split over ranks as well, call vocab_parallel_kd_loss on .to_local() tensors with group= the group "
+            "that splits the classes"
+        )
+    return sharded[0]
+
+
+def _dtensor_loss(student, teacher, group, temperature, divergence, beta, labels, alpha, label_smoothing,
+                  ignore_index, scale_by_t2, reduction, num_items_in_batch):
+    from torch.distributed.tensor import DTensor, Replicate
+
+    for name, x in (("student_logits", student), ("teacher_logits", teacher)):
+        if not isinstance(x, DTensor):
+            raise TypeError(f"{name} must be a DTensor like the other logits, got {type(x).__name__}")
+    mesh_dim = _vocab_mesh_dim("student_logits", student)
+    if teacher.device_mesh != student.device_mesh or tuple(teacher.placements) != tuple(student.placements):
+        raise ValueError(
+            f"teacher_logits must be placed like student_logits ({tuple(student.placements)} on its mesh), got "
+            f"{tuple(teacher.placements)}" + ("" if teacher.device_mesh == student.device_mesh else " on another mesh")
+        )
+    if teacher.shape != student.shape:
+        raise ValueError(f"teacher_logits has shape {tuple(teacher.shape)} but student_logits has shape "
+                         f"{tuple(student.shape)}")
+    mesh = student.device_mesh
+    mesh_group = mesh.get_group(mesh_dim)
+    if group is not None and group != mesh_group:
+        raise ValueError(
+            f"group must be None or the group of the mesh dimension {mesh_dim} that shards the classes (of size "
+            f"{mesh.size(mesh_dim)}), got another group of size {dist.get_world_size(group)}"
+        )
+    if isinstance(labels, DTensor):
+        if not all(isinstance(p, Replicate) for p in labels.placements):
+            raise ValueError(f"labels must be replicated, got placements {tuple(labels.placements)}")
+        labels = labels.to_local()
+    # DTensor's Shard: torch.chunk's split, ceil(C / P) classes per rank while they last.
+    n_classes, parts, rank = student.shape[-1], mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
+    chunk = -(-n_classes // parts)
+    class_offset = min(rank * chunk, n_classes)
+    local_s, local_t = student.to_local(), teacher.to_local()
+    if local_s.shape[-1] != min(chunk, n_classes - class_offset):
+        raise ValueError(f"student_logits: a local shard of {local_s.shape[-1]} classes where Shard(-1) of "
+                         f"{n_classes} over {parts} ranks gives {min(chunk, n_classes - class_offset)}")
+    loss = _sharded_loss(local_s, local_t, mesh_group, class_offset, n_classes, temperature, divergence, beta, labels,
+                         alpha, label_smoothing, ignore_index, scale_by_t2, reduction, num_items_in_batch)
+    return DTensor.from_local(loss, mesh, [Replicate()] * mesh.ndim, run_check=False)
