@@ -85,7 +85,7 @@ lepton-fast info
 LEPTON_FAST_REQUIRE_TRITON_INTERPRETER=1 python -m pytest -q -p no:cacheprovider -m "not packaging" \
     tests/test_fused_kd_loss.py tests/test_fused_pseudo_label_loss.py tests/test_select_pseudo_labels.py \
     tests/test_fgsm_perturb.py tests/test_pgd_step.py tests/test_grad_reverse.py tests/test_attacks.py \
-    tests/test_thresholds.py tests/test_packaging.py \
+    tests/test_kd_slice_ops.py tests/test_vocab_parallel.py tests/test_thresholds.py tests/test_packaging.py \
     --deselect tests/test_fused_kd_loss.py::test_every_mode_float32 \
     --deselect tests/test_fused_kd_loss.py::test_other_cpu_instruction_sets
 set +x
