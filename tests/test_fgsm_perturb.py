@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import lepton_fast
-from conftest import DEVICE_BACKENDS, interpreted, require
+from conftest import (BROADCASTS, DEVICE_BACKENDS, C, H, N, W, as_broadcast, broadcast_operand as operand, interpreted,
+                      require)
 from lepton_fast import _backend, reference
 from lepton_fast.ops.adversarial import FGSM_INPLACE_SPEC, FGSM_SPEC
 
@@ -94,42 +95,6 @@ def test_against_float64_reference(device, backend):
         ref_err = (reference.fgsm_perturb(x.to(dtype), grad.to(dtype), 0.03).double() - expected).abs().max()
         tol = 1e-6 if dtype == torch.float32 else 2 * ref_err
         assert (out.double() - expected).abs().max() <= tol
-
-
-# x is [N, C, H, W] = [3, 2, 8, 9]: H * W = 72 elements per channel, above the CPU kernel's
-# shortest vectorised segment (64), so each form below takes the path it is meant to take.
-N, C, H, W = 3, 2, 8, 9
-BROADCASTS = {
-    "number": None,
-    "0-d CPU tensor": (),  # a host scalar, read once
-    "0-d on x's device": "device-0d",  # read by the kernel: one value repeated over all of x
-    "per sample [N]": (N,),  # the 1-d form: one value per sample, viewed as [N, 1, 1, 1]
-    "per sample [N,1,1,1]": (N, 1, 1, 1),  # constant over runs of C*H*W
-    "per channel [C,1,1]": (C, 1, 1),  # normalised images: runs of H*W, the pattern repeating per sample
-    "per channel [1,C,1,1]": (1, C, 1, 1),
-    "per sample and channel [N,C,1,1]": (N, C, 1, 1),  # runs of H*W over N*C values
-    "per pixel [H,W]": (H, W),  # varies along the trailing dims: a contiguous stretch per sample
-    "full shape": (N, C, H, W),  # one value per element
-    "[N,1,H,1]": (N, 1, H, 1),  # constant over C between dims it varies along: expanded to x's shape
-    "[1,1,1,W]": (1, 1, 1, W),  # periods of 9 values: too short for the CPU's segments, expanded
-}
-
-
-def operand(form, lo, hi, device, seed, dtype=torch.float32):
-    """A value in [lo, hi] of the given form (a number for "number")."""
-    g = torch.Generator().manual_seed(seed)
-    if form is None:
-        return lo + (hi - lo) * torch.rand((), generator=g).item()
-    shape = () if form == "device-0d" else form
-    value = lo + (hi - lo) * torch.rand(shape, generator=g, dtype=torch.float64)
-    return value.to(dtype).to(device if form != () else "cpu")
-
-
-def as_broadcast(value, x):
-    """The composition's view of an operand: the 1-d per-sample form as [N, 1, ...]."""
-    if isinstance(value, torch.Tensor) and value.dim() == 1 and x.dim() > 1:
-        return value.reshape((-1,) + (1,) * (x.dim() - 1))
-    return value
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
