@@ -1,11 +1,17 @@
 """fused_kd_loss: reference eager vs torch.compile(reference) vs each lepton_fast backend.
 
+Run: pytest benchmarks/bench_kd_loss.py --benchmark-only. On a shared machine,
+`python benchmarks/bench_kd_loss.py [--threads N] [--rounds R] [--only TEXT]` times the
+variants in alternating rounds instead (conftest.alternating_main), with the load average and
+one copy of the student logits as the bandwidth reference.
 Floors and measurements: benchmarks/RESULTS.md, section "fused_kd_loss on CPU".
 """
+import sys
+
 import pytest
 import torch
 
-from conftest import Case, full_or_smoke, run_variant, variants
+from conftest import Case, alternating_main, full_or_smoke, run_variant, variants
 from lepton_fast import fused_kd_loss, reference
 from lepton_fast.ops.kd_loss import SPEC
 
@@ -55,3 +61,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[c.group for c in CASES])
 def test_kd_loss(benchmark, case, variant):
     run_variant(benchmark, case, variant, VARIANTS[variant], rounds=5)
+
+
+if __name__ == "__main__":
+    sys.exit(alternating_main(CASES, VARIANTS, __doc__))

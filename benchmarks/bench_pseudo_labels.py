@@ -6,21 +6,18 @@ mid-training; it is one number per case, so that torch.compile(reference) compil
 (a float argument that changed every round would recompile it every round). Every variant
 computes the same outputs (loss, labels, confidence, mask, class counts) and the gradient.
 
-On a shared machine, `python benchmarks/bench_pseudo_labels.py [--threads N] [--rounds R]`
+On a shared machine, `python benchmarks/bench_pseudo_labels.py [--threads N] [--rounds R] [--only TEXT]`
 times the variants in alternating rounds instead (conftest.alternate: a load that comes and
 goes reaches every variant alike), with the load average and one copy of a view as the
 bandwidth reference.
 Floors and measurements: benchmarks/RESULTS.md, section "fused_pseudo_label_loss".
 """
-import argparse
-import statistics
 import sys
-import time
 
 import pytest
 import torch
 
-from conftest import Case, alternate, full_or_smoke, load_average, run_variant, variants
+from conftest import Case, alternating_main, full_or_smoke, run_variant, variants
 from lepton_fast import fused_pseudo_label_loss, reference
 from lepton_fast.ops.pseudo_labels import LOSS_SPEC
 
@@ -65,40 +62,5 @@ def test_pseudo_label_loss(benchmark, case, variant):
     run_variant(benchmark, case, variant, VARIANTS[variant], rounds=10)
 
 
-def timed(case: Case, step):
-    """A callable for conftest.alternate: fresh inputs, then the seconds `step` takes on them."""
-    def run():
-        args, _ = case.make()
-        start = time.perf_counter()
-        step(args)
-        return time.perf_counter() - start
-
-    return run
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--rounds", type=int, default=30)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    for case in CASES:
-        buffer = torch.empty(case.make()[0][0].shape)
-        steps = {name: (lambda a, fn=fn: case.run(fn, a, {})) for name, fn in VARIANTS.items()}
-        # The bandwidth reference: one copy of a view (2 x N x C x 4 bytes moved).
-        steps["copy"] = lambda a: buffer.copy_(a[0].detach())
-        for step in steps.values():  # warm-up: compilation, the gradient buffer, allocator pages
-            step(case.make()[0])
-        print(f"{case.group}, {args.threads} threads, {args.rounds} alternating rounds, load {load_average()}")
-        times = alternate({name: timed(case, step) for name, step in steps.items()}, args.rounds, log=lambda m: None)
-        fused = statistics.median(times["lepton_fast[cpu]"]) if "lepton_fast[cpu]" in times else None
-        for name, ts in times.items():
-            med = statistics.median(ts)
-            ratio = f"  {med / fused:5.2f}x fused" if fused else ""
-            print(f"  {name:20s} median {med * 1e3:9.3f} ms  min {min(ts) * 1e3:9.3f} ms{ratio}")
-        print(f"  load at the end {load_average()}")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(alternating_main(CASES, VARIANTS, __doc__))

@@ -127,3 +127,45 @@ def alternate(variants: dict[str, Callable[[], object]], rounds: int, log=print)
             times[name].append(variants[name]())
         log(f"round {r + 1}/{rounds}: {time.time() - start:.0f} s, load {load_average()}")
     return times
+
+
+def alternating_main(cases: list[Case], variants: dict[str, Callable], doc: str, argv=None) -> int:
+    """``python benchmarks/bench_<op>.py [--threads N] [--rounds R] [--only TEXT]``: each case's
+    variants timed in alternating rounds (:func:`alternate`), with one copy of the first input
+    as the bandwidth reference, medians and minima, each as a ratio to the CPU kernel's median,
+    and the load average before and after."""
+    import argparse
+    import statistics
+    import time
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--only", default="", help="run only the cases whose name contains this text")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    def timed(case, step):
+        def run():
+            inputs, kwargs = case.make()  # fresh inputs each round, made outside the timed part
+            start = time.perf_counter()
+            step(inputs, kwargs)
+            return time.perf_counter() - start
+        return run
+
+    for case in (c for c in cases if args.only in c.group):
+        first = case.make()[0][0]
+        buffer = torch.empty_like(first, requires_grad=False)
+        steps = {name: (lambda a, k, fn=fn: case.run(fn, a, k)) for name, fn in variants.items()}
+        steps["copy"] = lambda a, k: buffer.copy_(a[0].detach())  # 2 x numel x itemsize bytes moved
+        for step in steps.values():  # warm-up: compilation, the gradient buffer, allocator pages
+            step(*case.make())
+        print(f"{case.group}, {args.threads} threads, {args.rounds} alternating rounds, load {load_average()}")
+        times = alternate({name: timed(case, step) for name, step in steps.items()}, args.rounds, log=lambda m: None)
+        fused = statistics.median(times["lepton_fast[cpu]"]) if "lepton_fast[cpu]" in times else None
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            ratio = f"  {med / fused:5.2f}x fused" if fused else ""
+            print(f"  {name:20s} median {med * 1e3:9.3f} ms  min {min(ts) * 1e3:9.3f} ms{ratio}")
+        print(f"  load at the end {load_average()}")
+    return 0
