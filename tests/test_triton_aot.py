@@ -25,6 +25,7 @@ makes interpreted functions, which cannot be compiled), which is also how to run
 """
 from __future__ import annotations
 
+import collections
 import heapq
 import importlib
 import itertools
@@ -85,7 +86,9 @@ def select(candidates: list[dict], exhaustive: bool) -> list[dict]:
     for c in candidates:
         for name, value in c["features"]:
             domains.setdefault(name, set()).add(value)
-    varying = {name for name, values in domains.items() if len(values) > 1}
+    present = collections.Counter(name for c in candidates for name, _ in c["features"])
+    # A feature only some candidates have (the one-class variant's constant C) varies too.
+    varying = {name for name, values in domains.items() if len(values) > 1 or present[name] < len(candidates)}
     narrow = {name for name in varying if len(domains[name]) <= PAIRWISE_MAX_VALUES}
 
     def goals(c):
