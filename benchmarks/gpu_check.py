@@ -192,7 +192,8 @@ if BUILD_INFO.get("cuda") != torch.version.cuda:
 ops = {}
 for name, spec in sorted(_backend.OPS.items()):
     ops[name] = {}
-    for backend, exists in (("cuda", spec.kernel), ("triton", spec.triton)):
+    # Every op has a CUDA C++ kernel; those with a Triton module have a Triton kernel too.
+    for backend, exists in (("cuda", True), ("triton", spec.triton is not None)):
         why = _backend.unavailable(spec, backend, "cuda") if exists else "no such backend for this op"
         ops[name][backend] = why or "ok"
         if exists and why:

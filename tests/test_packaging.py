@@ -157,6 +157,21 @@ def test_supported_versions_agree():
     assert "make test" in (REPO / ".ci" / "run").read_text() and "make test" in readme
 
 
+def test_gpu_check_reads_the_running_build():
+    """The GPU check's look at the build (in a fresh interpreter) runs against the package as it
+    is: the op table it walks is _backend.OPS. It once read an attribute the op layer had
+    dropped, and only a dry run on another machine showed it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    proc = subprocess.run([sys.executable, "-c", gpu_check.VERIFY_BUILD], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(report["ops"]) == set(_backend.OPS) and all(set(v) == {"cuda", "triton"} for v in report["ops"].values())
+
+
 # --- helpers for the builds ---------------------------------------------------------------
 
 def _clean_env(**extra):
