@@ -93,7 +93,8 @@ def vocab_parallel_kd_loss(
     Returns:
         On every rank, the loss of the whole rows: a scalar, or [...] for ``"none"``; float32
         (float64 for float64 logits). For DTensor inputs a DTensor placed ``Replicate()``, and
-        the student's gradient is a DTensor placed like the student.
+        the student's gradient is a DTensor placed like the student (torch >= 2.12; torch 2.11
+        accumulates a leaf's gradient as ``Replicate()``, with the same values).
 
     Raises:
         TypeError, ValueError: as ``fused_kd_loss`` (labels are checked against the whole

@@ -129,7 +129,7 @@ def _rank_dtensor(ctx, kind, seed, n, kw):
     x = distribute_tensor(s, mesh, place).requires_grad_()
     loss = vocab_parallel_kd_loss(x, distribute_tensor(t, mesh, place), labels=labels, **kw)
     loss.backward()
-    return loss.to_local(), tuple(map(repr, loss.placements)), x.grad.to_local(), tuple(map(repr, x.grad.placements))
+    return loss.to_local(), tuple(map(repr, loss.placements)), x.grad.full_tensor(), tuple(map(repr, x.grad.placements))
 
 
 def _rank_loss_parallel(ctx, seed, n, temperature):
@@ -151,7 +151,9 @@ def _rank_loss_parallel(ctx, seed, n, temperature):
     ours = distribute_tensor(s, mesh, place).requires_grad_()
     our_loss = vocab_parallel_kd_loss(ours, teacher, temperature)
     our_loss.backward()
-    return (their_loss.full_tensor(), theirs.grad.to_local(), our_loss.to_local(), ours.grad.to_local())
+    # The gradients in full: a leaf's gradient placement differs between torch releases
+    # (Replicate() in 2.11, see test_dtensor_shard_minus_one).
+    return (their_loss.full_tensor(), theirs.grad.full_tensor(), our_loss.to_local(), ours.grad.full_tensor())
 
 
 def _rank_bad_call(ctx, what):
@@ -301,16 +303,15 @@ def test_dtensor_shard_minus_one(pool, kind):
     answers = pool.run(_rank_dtensor, kind, 14, 5, dict(kw))
     place = ("Shard(dim=1)",) if kind == "1d" else (("Replicate()", "Shard(dim=1)") if kind == "2d-tp"
                                                     else ("Shard(dim=1)", "Replicate()"))
-    for _, loss_place, _, grad_place in answers:
-        assert loss_place == ("Replicate()",) * len(place)
-        assert grad_place == place
-    # The gradient shards in mesh order: DTensor's Shard splits 37 classes as torch.chunk does.
-    coordinate = {"1d": lambda r: r, "2d-tp": lambda r: r % 2, "2d-dp": lambda r: r // 2}[kind]
-    shards = {coordinate(r): a[2] for r, a in enumerate(answers)}
+    # torch 2.11 accumulates the gradient of a Shard(-1) leaf as Replicate() whatever the op's
+    # backward hands back (to_local(grad_placements=...) included); from 2.12 it stays sharded.
+    sharded_grad = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 12)
     ((want_loss, want_grad), _) = single_process(14, 5, kw)
-    for loss, *_ in answers:
+    for loss, loss_place, grad, grad_place in answers:
+        assert loss_place == ("Replicate()",) * len(place)
+        assert grad_place == place or not sharded_grad
         torch.testing.assert_close(loss, want_loss, **F64_TOL)
-    torch.testing.assert_close(torch.cat([shards[k] for k in sorted(shards)], -1), want_grad, **F64_TOL)
+        torch.testing.assert_close(grad, want_grad, **F64_TOL)
 
 
 def test_loss_parallel_gets_the_kd_gradient_wrong_and_we_do_not(pool):
@@ -320,8 +321,8 @@ def test_loss_parallel_gets_the_kd_gradient_wrong_and_we_do_not(pool):
     temperature = 2.0
     answers = pool.run(_rank_loss_parallel, 15, 6, temperature)
     ((want_loss, want_grad), _) = single_process(15, 6, dict(temperature=temperature))
-    theirs = torch.cat([a[1] for a in answers], -1)
-    ours = torch.cat([a[3] for a in answers], -1)
+    theirs = answers[0][1]
+    ours = answers[0][3]
     for their_loss, _, our_loss, _ in answers:
         torch.testing.assert_close(their_loss, want_loss, **F64_TOL)  # their loss is right
         torch.testing.assert_close(our_loss, want_loss, **F64_TOL)
