@@ -208,16 +208,26 @@ def extension_and_commands(facts):
 
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fvisibility=hidden"]
+    link = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is inline: its `omp parallel` is compiled into our object files and is
+        # a no-op without -fopenmp, so every CPU kernel would run on one thread. libgomp.so.1
+        # resolves to the copy torch has already loaded (one thread pool, torch.set_num_threads
+        # applies). `lepton-fast info` reports the threads a CPU kernel really gets.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     macros = [("LEPTON_FAST_WITH_CUDA", "1" if facts["cuda"] else "0")]
     if facts["cuda"]:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
         ext = ce.CUDAExtension(
             EXTENSION, sources, define_macros=macros,
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link,
         )
     else:
-        ext = ce.CppExtension(EXTENSION, sources, define_macros=macros, extra_compile_args={"cxx": cxx})
+        ext = ce.CppExtension(
+            EXTENSION, sources, define_macros=macros, extra_compile_args={"cxx": cxx}, extra_link_args=link,
+        )
     commands["build_ext"] = BuildExtWithRecord.with_options(use_ninja=True)
     return [ext], commands
 

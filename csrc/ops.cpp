@@ -11,11 +11,40 @@
 //     kernel runs; kernels check shapes, dtypes, devices and strides, and the data they read
 //     (label ranges, rows whose softmax is undefined), raising ValueError on the CPU.
 #include <Python.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
-// `import lepton_fast._C` runs the static registrations; the module has no functions.
+#include <algorithm>
+#include <atomic>
+
+namespace {
+
+// The number of threads an at::parallel_for in this library really runs on, at most
+// torch.get_num_threads(). It is 1 whatever torch says when the extension was compiled
+// without OpenMP (at::parallel_for is inline; its pragma is then ignored), which no result
+// shows, only the time: `lepton-fast info` and tests/test_packaging.py read it.
+PyObject* parallel_threads(PyObject*, PyObject*) {
+  std::atomic<int> width{0};
+  Py_BEGIN_ALLOW_THREADS
+  at::parallel_for(0, 1 << 12, 1, [&](int64_t, int64_t) {
+    const int mine = at::get_thread_num() + 1;
+    int seen = width.load();
+    while (seen < mine && !width.compare_exchange_weak(seen, mine)) {
+    }
+  });
+  Py_END_ALLOW_THREADS
+  return PyLong_FromLong(width.load());
+}
+
+PyMethodDef methods[] = {
+    {"parallel_threads", parallel_threads, METH_NOARGS, "Threads an at::parallel_for of lepton_fast runs on."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+// `import lepton_fast._C` runs the static registrations.
 PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module);
 }
 

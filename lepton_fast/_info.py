@@ -59,6 +59,8 @@ def info(file=None) -> dict:
         "build": BUILD_INFO,
         "extension_loaded": status.module is not None,
         "extension_problem": status.reason,
+        # Threads a CPU kernel's at::parallel_for really runs on (1 for a build without OpenMP).
+        "cpu_kernel_threads": status.module.parallel_threads() if status.module is not None else None,
         "backend_override": os.environ.get(_backend.ENV_BACKEND),
         "backend_override_problem": override_problem,
         "ops": {},
@@ -80,6 +82,11 @@ def info(file=None) -> dict:
               f"archs {BUILD_INFO['archs']}, cxx11 ABI {BUILD_INFO['cxx11_abi']}", file=out)
     print(f"extension loaded: {facts['extension_loaded']}" + (f" ({status.reason})" if status.reason else ""),
           file=out)
+    if facts["cpu_kernel_threads"] is not None:
+        threads = torch.get_num_threads()
+        print(f"CPU kernels run on {facts['cpu_kernel_threads']} of torch's {threads} threads"
+              + (" (the extension was built without OpenMP: rebuild it with -fopenmp)"
+                 if facts["cpu_kernel_threads"] < threads else ""), file=out)
     if override_problem:
         print(override_problem, file=out)
     elif override:

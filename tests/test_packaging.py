@@ -157,6 +157,26 @@ def test_supported_versions_agree():
     assert "make test" in (REPO / ".ci" / "run").read_text() and "make test" in readme
 
 
+def test_cpu_kernels_run_on_the_threads_torch_has():
+    """at::parallel_for is inline: built without -fopenmp, its pragma vanishes and every CPU
+    kernel runs on one thread, which no result shows, only the time (this went unnoticed
+    for a round). The extension reports the threads its parallel_for really uses."""
+    from lepton_fast import _backend
+
+    module = _backend.extension().module
+    if module is None:
+        pytest.skip("the extension is not built")
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one core")
+    previous = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert module.parallel_threads() == n
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_gpu_check_reads_the_running_build():
     """The GPU check's look at the build (in a fresh interpreter) runs against the package as it
     is: the op table it walks is _backend.OPS. It once read an attribute the op layer had
@@ -327,6 +347,7 @@ def test_cpu_wheel_installs_runs_and_falls_back(tmp_path):
     info = _run([str(bin_dir / "lepton-fast"), "info"], timings, "lepton-fast info", cwd=run_dir, env=_clean_env())
     assert f"torch {CPU_TORCH}" in info.stdout and "extension loaded: True" in info.stdout, info.stdout
     assert info.stderr.count("lepton_fast: compiled kernels disabled") == 0, info.stderr
+    assert "without OpenMP" not in info.stdout, info.stdout  # the wheel's kernels use every thread
 
     good = _run_user_program(bin_dir, run_dir, timings, "fused_kd_loss, matching build")
     assert Path(good["file"]).is_relative_to(tmp_path / "user-venv"), good["file"]
