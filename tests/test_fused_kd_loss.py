@@ -286,6 +286,21 @@ def test_gradient_buffer_is_recycled_only_when_free():
     torch.testing.assert_close(held, x.grad, rtol=0, atol=0)
 
 
+# The CPU kernel writes a gradient of 32 MiB or more around the caches (non-temporal stores,
+# which need a vector-aligned address): each path once, with labels for the CE term.
+@pytest.mark.parametrize("shape,dtype", [
+    pytest.param((256, 32768), torch.float32, id="fp32 every row aligned: all streamed"),
+    pytest.param((257, 32771), torch.float32, id="fp32 odd C: one row in 16 streamed, the others stored"),
+    pytest.param((128, 32768), torch.float64, id="fp64 streamed"),
+])
+def test_gradient_past_the_streaming_size(shape, dtype):
+    require(SPEC, "cpu", "cpu")
+    assert shape[0] * shape[1] * dtype.itemsize >= 32 << 20
+    s, t = randn(*shape, seed=81, dtype=dtype), randn(*shape, seed=82, dtype=dtype)
+    labels = random_labels(shape[:1], shape[1], seed=83)
+    assert_matches("cpu", s, t, temperature=2.0, labels=labels, alpha=0.3)
+
+
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_gradcheck_float64(divergence, device, backend):
@@ -494,6 +509,11 @@ def test_other_cpu_instruction_sets():
             tol = 1e-5 if dtype != torch.bfloat16 else 1e-2
             torch.testing.assert_close(loss.double(), ref, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(x.grad.double(), xr.grad, atol=tol, rtol=tol)
+        # Past the non-temporal store size (32 MiB) with odd C: streamed and stored rows.
+        s, t = torch.randn(257, 32771, generator=g) * 3, torch.randn(257, 32771, generator=g) * 3
+        x = s.clone().requires_grad_(); fused_kd_loss(x, t, 2.0, backend="cpu").backward()
+        xr = s.double().requires_grad_(); reference.fused_kd_loss(xr, t.double(), 2.0).backward()
+        torch.testing.assert_close(x.grad.double(), xr.grad, atol=1e-5, rtol=1e-5)
         print("ok")
     """)
     run_on_each_cpu_capability(script)

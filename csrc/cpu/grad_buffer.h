@@ -17,6 +17,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <mutex>
 
 #if defined(__linux__)
@@ -45,8 +46,15 @@ class GradientBlockCache {
       ptr = c10::alloc_cpu(bytes);
       advise_huge_pages(ptr, bytes);
     }
-    return at::from_blob(ptr, logits.sizes(), [bytes](void* p) { GradientBlockCache::get().give_back(p, bytes); },
-                         logits.options());
+    auto out = at::from_blob(ptr, logits.sizes(), [bytes](void* p) { GradientBlockCache::get().give_back(p, bytes); },
+                             logits.options());
+    // As torch.empty does under torch.use_deterministic_algorithms (the tests turn it on): a
+    // NaN-filled block, so that an element the kernel does not write shows.
+    const auto& ctx = at::globalContext();
+    if (ctx.deterministicAlgorithms() && ctx.deterministicFillUninitializedMemory()) {
+      out.fill_(std::numeric_limits<double>::quiet_NaN());
+    }
+    return out;
   }
 
  private:

@@ -31,6 +31,7 @@ struct KDRows {
   c10::ScalarType dtype;
   KDParams p;
   double grad_scale;  // multiplies the gradient: 1 / the divisor of a mean, else 1
+  bool stream_grad;  // write the gradient with non-temporal stores: it is far larger than the caches
 };
 
 // Rows [begin, end) of `a`; one function per instruction set, all with the same results up

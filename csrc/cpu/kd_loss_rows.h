@@ -12,13 +12,20 @@
 //     L1, no exp), then one rescale per chunk and one exp per element and distribution.
 //     Forward and reverse KL have their loss after this pass.
 //   Row::jsd_sums, JSD only: KL(p_t || m) and KL(p_s || m), which need both lse first.
-//   Row::grad (s and t now in L2 when fused): one exp per distribution and element.
+//   Row::grad (s and t now in L2 when fused): one exp per distribution and element, or,
+//     for fused_kd_loss, which keeps the exps of Row::stats in a scratch row per
+//     distribution (RowScratch), none: a kept exp(z - m) times its chunk's exp(m - lse) is
+//     p. Recomputing them was most of the pass's time. A gradient far larger than the
+//     caches is written with non-temporal stores (KDRows::stream_grad).
+// The first pass over a row prefetches ahead (row_io.h, prefetch_ahead).
 // exp is at::vec's exp_u20 (a degree-5 polynomial after range reduction; relative error
 // ~1e-6 in float32, inside the 1e-5 tolerance); float64 uses the accurate exp.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+
+#include <memory>
 
 #include "kd_loss_cpu.h"
 #include "row_io.h"
@@ -28,6 +35,16 @@ namespace cpu {
 namespace {
 
 enum class Soft { kNone, kForwardKL, kReverseKL, kJSD };
+
+// Row::stats's exps of z_s and z_t, kept for Row::grad: e = exp(z - m) per column, with m the
+// lane's running max in the column's chunk (W per chunk). Rows of the thread's task reuse it.
+template <typename acc_t>
+struct RowScratch {
+  acc_t* e_s;
+  acc_t* e_t;
+  acc_t* m_s;
+  acc_t* m_t;
+};
 
 // The steps of one row (csrc/kd_loss.h) on the C columns at s and t, a whole row or a slice
 // of it; `label` is the label's column among them, or -1.
@@ -47,7 +64,7 @@ struct Row {
 
   // Step 1: the statistics of the columns.
   static KDRowStats<acc_t> stats(const scalar_t* s, const scalar_t* t, int64_t C, int64_t label, const KDParams& p,
-                                 int64_t row_classes) {
+                                 int64_t row_classes, const RowScratch<acc_t>* keep = nullptr) {
     const acc_t inv_t = p.inv_temperature;
     const bool own = ce_own(p);
     const acc_t eps = p.label_smoothing;
@@ -58,17 +75,21 @@ struct Row {
     Vec ms = v_lowest, ss(0), mt = v_lowest, st(0), kl_sum(0), m1 = v_lowest, s1(0), sum_x(0);
     for (int64_t j0 = 0; j0 < C; j0 += kChunk) {
       const int64_t j1 = std::min(C, j0 + kChunk);
-      Vec cs = ms, ct = mt, c1 = m1;
+      // The chunk's maxima of the raw logits, scaled once: x / T is monotonic in x.
+      Vec rs = v_lowest, rt = v_lowest, c1 = m1;
       for (int64_t j = j0; j < j1; j += W) {
         const int64_t n = std::min(W, j1 - j);
         const Vec xs = IO::load(s + j, n, kNegInf);
+        prefetch_ahead(s + j);
+        prefetch_ahead(t + j);
         if constexpr (kHasSoft) {
-          cs = M::max(cs, xs * v_inv_t);
-          ct = M::max(ct, IO::load(t + j, n, kNegInf) * v_inv_t);
+          rs = M::running_max(rs, xs);
+          rt = M::running_max(rt, IO::load(t + j, n, kNegInf));
         }
-        if (own) c1 = M::max(c1, xs);
+        if (own) c1 = M::running_max(c1, xs);
       }
       if constexpr (kHasSoft) {
+        const Vec cs = M::max(ms, rs * v_inv_t), ct = M::max(mt, rt * v_inv_t);
         const Vec fs = M::exp(ms - cs), ft = M::exp(mt - ct);
         ss = ss * fs;
         st = st * ft;
@@ -76,6 +97,10 @@ struct Row {
         if constexpr (kSoft == Soft::kReverseKL) kl_sum = M::zero_where_zero(fs, kl_sum * fs);
         ms = cs;
         mt = ct;
+        if (keep) {
+          ms.store(keep->m_s + j0 / kChunk * W);
+          mt.store(keep->m_t + j0 / kChunk * W);
+        }
       }
       if (own) {
         s1 = s1 * M::exp(m1 - c1);
@@ -86,9 +111,13 @@ struct Row {
         const Vec xs = IO::load(s + j, n, kNegInf);
         if constexpr (kHasSoft) {
           const Vec xt = IO::load(t + j, n, kNegInf);
-          const Vec es = M::exp(xs * v_inv_t - ms), et = M::exp(xt * v_inv_t - mt);
+          const Vec es = M::exp(at::vec::fmsub(xs, v_inv_t, ms)), et = M::exp(at::vec::fmsub(xt, v_inv_t, mt));
           ss = ss + es;
           st = st + et;
+          if (keep) {  // padding lanes keep exp(-inf) = 0: the rows are W-padded
+            es.store(keep->e_s + j);
+            et.store(keep->e_t + j);
+          }
           if constexpr (kSoft == Soft::kForwardKL) kl_sum = kl_sum + weighted<M>(et, (xt - xs) * v_inv_t);
           if constexpr (kSoft == Soft::kReverseKL) kl_sum = kl_sum + weighted<M>(es, (xs - xt) * v_inv_t);
         }
@@ -142,7 +171,8 @@ struct Row {
 
   // Step 4: the gradient of the columns into g, times grad_scale gs.
   static void grad(const scalar_t* s, const scalar_t* t, scalar_t* g, int64_t C, int64_t label,
-                   const KDRowConsts<acc_t>& c, const KDParams& p, acc_t gs, int64_t row_classes) {
+                   const KDRowConsts<acc_t>& c, const KDParams& p, acc_t gs, int64_t row_classes,
+                   const RowScratch<acc_t>* kept, bool stream) {
     const bool own = ce_own(p);
     const acc_t beta = p.beta, eps = p.label_smoothing;
     const acc_t soft_gw = acc_t(p.soft_grad_weight) * gs, ce_gw = acc_t(p.alpha) * gs;
@@ -152,17 +182,22 @@ struct Row {
     const Vec v_grad_const(grad_const), v_log_beta(std::log(beta)), v_log_1m_beta(std::log1p(-beta));
     const Vec v_soft_gw(kSoft == Soft::kJSD ? (1 - beta) * soft_gw : soft_gw), v_ce_gw(ce_gw);
     const Vec v_smooth(eps / acc_t(row_classes));
+    Vec fs(0), ft(0);  // the chunk's exp(m - lse) that turn kept exps into probabilities
     for (int64_t j = 0; j < C; j += W) {
       const int64_t n = std::min(W, C - j);
       const Vec xs = IO::load(s + j, n, kNegInf);
       Vec gv(0), ps(0);
       if constexpr (kHasSoft) {
+        if (kept && j % kChunk == 0) {
+          fs = M::exp(Vec::loadu(kept->m_s + j / kChunk * W) - v_lse_s);
+          if constexpr (kSoft == Soft::kForwardKL) ft = M::exp(Vec::loadu(kept->m_t + j / kChunk * W) - v_lse_t);
+        }
         const Vec xt = IO::load(t + j, n, kNegInf);
         const Vec lps = at::vec::fmadd(xs, v_inv_t, -v_lse_s);
-        ps = M::exp(lps);
+        ps = kept ? Vec::loadu(kept->e_s + j) * fs : M::exp(lps);
         Vec d;
         if constexpr (kSoft == Soft::kForwardKL) {
-          d = ps - M::exp(at::vec::fmadd(xt, v_inv_t, -v_lse_t));
+          d = ps - (kept ? Vec::loadu(kept->e_t + j) * ft : M::exp(at::vec::fmadd(xt, v_inv_t, -v_lse_t)));
         } else if constexpr (kSoft == Soft::kReverseKL) {
           d = weighted<M>(ps, (xs - xt) * v_inv_t - v_grad_const);
         } else {
@@ -181,7 +216,7 @@ struct Row {
           gv = Vec::loadu(buf);
         }
       }
-      IO::store(g + j, gv, n);
+      if (n == W && stream) IO::store_streaming(g + j, gv); else IO::store(g + j, gv, n);
     }
   }
 };
@@ -197,6 +232,17 @@ void rows_impl(const KDRows& a, int64_t begin, int64_t end) {
   const auto* stats_in = static_cast<const acc_t*>(a.stats);
   const auto* jsd_in = static_cast<const acc_t*>(a.jsd);
   auto* out = static_cast<acc_t*>(a.out);
+
+  // fused_kd_loss keeps the statistics pass's exps for the gradient pass (RowScratch).
+  std::unique_ptr<acc_t[]> scratch;
+  RowScratch<acc_t> kept{};
+  const bool keep = kSoft != Soft::kNone && a.mode == KDMode::kFused && p.compute_grad;
+  if (keep) {
+    const int64_t padded = (C + R::W - 1) / R::W * R::W, chunks = (C + R::kChunk - 1) / R::kChunk;
+    scratch.reset(new acc_t[2 * padded + 2 * chunks * R::W]);  // every element is written before it is read
+    kept = {scratch.get(), scratch.get() + padded, scratch.get() + 2 * padded,
+            scratch.get() + 2 * padded + chunks * R::W};
+  }
 
   for (int64_t row = begin; row < end; ++row) {
     const auto* s = static_cast<const scalar_t*>(a.student) + row * a.s_stride;
@@ -232,7 +278,7 @@ void rows_impl(const KDRows& a, int64_t begin, int64_t end) {
     KDRowStats<acc_t> st;
     acc_t k_t = 0, k_s = 0;
     if (a.mode == KDMode::kFused) {
-      st = R::stats(s, t, C, label_here, p, C);
+      st = R::stats(s, t, C, label_here, p, C, keep ? &kept : nullptr);
       if constexpr (kSoft == Soft::kJSD) {
         R::jsd_sums(s, t, C, p, lse_from(st.max_s, st.sum_s), lse_from(st.max_t, st.sum_t), k_t, k_s);
       }
@@ -245,8 +291,9 @@ void rows_impl(const KDRows& a, int64_t begin, int64_t end) {
     }
     const KDRowConsts<acc_t> c = kd_row_consts(st, p, k_t, k_s);
     loss[row] = c.loss;
-    if (g) R::grad(s, t, g, C, label_here, c, p, gs, a.row_classes);
+    if (g) R::grad(s, t, g, C, label_here, c, p, gs, a.row_classes, keep ? &kept : nullptr, a.stream_grad);
   }
+  if (a.stream_grad) streaming_fence();
 }
 
 template <typename scalar_t>
