@@ -154,6 +154,20 @@ def test_shapes(shape, soft, device, backend):
         assert out.loss.shape == (shape[:-1] if reduction == "none" else ())
 
 
+# The CPU kernel writes a gradient of 32 MiB or more around the caches (non-temporal stores,
+# on vector-aligned addresses), zero-weight rows included.
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+@pytest.mark.parametrize("shape", [
+    pytest.param((8192, 1024), id="every row aligned: all streamed"),
+    pytest.param((8193, 1025), id="odd C: one row in 16 streamed, the others stored"),
+])
+def test_gradient_past_the_streaming_size(shape, soft):
+    require(SPEC, "cpu", "cpu")
+    assert shape[0] * shape[1] * 4 >= 32 << 20
+    s, w = views(*shape, seed=41)
+    assert_matches("cpu", s, w, soft=soft, threshold=0.2, weights=extras("weights", shape, seed=42)["weights"])
+
+
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("view", ["transposed", "sliced", "unaligned"])
 def test_non_contiguous(view, device, backend):

@@ -27,6 +27,16 @@
 namespace lepton_fast {
 namespace cpu {
 
+// Whether the fused losses write a gradient with non-temporal stores (RowIO::store_streaming,
+// which saves reading each line in before it is overwritten and evicts nothing): for a
+// gradient too large to still be in cache when its reader (the layer below, in the backward)
+// gets to it. At 16 MB (fused_pseudo_label_loss 4096 x 1000 float32) streaming was no faster
+// on the 2-core VM, at 256 MB (fused_kd_loss 2048 x 32000) it saved ~10 % (benchmarks/RESULTS.md).
+constexpr int64_t kStreamGradBytes = int64_t(32) << 20;
+inline bool stream_gradient(const at::Tensor& grad) {
+  return static_cast<int64_t>(grad.nbytes()) >= kStreamGradBytes;
+}
+
 class GradientBlockCache {
  public:
   // Below this size the allocator's own free lists already serve a buffer without faults.

@@ -123,10 +123,7 @@ std::tuple<at::Tensor, at::Tensor> loss_and_grad(
   a.loss = rows.data_ptr();
   a.grad = compute_grad ? grad.data_ptr() : nullptr;
   a.grad_scale = how == Reduction::kNone ? 1.0 : 1.0 / divisor;
-  // Past this size the gradient cannot stay in cache for its reader (the layer below, in the
-  // backward), so writing it around the caches saves a read of every line and evicts nothing.
-  constexpr int64_t kStreamGradBytes = int64_t(32) << 20;
-  a.stream_grad = compute_grad && grad.numel() * grad.element_size() >= kStreamGradBytes;
+  a.stream_grad = compute_grad && stream_gradient(grad);
   run_rows(a, n_rows);
 
   return AT_DISPATCH_FLOATING_TYPES(call.acc_type, "kd_loss_cpu", [&] {

@@ -216,7 +216,7 @@ struct Row {
           gv = Vec::loadu(buf);
         }
       }
-      if (n == W && stream) IO::store_streaming(g + j, gv); else IO::store(g + j, gv, n);
+      IO::store(g + j, gv, n, stream);
     }
   }
 };

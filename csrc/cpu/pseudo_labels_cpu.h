@@ -29,6 +29,7 @@ struct PseudoLabelRows {
   int64_t weak_stride;
   c10::ScalarType dtype;
   PseudoLabelParams p;
+  bool stream_grad;  // write the gradient with non-temporal stores (grad_buffer.h, stream_gradient)
 };
 
 // Rows [begin, end) of `a`; one function per instruction set, all with the same results up

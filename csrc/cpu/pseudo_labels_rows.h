@@ -67,28 +67,33 @@ struct PseudoLabelKernel {
   template <typename OnChunk, typename OnExp>
   static Lanes sweep(const scalar_t* x, int64_t n, acc_t scale, OnChunk&& on_chunk, OnExp&& on_exp) {
     const Vec v_scale(scale), v_lowest(kLowest);
-    Lanes st{v_lowest, v_lowest, Vec(0)};
+    // Plain locals, not a Lanes: GCC kept a struct's sum in memory, stored every iteration.
+    Vec max = v_lowest, shift = v_lowest, sum(0);
     for (int64_t j0 = 0, k = 0; j0 < n; j0 += kChunk, ++k) {
       const int64_t j1 = std::min(n, j0 + kChunk);
-      Vec cm = st.max;
-      for_each_vector(x, j0, j1, [&](int64_t, const Vec& v) { cm = M::max(cm, v); });
+      Vec cm = max;
+      for_each_vector(x, j0, j1, [&](int64_t j, const Vec& v) {
+        prefetch_ahead(x + j);
+        cm = M::running_max(cm, v);  // a NaN dropped here makes the sum NaN below
+      });
       // scale > 0 keeps the order, rounding included: the max of x * scale is max(x) * scale.
-      const Vec shift = M::max(cm * v_scale, v_lowest);
-      st.sum = st.sum * M::exp(st.shift - shift);
-      on_chunk(k, shift, cm > st.max);
-      st.max = cm;
-      st.shift = shift;
+      const Vec chunk_shift = M::max(cm * v_scale, v_lowest);
+      sum = sum * M::exp(shift - chunk_shift);
+      on_chunk(k, chunk_shift, cm > max);
+      max = cm;
+      shift = chunk_shift;
       for_each_vector(x, j0, j1, [&](int64_t j, const Vec& v) {
         const Vec e = M::exp(at::vec::fmadd(v, v_scale, -shift));
-        st.sum = st.sum + e;
+        sum = sum + e;
         on_exp(j, v, e);
       });
     }
-    return st;
+    return Lanes{max, shift, sum};
   }
 
   // The row's max of z (NaN if a lane saw one) and sum of exp(z - max), from the lanes.
-  static void merge(const Lanes& st, acc_t& max, acc_t& sum) {
+  // Lanes by value, here and in arg_max, for the reason RowIO::merge gives.
+  static void merge(Lanes st, acc_t& max, acc_t& sum) {
     max = at::vec::vec_reduce_all<acc_t>([](const Vec& a, const Vec& b) { return M::max(a, b); }, st.shift);
     sum = at::vec::vec_reduce_all<acc_t>([](const Vec& a, const Vec& b) { return a + b; },
                                          st.sum * M::exp(st.shift - Vec(max)));
@@ -111,7 +116,7 @@ struct PseudoLabelKernel {
   // maximum lies in the earliest chunk where a lane that holds it rose, so only the chunks
   // from there on are read again (all of them only if no lane ever rose: a row of lowest
   // finite values).
-  static int64_t arg_max(const scalar_t* x, int64_t n, const Lanes& st, const Vec& rose_in) {
+  static int64_t arg_max(const scalar_t* x, int64_t n, Lanes st, Vec rose_in) {
     alignas(64) acc_t lane_max[W], lane_chunk[W];
     st.max.store(lane_max);
     rose_in.store(lane_chunk);
@@ -173,7 +178,7 @@ struct PseudoLabelKernel {
       if (weight == acc_t(0)) {
         loss[row] = 0;
         if constexpr (kGrad) {
-          for (int64_t j = 0; j < C; j += W) IO::store(g + j, Vec(0), std::min(W, C - j));
+          for (int64_t j = 0; j < C; j += W) IO::store(g + j, Vec(0), std::min(W, C - j), a.stream_grad);
         }
         continue;
       }
@@ -212,7 +217,7 @@ struct PseudoLabelKernel {
         for (int64_t j = j0; j < j1; j += W) {
           Vec d = Vec::loadu(strong_exps + j) * p_scale;
           if constexpr (kSoft) d = d - Vec::loadu(weak_exps + j) * q_scale_gw;
-          IO::store(g + j, d, std::min(W, j1 - j));
+          IO::store(g + j, d, std::min(W, j1 - j), a.stream_grad);
         }
       }
       // The one-hot term, with the accurate exp: p_y - 1 cancels where p_y is near 1.
@@ -220,6 +225,7 @@ struct PseudoLabelKernel {
         g[label] = static_cast<scalar_t>(weight * grad_scale * (std::exp(acc_t(s[label]) - lse) - acc_t(1)));
       }
     }
+    if (a.stream_grad) streaming_fence();
   }
 };
 

@@ -57,7 +57,9 @@ struct RowIO {
     return Vec::loadu(buf);
   }
 
-  static void store(scalar_t* p, const Vec& v, int64_t n) {
+  // The first n < W lanes, or all W; streaming: a full vector with store_streaming.
+  static void store(scalar_t* p, const Vec& v, int64_t n, bool streaming = false) {
+    if (n == W && streaming) return store_streaming(p, v);
     if (n == W) {
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
         v.store(p);
@@ -87,7 +89,7 @@ struct RowIO {
 #endif
     }
 #endif
-    store(p, v, W);
+    store(p, v, W, false);
   }
 
   // Vectors by value here and in merge: a reference to a loop's accumulator that reaches
