@@ -185,6 +185,10 @@ struct Row {
     Vec fs(0), ft(0);  // the chunk's exp(m - lse) that turn kept exps into probabilities
     for (int64_t j = 0; j < C; j += W) {
       const int64_t n = std::min(W, C - j);
+      if (!kept) {  // kd_slice_loss: this pass is the call's first over the row
+        prefetch_ahead(s + j);
+        prefetch_ahead(t + j);
+      }
       const Vec xs = IO::load(s + j, n, kNegInf);
       Vec gv(0), ps(0);
       if constexpr (kHasSoft) {
