@@ -36,14 +36,13 @@ namespace {
 
 enum class Soft { kNone, kForwardKL, kReverseKL, kJSD };
 
-// Row::stats's exps of z_s and z_t, kept for Row::grad: e = exp(z - m) per column, with m the
-// lane's running max in the column's chunk (W per chunk). Rows of the thread's task reuse it.
+// Row::stats's exps of z_s, z_t and (the CE's own softmax at T != 1) x_s, kept for Row::grad:
+// e = exp(z - m) per column, with m the lane's running max in the column's chunk (W per
+// chunk). Rows of the thread's task reuse it.
 template <typename acc_t>
 struct RowScratch {
-  acc_t* e_s;
-  acc_t* e_t;
-  acc_t* m_s;
-  acc_t* m_t;
+  acc_t *e_s, *e_t, *e_1;
+  acc_t *m_s, *m_t, *m_1;
 };
 
 // The steps of one row (csrc/kd_loss.h) on the C columns at s and t, a whole row or a slice
@@ -105,6 +104,7 @@ struct Row {
       if (own) {
         s1 = s1 * M::exp(m1 - c1);
         m1 = c1;
+        if (keep) m1.store(keep->m_1 + j0 / kChunk * W);
       }
       for (int64_t j = j0; j < j1; j += W) {
         const int64_t n = std::min(W, j1 - j);
@@ -121,7 +121,11 @@ struct Row {
           if constexpr (kSoft == Soft::kForwardKL) kl_sum = kl_sum + weighted<M>(et, (xt - xs) * v_inv_t);
           if constexpr (kSoft == Soft::kReverseKL) kl_sum = kl_sum + weighted<M>(es, (xs - xt) * v_inv_t);
         }
-        if (own) s1 = s1 + M::exp(xs - m1);
+        if (own) {
+          const Vec e1 = M::exp(xs - m1);
+          s1 = s1 + e1;
+          if (keep) e1.store(keep->e_1 + j);
+        }
         if (smoothing) sum_x = sum_x + (n == W ? xs : IO::load(s + j, n, acc_t(0)));
       }
     }
@@ -182,20 +186,21 @@ struct Row {
     const Vec v_grad_const(grad_const), v_log_beta(std::log(beta)), v_log_1m_beta(std::log1p(-beta));
     const Vec v_soft_gw(kSoft == Soft::kJSD ? (1 - beta) * soft_gw : soft_gw), v_ce_gw(ce_gw);
     const Vec v_smooth(eps / acc_t(row_classes));
-    Vec fs(0), ft(0);  // the chunk's exp(m - lse) that turn kept exps into probabilities
+    Vec fs(0), ft(0), f1(0);  // the chunk's exp(m - lse) that turn kept exps into probabilities
     for (int64_t j = 0; j < C; j += W) {
       const int64_t n = std::min(W, C - j);
       if (!kept) {  // kd_slice_loss: this pass is the call's first over the row
         prefetch_ahead(s + j);
         prefetch_ahead(t + j);
+      } else if (j % kChunk == 0) {
+        const int64_t k = j / kChunk * W;
+        if constexpr (kHasSoft) fs = M::exp(Vec::loadu(kept->m_s + k) - v_lse_s);
+        if constexpr (kSoft == Soft::kForwardKL) ft = M::exp(Vec::loadu(kept->m_t + k) - v_lse_t);
+        if (own) f1 = M::exp(Vec::loadu(kept->m_1 + k) - v_lse_1);
       }
       const Vec xs = IO::load(s + j, n, kNegInf);
       Vec gv(0), ps(0);
       if constexpr (kHasSoft) {
-        if (kept && j % kChunk == 0) {
-          fs = M::exp(Vec::loadu(kept->m_s + j / kChunk * W) - v_lse_s);
-          if constexpr (kSoft == Soft::kForwardKL) ft = M::exp(Vec::loadu(kept->m_t + j / kChunk * W) - v_lse_t);
-        }
         const Vec xt = IO::load(t + j, n, kNegInf);
         const Vec lps = at::vec::fmadd(xs, v_inv_t, -v_lse_s);
         ps = kept ? Vec::loadu(kept->e_s + j) * fs : M::exp(lps);
@@ -211,7 +216,7 @@ struct Row {
         gv = d * v_soft_gw;
       }
       if constexpr (kCE) {
-        const Vec q = own ? M::exp(xs - v_lse_1) : ps;
+        const Vec q = !own ? ps : kept ? Vec::loadu(kept->e_1 + j) * f1 : M::exp(xs - v_lse_1);
         gv = at::vec::fmadd(q - v_smooth, v_ce_gw, gv);
         if (label >= j && label < j + n) {
           alignas(64) acc_t buf[W];
@@ -240,12 +245,14 @@ void rows_impl(const KDRows& a, int64_t begin, int64_t end) {
   // fused_kd_loss keeps the statistics pass's exps for the gradient pass (RowScratch).
   std::unique_ptr<acc_t[]> scratch;
   RowScratch<acc_t> kept{};
-  const bool keep = kSoft != Soft::kNone && a.mode == KDMode::kFused && p.compute_grad;
+  const bool keep = a.mode == KDMode::kFused && p.compute_grad;
   if (keep) {
-    const int64_t padded = (C + R::W - 1) / R::W * R::W, chunks = (C + R::kChunk - 1) / R::kChunk;
-    scratch.reset(new acc_t[2 * padded + 2 * chunks * R::W]);  // every element is written before it is read
-    kept = {scratch.get(), scratch.get() + padded, scratch.get() + 2 * padded,
-            scratch.get() + 2 * padded + chunks * R::W};
+    const int64_t padded = (C + R::W - 1) / R::W * R::W, chunk_lanes = (C + R::kChunk - 1) / R::kChunk * R::W;
+    // Every element is written before it is read; rows of unused distributions stay untouched.
+    scratch.reset(new acc_t[3 * (padded + chunk_lanes)]);
+    acc_t* e = scratch.get();
+    acc_t* m = e + 3 * padded;
+    kept = {e, e + padded, e + 2 * padded, m, m + chunk_lanes, m + 2 * chunk_lanes};
   }
 
   for (int64_t row = begin; row < end; ++row) {
