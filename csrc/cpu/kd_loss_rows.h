@@ -8,16 +8,17 @@
 // the slice ops run one at a time:
 //   Row::stats reads s and t from memory: lane-wise online softmax statistics of z_s and z_t
 //     (and of x_s at T = 1 for the CE term when T != 1) plus the running sum of
-//     kl_from_sums, a chunk of kChunk elements at a time: the chunk's max first (loads from
-//     L1, no exp), then one rescale per chunk and one exp per element and distribution.
-//     Forward and reverse KL have their loss after this pass.
+//     kl_from_sums, a chunk of kChunk elements at a time: the chunk's max first (the loads
+//     from memory, prefetched ahead: row_io.h, prefetch_ahead; no exp), then one rescale per
+//     chunk and one exp per element and distribution, from L1. Forward and reverse KL have
+//     their loss after this pass.
 //   Row::jsd_sums, JSD only: KL(p_t || m) and KL(p_s || m), which need both lse first.
 //   Row::grad (s and t now in L2 when fused): one exp per distribution and element, or,
 //     for fused_kd_loss, which keeps the exps of Row::stats in a scratch row per
 //     distribution (RowScratch), none: a kept exp(z - m) times its chunk's exp(m - lse) is
-//     p. Recomputing them was most of the pass's time. A gradient far larger than the
-//     caches is written with non-temporal stores (KDRows::stream_grad).
-// The first pass over a row prefetches ahead (row_io.h, prefetch_ahead).
+//     p. Recomputing them was most of the pass's time. In kd_slice_loss this pass is the
+//     call's first over the row, and prefetches. A gradient far larger than the caches is
+//     written with non-temporal stores (KDRows::stream_grad).
 // exp is at::vec's exp_u20 (a degree-5 polynomial after range reduction; relative error
 // ~1e-6 in float32, inside the 1e-5 tolerance); float64 uses the accurate exp.
 #pragma once
