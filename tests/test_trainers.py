@@ -61,7 +61,8 @@ def make(terms, seed=0, teacher=None, student=None, **kw):
         kw.setdefault("strong_augment", _noise)
     if "adversarial" in terms and kw.get("attack") != "vat":
         kw.setdefault("clamp", (0.0, 1.0))
-    return CrossDomainTrainer(student, terms=terms, teacher=teacher, progress=False, seed=seed, device="cpu", **kw)
+    kw.setdefault("progress", False)
+    return CrossDomainTrainer(student, terms=terms, teacher=teacher, seed=seed, device="cpu", **kw)
 
 
 SOURCE, TARGET = blobs(64, 0), blobs(48, 1, shift=0.3)
@@ -550,6 +551,17 @@ def test_resume_gives_the_same_next_step(tmp_path):
     resumed.fit(SOURCE, TARGET, steps=5, batch_size=16)
     assert resumed.step == 5 and int(resumed.grl.step_count) == 5
     _assert_same(_state(straight), _state(resumed))
+
+
+def test_resume_says_so(tmp_path, capsys):
+    # A second run of a finished script resumes at its last step and trains nothing: the
+    # progress bar says where it resumed, so that this does not look like a silent no-op.
+    path = str(tmp_path / "run.pt")
+    make(("pseudo",), checkpoint=path).fit(SOURCE, TARGET, steps=2, batch_size=16)
+    again = make(("pseudo",), checkpoint=path, progress=True)
+    again.fit(SOURCE, TARGET, steps=2, batch_size=16)
+    assert again.step == 2
+    assert f"resumed from {path} at step 2" in capsys.readouterr().err
 
 
 def test_resume_from_another_configuration_names_the_checkpoint(tmp_path):

@@ -151,7 +151,8 @@ class Loop:
         if _common.distributed()[1] > 1:
             dist.barrier()
 
-    def _maybe_resume(self) -> None:
+    def _maybe_resume(self) -> bool:
+        """Load ``checkpoint`` if it exists; whether it did."""
         if self.checkpoint and os.path.exists(self.checkpoint):
             state = torch.load(self.checkpoint, map_location=self.device, weights_only=False)
             try:
@@ -162,10 +163,13 @@ class Loop:
                     f"(model, optimiser, threshold, loss terms or number of processes), so it cannot resume "
                     f"this one; delete it or pass another checkpoint path. Loading it said: {e}"
                 ) from e
+            return True
+        return False
 
     # -- the loop ---------------------------------------------------------------------------
     def _run(self, total_steps: int, desc: str, validation_data, eval_every: int) -> dict:
-        self._maybe_resume()
+        if self._maybe_resume():  # say so: a finished checkpoint leaves nothing to train
+            desc = f"{desc} (resumed from {self.checkpoint} at step {self.step})"
         bar = _common.progress(total_steps, self.step, desc, self.show_progress)
         sums: dict = {}
         count = 0
