@@ -76,7 +76,7 @@ class Task:
     name: str
     title: str                  # the plot's title, e.g. "MNIST → scikit-learn digits"
     test_set: str               # the table's first line, e.g. "719 scikit-learn digits"
-    load: Callable[[], Data]
+    load: Callable[[bool], Data]   # load(progress): progress shows a download's bar
     model: Callable[[], nn.Module]
     trainer_kwargs: Callable[[str, Data], dict]
     source_steps: int           # the teacher's
@@ -109,8 +109,10 @@ class LeNet(nn.Module):
         return self.classifier(self.features(x))
 
 
-def _digits_data() -> Data:
+def _digits_data(progress: bool = True) -> Data:
     from lepton_fast.data import digits_target, mnist_source
+
+    del progress  # nothing to download: both sets come with installed packages
 
     target = digits_target()
     return Data(mnist_source(), target.adapt, target.test)
@@ -182,8 +184,8 @@ class Settings:
 
 
 @functools.lru_cache(maxsize=None)
-def _data(task: str) -> Data:
-    return get_task(task).load()  # once per process
+def _data(task: str, progress: bool = True) -> Data:
+    return get_task(task).load(progress)  # once per process; progress: a download's bar
 
 
 def run_row(settings: Settings, seed: int, row: str, teacher_state: Optional[dict], progress: bool) -> dict:
@@ -193,7 +195,7 @@ def run_row(settings: Settings, seed: int, row: str, teacher_state: Optional[dic
 
     if settings.device == "cpu" and settings.threads:
         torch.set_num_threads(settings.threads)
-    task, data = get_task(settings.task), _data(settings.task)
+    task, data = get_task(settings.task), _data(settings.task, progress)
     torch.manual_seed(seed)
     model = task.model()
     terms = ROW_TERMS.get(row, ())
@@ -253,7 +255,7 @@ def run(settings: Settings, seeds: list[int], jobs: int, progress: bool, log=_lo
                 _report(seed, row, results[seed][row], log)
     else:
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                                    initializer=_data, initargs=(settings.task,)) as pool:
+                                                    initializer=_data, initargs=(settings.task, False)) as pool:
             pending = {pool.submit(run_row, settings, seed, TEACHER, None, False): (seed, TEACHER) for seed in seeds}
             for _ in range(jobs - len(seeds)):  # start every worker now: it loads the data while teachers train
                 pool.submit(int)

