@@ -123,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor> loss_and_grad(
   a.loss = rows.data_ptr();
   a.grad = compute_grad ? grad.data_ptr() : nullptr;
   a.grad_scale = how == Reduction::kNone ? 1.0 : 1.0 / divisor;
-  a.stream_grad = compute_grad && stream_gradient(grad);
+  a.stream_grad = stream_gradient(grad);  // false for the empty grad of compute_grad=False
   run_rows(a, n_rows);
 
   return AT_DISPATCH_FLOATING_TYPES(call.acc_type, "kd_loss_cpu", [&] {

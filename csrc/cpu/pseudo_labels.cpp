@@ -91,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   a.class_thresholds = thresholds.defined() ? thresholds.const_data_ptr() : nullptr;
   a.weights = row_weights.defined() ? row_weights.const_data_ptr() : nullptr;
   a.grad = compute_grad ? grad.data_ptr() : nullptr;
-  a.stream_grad = compute_grad && stream_gradient(grad);
+  a.stream_grad = stream_gradient(grad);  // false for the empty grad of compute_grad=False
   a.loss = rows.data_ptr();
   a.n_classes = n_classes;
   a.strong_stride = strong_logits.stride(0);
