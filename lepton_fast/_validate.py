@@ -101,19 +101,12 @@ def unit_interval(name: str, value) -> Tensor:
 
 def in_unit_interval(name: str, value, *, open_right: bool = False) -> float:
     """A Python float in [0, 1] (or [0, 1)), for module constructors' fixed settings."""
-    value = float(value)
-    if not (0.0 <= value <= 1.0) or (open_right and value == 1.0):
-        interval = "[0, 1)" if open_right else "[0, 1]"
-        raise ValueError(f"{name} must be in {interval}, got {value}")
-    return value
+    return real(name, value, 0.0, 1.0, hi_open=open_right)
 
 
 def positive_finite(name: str, value) -> float:
     """A Python float > 0, for module constructors' fixed settings."""
-    value = float(value)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return value
+    return real(name, value, 0.0, lo_open=True)
 
 
 def zero(name: str, value, message: str) -> None:
@@ -214,3 +207,64 @@ def rows_defined(rows: Tensor, what: str) -> None:
     """The reference's check of what the kernels check in place: a row whose softmax is
     undefined (entirely -inf, or holding NaN) gives NaN, which becomes an error."""
     no_bad_values(torch.isnan(rows), f"{what}: a row is entirely -inf, or holds +inf or NaN, so its softmax is undefined")
+
+
+# -- settings, data and state of the modules and trainers -----------------------------------
+# Python numbers that a constructor fixes once (thresholds, GradientReversal, trainers), and
+# the checks that keep non-finite values out of stateful objects (thresholds, alignment,
+# trainers): each refuses before any state changes, so a refused update leaves it whole.
+def real(name: str, value, lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False,
+         hi_open: bool = False) -> float:
+    """A finite Python float between ``lo`` and ``hi`` (open ends as flagged): a Python or
+    NumPy number, or a one-element tensor. A bool or a string is refused, as ``float()``
+    would silently read ``True`` as 1 and ``"1"`` as 1.0.
+
+    Raises TypeError for another type, ValueError for a value outside the interval.
+    """
+    if isinstance(value, (bool, str, bytes)) or (isinstance(value, Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several elements
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
+    inside = (lo < number if lo_open else lo <= number) and (number < hi if hi_open else number <= hi)
+    if not (math.isfinite(number) and inside):
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise ValueError(f"{name} must be a finite number in {interval}, got {number}")
+    return number
+
+
+def integer(name: str, value, minimum: int) -> int:
+    """A Python (or NumPy) int >= ``minimum``; not a bool, not a float that happens to be whole.
+
+    Raises TypeError for another type, ValueError below ``minimum``.
+    """
+    if isinstance(value, bool) or not hasattr(value, "__index__") or isinstance(value, Tensor):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return int(value)
+
+
+def finite(name: str, x: Tensor, who: str, where: Optional[Tensor] = None) -> None:
+    """ValueError naming ``name`` and ``who`` if the tensor ``x`` holds NaN or ±inf.
+
+    ``where`` [N] (optional) labels the rows of ``x`` [N, ...] (a batch's sample positions):
+    the error quotes those of the offending rows. Integer tensors pass (they are finite).
+    """
+    if not (x.is_floating_point() or x.is_complex()):
+        return
+    bad = ~torch.isfinite(x)
+    if where is not None:
+        bad = bad.reshape(x.shape[0], -1).any(1)
+    at = "; the samples at these positions hold them" if where is not None else ""
+    no_bad_values(bad, f"{who}: {name} holds NaN or ±inf{at}", x if where is None else where)
+
+
+def defined_rows(name: str, logits: Tensor, who: str) -> None:
+    """ValueError naming ``name`` and ``who`` if a row of ``logits`` [..., C] has no softmax:
+    a NaN or +inf, or every entry -inf (-inf entries elsewhere are masked classes, allowed)."""
+    rows = logits.detach().reshape(-1, logits.shape[-1]) if logits.dim() else logits.detach().reshape(1, 1)
+    bad = torch.isnan(rows).any(-1) | torch.isposinf(rows).any(-1) | torch.isneginf(rows).all(-1)
+    no_bad_values(bad, f"{who}: a row of {name} holds NaN or +inf, or is entirely -inf, so its softmax is "
+                       f"undefined; the state is left as it was")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Optional
 
 import torch
@@ -62,6 +61,14 @@ class GradientReversal(nn.Module):
         lo, hi: the schedule's start and limit (default 0 and 1).
         gamma: the schedule's steepness γ > 0 (default 10).
 
+    Raises:
+        TypeError: a setting that is not a real number (``GradientReversal("1")``, a bool;
+            pass ``1.0``), or a ``total_steps`` that is not an int.
+        ValueError: a non-finite setting, ``gamma <= 0``, ``total_steps < 1``, or both
+            ``lambda_`` and ``total_steps``.
+
+    The state (``step_count``) is an int64 counter: nothing non-finite can enter it.
+
     Shape: any; the output is the input.
     """
 
@@ -73,19 +80,12 @@ class GradientReversal(nn.Module):
         if total_steps is not None:
             if lambda_ is not None:
                 raise ValueError("give either a fixed lambda_ or a schedule (total_steps), not both")
-            if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
-                raise ValueError(f"total_steps must be an integer > 0, got {total_steps!r}")
-            if not (math.isfinite(gamma) and gamma > 0):
-                raise ValueError(f"gamma must be a finite number > 0, got {gamma}")
-            if not (math.isfinite(lo) and math.isfinite(hi)):
-                raise ValueError(f"lo and hi must be finite, got lo={lo}, hi={hi}")
-        elif lambda_ is None:
-            lambda_ = 1.0
-        if lambda_ is not None and not math.isfinite(lambda_):
-            raise ValueError(f"lambda_ must be finite, got {lambda_}")
-        self.fixed_lambda = None if lambda_ is None else float(lambda_)
+            _validate.integer("total_steps", total_steps, 1)
+        self.fixed_lambda = None if total_steps is not None else _validate.real(
+            "lambda_", 1.0 if lambda_ is None else lambda_)
         self.total_steps = total_steps
-        self.lo, self.hi, self.gamma = float(lo), float(hi), float(gamma)
+        self.lo, self.hi = _validate.real("lo", lo), _validate.real("hi", hi)
+        self.gamma = _validate.real("gamma", gamma, 0.0, lo_open=True)
         self.register_buffer("step_count", torch.zeros((), dtype=torch.int64))
 
     @property

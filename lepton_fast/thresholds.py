@@ -18,7 +18,10 @@ Every class here is an ``nn.Module`` with one interface, made for a training loo
   naming the one that is missing.
 
 A policy built for C classes refuses, in every method, ``weak_logits`` whose last
-dimension is not C (ValueError naming the argument).
+dimension is not C (ValueError naming the argument). ``update`` refuses (ValueError naming
+the argument) a ``result.confidence`` holding NaN or ±inf and ``weak_logits`` with a row
+whose softmax is undefined (a NaN or +inf, or every entry -inf), before any state changes:
+a refused update leaves the state as it was, instead of a NaN threshold from then on.
 
 The state lives in registered buffers, so ``state_dict()`` saves it and
 ``load_state_dict()`` resumes a run where it stopped; ``.to(device)`` moves it. Nothing
@@ -39,12 +42,6 @@ from torch import Tensor, nn
 
 import lepton_fast
 from lepton_fast import _validate
-
-
-def _num_classes(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"num_classes must be an int >= 1, got {value!r}")
-    return value
 
 
 def _momentum(value) -> float:
@@ -81,6 +78,14 @@ class PseudoLabelThreshold(nn.Module):
             raise ValueError(f"{name} must have {self.num_classes} classes (its last dimension), as "
                              f"{type(self).__name__} was built for, got shape {tuple(logits.shape)}")
 
+    def _check_update(self, result, weak_logits: Optional[Tensor]) -> None:
+        """What every ``update`` checks before it changes any state."""
+        who = f"{type(self).__name__}.update"
+        self._check_logits("weak_logits", weak_logits)
+        if weak_logits is not None:
+            _validate.defined_rows("weak_logits", weak_logits, who)
+        _validate.finite("result.confidence", result.confidence.detach(), f"{who} (the state is left as it was)")
+
     def loss_kwargs(self, weak_logits: Optional[Tensor] = None) -> dict:
         raise NotImplementedError
 
@@ -102,7 +107,7 @@ class FixedThreshold(PseudoLabelThreshold):
         return {"threshold": self.threshold}
 
     def update(self, result, *, weak_logits=None, indices=None) -> None:
-        pass
+        self._check_update(result, weak_logits)  # no state, but the same contract as the others
 
     def extra_repr(self) -> str:
         return f"threshold={self.threshold}"
@@ -134,10 +139,8 @@ class FlexMatchThreshold(PseudoLabelThreshold):
 
     def __init__(self, num_classes: int, num_unlabeled: int, threshold: float = 0.95, warmup: bool = True):
         super().__init__()
-        self.num_classes = _num_classes(num_classes)
-        if isinstance(num_unlabeled, bool) or not isinstance(num_unlabeled, int) or num_unlabeled < 1:
-            raise ValueError(f"num_unlabeled must be an int >= 1, got {num_unlabeled!r}")
-        self.num_unlabeled = num_unlabeled
+        self.num_classes = _validate.integer("num_classes", num_classes, 1)
+        self.num_unlabeled = _validate.integer("num_unlabeled", num_unlabeled, 1)
         self.threshold = _validate.in_unit_interval("threshold", threshold)
         self.warmup = bool(warmup)
         self.register_buffer("selected_label", torch.full((num_unlabeled,), -1, dtype=torch.int64))
@@ -154,7 +157,7 @@ class FlexMatchThreshold(PseudoLabelThreshold):
 
     @torch.no_grad()
     def update(self, result, *, weak_logits=None, indices=None) -> None:
-        self._check_logits("weak_logits", weak_logits)
+        self._check_update(result, weak_logits)
         indices = _required("indices", indices, type(self).__name__).reshape(-1).to(self.selected_label.device)
         labels = result.labels.reshape(-1)
         if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
@@ -201,7 +204,7 @@ class FreeMatchThreshold(PseudoLabelThreshold):
 
     def __init__(self, num_classes: int, momentum: float = 0.999):
         super().__init__()
-        self.num_classes = _num_classes(num_classes)
+        self.num_classes = _validate.integer("num_classes", num_classes, 1)
         self.momentum = _momentum(momentum)
         self.register_buffer("time_p", torch.tensor(1.0 / num_classes, dtype=torch.float32))
         self.register_buffer("p_model", torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float32))
@@ -217,7 +220,7 @@ class FreeMatchThreshold(PseudoLabelThreshold):
     @torch.no_grad()
     def update(self, result, *, weak_logits=None, indices=None) -> None:
         weak = _required("weak_logits", weak_logits, type(self).__name__)
-        self._check_logits("weak_logits", weak)
+        self._check_update(result, weak)
         confidence = result.confidence.reshape(-1)
         if confidence.numel() == 0:
             return
@@ -255,7 +258,7 @@ class SoftMatchWeight(PseudoLabelThreshold):
 
     def __init__(self, num_classes: int, n_sigma: float = 2.0, momentum: float = 0.999, lambda_max: float = 1.0):
         super().__init__()
-        self.num_classes = _num_classes(num_classes)
+        self.num_classes = _validate.integer("num_classes", num_classes, 1)
         self.n_sigma = _validate.positive_finite("n_sigma", n_sigma)
         self.momentum = _momentum(momentum)
         self.lambda_max = _validate.positive_finite("lambda_max", lambda_max)
@@ -276,7 +279,7 @@ class SoftMatchWeight(PseudoLabelThreshold):
 
     @torch.no_grad()
     def update(self, result, *, weak_logits=None, indices=None) -> None:
-        self._check_logits("weak_logits", weak_logits)
+        self._check_update(result, weak_logits)
         confidence = result.confidence.reshape(-1).to(torch.float32)
         if confidence.numel() == 0:
             return

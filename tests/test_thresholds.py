@@ -195,3 +195,87 @@ def test_logits_of_another_class_count_are_refused_in_every_method(name, method)
         call()
     for k, v in policy.state_dict().items():
         assert torch.equal(v, state[k]), k  # refused before any state changed
+
+
+# -- non-finite updates are refused before any state changes ---------------------------------
+ALL_POLICIES = {"fixed": lambda: FixedThreshold(0.8), **POLICIES_WITH_C}
+
+
+def _warmed(name):
+    """A policy whose state has moved off its initial values (fresh random data, no zeros)."""
+    policy = ALL_POLICIES[name]()
+    g = torch.Generator().manual_seed(7)
+    for _ in range(2):
+        weak = 3 * torch.randn(4, 3, generator=g)
+        out = select_pseudo_labels(weak, 0.5)
+        policy.update(out, weak_logits=weak, indices=torch.randperm(5, generator=g)[:4])
+    return policy, g
+
+
+@pytest.mark.parametrize("name", list(ALL_POLICIES))
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("where", ["weak_logits", "result.confidence"])
+def test_a_non_finite_update_is_refused_and_the_state_kept(name, bad, where):
+    policy, g = _warmed(name)
+    weak = 3 * torch.randn(4, 3, generator=g)
+    out = select_pseudo_labels(weak, 0.5)
+    if where == "weak_logits":
+        weak[1, 2] = bad
+    else:
+        out = out._replace(confidence=out.confidence.clone().index_fill_(0, torch.tensor([2]), bad))
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"{type(policy).__name__}\.update.*{where}.*NaN"):
+        policy.update(out, weak_logits=weak, indices=torch.tensor([0, 1, 2, 3]))
+    after = policy.state_dict()
+    assert after.keys() == before.keys()
+    for k in before:
+        assert torch.equal(after[k], before[k]), k
+    # and the next (finite) update goes on from the kept state, as it would have without the bad one
+    good = select_pseudo_labels(weak.nan_to_num(0.0, 0.0, 0.0), 0.5)
+    policy.update(good, weak_logits=weak.nan_to_num(0.0, 0.0, 0.0), indices=torch.tensor([0, 1, 2, 3]))
+    assert all(torch.isfinite(v.double()).all() for v in policy.state_dict().values())
+
+
+def test_freematch_after_a_refused_nan_update_matches_float64():
+    # The issue's case: one NaN in weak_logits made every class threshold NaN for good.
+    policy, g = _warmed("freematch")
+    time_p, p_model = policy.time_p.double().clone(), policy.p_model.double().clone()
+    weak = 3 * torch.randn(4, 3, generator=g)
+    poisoned = weak.clone()
+    poisoned[0, 0] = math.nan
+    with pytest.raises(ValueError, match="weak_logits"):
+        policy.update(select_pseudo_labels(weak, 0.5), weak_logits=poisoned)
+    policy.update(select_pseudo_labels(weak, 0.5), weak_logits=weak)
+    m = policy.momentum
+    probs = torch.softmax(weak.double(), -1)
+    time_p = m * time_p + (1 - m) * probs.max(-1).values.mean()
+    p_model = m * p_model + (1 - m) * probs.mean(0)
+    torch.testing.assert_close(policy.time_p.double(), time_p, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(policy.class_thresholds().double(), time_p * p_model / p_model.max(),
+                               rtol=1e-6, atol=1e-7)
+
+
+def test_masked_classes_are_not_refused():
+    # -inf marks a class that is ruled out (as the ops allow); only a row without a softmax is refused
+    policy = FreeMatchThreshold(3)
+    weak = torch.randn(2, 3)
+    weak[0, 1] = -math.inf
+    policy.update(select_pseudo_labels(weak, 0.5), weak_logits=weak)
+    assert torch.isfinite(policy.p_model).all()
+    weak[1] = -math.inf
+    with pytest.raises(ValueError, match="entirely -inf"):
+        policy.update(SimpleNamespace(confidence=torch.tensor([0.9, 0.9])), weak_logits=weak)
+
+
+@pytest.mark.parametrize("make, bad, error", [
+    (lambda v: FixedThreshold(v), True, TypeError),
+    (lambda v: FixedThreshold(v), "0.9", TypeError),
+    (lambda v: FreeMatchThreshold(3, momentum=v), True, TypeError),
+    (lambda v: SoftMatchWeight(3, n_sigma=v), math.inf, ValueError),
+    (lambda v: SoftMatchWeight(3, lambda_max=v), "1", TypeError),
+    (lambda v: FlexMatchThreshold(v, 5), 3.0, TypeError),
+    (lambda v: FlexMatchThreshold(3, v), True, TypeError),
+])
+def test_settings_that_are_not_numbers_are_refused(make, bad, error):
+    with pytest.raises(error):
+        make(bad)
