@@ -268,3 +268,32 @@ def defined_rows(name: str, logits: Tensor, who: str) -> None:
     bad = torch.isnan(rows).any(-1) | torch.isposinf(rows).any(-1) | torch.isneginf(rows).all(-1)
     no_bad_values(bad, f"{who}: a row of {name} holds NaN or +inf, or is entirely -inf, so its softmax is "
                        f"undefined; the state is left as it was")
+
+
+def class_indices(name: str, y: Tensor, classes: Optional[int] = None, ignore_index: Optional[int] = None) -> Tensor:
+    """A trainer's labels as int64 (cross-entropy's dtype; int32 and the like are accepted),
+    each a class in [0, ``classes``) or ``ignore_index``. Raises TypeError for floating,
+    complex or bool labels, ValueError for a label out of range (quoting it)."""
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"{name} labels must be integer class indices, got {y.dtype}")
+    if classes is not None:
+        bad = (y < 0) | (y >= classes)
+        if ignore_index is not None:
+            bad &= y != ignore_index
+        ignored = "" if ignore_index is None else f" or ignore_index={ignore_index}"
+        no_bad_values(bad, f"{name} labels must be classes in [0, {classes}){ignored}, as the model predicts "
+                           f"{classes} classes", y)
+    return y.long()
+
+
+def inputs_for(name: str, x: Tensor, model: torch.nn.Module, mixed_precision: bool) -> None:
+    """Floating inputs in the dtype of ``model``'s floating parameters, outside autocast
+    (``mixed_precision`` False): else the first matmul fails deep inside the model with a
+    dtype error that names neither the data nor the fix. Integer inputs (token ids) pass."""
+    if mixed_precision or not x.is_floating_point():
+        return
+    dtypes = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point()})
+    if dtypes and str(x.dtype) not in dtypes:
+        raise TypeError(f"{name} inputs are {x.dtype} but the model's parameters are {', '.join(dtypes)}: convert "
+                        f"the data (x.to({dtypes[0]})) or the model (model.to(dtype)); for mixed precision keep "
+                        f"both float32 and pass amp='bf16' (or 'fp16' on CUDA)")

@@ -3,8 +3,9 @@ DistributedDataParallel and the evaluation metrics. No training logic lives here
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import itertools
-import math
 import os
 import random
 from typing import Callable, Optional
@@ -17,28 +18,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from torch.utils.data.dataloader import default_collate
 from torch.utils.data.distributed import DistributedSampler
 
+from lepton_fast import _validate
+
 AMP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-
-
-# -- argument checks -------------------------------------------------------------------------
-def check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
-def check_unit(name: str, value, *, open_right: bool = False) -> float:
-    """A float in [0, 1] (or [0, 1) with ``open_right``)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
-    if not ok or (open_right and value == 1.0):
-        raise ValueError(f"{name} must be a number in [0, 1{')' if open_right else ']'}, got {value!r}")
-    return float(value)
-
-
-def check_positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 # -- seeds and ranks -------------------------------------------------------------------------
@@ -113,24 +95,36 @@ def split_batch(batch, name: str) -> tuple[Tensor, Optional[Tensor]]:
                      f"{type(batch).__name__}{f' of {len(batch)}' if isinstance(batch, (tuple, list)) else ''}")
 
 
-def as_labels(y: Tensor, name: str) -> Tensor:
-    """Integer class labels as int64 (cross-entropy's dtype); int32 and the like are accepted."""
-    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise TypeError(f"{name} labels must be integer class indices, got {y.dtype}")
-    return y.long()
-
-
 class _WithPosition(Dataset):
-    """(dataset[i], i): each sample's position, the index per-sample state (FlexMatch) needs."""
+    """(dataset[i], i): each sample's position, the index per-sample state (FlexMatch) needs.
 
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
+    In a DataLoader worker each batch first reseeds torch, NumPy and Python's ``random``
+    from (``seed``, ``epoch``, the batch's positions): a Dataset that draws random numbers
+    then draws the same for a batch whichever worker loads it and whatever that worker
+    loaded before, so a resumed run (whose first batch may go to another worker) reads
+    exactly what the uninterrupted run read. Without workers the draws come from the main
+    process's random state, which the checkpoints hold.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int = 0):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i):
         return self.dataset[i], i
+
+    def __getitems__(self, positions: list) -> list:
+        if torch.utils.data.get_worker_info() is not None:
+            key = np.asarray([self.seed, self.epoch, *positions], dtype=np.int64).tobytes()
+            seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
+        many = getattr(self.dataset, "__getitems__", None)
+        samples = many(positions) if many is not None else [self.dataset[i] for i in positions]
+        return list(zip(samples, positions))
 
 
 class _CollateWithPosition:
@@ -164,13 +158,16 @@ class Batches:
     torch.distributed), so ``position`` (epoch, batch offset) alone says where a resumed
     run continues. A DataLoader keeps its batch size, collate_fn and workers; its sampler
     is replaced. The loader draws its workers' seeds from a generator of its own, seeded
-    by (seed, epoch): reading data never consumes the global random state.
+    by (seed, epoch): reading data never consumes the global random state; each worker
+    reseeds per batch (see ``_WithPosition``). Every batch's floating inputs are checked
+    for NaN and ±inf on the host, before they reach the model (ValueError quoting the
+    samples' positions).
     """
 
     def __init__(self, data, name: str, batch_size: int, *, shuffle: bool, seed: int, drop_last: bool):
         if isinstance(data, DataLoader) and data.batch_size is not None:
             batch_size = data.batch_size
-        check_int("batch_size", batch_size, 1)
+        _validate.integer("batch_size", batch_size, 1)
         self.name = name
         self.dataset, self.collate = as_dataset(data, name)
         rank, world = distributed()
@@ -181,7 +178,8 @@ class Batches:
         if isinstance(data, DataLoader):
             extra = {"num_workers": data.num_workers, "pin_memory": data.pin_memory}
         self.seed, self._loader_generator = seed, torch.Generator()
-        self.loader = DataLoader(_WithPosition(self.dataset), batch_size=batch_size, sampler=self.sampler,
+        self._positioned = _WithPosition(self.dataset, seed)
+        self.loader = DataLoader(self._positioned, batch_size=batch_size, sampler=self.sampler,
                                  drop_last=drop_last, collate_fn=_CollateWithPosition(self.collate),
                                  generator=self._loader_generator, **extra)
         self.batch_size = batch_size
@@ -200,6 +198,7 @@ class Batches:
 
     def _start(self):
         self.sampler.base.set_epoch(self.epoch)
+        self._positioned.epoch = self.epoch
         self._loader_generator.manual_seed(self.seed * 100_003 + self.epoch)
         self.sampler.skip = self.offset * self.batch_size
         self._it = iter(self.loader)
@@ -215,12 +214,22 @@ class Batches:
             self._start()
             batch, positions = next(self._it)
         self.offset += 1
-        return split_batch(batch, self.name), positions
+        x, y = split_batch(batch, self.name)
+        _validate.finite("x", x, f"{self.name} batch {self.offset} of epoch {self.epoch}", positions)
+        return (x, y), positions
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "offset": self.offset}
+        return {"epoch": self.epoch, "offset": self.offset, "batch_size": self.batch_size,
+                "samples": len(self.dataset)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the position; a position counted in batches of another size, or in a
+        data set of another size, would resume at another sample: ValueError."""
+        for key, mine in (("batch_size", self.batch_size), ("samples", len(self.dataset))):
+            if state[key] != mine:
+                raise ValueError(f"the checkpoint was written with {state[key]} as the {self.name}'s {key} and this "
+                                 f"run has {mine}, so it would resume at another sample: resume with the same "
+                                 f"{self.name} data and {key}")
         self.epoch, self.offset, self._it = int(state["epoch"]), int(state["offset"]), None
 
 
@@ -259,9 +268,26 @@ def eval_mode_forward(model: nn.Module, x: Tensor) -> Tensor:
         model.train(was)
 
 
+def probe(model: nn.Module, x: Tensor, name: str, who: str, amp: Optional[str]) -> Tensor:
+    """``eval_mode_forward(model, x)`` on the first sample of the data ``name``, where a
+    dtype that the model cannot take gets an error naming the data and the fix."""
+    _validate.inputs_for(name, x, model, amp is not None)
+    try:
+        with autocast(x.device, amp):
+            return eval_mode_forward(model, x)
+    except RuntimeError as e:
+        if x.is_floating_point():
+            raise
+        raise TypeError(f"{name} inputs are {x.dtype} and the {who} fails on them ({e}). Integer inputs suit a "
+                        f"model that embeds them (token ids); for features or images pass x.float()") from e
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data, device: torch.device, amp: Optional[str] = None, batch_size: int = 512) -> dict:
     """Accuracy, macro recall and macro F1 (torchmetrics) of ``model`` on labeled ``data``.
+
+    Raises ValueError for inputs or logits holding NaN or ±inf (quoting the samples'
+    positions) and for labels outside the model's classes: a score of such data means nothing.
 
     The class count is the model's (its logits' last dimension), so a model can be
     scored before any training. Under torch.distributed every rank scores its shard and
@@ -277,15 +303,19 @@ def evaluate(model: nn.Module, data, device: torch.device, amp: Optional[str] = 
     was_training = model.training
     model.eval()
     try:
-        for batch in DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate):
+        for batch, positions in DataLoader(_WithPosition(dataset), batch_size=batch_size, sampler=sampler,
+                                           collate_fn=_CollateWithPosition(collate)):
             x, y = split_batch(batch, "data")
             if y is None:
                 raise ValueError("evaluate needs labeled data: (x, y) tensors or a Dataset of (x, y[, index])")
-            x, y = x.to(device, non_blocking=True), as_labels(y, "data").to(device, non_blocking=True)
+            _validate.finite("x", x, "evaluate: data", positions)
+            x = x.to(device, non_blocking=True)
             with autocast(device, amp):
                 logits = model(x)
+            classes = logits.shape[-1]
+            _validate.finite("the logits", logits, "evaluate: the model's", positions.to(logits.device))
+            y = _validate.class_indices("data", y.to(device, non_blocking=True), classes)
             if metrics is None:
-                classes = logits.shape[-1]
                 metrics = {
                     "accuracy": MulticlassAccuracy(classes, average="micro"),
                     "macro_recall": MulticlassRecall(classes, average="macro"),
@@ -313,16 +343,101 @@ def reduce_mean(values: dict, device: torch.device) -> dict:
 
 
 # -- checkpoints -----------------------------------------------------------------------------
-def save_atomic(state: dict, path: str) -> None:
-    """torch.save to a temporary file in the same folder, then os.replace: an interrupt
-    leaves the previous checkpoint whole. Only rank 0 writes."""
+# A checkpoint file is _MAGIC, the SHA-256 of the payload, then the payload (torch.save of
+# the trainer's state_dict()). The digest is checked before anything is unpickled: torch.save's
+# zip container does not check its stored tensors, so a flipped bit in the weights would
+# otherwise resume silently.
+_MAGIC = b"lepton_fast checkpoint 1\n"
+_DIGEST = 32
+_START_OVER = ("delete it (or pass another checkpoint= path) to start the run over, or put back a good copy "
+               "to resume from it")
+
+
+def save_checkpoint(state: dict, path: str) -> None:
+    """Write ``state`` to ``path`` durably; only rank 0 writes.
+
+    The bytes go to ``<path>.tmp<pid>`` in the same folder, are flushed and fsync'ed, and
+    replace ``path`` in one os.replace, whose directory entry is fsync'ed too: a crash or a
+    kill at any moment leaves the previous checkpoint whole, and a power loss after the
+    return keeps the new one. Temporary files of writers that were killed (their process is
+    gone) are removed first; a failing write removes its own.
+    """
     if distributed()[0] != 0:
         return
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getbuffer()
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    _remove_stale_temporaries(path)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(_MAGIC)
+            f.write(hashlib.sha256(payload).digest())
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    if os.name == "posix":  # the rename itself survives a power loss once its directory is synced
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _remove_stale_temporaries(path: str) -> None:
+    """Remove ``<path>.tmp<pid>`` files whose writer process no longer exists."""
+    folder, base = os.path.split(os.path.abspath(path))
+    for name in os.listdir(folder):
+        pid = name[len(base) + 4:]
+        if not (name.startswith(base + ".tmp") and pid.isdigit()) or int(pid) == os.getpid():
+            continue
+        if not _process_exists(int(pid)):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+
+
+def _process_exists(pid: int) -> bool:
+    if os.name != "posix":  # no side-effect-free probe: keep the file
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def load_checkpoint(path: str, map_location=None) -> dict:
+    """The state that ``save_checkpoint`` wrote to ``path``, after checking its digest.
+
+    Raises RuntimeError naming ``path`` and what to do for an empty, truncated, corrupted
+    (digest mismatch) or foreign file, before anything in it is unpickled.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    head = len(_MAGIC) + _DIGEST
+    why = None
+    if not data:
+        why = "it is empty (a copy or a write that never finished?)"
+    elif not data.startswith(_MAGIC) or len(data) < head:
+        why = ("it is not a lepton_fast trainer checkpoint (another file, one cut short, or one written before "
+               "checkpoints carried a checksum)")
+    else:
+        payload = memoryview(data)[head:]
+        if hashlib.sha256(payload).digest() != data[len(_MAGIC):head]:
+            why = (f"its checksum does not match its {len(payload)} bytes of content: it was cut short or "
+                   f"corrupted after it was written")
+    if why is not None:
+        raise RuntimeError(f"checkpoint {path!r} cannot be read: {why}. To go on, {_START_OVER}")
+    return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=False)
 
 
 def rng_state(generator: torch.Generator) -> dict:

@@ -3,13 +3,17 @@ checkpoints and resume. A trainer supplies ``_train_step() -> {term: 0-d tensor}
 extra state."""
 from __future__ import annotations
 
+import math
 import os
+import signal
+import threading
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from lepton_fast import _validate
 from lepton_fast.trainers import _common
 
 DEFAULT_LR = 1e-3
@@ -52,8 +56,60 @@ def steps_for(steps, epochs, batches_per_epoch: int) -> int:
     if steps is not None and epochs is not None:
         raise ValueError("give steps or epochs, not both")
     if steps is not None:
-        return _common.check_int("steps", steps, 1)
-    return _common.check_int("epochs", 1 if epochs is None else epochs, 1) * batches_per_epoch
+        return _validate.integer("steps", steps, 1)
+    return _validate.integer("epochs", 1 if epochs is None else epochs, 1) * batches_per_epoch
+
+
+class _StopOnSignal:
+    """While a ``fit`` with a checkpoint runs: SIGINT and SIGTERM ask the loop to stop after
+    the step under way, save, and then take the signal's usual course (``deliver``).
+
+    Handlers go in on entry and the previous ones come back on exit; a signal whose
+    handler is SIG_IGN stays ignored; outside the main thread (where Python allows no
+    handlers) nothing changes. A second signal before the save ends restores the previous
+    handlers and takes its course at once.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.received, self._previous = enabled, None, {}
+
+    def __enter__(self):
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                previous = signal.getsignal(sig)
+                if previous is not signal.SIG_IGN and previous is not None:  # None: set outside Python
+                    self._previous[sig] = previous
+                    signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            self.__exit__()
+            signal.raise_signal(signum)
+            return
+        self.received = signum
+
+    def requested(self, device: torch.device) -> bool:
+        """Whether a signal came, on any rank: ranks stop at the same step, to save together."""
+        stop = self.received is not None
+        if _common.distributed()[1] > 1:
+            flag = torch.tensor([float(stop)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        return stop
+
+    def deliver(self) -> None:
+        """With the previous handlers back: the signal as the process would have taken it
+        (KeyboardInterrupt for SIGINT by default, termination for SIGTERM)."""
+        if self.received is not None:
+            signal.raise_signal(self.received)
 
 
 class Loop:
@@ -63,11 +119,10 @@ class Loop:
                  checkpoint: Optional[str], checkpoint_every: int, progress: bool, log_every: int = 10):
         if not isinstance(student, nn.Module):
             raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        _common.check_int("checkpoint_every", checkpoint_every, 1)
+        _validate.integer("seed", seed, -2**63)
+        _validate.integer("checkpoint_every", checkpoint_every, 1)
         if lr is not None:
-            _common.check_positive("lr", lr)
+            _validate.positive_finite("lr", lr)
         self.device = _common.resolve_device(device)
         self.amp = _common.check_amp(amp, self.device)
         self.seed = seed
@@ -86,6 +141,7 @@ class Loop:
         self.show_progress, self.log_every = progress, log_every
         self.step = 0
         self.history: dict = {"step": [], "train": [], "validation": []}
+        self._window: dict = {"sums": {}, "count": 0}  # the logging window under way
 
     # -- set-up done once the trainable modules are known --------------------------------
     def _build(self, owners: dict) -> None:
@@ -97,7 +153,17 @@ class Loop:
             s = self._scheduler_arg
             self.scheduler = s(self.optimizer) if callable(s) and not hasattr(s, "step") else s
 
-    def _optimize(self, loss) -> None:
+    def _optimize(self, loss, terms: dict) -> None:
+        """One optimiser step on ``loss``, once ``loss`` and its ``terms`` ({name: 0-d
+        tensor}) are known to be finite (one host read): a non-finite loss stops training
+        with FloatingPointError naming the terms, before it reaches the weights."""
+        values = {**terms, "loss": loss}
+        if not bool(torch.isfinite(torch.stack([v.detach().float() for v in values.values()])).all()):
+            bad = {k: float(v) for k, v in values.items() if not math.isfinite(float(v))}
+            raise FloatingPointError(
+                f"the loss is not finite ({', '.join(f'{k}={v}' for k, v in bad.items())}): training stops before "
+                f"this step changes the weights, and the last checkpoint is kept. Usual causes: a learning rate "
+                f"too high for the data's scale, or weights that diverged; lower lr, or check the inputs")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -114,7 +180,8 @@ class Loop:
 
     def state_dict(self) -> dict:
         """Everything a resume needs. Under torch.distributed call it on every rank: it
-        gathers each rank's random state (the other state is the same on every rank)."""
+        gathers each rank's random state and logging sums (the other state is the same on
+        every rank)."""
         return {
             "step": self.step,
             "modules": {k: m.state_dict() for k, m in self._modules().items()},
@@ -124,6 +191,10 @@ class Loop:
             "streams": {k: s.state_dict() for k, s in self._streams().items()},
             "rng": _common.gather_objects(_common.rng_state(self.generator)),
             "history": self.history,
+            # each rank's own sums (the means are reduced across ranks when a window ends);
+            # as floats, which hold the float32 sums exactly
+            "window": _common.gather_objects({"sums": {k: float(v) for k, v in self._window["sums"].items()},
+                                              "count": self._window["count"]}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -132,6 +203,8 @@ class Loop:
         if len(state["rng"]) != world:
             raise ValueError(f"the checkpoint was written by {len(state['rng'])} process(es) and this run has "
                              f"{world}: resume with the same number of processes")
+        for k, s in self._streams().items():  # first: refuses a position in another batch size
+            s.load_state_dict(state["streams"][k])
         self.step = int(state["step"])
         for k, m in self._modules().items():
             m.load_state_dict(state["modules"][k])
@@ -139,22 +212,30 @@ class Loop:
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        for k, s in self._streams().items():
-            s.load_state_dict(state["streams"][k])
         _common.load_rng_state(state["rng"][rank], self.generator)
-        self.history = state["history"]
+        self.history, self._window = state["history"], state["window"][rank]
 
     def save(self, path: Optional[str] = None) -> None:
-        """Write a checkpoint atomically (rank 0; call on every rank, the others wait for it)."""
+        """Write a checkpoint durably (rank 0; call on every rank, the others wait for it).
+
+        Raises FloatingPointError, and writes nothing, if a module's state holds NaN or
+        ±inf: the last good checkpoint stays the one a resume reads.
+        """
+        modules = {f"{name}.{key}": t for name, m in self._modules().items() for key, t in m.state_dict().items()
+                   if t.is_floating_point()}
+        if modules and not bool(torch.stack([torch.isfinite(t).all() for t in modules.values()]).all()):
+            bad = [k for k, t in modules.items() if not bool(torch.isfinite(t).all())]
+            raise FloatingPointError(f"step {self.step}: {', '.join(bad[:5])} hold NaN or ±inf, so no checkpoint is "
+                                     f"written (the last one is kept); the weights diverged")
         state = self.state_dict()
-        _common.save_atomic(state, path or self.checkpoint)
+        _common.save_checkpoint(state, path or self.checkpoint)
         if _common.distributed()[1] > 1:
             dist.barrier()
 
     def _maybe_resume(self) -> bool:
         """Load ``checkpoint`` if it exists; whether it did."""
         if self.checkpoint and os.path.exists(self.checkpoint):
-            state = torch.load(self.checkpoint, map_location=self.device, weights_only=False)
+            state = _common.load_checkpoint(self.checkpoint, map_location=self.device)
             try:
                 self.load_state_dict(state)
             except (RuntimeError, KeyError, ValueError) as e:
@@ -168,35 +249,51 @@ class Loop:
 
     # -- the loop ---------------------------------------------------------------------------
     def _run(self, total_steps: int, desc: str, validation_data, eval_every: int) -> dict:
+        """Train to ``total_steps``. Logging windows end at multiples of ``log_every`` (and
+        the last step), counted from step 0, so that a resumed run logs what the
+        uninterrupted run logs. An error raised by a step says which step it was."""
         if self._maybe_resume():  # say so: a finished checkpoint leaves nothing to train
             desc = f"{desc} (resumed from {self.checkpoint} at step {self.step})"
         bar = _common.progress(total_steps, self.step, desc, self.show_progress)
-        sums: dict = {}
-        count = 0
+        stop = _StopOnSignal(enabled=bool(self.checkpoint))
         try:
-            while self.step < total_steps:
-                logs = self._train_step()
-                self.step += 1
-                for k, v in logs.items():
-                    sums[k] = sums.get(k, 0.0) + v.detach().float()
-                count += 1
-                last = self.step == total_steps
-                if count == self.log_every or last:
-                    means = {k: float(v) / count for k, v in sums.items()}  # one host sync per window
-                    means = _common.reduce_mean(means, self.device)
-                    self.history["step"].append(self.step)
-                    self.history["train"].append(means)
-                    notes = self._after_window(means)
-                    bar.set_postfix({**{k: f"{v:.3f}" for k, v in means.items()}, **notes}, refresh=False)
-                    sums, count = {}, 0
-                bar.update(1)
-                if validation_data is not None and (self.step % eval_every == 0 or last):
-                    scores = self.evaluate(validation_data)
-                    self.history["validation"].append({"step": self.step, **scores})
-                if self.checkpoint and (self.step % self.checkpoint_every == 0 or last):
-                    self.save()
+            with stop:
+                while self.step < total_steps:
+                    try:
+                        logs = self._train_step()
+                    except (ValueError, FloatingPointError) as e:
+                        if type(e) not in (ValueError, FloatingPointError):
+                            raise
+                        raise type(e)(f"training step {self.step + 1}: {e}") from e
+                    self.step += 1
+                    window = self._window
+                    for k, v in logs.items():
+                        window["sums"][k] = window["sums"].get(k, 0.0) + v.detach().float()
+                    window["count"] += 1
+                    last = self.step == total_steps
+                    if self.step % self.log_every == 0 or last:
+                        count = window["count"]  # one host sync per window
+                        means = {k: float(v) / count for k, v in window["sums"].items()}
+                        means = _common.reduce_mean(means, self.device)
+                        self.history["step"].append(self.step)
+                        self.history["train"].append(means)
+                        notes = self._after_window(means)
+                        bar.set_postfix({**{k: f"{v:.3f}" for k, v in means.items()}, **notes}, refresh=False)
+                        self._window = {"sums": {}, "count": 0}
+                    bar.update(1)
+                    if validation_data is not None and (self.step % eval_every == 0 or last):
+                        scores = self.evaluate(validation_data)
+                        self.history["validation"].append({"step": self.step, **scores})
+                    saved = bool(self.checkpoint) and (self.step % self.checkpoint_every == 0 or last)
+                    if saved:
+                        self.save()
+                    if stop.requested(self.device):
+                        if not saved:
+                            self.save()
+                        break
         finally:
             bar.close()
+        stop.deliver()
         return self.history
 
     def _after_window(self, means: dict) -> dict:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import lepton_fast
+from lepton_fast import _validate
 from lepton_fast.trainers import _common
 from lepton_fast.trainers._loop import Loop, steps_for
 from lepton_fast.trainers.distiller import probe_classes
@@ -27,11 +28,21 @@ class DistributionAlignment(nn.Module):
     prediction on the target and ``prior`` the class distribution of the source labels
     (uniform by default). It counters a classifier that favours a few classes on the new
     domain, the first step of a pseudo-label collapse. State lives in buffers.
+
+    ``forward`` refuses (ValueError) logits with a row whose softmax is undefined (a NaN or
+    +inf, or every entry -inf) before it updates ``p_model``: a refused batch leaves the
+    state as it was.
     """
 
     def __init__(self, num_classes: int, momentum: float = 0.999, prior: Optional[Tensor] = None):
         super().__init__()
-        self.momentum = _common.check_unit("momentum", momentum, open_right=True)
+        num_classes = _validate.integer("num_classes", num_classes, 1)
+        self.momentum = _validate.in_unit_interval("momentum", momentum, open_right=True)
+        if prior is not None:
+            _validate.finite("prior", prior, "DistributionAlignment")
+            if prior.shape != (num_classes,) or bool((prior < 0).any()) or not float(prior.sum()) > 0:
+                raise ValueError(f"prior must be [{num_classes}] class frequencies >= 0 with a positive sum, got "
+                                 f"{prior.tolist()}")
         prior = torch.full((num_classes,), 1.0 / num_classes) if prior is None else prior.float() / prior.sum()
         self.register_buffer("prior", prior)
         self.register_buffer("p_model", torch.full((num_classes,), 1.0 / num_classes))
@@ -41,6 +52,7 @@ class DistributionAlignment(nn.Module):
         """[N, C] logits → [N, C] log-probabilities of the aligned distribution."""
         if logits.dim() != 2 or logits.shape[-1] != self.p_model.shape[0]:
             raise ValueError(f"logits must be [N, {self.p_model.shape[0]}], got shape {tuple(logits.shape)}")
+        _validate.defined_rows("logits", logits, "DistributionAlignment")
         probs = torch.softmax(logits.float(), -1)
         self.p_model.mul_(self.momentum).add_((1 - self.momentum) * probs.mean(0))
         aligned = probs * (self.prior / self.p_model)
@@ -249,8 +261,15 @@ class CrossDomainTrainer(Loop):
             that differ, a split that does not give ``student(x)``, no target data for a
             target term (or target data without one), an unlabeled source, a threshold's
             ``num_unlabeled`` other than the target's size, an optimizer over other
-            parameters, ``perturb="input"`` on integer inputs, inputs outside ``clamp``.
-        TypeError: a non-callable augmentation, a malformed ``clamp``.
+            parameters, ``perturb="input"`` on integer inputs, inputs outside ``clamp``; a
+            weight that is not finite; during ``fit`` (naming the step): inputs holding NaN
+            or ±inf, source labels outside [0, C), weak-view logits that the threshold or
+            the alignment refuses.
+        TypeError: a non-callable augmentation, a malformed ``clamp``, a setting that is
+            not a number (a string, a bool); at the start of ``fit``: source or target
+            inputs of a dtype the student cannot take.
+        FloatingPointError, RuntimeError: as in KnowledgeDistiller (a non-finite loss or
+            weights; an unreadable checkpoint).
     """
 
     def __init__(self, student: nn.Module, *, terms: Sequence[str] = (), teacher: Optional[nn.Module] = None,
@@ -276,9 +295,7 @@ class CrossDomainTrainer(Loop):
                 raise ValueError(f"weights: unknown term {k!r}; terms are {TERMS}")
             if k not in on:
                 raise ValueError(f"weights[{k!r}] is for a term that is not on (terms={self.terms})")
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
-                raise ValueError(f"weights[{k!r}] must be a number >= 0, got {w!r}")
-            self.weights[k] = float(w)
+            self.weights[k] = _validate.real(f"weights[{k!r}]", w, 0.0)
         self.perturb = _choice("perturb", perturb, PERTURB)
         self.attack = _choice("attack", attack, ATTACKS)
         split_used = "domain" in on or ("adversarial" in on and self.perturb == "features")
@@ -296,10 +313,10 @@ class CrossDomainTrainer(Loop):
                 raise ValueError("the 'kd' term needs a teacher")
             if not isinstance(teacher, nn.Module):
                 raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
-        self.temperature = _common.check_positive("temperature", temperature)
-        self.warmup_steps = _common.check_int("warmup_steps", warmup_steps, 0)
-        self.eps = _common.check_positive("eps", eps)
-        self.pgd_steps = _common.check_int("pgd_steps", pgd_steps, 1)
+        self.temperature = _validate.positive_finite("temperature", temperature)
+        self.warmup_steps = _validate.integer("warmup_steps", warmup_steps, 0)
+        self.eps = _validate.positive_finite("eps", eps)
+        self.pgd_steps = _validate.integer("pgd_steps", pgd_steps, 1)
         if clamp is not None:
             if not (isinstance(clamp, (tuple, list)) and len(clamp) == 2):
                 raise TypeError(f"clamp must be None or a pair (min, max) of numbers or tensors, got {clamp!r}")
@@ -321,7 +338,7 @@ class CrossDomainTrainer(Loop):
         self.teacher = None if teacher is None else teacher.to(self.device).eval()
         self._threshold_arg, self._discriminator_arg = threshold, discriminator
         self._use_alignment = bool(distribution_alignment)
-        self._alignment_momentum = _common.check_unit("alignment_momentum", alignment_momentum, open_right=True)
+        self._alignment_momentum = _validate.in_unit_interval("alignment_momentum", alignment_momentum, open_right=True)
         self.threshold = self.alignment = self.grl = self.discriminator = self.net = None
         self.classes: Optional[int] = None
         self._source = self._target = None
@@ -354,8 +371,10 @@ class CrossDomainTrainer(Loop):
         if y0 is None:
             raise ValueError("source must be labeled: (x, y) tensors, or a Dataset / DataLoader of (x, y[, index])")
         x0 = x0.to(self.device)
-        classes = (probe_classes(self.teacher, self.student, x0) if self.teacher is not None
-                   else _common.eval_mode_forward(self.student, x0).shape[-1])
+        classes = (probe_classes(self.teacher, self.student, x0, "source", self.amp) if self.teacher is not None
+                   else _common.probe(self.student, x0, "source", "student", self.amp).shape[-1])
+        if xt0 is not None:
+            _common.probe(self.student, xt0.to(self.device), "target", "student", self.amp)
         feature_dim = None
         if self.features is not None:
             feats = _common.eval_mode_forward(self.features, x0)
@@ -404,7 +423,7 @@ class CrossDomainTrainer(Loop):
         dev, g = self.device, self.generator
         (xs, ys), _ = self._source.next()
         xs = self.source_augment(xs.to(dev, non_blocking=True), g)
-        ys = _common.as_labels(ys, "source").to(dev, non_blocking=True)
+        ys = _validate.class_indices("source", ys, self.classes).to(dev, non_blocking=True)
         parts = [xs]
         warm = self.step < self.warmup_steps
         use = {t: t in self.terms and not (warm and t in ("pseudo", "adversarial")) for t in TERMS}
@@ -446,7 +465,7 @@ class CrossDomainTrainer(Loop):
                 adv = self._adversarial(z, logits[1], targets, kwargs, labels, mask)
                 logs["adversarial"] = adv.detach()
                 loss = loss + self.weights["adversarial"] * adv
-        self._optimize(loss)
+        self._optimize(loss, logs)
         if self.grl is not None:
             self.grl.step()
         logs["loss"] = loss.detach()
@@ -560,7 +579,7 @@ class CrossDomainTrainer(Loop):
             self._target = _common.Batches(target, "target", target_batch_size or batch_size, shuffle=True,
                                            seed=self.seed + 1, drop_last=True)
         total = steps_for(steps, epochs, len(self._source))
-        eval_every = len(self._source) if eval_every is None else _common.check_int("eval_every", eval_every, 1)
+        eval_every = len(self._source) if eval_every is None else _validate.integer("eval_every", eval_every, 1)
         classes, feature_dim = self._check_data()
         self._setup(total, classes, feature_dim)
         self.student.train()

@@ -8,16 +8,18 @@ import torch
 from torch import nn
 
 import lepton_fast
+from lepton_fast import _validate
 from lepton_fast.trainers import _common
 from lepton_fast.trainers._loop import Loop, steps_for
 
 IGNORE_INDEX = -100  # fused_kd_loss's default: rows with this label are left out of the loss
 
 
-def probe_classes(teacher: nn.Module, student: nn.Module, x: torch.Tensor) -> int:
-    """Run both on a batch (eval mode, no graph); their class counts must agree (else ValueError)."""
-    c_t = _common.eval_mode_forward(teacher, x).shape[-1]
-    c_s = _common.eval_mode_forward(student, x).shape[-1]
+def probe_classes(teacher: nn.Module, student: nn.Module, x: torch.Tensor, name: str, amp) -> int:
+    """Run both on the first sample of the data ``name`` (eval mode, no graph); their class
+    counts must agree (else ValueError); inputs they cannot take are a TypeError naming the data."""
+    c_t = _common.probe(teacher, x, name, "teacher", amp).shape[-1]
+    c_s = _common.probe(student, x, name, "student", amp).shape[-1]
     if c_t != c_s:
         raise ValueError(f"teacher predicts {c_t} classes but student predicts {c_s}; distillation needs the "
                          f"same classes")
@@ -53,8 +55,11 @@ class KnowledgeDistiller(Loop):
         seed: seeds torch/NumPy/Python, the data order and the augmentation generator. The
             same seed gives the same numbers on the same machine, thread count and
             versions; see the README for what may differ across machines.
-        checkpoint: a file path; written atomically every ``checkpoint_every`` steps and at
-            the end, and read by ``fit`` to resume where an interrupted run stopped.
+        checkpoint: a file path; written durably (temporary file, fsync, rename) with a
+            checksum every ``checkpoint_every`` steps, at the end, and on SIGINT/SIGTERM
+            (after the step under way; the signal then takes its usual course), and read by
+            ``fit`` to resume where an interrupted run stopped, with the same history. A
+            checkpoint of another batch size, data size or number of processes is refused.
         progress: a tqdm bar with the running loss (rank 0 only).
 
     Under ``torchrun`` (torch.distributed initialised before construction) the student is
@@ -62,11 +67,18 @@ class KnowledgeDistiller(Loop):
     logged losses and metrics are averaged across ranks.
 
     Raises:
-        TypeError: teacher/student not nn.Modules, bad optimizer or data types.
+        TypeError: teacher/student not nn.Modules, bad optimizer or data types, a setting
+            that is not a number (a string, a bool); at the start of ``fit``: inputs of a
+            dtype the models cannot take (fp16 data for float32 models outside ``amp``).
         ValueError: temperature ≤ 0, alpha outside [0, 1], unknown divergence or amp, lr
             with an optimizer, an optimizer over other parameters; at the start of
             ``fit``: teacher and student with different class counts, ``alpha > 0`` with
-            unlabeled data.
+            unlabeled data; during ``fit`` (naming the step): inputs holding NaN or ±inf,
+            labels outside [0, C) other than -100.
+        FloatingPointError: a non-finite loss (before it reaches the weights), or
+            non-finite weights at a checkpoint (nothing is written).
+        RuntimeError: an unreadable checkpoint (empty, truncated, corrupted) or one of
+            another configuration, naming the file.
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, *, temperature: float = 1.0, alpha: float = 0.5,
@@ -75,8 +87,8 @@ class KnowledgeDistiller(Loop):
                  checkpoint_every: int = 100, progress: bool = True):
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
-        self.temperature = _common.check_positive("temperature", temperature)
-        self.alpha = _common.check_unit("alpha", alpha)
+        self.temperature = _validate.positive_finite("temperature", temperature)
+        self.alpha = _validate.in_unit_interval("alpha", alpha)
         # The op checks its own arguments (divergence among them): ask it once, on a tiny input.
         lepton_fast.fused_kd_loss(torch.zeros(1, 2), torch.zeros(1, 2), self.temperature, divergence=divergence)
         self.divergence = divergence
@@ -86,6 +98,7 @@ class KnowledgeDistiller(Loop):
         self._build({"student": self.student})
         self.net = _common.wrap_ddp(self.student, self.device)
         self._data = None
+        self.classes: Optional[int] = None
         self._labeled = None
         self._warned = False
 
@@ -97,7 +110,8 @@ class KnowledgeDistiller(Loop):
         x = x.to(self.device, non_blocking=True)
         labels = None
         if self.alpha > 0:
-            labels = _common.as_labels(y, "train_data").to(self.device, non_blocking=True)
+            labels = _validate.class_indices("train_data", y, self.classes, IGNORE_INDEX).to(self.device,
+                                                                                              non_blocking=True)
             labeled = (labels != IGNORE_INDEX).sum()
             self._labeled = labeled if self._labeled is None else self._labeled + labeled
         with torch.no_grad(), _common.autocast(self.device, self.amp):
@@ -106,7 +120,7 @@ class KnowledgeDistiller(Loop):
             student_logits = self.net(x)
         loss = lepton_fast.fused_kd_loss(student_logits, teacher_logits, self.temperature, labels=labels,
                                          alpha=self.alpha, divergence=self.divergence)
-        self._optimize(loss)
+        self._optimize(loss, {})
         return {"loss": loss}
 
     def _after_window(self, means: dict) -> dict:
@@ -138,10 +152,10 @@ class KnowledgeDistiller(Loop):
         self._data = _common.Batches(train_data, "train_data", batch_size, shuffle=True, seed=self.seed,
                                      drop_last=False)
         total = steps_for(steps, epochs, len(self._data))
-        eval_every = len(self._data) if eval_every is None else _common.check_int("eval_every", eval_every, 1)
+        eval_every = len(self._data) if eval_every is None else _validate.integer("eval_every", eval_every, 1)
         x0, y0 = self._data.first()
         if self.alpha > 0 and y0 is None:
             raise ValueError(f"alpha={self.alpha} weights a cross-entropy on labels, but train_data has none: pass "
                              f"alpha=0 to distil unlabeled data")
-        probe_classes(self.teacher, self.student, x0.to(self.device))
+        self.classes = probe_classes(self.teacher, self.student, x0.to(self.device), "train_data", self.amp)
         return self._run(total, "distil", validation_data, eval_every)
