@@ -257,7 +257,7 @@ def finite(name: str, x: Tensor, who: str, where: Optional[Tensor] = None) -> No
     bad = ~torch.isfinite(x)
     if where is not None:
         bad = bad.reshape(x.shape[0], -1).any(1)
-    at = "; the samples at these positions hold them" if where is not None else ""
+    at = " in the samples at these positions of the data" if where is not None else ""
     no_bad_values(bad, f"{who}: {name} holds NaN or ±inf{at}", x if where is None else where)
 
 

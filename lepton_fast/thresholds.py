@@ -21,7 +21,10 @@ A policy built for C classes refuses, in every method, ``weak_logits`` whose las
 dimension is not C (ValueError naming the argument). ``update`` refuses (ValueError naming
 the argument) a ``result.confidence`` holding NaN or ±inf and ``weak_logits`` with a row
 whose softmax is undefined (a NaN or +inf, or every entry -inf), before any state changes:
-a refused update leaves the state as it was, instead of a NaN threshold from then on.
+a refused update leaves the state as it was, instead of a NaN threshold from then on. On
+CUDA that check is ``torch._assert_async`` (no host synchronisation): it fails at the next
+synchronisation as a device-side assert, which ends the process's CUDA context, so there
+the run resumes from its last checkpoint.
 
 The state lives in registered buffers, so ``state_dict()`` saves it and
 ``load_state_dict()`` resumes a run where it stopped; ``.to(device)`` moves it. Nothing

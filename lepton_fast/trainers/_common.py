@@ -313,7 +313,7 @@ def evaluate(model: nn.Module, data, device: torch.device, amp: Optional[str] = 
             with autocast(device, amp):
                 logits = model(x)
             classes = logits.shape[-1]
-            _validate.finite("the logits", logits, "evaluate: the model's", positions.to(logits.device))
+            _validate.finite("the model's logits", logits, "evaluate", positions.to(logits.device))
             y = _validate.class_indices("data", y.to(device, non_blocking=True), classes)
             if metrics is None:
                 metrics = {

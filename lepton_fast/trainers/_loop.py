@@ -157,8 +157,8 @@ class Loop:
         """One optimiser step on ``loss``, once ``loss`` and its ``terms`` ({name: 0-d
         tensor}) are known to be finite (one host read): a non-finite loss stops training
         with FloatingPointError naming the terms, before it reaches the weights."""
-        values = {**terms, "loss": loss}
-        if not bool(torch.isfinite(torch.stack([v.detach().float() for v in values.values()])).all()):
+        values = {k: v.detach().float() for k, v in {**terms, "loss": loss}.items()}
+        if not bool(torch.isfinite(torch.stack(list(values.values()))).all()):
             bad = {k: float(v) for k, v in values.items() if not math.isfinite(float(v))}
             raise FloatingPointError(
                 f"the loss is not finite ({', '.join(f'{k}={v}' for k, v in bad.items())}): training stops before "
