@@ -229,7 +229,8 @@ def real(name: str, value, lo: float = -math.inf, hi: float = math.inf, *, lo_op
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
     inside = (lo < number if lo_open else lo <= number) and (number < hi if hi_open else number <= hi)
     if not (math.isfinite(number) and inside):
-        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        left, right = "(" if lo_open or lo == -math.inf else "[", ")" if hi_open or hi == math.inf else "]"
+        interval = f"{left}{lo:g}, {hi:g}{right}"
         raise ValueError(f"{name} must be a finite number in {interval}, got {number}")
     return number
 

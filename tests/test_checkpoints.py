@@ -190,6 +190,38 @@ def test_sigterm_with_the_default_handler_terminates_after_the_save(tmp_path):
     assert _common.load_checkpoint(str(tmp_path / "run.pt"))["step"] == 3
 
 
+def test_a_second_sigint_stops_at_once_and_handlers_exist_only_during_fit(tmp_path):
+    path = str(tmp_path / "run.pt")
+    before = signal.getsignal(signal.SIGINT)
+    trainer = _trainer("cross_domain", checkpoint=path, checkpoint_every=100)
+    real, during = trainer._train_step, []
+
+    def twice():
+        during.append(signal.getsignal(signal.SIGINT))
+        if len(during) == 2:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)  # impatient: no save, KeyboardInterrupt now
+            raise AssertionError("not reached")
+        return real()
+
+    trainer._train_step = twice
+    with pytest.raises(KeyboardInterrupt):
+        _fit(trainer, 5)
+    assert during[0] is not before and signal.getsignal(signal.SIGINT) is before
+    assert trainer.step == 1 and not os.path.exists(path)
+
+
+def test_an_ignored_signal_stays_ignored(tmp_path):
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        trainer = _trainer("cross_domain", checkpoint=str(tmp_path / "run.pt"))
+        _signal_at(trainer, 2, signal.SIGTERM)
+        _fit(trainer, 4)
+        assert trainer.step == 4 and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 # -- what a resume restores -------------------------------------------------------------------
 class RandomCrops(Dataset):
     """Draws random numbers in __getitem__ (a random augmentation inside the Dataset)."""

@@ -26,7 +26,7 @@ def test_lambda_is_a_property_that_reads_as_a_number():
     (dict(lambda_=math.nan), ValueError, "lambda_ must be a finite number"),
     (dict(total_steps=10, lo="0"), TypeError, "lo must be a real number"),
     (dict(total_steps=10, hi=math.inf), ValueError, "hi must be a finite number"),
-    (dict(total_steps=10, gamma=0.0), ValueError, r"gamma must be a finite number in \(0, inf\]"),
+    (dict(total_steps=10, gamma=0.0), ValueError, r"gamma must be a finite number in \(0, inf\), got 0.0"),
     (dict(total_steps=10.0), TypeError, "total_steps must be an int"),
     (dict(total_steps=True), TypeError, "total_steps must be an int"),
 ])

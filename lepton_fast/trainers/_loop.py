@@ -99,7 +99,7 @@ class _StopOnSignal:
     def requested(self, device: torch.device) -> bool:
         """Whether a signal came, on any rank: ranks stop at the same step, to save together."""
         stop = self.received is not None
-        if _common.distributed()[1] > 1:
+        if self.enabled and _common.distributed()[1] > 1:
             flag = torch.tensor([float(stop)], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stop = bool(flag.item())
