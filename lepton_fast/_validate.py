@@ -265,6 +265,8 @@ def finite(name: str, x: Tensor, who: str, where: Optional[Tensor] = None) -> No
 def defined_rows(name: str, logits: Tensor, who: str) -> None:
     """ValueError naming ``name`` and ``who`` if a row of ``logits`` [..., C] has no softmax:
     a NaN or +inf, or every entry -inf (-inf entries elsewhere are masked classes, allowed)."""
+    if logits.numel() == 0:
+        return
     rows = logits.detach().reshape(-1, logits.shape[-1]) if logits.dim() else logits.detach().reshape(1, 1)
     bad = torch.isnan(rows).any(-1) | torch.isposinf(rows).any(-1) | torch.isneginf(rows).all(-1)
     no_bad_values(bad, f"{who}: a row of {name} holds NaN or +inf, or is entirely -inf, so its softmax is "
