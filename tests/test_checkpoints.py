@@ -252,10 +252,23 @@ def test_a_dataset_drawing_random_numbers_resumes_exactly_with_workers(tmp_path,
     assert resumed.history == straight.history
 
 
+def _watched(trainer):
+    """Record the tallies each logging window's checks read (pseudo-label counts, labeled rows)."""
+    seen, real = [], trainer._after_window
+
+    def after_window(means):
+        seen.append((trainer.step, {k: v.tolist() for k, v in trainer._window["watch"].items()}))
+        return real(means)
+
+    trainer._after_window = after_window
+    return seen
+
+
 @pytest.mark.parametrize("kind", TRAINERS)
 def test_the_history_of_a_resumed_run_is_the_uninterrupted_one(tmp_path, kind):
     straight = _trainer(kind)
     straight.log_every = 3
+    straight_watch = _watched(straight)
     _fit(straight, 8)
     assert straight.history["step"] == [3, 6, 8]
     path = str(tmp_path / "run.pt")
@@ -266,7 +279,10 @@ def test_the_history_of_a_resumed_run_is_the_uninterrupted_one(tmp_path, kind):
         _fit(first, 8)
     resumed = _trainer(kind, checkpoint=path)
     resumed.log_every = 3
+    resumed_watch = _watched(resumed)
     assert _fit(resumed, 8) == straight.history
+    # the window's checks (collapse watch, all-ignored labels) see the whole window too
+    assert resumed_watch == straight_watch[1:] and straight_watch[1][1]
 
 
 @pytest.mark.parametrize("kind", TRAINERS)

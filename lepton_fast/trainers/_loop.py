@@ -112,6 +112,12 @@ class _StopOnSignal:
             signal.raise_signal(self.received)
 
 
+def _new_window() -> dict:
+    """A logging window: the sums of the logged terms, the step count, and the trainer's own
+    tallies for the checks at the window's end (``watch``: {name: tensor})."""
+    return {"sums": {}, "count": 0, "watch": {}}
+
+
 class Loop:
     """Shared plumbing; see KnowledgeDistiller and CrossDomainTrainer for the arguments."""
 
@@ -141,7 +147,7 @@ class Loop:
         self.show_progress, self.log_every = progress, log_every
         self.step = 0
         self.history: dict = {"step": [], "train": [], "validation": []}
-        self._window: dict = {"sums": {}, "count": 0}  # the logging window under way
+        self._window = _new_window()  # the logging window under way
 
     # -- set-up done once the trainable modules are known --------------------------------
     def _build(self, owners: dict) -> None:
@@ -152,6 +158,12 @@ class Loop:
             check_optimizer(self.optimizer, owners)
             s = self._scheduler_arg
             self.scheduler = s(self.optimizer) if callable(s) and not hasattr(s, "step") else s
+
+    def _watch(self, name: str, value) -> None:
+        """Add ``value`` (a tensor) to the window's tally ``name``, which ``_after_window``
+        reads; the tallies are checkpointed with the window."""
+        watch = self._window["watch"]
+        watch[name] = value if name not in watch else watch[name] + value
 
     def _optimize(self, loss, terms: dict) -> None:
         """One optimiser step on ``loss``, once ``loss`` and its ``terms`` ({name: 0-d
@@ -194,7 +206,8 @@ class Loop:
             # each rank's own sums (the means are reduced across ranks when a window ends);
             # as floats, which hold the float32 sums exactly
             "window": _common.gather_objects({"sums": {k: float(v) for k, v in self._window["sums"].items()},
-                                              "count": self._window["count"]}),
+                                              "count": self._window["count"],
+                                              "watch": {k: v.cpu() for k, v in self._window["watch"].items()}}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -213,7 +226,9 @@ class Loop:
             self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         _common.load_rng_state(state["rng"][rank], self.generator)
-        self.history, self._window = state["history"], state["window"][rank]
+        window = state["window"][rank]
+        self.history = state["history"]
+        self._window = {**window, "watch": {k: v.to(self.device) for k, v in window["watch"].items()}}
 
     def save(self, path: Optional[str] = None) -> None:
         """Write a checkpoint durably (rank 0; call on every rank, the others wait for it).
@@ -279,7 +294,7 @@ class Loop:
                         self.history["train"].append(means)
                         notes = self._after_window(means)
                         bar.set_postfix({**{k: f"{v:.3f}" for k, v in means.items()}, **notes}, refresh=False)
-                        self._window = {"sums": {}, "count": 0}
+                        self._window = _new_window()
                     bar.update(1)
                     if validation_data is not None and (self.step % eval_every == 0 or last):
                         scores = self.evaluate(validation_data)
@@ -297,7 +312,8 @@ class Loop:
         return self.history
 
     def _after_window(self, means: dict) -> dict:
-        """Checks at the end of a logging window; returns extra progress-bar fields."""
+        """Checks at the end of a logging window (on ``self._window["watch"]``); returns extra
+        progress-bar fields."""
         return {}
 
     def evaluate(self, data, batch_size: int = 512) -> dict:

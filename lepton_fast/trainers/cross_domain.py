@@ -343,7 +343,6 @@ class CrossDomainTrainer(Loop):
         self.classes: Optional[int] = None
         self._source = self._target = None
         self.collapse: Optional[str] = None
-        self._window_counts = self._outside = None
 
     # -- set-up at the start of fit ---------------------------------------------------------
     def _setup(self, steps: int, num_classes: int, feature_dim: Optional[int]) -> None:
@@ -492,7 +491,7 @@ class CrossDomainTrainer(Loop):
         result = lepton_fast.PseudoLabels(every[:, 0].long(), every[:, 1].float(), every[:, 2].bool())
         self.threshold.update(result, weak_logits=all_targets, indices=every[:, 3].long())
         counts = torch.zeros(self.classes, device=every.device).index_add_(0, result.labels, result.mask.float())
-        self._window_counts = counts if self._window_counts is None else self._window_counts + counts
+        self._watch("counts", counts)
 
     def _adversarial(self, z: Tensor, weak_logits, targets, kwargs, labels, mask) -> Tensor:
         """The adversarial term on ``z`` (the weak view's inputs or features)."""
@@ -505,8 +504,7 @@ class CrossDomainTrainer(Loop):
             selected = lepton_fast.select_pseudo_labels(targets, **{k: v for k, v in kwargs.items() if k != "weights"})
             labels, mask = selected.labels, selected.mask
         if self.clamp is not None:
-            outside = self._outside_bounds(base)
-            self._outside = outside if self._outside is None else self._outside + outside
+            self._watch("outside", self._outside_bounds(base))
         if self.attack == "fgsm":
             z_adv = lepton_fast.fgsm(head, base, labels, self.eps, clamp=self.clamp)
         else:
@@ -521,11 +519,10 @@ class CrossDomainTrainer(Loop):
 
     # -- checks at the end of each logging window (one host read) ---------------------------
     def _after_window(self, means: dict) -> dict:
-        outside, self._outside = self._outside, None
+        outside, counts = self._window["watch"].get("outside"), self._window["watch"].get("counts")
         if outside is not None and int(outside):
             raise ValueError(f"clamp={self.clamp}: {int(outside)} values of the perturbed batches of the last "
                              f"steps were outside the bounds; pass the bounds of your data, or clamp=None")
-        counts, self._window_counts = self._window_counts, None
         if counts is None:
             return {}
         total = float(counts.sum())

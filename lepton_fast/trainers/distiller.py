@@ -99,7 +99,6 @@ class KnowledgeDistiller(Loop):
         self.net = _common.wrap_ddp(self.student, self.device)
         self._data = None
         self.classes: Optional[int] = None
-        self._labeled = None
         self._warned = False
 
     def _streams(self) -> dict:
@@ -112,8 +111,7 @@ class KnowledgeDistiller(Loop):
         if self.alpha > 0:
             labels = _validate.class_indices("train_data", y, self.classes, IGNORE_INDEX).to(self.device,
                                                                                               non_blocking=True)
-            labeled = (labels != IGNORE_INDEX).sum()
-            self._labeled = labeled if self._labeled is None else self._labeled + labeled
+            self._watch("labeled", (labels != IGNORE_INDEX).sum())
         with torch.no_grad(), _common.autocast(self.device, self.amp):
             teacher_logits = self.teacher(x)
         with _common.autocast(self.device, self.amp):
@@ -124,7 +122,7 @@ class KnowledgeDistiller(Loop):
         return {"loss": loss}
 
     def _after_window(self, means: dict) -> dict:
-        labeled, self._labeled = self._labeled, None
+        labeled = self._window["watch"].get("labeled")
         if labeled is not None and int(labeled) == 0:
             if not self._warned:
                 warnings.warn(f"every label of the last {self.log_every} steps is {IGNORE_INDEX} (ignore_index): "
