@@ -216,13 +216,17 @@ def rows_defined(rows: Tensor, what: str) -> None:
 def real(name: str, value, lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False,
          hi_open: bool = False) -> float:
     """A finite Python float between ``lo`` and ``hi`` (open ends as flagged): a Python or
-    NumPy number, or a one-element tensor. A bool or a string is refused, as ``float()``
-    would silently read ``True`` as 1 and ``"1"`` as 1.0.
+    NumPy number, or a one-element tensor that does not require grad (its gradient would be
+    silently dropped). A bool or a string is refused, as ``float()`` would silently read
+    ``True`` as 1 and ``"1"`` as 1.0.
 
     Raises TypeError for another type, ValueError for a value outside the interval.
     """
     if isinstance(value, (bool, str, bytes)) or (isinstance(value, Tensor) and value.dtype == torch.bool):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    if isinstance(value, Tensor) and value.requires_grad:
+        raise ValueError(f"{name} is a fixed setting, read once as a number, so a tensor that requires grad would "
+                         f"silently not be learned: pass a float")
     try:
         number = float(value)
     except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several elements

@@ -29,6 +29,7 @@ def test_lambda_is_a_property_that_reads_as_a_number():
     (dict(total_steps=10, gamma=0.0), ValueError, r"gamma must be a finite number in \(0, inf\), got 0.0"),
     (dict(total_steps=10.0), TypeError, "total_steps must be an int"),
     (dict(total_steps=True), TypeError, "total_steps must be an int"),
+    (dict(lambda_=torch.tensor(0.5, requires_grad=True)), ValueError, "lambda_ is a fixed setting.*requires grad"),
 ])
 def test_settings_are_checked_and_named(kwargs, error, match):
     with pytest.raises(error, match=match):
