@@ -288,8 +288,9 @@ def test_the_history_of_a_resumed_run_is_the_uninterrupted_one(tmp_path, kind):
 @pytest.mark.parametrize("kind", TRAINERS)
 def test_a_checkpoint_of_another_batch_size_is_refused(tmp_path, kind):
     path, _ = _written(tmp_path, kind)
-    with pytest.raises(RuntimeError, match=r"run\.pt.*written with 16 as the (source|train_data)'s batch_size and "
-                                           r"this run has 8.*resume with the same"):
+    with pytest.raises(RuntimeError, match=r"run\.pt.*the checkpoint's (source|train_data) batches hold 16 samples "
+                                           r"and this run's 8, so it would resume at another sample: resume with "
+                                           r"batch_size=16$"):
         _fit(_trainer(kind, checkpoint=path), 4, batch_size=8)
 
 
@@ -302,3 +303,11 @@ def test_no_checkpoint_holds_non_finite_weights(tmp_path, kind):
         trainer.save()
     assert _common.load_checkpoint(path)["step"] == 2  # the good one is kept
     assert torch.isfinite(_common.load_checkpoint(path)["modules"]["student"]["classifier.weight"]).all()
+
+
+def test_a_checkpoint_of_another_data_size_is_refused(tmp_path):
+    path, _ = _written(tmp_path, "distiller")
+    trainer = _trainer("distiller", checkpoint=path)
+    with pytest.raises(RuntimeError, match=r"the checkpoint's train_data data has 64 samples and this run's 48, so it "
+                                           r"would resume at another sample: resume with the same train_data data$"):
+        trainer.fit((SOURCE[0][:48], SOURCE[1][:48]), steps=4, batch_size=16)

@@ -225,11 +225,12 @@ class Batches:
     def load_state_dict(self, state: dict) -> None:
         """Restore the position; a position counted in batches of another size, or in a
         data set of another size, would resume at another sample: ValueError."""
-        for key, mine in (("batch_size", self.batch_size), ("samples", len(self.dataset))):
+        for key, what, fix in (("batch_size", "batches hold", f"batch_size={state['batch_size']}"),
+                               ("samples", "data has", f"the same {self.name} data")):
+            mine = self.batch_size if key == "batch_size" else len(self.dataset)
             if state[key] != mine:
-                raise ValueError(f"the checkpoint was written with {state[key]} as the {self.name}'s {key} and this "
-                                 f"run has {mine}, so it would resume at another sample: resume with the same "
-                                 f"{self.name} data and {key}")
+                raise ValueError(f"the checkpoint's {self.name} {what} {state[key]} samples and this run's {mine}, so "
+                                 f"it would resume at another sample: resume with {fix}")
         self.epoch, self.offset, self._it = int(state["epoch"]), int(state["offset"]), None
 
 

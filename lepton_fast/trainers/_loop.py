@@ -256,8 +256,8 @@ class Loop:
             except (RuntimeError, KeyError, ValueError) as e:
                 raise RuntimeError(
                     f"checkpoint {self.checkpoint!r} was written by a trainer with another configuration "
-                    f"(model, optimiser, threshold, loss terms or number of processes), so it cannot resume "
-                    f"this one; delete it or pass another checkpoint path. Loading it said: {e}"
+                    f"(model, optimiser, threshold, loss terms, data, batch size or number of processes), so it "
+                    f"cannot resume this one; delete it or pass another checkpoint path. Loading it said: {e}"
                 ) from e
             return True
         return False
