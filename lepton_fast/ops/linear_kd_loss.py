@@ -395,7 +395,8 @@ def fused_linear_kd_loss(
         student_weight: [V, H_s], the student's lm_head weight, same dtype. Gradient flows here.
         teacher_hidden: [..., H_t], same leading dims; a constant. H_t may differ from H_s.
         teacher_weight: [V_t, H_t], same dtype as teacher_hidden; a constant.
-        temperature: T > 0 (a float or a 0-d CPU tensor, as are beta, alpha, label_smoothing).
+        temperature: T > 0, documented range 1e-8 <= T <= 1e4 (a float or a 0-d CPU tensor, as are
+            beta, alpha, label_smoothing).
         student_bias, teacher_bias: optional [V] / [V_t] lm_head biases; the student's gets a
             gradient.
         divergence, beta, labels, alpha, label_smoothing, ignore_index, scale_by_t2,
