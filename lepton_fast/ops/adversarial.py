@@ -81,6 +81,7 @@ def operand(name: str, value, x: Tensor, *, non_negative: bool) -> Tensor:
     """
     if not isinstance(value, Tensor) or (value.dim() == 0 and value.device.type == "cpu"):
         return _validate.non_negative(name, value) if non_negative else _validate.hyper(name, value)
+    _validate.no_grad_wanted(name, value)
     if not value.is_floating_point():
         raise TypeError(f"{name} must be a number or a floating-point tensor, got {value.dtype}")
     if value.dim() == 1 and x.dim() > 1:

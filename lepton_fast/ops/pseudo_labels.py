@@ -59,6 +59,7 @@ def _class_thresholds(value, logits_name: str, x: Tensor, acc: torch.dtype) -> O
         )
     if value.device != x.device:
         raise ValueError(f"{name} is on {value.device} but {logits_name} is on {x.device}")
+    _validate.no_grad_wanted(name, value)
     value = value.detach()
     _validate.no_bad_values(~((value >= 0) & (value <= 1)), f"{name} must be in [0, 1]", value)
     # Compared with the confidence in its own dtype, as the reference compares them.
@@ -80,6 +81,7 @@ def _weights(value, logits_name: str, x: Tensor, acc: torch.dtype) -> Optional[T
         )
     if value.device != x.device:
         raise ValueError(f"{name} is on {value.device} but {logits_name} is on {x.device}")
+    _validate.no_grad_wanted(name, value)
     value = value.detach()
     _validate.no_bad_values(~((value >= 0) & torch.isfinite(value)), f"{name} must be finite and >= 0", value)
     return value.reshape(-1).to(acc).contiguous()
