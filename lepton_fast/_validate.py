@@ -34,7 +34,8 @@ def _scalar_tensor(value: float) -> Tensor:
     return t
 
 
-# --- Hyper-parameters that require grad (kernels helper; issue 23, item 2) ---------------------
+# --- Tensors the kernels cannot take: hyper-parameters that require grad, meta tensors (kernels
+# helper; issue 23, items 2 and 7) ----------------------------------------------------------------
 
 
 def no_grad_wanted(name: str, value) -> None:
@@ -48,6 +49,18 @@ def no_grad_wanted(name: str, value) -> None:
             f"{name}.detach() (or a float) to use it as a constant; to learn it, compute the loss with its "
             "plain-PyTorch definition in lepton_fast.reference, which autograd differentiates"
         )
+
+
+def materialised(name: str, x: Tensor) -> Tensor:
+    """ValueError for a tensor on the meta device (a shape and a dtype, no data: a model built
+    under ``torch.device("meta")``); the ops compute values, so it must hold data first."""
+    if x.device.type == "meta":
+        raise ValueError(
+            f"{name} is a meta tensor (a shape and a dtype, no data), but lepton_fast's ops compute values: "
+            "materialise it first (a model built on the meta device: model.to_empty(device=...), then load or "
+            "initialise its weights)"
+        )
+    return x
 
 
 def hyper(name: str, value, lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False,
@@ -157,6 +170,7 @@ def logits(name: str, x, *, empty_ok: bool = False) -> Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+    materialised(name, x)
     if x.dim() == 0:
         raise ValueError(f"{name} must have a class dimension [..., C], got a 0-d tensor")
     if x.shape[-1] == 0 and not empty_ok:

@@ -55,7 +55,7 @@ def check_input(name: str, x) -> Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _validate.FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
-    return x
+    return _validate.materialised(name, x)
 
 
 def _check_like(name: str, t, ref_name: str, ref: Tensor) -> Tensor:

@@ -321,6 +321,7 @@ def _head(name: str, hidden: Tensor, weight_name: str, weight, bias_name: str, b
     for arg, t in ((name, hidden), (weight_name, weight)):
         if t.dtype not in _validate.FLOAT_DTYPES:
             raise TypeError(f"{arg} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+        _validate.materialised(arg, t)
     if hidden.dim() == 0:
         raise ValueError(f"{name} must be [..., H], got a 0-d tensor")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or (weight.shape[0] == 0 and not empty_ok):
