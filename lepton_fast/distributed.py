@@ -28,8 +28,10 @@ exchanged once per process group (one all-gather of one integer at the first cal
 and never for DTensors, whose layout says them.
 
 Argument errors: every argument is checked before the op's first collective, and at a group's
-first call the size exchange carries each rank's verdict (-1 for refused arguments), so that a
-rank-local error stops every rank of the group. At later calls a rank whose arguments alone are
+first call the size exchange carries each rank's verdict (-1 for refused arguments, ``refuse``;
+vocab_parallel_kd_loss and fused_linear_kd_loss(group=) both), so that a rank-local error stops
+every rank of the group: the refusing rank raises its own error, the others
+``RefusedOnAnotherRank``. At later calls a rank whose arguments alone are
 refused raises before its first collective while the others wait in theirs: agreeing on every
 call would cost a host synchronisation per step. Arguments that are the same on every rank (as
 documented) fail on every rank alike.
@@ -134,8 +136,7 @@ def vocab_parallel_kd_loss(
         a = kd_ops.checked(student_logits, teacher_logits, temperature, divergence, beta, labels, alpha,
                            label_smoothing, reduction, num_items_in_batch, slice_of_classes=True)
     except (TypeError, ValueError) as error:
-        if group not in _SLICE_SIZES:
-            _slice_of(group, 0, _exchange_device(group), refused=error)
+        refuse(group, error)
         raise
     class_offset, n_classes = _slice_of(group, a.student.shape[-1], a.student.device)
     return _sharded_loss(a, group, class_offset, n_classes, divergence, ignore_index, scale_by_t2, reduction)
@@ -198,6 +199,23 @@ def chunk_loss_and_grad(split: VocabSplit, a: kd_ops.KDArgs, divergence: str, ig
                                       reduction, split.class_offset, split.n_classes)
 
 
+class RefusedOnAnotherRank(ValueError):
+    """Another rank of the group refused its arguments at the group's first call (its own error
+    says which)."""
+
+
+def refuse(group, error: Exception) -> None:
+    """A collective op's arguments were refused on this rank with ``error``: at ``group``'s first
+    call (its slice sizes not exchanged yet, so no rank has entered a collective of the op), the
+    size exchange carries the refusal, so that every rank raises (this one ``error``). Later
+    calls return at once (module docstring)."""
+    group = dist.group.WORLD if group is None else group
+    if isinstance(error, RefusedOnAnotherRank):  # the exchange has told every rank already
+        return
+    if dist.is_available() and dist.is_initialized() and group not in _SLICE_SIZES:
+        _slice_of(group, 0, _exchange_device(group), refused=error)
+
+
 def _exchange_device(group) -> torch.device:
     """Where the size exchange's tensor lives for ``group``'s backend (NCCL: the current GPU)."""
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
@@ -220,8 +238,8 @@ def _slice_of(group, size: int, device: torch.device, name: str = "student_logit
             raise refused
         refusing = [r for r, n in enumerate(exchanged) if n < 0]
         if refusing:
-            raise ValueError(f"{name}: rank {refusing[0]} of the group refused its arguments (its error says which), "
-                             "so every rank of the group stops")
+            raise RefusedOnAnotherRank(f"rank {refusing[0]} of the group refused its arguments (its error says "
+                                       "which), so every rank of the group stops")
         sizes = _SLICE_SIZES[group] = exchanged
     if sizes[rank] != size:
         raise ValueError(

@@ -170,14 +170,18 @@ def _rank_bad_call(ctx, what):
             labels[1] = N_CLASSES
             vocab_parallel_kd_loss(s[:, lo:lo + sizes[ctx.rank]], t[:, lo:lo + sizes[ctx.rank]],
                                    group=ctx.groups[index], labels=labels, alpha=0.5)
-        elif what == "one rank refused":  # at a fresh group's first call: the ranks agree on failing
+        elif what in ("one rank refused", "one rank refused, linear"):  # a fresh group's first call
             group = dist.new_group([0, 1, 2])  # every rank makes every group
             if ctx.rank > 2:
                 return None
             sizes = SPLITS["3"][1]
-            lo = sum(sizes[:ctx.rank])
-            vocab_parallel_kd_loss(s[:, lo:lo + sizes[ctx.rank]], t[:, lo:lo + sizes[ctx.rank]], group=group,
-                                   temperature=-1.0 if ctx.rank == 1 else 2.0)
+            lo, hi = sum(sizes[:ctx.rank]), sum(sizes[:ctx.rank + 1])
+            temperature = -1.0 if ctx.rank == 1 else 2.0
+            if what == "one rank refused":
+                vocab_parallel_kd_loss(s[:, lo:hi], t[:, lo:hi], group=group, temperature=temperature)
+            else:
+                h_s, w_s, _, h_t, w_t, _, _ = linear_data(7)
+                fused_linear_kd_loss(h_s, w_s[lo:hi], h_t, w_t[lo:hi], temperature, group=group)
         elif what == "slice sizes changed":
             index, sizes = SPLITS["2"]
             group = ctx.groups[index]
@@ -347,6 +351,8 @@ def test_loss_parallel_gets_the_kd_gradient_wrong_and_we_do_not(pool):
     [
         ("labels range", r"labels must be in \[0, 37\)"),
         ("one rank refused", r"temperature must be a finite number in \(0, inf\)|rank 1 of the group refused"),
+        ("one rank refused, linear",
+         r"temperature must be a finite number in \(0, inf\)|rank 1 of the group refused"),
         ("slice sizes changed", "student_logits: this rank's slice of the classes has"),
         ("rows sharded", r"student_logits must be a DTensor placed Shard\(-1\)"),
         ("teacher replicated", "teacher_logits must be placed like student_logits"),
@@ -354,12 +360,12 @@ def test_loss_parallel_gets_the_kd_gradient_wrong_and_we_do_not(pool):
     ],
 )
 def test_bad_input_raises_on_every_rank(pool, what, message):
-    ranks = 3 if what in ("labels range", "one rank refused") else 2 if what == "slice sizes changed" else 4
+    ranks = 3 if what.startswith(("labels range", "one rank refused")) else 2 if what == "slice sizes changed" else 4
     errors = pool.run(_rank_bad_call, what)[:ranks]
-    if what == "one rank refused":  # rank 1 its own error, the others that rank 1 refused
+    if what.startswith("one rank refused"):  # rank 1 its own error, the others that rank 1 refused
         assert ["temperature must" in e for e in errors] == [False, True, False], errors
     for error in errors:
-        assert error is not None and error.split(": ", 1)[0] in ("ValueError", "TypeError")
+        assert error is not None and error.split(": ", 1)[0] in ("ValueError", "TypeError", "RefusedOnAnotherRank")
         assert re.search(message, error), error
 
 

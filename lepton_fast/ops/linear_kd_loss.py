@@ -453,7 +453,14 @@ def fused_linear_kd_loss(
     dtype. Time: the four GEMMs (student and teacher logits, d hidden, d weight; 8·N·H·V flops
     for H_s = H_t = H) plus the row kernel.
     """
-    return _linear_kd(**locals(), entropy=False)[0]
+    try:
+        return _linear_kd(**locals(), entropy=False)[0]
+    except (TypeError, ValueError) as error:
+        if group is not None:  # at the group's first call every rank hears of a refusal (distributed.refuse)
+            from lepton_fast import distributed
+
+            distributed.refuse(group, error)
+        raise
 
 
 def _linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, temperature, *, student_bias,
