@@ -268,8 +268,9 @@ def _kd_loss_kernel(
         if COMPUTE_GRAD:
             gs = tl.load(gs_ptr).to(ACC)
             # Against the direction of the previous pass (JSD's step 2 went backwards).
-            _row_grad(s_row, t_row, g_row, C, label, m_s, lse_s, m_t, lse_t, lse_ce, k, inv_t, beta, log_beta, log_1m_beta,
-                      eps, soft_gw * gs, alpha * gs, row_classes, DIV, NEEDS_SOFT, NEEDS_CE, DIV != 2, ACC, BLOCK)
+            _row_grad(s_row, t_row, g_row, C, label, m_s, lse_s, m_t, lse_t, lse_ce, k, inv_t, beta, log_beta,
+                      log_1m_beta, eps, soft_gw * gs, alpha * gs, row_classes, DIV, NEEDS_SOFT, NEEDS_CE, DIV != 2,
+                      ACC, BLOCK)
 
 
 @triton.jit

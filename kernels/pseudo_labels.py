@@ -106,7 +106,8 @@ def _pseudo_label_kernel(
                     inside = cols < C
                     p = tl.exp(tl.load(s_row + cols, mask=inside, other=neg_inf).to(ACC) - lse_s)
                     if SOFT:
-                        target = tl.exp((tl.load(w_row + cols, mask=inside, other=neg_inf).to(ACC) - m_w) * inv_t - log_l_w)
+                        w = tl.load(w_row + cols, mask=inside, other=neg_inf).to(ACC)
+                        target = tl.exp((w - m_w) * inv_t - log_l_w)
                     else:
                         target = (cols == label).to(ACC)
                     g = (gw * (p - target)).to(grad_ptr.dtype.element_ty, fp_downcast_rounding="rtne")

@@ -218,7 +218,9 @@ def refuse(group, error: Exception) -> None:
 
 def _exchange_device(group) -> torch.device:
     """Where the size exchange's tensor lives for ``group``'s backend (NCCL: the current GPU)."""
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _slice_of(group, size: int, device: torch.device, name: str = "student_logits",

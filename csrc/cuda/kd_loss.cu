@@ -174,8 +174,8 @@ struct BlockRow {
         const acc_t x = acc_t(xs.v[k]);
         acc_t d = 0;
         if (p.needs_soft) {
-          d = soft_w * soft_grad(p.divergence, (x - c.max_s) * inv_t - c.lse_s, (acc_t(xt.v[k]) - c.max_t) * inv_t - c.lse_t,
-                                 c.k, beta, log_beta, log_1m_beta);
+          const acc_t lps = (x - c.max_s) * inv_t - c.lse_s, lpt = (acc_t(xt.v[k]) - c.max_t) * inv_t - c.lse_t;
+          d = soft_w * soft_grad(p.divergence, lps, lpt, c.k, beta, log_beta, log_1m_beta);
         }
         if (p.needs_ce) d += ce_w * (std::exp(x - c.lse_ce) - smooth - (i + k == label ? 1 - eps : acc_t(0)));
         out.v[k] = static_cast<scalar_t>(d);
