@@ -6,7 +6,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
 
 #if defined(__CUDACC__)
 #define LF_HOST_DEVICE __host__ __device__ __forceinline__
@@ -50,6 +52,33 @@ namespace lepton_fast {
 inline double scalar_arg(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.numel() == 1 && t.device().is_cpu(), name, " must be a 0-d CPU tensor");
   return t.scalar_type() == at::kDouble ? *t.const_data_ptr<double>() : t.item<double>();
+}
+
+// A row's softmax is defined when its max is finite and its sum positive: an entirely -inf row
+// (sum 0, or max -inf), a +inf entry (inf - inf) or a NaN give NaN, which the kernels report
+// naming the argument. The CPU's vector exp maps NaN to a finite value, so the max decides, not
+// the sum.
+template <typename acc_t>
+LF_HOST_DEVICE bool softmax_defined(acc_t max, acc_t sum) {
+  return max > -std::numeric_limits<acc_t>::infinity() && max < std::numeric_limits<acc_t>::infinity() &&
+         sum > acc_t(0);
+}
+
+// The softmax statistics of z = x / T are the max of the raw x and sum = sum_j exp((x_j - max) / T):
+// the max is subtracted before the scaling, so that the exponent is exactly 0 at the max for any T
+// (x / T - max(x / T) would subtract rounded values: at T = 1e-8 a float32 z ~ 1e8 is off by up
+// to 4, and its exp by a factor of 55). Every kernel agrees with the float64 oracle over the
+// documented range T in [1e-8, 1e4]. log_sum is then lse(z) - max / T, and log softmax(z)_j =
+// (x_j - max) / T - log_sum; NaN where the softmax is undefined.
+template <typename acc_t>
+LF_HOST_DEVICE acc_t log_sum(acc_t max, acc_t sum) {
+  return softmax_defined(max, sum) ? std::log(sum) : std::numeric_limits<acc_t>::quiet_NaN();
+}
+
+// logsumexp at T = 1 (the cross-entropies) from the max and its sum; NaN where undefined.
+template <typename acc_t>
+LF_HOST_DEVICE acc_t lse_from_sum(acc_t max, acc_t sum) {
+  return softmax_defined(max, sum) ? max + std::log(sum) : std::numeric_limits<acc_t>::quiet_NaN();
 }
 
 // How a "mean" or num_items_in_batch divides the summed loss.

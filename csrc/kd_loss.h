@@ -1,5 +1,7 @@
 // Knowledge-distillation loss: the per-row math shared by the CPU and CUDA kernels.
-// Notation (one row): z = logits / T, lse = logsumexp(z), log p_j = z_j - lse.
+// Notation (one row): z = logits / T, lse = logsumexp(z), log p_j = z_j - lse. The kernels keep
+// the max of the raw logits and exponents (x - max) / T (common.h, log_sum): exact at the max for
+// every T in the documented range [1e-8, 1e4].
 //   forward KL  D = sum_j p_t (log p_t - log p_s)        dD/dz_s = p_s - p_t
 //   reverse KL  D = sum_j p_s (log p_s - log p_t)        dD/dz_s = p_s (d - D), d = log p_s - log p_t
 //   JSD(beta)   D = beta KL(p_t||m) + (1-beta) KL(p_s||m), m = beta p_t + (1-beta) p_s
@@ -40,7 +42,6 @@ enum class Divergence : int { kForwardKL = 0, kReverseKL = 1, kJSD = 2 };
 // kernel rounds them to its accumulation type). Their values were checked in Python:
 // temperature > 0, beta, alpha and label_smoothing in [0, 1], labels given when alpha > 0.
 struct KDParams {
-  double temperature;
   double inv_temperature;
   Divergence divergence;
   double beta;
@@ -101,7 +102,6 @@ inline KDParams make_kd_params(const at::Tensor& temperature, const at::Tensor& 
     p.divergence = Divergence::kJSD;
   }
   const double scale = scale_by_t2 ? t * t : 1.0;
-  p.temperature = t;
   p.inv_temperature = 1.0 / t;
   p.beta = beta;
   p.alpha = alpha;
@@ -149,14 +149,15 @@ LF_HOST_DEVICE V log_mixture_of(V logp_s, V logp_t, V log_beta, V log_1m_beta) {
   return M::keep_neg_inf(hi, hi + M::log1p(M::exp(lo - hi)));
 }
 
-// KL(p || q) of softmax(z_p) and softmax(z_q) from one pass of online sums over the row:
-//   S_p = sum_j exp(z_p,j - m_p),  S_q likewise,  A = sum_j exp(z_p,j - m_p) (z_p,j - z_q,j),
-//   KL = A / S_p - (lse_p - lse_q) = A / S_p + (m_q - m_p) + log(S_q / S_p).
-// Forward KL is p = teacher, q = student; reverse KL the other way round. Differences of z
-// per element and of the maxes keep the cancellation of two large log-sum-exps out.
+// KL(p || q) of softmax(x_p / T) and softmax(x_q / T) from one pass of online sums over the row,
+// with m_p, m_q the maxima of the raw logits:
+//   S_p = sum_j exp((x_p,j - m_p) / T),  S_q likewise,  A = sum_j exp((x_p,j - m_p) / T) (x_p,j - x_q,j) / T,
+//   KL = A / S_p - (lse_p - lse_q) = A / S_p + (m_q - m_p) / T + log(S_q / S_p).
+// Forward KL is p = teacher, q = student; reverse KL the other way round. Differences of the
+// raw logits per element and of the maxes keep the cancellation of two large log-sum-exps out.
 template <typename acc_t>
-LF_HOST_DEVICE acc_t kl_from_sums(acc_t a, acc_t s_p, acc_t m_p, acc_t s_q, acc_t m_q) {
-  return a / s_p + (m_q - m_p) + std::log(s_q / s_p);
+LF_HOST_DEVICE acc_t kl_from_sums(acc_t a, acc_t s_p, acc_t m_p, acc_t s_q, acc_t m_q, acc_t inv_t) {
+  return a / s_p + (m_q - m_p) * inv_t + std::log(s_q / s_p);
 }
 
 // The part of a row's cross-entropy at T = 1 (label smoothing eps, C classes in the row) that
@@ -170,12 +171,14 @@ LF_HOST_DEVICE acc_t ce_linear_part(bool has_label, acc_t x_label, acc_t sum_x, 
   return (has_label ? (1 - eps) * x_label : acc_t(0)) + smooth;
 }
 
-// Online softmax statistics of z together with W = sum_j exp(z_j - max) w_j, so that
-// E_p[w] = W / sum comes out of the same single pass. With w = z - z_q this gives
-// KL(p || q) = E_p[z - z_q] - lse_p + lse_q without a second pass over the row (the GPU
-// kernels use it). Entries with z = -inf have p = 0 and contribute nothing, whatever w is.
+// Online softmax statistics of z = x * scale (scale = 1 / T > 0): the max of the raw x, the sum
+// of exp((x_j - max) * scale) and W = sum_j exp((x_j - max) * scale) w_j, so that E_p[w] = W / sum
+// comes out of the same single pass. With w = z - z_q this gives KL(p || q) = E_p[z - z_q] -
+// lse_p + lse_q without a second pass over the row (the GPU kernels use it, kl_from_sums).
+// Entries with x = -inf have p = 0 and contribute nothing, whatever w is.
 template <typename acc_t>
 struct WeightedSoftmaxStats {
+  acc_t scale = 1;
   acc_t max = -std::numeric_limits<acc_t>::infinity();
   acc_t sum = 0;
   acc_t weighted = 0;
@@ -183,12 +186,12 @@ struct WeightedSoftmaxStats {
   LF_HOST_DEVICE void add(acc_t x, acc_t w = 0) {
     if (x == -std::numeric_limits<acc_t>::infinity()) return;
     if (x > max) {
-      const acc_t r = std::exp(max - x);
+      const acc_t r = std::exp((max - x) * scale);
       sum = sum * r + 1;
       weighted = weighted * r + w;
       max = x;
     } else {
-      const acc_t e = std::exp(x - max);
+      const acc_t e = std::exp((x - max) * scale);
       sum += e;
       weighted += e * w;
     }
@@ -196,22 +199,16 @@ struct WeightedSoftmaxStats {
   LF_HOST_DEVICE void merge(const WeightedSoftmaxStats& o) {
     if (o.max == -std::numeric_limits<acc_t>::infinity()) return;
     if (o.max > max) {
-      const acc_t r = std::exp(max - o.max);
+      const acc_t r = std::exp((max - o.max) * scale);
       sum = sum * r + o.sum;
       weighted = weighted * r + o.weighted;
       max = o.max;
     } else {
-      const acc_t r = std::exp(o.max - max);
+      const acc_t r = std::exp((o.max - max) * scale);
       sum += o.sum * r;
       weighted += o.weighted * r;
     }
   }
-  // logsumexp; NaN for a row without a finite entry.
-  LF_HOST_DEVICE acc_t lse() const {
-    return max == -std::numeric_limits<acc_t>::infinity() ? std::numeric_limits<acc_t>::quiet_NaN()
-                                                            : max + std::log(sum);
-  }
-  LF_HOST_DEVICE acc_t mean() const { return weighted / sum; }
 };
 
 // p * (log p - log q) with 0 log 0 = 0: one term of a KL sum.
@@ -243,16 +240,16 @@ enum class KDMode : int {
   kSlice,  // kd_slice_loss: steps 3-4 on a slice, from the merged statistics (and JSD sums)
 };
 
-// Step 1's statistics of one row over a slice of its columns (the whole row, or a part).
-// z = x / T for student (s) and teacher (t). Each max is a reference the sums are taken
-// against: the slice's max of z up to rounding, -inf where the slice has no finite z (its
-// sums are then 0). kd_slice_stats writes them as the columns KDStat of an [N, 7] tensor.
-//   kl: forward KL sum exp(z_t - max_t) (z_t - z_s); reverse KL sum exp(z_s - max_s) (z_s - z_t);
-//       0 for JSD (kl_from_sums has the formulas);
-//   sum_ce: sum exp(x_s - T max_s), the CE's softmax at T = 1 against T max_s (= sum_s at T = 1);
+// Step 1's statistics of one row over a slice of its columns (the whole row, or a part), of
+// student (s) and teacher (t) logits x. Each max is the slice's max of the raw logits x (not of
+// z = x / T), -inf where the slice has no finite x (its sums are then 0); each sum is of
+// exp((x - max) / T). kd_slice_stats writes them as the columns KDStat of an [N, 7] tensor.
+//   kl: forward KL sum exp((x_t - max_t) / T) (x_t - x_s) / T; reverse KL sum
+//       exp((x_s - max_s) / T) (x_s - x_t) / T; 0 for JSD (kl_from_sums has the formulas);
+//   sum_ce: sum exp(x_s - max_s), the CE's softmax at T = 1 (= sum_s at T = 1);
 //   lin_ce: ce_linear_part over the slice.
 // Slices merge as online-softmax statistics do: max = the largest max; each sum times
-// exp(its max - max) (sum_ce: exp(T (max_s - max))), with 0 for a slice whose max is -inf
+// exp((its max - max) / T) (sum_ce: exp(its max - max)), with 0 for a slice whose max is -inf
 // and 0 * inf = 0; then sums add, and lin_ce adds.
 enum KDStat : int { kStatMaxS = 0, kStatMaxT, kStatSumS, kStatSumT, kStatKL, kStatSumCE, kStatLinCE, kNumKDStats };
 
@@ -274,32 +271,28 @@ struct KDRowStats {
   }
 };
 
-// log-sum-exp from a max and its sum; NaN where the sum is 0 (no finite entry: the softmax is
-// undefined, which the kernels report) or NaN.
-template <typename acc_t>
-LF_HOST_DEVICE acc_t lse_from(acc_t max, acc_t sum) {
-  return sum > 0 ? max + std::log(sum) : std::numeric_limits<acc_t>::quiet_NaN();
-}
-
-// Step 3's constants of a row: the log-sum-exps, the row constant k of the soft gradient (D for
-// reverse KL, K_s for JSD, see soft_grad) and the row's loss, NaN where a softmax is undefined.
+// Step 3's constants of a row: the maxima of the raw logits and the log-sums (log_sum in
+// common.h: log p_j = (x_j - max) / T - lse), the CE's logsumexp at T = 1, the row constant k of
+// the soft gradient (D for reverse KL, K_s for JSD, see soft_grad) and the row's loss, NaN where a
+// softmax is undefined.
 template <typename acc_t>
 struct KDRowConsts {
-  acc_t lse_s, lse_t, lse_ce, k, loss;
+  acc_t max_s, max_t, lse_s, lse_t, lse_ce, k, loss;
 };
 
 // From a row's statistics over all its columns; k_t, k_s are JSD's step-2 sums (else unused).
 template <typename acc_t>
 LF_HOST_DEVICE KDRowConsts<acc_t> kd_row_consts(const KDRowStats<acc_t>& st, const KDParams& p, acc_t k_t, acc_t k_s) {
-  KDRowConsts<acc_t> c{0, 0, 0, 0, 0};
+  KDRowConsts<acc_t> c{st.max_s, st.max_t, 0, 0, 0, 0, 0};
   if (p.needs_soft) {
-    c.lse_s = lse_from(st.max_s, st.sum_s);
-    c.lse_t = lse_from(st.max_t, st.sum_t);
+    const acc_t inv_t = p.inv_temperature;
+    c.lse_s = log_sum(st.max_s, st.sum_s);
+    c.lse_t = log_sum(st.max_t, st.sum_t);
     acc_t div;
     if (p.divergence == Divergence::kForwardKL) {
-      div = kl_from_sums(st.kl, st.sum_t, st.max_t, st.sum_s, st.max_s);
+      div = kl_from_sums(st.kl, st.sum_t, st.max_t, st.sum_s, st.max_s, inv_t);
     } else if (p.divergence == Divergence::kReverseKL) {
-      div = kl_from_sums(st.kl, st.sum_s, st.max_s, st.sum_t, st.max_t);
+      div = kl_from_sums(st.kl, st.sum_s, st.max_s, st.sum_t, st.max_t, inv_t);
       c.k = div;
     } else {
       const acc_t beta = p.beta;
@@ -311,7 +304,7 @@ LF_HOST_DEVICE KDRowConsts<acc_t> kd_row_consts(const KDRowStats<acc_t>& st, con
     c.loss = acc_t(p.soft_weight) * div;
   }
   if (p.needs_ce) {
-    c.lse_ce = lse_from(acc_t(p.temperature) * st.max_s, st.sum_ce);
+    c.lse_ce = lse_from_sum(st.max_s, st.sum_ce);
     c.loss += acc_t(p.alpha) * (c.lse_ce - st.lin_ce);
   }
   return c;

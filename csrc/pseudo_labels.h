@@ -83,28 +83,16 @@ inline PseudoLabelLossCall start_pseudo_label_loss(const at::Tensor& strong_logi
                                    how == Reduction::kMean ? 1.0 / divisor : 1.0)};
 }
 
-// A row's softmax is defined when its max is finite: an entirely -inf row (sum 0, or max
-// -inf), a +inf entry (inf - inf) or a NaN give NaN, which the kernels report naming the
-// argument. The CPU's vector exp maps NaN to a finite value, so the max decides, not the sum.
-template <typename acc_t>
-LF_HOST_DEVICE bool softmax_defined(acc_t max, acc_t sum) {
-  return max > -std::numeric_limits<acc_t>::infinity() && max < std::numeric_limits<acc_t>::infinity() &&
-         sum > acc_t(0);
-}
-
-// max softmax = exp(max - max) / sum = 1 / sum.
+// max softmax = exp(max - max) / sum = 1 / sum (the exponent at the max is exactly 0:
+// ArgmaxSoftmax subtracts the max before scaling), never above 1.
 template <typename acc_t>
 LF_HOST_DEVICE acc_t confidence_from_sum(acc_t max, acc_t sum) {
   return softmax_defined(max, sum) ? acc_t(1) / sum : std::numeric_limits<acc_t>::quiet_NaN();
 }
 
-template <typename acc_t>
-LF_HOST_DEVICE acc_t lse_from_sum(acc_t max, acc_t sum) {
-  return softmax_defined(max, sum) ? max + std::log(sum) : std::numeric_limits<acc_t>::quiet_NaN();
-}
-
 // Online arg-max and softmax statistics of z = x * scale (scale = 1 / T > 0): running max of
-// x, sum of exp(z - max z), index of the max. The arg-max is that of x, as given: the max of
+// x, sum of exp((x - max x) * scale) (the max subtracted before the scaling: log_sum in
+// common.h), index of the max. The arg-max is that of x, as given: the max of
 // z is max(x) * scale, and the first maximum of x is the one a float64 reference finds even
 // where rounding makes two z equal. A tie keeps the lower index, in add and in merge. -inf
 // entries (masked classes) add nothing, also before the first finite one, and a NaN entry
@@ -136,8 +124,8 @@ struct ArgmaxSoftmax {
       sum += o.sum;  // 0, or NaN to pass on
     }
   }
-  // The max of z.
-  LF_HOST_DEVICE acc_t z_max() const { return max * scale; }
+  // log softmax(z)_j = (x_j - max) * scale - log_sum(max, sum) (common.h).
+  LF_HOST_DEVICE acc_t log_prob(acc_t x, acc_t log_sum_) const { return (x - max) * scale - log_sum_; }
 };
 
 // The row's weight: weights[row] when given, else 1 if selected, else 0. Thresholds in the

@@ -14,13 +14,17 @@ import triton.language as tl
 
 
 @triton.jit
-def online_softmax(m, s, z):
-    """Fold a block z into the running (max m, sum s of exp(. - m)); an all -inf block leaves
-    them be. Returns (new max, new sum, exp(z - new max), the factor exp(m - new max))."""
-    m_new = tl.maximum(m, tl.max(z, 0))
+def online_softmax(m, s, x, scale):
+    """Fold a block x of raw logits into the running statistics of softmax(x * scale), scale =
+    1 / T > 0: the max m of x and the sum s of exp((x - m) * scale); an all -inf block leaves
+    them be. Returns (new max, new sum, exp((x - new max) * scale), the factor
+    exp((m - new max) * scale)). The max is subtracted before the scaling, so the exponent is
+    exactly 0 at the max whatever T (x * scale - max(x * scale) would subtract rounded
+    products: at T = 1e-8 an error of 4 in the exponent, 512 at T = 1e-10)."""
+    m_new = tl.maximum(m, tl.max(x, 0))
     safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    e = tl.exp(z - safe)
-    factor = tl.exp(m - safe)
+    e = tl.exp((x - safe) * scale)
+    factor = tl.exp((m - safe) * scale)
     return m_new, s * factor + tl.sum(e, 0), e, factor
 
 

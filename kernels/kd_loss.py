@@ -14,6 +14,9 @@ E_p[z_p - z_q] that gives the divergence in the same pass:
 
     KL(p || q) = E_p[z_p - z_q] - lse_p + lse_q,  z = logits / T.
 
+The statistics keep the max of the raw logits x, and every exponent is (x - max) / T
+(csrc/kd_loss.h, KDRowStats): exact at the max, accurate for every T in 1e-8 ... 1e4.
+
 The last pass writes the gradient (already times grad_scale). JSD needs log m, which depends
 on both row constants, so it takes one more pass for the divergence and its gradient
 constant. fused_kd_loss reads its inputs twice (three times for JSD) and writes the gradient
@@ -57,13 +60,13 @@ def _kl_term(logp, logq):
 
 
 @triton.jit
-def _lse_from(m, s):
-    """log-sum-exp from a max and its sum; NaN where the sum is 0 (no finite entry)."""
-    return tl.where(s > 0, m + tl.log(tl.where(s > 0, s, 1.0)), float("nan"))
+def _log_sum(s):
+    """log s, the log-sum-exp of (x - max) / T from its sum; NaN where the sum is 0 (no finite entry)."""
+    return tl.where(s > 0, tl.log(tl.where(s > 0, s, 1.0)), float("nan"))
 
 
 @triton.jit
-def _row_stats(s_row, t_row, C, label, inv_t, temperature, eps, row_classes,
+def _row_stats(s_row, t_row, C, label, inv_t, eps, row_classes,
                DIV: tl.constexpr, NEEDS_SOFT: tl.constexpr, NEEDS_CE: tl.constexpr, CE_OWN: tl.constexpr,
                SMOOTH: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """Step 1 on the C columns at s_row, t_row (``label``: its column among them, or -1):
@@ -76,7 +79,7 @@ def _row_stats(s_row, t_row, C, label, inv_t, temperature, eps, row_classes,
     l_t = tl.zeros([], ACC)
     m_1 = tl.full([], neg_inf, ACC)
     l_1 = tl.zeros([], ACC)
-    w_kl = tl.zeros([], ACC)  # sum exp(z_p - m_p) (z_p - z_q), p = teacher (fwd) or student (rev)
+    w_kl = tl.zeros([], ACC)  # sum exp((x_p - m_p) / T) (x_p - x_q) / T, p = teacher (fwd) or student (rev)
     sum_x = tl.zeros([], ACC)
     for off in range(0, C, BLOCK):
         cols = off + cols0
@@ -84,27 +87,26 @@ def _row_stats(s_row, t_row, C, label, inv_t, temperature, eps, row_classes,
         xs = tl.load(s_row + cols, mask=mask, other=neg_inf).to(ACC)
         if NEEDS_SOFT:
             xt = tl.load(t_row + cols, mask=mask, other=neg_inf).to(ACC)
-            zs = xs * inv_t
-            zt = xt * inv_t
-            m_s, l_s, e_s, r_s = online_softmax(m_s, l_s, zs)
-            m_t, l_t, e_t, r_t = online_softmax(m_t, l_t, zt)
+            m_s, l_s, e_s, r_s = online_softmax(m_s, l_s, xs, inv_t)
+            m_t, l_t, e_t, r_t = online_softmax(m_t, l_t, xt, inv_t)
             if DIV == 0:
-                w_kl = w_kl * r_t + tl.sum(tl.where(zt == neg_inf, 0.0, e_t * (zt - zs)), 0)
+                w_kl = w_kl * r_t + tl.sum(tl.where(xt == neg_inf, 0.0, e_t * ((xt - xs) * inv_t)), 0)
             elif DIV == 1:
-                w_kl = w_kl * r_s + tl.sum(tl.where(zs == neg_inf, 0.0, e_s * (zs - zt)), 0)
+                w_kl = w_kl * r_s + tl.sum(tl.where(xs == neg_inf, 0.0, e_s * ((xs - xt) * inv_t)), 0)
         if CE_OWN:
-            m_1, l_1, _e1, _r1 = online_softmax(m_1, l_1, xs)
+            m_1, l_1, _e1, _r1 = online_softmax(m_1, l_1, xs, 1.0)
         if SMOOTH:
             sum_x += tl.sum(tl.where(mask, xs, 0.0), 0)
     sum_ce = l_s
     lin_ce = tl.zeros([], ACC)
     if NEEDS_CE:
         if CE_OWN:
-            if not NEEDS_SOFT:
-                m_s = m_1 * inv_t
-            # Against T max_s, which equals m_1 up to rounding (so the factor is about 1).
-            safe = tl.where(l_1 > 0, m_1 - temperature * m_s, 0.0)
-            sum_ce = tl.where(l_1 > 0, l_1 * tl.exp(safe), 0.0)
+            if NEEDS_SOFT:
+                # Against max_s, the same max of the same logits (so the factor is 1).
+                sum_ce = tl.where(l_1 > 0, l_1 * tl.exp(tl.where(l_1 > 0, m_1 - m_s, 0.0)), 0.0)
+            else:
+                m_s = m_1
+                sum_ce = l_1
         x_label = tl.load(s_row + tl.maximum(label, 0), mask=label >= 0, other=0.0).to(ACC)
         lin_ce = tl.where(label >= 0, (1.0 - eps) * x_label, 0.0)
         if SMOOTH:
@@ -113,9 +115,10 @@ def _row_stats(s_row, t_row, C, label, inv_t, temperature, eps, row_classes,
 
 
 @triton.jit
-def _row_jsd_sums(s_row, t_row, C, lse_s, lse_t, inv_t, log_beta, log_1m_beta, ACC: tl.constexpr,
+def _row_jsd_sums(s_row, t_row, C, m_s, lse_s, m_t, lse_t, inv_t, log_beta, log_1m_beta, ACC: tl.constexpr,
                   BLOCK: tl.constexpr):
-    """Step 2 (JSD): K_t = KL(p_t || m) and K_s = KL(p_s || m) over the C columns, backwards."""
+    """Step 2 (JSD): K_t = KL(p_t || m) and K_s = KL(p_s || m) over the C columns, backwards;
+    log p = (x - max) / T - lse, from the row's max (m_s, m_t) and log-sum (lse_s, lse_t)."""
     neg_inf = float("-inf")
     cols0 = tl.arange(0, BLOCK)
     n_blocks = tl.cdiv(C, BLOCK)
@@ -124,8 +127,8 @@ def _row_jsd_sums(s_row, t_row, C, lse_s, lse_t, inv_t, log_beta, log_1m_beta, A
     for k in range(0, n_blocks):
         cols = (n_blocks - 1 - k) * BLOCK + cols0  # backwards: see the module docstring
         mask = cols < C
-        lps = tl.load(s_row + cols, mask=mask, other=neg_inf).to(ACC) * inv_t - lse_s
-        lpt = tl.load(t_row + cols, mask=mask, other=neg_inf).to(ACC) * inv_t - lse_t
+        lps = (tl.load(s_row + cols, mask=mask, other=neg_inf).to(ACC) - m_s) * inv_t - lse_s
+        lpt = (tl.load(t_row + cols, mask=mask, other=neg_inf).to(ACC) - m_t) * inv_t - lse_t
         lm = _log_mixture(lps, lpt, log_beta, log_1m_beta)
         acc_t += _kl_term(lpt, lm)
         acc_s += _kl_term(lps, lm)
@@ -133,32 +136,33 @@ def _row_jsd_sums(s_row, t_row, C, lse_s, lse_t, inv_t, log_beta, log_1m_beta, A
 
 
 @triton.jit
-def _row_consts(m_s, m_t, l_s, l_t, w_kl, sum_ce, lin_ce, k_t, k_s, temperature, beta, alpha, soft_w,
+def _row_consts(m_s, m_t, l_s, l_t, w_kl, sum_ce, lin_ce, k_t, k_s, inv_t, beta, alpha, soft_w,
                 DIV: tl.constexpr, NEEDS_SOFT: tl.constexpr, NEEDS_CE: tl.constexpr):
-    """Step 3: (lse_s, lse_t, lse_ce, k, row loss) from the row's statistics (kd_row_consts)."""
-    lse_s = _lse_from(m_s, l_s)
-    lse_t = _lse_from(m_t, l_t)
+    """Step 3: (lse_s, lse_t, lse_ce, k, row loss) from the row's statistics (kd_row_consts):
+    lse_s, lse_t of (x - max) / T, lse_ce of the student's logits at T = 1."""
+    lse_s = _log_sum(l_s)
+    lse_t = _log_sum(l_t)
     lse_ce = lse_s
     k = tl.zeros_like(lse_s)
     row_loss = tl.zeros_like(lse_s)
     if NEEDS_SOFT:
         if DIV == 0:
-            div = w_kl / l_t - lse_t + lse_s
+            div = w_kl / l_t + (m_s - m_t) * inv_t + lse_s - lse_t
         elif DIV == 1:
-            div = w_kl / l_s - lse_s + lse_t
+            div = w_kl / l_s + (m_t - m_s) * inv_t + lse_t - lse_s
             k = div
         else:
             div = beta * k_t + (1.0 - beta) * k_s
             k = k_s
         row_loss += soft_w * tl.where((lse_s != lse_s) | (lse_t != lse_t), float("nan"), div)
     if NEEDS_CE:
-        lse_ce = _lse_from(temperature * m_s, sum_ce)
+        lse_ce = m_s + _log_sum(sum_ce)
         row_loss += alpha * (lse_ce - lin_ce)
     return lse_s, lse_t, lse_ce, k, row_loss
 
 
 @triton.jit
-def _row_grad(s_row, t_row, g_row, C, label, lse_s, lse_t, lse_ce, k, inv_t, beta, log_beta, log_1m_beta, eps,
+def _row_grad(s_row, t_row, g_row, C, label, m_s, lse_s, m_t, lse_t, lse_ce, k, inv_t, beta, log_beta, log_1m_beta, eps,
               soft_scale, ce_scale, row_classes, DIV: tl.constexpr, NEEDS_SOFT: tl.constexpr,
               NEEDS_CE: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """Step 4: d(row loss)/d(student) of the C columns, times grad_scale (in the scales)."""
@@ -175,8 +179,8 @@ def _row_grad(s_row, t_row, g_row, C, label, lse_s, lse_t, lse_ce, k, inv_t, bet
         d = tl.zeros([BLOCK], ACC)
         if NEEDS_SOFT:
             xt = tl.load(t_row + cols, mask=mask, other=neg_inf).to(ACC)
-            lps = xs * inv_t - lse_s
-            lpt = xt * inv_t - lse_t
+            lps = (xs - m_s) * inv_t - lse_s
+            lpt = (xt - m_t) * inv_t - lse_t
             ps = tl.exp(lps)
             if DIV == 0:
                 d = ps - tl.exp(lpt)
@@ -211,7 +215,7 @@ def _kd_loss_kernel(
     s_ptr, t_ptr, y_ptr, g_ptr, loss_ptr, gs_ptr, stats_ptr, jsd_ptr,
     C, s_stride, t_stride, class_offset, row_classes,
     # Float scalars arrive as float64 so that float64 inputs keep full precision.
-    temperature: tl.float64, inv_t: tl.float64, beta: tl.float64, log_beta: tl.float64, log_1m_beta: tl.float64,
+    inv_t: tl.float64, beta: tl.float64, log_beta: tl.float64, log_1m_beta: tl.float64,
     alpha: tl.float64, eps: tl.float64, soft_w: tl.float64, soft_gw: tl.float64, ignore_index,
     DIV: tl.constexpr, NEEDS_SOFT: tl.constexpr, NEEDS_CE: tl.constexpr, CE_OWN: tl.constexpr,
     SMOOTH: tl.constexpr, HAS_LABELS: tl.constexpr, COMPUTE_GRAD: tl.constexpr, FROM_STATS: tl.constexpr,
@@ -219,7 +223,6 @@ def _kd_loss_kernel(
 ):
     """fused_kd_loss (steps 1-4 per row), or kd_slice_loss when FROM_STATS (3-4 from the
     merged statistics at stats_ptr and JSD sums at jsd_ptr)."""
-    temperature = tl.full([], temperature, ACC)
     inv_t = tl.full([], inv_t, ACC)
     beta = tl.full([], beta, ACC)
     log_beta = tl.full([], log_beta, ACC)
@@ -254,30 +257,30 @@ def _kd_loss_kernel(
                 k_s = tl.load(jsd_ptr + row * 2 + 1)
         else:
             m_s, m_t, l_s, l_t, w_kl, sum_ce, lin_ce = _row_stats(
-                s_row, t_row, C, label, inv_t, temperature, eps, row_classes,
+                s_row, t_row, C, label, inv_t, eps, row_classes,
                 DIV, NEEDS_SOFT, NEEDS_CE, CE_OWN, SMOOTH, ACC, BLOCK)
             if NEEDS_SOFT and DIV == 2:
-                k_t, k_s = _row_jsd_sums(s_row, t_row, C, _lse_from(m_s, l_s), _lse_from(m_t, l_t), inv_t, log_beta,
+                k_t, k_s = _row_jsd_sums(s_row, t_row, C, m_s, _log_sum(l_s), m_t, _log_sum(l_t), inv_t, log_beta,
                                          log_1m_beta, ACC, BLOCK)
         lse_s, lse_t, lse_ce, k, row_loss = _row_consts(m_s, m_t, l_s, l_t, w_kl, sum_ce, lin_ce, k_t, k_s,
-                                                        temperature, beta, alpha, soft_w, DIV, NEEDS_SOFT, NEEDS_CE)
+                                                        inv_t, beta, alpha, soft_w, DIV, NEEDS_SOFT, NEEDS_CE)
         tl.store(loss_ptr + row, row_loss)
         if COMPUTE_GRAD:
             gs = tl.load(gs_ptr).to(ACC)
             # Against the direction of the previous pass (JSD's step 2 went backwards).
-            _row_grad(s_row, t_row, g_row, C, label, lse_s, lse_t, lse_ce, k, inv_t, beta, log_beta, log_1m_beta,
-                      eps, soft_gw * gs, alpha * gs, row_classes, DIV, NEEDS_SOFT, NEEDS_CE, DIV != 2, ACC, BLOCK)
+            _row_grad(s_row, t_row, g_row, C, label, m_s, lse_s, m_t, lse_t, lse_ce, k, inv_t, beta, log_beta,
+                      log_1m_beta, eps, soft_gw * gs, alpha * gs, row_classes, DIV, NEEDS_SOFT, NEEDS_CE, DIV != 2,
+                      ACC, BLOCK)
 
 
 @triton.jit
 def _kd_slice_stats_kernel(
     s_ptr, t_ptr, y_ptr, out_ptr, C, s_stride, t_stride, class_offset, row_classes,
-    temperature: tl.float64, inv_t: tl.float64, eps: tl.float64, ignore_index,
+    inv_t: tl.float64, eps: tl.float64, ignore_index,
     DIV: tl.constexpr, NEEDS_SOFT: tl.constexpr, NEEDS_CE: tl.constexpr, CE_OWN: tl.constexpr,
     SMOOTH: tl.constexpr, HAS_LABELS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """kd_slice_stats: step 1 per row, zeros at ignored rows."""
-    temperature = tl.full([], temperature, ACC)
     inv_t = tl.full([], inv_t, ACC)
     eps = tl.full([], eps, ACC)
     row = tl.program_id(0).to(tl.int64)
@@ -288,7 +291,7 @@ def _kd_slice_stats_kernel(
             tl.store(out + i, tl.zeros([], ACC))
     else:
         m_s, m_t, l_s, l_t, w_kl, sum_ce, lin_ce = _row_stats(
-            s_ptr + row * s_stride, t_ptr + row * t_stride, C, label, inv_t, temperature, eps, row_classes,
+            s_ptr + row * s_stride, t_ptr + row * t_stride, C, label, inv_t, eps, row_classes,
             DIV, NEEDS_SOFT, NEEDS_CE, CE_OWN, SMOOTH, ACC, BLOCK)
         tl.store(out + 0, m_s)
         tl.store(out + 1, m_t)
@@ -315,10 +318,9 @@ def _kd_slice_jsd_kernel(
     k_s = tl.zeros([], ACC)
     if not ignored:
         st = stats_ptr + row * 7
-        lse_s = _lse_from(tl.load(st + 0), tl.load(st + 2))
-        lse_t = _lse_from(tl.load(st + 1), tl.load(st + 3))
-        k_t, k_s = _row_jsd_sums(s_ptr + row * s_stride, t_ptr + row * t_stride, C, lse_s, lse_t, inv_t, log_beta,
-                                 log_1m_beta, ACC, BLOCK)
+        k_t, k_s = _row_jsd_sums(s_ptr + row * s_stride, t_ptr + row * t_stride, C, tl.load(st + 0),
+                                 _log_sum(tl.load(st + 2)), tl.load(st + 1), _log_sum(tl.load(st + 3)), inv_t,
+                                 log_beta, log_1m_beta, ACC, BLOCK)
     tl.store(out_ptr + row * 2, k_t)
     tl.store(out_ptr + row * 2 + 1, k_s)
 
@@ -402,7 +404,7 @@ def _loss_and_grad(op, student_logits, teacher_logits, labels, stats, jsd_sums, 
             student_logits, teacher_logits, call.labels_or(rows), grad, rows, grad_scale,
             rows if stats is None else stats, rows if not (stats is not None and jsd) else jsd_sums,
             call.n_classes, student_logits.stride(0), teacher_logits.stride(0), class_offset, n_classes,
-            t, 1.0 / t, call.b, call.log_beta, call.log_1m_beta, a, call.eps, (1.0 - a) * scale, (1.0 - a) * scale / t,
+            1.0 / t, call.b, call.log_beta, call.log_1m_beta, a, call.eps, (1.0 - a) * scale, (1.0 - a) * scale / t,
             ignore_index, COMPUTE_GRAD=compute_grad, FROM_STATS=stats is not None, num_warps=call.num_warps,
             **call.flags,
         )
@@ -454,7 +456,7 @@ def kd_slice_stats(student_logits, teacher_logits, labels, temperature, beta, al
     if call.n_rows:
         _kd_slice_stats_kernel[(call.n_rows,)](
             student_logits, teacher_logits, call.labels_or(out), out, call.n_classes, student_logits.stride(0),
-            teacher_logits.stride(0), class_offset, n_classes, call.t, 1.0 / call.t, call.eps, ignore_index,
+            teacher_logits.stride(0), class_offset, n_classes, 1.0 / call.t, call.eps, ignore_index,
             num_warps=call.num_warps, **call.flags,
         )
     return out
@@ -514,7 +516,7 @@ def compile_targets():
                                          "CE_OWN": ce_own, "SMOOTH": smooth, "HAS_LABELS": has_labels}
                                 signature = {**rows, **y, "out_ptr": f"*{acc}", "C": "i32", "s_stride": "i32",
                                              "t_stride": "i32", "class_offset": "i32", "row_classes": "i32",
-                                             "temperature": "fp64", "inv_t": "fp64", "eps": "fp64",
+                                             "inv_t": "fp64", "eps": "fp64",
                                              "ignore_index": "i32"}
                                 constexprs = {**flags, "ACC": tl_acc, "BLOCK": block}
                                 targets.append((_kd_slice_stats_kernel,
@@ -527,7 +529,7 @@ def compile_targets():
                                             "gs_ptr": "*fp64", "stats_ptr": f"*{acc}", "jsd_ptr": f"*{acc}",
                                             "C": "i32", "s_stride": "i32", "t_stride": "i32", "class_offset": "i32",
                                             "row_classes": "i32",
-                                            **dict.fromkeys(("temperature", "inv_t", "beta", "log_beta",
+                                            **dict.fromkeys(("inv_t", "beta", "log_beta",
                                                              "log_1m_beta", "alpha", "eps", "soft_w", "soft_gw"),
                                                             "fp64"),
                                             "ignore_index": "i32",

@@ -3,7 +3,8 @@ the same contract as the C++ kernels.
 
 One program per row walks the row in column blocks, so a row of any width runs in a fixed
 number of registers:
-  pass 1 reads the weak view: online softmax statistics of z = w / T and its arg-max
+  pass 1 reads the weak view: online softmax statistics of z = w / T (the max of w, and
+    exponents (w - max) / T, exact at the max for every T in 1e-8 ... 1e4) and its arg-max
     (labels, confidence, mask). A row of weight 0 stops there: loss 0, gradient 0, and its
     strong view is never read (it may hold anything).
   pass 2 reads the strong view: its softmax statistics and, for the soft target
@@ -46,7 +47,6 @@ def _pseudo_label_kernel(
     # Pass 1: the weak view.
     m_w = tl.full([], neg_inf, ACC)
     l_w = tl.zeros([], ACC)
-    x_max = tl.full([], neg_inf, ACC)
     label = tl.zeros([], tl.int64)
     for off in range(0, C, BLOCK):
         cols = off + cols0
@@ -54,11 +54,11 @@ def _pseudo_label_kernel(
         # The arg-max of w as given (that of w / T, and the one a float64 reference finds where
         # rounding makes two w / T equal). Blocks come in column order and tl.argmax keeps the
         # first maximum: ties -> lowest index.
-        block_max = tl.max(x, 0)
-        label = tl.where(block_max > x_max, off + tl.argmax(x, 0).to(tl.int64), label)
-        x_max = tl.maximum(x_max, block_max)
-        m_w, l_w, _e, _f = online_softmax(m_w, l_w, x * inv_t)
-    lse_w = lse(m_w, l_w)
+        # m_w, the running max of softmax's statistics, is w's own.
+        label = tl.where(tl.max(x, 0) > m_w, off + tl.argmax(x, 0).to(tl.int64), label)
+        m_w, l_w, _e, _f = online_softmax(m_w, l_w, x, inv_t)
+    # log q = (w - m_w) / T - log l_w: the max is the raw logits', subtracted before the scaling.
+    log_l_w = tl.where(m_w == neg_inf, float("nan"), tl.log(l_w))
     confidence = tl.where(m_w == neg_inf, float("nan"), 1.0 / l_w)
     if HAS_THRESHOLDS:
         cut = tl.load(thresholds_ptr + label).to(ACC)
@@ -89,9 +89,9 @@ def _pseudo_label_kernel(
                 cols = off + cols0
                 inside = cols < C
                 x = tl.load(s_row + cols, mask=inside, other=neg_inf).to(ACC)
-                m_s, l_s, _e, _f = online_softmax(m_s, l_s, x)
+                m_s, l_s, _e, _f = online_softmax(m_s, l_s, x, 1.0)
                 if SOFT:
-                    q = tl.exp(tl.load(w_row + cols, mask=inside, other=neg_inf).to(ACC) * inv_t - lse_w)
+                    q = tl.exp((tl.load(w_row + cols, mask=inside, other=neg_inf).to(ACC) - m_w) * inv_t - log_l_w)
                     dot += tl.sum(tl.where(q == 0.0, 0.0, q * x), 0)  # 0 * -inf = 0: a class q rules out
             if not SOFT:
                 dot = tl.load(s_row + label).to(ACC)
@@ -106,7 +106,8 @@ def _pseudo_label_kernel(
                     inside = cols < C
                     p = tl.exp(tl.load(s_row + cols, mask=inside, other=neg_inf).to(ACC) - lse_s)
                     if SOFT:
-                        target = tl.exp(tl.load(w_row + cols, mask=inside, other=neg_inf).to(ACC) * inv_t - lse_w)
+                        w = tl.load(w_row + cols, mask=inside, other=neg_inf).to(ACC)
+                        target = tl.exp((w - m_w) * inv_t - log_l_w)
                     else:
                         target = (cols == label).to(ACC)
                     g = (gw * (p - target)).to(grad_ptr.dtype.element_ty, fp_downcast_rounding="rtne")

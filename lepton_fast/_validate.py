@@ -34,13 +34,42 @@ def _scalar_tensor(value: float) -> Tensor:
     return t
 
 
+# --- Tensors the kernels cannot take: hyper-parameters that require grad, meta tensors (kernels
+# helper; issue 23, items 2 and 7) ----------------------------------------------------------------
+
+
+def no_grad_wanted(name: str, value) -> None:
+    """ValueError if ``value`` is a tensor that requires grad while grad mode is on: the fused
+    kernels take hyper-parameters (temperature, alpha, beta, label_smoothing, thresholds,
+    weights, eps, step_size, clamp bounds, lambda_) as constants and compute no gradient for
+    them, so a learnable one would silently stay untrained."""
+    if isinstance(value, Tensor) and value.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            f"{name} requires grad, but lepton_fast's fused ops compute no gradient for {name}: pass "
+            f"{name}.detach() (or a float) to use it as a constant; to learn it, compute the loss with its "
+            "plain-PyTorch definition in lepton_fast.reference, which autograd differentiates"
+        )
+
+
+def materialised(name: str, x: Tensor) -> Tensor:
+    """ValueError for a tensor on the meta device (a shape and a dtype, no data: a model built
+    under ``torch.device("meta")``); the ops compute values, so it must hold data first."""
+    if x.device.type == "meta":
+        raise ValueError(
+            f"{name} is a meta tensor (a shape and a dtype, no data), but lepton_fast's ops compute values: "
+            "materialise it first (a model built on the meta device: model.to_empty(device=...), then load or "
+            "initialise its weights)"
+        )
+    return x
+
+
 def hyper(name: str, value, lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False,
           hi_open: bool = False) -> Tensor:
     """A floating hyper-parameter as the kernels take it: a 0-d float64 CPU tensor.
 
     ``value`` is a Python number or a 0-d CPU tensor; it must be finite and lie between
     ``lo`` and ``hi`` (open ends as flagged). Raises TypeError for another type, ValueError
-    for a value outside the interval.
+    for a value outside the interval or a tensor that requires grad (``no_grad_wanted``).
     """
     kind = type(value)
     if (kind is float or kind is int) and not torch.compiler.is_compiling():  # the common case, first
@@ -49,6 +78,7 @@ def hyper(name: str, value, lo: float = -math.inf, hi: float = math.inf, *, lo_o
             return _scalar_tensor(float(value))
     interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
     if isinstance(value, Tensor):
+        no_grad_wanted(name, value)
         if value.numel() != 1 or value.dim() > 1:
             raise ValueError(f"{name} must be a number or a 0-d tensor, got shape {tuple(value.shape)}")
         if value.device.type != "cpu":
@@ -133,6 +163,7 @@ def logits(name: str, x, *, empty_ok: bool = False) -> Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+    materialised(name, x)
     if x.dim() == 0:
         raise ValueError(f"{name} must have a class dimension [..., C], got a 0-d tensor")
     if x.shape[-1] == 0 and not empty_ok:

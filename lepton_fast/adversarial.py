@@ -217,6 +217,35 @@ def _probe_radius(x: Tensor, xi: float) -> Tensor:
     return radius.reshape((-1,) + (1,) * (x.dim() - 1))
 
 
+def _run_model(model: Model, x: Tensor) -> Tensor:
+    """model(x) for vat_loss, which feeds float32 (float64) x with autocast off: a model whose
+    parameters are of another dtype fails inside; say why, naming the fix."""
+    try:
+        return model(x)
+    except RuntimeError as e:
+        module = _module_of(model)
+        other = None if module is None else next(
+            (p.dtype for p in module.parameters() if p.is_floating_point() and p.dtype != x.dtype), None)
+        if other is None:
+            raise
+        raise TypeError(f"vat_loss runs the model on {x.dtype} inputs (its finite differences need them; autocast "
+                        f"is off inside), but model has {other} parameters: pass a copy of the model in {x.dtype} "
+                        f"(copy.deepcopy(model).to({x.dtype}))") from e
+
+
+def _given_logits(logits, x: Tensor) -> None:
+    """vat_loss's ``logits``: model(x), [N, C] floating on x's device."""
+    if not isinstance(logits, Tensor) or not logits.is_floating_point():
+        what = logits.dtype if isinstance(logits, Tensor) else type(logits).__name__
+        raise TypeError(f"logits must be model(x), a floating-point tensor [N, C], got {what}")
+    _validate.materialised("logits", logits)
+    if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+        raise ValueError(f"logits must be model(x), [N, C] with N = x.shape[0] = {x.shape[0]}, got shape "
+                         f"{tuple(logits.shape)}")
+    if logits.device != x.device:
+        raise ValueError(f"logits is on {logits.device} but x is on {x.device}")
+
+
 def vat_loss(model: Model, x: Tensor, xi: float = 1e-6, eps: float = 1.0, power_iterations: int = 1, *,
              clamp: Clamp = None, logits: Optional[Tensor] = None,
              generator: Optional[torch.Generator] = None) -> Tensor:
@@ -256,8 +285,10 @@ def vat_loss(model: Model, x: Tensor, xi: float = 1e-6, eps: float = 1.0, power_
         x + r_adv only; the target p(·|x) is a constant).
 
     Raises:
-        TypeError: non-floating ``x``. ValueError: ``xi`` or ``eps`` <= 0,
-        ``power_iterations`` < 1, ``x`` outside the clamp box.
+        TypeError: non-floating ``x`` or ``logits``, a model (nn.Module) that fails on
+        float32 (float64) inputs and has parameters of another dtype. ValueError: ``xi`` or ``eps`` <= 0,
+        ``power_iterations`` < 1, ``x`` outside the clamp box, ``x`` a meta tensor, ``logits``
+        of another shape than the model's output for ``x``.
     """
     check_input("x", x)
     if x.dim() < 2:
@@ -267,6 +298,8 @@ def vat_loss(model: Model, x: Tensor, xi: float = 1e-6, eps: float = 1.0, power_
             raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     if isinstance(power_iterations, bool) or not isinstance(power_iterations, int) or power_iterations < 1:
         raise ValueError(f"power_iterations must be an integer >= 1, got {power_iterations!r}")
+    if logits is not None:
+        _given_logits(logits, x)
     x = x.detach().to(torch.promote_types(x.dtype, torch.float32))
     lo, hi = clamp_bounds(clamp, x)
     if lo is not None:
@@ -280,7 +313,7 @@ def vat_loss(model: Model, x: Tensor, xi: float = 1e-6, eps: float = 1.0, power_
         return sum((p.sum() for p in params), x.new_zeros(())) * 0.0
     with torch.autocast(x.device.type, enabled=False), frozen_batchnorm_stats(model):
         with torch.no_grad():
-            target = (model(x) if logits is None else logits).detach()
+            target = (_run_model(model, x) if logits is None else logits).detach()
         logp = torch.log_softmax(target.to(x.dtype), dim=-1)
         d = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
         d = _unit_rows(d, d)
@@ -288,13 +321,17 @@ def vat_loss(model: Model, x: Tensor, xi: float = 1e-6, eps: float = 1.0, power_
         for _ in range(power_iterations):
             d.requires_grad_(True)
             with torch.enable_grad():
-                dist = _kl_batchmean(logp, torch.log_softmax(model(x + radius * d).to(x.dtype), dim=-1))
+                probe = _run_model(model, x + radius * d)
+                if probe.shape != target.shape:  # a logits= of another model or batch: say so, not a broadcast error
+                    raise ValueError(f"logits has shape {tuple(target.shape)} but the model gives "
+                                     f"{tuple(probe.shape)}: pass logits=model(x) for this x and model, or None")
+                dist = _kl_batchmean(logp, torch.log_softmax(probe.to(x.dtype), dim=-1))
                 (g,) = torch.autograd.grad(dist, d)
             d = _unit_rows(g, d.detach())
         x_adv = x + eps * d
         if lo is not None:
             x_adv = torch.clamp(x_adv, lo.to(x.dtype), hi.to(x.dtype))
-        logq = torch.log_softmax(model(x_adv).to(x.dtype), dim=-1)
+        logq = torch.log_softmax(_run_model(model, x_adv).to(x.dtype), dim=-1)
         return _kl_batchmean(logp, logq)
 
 

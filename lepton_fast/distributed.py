@@ -10,8 +10,9 @@ vocabulary: the fused KD kernels split at a row's steps (csrc/kd_loss.h, the ops
 Per forward, for N rows (all-reduces over ``group``, in the statistics' dtype: float32, or
 float64 for float64 logits):
 
-- forward / reverse KL: MAX of [N, 2] (each row's maximum of z_s and z_t), then SUM of
-  [N, 3] (the sums of exponentials of both sides against those maxima, and the KL's sum);
+- forward / reverse KL: MAX of [N, 2] (each row's maximum of the student's and the teacher's
+  logits), then SUM of [N, 3] (the sums of exp((x - max) / T) of both sides against those
+  maxima, and the KL's sum);
 - JSD: the same two with [N, 2] sums, and a SUM of [N, 2] (K_t, K_s) once both
   log-sum-exps are known: three;
 - the hard-label cross-entropy (alpha > 0) adds its linear part (label logit and smoothing
@@ -25,6 +26,15 @@ states' gradient [N, H_s].
 So the bytes sent per step are O(N), independent of the vocabulary. The slices' sizes are
 exchanged once per process group (one all-gather of one integer at the first call, cached),
 and never for DTensors, whose layout says them.
+
+Argument errors: every argument is checked before the op's first collective, and at a group's
+first call the size exchange carries each rank's verdict (-1 for refused arguments, ``refuse``;
+vocab_parallel_kd_loss and fused_linear_kd_loss(group=) both), so that a rank-local error stops
+every rank of the group: the refusing rank raises its own error, the others
+``RefusedOnAnotherRank``. At later calls a rank whose arguments alone are
+refused raises before its first collective while the others wait in theirs: agreeing on every
+call would cost a host synchronisation per step. Arguments that are the same on every rank (as
+documented) fail on every rank alike.
 """
 from __future__ import annotations
 
@@ -34,7 +44,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lepton_fast import _validate
 from lepton_fast.ops import kd_loss as kd_ops
 
 __all__ = ["vocab_parallel_kd_loss"]
@@ -120,18 +129,22 @@ def vocab_parallel_kd_loss(
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("vocab_parallel_kd_loss needs torch.distributed initialised (init_process_group)")
     group = dist.group.WORLD if group is None else group
-    _validate.logits("student_logits", student_logits, empty_ok=True)
-    class_offset, n_classes = _slice_of(group, student_logits.shape[-1], student_logits.device)
-    return _sharded_loss(student_logits, teacher_logits, group, class_offset, n_classes, temperature, divergence,
-                         beta, labels, alpha, label_smoothing, ignore_index, scale_by_t2, reduction,
-                         num_items_in_batch)
+    # Every argument is checked before the first collective: an error on one rank after another
+    # had entered a collective would leave that one waiting for good. At a group's first call the
+    # size exchange carries each rank's verdict, so that every rank raises.
+    try:
+        a = kd_ops.checked(student_logits, teacher_logits, temperature, divergence, beta, labels, alpha,
+                           label_smoothing, reduction, num_items_in_batch, slice_of_classes=True)
+    except (TypeError, ValueError) as error:
+        refuse(group, error)
+        raise
+    class_offset, n_classes = _slice_of(group, a.student.shape[-1], a.student.device)
+    return _sharded_loss(a, group, class_offset, n_classes, divergence, ignore_index, scale_by_t2, reduction)
 
 
-def _sharded_loss(student_logits, teacher_logits, group, class_offset, n_classes, temperature, divergence, beta,
-                  labels, alpha, label_smoothing, ignore_index, scale_by_t2, reduction, num_items_in_batch) -> Tensor:
-    """The loss of the whole rows on this rank, from its slice at class_offset of n_classes."""
-    a = kd_ops.checked(student_logits, teacher_logits, temperature, divergence, beta, labels, alpha,
-                       label_smoothing, reduction, num_items_in_batch, slice_of_classes=True)
+def _sharded_loss(a: kd_ops.KDArgs, group, class_offset: int, n_classes: int, divergence: str, ignore_index: int,
+                  scale_by_t2: bool, reduction: str) -> Tensor:
+    """The loss of the whole rows on this rank, from its checked slice at class_offset of n_classes."""
     backend = kd_ops.slice_backend(a.student.device)
     merged, jsd_sums = _merged_statistics(backend, a, group, divergence, ignore_index, class_offset, n_classes)
     loss = kd_ops.slice_loss(backend, a, merged, jsd_sums, divergence, ignore_index, scale_by_t2, reduction,
@@ -186,17 +199,50 @@ def chunk_loss_and_grad(split: VocabSplit, a: kd_ops.KDArgs, divergence: str, ig
                                       reduction, split.class_offset, split.n_classes)
 
 
+class RefusedOnAnotherRank(ValueError):
+    """Another rank of the group refused its arguments at the group's first call (its own error
+    says which)."""
+
+
+def refuse(group, error: Exception) -> None:
+    """A collective op's arguments were refused on this rank with ``error``: at ``group``'s first
+    call (its slice sizes not exchanged yet, so no rank has entered a collective of the op), the
+    size exchange carries the refusal, so that every rank raises (this one ``error``). Later
+    calls return at once (module docstring)."""
+    group = dist.group.WORLD if group is None else group
+    if isinstance(error, RefusedOnAnotherRank):  # the exchange has told every rank already
+        return
+    if dist.is_available() and dist.is_initialized() and group not in _SLICE_SIZES:
+        _slice_of(group, 0, _exchange_device(group), refused=error)
+
+
+def _exchange_device(group) -> torch.device:
+    """Where the size exchange's tensor lives for ``group``'s backend (NCCL: the current GPU)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _slice_of(group, size: int, device: torch.device, name: str = "student_logits",
-              what: str = "columns") -> tuple[int, int]:
+              what: str = "columns", refused: Optional[Exception] = None) -> tuple[int, int]:
     """(this rank's first class, the number of classes C) from the slice sizes of ``group``,
-    exchanged at its first call."""
+    exchanged at its first call. A rank whose arguments were ``refused`` sends -1 instead of its
+    size and raises its error; every other rank then raises too, instead of waiting in the next
+    collective for a rank that never joins it."""
     rank = dist.get_rank(group)
     sizes = _SLICE_SIZES.get(group)
     if sizes is None:
-        mine = torch.tensor([size], dtype=torch.int64, device=device)
+        mine = torch.tensor([size if refused is None else -1], dtype=torch.int64, device=device)
         gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
         dist.all_gather(gathered, mine, group=group)
-        sizes = _SLICE_SIZES[group] = tuple(int(x) for x in torch.cat(gathered).tolist())
+        exchanged = tuple(int(x) for x in torch.cat(gathered).tolist())
+        if refused is not None:
+            raise refused
+        refusing = [r for r, n in enumerate(exchanged) if n < 0]
+        if refusing:
+            raise RefusedOnAnotherRank(f"rank {refusing[0]} of the group refused its arguments (its error says "
+                                       "which), so every rank of the group stops")
+        sizes = _SLICE_SIZES[group] = exchanged
     if sizes[rank] != size:
         raise ValueError(
             f"{name}: this rank's slice of the classes has {size} {what}, but it had {sizes[rank]} when "
@@ -271,6 +317,7 @@ def _dtensor_loss(student, teacher, group, temperature, divergence, beta, labels
     if local_s.shape[-1] != min(chunk, n_classes - class_offset):
         raise ValueError(f"student_logits: a local shard of {local_s.shape[-1]} classes where Shard(-1) of "
                          f"{n_classes} over {parts} ranks gives {min(chunk, n_classes - class_offset)}")
-    loss = _sharded_loss(local_s, local_t, mesh_group, class_offset, n_classes, temperature, divergence, beta, labels,
-                         alpha, label_smoothing, ignore_index, scale_by_t2, reduction, num_items_in_batch)
+    a = kd_ops.checked(local_s, local_t, temperature, divergence, beta, labels, alpha, label_smoothing, reduction,
+                       num_items_in_batch, slice_of_classes=True)
+    loss = _sharded_loss(a, mesh_group, class_offset, n_classes, divergence, ignore_index, scale_by_t2, reduction)
     return DTensor.from_local(loss, mesh, [Replicate()] * mesh.ndim, run_check=False)

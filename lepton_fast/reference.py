@@ -20,6 +20,18 @@ def _acc(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def scaled_logits(x: Tensor, temperature) -> Tensor:
+    """(x - max x) / T along the last dim: the exponent of softmax(x / T), shifted by the row's
+    max before the division. Dividing first would round x / T at every element, and at a small
+    T (z = x / T ~ 1e8 at T = 1e-8: a float32 ulp of 8) the shift would then subtract rounded
+    values; a difference of the raw logits is exact at the max and accurate elsewhere, for every
+    T in the documented range 1e-8 ... 1e4. The max is a constant of the softmax (no gradient
+    goes through it); an entirely -inf row stays NaN, as its softmax is undefined.
+    """
+    top = x.detach().amax(-1, keepdim=True) if x.shape[-1] else x.new_zeros(x.shape[:-1] + (1,))
+    return (x - top) / temperature
+
+
 def _kl_rows(logp: Tensor, logq: Tensor) -> Tensor:
     """KL(p || q) along the last dim with 0 * log 0 = 0.
 
@@ -57,8 +69,8 @@ def soft_divergence_rows(
     with beta = 0 giving forward KL and beta = 1 reverse KL (TRL's generalized JSD, Agarwal
     et al. 2024).
     """
-    logp_s = torch.log_softmax(_acc(student_logits) / temperature, dim=-1)
-    logp_t = torch.log_softmax(_acc(teacher_logits) / temperature, dim=-1)
+    logp_s = torch.log_softmax(scaled_logits(_acc(student_logits), temperature), dim=-1)
+    logp_t = torch.log_softmax(scaled_logits(_acc(teacher_logits), temperature), dim=-1)
     kind = soft_kind(divergence, beta)
     if kind == "jsd":
         log_m = _log_mixture(logp_s, logp_t, beta)
@@ -160,7 +172,8 @@ def fused_kd_loss(
 # --- Knowledge distillation over slices of the classes (the vocabulary-parallel loss) -----
 # fused_kd_loss split at its steps (csrc/kd_loss.h): each slice's statistics, merged by the
 # caller (lepton_fast.ops.kd_loss.SliceMerge), then each slice's gradient. The columns of the
-# statistics, KDStat in csrc/kd_loss.h:
+# statistics, KDStat in csrc/kd_loss.h (the maxima are of the raw logits, the sums' exponents
+# (x - max) / T, as in scaled_logits):
 MAX_S, MAX_T, SUM_S, SUM_T, KL_SUM, SUM_CE, LIN_CE = range(7)
 
 
@@ -168,14 +181,15 @@ def _slice_max(z: Tensor) -> Tensor:
     return z.amax(-1) if z.shape[-1] else z.new_full(z.shape[:-1], NEG_INF)
 
 
-def _sum_exp(z: Tensor, m: Tensor) -> Tensor:
-    """sum exp(z - m) along the last dim; 0 where m = -inf (nothing finite)."""
+def _sum_exp(x: Tensor, m: Tensor, temperature=1.0) -> Tensor:
+    """sum exp((x - m) / T) along the last dim; 0 where m = -inf (nothing finite)."""
     some = m != NEG_INF
-    return torch.where(some, (z - torch.where(some, m, 0.0)[:, None]).exp().sum(-1), 0.0)
+    return torch.where(some, ((x - torch.where(some, m, 0.0)[:, None]) / temperature).exp().sum(-1), 0.0)
 
 
-def _lse_from(m: Tensor, s: Tensor) -> Tensor:
-    return torch.where(s > 0, m + torch.where(s > 0, s, 1.0).log(), math.nan)
+def _log_sum(s: Tensor) -> Tensor:
+    """log s; NaN where s is 0 (no finite entry: the softmax is undefined)."""
+    return torch.where(s > 0, torch.where(s > 0, s, 1.0).log(), math.nan)
 
 
 def _label_columns(labels: Tensor | None, ignore_index: int, class_offset: int, n: int):
@@ -192,17 +206,17 @@ def kd_slice_stats(student_logits: Tensor, teacher_logits: Tensor, labels: Tenso
                    class_offset: int, n_classes: int) -> Tensor:
     """Each [N, C_r] row slice's statistics, [N, 7] (the columns above); 0 at ignored rows."""
     s, t = _acc(student_logits), _acc(teacher_logits.detach())
-    zs, zt = s / temperature, t / temperature
     out = s.new_zeros(s.shape[0], 7)
-    out[:, MAX_S], out[:, MAX_T] = _slice_max(zs), _slice_max(zt)
-    out[:, SUM_S], out[:, SUM_T] = _sum_exp(zs, out[:, MAX_S]), _sum_exp(zt, out[:, MAX_T])
+    out[:, MAX_S], out[:, MAX_T] = _slice_max(s), _slice_max(t)
+    out[:, SUM_S] = _sum_exp(s, out[:, MAX_S], temperature)
+    out[:, SUM_T] = _sum_exp(t, out[:, MAX_T], temperature)
     kind = soft_kind(divergence, beta)
     if kind in ("forward_kl", "reverse_kl"):
-        p, q, m = (zt, zs, out[:, MAX_T]) if kind == "forward_kl" else (zs, zt, out[:, MAX_S])
+        p, q, m = (t, s, out[:, MAX_T]) if kind == "forward_kl" else (s, t, out[:, MAX_S])
         some = (p != NEG_INF) & (m != NEG_INF)[:, None]
         safe = torch.where(some, p - torch.where(m != NEG_INF, m, 0.0)[:, None], 0.0)
-        out[:, KL_SUM] = torch.where(some, safe.exp() * (p - q), 0.0).sum(-1)
-    out[:, SUM_CE] = _sum_exp(s, temperature * out[:, MAX_S])
+        out[:, KL_SUM] = torch.where(some, (safe / temperature).exp() * ((p - q) / temperature), 0.0).sum(-1)
+    out[:, SUM_CE] = _sum_exp(s, out[:, MAX_S])
     valid, column = _label_columns(labels, ignore_index, class_offset, s.shape[-1])
     if alpha > 0:
         x_label = s.gather(1, column.clamp(min=0)[:, None])[:, 0] if s.shape[-1] else s.new_zeros(s.shape[0])
@@ -212,12 +226,17 @@ def kd_slice_stats(student_logits: Tensor, teacher_logits: Tensor, labels: Tenso
     return out if valid is None else torch.where(valid[:, None], out, 0.0)
 
 
+def _log_probs(x: Tensor, m: Tensor, s: Tensor, temperature) -> Tensor:
+    """log softmax(x / T) of a slice of the rows, from the rows' merged max m and sum s."""
+    return (x - m[:, None]) / temperature - _log_sum(s)[:, None]
+
+
 def kd_slice_jsd_sums(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None, stats: Tensor, *,
                       temperature: float, beta: float, ignore_index: int) -> Tensor:
     """The slice's part of K_t = KL(p_t || m) and K_s = KL(p_s || m), [N, 2], from the rows'
     merged statistics; 0 at ignored rows."""
-    lps = _acc(student_logits) / temperature - _lse_from(stats[:, MAX_S], stats[:, SUM_S])[:, None]
-    lpt = _acc(teacher_logits.detach()) / temperature - _lse_from(stats[:, MAX_T], stats[:, SUM_T])[:, None]
+    lps = _log_probs(_acc(student_logits), stats[:, MAX_S], stats[:, SUM_S], temperature)
+    lpt = _log_probs(_acc(teacher_logits.detach()), stats[:, MAX_T], stats[:, SUM_T], temperature)
     log_m = _log_mixture(lps, lpt, beta)
     out = torch.stack([_kl_rows(lpt, log_m), _kl_rows(lps, log_m)], 1)
     valid, _ = _label_columns(labels, ignore_index, 0, 0)
@@ -232,17 +251,20 @@ def kd_slice_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor
     d(loss)/d(this slice) written out, the formulas at the top of csrc/kd_loss.h)."""
     s, t = _acc(student_logits.detach()), _acc(teacher_logits.detach())
     st = stats
-    lse_s, lse_t = _lse_from(st[:, MAX_S], st[:, SUM_S]), _lse_from(st[:, MAX_T], st[:, SUM_T])
-    lps, lpt = s / temperature - lse_s[:, None], t / temperature - lse_t[:, None]
+    lps = _log_probs(s, st[:, MAX_S], st[:, SUM_S], temperature)
+    lpt = _log_probs(t, st[:, MAX_T], st[:, SUM_T], temperature)
+    undefined = (st[:, SUM_S] > 0).logical_not() | (st[:, SUM_T] > 0).logical_not()
     kind = soft_kind(divergence, beta)
     rows = s.new_zeros(s.shape[0])
     grad = torch.zeros_like(s)
     if alpha < 1:
         if kind == "forward_kl":
-            div = st[:, KL_SUM] / st[:, SUM_T] + (st[:, MAX_S] - st[:, MAX_T]) + (st[:, SUM_S] / st[:, SUM_T]).log()
+            div = (st[:, KL_SUM] / st[:, SUM_T] + (st[:, MAX_S] - st[:, MAX_T]) / temperature
+                   + (st[:, SUM_S] / st[:, SUM_T]).log())
             d = lps.exp() - lpt.exp()
         elif kind == "reverse_kl":
-            div = st[:, KL_SUM] / st[:, SUM_S] + (st[:, MAX_T] - st[:, MAX_S]) + (st[:, SUM_T] / st[:, SUM_S]).log()
+            div = (st[:, KL_SUM] / st[:, SUM_S] + (st[:, MAX_T] - st[:, MAX_S]) / temperature
+                   + (st[:, SUM_T] / st[:, SUM_S]).log())
             ps = lps.exp()
             d = torch.where(ps == 0, 0.0, ps * (lps - lpt - div[:, None]))
         else:
@@ -251,11 +273,11 @@ def kd_slice_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor
             log_m = _log_mixture(lps, lpt, beta)
             d = torch.where(ps == 0, 0.0, (1 - beta) * ps * (lps - log_m - jsd_sums[:, 1:]))
         weight = (1 - alpha) * (temperature**2 if scale_by_t2 else 1.0)
-        rows = rows + weight * torch.where(lse_s.isnan() | lse_t.isnan(), math.nan, div)
+        rows = rows + weight * torch.where(undefined, math.nan, div)
         grad = grad + weight / temperature * d
     valid, column = _label_columns(labels, ignore_index, class_offset, s.shape[-1])
     if alpha > 0:
-        lse_ce = _lse_from(temperature * st[:, MAX_S], st[:, SUM_CE])
+        lse_ce = st[:, MAX_S] + _log_sum(st[:, SUM_CE])
         rows = rows + alpha * (lse_ce - st[:, LIN_CE])
         onehot = torch.zeros_like(s)
         here = column >= 0
@@ -320,7 +342,7 @@ def select_pseudo_labels(
     float32 (float64 for float64 logits); mask = confidence >= threshold, or
     >= class_thresholds[label] when a [C] tensor is given (>=, as FixMatch and USB use).
     """
-    z = _acc(logits.detach()) / temperature
+    z = scaled_logits(_acc(logits.detach()), temperature)
     labels = z.argmax(-1)
     confidence = torch.softmax(z, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     cut = threshold if class_thresholds is None else class_thresholds.to(confidence.dtype)[labels]
@@ -349,7 +371,7 @@ def pseudo_label_loss_rows(
     # Left-out rows may hold anything (even all -inf): zero them so no NaN can reach autograd.
     logp = torch.log_softmax(torch.where(kept, strong, 0.0), -1)
     if soft:
-        target = torch.softmax(_acc(weak_logits.detach()).to(strong.dtype) / temperature, -1)
+        target = torch.softmax(scaled_logits(_acc(weak_logits.detach()).to(strong.dtype), temperature), -1)
         ce = -torch.where(target > 0, target * logp, 0.0).sum(-1)
     else:
         ce = -logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)

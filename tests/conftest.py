@@ -169,6 +169,22 @@ def low_precision_tolerance(dtype, ref_err, backend, magnitude):
     return tol
 
 
+# The documented range of every op's temperature, 1e-8 ... 1e4, in steps: every kernel must
+# agree with the float64 oracle across it (a kernel that scales before it subtracts the max
+# leaves confidences above 1 and overflows at the small end).
+TEMPERATURES = [pytest.param(t, id=f"T={t:g}") for t in (1e-8, 1e-4, 1e-2, 1.0, 1e2, 1e4)]
+
+
+def temperature_sweep_logits(shape, temperature, seed, device="cpu"):
+    """Logits of an LLM's size (|x| ~ 30: at T = 1e-8, z = x / T ~ 3e9, whose float32 rounding
+    alone is 128), float32 for T <= 100 and float64 above, where the soft term of a KD loss,
+    O(1 / T^2) multiplied back by T^2, loses its digits in float32 (the documented precision).
+    """
+    g = torch.Generator().manual_seed(seed)
+    dtype = torch.float32 if temperature <= 100 else torch.float64
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * 30).to(dtype).to(device)
+
+
 # Every kernel of an op, by the device of its tensors: the C++ kernel and the Triton kernel
 # (under the interpreter on CPU tensors). The CUDA cases carry the `cuda` mark, so that
 # `pytest -m cuda` on a GPU machine runs every GPU kernel and nothing else.

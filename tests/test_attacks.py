@@ -361,3 +361,32 @@ def test_vat_loss_of_an_empty_batch_is_zero():
     assert loss.item() == 0.0
     loss.backward()  # a graph to the parameters, all gradients 0
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "how,error,message",
+    [
+        ("logits of another width", ValueError, r"logits has shape \(6, 7\) but the model gives \(6, 5\)"),
+        ("logits of other rows", ValueError, r"logits must be model\(x\), \[N, C\] with N = x.shape\[0\] = 6"),
+        ("integer logits", TypeError, "logits must be model\\(x\\), a floating-point tensor"),
+        ("a float16 model", TypeError, r"model has torch.float16 parameters: pass a copy of the model in "
+                                       r"torch.float32"),
+        ("meta x", ValueError, "x is a meta tensor .* materialise it first"),
+    ],
+)
+def test_vat_loss_errors_name_the_argument_and_the_fix(how, error, message):
+    """They were a broadcast error, a matmul dtype error and 'unsupported scalarType'."""
+    model, (x, _) = cnn(), images()
+    kw = {}
+    if how == "logits of another width":
+        kw["logits"] = torch.randn(6, 7)
+    elif how == "logits of other rows":
+        kw["logits"] = torch.randn(5, 5)
+    elif how == "integer logits":
+        kw["logits"] = torch.zeros(6, 5, dtype=torch.int64)
+    elif how == "a float16 model":
+        model = model.half()
+    else:
+        x = torch.empty(x.shape, device="meta")
+    with pytest.raises(error, match=message):
+        lepton_fast.vat_loss(model, x, **kw)

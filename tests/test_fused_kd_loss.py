@@ -13,8 +13,8 @@ import textwrap
 import pytest
 import torch
 
-from conftest import (DEVICE_BACKENDS, TRITON_COLUMN_BLOCKS, interpreted, low_precision_tolerance, opcheck_kernel,
-                      require, run_on_each_cpu_capability)
+from conftest import (DEVICE_BACKENDS, TEMPERATURES, TRITON_COLUMN_BLOCKS, interpreted, low_precision_tolerance,
+                      opcheck_kernel, require, run_on_each_cpu_capability, temperature_sweep_logits)
 from lepton_fast import KDLoss, fused_kd_loss, reference
 from lepton_fast.ops.kd_loss import SPEC
 
@@ -65,6 +65,28 @@ def assert_matches(backend, student, teacher, grad_output=None, **kw):
     torch.testing.assert_close(loss.double(), ref_loss, **TOL)
     torch.testing.assert_close(grad.double(), ref_grad, **TOL)
     return loss, grad
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS + [pytest.param("cpu", "reference", id="cpu-reference")])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+def test_temperature_range(temperature, divergence, device, backend):
+    """Every T of the documented range (1e-8 ... 1e4) agrees with the float64 oracle, soft and
+    hard terms together. A kernel that scales before it subtracts the max overflowed at
+    T = 1e-8 ("holds +inf or NaN" on finite logits)."""
+    require(SPEC, device, backend)
+    n, c = 5, 37
+    s = temperature_sweep_logits((n, c), temperature, seed=11, device=device)
+    t = temperature_sweep_logits((n, c), temperature, seed=12, device=device)
+    kw = dict(temperature=temperature, divergence=divergence, beta=0.3, labels=random_labels((n,), c, seed=13,
+                                                                                              device=device), alpha=0.3)
+    loss, grad = ours(backend, s, t, **kw)
+    ref_loss, ref_grad = oracle(s, t, **kw)
+    torch.testing.assert_close(loss.double(), ref_loss, **TOL)
+    # Beside 1e-5 of the largest gradient, one ulp of the logits (their own precision): at a
+    # small T the reverse-KL gradient's row constant D is a difference of terms of size x / T.
+    atol = 1e-5 * ref_grad.abs().max().item() + torch.finfo(s.dtype).eps * s.abs().max().item()
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=atol)
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICE_BACKENDS, require
+from conftest import DEVICE_BACKENDS, TEMPERATURES, require
 from lepton_fast import fused_linear_kd_loss, reference
 from lepton_fast.ops import linear_kd_loss
 from lepton_fast.ops.kd_loss import SPEC
@@ -92,6 +92,25 @@ def test_matches_reference(divergence, beta, reduction, device, backend):
     go = randn(7, seed=9, device=device) if reduction == "none" else None
     assert_matches(backend, x, go, temperature=2.0, divergence=divergence, beta=beta, labels=labels, alpha=0.3,
                    label_smoothing=0.1, reduction=reduction, chunk_size=3)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+def test_temperature_range(temperature, divergence, device, backend):
+    """Every T of the documented range (1e-8 ... 1e4) against the float64 oracle, on logits of an
+    LLM's size (~30; float64 above T = 100, as conftest.temperature_sweep_logits says why)."""
+    require(SPEC, device, backend)
+    dtype = torch.float32 if temperature <= 100 else torch.float64
+    x, labels = make(device=device, seed=21, dtype=dtype)
+    x = {k: t * 10 if k.endswith("weight") else t for k, t in x.items()}
+    loss, grads = ours(backend, x, temperature=temperature, divergence=divergence, beta=0.3, labels=labels,
+                       alpha=0.3, chunk_size=3)
+    ref_loss, ref_grads = oracle(x, temperature=temperature, divergence=divergence, beta=0.3, labels=labels,
+                                 alpha=0.3)
+    torch.testing.assert_close(loss.double(), ref_loss, **TOL)
+    for k, g in grads.items():
+        torch.testing.assert_close(g.double(), ref_grads[k], rtol=1e-5, atol=1e-5 * ref_grads[k].abs().max().item())
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)

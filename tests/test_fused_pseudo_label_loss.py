@@ -15,8 +15,8 @@ import textwrap
 import pytest
 import torch
 
-from conftest import (DEVICE_BACKENDS, TRITON_COLUMN_BLOCKS, interpreted, low_precision_tolerance, opcheck_kernel,
-                      require, run_on_each_cpu_capability)
+from conftest import (DEVICE_BACKENDS, TEMPERATURES, TRITON_COLUMN_BLOCKS, interpreted, low_precision_tolerance,
+                      opcheck_kernel, require, run_on_each_cpu_capability, temperature_sweep_logits)
 from lepton_fast import fused_pseudo_label_loss, reference
 from lepton_fast.ops.pseudo_labels import LOSS_SPEC as SPEC
 
@@ -106,6 +106,19 @@ def test_every_mode_float32(rows, soft, device, backend):
     # C = 37: not a multiple of any vector width, so every row has a tail.
     s, w = views(6, 37, seed=1, device=device)
     assert_matches(backend, s, w, soft=soft, **extras(rows, (6, 37), seed=2, device=device))
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+def test_temperature_range(temperature, soft, device, backend):
+    """Every T of the documented range (1e-8 ... 1e4) agrees with the float64 oracle: labels,
+    masks, confidences (never above 1), the soft target's loss and gradient."""
+    require(SPEC, device, backend)
+    s = temperature_sweep_logits((6, 37), temperature, seed=31, device=device)
+    w = temperature_sweep_logits((6, 37), temperature, seed=32, device=device)
+    out, _ = assert_matches(backend, s, w, soft=soft, threshold=0.5, temperature=temperature)
+    assert bool((out.confidence <= 1).all()), out.confidence
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)

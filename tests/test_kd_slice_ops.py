@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICE_BACKENDS, interpreted, opcheck_kernel, require
+from conftest import DEVICE_BACKENDS, TEMPERATURES, interpreted, opcheck_kernel, require, temperature_sweep_logits
 from lepton_fast import fused_kd_loss, reference
 from lepton_fast.ops import kd_loss as kd_ops
 
@@ -117,6 +117,21 @@ def test_slices_give_the_whole_loss_float64(divergence, temperature, mode, sizes
     if kw.pop("labels", False):
         kw["labels"] = random_labels(n, c, seed=3, device=device)
     assert_sliced_matches(backend, s, t, sizes, temperature, divergence=divergence, beta=0.3, **kw)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+def test_temperature_range(temperature, divergence, device, backend):
+    """Every T of the documented range (1e-8 ... 1e4): the slices' statistics hold the maxima of
+    the raw logits and merge with exp((max_r - max) / T), so the whole rows' loss and gradient
+    agree with the float64 oracle (within one ulp of the logits, as fused_kd_loss's do)."""
+    _require(device, backend)
+    s = temperature_sweep_logits((5, 37), temperature, seed=41, device=device)
+    t = temperature_sweep_logits((5, 37), temperature, seed=42, device=device)
+    tol = dict(rtol=1e-5, atol=1e-5 + torch.finfo(s.dtype).eps * s.abs().max().item())
+    assert_sliced_matches(backend, s, t, (13, 13, 11), temperature, tol, divergence=divergence, beta=0.3,
+                          labels=random_labels(5, 37, seed=43, device=device), alpha=0.3)
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)

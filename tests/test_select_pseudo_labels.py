@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICE_BACKENDS, TRITON_COLUMN_BLOCKS, interpreted, opcheck_kernel, require
+from conftest import (DEVICE_BACKENDS, TEMPERATURES, TRITON_COLUMN_BLOCKS, interpreted, opcheck_kernel, require,
+                      temperature_sweep_logits)
 from lepton_fast import reference, select_pseudo_labels
 from lepton_fast.ops.pseudo_labels import SELECT_SPEC as SPEC
 
@@ -46,6 +47,18 @@ def assert_matches(backend, logits, **kw):
     assert torch.equal(out.labels.cpu(), labels.cpu()) and torch.equal(out.mask.cpu(), mask.cpu())
     torch.testing.assert_close(out.confidence.double(), confidence, **TOL)
     return out
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+def test_temperature_range(temperature, device, backend):
+    """Every T of the documented range (1e-8 ... 1e4) agrees with the float64 oracle, and no
+    confidence exceeds 1: scaling before subtracting the max gave 6.17 and 1974.9 at T = 1e-8
+    (and masks flipped)."""
+    require(SPEC, device, backend)
+    logits = temperature_sweep_logits((6, 37), temperature, seed=21, device=device)
+    out = assert_matches(backend, logits, threshold=0.5, temperature=temperature)
+    assert bool((out.confidence <= 1).all()), out.confidence
 
 
 def _shapes():

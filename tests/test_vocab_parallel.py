@@ -170,6 +170,18 @@ def _rank_bad_call(ctx, what):
             labels[1] = N_CLASSES
             vocab_parallel_kd_loss(s[:, lo:lo + sizes[ctx.rank]], t[:, lo:lo + sizes[ctx.rank]],
                                    group=ctx.groups[index], labels=labels, alpha=0.5)
+        elif what in ("one rank refused", "one rank refused, linear"):  # a fresh group's first call
+            group = dist.new_group([0, 1, 2])  # every rank makes every group
+            if ctx.rank > 2:
+                return None
+            sizes = SPLITS["3"][1]
+            lo, hi = sum(sizes[:ctx.rank]), sum(sizes[:ctx.rank + 1])
+            temperature = -1.0 if ctx.rank == 1 else 2.0
+            if what == "one rank refused":
+                vocab_parallel_kd_loss(s[:, lo:hi], t[:, lo:hi], group=group, temperature=temperature)
+            else:
+                h_s, w_s, _, h_t, w_t, _, _ = linear_data(7)
+                fused_linear_kd_loss(h_s, w_s[lo:hi], h_t, w_t[lo:hi], temperature, group=group)
         elif what == "slice sizes changed":
             index, sizes = SPLITS["2"]
             group = ctx.groups[index]
@@ -338,6 +350,9 @@ def test_loss_parallel_gets_the_kd_gradient_wrong_and_we_do_not(pool):
     "what,message",
     [
         ("labels range", r"labels must be in \[0, 37\)"),
+        ("one rank refused", r"temperature must be a finite number in \(0, inf\)|rank 1 of the group refused"),
+        ("one rank refused, linear",
+         r"temperature must be a finite number in \(0, inf\)|rank 1 of the group refused"),
         ("slice sizes changed", "student_logits: this rank's slice of the classes has"),
         ("rows sharded", r"student_logits must be a DTensor placed Shard\(-1\)"),
         ("teacher replicated", "teacher_logits must be placed like student_logits"),
@@ -345,10 +360,12 @@ def test_loss_parallel_gets_the_kd_gradient_wrong_and_we_do_not(pool):
     ],
 )
 def test_bad_input_raises_on_every_rank(pool, what, message):
-    ranks = 3 if what == "labels range" else 2 if what == "slice sizes changed" else 4
+    ranks = 3 if what.startswith(("labels range", "one rank refused")) else 2 if what == "slice sizes changed" else 4
     errors = pool.run(_rank_bad_call, what)[:ranks]
+    if what.startswith("one rank refused"):  # rank 1 its own error, the others that rank 1 refused
+        assert ["temperature must" in e for e in errors] == [False, True, False], errors
     for error in errors:
-        assert error is not None and error.split(": ", 1)[0] in ("ValueError", "TypeError")
+        assert error is not None and error.split(": ", 1)[0] in ("ValueError", "TypeError", "RefusedOnAnotherRank")
         assert re.search(message, error), error
 
 
@@ -433,15 +450,17 @@ def _recording_all_reduce(calls):
         dist.all_reduce = real
 
 
+@pytest.mark.parametrize("split", ["3", "3-empty"])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_linear_kd_loss_over_a_vocabulary_sharded_head(pool, divergence):
-    """fused_linear_kd_loss(group=): each rank its [V_r, H] rows of both heads (13/13/11), the
+def test_linear_kd_loss_over_a_vocabulary_sharded_head(pool, divergence, split):
+    """fused_linear_kd_loss(group=): each rank its [V_r, H] rows of both heads (13/13/11, or
+    20/0/17: a rank without vocabulary takes part with its empty slice), the
     same loss as the single-process reference on the whole heads, each rank the gradient of its
     weight and bias rows, and every rank the whole hidden-state gradient (all-reduced in the
     forward: per chunk the loss's all-reduces, then one [N, H_s]; the backward none)."""
     kw = dict(temperature=2.0, divergence=divergence, beta=0.3, alpha=0.3, label_smoothing=0.1,
               student_softcap=4.0, teacher_logit_scale=0.7)
-    answers = pool.run(_rank_linear, "3", 17, kw)[:3]
+    answers = pool.run(_rank_linear, split, 17, kw)[:3]
     h_s, w_s, b_s, h_t, w_t, b_t, labels = linear_data(17)
     h, w, b = (x.clone().requires_grad_() for x in (h_s, w_s, b_s))
     want = reference.fused_linear_kd_loss(h, w, h_t, w_t, student_bias=b, teacher_bias=b_t, labels=labels, **kw)

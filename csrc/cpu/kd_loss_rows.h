@@ -10,7 +10,9 @@
 //     (and of x_s at T = 1 for the CE term when T != 1) plus the running sum of
 //     kl_from_sums, a chunk of kChunk elements at a time: the chunk's max first (the loads
 //     from memory, prefetched ahead: row_io.h, prefetch_ahead; no exp), then one rescale per
-//     chunk and one exp per element and distribution, from L1. Forward and reverse KL have
+//     chunk and one exp per element and distribution, from L1. The maxima are of the raw
+//     logits and each exponent is (x - max) / T, a subtraction before the multiply by 1 / T
+//     (csrc/common.h, log_sum: exact at the max for every T). Forward and reverse KL have
 //     their loss after this pass.
 //   Row::jsd_sums, JSD only: KL(p_t || m) and KL(p_s || m), which need both lse first.
 //   Row::grad (s and t now in L2 when fused): one exp per distribution and element, or,
@@ -38,8 +40,8 @@ namespace {
 enum class Soft { kNone, kForwardKL, kReverseKL, kJSD };
 
 // Row::stats's exps of z_s, z_t and (the CE's own softmax at T != 1) x_s, kept for Row::grad:
-// e = exp(z - m) per column, with m the lane's running max in the column's chunk (W per
-// chunk). Rows of the thread's task reuse it.
+// e = exp((x - m) / T) per column, with m the lane's running max of x in the column's chunk (W
+// per chunk). Rows of the thread's task reuse it.
 template <typename acc_t>
 struct RowScratch {
   acc_t *e_s, *e_t, *e_1;
@@ -70,13 +72,13 @@ struct Row {
     const acc_t eps = p.label_smoothing;
     const bool smoothing = kCE && eps > 0;
     const Vec v_inv_t(inv_t), v_lowest(std::numeric_limits<acc_t>::lowest());
-    // Running maxima start at the lowest finite value, never -inf, so that `z - max` and
-    // `old max - new max` are never -inf - -inf; padding lanes hold -inf.
+    // Running maxima (of the raw logits) start at the lowest finite value, never -inf, so that
+    // `x - max` and `old max - new max` are never -inf - -inf; padding lanes hold -inf.
     Vec ms = v_lowest, ss(0), mt = v_lowest, st(0), kl_sum(0), m1 = v_lowest, s1(0), sum_x(0);
     for (int64_t j0 = 0; j0 < C; j0 += kChunk) {
       const int64_t j1 = std::min(C, j0 + kChunk);
-      // The chunk's maxima of the raw logits, scaled once: x / T is monotonic in x.
-      Vec rs = v_lowest, rt = v_lowest, c1 = m1;
+      // The chunk's maxima of the raw logits.
+      Vec rs = ms, rt = mt, c1 = m1;
       for (int64_t j = j0; j < j1; j += W) {
         const int64_t n = std::min(W, j1 - j);
         const Vec xs = IO::load(s + j, n, kNegInf);
@@ -89,8 +91,8 @@ struct Row {
         if (own) c1 = M::running_max(c1, xs);
       }
       if constexpr (kHasSoft) {
-        const Vec cs = M::max(ms, rs * v_inv_t), ct = M::max(mt, rt * v_inv_t);
-        const Vec fs = M::exp(ms - cs), ft = M::exp(mt - ct);
+        const Vec cs = rs, ct = rt;  // running maxima from ms, mt: never below them
+        const Vec fs = M::exp((ms - cs) * v_inv_t), ft = M::exp((mt - ct) * v_inv_t);
         ss = ss * fs;
         st = st * ft;
         if constexpr (kSoft == Soft::kForwardKL) kl_sum = M::zero_where_zero(ft, kl_sum * ft);
@@ -112,7 +114,7 @@ struct Row {
         const Vec xs = IO::load(s + j, n, kNegInf);
         if constexpr (kHasSoft) {
           const Vec xt = IO::load(t + j, n, kNegInf);
-          const Vec es = M::exp(at::vec::fmsub(xs, v_inv_t, ms)), et = M::exp(at::vec::fmsub(xt, v_inv_t, mt));
+          const Vec es = M::exp((xs - ms) * v_inv_t), et = M::exp((xt - mt) * v_inv_t);
           ss = ss + es;
           st = st + et;
           if (keep) {  // padding lanes keep exp(-inf) = 0: the rows are W-padded
@@ -134,18 +136,18 @@ struct Row {
     KDRowStats<acc_t> r{kNegInf, kNegInf, 0, 0, 0, 0, 0};
     if constexpr (kHasSoft) {
       acc_t a_s, a_t;
-      IO::merge(ms, ss, kSoft == Soft::kReverseKL ? kl_sum : Vec(0), r.max_s, r.sum_s, a_s);
-      IO::merge(mt, st, kSoft == Soft::kForwardKL ? kl_sum : Vec(0), r.max_t, r.sum_t, a_t);
+      IO::merge(ms, ss, kSoft == Soft::kReverseKL ? kl_sum : Vec(0), inv_t, r.max_s, r.sum_s, a_s);
+      IO::merge(mt, st, kSoft == Soft::kForwardKL ? kl_sum : Vec(0), inv_t, r.max_t, r.sum_t, a_t);
       r.kl = kSoft == Soft::kForwardKL ? a_t : kSoft == Soft::kReverseKL ? a_s : acc_t(0);
       r.sum_ce = r.sum_s;
     }
     if constexpr (kCE) {
       if (own) {
         acc_t m_1, s_1, unused;
-        IO::merge(m1, s1, Vec(0), m_1, s_1, unused);
-        if constexpr (!kHasSoft) r.max_s = s_1 > 0 ? m_1 * inv_t : kNegInf;
-        // Against T max_s, which equals m_1 up to rounding (so the factor is about 1).
-        r.sum_ce = s_1 > 0 ? s_1 * std::exp(m_1 - acc_t(p.temperature) * r.max_s) : acc_t(0);
+        IO::merge(m1, s1, Vec(0), acc_t(1), m_1, s_1, unused);
+        if constexpr (!kHasSoft) r.max_s = s_1 > 0 ? m_1 : kNegInf;
+        // Against max_s, the same max of the same logits (so the factor is 1).
+        r.sum_ce = s_1 > 0 ? s_1 * std::exp(m_1 - r.max_s) : acc_t(0);
       }
       r.lin_ce = ce_linear_part(label >= 0, label >= 0 ? acc_t(s[label]) : acc_t(0),
                                 smoothing ? IO::sum(sum_x) : acc_t(0), eps, row_classes);
@@ -156,16 +158,17 @@ struct Row {
   }
 
   // Step 2 (JSD): K_t = sum p_t log(p_t / m) and K_s = sum p_s log(p_s / m) over the columns.
-  static void jsd_sums(const scalar_t* s, const scalar_t* t, int64_t C, const KDParams& p, acc_t lse_s, acc_t lse_t,
-                       acc_t& k_t, acc_t& k_s) {
+  // log p = (x - max) / T - lse, from the row's maxima and log-sums (log_sum).
+  static void jsd_sums(const scalar_t* s, const scalar_t* t, int64_t C, const KDParams& p, acc_t max_s, acc_t lse_s,
+                       acc_t max_t, acc_t lse_t, acc_t& k_t, acc_t& k_s) {
     const acc_t beta = p.beta;
-    const Vec v_inv_t(acc_t(p.inv_temperature)), v_lse_s(lse_s), v_lse_t(lse_t);
+    const Vec v_inv_t(acc_t(p.inv_temperature)), v_lse_s(lse_s), v_lse_t(lse_t), v_max_s(max_s), v_max_t(max_t);
     const Vec v_log_beta(std::log(beta)), v_log_1m_beta(std::log1p(-beta));
     Vec kt(0), ks(0);
     for (int64_t j = 0; j < C; j += W) {
       const int64_t n = std::min(W, C - j);
-      const Vec lps = at::vec::fmadd(IO::load(s + j, n, kNegInf), v_inv_t, -v_lse_s);
-      const Vec lpt = at::vec::fmadd(IO::load(t + j, n, kNegInf), v_inv_t, -v_lse_t);
+      const Vec lps = at::vec::fmadd(IO::load(s + j, n, kNegInf) - v_max_s, v_inv_t, -v_lse_s);
+      const Vec lpt = at::vec::fmadd(IO::load(t + j, n, kNegInf) - v_max_t, v_inv_t, -v_lse_t);
       const Vec lm = log_mixture_of<M>(lps, lpt, v_log_beta, v_log_1m_beta);
       kt = kt + weighted<M>(M::exp(lpt), lpt - lm);
       ks = ks + weighted<M>(M::exp(lps), lps - lm);
@@ -182,8 +185,11 @@ struct Row {
     const acc_t beta = p.beta, eps = p.label_smoothing;
     const acc_t soft_gw = acc_t(p.soft_grad_weight) * gs, ce_gw = acc_t(p.alpha) * gs;
     // Reverse KL: d - D = (z_s - z_t) - grad_const; JSD: d - K_s = lps - log m - grad_const.
-    const acc_t grad_const = kSoft == Soft::kReverseKL ? (c.lse_s - c.lse_t) + c.k : c.k;
-    const Vec v_inv_t(acc_t(p.inv_temperature)), v_lse_s(c.lse_s), v_lse_t(c.lse_t), v_lse_1(c.lse_ce);
+    const acc_t inv_t = p.inv_temperature;
+    const acc_t grad_const =
+        kSoft == Soft::kReverseKL ? (c.max_s - c.max_t) * inv_t + (c.lse_s - c.lse_t) + c.k : c.k;
+    const Vec v_inv_t(inv_t), v_lse_s(c.lse_s), v_lse_t(c.lse_t), v_lse_1(c.lse_ce);
+    const Vec v_max_s(c.max_s), v_max_t(c.max_t);
     const Vec v_grad_const(grad_const), v_log_beta(std::log(beta)), v_log_1m_beta(std::log1p(-beta));
     const Vec v_soft_gw(kSoft == Soft::kJSD ? (1 - beta) * soft_gw : soft_gw), v_ce_gw(ce_gw);
     const Vec v_smooth(eps / acc_t(row_classes));
@@ -195,23 +201,25 @@ struct Row {
         prefetch_ahead(t + j);
       } else if (j % kChunk == 0) {
         const int64_t k = j / kChunk * W;
-        if constexpr (kHasSoft) fs = M::exp(Vec::loadu(kept->m_s + k) - v_lse_s);
-        if constexpr (kSoft == Soft::kForwardKL) ft = M::exp(Vec::loadu(kept->m_t + k) - v_lse_t);
+        if constexpr (kHasSoft) fs = M::exp(at::vec::fmadd(Vec::loadu(kept->m_s + k) - v_max_s, v_inv_t, -v_lse_s));
+        if constexpr (kSoft == Soft::kForwardKL) {
+          ft = M::exp(at::vec::fmadd(Vec::loadu(kept->m_t + k) - v_max_t, v_inv_t, -v_lse_t));
+        }
         if (own) f1 = M::exp(Vec::loadu(kept->m_1 + k) - v_lse_1);
       }
       const Vec xs = IO::load(s + j, n, kNegInf);
       Vec gv(0), ps(0);
       if constexpr (kHasSoft) {
         const Vec xt = IO::load(t + j, n, kNegInf);
-        const Vec lps = at::vec::fmadd(xs, v_inv_t, -v_lse_s);
+        const Vec lps = at::vec::fmadd(xs - v_max_s, v_inv_t, -v_lse_s);
         ps = kept ? Vec::loadu(kept->e_s + j) * fs : M::exp(lps);
         Vec d;
         if constexpr (kSoft == Soft::kForwardKL) {
-          d = ps - (kept ? Vec::loadu(kept->e_t + j) * ft : M::exp(at::vec::fmadd(xt, v_inv_t, -v_lse_t)));
+          d = ps - (kept ? Vec::loadu(kept->e_t + j) * ft : M::exp(at::vec::fmadd(xt - v_max_t, v_inv_t, -v_lse_t)));
         } else if constexpr (kSoft == Soft::kReverseKL) {
           d = weighted<M>(ps, (xs - xt) * v_inv_t - v_grad_const);
         } else {
-          const Vec lpt = at::vec::fmadd(xt, v_inv_t, -v_lse_t);
+          const Vec lpt = at::vec::fmadd(xt - v_max_t, v_inv_t, -v_lse_t);
           d = weighted<M>(ps, lps - log_mixture_of<M>(lps, lpt, v_log_beta, v_log_1m_beta) - v_grad_const);
         }
         gv = d * v_soft_gw;
@@ -273,7 +281,8 @@ void rows_impl(const KDRows& a, int64_t begin, int64_t end) {
       sums[0] = sums[1] = 0;
       if (!ignored) {
         const auto st = KDRowStats<acc_t>::load(stats_in + row * kNumKDStats);
-        R::jsd_sums(s, t, C, p, lse_from(st.max_s, st.sum_s), lse_from(st.max_t, st.sum_t), sums[0], sums[1]);
+        R::jsd_sums(s, t, C, p, st.max_s, log_sum(st.max_s, st.sum_s), st.max_t, log_sum(st.max_t, st.sum_t), sums[0],
+                    sums[1]);
       }
       continue;
     }
@@ -292,7 +301,8 @@ void rows_impl(const KDRows& a, int64_t begin, int64_t end) {
     if (a.mode == KDMode::kFused) {
       st = R::stats(s, t, C, label_here, p, C, keep ? &kept : nullptr);
       if constexpr (kSoft == Soft::kJSD) {
-        R::jsd_sums(s, t, C, p, lse_from(st.max_s, st.sum_s), lse_from(st.max_t, st.sum_t), k_t, k_s);
+        R::jsd_sums(s, t, C, p, st.max_s, log_sum(st.max_s, st.sum_s), st.max_t, log_sum(st.max_t, st.sum_t), k_t,
+                    k_s);
       }
     } else {
       st = KDRowStats<acc_t>::load(stats_in + row * kNumKDStats);

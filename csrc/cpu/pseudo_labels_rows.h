@@ -55,20 +55,21 @@ struct PseudoLabelKernel {
     if (j < j1) f(j, IO::load(x + j, j1 - j, kNegInf));
   }
 
-  // Lane-wise statistics of one view z = x * scale (scale > 0): the max of x, the shift (the
-  // max of z, kept finite so that `z - shift` is never -inf - -inf), sum of exp(z - shift).
+  // Lane-wise statistics of one view z = x * scale (scale = 1 / T > 0): the max of x (kept
+  // finite, from the lowest value, so that `x - max` is never -inf - -inf) and the sum of
+  // exp((x - max) * scale): the max is subtracted before the scaling (csrc/common.h, log_sum).
   struct Lanes {
-    Vec max, shift, sum;
+    Vec max, sum;
   };
 
-  // One view's pass, chunk by chunk. On each chunk, `on_chunk(k, shift, rose)` sees the new
-  // lane shifts and the lanes where the max rose; `on_exp(j, x, e)` each vector of values
-  // and of their exps exp(z - shift).
+  // One view's pass, chunk by chunk. On each chunk, `on_chunk(k, max, rose)` sees the new
+  // lane maxima and the lanes where the max rose; `on_exp(j, x, e)` each vector of values
+  // and of their exps exp((x - max) * scale).
   template <typename OnChunk, typename OnExp>
   static Lanes sweep(const scalar_t* x, int64_t n, acc_t scale, OnChunk&& on_chunk, OnExp&& on_exp) {
-    const Vec v_scale(scale), v_lowest(kLowest);
+    const Vec v_scale(scale);
     // Plain locals, not a Lanes: GCC kept a struct's sum in memory, stored every iteration.
-    Vec max = v_lowest, shift = v_lowest, sum(0);
+    Vec max(kLowest), sum(0);
     for (int64_t j0 = 0, k = 0; j0 < n; j0 += kChunk, ++k) {
       const int64_t j1 = std::min(n, j0 + kChunk);
       Vec cm = max;
@@ -76,27 +77,24 @@ struct PseudoLabelKernel {
         prefetch_ahead(x + j);
         cm = M::running_max(cm, v);  // a NaN dropped here makes the sum NaN below
       });
-      // scale > 0 keeps the order, rounding included: the max of x * scale is max(x) * scale.
-      const Vec chunk_shift = M::max(cm * v_scale, v_lowest);
-      sum = sum * M::exp(shift - chunk_shift);
-      on_chunk(k, chunk_shift, cm > max);
+      sum = sum * M::exp((max - cm) * v_scale);
+      on_chunk(k, cm, cm > max);
       max = cm;
-      shift = chunk_shift;
       for_each_vector(x, j0, j1, [&](int64_t j, const Vec& v) {
-        const Vec e = M::exp(at::vec::fmadd(v, v_scale, -shift));
+        const Vec e = M::exp((v - max) * v_scale);
         sum = sum + e;
         on_exp(j, v, e);
       });
     }
-    return Lanes{max, shift, sum};
+    return Lanes{max, sum};
   }
 
-  // The row's max of z (NaN if a lane saw one) and sum of exp(z - max), from the lanes.
-  // Lanes by value, here and in arg_max, for the reason RowIO::merge gives.
-  static void merge(Lanes st, acc_t& max, acc_t& sum) {
-    max = at::vec::vec_reduce_all<acc_t>([](const Vec& a, const Vec& b) { return M::max(a, b); }, st.shift);
+  // The row's max of x (NaN if a lane saw one) and sum of exp((x - max) * scale), from the
+  // lanes. Lanes by value, here and in arg_max, for the reason RowIO::merge gives.
+  static void merge(Lanes st, acc_t scale, acc_t& max, acc_t& sum) {
+    max = at::vec::vec_reduce_all<acc_t>([](const Vec& a, const Vec& b) { return M::max(a, b); }, st.max);
     sum = at::vec::vec_reduce_all<acc_t>([](const Vec& a, const Vec& b) { return a + b; },
-                                         st.sum * M::exp(st.shift - Vec(max)));
+                                         st.sum * M::exp((st.max - Vec(max)) * Vec(scale)));
   }
 
   // The first index j >= from with x_j == max, or -1.
@@ -131,7 +129,7 @@ struct PseudoLabelKernel {
   }
 
   // Scratch (one allocation per task, never per row): the weak exps (soft) and the strong
-  // exps (gradient), each view's lane shifts per chunk.
+  // exps (gradient), each view's lane maxima per chunk.
   template <bool kLoss, bool kSoft, bool kGrad>
   static void rows(const PseudoLabelRows& a, int64_t begin, int64_t end) {
     const PseudoLabelParams& p = a.p;
@@ -140,9 +138,9 @@ struct PseudoLabelKernel {
     const int64_t weak_size = kSoft ? padded + n_chunks * W : 0, strong_size = kGrad ? padded + n_chunks * W : 0;
     std::vector<acc_t> scratch(weak_size + strong_size);
     acc_t* weak_exps = scratch.data();
-    acc_t* weak_shifts = weak_exps + padded;
+    acc_t* weak_maxima = weak_exps + padded;
     acc_t* strong_exps = scratch.data() + weak_size;
-    acc_t* strong_shifts = strong_exps + padded;
+    acc_t* strong_maxima = strong_exps + padded;
 
     const acc_t inv_t = p.inv_temperature, threshold = p.threshold, grad_scale = p.grad_scale;
     const auto* class_thresholds = static_cast<const acc_t*>(a.class_thresholds);
@@ -156,15 +154,15 @@ struct PseudoLabelKernel {
       Vec rose_in(0);
       const Lanes weak = sweep(
           w, C, inv_t,
-          [&](int64_t k, const Vec& shift, const Vec& rose) {
+          [&](int64_t k, const Vec& max, const Vec& rose) {
             rose_in = Vec::blendv(rose_in, Vec(acc_t(k)), rose);
-            if constexpr (kSoft) shift.store(weak_shifts + k * W);
+            if constexpr (kSoft) max.store(weak_maxima + k * W);
           },
           [&](int64_t j, const Vec&, const Vec& e) {
             if constexpr (kSoft) e.store(weak_exps + j);
           });
       acc_t w_max, w_sum;
-      merge(weak, w_max, w_sum);
+      merge(weak, inv_t, w_max, w_sum);
       const int64_t label = arg_max(w, C, weak, rose_in);
       const acc_t conf = confidence_from_sum(w_max, w_sum);
       bool selected;
@@ -183,15 +181,15 @@ struct PseudoLabelKernel {
         continue;
       }
 
-      // Strong pass; soft: sum_j q_j s_j, q_j = weak exp * exp(chunk's lane shift - max) / sum.
+      // Strong pass; soft: sum_j q_j s_j, q_j = weak exp * exp((chunk's lane max - max) / T) / sum.
       const auto* s = static_cast<const scalar_t*>(a.strong) + row * a.strong_stride;
-      const Vec v_w_max(w_max), v_inv_w_sum(acc_t(1) / w_sum);
+      const Vec v_w_max(w_max), v_inv_w_sum(acc_t(1) / w_sum), v_inv_t(inv_t);
       Vec target_dot(0), q_scale(0);
       const Lanes strong = sweep(
           s, C, acc_t(1),
-          [&](int64_t k, const Vec& shift, const Vec&) {
-            if constexpr (kGrad) shift.store(strong_shifts + k * W);
-            if constexpr (kSoft) q_scale = M::exp(Vec::loadu(weak_shifts + k * W) - v_w_max) * v_inv_w_sum;
+          [&](int64_t k, const Vec& max, const Vec&) {
+            if constexpr (kGrad) max.store(strong_maxima + k * W);
+            if constexpr (kSoft) q_scale = M::exp((Vec::loadu(weak_maxima + k * W) - v_w_max) * v_inv_t) * v_inv_w_sum;
           },
           [&](int64_t j, const Vec& x, const Vec& e) {
             if constexpr (kGrad) e.store(strong_exps + j);
@@ -201,19 +199,21 @@ struct PseudoLabelKernel {
             }
           });
       acc_t s_max, s_sum;
-      merge(strong, s_max, s_sum);
+      merge(strong, acc_t(1), s_max, s_sum);
       const acc_t lse = lse_from_sum(s_max, s_sum);
       const acc_t dot = kSoft ? IO::sum(target_dot) : acc_t(s[label]);
       loss[row] = weight * (lse - dot);
       if constexpr (!kGrad) continue;
 
-      // Gradient pass, from scratch: gw (p - target), p = strong exp * exp(chunk's lane shift - lse).
+      // Gradient pass, from scratch: gw (p - target), p = strong exp * exp(chunk's lane max - lse).
       const Vec v_lse(lse), v_gw(weight * grad_scale);
       for (int64_t j0 = 0, k = 0; j0 < C; j0 += kChunk, ++k) {
         const int64_t j1 = std::min(C, j0 + kChunk);
-        const Vec p_scale = M::exp(Vec::loadu(strong_shifts + k * W) - v_lse) * v_gw;
+        const Vec p_scale = M::exp(Vec::loadu(strong_maxima + k * W) - v_lse) * v_gw;
         Vec q_scale_gw(0);
-        if constexpr (kSoft) q_scale_gw = M::exp(Vec::loadu(weak_shifts + k * W) - v_w_max) * v_inv_w_sum * v_gw;
+        if constexpr (kSoft) {
+          q_scale_gw = M::exp((Vec::loadu(weak_maxima + k * W) - v_w_max) * v_inv_t) * v_inv_w_sum * v_gw;
+        }
         for (int64_t j = j0; j < j1; j += W) {
           Vec d = Vec::loadu(strong_exps + j) * p_scale;
           if constexpr (kSoft) d = d - Vec::loadu(weak_exps + j) * q_scale_gw;

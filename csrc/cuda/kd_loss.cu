@@ -4,7 +4,8 @@
 // (fused_kd_loss: all of them, in one launch); the block walks the row with 16-byte vector
 // loads when every row is 16-byte aligned. Step 1 keeps online softmax statistics of student
 // and teacher (and, for forward/reverse KL, E_p[z_p - z_q], which gives the divergence in the
-// same pass: KL(p || q) = E_p[z_p - z_q] - lse_p + lse_q); a block reduction in a fixed tree
+// same pass: KL(p || q) = E_p[z_p - z_q] - lse_p + lse_q), each the max of the raw logits and
+// exponents (x - max) / T (csrc/kd_loss.h, KDRowStats); a block reduction in a fixed tree
 // merges them, so results are deterministic. JSD takes one more pass for its row constants.
 // The last pass writes the gradient times grad_scale, which is read on the device: nothing
 // here synchronises with the host. Indexing is 64-bit. The per-element math is
@@ -25,7 +26,7 @@ namespace lepton_fast {
 // The warp exchange block_reduce needs, beside the statistic's type (found by ADL).
 template <typename acc_t>
 __device__ __forceinline__ WeightedSoftmaxStats<acc_t> shfl_xor(const WeightedSoftmaxStats<acc_t>& a, int lane_mask) {
-  WeightedSoftmaxStats<acc_t> o;
+  WeightedSoftmaxStats<acc_t> o = a;  // the same scale in every thread
   o.max = __shfl_xor_sync(0xffffffffu, a.max, lane_mask);
   o.sum = __shfl_xor_sync(0xffffffffu, a.sum, lane_mask);
   o.weighted = __shfl_xor_sync(0xffffffffu, a.weighted, lane_mask);
@@ -95,6 +96,7 @@ struct BlockRow {
     const bool ce_own = p.needs_ce && (!p.needs_soft || inv_t != acc_t(1));
     const bool smoothing = p.needs_ce && eps > 0;
     WeightedSoftmaxStats<acc_t> st_s, st_t, st_1;
+    st_s.scale = st_t.scale = inv_t;
     acc_t sum_x = 0;
     for (int64_t i = first; i < C; i += step) {
       const P xs = load_pack<scalar_t, kVec>(s + i);
@@ -104,9 +106,9 @@ struct BlockRow {
       for (int k = 0; k < kVec; ++k) {
         const acc_t x = acc_t(xs.v[k]);
         if (p.needs_soft) {
-          const acc_t zs = x * inv_t, zt = acc_t(xt.v[k]) * inv_t;
-          st_s.add(zs, rev ? zs - zt : acc_t(0));
-          st_t.add(zt, fwd ? zt - zs : acc_t(0));
+          const acc_t y = acc_t(xt.v[k]);
+          st_s.add(x, rev ? (x - y) * inv_t : acc_t(0));
+          st_t.add(y, fwd ? (y - x) * inv_t : acc_t(0));
         }
         if (ce_own) st_1.add(x);
         if (smoothing) sum_x += x;
@@ -127,9 +129,9 @@ struct BlockRow {
     if (p.needs_ce) {
       if (ce_own) {
         st_1 = block_reduce(st_1);
-        if (!p.needs_soft) r.max_s = st_1.max * inv_t;
-        // Against T max_s, which equals st_1.max up to rounding (so the factor is about 1).
-        r.sum_ce = st_1.sum > 0 ? st_1.sum * std::exp(st_1.max - acc_t(p.temperature) * r.max_s) : acc_t(0);
+        if (!p.needs_soft) r.max_s = st_1.max;
+        // Against max_s, the same max of the same logits (so the factor is 1).
+        r.sum_ce = st_1.sum > 0 ? st_1.sum * std::exp(st_1.max - r.max_s) : acc_t(0);
       }
       const acc_t total_x = smoothing ? block_reduce(Sum<acc_t>{sum_x}).value : acc_t(0);
       r.lin_ce = ce_linear_part(label >= 0, label >= 0 ? acc_t(s[label]) : acc_t(0), total_x, eps, row_classes);
@@ -137,15 +139,17 @@ struct BlockRow {
     return r;
   }
 
-  // Step 2 (JSD): K_t = KL(p_t || m) and K_s = KL(p_s || m) over the columns, backwards (see sweep).
-  __device__ void jsd_sums(const KDParams& p, acc_t lse_s, acc_t lse_t, acc_t& k_t, acc_t& k_s) const {
+  // Step 2 (JSD): K_t = KL(p_t || m) and K_s = KL(p_s || m) over the columns, backwards (see sweep);
+  // log p = (x - max) / T - lse from the row's maxima and log-sums (log_sum in csrc/common.h).
+  __device__ void jsd_sums(const KDParams& p, acc_t max_s, acc_t lse_s, acc_t max_t, acc_t lse_t, acc_t& k_t,
+                           acc_t& k_s) const {
     const acc_t inv_t = p.inv_temperature, log_beta = std::log(acc_t(p.beta)), log_1m_beta = std::log1p(-acc_t(p.beta));
     acc_t t_part = 0, s_part = 0;
     sweep(C, first, step, /*reverse=*/true, [&](int64_t i) {
       const P xs = load_pack<scalar_t, kVec>(s + i), xt = load_pack<scalar_t, kVec>(t + i);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
-        const acc_t lps = acc_t(xs.v[k]) * inv_t - lse_s, lpt = acc_t(xt.v[k]) * inv_t - lse_t;
+        const acc_t lps = (acc_t(xs.v[k]) - max_s) * inv_t - lse_s, lpt = (acc_t(xt.v[k]) - max_t) * inv_t - lse_t;
         const acc_t lm = log_mixture_of<ScalarMath<acc_t>>(lps, lpt, log_beta, log_1m_beta);
         t_part += kl_term(lpt, lm);
         s_part += kl_term(lps, lm);
@@ -170,8 +174,8 @@ struct BlockRow {
         const acc_t x = acc_t(xs.v[k]);
         acc_t d = 0;
         if (p.needs_soft) {
-          d = soft_w * soft_grad(p.divergence, x * inv_t - c.lse_s, acc_t(xt.v[k]) * inv_t - c.lse_t, c.k, beta,
-                                 log_beta, log_1m_beta);
+          const acc_t lps = (x - c.max_s) * inv_t - c.lse_s, lpt = (acc_t(xt.v[k]) - c.max_t) * inv_t - c.lse_t;
+          d = soft_w * soft_grad(p.divergence, lps, lpt, c.k, beta, log_beta, log_1m_beta);
         }
         if (p.needs_ce) d += ce_w * (std::exp(x - c.lse_ce) - smooth - (i + k == label ? 1 - eps : acc_t(0)));
         out.v[k] = static_cast<scalar_t>(d);
@@ -207,7 +211,7 @@ __global__ void __launch_bounds__(kThreads) kd_rows_kernel(const KDArgs<scalar_t
     acc_t k_t = 0, k_s = 0;
     if (!ignored) {
       const auto st = KDRowStats<acc_t>::load(a.stats + row * kNumKDStats);
-      r.jsd_sums(p, lse_from(st.max_s, st.sum_s), lse_from(st.max_t, st.sum_t), k_t, k_s);
+      r.jsd_sums(p, st.max_s, log_sum(st.max_s, st.sum_s), st.max_t, log_sum(st.max_t, st.sum_t), k_t, k_s);
     }
     if (threadIdx.x == 0) {
       a.out[row * 2] = k_t;
@@ -232,7 +236,7 @@ __global__ void __launch_bounds__(kThreads) kd_rows_kernel(const KDArgs<scalar_t
   acc_t k_t = 0, k_s = 0;
   if (a.mode == KDMode::kFused) {
     st = r.stats(p, label_here, a.row_classes);
-    if (jsd) r.jsd_sums(p, lse_from(st.max_s, st.sum_s), lse_from(st.max_t, st.sum_t), k_t, k_s);
+    if (jsd) r.jsd_sums(p, st.max_s, log_sum(st.max_s, st.sum_s), st.max_t, log_sum(st.max_t, st.sum_t), k_t, k_s);
   } else {
     st = KDRowStats<acc_t>::load(a.stats + row * kNumKDStats);
     if (jsd) {

@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(kThreads) pseudo_label_kernel(const Rows<scala
   }
   st_w = block_reduce(st_w);
   const int64_t label = st_w.arg;
-  const acc_t conf = confidence_from_sum(st_w.z_max(), st_w.sum);
+  const acc_t conf = confidence_from_sum(st_w.max, st_w.sum);
   bool selected;
   const acc_t weight = row_weight(conf, label, a.class_thresholds, a.weights, row, acc_t(p.threshold), &selected);
   if (threadIdx.x == 0) {
@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(kThreads) pseudo_label_kernel(const Rows<scala
 
     // Pass 2: the strong view, and the soft target's sum_j q_j s_j.
     const scalar_t* s = a.strong + row * a.strong_stride;
-    const acc_t lse_w = lse_from_sum(st_w.z_max(), st_w.sum);
+    const acc_t log_sum_w = log_sum(st_w.max, st_w.sum);
     ArgmaxSoftmax<acc_t> st_s;
     Sum<acc_t> dot;
     for (int64_t i = first; i < n_classes; i += step) {
@@ -115,12 +115,12 @@ __global__ void __launch_bounds__(kThreads) pseudo_label_kernel(const Rows<scala
       for (int k = 0; k < kVec; ++k) {
         const acc_t x = acc_t(xs.v[k]);
         st_s.add(x, i + k);
-        if constexpr (kSoft) dot.value += target_term(std::exp(acc_t(xw.v[k]) * inv_t - lse_w), x);
+        if constexpr (kSoft) dot.value += target_term(std::exp(st_w.log_prob(acc_t(xw.v[k]), log_sum_w)), x);
       }
     }
     st_s = block_reduce(st_s);
     if constexpr (kSoft) dot = block_reduce(dot);
-    const acc_t lse_s = lse_from_sum(st_s.z_max(), st_s.sum);
+    const acc_t lse_s = lse_from_sum(st_s.max, st_s.sum);
     if (threadIdx.x == 0) a.loss[row] = weight * (lse_s - (kSoft ? dot.value : acc_t(s[label])));
     if (!p.compute_grad) return;
 
@@ -134,7 +134,7 @@ __global__ void __launch_bounds__(kThreads) pseudo_label_kernel(const Rows<scala
       for (int k = 0; k < kVec; ++k) {
         acc_t target;
         if constexpr (kSoft) {
-          target = std::exp(acc_t(xw.v[k]) * inv_t - lse_w);
+          target = std::exp(st_w.log_prob(acc_t(xw.v[k]), log_sum_w));
         } else {
           target = i + k == label ? acc_t(1) : acc_t(0);
         }

@@ -55,7 +55,7 @@ def check_input(name: str, x) -> Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _validate.FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
-    return x
+    return _validate.materialised(name, x)
 
 
 def _check_like(name: str, t, ref_name: str, ref: Tensor) -> Tensor:
@@ -81,6 +81,7 @@ def operand(name: str, value, x: Tensor, *, non_negative: bool) -> Tensor:
     """
     if not isinstance(value, Tensor) or (value.dim() == 0 and value.device.type == "cpu"):
         return _validate.non_negative(name, value) if non_negative else _validate.hyper(name, value)
+    _validate.no_grad_wanted(name, value)
     if not value.is_floating_point():
         raise TypeError(f"{name} must be a number or a floating-point tensor, got {value.dtype}")
     if value.dim() == 1 and x.dim() > 1:

@@ -88,6 +88,7 @@ def grad_reverse(x: Tensor, lambda_: Union[float, Tensor] = 1.0) -> Tensor:
     if isinstance(lambda_, Tensor) and lambda_.device.type != "cpu":
         if lambda_.dim() != 0:
             raise ValueError(f"lambda_ must be a number or a 0-d tensor, got shape {tuple(lambda_.shape)}")
+        _validate.no_grad_wanted("lambda_", lambda_)
         lam = lambda_.detach()
         _validate.no_bad_values(~torch.isfinite(lam), "lambda_ must be finite")
     else:

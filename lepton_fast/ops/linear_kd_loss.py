@@ -256,6 +256,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(d_hidden, d_weight, d_bias, entropy_sum)
     ctx.set_materialize_grads(False)
     ctx.reduction = inputs[14]
+    ctx.computed = inputs[23:26]  # grad_hidden, grad_weight, grad_bias: the gradients the forward wrote
     ctx.used = False
     if ctx.reduction == "none":
         # The gradient depends on the per-row grad_output: recomputed in the backward.
@@ -286,10 +287,10 @@ def _backward(ctx, grad_loss, *_):
         _, *saved, _ = _fused_linear_kd_loss(*args)
     else:
         saved = ctx.saved_tensors
-    for (position, flag), grad in zip(_DIFFERENTIABLE.items(), saved):
+    for (position, flag), grad, computed in zip(_DIFFERENTIABLE.items(), saved, ctx.computed):
         if not ctx.needs_input_grad[position]:
             continue
-        if ctx.reduction != "none" and grad.dim() == 1 and grad.numel() == 0:  # the empty "not computed"
+        if ctx.reduction != "none" and not computed:  # (the flag: a rank's empty bias slice has an empty gradient)
             raise RuntimeError(f"fused_linear_kd_loss: the forward ran with {flag}=False, so it has no gradient for "
                                "an input that requires one")
         if ctx.reduction == "none" or _traced(grad):
@@ -310,8 +311,9 @@ def _traced(t: Tensor) -> bool:
 _fused_linear_kd_loss.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _head(name: str, hidden: Tensor, weight_name: str, weight, bias_name: str, bias) -> None:
-    """[..., H] hidden states, a [V, H] weight and an optional [V] bias of one model."""
+def _head(name: str, hidden: Tensor, weight_name: str, weight, bias_name: str, bias, *, empty_ok: bool) -> None:
+    """[..., H] hidden states, a [V, H] weight and an optional [V] bias of one model; V = 0 only
+    when ``empty_ok`` (a rank's slice of a vocabulary-sharded head)."""
     if not isinstance(hidden, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(hidden).__name__}")
     if not isinstance(weight, Tensor):
@@ -319,9 +321,10 @@ def _head(name: str, hidden: Tensor, weight_name: str, weight, bias_name: str, b
     for arg, t in ((name, hidden), (weight_name, weight)):
         if t.dtype not in _validate.FLOAT_DTYPES:
             raise TypeError(f"{arg} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+        _validate.materialised(arg, t)
     if hidden.dim() == 0:
         raise ValueError(f"{name} must be [..., H], got a 0-d tensor")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or (weight.shape[0] == 0 and not empty_ok):
         raise ValueError(f"{weight_name} must be [V, H] with H = {name}.shape[-1] = {hidden.shape[-1]}, "
                          f"got shape {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
@@ -395,7 +398,8 @@ def fused_linear_kd_loss(
         student_weight: [V, H_s], the student's lm_head weight, same dtype. Gradient flows here.
         teacher_hidden: [..., H_t], same leading dims; a constant. H_t may differ from H_s.
         teacher_weight: [V_t, H_t], same dtype as teacher_hidden; a constant.
-        temperature: T > 0 (a float or a 0-d CPU tensor, as are beta, alpha, label_smoothing).
+        temperature: T > 0, documented range 1e-8 <= T <= 1e4 (a float or a 0-d CPU tensor, as are
+            beta, alpha, label_smoothing).
         student_bias, teacher_bias: optional [V] / [V_t] lm_head biases; the student's gets a
             gradient.
         divergence, beta, labels, alpha, label_smoothing, ignore_index, scale_by_t2,
@@ -449,7 +453,14 @@ def fused_linear_kd_loss(
     dtype. Time: the four GEMMs (student and teacher logits, d hidden, d weight; 8·N·H·V flops
     for H_s = H_t = H) plus the row kernel.
     """
-    return _linear_kd(**locals(), entropy=False)[0]
+    try:
+        return _linear_kd(**locals(), entropy=False)[0]
+    except (TypeError, ValueError) as error:
+        if group is not None:  # at the group's first call every rank hears of a refusal (distributed.refuse)
+            from lepton_fast import distributed
+
+            distributed.refuse(group, error)
+        raise
 
 
 def _linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, temperature, *, student_bias,
@@ -459,8 +470,10 @@ def _linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, t
     """:func:`fused_linear_kd_loss` (every argument given) -> (loss, the sum of the student's
     entropy of softmax(z_s / T) over the rows that count, no gradient, when ``entropy``; else
     None), on every backend (the reference one projects the student's logits once more)."""
-    _head("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias)
-    _head("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias", teacher_bias)
+    _head("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias,
+          empty_ok=group is not None)
+    _head("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias", teacher_bias,
+          empty_ok=group is not None)
     if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
         raise ValueError(f"teacher_hidden has leading shape {tuple(teacher_hidden.shape[:-1])} but student_hidden "
                          f"has {tuple(student_hidden.shape[:-1])}: one row of each per token")

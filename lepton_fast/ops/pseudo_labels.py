@@ -59,6 +59,7 @@ def _class_thresholds(value, logits_name: str, x: Tensor, acc: torch.dtype) -> O
         )
     if value.device != x.device:
         raise ValueError(f"{name} is on {value.device} but {logits_name} is on {x.device}")
+    _validate.no_grad_wanted(name, value)
     value = value.detach()
     _validate.no_bad_values(~((value >= 0) & (value <= 1)), f"{name} must be in [0, 1]", value)
     # Compared with the confidence in its own dtype, as the reference compares them.
@@ -80,6 +81,7 @@ def _weights(value, logits_name: str, x: Tensor, acc: torch.dtype) -> Optional[T
         )
     if value.device != x.device:
         raise ValueError(f"{name} is on {value.device} but {logits_name} is on {x.device}")
+    _validate.no_grad_wanted(name, value)
     value = value.detach()
     _validate.no_bad_values(~((value >= 0) & torch.isfinite(value)), f"{name} must be finite and >= 0", value)
     return value.reshape(-1).to(acc).contiguous()
@@ -132,7 +134,8 @@ def select_pseudo_labels(
         threshold: in [0, 1]; ignored when ``class_thresholds`` is given. A float or a 0-d
             CPU tensor (as is temperature): a value that changes every step does not
             recompile a ``torch.compile`` graph.
-        temperature: T > 0 (T < 1 sharpens, so raises the confidence).
+        temperature: T > 0 (T < 1 sharpens, so raises the confidence); every backend agrees
+            with the float64 reference over the documented range 1e-8 <= T <= 1e4.
         class_thresholds: optional [C] floating tensor of per-class thresholds in [0, 1].
         backend: force ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
 
@@ -198,7 +201,8 @@ def fused_pseudo_label_loss(
         threshold: τ in [0, 1]; ignored when ``class_thresholds`` is given. A float or a
             0-d CPU tensor (as is temperature): a value that changes every step does not
             recompile a ``torch.compile`` graph.
-        temperature: T > 0 for the weak view's confidence and soft target.
+        temperature: T > 0 for the weak view's confidence and soft target, in the documented
+            range 1e-8 <= T <= 1e4 (as select_pseudo_labels).
         soft: use softmax(weak / T) as the target instead of the hard pseudo-label.
         class_thresholds: optional [C] tensor of per-class thresholds in [0, 1]
             (FlexMatch, FreeMatch).
