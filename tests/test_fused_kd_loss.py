@@ -270,8 +270,9 @@ def test_teacher_of_another_dtype_is_read_as_given(device, backend):
 
 
 def test_gradient_buffer_is_recycled_only_when_free():
-    # CPU: a freed gradient's memory serves the next call (no page faults); one that is
-    # still held is never handed out again.
+    # The CPU C++ kernel: a freed gradient's memory serves the next call (no page faults); one
+    # that is still held is never handed out again.
+    require(SPEC, "cpu", "cpu")
     s, t = randn(64, 8192, seed=67), randn(64, 8192, seed=68)  # 2 MiB: above the recycling size
     x = s.clone().requires_grad_()
     fused_kd_loss(x, t).backward()
@@ -469,24 +470,25 @@ def test_second_backward_raises(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
-def test_second_order_gradient_raises_and_reference_gives_it(device, backend):
-    """A MAML-style inner step differentiates the gradient again: the fused kernels refuse
-    (their gradient is a constant), the reference gives the true outer gradient."""
+def test_second_order_gradient_raises_and_names_the_reference(device, backend):
+    """A MAML-style inner step differentiates the gradient again: every kernel refuses (its
+    gradient is a constant) and names lepton_fast.reference's function, which gives it."""
     require(SPEC, device, backend)
     x, t = randn(5, 6, seed=46, device=device), randn(5, 9, seed=47, device=device)
     w0 = randn(9, 6, seed=48, device=device, scale=0.5)
 
-    def outer_grad(chosen, dtype):
+    def outer_grad(loss_fn, dtype, **kw):
         w = w0.to(dtype).clone().requires_grad_()
-        loss = fused_kd_loss(x.to(dtype) @ w.T, t.to(dtype), 2.0, backend=chosen)
+        loss = loss_fn(x.to(dtype) @ w.T, t.to(dtype), 2.0, **kw)
         (g,) = torch.autograd.grad(loss, w, create_graph=True)
         (outer,) = torch.autograd.grad((w - 0.1 * g).square().sum(), w)
         return outer
 
-    with pytest.raises(RuntimeError, match="second-order"):
-        outer_grad(backend, torch.float32)
-    want = outer_grad("reference", torch.float64)
-    torch.testing.assert_close(outer_grad("reference", torch.float32).double(), want, **TOL)
+    for chosen in (backend, "reference"):
+        with pytest.raises(RuntimeError, match=r"second-order.*lepton_fast\.reference\.fused_kd_loss"):
+            outer_grad(fused_kd_loss, torch.float32, backend=chosen)
+    want = outer_grad(reference.fused_kd_loss, torch.float64)
+    torch.testing.assert_close(outer_grad(reference.fused_kd_loss, torch.float32).double(), want, **TOL)
 
 
 def test_other_cpu_instruction_sets():

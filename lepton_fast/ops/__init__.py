@@ -1,2 +1,13 @@
-"""One module per op family: the public function (argument checks, then the op), the fake
-kernels of its schemas, and its entry in the backend table (lepton_fast._backend)."""
+"""One module per op family: the schemas of its ops (``_backend.define``) with their fake
+kernels, and the public functions (argument checks, then the op). ``_reference`` holds every
+op's reference kernel, ``_autograd`` the Python autograd kernel of the fused losses; the C++,
+CUDA and Triton kernels live in csrc/ and kernels/ (lepton_fast._backend says which runs).
+
+Conventions of every schema (the kernels rely on them):
+  - logits are [N, C] with rows contiguous along C (the public functions flatten [..., C]);
+  - a floating hyper-parameter (temperature, beta, eps, ...) is a 0-d float64 CPU tensor, so
+    that a changing value neither recompiles a torch.compile graph nor syncs a device;
+  - argument values are checked once, in Python (lepton_fast/_validate.py), before any kernel
+    runs; kernels check shapes, dtypes, devices and strides, and the data they read (label
+    ranges, rows whose softmax is undefined), raising ValueError on the CPU.
+"""

@@ -19,33 +19,53 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from lepton_fast import _backend, _validate, reference
+from lepton_fast import _backend, _validate
 
-FGSM_SPEC = _backend.register("fgsm_perturb", triton="adversarial")
-FGSM_INPLACE_SPEC = _backend.register("fgsm_perturb_", triton="adversarial")
-PGD_SPEC = _backend.register("pgd_step", triton="adversarial")
-PGD_INPLACE_SPEC = _backend.register("pgd_step_", triton="adversarial")
+# L-inf perturbation steps (csrc/adversarial.h) on tensors of one floating dtype. eps, step_size,
+# clamp_min and clamp_max are each a 0-d CPU tensor (read on the host) or a tensor in x's opmath
+# dtype on x's device that broadcasts to x: per sample [N, 1, ...], per channel [C, 1, 1] (the box
+# of a normalised image), full shape, ...; the clamp bounds are both given or both None. The
+# in-place forms overwrite their first argument. The kernels refuse (CPU: ValueError; CUDA: a
+# device assertion) an input (fgsm: x, pgd: x_orig) farther than eps outside [clamp_min,
+# clamp_max], and a finite input whose result is not finite in its dtype.
+#   fgsm: clamp(x + eps * sign(grad))
+#   pgd:  clamp(x_orig + clamp(x_adv + step_size * sign(grad) - x_orig, -eps, eps))
+FGSM_SPEC = _backend.define(
+    "fgsm_perturb(Tensor x, Tensor grad, Tensor eps, Tensor? clamp_min, Tensor? clamp_max) -> Tensor",
+    triton="adversarial")
+FGSM_INPLACE_SPEC = _backend.define(
+    "fgsm_perturb_(Tensor(a!) x, Tensor grad, Tensor eps, Tensor? clamp_min, Tensor? clamp_max) -> ()",
+    triton="adversarial")
+PGD_SPEC = _backend.define(
+    "pgd_step(Tensor x_adv, Tensor x_orig, Tensor grad, Tensor step_size, Tensor eps, Tensor? clamp_min, "
+    "Tensor? clamp_max) -> Tensor",
+    triton="adversarial")
+PGD_INPLACE_SPEC = _backend.define(
+    "pgd_step_(Tensor(a!) x_adv, Tensor x_orig, Tensor grad, Tensor step_size, Tensor eps, Tensor? clamp_min, "
+    "Tensor? clamp_max) -> ()",
+    triton="adversarial")
 
 Scalar = Union[float, Tensor]
 Clamp = Optional[tuple]
 
-if _backend.extension().module is not None:
+@torch.library.register_fake("lepton_fast::fgsm_perturb")
+def _(x, grad, eps, clamp_min, clamp_max):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
-    @torch.library.register_fake("lepton_fast::fgsm_perturb")
-    def _(x, grad, eps, clamp_min, clamp_max):
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
 
-    @torch.library.register_fake("lepton_fast::fgsm_perturb_")
-    def _(x, grad, eps, clamp_min, clamp_max):
-        return None
+@torch.library.register_fake("lepton_fast::fgsm_perturb_")
+def _(x, grad, eps, clamp_min, clamp_max):
+    return None
 
-    @torch.library.register_fake("lepton_fast::pgd_step")
-    def _(x_adv, x_orig, grad, step_size, eps, clamp_min, clamp_max):
-        return torch.empty_like(x_adv, memory_format=torch.contiguous_format)
 
-    @torch.library.register_fake("lepton_fast::pgd_step_")
-    def _(x_adv, x_orig, grad, step_size, eps, clamp_min, clamp_max):
-        return None
+@torch.library.register_fake("lepton_fast::pgd_step")
+def _(x_adv, x_orig, grad, step_size, eps, clamp_min, clamp_max):
+    return torch.empty_like(x_adv, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("lepton_fast::pgd_step_")
+def _(x_adv, x_orig, grad, step_size, eps, clamp_min, clamp_max):
+    return None
 
 
 # --- argument checks ---------------------------------------------------------------------------
@@ -67,7 +87,7 @@ def _check_like(name: str, t, ref_name: str, ref: Tensor) -> Tensor:
     return t
 
 
-def _opmath(x: Tensor) -> torch.dtype:
+def opmath(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
@@ -102,7 +122,7 @@ def operand(name: str, value, x: Tensor, *, non_negative: bool) -> Tensor:
             f"{name} is on {value.device} but x is on {x.device}: move it once with .to(x.device) (a number or a "
             "0-d CPU tensor may stay on the CPU)"
         )
-    value = value.detach().to(_opmath(x))
+    value = value.detach().to(opmath(x))
     bad = ~torch.isfinite(value)
     if non_negative:
         bad |= value < 0
@@ -138,26 +158,8 @@ def _sign_operand(grad: Tensor, x: Tensor) -> Tensor:
 
 # --- the steps, on checked operands ------------------------------------------------------------
 
-_BOX_FIX = ("If the input is a normalised image ((image - mean) / std), its box is ((0 - mean) / std, (1 - mean) / std) "
-            "per channel: pass clamp=(lo, hi) with tensors of shape [C, 1, 1], or clamp=None for inputs without bounds.")
-
-
-def _reference_faults(op: str, inp_name: str, inp: Tensor, radius: Tensor, lo, hi, out: Tensor, inputs,
-                      sizes: str) -> None:
-    """The reference's check of what the kernels check where they read the data."""
-    acc = _opmath(inp)
-    a = inp.to(acc)
-    if lo is not None:
-        outside = (a + radius.to(acc) < lo.to(acc)) | (hi.to(acc) < a - radius.to(acc))
-        _validate.no_bad_values(outside, f"{op}: {inp_name} lies farther than eps outside the clamp box, so the clamp "
-                                f"would move the result more than eps from {inp_name}. {_BOX_FIX}")
-    finite = torch.isfinite(inputs[0])
-    for t in inputs[1:]:
-        finite &= torch.isfinite(t)
-    _validate.no_bad_values(~torch.isfinite(out) & finite,
-                            f"{op}: the step is not finite in {str(out.dtype)[6:]}: {sizes} beyond its range for this input "
-                            f"(largest finite value {torch.finfo(out.dtype).max:g}). Use a smaller value, a clamp "
-                            "within the range, or a wider dtype.")
+BOX_FIX = ("If the input is a normalised image ((image - mean) / std), its box is ((0 - mean) / std, (1 - mean) / std) "
+           "per channel: pass clamp=(lo, hi) with tensors of shape [C, 1, 1], or clamp=None for inputs without bounds.")
 
 
 def fgsm_checked(x: Tensor, g: Tensor, eps: Tensor, lo, hi, backend: Optional[str], *, in_place: bool) -> Tensor:
@@ -165,10 +167,6 @@ def fgsm_checked(x: Tensor, g: Tensor, eps: Tensor, lo, hi, backend: Optional[st
     spec = FGSM_INPLACE_SPEC if in_place else FGSM_SPEC
     chosen = _backend.resolve(spec, x.device, backend)
     with torch.no_grad():
-        if chosen == "reference":
-            out = reference.fgsm_perturb(x, g, eps, None if lo is None else (lo, hi))
-            _reference_faults(spec.name, "x", x, eps, lo, hi, out, (x,), "eps is")
-            return x.copy_(out) if in_place else out
         if not in_place:
             return _backend.call(spec, chosen, x.device.type, x.contiguous(), g.contiguous(), eps, lo, hi)
         target = x if x.is_contiguous() else x.contiguous()
@@ -182,10 +180,6 @@ def pgd_checked(x_adv: Tensor, x_orig: Tensor, g: Tensor, step: Tensor, eps: Ten
     spec = PGD_INPLACE_SPEC if in_place else PGD_SPEC
     chosen = _backend.resolve(spec, x_adv.device, backend)
     with torch.no_grad():
-        if chosen == "reference":
-            out = reference.pgd_step(x_adv, x_orig, g, step, eps, None if lo is None else (lo, hi))
-            _reference_faults(spec.name, "x_orig", x_orig, eps, lo, hi, out, (x_adv, x_orig), "step_size and eps are")
-            return x_adv.copy_(out) if in_place else out
         args = (x_orig.contiguous(), g.contiguous(), step, eps, lo, hi)
         if not in_place:
             return _backend.call(spec, chosen, x_adv.device.type, x_adv.contiguous(), *args)

@@ -48,8 +48,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from lepton_fast import _backend, _validate, reference
-from lepton_fast.ops import kd_loss
+from lepton_fast import _backend, _validate
+from lepton_fast.ops import _autograd, kd_loss
 from lepton_fast.ops.kd_loss import SPEC as KD_SPEC
 
 Scalar = Union[float, Tensor]
@@ -265,17 +265,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, *_):
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "fused_linear_kd_loss: a second-order gradient was asked for (create_graph=True, or a torch.func "
-            "transform), but the op computes the first-order gradients during the forward and has no derivative "
-            "of its own. Pass backend=\"reference\" for higher-order gradients.")
-    if ctx.used:
-        raise RuntimeError(
-            "fused_linear_kd_loss: backward ran twice through the same graph (retain_graph=True); the first one "
-            "consumed the gradients the forward wrote. Compute the loss again for another backward, or pass "
-            "backend=\"reference\".")
-    ctx.used = True
+    _autograd.check_backward(ctx, "fused_linear_kd_loss")
     grads = [None] * 27
     if grad_loss is None:
         return tuple(grads)
@@ -292,19 +282,9 @@ def _backward(ctx, grad_loss, *_):
         if ctx.reduction != "none" and grad.dim() == 1 and grad.numel() == 0:  # the empty "not computed"
             raise RuntimeError(f"fused_linear_kd_loss: the forward ran with {flag}=False, so it has no gradient for "
                                "an input that requires one")
-        if ctx.reduction == "none" or _traced(grad):
-            # Recomputed with grad_output already in it, or traced (the saved gradient is also a
-            # graph output and must stay as it was): out of place.
-            grads[position] = grad if ctx.reduction == "none" else (grad * grad_loss).to(grad.dtype)
-        else:
-            torch.ops.lepton_fast.scale_grad_(grad, grad_loss)  # in place; nothing at all when exactly 1
-            grads[position] = grad
+        # Recomputed with grad_output already in it, or scaled by it now.
+        grads[position] = grad if ctx.reduction == "none" else _autograd.times(grad, grad_loss)
     return tuple(grads)
-
-
-def _traced(t: Tensor) -> bool:
-    """A fake or functional tensor of torch.compile's tracing, or another tensor subclass."""
-    return torch._C._dispatch_keys(t).has(torch._C.DispatchKey.Python)
 
 
 _fused_linear_kd_loss.register_autograd(_backward, setup_context=_setup_context)
@@ -416,10 +396,10 @@ def fused_linear_kd_loss(
             on the CPU, 1 GiB on a GPU. The result does not depend on it beyond float32
             rounding.
         backend: the row kernel, as in :func:`lepton_fast.fused_kd_loss`: ``"cpu"``,
-            ``"cuda"``, ``"triton"``, or ``"reference"``, which projects the full logits with
-            autograd (an [N, V] buffer: for tests and higher-order gradients). Forcing a
-            kernel is eager-only, and applies to the forward: with reduction "none" the
-            backward recomputes the gradients with the default kernel.
+            ``"cuda"``, ``"triton"`` or ``"reference"`` (lepton_fast.reference's row loss
+            under the op's schema, chunk by chunk as the others). Forcing a kernel is
+            eager-only, and applies to the forward: with reduction "none" the backward
+            recomputes the gradients with the default kernel.
         group: a torch.distributed process group whose ranks split the vocabulary (an lm_head
             sharded as Megatron's ColumnParallelLinear), or None for one device. Each rank
             passes its contiguous [V_r, H] slices of both heads (and of the biases), in rank
@@ -428,9 +408,8 @@ def fused_linear_kd_loss(
             vocabulary, the gradient of its weight and bias slices, and the gradient of the
             hidden states all-reduced over the group. Per chunk the rows' statistics take the
             all-reduces of :func:`lepton_fast.distributed.vocab_parallel_kd_loss`, plus one of
-            [N, H_s] at the end; the backward none. Eager only; not with reduction "none",
-            ``vocab_size`` or ``backend="reference"`` (whose full projection is what the group
-            avoids).
+            [N, H_s] at the end; the backward none. Eager only; not with reduction "none"
+            or ``vocab_size``.
 
     Returns:
         float32 loss (float64 for float64 inputs): a scalar, or [...] for ``"none"``.
@@ -442,14 +421,22 @@ def fused_linear_kd_loss(
             names both), ``vocab_size`` outside [1, min(V, V_t)], a non-positive chunk_size or
             softcap, a non-finite logit scale, and everything :func:`fused_kd_loss` refuses.
         RuntimeError: a forced backend that cannot run here; a second backward through one
-            graph, or a second-order gradient (only ``backend="reference"`` gives those).
+            graph, or a second-order gradient (differentiate
+            :func:`lepton_fast.reference.fused_linear_kd_loss` for those).
 
     Memory: the chunk's buffers, the float32 weight-gradient accumulator when the weight is
     not float32 ([V, H_s]), and the gradients themselves; no buffer of N x V elements of any
     dtype. Time: the four GEMMs (student and teacher logits, d hidden, d weight; 8·N·H·V flops
     for H_s = H_t = H) plus the row kernel.
     """
-    return _linear_kd(**locals(), entropy=False)[0]
+    # Every argument spelled out: Dynamo (torch 2.11) cannot trace locals().
+    return _linear_kd(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, temperature, student_bias=student_bias,
+        teacher_bias=teacher_bias, divergence=divergence, beta=beta, labels=labels, alpha=alpha,
+        label_smoothing=label_smoothing, ignore_index=ignore_index, scale_by_t2=scale_by_t2, reduction=reduction,
+        num_items_in_batch=num_items_in_batch, vocab_size=vocab_size, student_logit_scale=student_logit_scale,
+        teacher_logit_scale=teacher_logit_scale, student_softcap=student_softcap, teacher_softcap=teacher_softcap,
+        chunk_size=chunk_size, backend=backend, entropy=False, group=group)[0]
 
 
 def _linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, temperature, *, student_bias,
@@ -458,7 +445,7 @@ def _linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, t
                teacher_softcap, chunk_size, backend, entropy: bool, group=None) -> tuple[Tensor, Optional[Tensor]]:
     """:func:`fused_linear_kd_loss` (every argument given) -> (loss, the sum of the student's
     entropy of softmax(z_s / T) over the rows that count, no gradient, when ``entropy``; else
-    None), on every backend (the reference one projects the student's logits once more)."""
+    None), on every backend."""
     _head("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias)
     _head("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias", teacher_bias)
     if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
@@ -499,14 +486,12 @@ def _linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, t
     else:
         _validate.zero("alpha", alpha, "alpha > 0 weights a hard-label cross-entropy, so labels are required")
 
-    kw = dict(divergence=divergence, beta=beta, labels=labels, alpha=alpha, label_smoothing=label_smoothing,
-              ignore_index=ignore_index, scale_by_t2=scale_by_t2, reduction=reduction)
     chosen = _backend.resolve(KD_SPEC, student_hidden.device, backend)
     split = None
     if group is not None:
         refused = [what for what, given in (
             ("reduction 'none'", reduction == "none"), ("vocab_size", vocab_size != v_s),
-            ("backend='reference'", chosen == "reference"), ("torch.compile", torch.compiler.is_compiling()),
+            ("torch.compile", torch.compiler.is_compiling()),
             ("the entropy", entropy)) if given]
         if refused:
             raise ValueError(f"fused_linear_kd_loss with group=: not with {refused[0]} (see the docstring)")
@@ -515,24 +500,6 @@ def _linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, t
         split = distributed.vocab_split(group, v_s, student_hidden.device, _backend.resolve(kd_loss.SLICE_SPEC,
                                                                                             student_hidden.device,
                                                                                             backend))
-    if chosen == "reference":
-        if labels is not None:
-            _validate.labels_in_range("labels", labels, vocab_size, ignore_index)
-        loss = reference.fused_linear_kd_loss(
-            student_hidden, student_weight, teacher_hidden, teacher_weight, temperature, student_bias=student_bias,
-            teacher_bias=teacher_bias, vocab_size=vocab_size, student_logit_scale=s_scale,
-            teacher_logit_scale=t_scale, student_softcap=s_cap, teacher_softcap=t_cap,
-            num_items_in_batch=num_items_in_batch, **kw)
-        entropy_sum = None
-        if entropy:
-            with torch.no_grad():
-                z_s = reference.lm_head_logits(student_hidden, student_weight[:vocab_size],
-                                               None if student_bias is None else student_bias[:vocab_size],
-                                               s_scale, s_cap)
-                rows = _entropy_rows(z_s.reshape(-1, vocab_size), 1.0 / float(temperature_t))
-                entropy_sum = (rows if labels is None else rows * (labels != ignore_index)).sum()
-        return (loss.reshape(lead) if reduction == "none" else loss), entropy_sum
-
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
     h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
     num_items = kd_loss._num_items(num_items_in_batch, h_s)
