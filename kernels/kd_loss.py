@@ -1,4 +1,4 @@
-"""Triton kernels of fused_kd_loss and the kd_slice_* ops (schemas: csrc/ops.cpp), the same
+"""Triton kernels of fused_kd_loss and the kd_slice_* ops (schemas: lepton_fast/ops/kd_loss.py), the same
 contract as the C++ kernels.
 
 A row's steps (csrc/kd_loss.h documents them and the formulas) are ``@triton.jit`` functions
@@ -428,7 +428,7 @@ def fused_kd_loss(
     block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss as ``reduction`` asks, d(loss)/d(student) or an empty tensor): the contract of
-    ``torch.ops.lepton_fast.fused_kd_loss`` (csrc/ops.cpp). ``block`` overrides the column
+    ``torch.ops.lepton_fast.fused_kd_loss`` (lepton_fast/ops/kd_loss.py). ``block`` overrides the column
     block (a power of two), for tests."""
     return _loss_and_grad("fused_kd_loss", student_logits, teacher_logits, labels, None, None, temperature, beta,
                           alpha, label_smoothing, divergence, ignore_index, scale_by_t2, reduction, num_items_in_batch,
@@ -438,7 +438,7 @@ def fused_kd_loss(
 def kd_slice_loss(student_logits, teacher_logits, labels, stats, jsd_sums, temperature, beta, alpha, label_smoothing,
                   divergence, ignore_index, scale_by_t2, reduction, num_items_in_batch, class_offset, n_classes,
                   compute_grad, *, block=None):
-    """The contract of ``torch.ops.lepton_fast.kd_slice_loss`` (csrc/ops.cpp)."""
+    """The contract of ``torch.ops.lepton_fast.kd_slice_loss`` (lepton_fast/ops/kd_loss.py)."""
     return _loss_and_grad("kd_slice_loss", student_logits, teacher_logits, labels, stats, jsd_sums, temperature, beta,
                           alpha, label_smoothing, divergence, ignore_index, scale_by_t2, reduction, num_items_in_batch,
                           class_offset, n_classes, compute_grad, block)
@@ -446,7 +446,7 @@ def kd_slice_loss(student_logits, teacher_logits, labels, stats, jsd_sums, tempe
 
 def kd_slice_stats(student_logits, teacher_logits, labels, temperature, beta, alpha, label_smoothing, divergence,
                    ignore_index, class_offset, n_classes, *, block=None):
-    """The contract of ``torch.ops.lepton_fast.kd_slice_stats`` (csrc/ops.cpp)."""
+    """The contract of ``torch.ops.lepton_fast.kd_slice_stats`` (lepton_fast/ops/kd_loss.py)."""
     call = _Call("kd_slice_stats", student_logits, teacher_logits, labels, temperature, beta, alpha,
                  label_smoothing, divergence, ignore_index, block)
     call.check_slice(class_offset, n_classes)
@@ -461,7 +461,7 @@ def kd_slice_stats(student_logits, teacher_logits, labels, temperature, beta, al
 
 
 def kd_slice_jsd_sums(student_logits, teacher_logits, labels, stats, temperature, beta, ignore_index, *, block=None):
-    """The contract of ``torch.ops.lepton_fast.kd_slice_jsd_sums`` (csrc/ops.cpp)."""
+    """The contract of ``torch.ops.lepton_fast.kd_slice_jsd_sums`` (lepton_fast/ops/kd_loss.py)."""
     zero = torch.zeros((), dtype=torch.float64)
     call = _Call("kd_slice_jsd_sums", student_logits, teacher_logits, labels, temperature, beta, zero, zero, "jsd",
                  ignore_index, block)

@@ -204,13 +204,7 @@ def no_bad_values(bad: Tensor, message: str, values: Optional[Tensor] = None) ->
 
 
 def labels_in_range(name: str, labels: Tensor, n_classes: int, ignore_index: int) -> None:
-    """Each label in [0, C) or equal to ignore_index (the reference backend's check; the
-    kernels check the labels they read)."""
+    """Each label in [0, C) or equal to ignore_index (the reference kernels' check; the
+    compiled kernels check the labels they read)."""
     bad = ((labels < 0) | (labels >= n_classes)) & (labels != ignore_index)
     no_bad_values(bad, f"{name} must be in [0, {n_classes}) or equal ignore_index={ignore_index}", labels)
-
-
-def rows_defined(rows: Tensor, what: str) -> None:
-    """The reference's check of what the kernels check in place: a row whose softmax is
-    undefined (entirely -inf, or holding NaN) gives NaN, which becomes an error."""
-    no_bad_values(torch.isnan(rows), f"{what}: a row is entirely -inf, or holds +inf or NaN, so its softmax is undefined")

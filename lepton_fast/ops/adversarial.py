@@ -92,7 +92,7 @@ def opmath(x: Tensor) -> torch.dtype:
 
 
 def operand(name: str, value, x: Tensor, *, non_negative: bool) -> Tensor:
-    """eps, step_size or a clamp bound as the kernels take it (csrc/ops.cpp): a number (or a
+    """eps, step_size or a clamp bound as the kernels take it (lepton_fast/ops/__init__.py): a number (or a
     0-d CPU tensor) becomes a 0-d float64 CPU tensor, checked at once; a tensor that broadcasts
     to x becomes x's opmath dtype on x's device, checked without a host sync off the CPU.
 
