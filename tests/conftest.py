@@ -178,6 +178,9 @@ DEVICE_BACKENDS = [
     pytest.param("cuda", "cuda", id="cuda-cuda", marks=pytest.mark.cuda),
     pytest.param("cuda", "triton", id="cuda-triton", marks=pytest.mark.cuda),
 ]
+# ... and the reference kernel (lepton_fast/ops/_reference.py), for the tests of what every
+# kernel of a schema must satisfy (opcheck): the CPU kernel of a pure-Python install.
+KERNEL_BACKENDS = DEVICE_BACKENDS + [pytest.param("cpu", "reference", id="cpu-reference")]
 
 
 def require(spec, device: str, backend: str) -> None:

@@ -15,7 +15,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import (DEVICE_BACKENDS, TRITON_COLUMN_BLOCKS, interpreted, low_precision_tolerance, opcheck_kernel,
+from conftest import (KERNEL_BACKENDS, DEVICE_BACKENDS, TRITON_COLUMN_BLOCKS, interpreted, low_precision_tolerance, opcheck_kernel,
                       require, run_on_each_cpu_capability)
 from lepton_fast import _backend, fused_pseudo_label_loss, reference
 from lepton_fast.ops.pseudo_labels import LOSS_SPEC as SPEC
@@ -296,7 +296,7 @@ def _op_args(device, requires_grad):
     ]
 
 
-@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
 def test_opcheck(device, backend):
     """The schema, fake kernel, autograd registration and AOT dispatch of every kernel."""
     require(SPEC, device, backend)
