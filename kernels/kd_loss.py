@@ -30,13 +30,16 @@ import torch
 import triton
 import triton.language as tl
 
+from lepton_fast._validate import DIVERGENCES
+from lepton_fast.ops.kd_loss import N_STATS, soft_kind
+
 from ._common import (acc_dtype, check_labels, check_rows_defined, online_softmax, reduce_rows, scalar,
                       store_zeros)
 
-_DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+# The kernels' DIV constexpr: the divergence's position in the names every layer accepts.
+_DIVERGENCES = {name: code for code, name in enumerate(DIVERGENCES)}
 # Widest column block: 8 accumulators per element stay in registers at 8 warps.
 MAX_BLOCK = 2048
-N_STATS = 7  # the columns of kd_slice_stats (KDStat in csrc/kd_loss.h)
 
 
 @triton.jit
@@ -336,10 +339,7 @@ class _Call:
         self.op, self.ignore_index = op, ignore_index
         self.t, self.b, self.a, self.eps = scalar(temperature), scalar(beta), scalar(alpha), scalar(label_smoothing)
         # beta 0 / 1 are forward / reverse KL exactly (csrc/kd_loss.h make_kd_params).
-        div = _DIVERGENCES[divergence]
-        if div == 2 and self.b in (0.0, 1.0):
-            div = 0 if self.b == 0.0 else 1
-        self.div = div
+        self.div = div = _DIVERGENCES[soft_kind(divergence, self.b)]
         self.n_rows, self.n_classes = student_logits.shape
         self.acc, self.tl_acc = acc_dtype(student_logits)
         self.labels = None if labels is None else labels.to(torch.int64).contiguous()

@@ -13,8 +13,8 @@ import textwrap
 import pytest
 import torch
 
-from conftest import (KERNEL_BACKENDS, DEVICE_BACKENDS, TRITON_COLUMN_BLOCKS, interpreted, low_precision_tolerance, opcheck_kernel,
-                      require, run_on_each_cpu_capability)
+from conftest import (DEVICE_BACKENDS, KERNEL_BACKENDS, TRITON_COLUMN_BLOCKS, interpreted, low_precision_tolerance,
+                      opcheck_kernel, require, run_on_each_cpu_capability)
 from lepton_fast import KDLoss, fused_kd_loss, reference
 from lepton_fast.ops.kd_loss import SPEC
 

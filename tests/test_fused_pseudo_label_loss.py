@@ -15,8 +15,8 @@ import textwrap
 import pytest
 import torch
 
-from conftest import (KERNEL_BACKENDS, DEVICE_BACKENDS, TRITON_COLUMN_BLOCKS, interpreted, low_precision_tolerance, opcheck_kernel,
-                      require, run_on_each_cpu_capability)
+from conftest import (DEVICE_BACKENDS, KERNEL_BACKENDS, TRITON_COLUMN_BLOCKS, interpreted, low_precision_tolerance,
+                      opcheck_kernel, require, run_on_each_cpu_capability)
 from lepton_fast import _backend, fused_pseudo_label_loss, reference
 from lepton_fast.ops.pseudo_labels import LOSS_SPEC as SPEC
 

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import lepton_fast
-from conftest import (KERNEL_BACKENDS, BROADCASTS, DEVICE_BACKENDS, C, H, N, W, as_broadcast, broadcast_operand as operand, interpreted,
-                      require)
+from conftest import (BROADCASTS, DEVICE_BACKENDS, KERNEL_BACKENDS, C, H, N, W, as_broadcast,
+                      broadcast_operand as operand, interpreted, require)
 from lepton_fast import _backend, reference
 from lepton_fast.ops.adversarial import PGD_INPLACE_SPEC, PGD_SPEC
 

@@ -68,85 +68,10 @@ def _(x_adv, x_orig, grad, step_size, eps, clamp_min, clamp_max):
     return None
 
 
-# --- argument checks ---------------------------------------------------------------------------
+# --- argument checks (lepton_fast._validate) ------------------------------------------------------
 
-def check_input(name: str, x) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _validate.FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
-    return x
-
-
-def _check_like(name: str, t, ref_name: str, ref: Tensor) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    _validate.same_shape(name, t, ref_name, ref)
-    return t
-
-
-def opmath(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def operand(name: str, value, x: Tensor, *, non_negative: bool) -> Tensor:
-    """eps, step_size or a clamp bound as the kernels take it (lepton_fast/ops/__init__.py): a number (or a
-    0-d CPU tensor) becomes a 0-d float64 CPU tensor, checked at once; a tensor that broadcasts
-    to x becomes x's opmath dtype on x's device, checked without a host sync off the CPU.
-
-    A 1-d tensor is one value per sample ([N], viewed as [N, 1, ...]) whatever x's shape: for
-    per-channel or per-feature values give a shape that broadcasts ([C, 1, 1], [1, D]).
-    """
-    if not isinstance(value, Tensor) or (value.dim() == 0 and value.device.type == "cpu"):
-        return _validate.non_negative(name, value) if non_negative else _validate.hyper(name, value)
-    if not value.is_floating_point():
-        raise TypeError(f"{name} must be a number or a floating-point tensor, got {value.dtype}")
-    if value.dim() == 1 and x.dim() > 1:
-        if value.shape[0] != x.shape[0]:
-            raise ValueError(
-                f"{name} of shape {tuple(value.shape)}: a 1-d {name} is one value per sample and needs length "
-                f"{x.shape[0]} for x of shape {tuple(x.shape)}; for one value per channel or feature give a shape "
-                f"that broadcasts to x, such as [C, 1, 1] or [1, D]"
-            )
-        value = value.reshape((-1,) + (1,) * (x.dim() - 1))
-    try:
-        fits = torch.broadcast_shapes(value.shape, x.shape) == x.shape
-    except RuntimeError:
-        fits = False
-    if not fits:
-        raise ValueError(f"{name} of shape {tuple(value.shape)} does not broadcast to x's shape {tuple(x.shape)}")
-    if value.device != x.device:
-        raise ValueError(
-            f"{name} is on {value.device} but x is on {x.device}: move it once with .to(x.device) (a number or a "
-            "0-d CPU tensor may stay on the CPU)"
-        )
-    value = value.detach().to(opmath(x))
-    bad = ~torch.isfinite(value)
-    if non_negative:
-        bad |= value < 0
-    _validate.no_bad_values(bad, f"{name} must be finite{' and >= 0' if non_negative else ''} everywhere", value)
-    return value
-
-
-def clamp_bounds(clamp, x: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """(lo, hi) as ``operand`` makes them, or (None, None) for clamp=None; lo <= hi everywhere."""
-    if clamp is None:
-        return None, None
-    try:
-        lo, hi = clamp
-    except (TypeError, ValueError):
-        raise TypeError(f"clamp must be None or a pair (min, max) of numbers or tensors, got {clamp!r}") from None
-    numbers = not isinstance(lo, Tensor) and not isinstance(hi, Tensor)
-    lo_t, hi_t = operand("clamp[0]", lo, x, non_negative=False), operand("clamp[1]", hi, x, non_negative=False)
-    message = "clamp must be (min, max) with min <= max everywhere"
-    if numbers and not torch.compiler.is_compiling():
-        if float(lo) > float(hi):
-            raise ValueError(f"{message}, got {clamp!r}")
-    else:
-        _validate.no_bad_values(lo_t > hi_t, message)
-    return lo_t, hi_t
+check_input, operand = _validate.float_input, _validate.step_operand
+clamp_bounds, opmath = _validate.clamp_bounds, _validate.opmath
 
 
 def _sign_operand(grad: Tensor, x: Tensor) -> Tensor:
@@ -211,7 +136,7 @@ def _check_in_place(name: str, x: Tensor) -> None:
 
 def _fgsm_args(x, grad, eps, clamp):
     check_input("x", x)
-    _check_like("grad", grad, "x", x)
+    _validate.floating_like("grad", grad, "x", x)
     lo, hi = clamp_bounds(clamp, x)
     return _sign_operand(grad, x), operand("eps", eps, x, non_negative=True), lo, hi
 
@@ -259,8 +184,8 @@ def fgsm_perturb_(x: Tensor, grad: Tensor, eps: Scalar, clamp: Clamp = (0.0, 1.0
 
 def _pgd_args(x_adv, x_orig, grad, step_size, eps, clamp):
     check_input("x_adv", x_adv)
-    _check_like("x_orig", x_orig, "x_adv", x_adv)
-    _check_like("grad", grad, "x_adv", x_adv)
+    _validate.floating_like("x_orig", x_orig, "x_adv", x_adv)
+    _validate.floating_like("grad", grad, "x_adv", x_adv)
     step = operand("step_size", step_size, x_adv, non_negative=True)
     eps = operand("eps", eps, x_adv, non_negative=True)
     lo, hi = clamp_bounds(clamp, x_adv)

@@ -58,7 +58,7 @@ SLICE_SPEC = _backend.define(
     "bool compute_grad) -> (Tensor loss, Tensor grad)",
     triton="kd_loss", public=False, saves_grad=True)
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+DIVERGENCES = _validate.DIVERGENCES
 # The columns of kd_slice_stats: KDStat in csrc/kd_loss.h.
 MAX_S, MAX_T, SUM_S, SUM_T, KL_SUM, SUM_CE, LIN_CE = range(7)
 N_STATS = 7
@@ -102,17 +102,6 @@ def _(student_logits, teacher_logits, labels, stats, jsd_sums, temperature, beta
     loss = stats.new_empty((student_logits.shape[0],) if reduction == "none" else ())
     grad = torch.empty_like(student_logits) if compute_grad else student_logits.new_empty((0,))
     return loss, grad
-
-
-def _num_items(value, like: Tensor) -> Optional[Tensor]:
-    if value is None:
-        return None
-    if isinstance(value, Tensor) and value.device == like.device and like.device.type != "cpu":
-        # transformers hands the count over on the device; the kernel reads it there.
-        if value.numel() != 1:
-            raise ValueError(f"num_items_in_batch must be a number or a 0-d tensor, got shape {tuple(value.shape)}")
-        return value.detach().reshape(()).to(torch.float64)
-    return _validate.positive("num_items_in_batch", value)
 
 
 def fused_kd_loss(
@@ -228,25 +217,13 @@ def checked(student_logits, teacher_logits, temperature, divergence, beta, label
     _validate.logits("student_logits", student_logits, empty_ok=slice_of_classes)
     _validate.logits("teacher_logits", teacher_logits, empty_ok=slice_of_classes)
     _validate.same_shape("teacher_logits", teacher_logits, "student_logits", student_logits)
-    temperature_t = _validate.positive("temperature", temperature)
-    _validate.choice("divergence", divergence, DIVERGENCES)
-    beta_t = _validate.unit_interval("beta", beta)
-    alpha_t = _validate.unit_interval("alpha", alpha)
-    label_smoothing_t = _validate.unit_interval("label_smoothing", label_smoothing)
-    _validate.choice("reduction", reduction, _validate.REDUCTIONS)
-    if num_items_in_batch is not None and reduction == "none":
-        raise ValueError(
-            "num_items_in_batch divides the summed loss, so it needs reduction 'mean' or 'sum', not 'none'")
-    num_items = _num_items(num_items_in_batch, student_logits)
-    if labels is not None:
-        labels = _validate.class_labels("labels", labels, "student_logits", student_logits).reshape(-1)
-    else:
-        _validate.zero("alpha", alpha, "alpha > 0 weights a hard-label cross-entropy, so labels are required")
+    o = _validate.kd_options(temperature, divergence, beta, alpha, label_smoothing, reduction, num_items_in_batch,
+                             labels, "student_logits", student_logits)
     student, teacher = _validate.common_dtype(student_logits, teacher_logits.detach())
     student, teacher = _validate.as_rows(student), _validate.as_rows(teacher)
     compute_grad = student.requires_grad and torch.is_grad_enabled()
-    return KDArgs(student, teacher, labels, student_logits.shape[:-1], temperature_t, beta_t, alpha_t,
-                  label_smoothing_t, num_items, compute_grad)
+    return KDArgs(student, teacher, o.labels, student_logits.shape[:-1], o.temperature, o.beta, o.alpha,
+                  o.label_smoothing, o.num_items, compute_grad)
 
 
 # --- The slice ops ---------------------------------------------------------------------------

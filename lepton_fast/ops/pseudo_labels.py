@@ -57,47 +57,6 @@ def _acc_dtype(*logits: Tensor) -> torch.dtype:
     return dtype
 
 
-def _class_thresholds(value, logits_name: str, x: Tensor, acc: torch.dtype) -> Optional[Tensor]:
-    if value is None:
-        return None
-    name = "class_thresholds"
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape [C] or None, got {type(value).__name__}")
-    if not value.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
-    if value.shape != (x.shape[-1],):
-        raise ValueError(
-            f"{name} must have shape [C] = ({x.shape[-1]},) to match {logits_name} {tuple(x.shape)}, "
-            f"got {tuple(value.shape)}"
-        )
-    if value.device != x.device:
-        raise ValueError(f"{name} is on {value.device} but {logits_name} is on {x.device}")
-    value = value.detach()
-    _validate.no_bad_values(~((value >= 0) & (value <= 1)), f"{name} must be in [0, 1]", value)
-    # Compared with the confidence in its own dtype, as the reference compares them.
-    return value.to(acc).contiguous()
-
-
-def _weights(value, logits_name: str, x: Tensor, acc: torch.dtype) -> Optional[Tensor]:
-    if value is None:
-        return None
-    name = "weights"
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape [...] or None, got {type(value).__name__}")
-    if not value.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
-    if value.shape != x.shape[:-1]:
-        raise ValueError(
-            f"{name} must have shape {tuple(x.shape[:-1])} (one per row of {logits_name} "
-            f"{tuple(x.shape)}), got {tuple(value.shape)}"
-        )
-    if value.device != x.device:
-        raise ValueError(f"{name} is on {value.device} but {logits_name} is on {x.device}")
-    value = value.detach()
-    _validate.no_bad_values(~((value >= 0) & torch.isfinite(value)), f"{name} must be finite and >= 0", value)
-    return value.reshape(-1).to(acc).contiguous()
-
-
 @torch.library.register_fake("lepton_fast::select_pseudo_labels")
 def _(logits, threshold, temperature, class_thresholds):
     n = logits.shape[0]
@@ -161,7 +120,7 @@ def select_pseudo_labels(
     _validate.logits("logits", logits)
     threshold_t = _validate.unit_interval("threshold", threshold)
     temperature_t = _validate.positive("temperature", temperature)
-    class_thresholds = _class_thresholds(class_thresholds, "logits", logits, _acc_dtype(logits))
+    class_thresholds = _validate.class_thresholds(class_thresholds, "logits", logits, _acc_dtype(logits))
     lead = logits.shape[:-1]
     x = _validate.as_rows(logits.detach())
     labels, confidence, mask = _backend.call(SELECT_SPEC, _backend.resolve(SELECT_SPEC, x.device, backend),
@@ -242,8 +201,8 @@ def fused_pseudo_label_loss(
     soft = bool(soft)
     _validate.choice("reduction", reduction, _validate.REDUCTIONS)
     acc = _acc_dtype(strong_logits, weak_logits)
-    class_thresholds = _class_thresholds(class_thresholds, "strong_logits", strong_logits, acc)
-    weights = _weights(weights, "strong_logits", strong_logits, acc)
+    class_thresholds = _validate.class_thresholds(class_thresholds, "strong_logits", strong_logits, acc)
+    weights = _validate.row_weights(weights, "strong_logits", strong_logits, acc)
 
     lead = strong_logits.shape[:-1]
     strong, weak = _validate.common_dtype(strong_logits, weak_logits.detach())
