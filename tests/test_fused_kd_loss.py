@@ -13,7 +13,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import (DEVICE_BACKENDS, KERNEL_BACKENDS, TRITON_COLUMN_BLOCKS, interpreted, low_precision_tolerance,
+from conftest import (DEVICE_BACKENDS, TRITON_COLUMN_BLOCKS, interpreted, low_precision_tolerance,
                       opcheck_kernel, require, run_on_each_cpu_capability)
 from lepton_fast import KDLoss, fused_kd_loss, reference
 from lepton_fast.ops.kd_loss import SPEC
@@ -340,7 +340,7 @@ def _op_args(device, requires_grad):
     ]
 
 
-@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_opcheck(device, backend):
     """The schema, fake kernel, autograd registration and AOT dispatch of every kernel."""
     require(SPEC, device, backend)
@@ -457,6 +457,20 @@ def test_backend_forcing(monkeypatch):
         fused_kd_loss(s, t, backend="cuda")
     with pytest.raises(ValueError, match="backend"):
         fused_kd_loss(s, t, backend="gpu")
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_autocast_takes_the_inputs_as_given(device, backend):
+    """Under torch.autocast the op casts nothing (no Autocast kernel): a bfloat16 student and a
+    float32 teacher give, bit for bit, the loss and gradient they give outside it, in float32."""
+    require(SPEC, device, backend)
+    s, t = randn(4, 19, seed=91, dtype=torch.bfloat16, device=device), randn(4, 19, seed=92, device=device)
+    labels = random_labels((4,), 19, seed=93, device=device)
+    outside = ours(backend, s, t, temperature=2.0, labels=labels, alpha=0.3)
+    with torch.autocast(device, dtype=torch.float16 if device == "cuda" else torch.bfloat16):
+        inside = ours(backend, s, t, temperature=2.0, labels=labels, alpha=0.3)
+    assert inside[0].dtype == torch.float32 and inside[1].dtype == torch.bfloat16
+    assert torch.equal(inside[0], outside[0]) and torch.equal(inside[1], outside[1])
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)

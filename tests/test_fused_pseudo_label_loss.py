@@ -15,7 +15,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import (DEVICE_BACKENDS, KERNEL_BACKENDS, TRITON_COLUMN_BLOCKS, interpreted, low_precision_tolerance,
+from conftest import (DEVICE_BACKENDS, TRITON_COLUMN_BLOCKS, interpreted, low_precision_tolerance,
                       opcheck_kernel, require, run_on_each_cpu_capability)
 from lepton_fast import _backend, fused_pseudo_label_loss, reference
 from lepton_fast.ops.pseudo_labels import LOSS_SPEC as SPEC
@@ -25,7 +25,7 @@ from lepton_fast.ops.pseudo_labels import LOSS_SPEC as SPEC
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
                                         "ignore:divide by zero encountered:RuntimeWarning")
 # The kernels and the reference, which is the fallback users get and must agree too.
-BACKENDS = DEVICE_BACKENDS + [pytest.param("cpu", "reference", id="cpu-reference")]
+BACKENDS = DEVICE_BACKENDS
 LOW = (torch.bfloat16, torch.float16)
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -296,7 +296,7 @@ def _op_args(device, requires_grad):
     ]
 
 
-@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_opcheck(device, backend):
     """The schema, fake kernel, autograd registration and AOT dispatch of every kernel."""
     require(SPEC, device, backend)

@@ -12,13 +12,13 @@ import math
 import pytest
 import torch
 
-from conftest import KERNEL_BACKENDS, DEVICE_BACKENDS, TRITON_COLUMN_BLOCKS, interpreted, opcheck_kernel, require
+from conftest import DEVICE_BACKENDS, TRITON_COLUMN_BLOCKS, interpreted, opcheck_kernel, require
 from lepton_fast import reference, select_pseudo_labels
 from lepton_fast.ops.pseudo_labels import SELECT_SPEC as SPEC
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
                                         "ignore:divide by zero encountered:RuntimeWarning")
-BACKENDS = DEVICE_BACKENDS + [pytest.param("cpu", "reference", id="cpu-reference")]
+BACKENDS = DEVICE_BACKENDS
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
@@ -156,7 +156,7 @@ def _op_args(device):
     return [(logits, f64(0.5), f64(1.0), None), (logits, f64(0.2), f64(0.5), ct)]
 
 
-@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_opcheck(device, backend):
     """The schema, fake kernel, autograd registration and AOT dispatch of every kernel."""
     require(SPEC, device, backend)

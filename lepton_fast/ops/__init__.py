@@ -10,4 +10,10 @@ Conventions of every schema (the kernels rely on them):
   - argument values are checked once, in Python (lepton_fast/_validate.py), before any kernel
     runs; kernels check shapes, dtypes, devices and strides, and the data they read (label
     ranges, rows whose softmax is undefined), raising ValueError on the CPU.
+
+Autocast: the ops register no Autocast kernel, so under ``torch.autocast`` they take their
+inputs as given (the dispatcher falls through): the kernels read float16 and bfloat16 and
+accumulate in float32 (float64 for float64), the precision autocast's float32 list gives
+F.cross_entropy and F.kl_div, without a float32 copy of the logits. fused_linear_kd_loss casts
+each head to autocast's dtype first, as F.linear would.
 """

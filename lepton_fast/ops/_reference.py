@@ -75,10 +75,19 @@ def fused_kd_loss(student_logits, teacher_logits, labels, temperature, beta, alp
     return loss, grad
 
 
-def kd_slice_stats(student_logits, teacher_logits, labels, temperature, beta, alpha, label_smoothing, divergence,
-                   ignore_index, class_offset, n_classes):
+def _slice_checks(op: str, student_logits, labels, ignore_index: int, class_offset: int, n_classes: int) -> None:
+    """The slice lies in rows of n_classes; the labels are class ids of those rows."""
+    width = student_logits.shape[-1]
+    if not (0 <= class_offset and class_offset + width <= n_classes):
+        raise ValueError(f"{op}: a slice of {width} columns at class_offset={class_offset} does not fit in "
+                         f"n_classes={n_classes}")
     if labels is not None:
         _validate.labels_in_range("labels", labels, n_classes, ignore_index)
+
+
+def kd_slice_stats(student_logits, teacher_logits, labels, temperature, beta, alpha, label_smoothing, divergence,
+                   ignore_index, class_offset, n_classes):
+    _slice_checks("kd_slice_stats", student_logits, labels, ignore_index, class_offset, n_classes)
     return reference.kd_slice_stats(
         student_logits, teacher_logits, labels, divergence=divergence, ignore_index=ignore_index,
         class_offset=class_offset, n_classes=n_classes,
@@ -93,6 +102,7 @@ def kd_slice_jsd_sums(student_logits, teacher_logits, labels, stats, temperature
 def kd_slice_loss(student_logits, teacher_logits, labels, stats, jsd_sums, temperature, beta, alpha, label_smoothing,
                   divergence, ignore_index, scale_by_t2, reduction, num_items_in_batch, class_offset, n_classes,
                   compute_grad):
+    _slice_checks("kd_slice_loss", student_logits, labels, ignore_index, class_offset, n_classes)
     loss, grad = reference.kd_slice_loss(
         student_logits, teacher_logits, labels, stats, jsd_sums, divergence=divergence, ignore_index=ignore_index,
         scale_by_t2=scale_by_t2, reduction=reduction, num_items_in_batch=num_items_in_batch,
