@@ -149,6 +149,9 @@ def build_facts():
         "cuda": torch.version.cuda if with_cuda else None,
         "archs": os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else None,
         "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI),
+        # The extension registers kernels only (TORCH_LIBRARY_IMPL); the schemas are defined in
+        # Python. A build without this mark defines them itself and would abort the process.
+        "impl_only": True,
     }
 
 

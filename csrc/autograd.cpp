@@ -23,7 +23,7 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptionalTensor = std::optional<at::Tensor>;
 
-// The schemas of csrc/ops.cpp as C++ function types, for the typed dispatcher handles.
+// The schemas (lepton_fast/ops/*.py) as C++ function types, for the typed dispatcher handles.
 using FusedKDLossFn = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const OptionalTensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, c10::string_view, int64_t, bool, c10::string_view, const OptionalTensor&,
@@ -55,11 +55,11 @@ at::Tensor saved_gradient_times(AutogradContext* ctx, const at::Tensor& grad_los
   TORCH_CHECK(!at::GradMode::is_enabled(), op,
               ": a second-order gradient was asked for (create_graph=True, or a torch.func transform), but "
               "the fused kernel computes the first-order gradient during the forward and has no derivative "
-              "of its own. Pass backend=\"reference\" for higher-order gradients.");
+              "of its own. Differentiate lepton_fast.reference.", op, " (plain autograd) for higher-order gradients.");
   TORCH_CHECK(ctx->saved_data.count("used") == 0, op,
               ": backward ran twice through the same graph (retain_graph=True); the first one consumed the "
-              "gradient the forward wrote. Compute the loss again for another backward, or pass "
-              "backend=\"reference\".");
+              "gradient the forward wrote. Compute the loss again for another backward, or differentiate "
+              "lepton_fast.reference.", op, ".");
   ctx->saved_data["used"] = true;
   at::Tensor grad = ctx->get_saved_variables()[0];
   if (!grad_loss.defined()) return {};

@@ -1,6 +1,6 @@
 // What every kernel source shares: the host/device inline macro, the host-side checks as
 // macros (as flash-attention's flash_api.cpp writes them), compile-time switches, and the
-// reading of the 0-d hyper-parameter tensors the schemas take (csrc/ops.cpp).
+// reading of the 0-d hyper-parameter tensors the schemas take (lepton_fast/ops/__init__.py).
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -17,7 +17,7 @@
 //   3. from the row's statistics (and sums), its constants and loss: kd_row_consts;
 //   4. the gradient of each column, from the constants.
 // fused_kd_loss runs the four in one kernel call per row; the kd_slice_* ops run 1, 2 and
-// 3 + 4 on a slice, and the caller merges in between (csrc/ops.cpp).
+// 3 + 4 on a slice, and the caller merges in between (lepton_fast/ops/kd_loss.py).
 #pragma once
 
 #include <c10/util/Exception.h>

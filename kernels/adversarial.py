@@ -1,4 +1,4 @@
-"""Triton kernels of fgsm_perturb and pgd_step and their in-place forms (schemas: csrc/ops.cpp).
+"""Triton kernels of fgsm_perturb and pgd_step and their in-place forms (schemas: lepton_fast/ops/adversarial.py).
 
 One elementwise kernel serves both steps (IS_PGD); each program handles BLOCK consecutive
 elements of the flat contiguous buffers, in float32 (float64 for float64 inputs), rounded

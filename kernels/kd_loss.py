@@ -1,4 +1,4 @@
-"""Triton kernels of fused_kd_loss and the kd_slice_* ops (schemas: csrc/ops.cpp), the same
+"""Triton kernels of fused_kd_loss and the kd_slice_* ops (schemas: lepton_fast/ops/kd_loss.py), the same
 contract as the C++ kernels.
 
 A row's steps (csrc/kd_loss.h documents them and the formulas) are ``@triton.jit`` functions
@@ -33,13 +33,16 @@ import torch
 import triton
 import triton.language as tl
 
+from lepton_fast._validate import DIVERGENCES
+from lepton_fast.ops.kd_loss import N_STATS, soft_kind
+
 from ._common import (acc_dtype, check_labels, check_rows_defined, online_softmax, reduce_rows, scalar,
                       store_zeros)
 
-_DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+# The kernels' DIV constexpr: the divergence's position in the names every layer accepts.
+_DIVERGENCES = {name: code for code, name in enumerate(DIVERGENCES)}
 # Widest column block: 8 accumulators per element stay in registers at 8 warps.
 MAX_BLOCK = 2048
-N_STATS = 7  # the columns of kd_slice_stats (KDStat in csrc/kd_loss.h)
 
 
 @triton.jit
@@ -338,10 +341,7 @@ class _Call:
         self.op, self.ignore_index = op, ignore_index
         self.t, self.b, self.a, self.eps = scalar(temperature), scalar(beta), scalar(alpha), scalar(label_smoothing)
         # beta 0 / 1 are forward / reverse KL exactly (csrc/kd_loss.h make_kd_params).
-        div = _DIVERGENCES[divergence]
-        if div == 2 and self.b in (0.0, 1.0):
-            div = 0 if self.b == 0.0 else 1
-        self.div = div
+        self.div = div = _DIVERGENCES[soft_kind(divergence, self.b)]
         self.n_rows, self.n_classes = student_logits.shape
         self.acc, self.tl_acc = acc_dtype(student_logits)
         self.labels = None if labels is None else labels.to(torch.int64).contiguous()
@@ -430,7 +430,7 @@ def fused_kd_loss(
     block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss as ``reduction`` asks, d(loss)/d(student) or an empty tensor): the contract of
-    ``torch.ops.lepton_fast.fused_kd_loss`` (csrc/ops.cpp). ``block`` overrides the column
+    ``torch.ops.lepton_fast.fused_kd_loss`` (lepton_fast/ops/kd_loss.py). ``block`` overrides the column
     block (a power of two), for tests."""
     return _loss_and_grad("fused_kd_loss", student_logits, teacher_logits, labels, None, None, temperature, beta,
                           alpha, label_smoothing, divergence, ignore_index, scale_by_t2, reduction, num_items_in_batch,
@@ -440,7 +440,7 @@ def fused_kd_loss(
 def kd_slice_loss(student_logits, teacher_logits, labels, stats, jsd_sums, temperature, beta, alpha, label_smoothing,
                   divergence, ignore_index, scale_by_t2, reduction, num_items_in_batch, class_offset, n_classes,
                   compute_grad, *, block=None):
-    """The contract of ``torch.ops.lepton_fast.kd_slice_loss`` (csrc/ops.cpp)."""
+    """The contract of ``torch.ops.lepton_fast.kd_slice_loss`` (lepton_fast/ops/kd_loss.py)."""
     return _loss_and_grad("kd_slice_loss", student_logits, teacher_logits, labels, stats, jsd_sums, temperature, beta,
                           alpha, label_smoothing, divergence, ignore_index, scale_by_t2, reduction, num_items_in_batch,
                           class_offset, n_classes, compute_grad, block)
@@ -448,7 +448,7 @@ def kd_slice_loss(student_logits, teacher_logits, labels, stats, jsd_sums, tempe
 
 def kd_slice_stats(student_logits, teacher_logits, labels, temperature, beta, alpha, label_smoothing, divergence,
                    ignore_index, class_offset, n_classes, *, block=None):
-    """The contract of ``torch.ops.lepton_fast.kd_slice_stats`` (csrc/ops.cpp)."""
+    """The contract of ``torch.ops.lepton_fast.kd_slice_stats`` (lepton_fast/ops/kd_loss.py)."""
     call = _Call("kd_slice_stats", student_logits, teacher_logits, labels, temperature, beta, alpha,
                  label_smoothing, divergence, ignore_index, block)
     call.check_slice(class_offset, n_classes)
@@ -463,7 +463,7 @@ def kd_slice_stats(student_logits, teacher_logits, labels, temperature, beta, al
 
 
 def kd_slice_jsd_sums(student_logits, teacher_logits, labels, stats, temperature, beta, ignore_index, *, block=None):
-    """The contract of ``torch.ops.lepton_fast.kd_slice_jsd_sums`` (csrc/ops.cpp)."""
+    """The contract of ``torch.ops.lepton_fast.kd_slice_jsd_sums`` (lepton_fast/ops/kd_loss.py)."""
     zero = torch.zeros((), dtype=torch.float64)
     call = _Call("kd_slice_jsd_sums", student_logits, teacher_logits, labels, temperature, beta, zero, zero, "jsd",
                  ignore_index, block)

@@ -1,4 +1,4 @@
-"""Triton kernels of select_pseudo_labels and fused_pseudo_label_loss (schemas: csrc/ops.cpp),
+"""Triton kernels of select_pseudo_labels and fused_pseudo_label_loss (schemas: lepton_fast/ops/pseudo_labels.py),
 the same contract as the C++ kernels.
 
 One program per row walks the row in column blocks, so a row of any width runs in a fixed
@@ -159,7 +159,7 @@ def select_pseudo_labels(
     block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(labels, confidence, mask): the contract of ``torch.ops.lepton_fast.select_pseudo_labels``
-    (csrc/ops.cpp). ``block`` overrides the column block (a power of two), for tests."""
+    (lepton_fast/ops/pseudo_labels.py). ``block`` overrides the column block (a power of two), for tests."""
     _, _, labels, confidence, mask = _launch(None, logits, threshold, temperature, False, class_thresholds, None,
                                              1.0, False, block)
     check_rows_defined("select_pseudo_labels", confidence, "logits")
@@ -181,7 +181,7 @@ def fused_pseudo_label_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss as ``reduction`` asks, d(loss)/d(strong) or an empty tensor, labels, confidence,
     mask, class_counts): the contract of ``torch.ops.lepton_fast.fused_pseudo_label_loss``
-    (csrc/ops.cpp). ``block`` overrides the column block (a power of two), for tests."""
+    (lepton_fast/ops/pseudo_labels.py). ``block`` overrides the column block (a power of two), for tests."""
     op = "fused_pseudo_label_loss"
     if strong_logits.shape != weak_logits.shape or strong_logits.dtype != weak_logits.dtype:
         raise ValueError(f"{op}: strong_logits and weak_logits must have the same shape and dtype")

@@ -1,4 +1,4 @@
-"""Triton kernel of scale_grad_, the fused losses' backward: grad *= scale in place (schema: csrc/ops.cpp).
+"""Triton kernel of scale_grad_, the fused losses' backward: grad *= scale in place (schema: lepton_fast/ops/scale_grad.py).
 
 ``scale`` is 0-d (the grad_output of a "mean"/"sum" loss) or [N] (of "none"), one factor
 per row of the [N, C] gradient. Every program reads a 0-d scale itself and does nothing

@@ -5,9 +5,13 @@ custom autograd ops with CPU C++, CUDA C++ and Triton kernels and a pure-PyTorch
 """
 from lepton_fast import _backend
 
-_backend.extension()  # load lepton_fast._C (the op schemas and kernels) before the ops register with it
+# First the schemas: each op family defines its ops (torch.library) beside its public function.
+from lepton_fast.ops import adversarial, kd_loss, pseudo_labels, scale_grad  # noqa: F401
 
-from lepton_fast.ops import scale_grad  # noqa: E402,F401  (the fused losses' backward op)
+# Then the kernels: lepton_fast._C's C++ kernels, and the Triton and reference kernels (and the
+# Python autograd kernels) under every key the extension left empty.
+_backend.load_kernels()
+
 from lepton_fast import thresholds  # noqa: E402
 from lepton_fast._info import info  # noqa: E402
 from lepton_fast.adversarial import fgsm, pgd, vat_loss  # noqa: E402

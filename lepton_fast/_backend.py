@@ -1,47 +1,64 @@
-"""Which implementation runs each op, in one place.
+"""Which kernel runs each op: the op table, the kernels registered where the compiled
+extension has none, and forcing one.
 
-Every op has one schema, ``torch.ops.lepton_fast.<op>`` (csrc/ops.cpp), with its kernels
-registered under the dispatcher's device keys:
+Every op has one schema, ``torch.ops.lepton_fast.<op>``, defined by :func:`define` beside its
+public function (lepton_fast/ops/<family>.py) together with its fake kernel. Every
+implementation is a kernel of that schema, registered under a dispatcher key:
 
-| tensor device | kernel under the device key                           | without the extension |
-| cpu           | CPU C++ (csrc/cpu)                                    | reference.py          |
-| cuda          | CUDA C++ (csrc/cuda); Triton (kernels/) when the      | reference.py          |
-|               | extension was built without CUDA                      |                       |
+| key      | with lepton_fast._C                                 | without it                         |
+| CPU      | CPU C++ (csrc/cpu)                                  | reference kernel (ops/_reference)  |
+| CUDA     | CUDA C++ (csrc/cuda); Triton (kernels/) when the    | Triton; the reference kernel when  |
+|          | extension was built without CUDA                    | triton is not installed            |
+| Autograd | C++ (csrc/autograd.cpp)                             | Python (ops/_autograd.py)          |
+
+"Without it" is a pure-Python install (LEPTON_FAST_SKIP_EXT=1, the py3-none-any wheel), or a
+build that does not match the running torch (lepton_fast._extension). lepton_fast/__init__.py
+imports the op families (the schemas), then calls :func:`load_kernels` once: the extension's
+static registrations, then the Python kernels under every key it left empty.
 
 The dispatcher picks the kernel, so the default path has no Python between the public
 function and the kernel. ``$LEPTON_FAST_BACKEND=reference|cpu|cuda|triton`` or an op's
-``backend=`` keyword forces one (for tests, benchmarks and debugging): "reference" calls
-reference.py instead of the op; "triton" where another kernel holds the device key swaps
-the Triton kernel in for the duration of the call (a dispatcher registration, so forcing is
-eager-only and not thread-safe); a forced backend that cannot run is an error that says why.
+``backend=`` keyword forces one (for tests, benchmarks and debugging): where another kernel
+holds the device key, the forced one (Triton or the reference kernel) is swapped in for the
+duration of the call (a dispatcher registration, so forcing is eager-only and not
+thread-safe); a forced backend that cannot run is an error that says why.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import importlib
+import importlib.util
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from lepton_fast._extension import build_record, extension
+
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 ENV_BACKEND = "LEPTON_FAST_BACKEND"
 LIBRARY = "lepton_fast"
+DEVICE_TYPES = ("cpu", "cuda")  # the device keys lepton_fast registers kernels under
+
+# Every schema of the library: one DEF library, as a C++ TORCH_LIBRARY block would be.
+_DEFINITIONS = torch.library.Library(LIBRARY, "DEF")
 
 
 @dataclass(frozen=True, eq=False)  # one object per op: identity is equality, and hashing is free
 class OpSpec:
-    """An op as the dispatcher table sees it: ``torch.ops.lepton_fast.<name>``, and the
-    module ``lepton_fast.kernels.<triton>`` whose function ``<name>`` is its Triton kernel
-    (same signature as the schema), or None. ``public`` is False for an op that only other
-    ops call (the fused losses' backward)."""
+    """An op as the dispatcher table sees it: ``torch.ops.lepton_fast.<name>``; the module
+    ``lepton_fast.kernels.<triton>`` whose function ``<name>`` is its Triton kernel, or None;
+    its reference kernel is ``lepton_fast.ops._reference.<name>``. ``public`` is False for an
+    op that only other ops call. ``saves_grad``: the op returns (loss, d(loss)/d(first
+    input), ...) and its autograd kernel scales that saved gradient (csrc/autograd.cpp, or
+    lepton_fast/ops/_autograd.py without the extension)."""
 
     name: str
     triton: Optional[str]
     public: bool = True
+    saves_grad: bool = False
 
     @property
     def qualname(self) -> str:
@@ -51,94 +68,22 @@ class OpSpec:
 OPS: dict[str, OpSpec] = {}
 
 
-@dataclass(frozen=True)
-class ExtensionStatus:
-    module: object | None
-    reason: str | None  # why module is None
+def define(schema: str, *, triton: Optional[str] = None, public: bool = True, saves_grad: bool = False) -> OpSpec:
+    """Define the op ``schema`` ("name(Tensor x, ...) -> ...", the C++ kernels' signature) and
+    enter it in the table. Called at import by lepton_fast/ops/<family>.py, before
+    :func:`load_kernels`."""
+    name = schema.split("(", 1)[0]
+    _DEFINITIONS.define(schema)
+    spec = OpSpec(name, triton, public, saves_grad)
+    OPS[name] = spec
+    return spec
 
 
-def _running_build() -> dict:
-    """The running torch's facts, in the build record's terms (see setup.py)."""
-    return {
-        "torch": torch.__version__.split("+")[0],
-        "cuda": torch.version.cuda,
-        "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI),
-    }
-
-
-def _minor(version: str) -> str:
-    return ".".join(str(version).split(".")[:2])
-
-
-def _describe(facts: dict) -> str:
-    cuda = f"CUDA {facts['cuda']}" if facts.get("cuda") else "CPU only"
-    return f"torch {facts.get('torch')} ({cuda}, cxx11 ABI {int(bool(facts.get('cxx11_abi')))})"
-
-
-def _build_mismatch(record: dict, running: dict) -> str | None:
-    """None when an extension built as ``record`` says can load into ``running`` torch, else
-    what was expected and what was found.
-
-    torch keeps its C++ ABI within a minor release (the wheels are labelled torch2.14 for
-    that reason), CUDA keeps it within a major release; the C++ ABI flag must be equal. A
-    CPU-only build loads into a CUDA torch of the same release (CUDA tensors then run the
-    Triton kernels); a CUDA build needs CUDA in the running torch.
-    """
-    try:
-        problems = []
-        if _minor(record["torch"]) != _minor(running["torch"]):
-            problems.append(f"torch {_minor(record['torch'])}.x")
-        if record["cuda"] and not running["cuda"]:
-            problems.append("a CUDA build of torch")
-        elif record["cuda"] and record["cuda"].split(".")[0] != running["cuda"].split(".")[0]:
-            problems.append(f"CUDA {record['cuda'].split('.')[0]}.x")
-        if bool(record["cxx11_abi"]) != running["cxx11_abi"]:
-            problems.append(f"_GLIBCXX_USE_CXX11_ABI={int(bool(record['cxx11_abi']))}")
-    except (KeyError, TypeError, AttributeError) as e:
-        return f"unreadable build record {record!r} ({e!r})"
-    if not problems:
-        return None
-    return f"built for {_describe(record)}, needs {' and '.join(problems)}; running {_describe(running)}"
-
-
-def extension_build() -> dict:
-    """The build record of the installed extension (setup.py writes it), or {}."""
-    try:
-        from lepton_fast._build_info import BUILD_INFO
-    except ImportError:
-        return {}
-    return BUILD_INFO
-
-
-@functools.cache
-def extension() -> ExtensionStatus:
-    """Load lepton_fast._C (the schemas and the C++ kernels) once. A build that does not
-    match the running torch is not loaded (loading it could crash the process): one
-    warning, and every op runs reference.py."""
-    BUILD_INFO = extension_build()
-    if not BUILD_INFO:
-        return ExtensionStatus(
-            None, "not built (no build record: installed with LEPTON_FAST_SKIP_EXT=1, or a source tree never built)"
-        )
-    # Earlier setup.py versions wrote this record for LEPTON_FAST_SKIP_EXT=1 into source trees.
-    if BUILD_INFO.get("extension") is False:
-        return ExtensionStatus(None, "not built (LEPTON_FAST_SKIP_EXT=1)")
-    mismatch = _build_mismatch(BUILD_INFO, _running_build())
-    if mismatch is None:
-        try:
-            module = importlib.import_module("lepton_fast._C")
-        except (ImportError, OSError) as e:
-            mismatch = f"lepton_fast._C failed to load: {e}"
-        else:
-            return ExtensionStatus(module, None)
-    warnings.warn(
-        f"lepton_fast: compiled kernels disabled: {mismatch}. Every op falls back to the PyTorch "
-        "reference. Install the lepton_fast wheel built for this torch, or build from source: pip install "
-        "--no-build-isolation lepton_fast (`lepton-fast info` shows the state).",
-        RuntimeWarning,
-        stacklevel=2,
-    )
-    return ExtensionStatus(None, mismatch)
+# The op names whose kernel under a key is lepton_fast._C's, and those whose CUDA kernel is the
+# Triton one by default; filled by load_kernels.
+_NATIVE: dict[str, frozenset] = {"CPU": frozenset(), "CUDA": frozenset(), "Autograd": frozenset()}
+_TRITON_DEFAULT: set = set()
+_IMPLEMENTATIONS: Optional[torch.library.Library] = None  # the Python kernels registered by load_kernels
 
 
 @functools.cache
@@ -159,64 +104,81 @@ def triton_kernel(spec: OpSpec):
     return getattr(module, spec.name)
 
 
-def _lazy_triton(spec: OpSpec):
-    def kernel(*args):
-        return triton_kernel(spec)(*args)
+def reference_kernel(spec: OpSpec):
+    """The reference kernel of ``spec`` (lepton_fast/ops/_reference.py): the op's schema over
+    reference.py, imported on first use."""
+    return getattr(importlib.import_module("lepton_fast.ops._reference"), spec.name)
 
-    kernel.__name__ = f"{spec.name}_triton"
+
+def _lazy(spec: OpSpec, kind: str, load):
+    def kernel(*args):
+        return load(spec)(*args)
+
+    kernel.__name__ = f"{spec.name}_{kind}"
     return kernel
 
 
-def _native(spec: OpSpec, key: str) -> bool:
-    """Whether the C++ extension registered a kernel of ``spec`` under ``key``."""
-    return spec.name not in _TRITON_DEFAULT.get(key, set()) and torch._C._dispatch_has_kernel_for_dispatch_key(
-        spec.qualname, key
-    )
+def load_kernels() -> None:
+    """Load lepton_fast._C (its C++ kernels register under the schemas defined by then), then
+    register a Python kernel under every key of every op that it left empty: the reference
+    kernel on the CPU, Triton on CUDA (the reference kernel where triton is not installed),
+    and the Python autograd kernel of the ops that save their gradient. Called once, by
+    lepton_fast/__init__.py after the op families are imported."""
+    global _IMPLEMENTATIONS
+    if _IMPLEMENTATIONS is not None:
+        return
+    loaded = extension().module is not None
+    for key in _NATIVE:
+        _NATIVE[key] = frozenset(name for name, spec in OPS.items()
+                                 if loaded and torch._C._dispatch_has_kernel_for_dispatch_key(spec.qualname, key))
+    _IMPLEMENTATIONS = torch.library.Library(LIBRARY, "IMPL")
+    has_triton = importlib.util.find_spec("triton") is not None  # without importing it
+    from lepton_fast.ops import _autograd
+
+    for name, spec in OPS.items():
+        if name not in _NATIVE["CPU"]:
+            _IMPLEMENTATIONS.impl(name, _lazy(spec, "reference", reference_kernel), "CPU")
+        if name not in _NATIVE["CUDA"]:
+            if spec.triton is not None and has_triton:
+                _IMPLEMENTATIONS.impl(name, _lazy(spec, "triton", triton_kernel), "CUDA")
+                _TRITON_DEFAULT.add(name)
+            else:
+                _IMPLEMENTATIONS.impl(name, _lazy(spec, "reference", reference_kernel), "CUDA")
+        if spec.saves_grad and name not in _NATIVE["Autograd"]:
+            _autograd.register_saved_gradient(spec)
 
 
-_LIBRARY: Optional[torch.library.Library] = None  # the Triton kernels registered by default
-_TRITON_DEFAULT: dict[str, set] = {}
-
-
-def register(name: str, *, triton: Optional[str] = None, public: bool = True) -> OpSpec:
-    """Declare an op (its schema is csrc/ops.cpp's). Where the extension has no CUDA kernel for
-    it (a build without CUDA) and it has a Triton kernel, that kernel becomes its CUDA kernel."""
-    global _LIBRARY
-    spec = OpSpec(name, triton, public)
-    OPS[name] = spec
-    if extension().module is not None and triton is not None and not _native(spec, "CUDA"):
-        if _LIBRARY is None:
-            _LIBRARY = torch.library.Library(LIBRARY, "IMPL")
-        _LIBRARY.impl(name, _lazy_triton(spec), "CUDA")
-        _TRITON_DEFAULT.setdefault("CUDA", set()).add(name)
-    return spec
+def autograd_kernel(spec: OpSpec) -> Optional[str]:
+    """Where ``spec``'s autograd kernel comes from ("C++" or "Python"), None without one."""
+    if not spec.saves_grad:
+        return None
+    return "C++" if spec.name in _NATIVE["Autograd"] else "Python"
 
 
 def unavailable(spec: OpSpec, backend: str, device_type: str) -> str | None:
     """None when ``backend`` can run ``spec`` on ``device_type`` tensors, else why not."""
-    if backend == "reference":
-        return None
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    status = extension()
-    if status.module is None:
-        return f"the extension lepton_fast._C is not loaded: {status.reason}"
+    if device_type not in DEVICE_TYPES:
+        return f"lepton_fast's kernels take cpu or cuda tensors, got {device_type} tensors"
+    if backend == "reference":
+        return None
     if backend in ("cpu", "cuda"):
         if device_type != backend:
             return f"the {backend} backend takes {backend} tensors, got {device_type} tensors"
-        if not _native(spec, backend.upper()):
-            built = extension_build()
-            if backend == "cuda" and not built.get("cuda"):
-                return ("lepton_fast._C was built without CUDA (a CPU-only torch, no nvcc found, or "
-                        "LEPTON_FAST_SKIP_CUDA=1)")
-            return f"lepton_fast._C was built without a {backend} kernel for {spec.name}"
-        return None
+        if spec.name in _NATIVE[backend.upper()]:
+            return None
+        status = extension()
+        if status.module is None:
+            return f"the extension lepton_fast._C is not loaded: {status.reason}"
+        if backend == "cuda" and not build_record().get("cuda"):
+            return ("lepton_fast._C was built without CUDA (a CPU-only torch, no nvcc found, or "
+                    "LEPTON_FAST_SKIP_CUDA=1)")
+        return f"lepton_fast._C was built without a {backend} kernel for {spec.name}"
     if spec.triton is None:
         return f"{spec.name} has no Triton kernel"
     if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return "Triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before triton is imported)"
-    if device_type not in ("cpu", "cuda"):
-        return f"Triton does not run on {device_type} tensors"
     return _triton_module(spec.triton)[1]
 
 
@@ -224,9 +186,9 @@ def unavailable(spec: OpSpec, backend: str, device_type: str) -> str | None:
 def default(spec: OpSpec, device_type: str) -> str:
     """The backend the dispatcher runs for ``device_type`` tensors without forcing."""
     key = device_type.upper()
-    if extension().module is None or not torch._C._dispatch_has_kernel_for_dispatch_key(spec.qualname, key):
-        return "reference"
-    return "triton" if spec.name in _TRITON_DEFAULT.get(key, set()) else device_type
+    if spec.name in _NATIVE.get(key, ()):
+        return device_type
+    return "triton" if key == "CUDA" and spec.name in _TRITON_DEFAULT else "reference"
 
 
 @functools.lru_cache(maxsize=None)
@@ -251,7 +213,7 @@ def _constant_under_compile(fn):
 
 def resolve(spec: OpSpec, device: torch.device, backend: Optional[str] = None) -> str:
     """The backend that runs ``spec`` on ``device``: ``backend`` if given, else
-    $LEPTON_FAST_BACKEND if set, else the dispatcher's kernel (or reference.py without one)."""
+    $LEPTON_FAST_BACKEND if set, else the dispatcher's kernel."""
     return _resolve(spec.name, device.type, backend)
 
 
@@ -275,11 +237,12 @@ def _swapped(name: str, backend: str, device_type: str) -> bool:
 
 @contextlib.contextmanager
 def forced(spec: OpSpec, backend: str, device_type: str):
-    """Run ``spec`` on ``backend``'s kernel inside the block (``backend`` resolved, not
-    "reference", and not the dispatcher's default: Triton where another kernel holds the
+    """Run ``spec`` on ``backend``'s kernel inside the block (``backend`` resolved, and not the
+    dispatcher's default: Triton or the reference kernel where another kernel holds the
     device key). The swap is a dispatcher registration, undone at the end of the block."""
+    kernel = triton_kernel(spec) if backend == "triton" else reference_kernel(spec)
     with torch.library._scoped_library(LIBRARY, "IMPL") as lib:
-        lib.impl(spec.name, triton_kernel(spec), device_type.upper())
+        lib.impl(spec.name, kernel, device_type.upper())
         yield
 
 
@@ -292,15 +255,15 @@ def _overload(spec: OpSpec):
 @contextlib.contextmanager
 def running(spec: OpSpec, backend: str, device_type: str):
     """Inside the block, ``spec``'s op runs ``backend``'s kernel on ``device_type`` tensors
-    (``backend`` as :func:`resolve` chose it, not "reference"), for callers that reach the op
-    through another (fused_linear_kd_loss calls fused_kd_loss per chunk)."""
+    (``backend`` as :func:`resolve` chose it), for callers that reach the op through another
+    (fused_linear_kd_loss calls fused_kd_loss per chunk)."""
     if not _swapped(spec.name, backend, device_type):
         yield
         return
     if torch.compiler.is_compiling():
         raise RuntimeError(
             f"{spec.name}: forcing backend {backend!r} is eager-only (it swaps a dispatcher registration); under "
-            "torch.compile the default kernel or backend='reference' run"
+            "torch.compile the default kernel runs"
         )
     with forced(spec, backend, device_type):
         yield

@@ -1,5 +1,5 @@
-"""`lepton-fast info`: what was built, what runs, and which kernel each op uses, with the
-reason wherever a faster kernel is not the one that runs."""
+"""`lepton-fast info`: what was built, what runs, and per op which kernel each dispatcher key
+(CPU, CUDA, Autograd) runs, with the reason wherever a faster kernel is not the one that runs."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from lepton_fast import _backend
+from lepton_fast import _backend, _extension
 
 # The faster kernels, fastest first, per device: what the dispatch table would pick.
 _PREFERRED = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
@@ -24,15 +24,16 @@ def _triton_version() -> str:
 
 def _choice(spec, device: str, override: str | None) -> tuple[str, list[str]]:
     """The kernel ``spec`` runs on ``device`` tensors and why each faster one does not."""
+    if override is not None:
+        why = _backend.unavailable(spec, override, device)
+        return (override, []) if why is None else ("unavailable", [f"{override}: {why}"])
+    chosen = _backend.default(spec, device)
     skipped = []
-    if override == "reference":
-        return "reference", skipped
-    for candidate in _PREFERRED[device] if override is None else (override,):
-        why = _backend.unavailable(spec, candidate, device)
-        if why is None:
-            return candidate, skipped
-        skipped.append(f"{candidate}: {why}")
-    return ("reference" if override is None else "unavailable"), skipped
+    for candidate in _PREFERRED[device]:
+        if candidate == chosen:
+            break
+        skipped.append(f"{candidate}: {_backend.unavailable(spec, candidate, device)}")
+    return chosen, skipped
 
 
 def info(file=None) -> dict:
@@ -41,8 +42,8 @@ def info(file=None) -> dict:
     An invalid ``$LEPTON_FAST_BACKEND`` is reported once, and the table shows the defaults."""
     from lepton_fast.version import __version__
 
-    BUILD_INFO = _backend.extension_build()
-    status = _backend.extension()
+    BUILD_INFO = _extension.build_record()
+    status = _extension.extension()
     override = os.environ.get(_backend.ENV_BACKEND) or None
     override_problem = None
     if override is not None and override not in _backend.BACKENDS:
@@ -69,9 +70,10 @@ def info(file=None) -> dict:
         if not spec.public:
             continue
         facts["ops"][name] = {}
-        for device in ("cpu", "cuda"):
+        for device in _backend.DEVICE_TYPES:
             chosen, skipped = _choice(spec, device, override)
             facts["ops"][name][device] = {"backend": chosen, "skipped": skipped}
+        facts["ops"][name]["autograd"] = _backend.autograd_kernel(spec)
 
     out = file or sys.stdout
     print(f"lepton_fast {facts['lepton_fast']}  python {facts['python']}  torch {facts['torch']} "
@@ -92,12 +94,13 @@ def info(file=None) -> dict:
     elif override:
         print(f"${_backend.ENV_BACKEND}={override}: every op is forced to it", file=out)
     width = max([len("op")] + [len(n) for n in facts["ops"]]) + 2
-    print(f"{'op':<{width}}{'cpu tensors':<14}{'cuda tensors':<14}", file=out)
+    print(f"{'op':<{width}}{'cpu tensors':<14}{'cuda tensors':<14}{'autograd':<10}", file=out)
     reasons: dict[str, set] = {}
-    for name, per_device in facts["ops"].items():
-        print(f"{name:<{width}}{per_device['cpu']['backend']:<14}{per_device['cuda']['backend']:<14}", file=out)
-        for device, row in per_device.items():
-            for why in row["skipped"]:
+    for name, per_key in facts["ops"].items():
+        print(f"{name:<{width}}{per_key['cpu']['backend']:<14}{per_key['cuda']['backend']:<14}"
+              f"{per_key['autograd'] or '-':<10}", file=out)
+        for device in _backend.DEVICE_TYPES:
+            for why in per_key[device]["skipped"]:
                 reasons.setdefault(why, set()).add(device)
     for why, devices in reasons.items():
         print(f"  not used on {' or '.join(sorted(devices))} tensors: {why}", file=out)

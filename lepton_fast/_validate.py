@@ -10,7 +10,7 @@ they are concrete and with ``torch._check`` (a guard or runtime assert) under tr
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -228,16 +228,224 @@ def no_bad_values(bad: Tensor, message: str, values: Optional[Tensor] = None) ->
 
 
 def labels_in_range(name: str, labels: Tensor, n_classes: int, ignore_index: int) -> None:
-    """Each label in [0, C) or equal to ignore_index (the reference backend's check; the
-    kernels check the labels they read)."""
+    """Each label in [0, C) or equal to ignore_index (the reference kernels' check; the
+    compiled kernels check the labels they read)."""
     bad = ((labels < 0) | (labels >= n_classes)) & (labels != ignore_index)
     no_bad_values(bad, f"{name} must be in [0, {n_classes}) or equal ignore_index={ignore_index}", labels)
 
 
-def rows_defined(rows: Tensor, what: str) -> None:
-    """The reference's check of what the kernels check in place: a row whose softmax is
-    undefined (entirely -inf, or holding NaN) gives NaN, which becomes an error."""
-    no_bad_values(torch.isnan(rows), f"{what}: a row is entirely -inf, or holds +inf or NaN, so its softmax is undefined")
+# --- knowledge distillation: the hyper-parameters of every KD entry point ----------------------
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+class KDOptions(NamedTuple):
+    """The KD hyper-parameters as the ops take them, checked (:func:`kd_options`)."""
+
+    temperature: Tensor  # 0-d float64 CPU tensors
+    beta: Tensor
+    alpha: Tensor
+    label_smoothing: Tensor
+    num_items: Optional[Tensor]  # 0-d float64, on the CPU or the logits' device
+    labels: Optional[Tensor]  # int64 [N] (flattened) or None
+
+
+def num_items(value, like: Tensor) -> Optional[Tensor]:
+    """num_items_in_batch as the ops take it: a number or a CPU tensor becomes a checked 0-d
+    float64 CPU tensor; a 0-d tensor on ``like``'s GPU (transformers hands the count over on
+    the device) stays there, read by the kernel, no sync."""
+    if value is None:
+        return None
+    if isinstance(value, Tensor) and value.device == like.device and like.device.type != "cpu":
+        if value.numel() != 1:
+            raise ValueError(f"num_items_in_batch must be a number or a 0-d tensor, got shape {tuple(value.shape)}")
+        return value.detach().reshape(()).to(torch.float64)
+    return positive("num_items_in_batch", value)
+
+
+def kd_options(temperature, divergence, beta, alpha, label_smoothing, reduction, num_items_in_batch, labels,
+               x_name: str, x: Tensor) -> KDOptions:
+    """Every check of the KD hyper-parameters and labels (of rows x.shape[:-1] of ``x_name``),
+    for fused_kd_loss, fused_linear_kd_loss and the vocabulary-parallel loss alike."""
+    temperature_t = positive("temperature", temperature)
+    choice("divergence", divergence, DIVERGENCES)
+    beta_t = unit_interval("beta", beta)
+    alpha_t = unit_interval("alpha", alpha)
+    label_smoothing_t = unit_interval("label_smoothing", label_smoothing)
+    choice("reduction", reduction, REDUCTIONS)
+    if num_items_in_batch is not None and reduction == "none":
+        raise ValueError(
+            "num_items_in_batch divides the summed loss, so it needs reduction 'mean' or 'sum', not 'none'")
+    if labels is not None:
+        labels = class_labels("labels", labels, x_name, x).reshape(-1)
+    else:
+        zero("alpha", alpha, "alpha > 0 weights a hard-label cross-entropy, so labels are required")
+    return KDOptions(temperature_t, beta_t, alpha_t, label_smoothing_t, num_items(num_items_in_batch, x), labels)
+
+
+# --- pseudo-labels ------------------------------------------------------------------------------
+
+
+def _per_class_or_row(name: str, value, shape: tuple, what: str, logits_name: str, x: Tensor) -> Tensor:
+    """A floating tensor of ``shape`` on x's device, detached; ``what`` says the shape in words."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {what} or None, got {type(value).__name__}")
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+    if value.shape != shape:
+        raise ValueError(f"{name} must have shape {what} = {tuple(shape)} to match {logits_name} {tuple(x.shape)}, "
+                         f"got {tuple(value.shape)}")
+    if value.device != x.device:
+        raise ValueError(f"{name} is on {value.device} but {logits_name} is on {x.device}")
+    no_grad_wanted(name, value)
+    return value.detach()
+
+
+def class_thresholds(value, logits_name: str, x: Tensor, acc: torch.dtype) -> Optional[Tensor]:
+    """Per-class thresholds [C] in [0, 1] (FlexMatch, FreeMatch), or None."""
+    if value is None:
+        return None
+    value = _per_class_or_row("class_thresholds", value, (x.shape[-1],), "[C]", logits_name, x)
+    no_bad_values(~((value >= 0) & (value <= 1)), "class_thresholds must be in [0, 1]", value)
+    # Compared with the confidence in its own dtype, as the reference compares them.
+    return value.to(acc).contiguous()
+
+
+def row_weights(value, logits_name: str, x: Tensor, acc: torch.dtype) -> Optional[Tensor]:
+    """Per-row weights [...] (one per row of the logits), finite and >= 0, flattened, or None."""
+    if value is None:
+        return None
+    value = _per_class_or_row("weights", value, tuple(x.shape[:-1]), "[...] (one per row)", logits_name, x)
+    no_bad_values(~((value >= 0) & torch.isfinite(value)), "weights must be finite and >= 0", value)
+    return value.reshape(-1).to(acc).contiguous()
+
+
+# --- the adversarial steps ----------------------------------------------------------------------
+
+
+def float_input(name: str, x) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+    return materialised(name, x)
+
+
+def floating_like(name: str, t, ref_name: str, ref: Tensor) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    same_shape(name, t, ref_name, ref)
+    return t
+
+
+def opmath(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def step_operand(name: str, value, x: Tensor, *, non_negative: bool) -> Tensor:
+    """eps, step_size or a clamp bound as the kernels take it (lepton_fast/ops/adversarial.py):
+    a number (or a 0-d CPU tensor) becomes a 0-d float64 CPU tensor, checked at once; a tensor that broadcasts
+    to x becomes x's opmath dtype on x's device, checked without a host sync off the CPU.
+
+    A 1-d tensor is one value per sample ([N], viewed as [N, 1, ...]) whatever x's shape: for
+    per-channel or per-feature values give a shape that broadcasts ([C, 1, 1], [1, D]).
+    """
+    if not isinstance(value, Tensor) or (value.dim() == 0 and value.device.type == "cpu"):
+        # (the keyword shadows non_negative() here, whose bounds these are)
+        return hyper(name, value, 0.0, math.inf, hi_open=True) if non_negative else hyper(name, value)
+    no_grad_wanted(name, value)
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a number or a floating-point tensor, got {value.dtype}")
+    if value.dim() == 1 and x.dim() > 1:
+        if value.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"{name} of shape {tuple(value.shape)}: a 1-d {name} is one value per sample and needs length "
+                f"{x.shape[0]} for x of shape {tuple(x.shape)}; for one value per channel or feature give a shape "
+                f"that broadcasts to x, such as [C, 1, 1] or [1, D]"
+            )
+        value = value.reshape((-1,) + (1,) * (x.dim() - 1))
+    try:
+        fits = torch.broadcast_shapes(value.shape, x.shape) == x.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"{name} of shape {tuple(value.shape)} does not broadcast to x's shape {tuple(x.shape)}")
+    if value.device != x.device:
+        raise ValueError(
+            f"{name} is on {value.device} but x is on {x.device}: move it once with .to(x.device) (a number or a "
+            "0-d CPU tensor may stay on the CPU)"
+        )
+    value = value.detach().to(opmath(x))
+    bad = ~torch.isfinite(value)
+    if non_negative:
+        bad |= value < 0
+    no_bad_values(bad, f"{name} must be finite{' and >= 0' if non_negative else ''} everywhere", value)
+    return value
+
+
+def clamp_bounds(clamp, x: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """(lo, hi) as :func:`step_operand` makes them, or (None, None) for clamp=None; lo <= hi everywhere."""
+    if clamp is None:
+        return None, None
+    try:
+        lo, hi = clamp
+    except (TypeError, ValueError):
+        raise TypeError(f"clamp must be None or a pair (min, max) of numbers or tensors, got {clamp!r}") from None
+    numbers = not isinstance(lo, Tensor) and not isinstance(hi, Tensor)
+    lo_t = step_operand("clamp[0]", lo, x, non_negative=False)
+    hi_t = step_operand("clamp[1]", hi, x, non_negative=False)
+    message = "clamp must be (min, max) with min <= max everywhere"
+    if numbers and not torch.compiler.is_compiling():
+        if float(lo) > float(hi):
+            raise ValueError(f"{message}, got {clamp!r}")
+    else:
+        no_bad_values(lo_t > hi_t, message)
+    return lo_t, hi_t
+
+
+# --- an lm_head (fused_linear_kd_loss) ----------------------------------------------------------
+
+
+def lm_head(name: str, hidden: Tensor, weight_name: str, weight, bias_name: str, bias, *, empty_ok: bool = False) -> None:
+    """[..., H] hidden states, a [V, H] weight and an optional [V] bias of one model; V = 0 only
+    when ``empty_ok`` (a rank's slice of a vocabulary-sharded head)."""
+    if not isinstance(hidden, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(hidden).__name__}")
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"{weight_name} must be a torch.Tensor, got {type(weight).__name__}")
+    for arg, t in ((name, hidden), (weight_name, weight)):
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{arg} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+        materialised(arg, t)
+    if hidden.dim() == 0:
+        raise ValueError(f"{name} must be [..., H], got a 0-d tensor")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or (weight.shape[0] == 0 and not empty_ok):
+        raise ValueError(f"{weight_name} must be [V, H] with H = {name}.shape[-1] = {hidden.shape[-1]}, "
+                         f"got shape {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{weight_name} is {weight.dtype} but {name} is {hidden.dtype}: the lm_head multiplies "
+                        "them, so give both one dtype (autocast's cast of the hidden states, say)")
+    if weight.device != hidden.device:
+        raise ValueError(f"{weight_name} is on {weight.device} but {name} is on {hidden.device}")
+    if bias is not None:
+        if not isinstance(bias, Tensor) or bias.shape != weight.shape[:1] or bias.device != weight.device:
+            shape = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
+            raise ValueError(f"{bias_name} must be a [V] = [{weight.shape[0]}] tensor on {weight.device}, got {shape}")
+        if not bias.is_floating_point():
+            raise TypeError(f"{bias_name} must be floating, got {bias.dtype}")
+
+
+def model_constant(name: str, value, *, positive: bool = False) -> float:
+    """A model constant (a logit scale, a softcap) as a Python float; torch.compile
+    specialises the graph on it (one graph per model, not per step)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymFloat, torch.SymInt)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not abs(value) < math.inf or (positive and value <= 0):  # (NaN fails the first test too)
+        raise ValueError(f"{name} must be a finite number{' > 0' if positive else ''}, got {value}")
+    return value
 
 
 # -- settings, data and state of the modules and trainers -----------------------------------

@@ -1,7 +1,8 @@
 """Pure-PyTorch definitions of every lepton_fast op.
 
-This module is the single source of truth for the math. It is the CPU fallback when the
-extension is not built, the oracle of the tests (run in float64) and the baseline of the
+This module is the single source of truth for the math. It is the oracle of the tests (run
+in float64), the math of the reference kernels (lepton_fast/ops/_reference.py adapts it to
+the op schemas: the CPU kernels without the extension) and the baseline of the
 benchmarks (eager and under torch.compile). It computes in float32 at least, whatever the
 input dtype, as the kernels do; autograd gives its gradients.
 """
@@ -11,6 +12,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from lepton_fast.ops.kd_loss import KL_SUM, LIN_CE, MAX_S, MAX_T, N_STATS, SUM_CE, SUM_S, SUM_T, soft_kind
 
 NEG_INF = float("-inf")
 
@@ -50,13 +53,6 @@ def _log_mixture(logp_s: Tensor, logp_t: Tensor, beta: float) -> Tensor:
     present = (both > NEG_INF).any(0)
     safe = torch.where(present, both, 0.0)
     return torch.where(present, torch.logsumexp(safe, 0), NEG_INF)
-
-
-def soft_kind(divergence: str, beta: float) -> str:
-    """The divergence computed: JSD at beta 0 / 1 is forward / reverse KL."""
-    if divergence == "jsd" and beta in (0.0, 1.0):
-        return "forward_kl" if beta == 0.0 else "reverse_kl"
-    return divergence
 
 
 def soft_divergence_rows(
@@ -172,9 +168,8 @@ def fused_kd_loss(
 # --- Knowledge distillation over slices of the classes (the vocabulary-parallel loss) -----
 # fused_kd_loss split at its steps (csrc/kd_loss.h): each slice's statistics, merged by the
 # caller (lepton_fast.ops.kd_loss.SliceMerge), then each slice's gradient. The columns of the
-# statistics, KDStat in csrc/kd_loss.h (the maxima are of the raw logits, the sums' exponents
-# (x - max) / T, as in scaled_logits):
-MAX_S, MAX_T, SUM_S, SUM_T, KL_SUM, SUM_CE, LIN_CE = range(7)
+# statistics are KDStat's in csrc/kd_loss.h, named in lepton_fast.ops.kd_loss (the maxima are
+# of the raw logits, the sums' exponents (x - max) / T, as in scaled_logits).
 
 
 def _slice_max(z: Tensor) -> Tensor:
@@ -206,7 +201,7 @@ def kd_slice_stats(student_logits: Tensor, teacher_logits: Tensor, labels: Tenso
                    class_offset: int, n_classes: int) -> Tensor:
     """Each [N, C_r] row slice's statistics, [N, 7] (the columns above); 0 at ignored rows."""
     s, t = _acc(student_logits), _acc(teacher_logits.detach())
-    out = s.new_zeros(s.shape[0], 7)
+    out = s.new_zeros(s.shape[0], N_STATS)
     out[:, MAX_S], out[:, MAX_T] = _slice_max(s), _slice_max(t)
     out[:, SUM_S] = _sum_exp(s, out[:, MAX_S], temperature)
     out[:, SUM_T] = _sum_exp(t, out[:, MAX_T], temperature)

@@ -4,6 +4,12 @@
 #
 # 1. A fresh venv with what the README's install line gives, plus numpy < 2.4, which Triton
 #    3.6's interpreter needs (README "Supported versions"), and the test tools.
+# 1b. The op tests against that pure-Python install (LEPTON_FAST_SKIP_EXT=1, what the
+#    py3-none-any wheel holds): CPU tensors through the reference kernels, the Triton kernels in
+#    the interpreter, the Python autograd kernels, torch.compile. The test file of each op with
+#    a schema, and the vocabulary-parallel loss; not grad_reverse (no schema, no kernel), the
+#    trainers, data or packaging (pure Python over the ops, the same with or without the
+#    extension). The C++ cases skip themselves. About 5 min on the shared 2-core machine (loaded).
 # 2. benchmarks/gpu_check.py --dry-run, the GPU check as it will run on the GPU machine but
 #    without a GPU: its checks, its own offline build (CPU + CUDA, for sm_90), the `cuda`
 #    tests collected, every Triton kernel compiled for sm_90 and sm_80, the GPU cases
@@ -11,7 +17,8 @@
 # 3. A representative part of the tests against that build: the test file of each op kernel
 #    family (CPU C++ kernels, Triton kernels in the interpreter, opcheck, torch.compile,
 #    autograd; pgd_step stands for the adversarial steps, whose FGSM form shares its kernel),
-#    the vocabulary-parallel loss over gloo and DTensor, and the build record; less the two
+#    the vocabulary-parallel loss over gloo and DTensor, the build record and every other
+#    torch.compile test (fused_linear_kd_loss's, fgsm_perturb's); less the two
 #    widest sweeps of the CPU KD kernel (every mode in float32, every CPU instruction set),
 #    which the main job runs in full. Not here: the trainers and data (pure Python over the
 #    ops), the packaging tests (venvs and wheels: minutes) and the benchmarks' smoke run.
@@ -74,8 +81,15 @@ LEPTON_FAST_SKIP_EXT=1 pip install "${offline[@]}" --no-build-isolation -e "$src
 python -c "import sys, torch, triton, numpy, setuptools; print('installed:', sys.version.split()[0], torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__, 'setuptools', setuptools.__version__)"
 installed=$SECONDS
 
-# --- 2. the GPU check's dry run: build (CPU + CUDA), collect, compile, cases -------------
+# --- 1b. the op tests against the pure-Python install, before anything is compiled ---------
 cd "$src"
+LEPTON_FAST_SKIP_EXT=1 LEPTON_FAST_REQUIRE_TRITON_INTERPRETER=1 python -m pytest -q -p no:cacheprovider \
+    -m "not packaging" tests/test_fused_kd_loss.py tests/test_kd_slice_ops.py tests/test_fused_pseudo_label_loss.py \
+    tests/test_select_pseudo_labels.py tests/test_fgsm_perturb.py tests/test_pgd_step.py \
+    tests/test_fused_linear_kd_loss.py tests/test_vocab_parallel.py
+pure_tested=$SECONDS
+
+# --- 2. the GPU check's dry run: build (CPU + CUDA), collect, compile, cases -------------
 # (a long build timeout: a CI machine shared with other work may build slowly)
 python benchmarks/gpu_check.py --dry-run --build-timeout 2400 --json "$work/gpu_check.json"
 checked=$SECONDS
@@ -85,9 +99,11 @@ lepton-fast info
 LEPTON_FAST_REQUIRE_TRITON_INTERPRETER=1 python -m pytest -q -p no:cacheprovider -m "not packaging" \
     tests/test_fused_kd_loss.py tests/test_fused_pseudo_label_loss.py tests/test_select_pseudo_labels.py \
     tests/test_pgd_step.py tests/test_grad_reverse.py tests/test_kd_slice_ops.py tests/test_vocab_parallel.py \
-    tests/test_packaging.py \
+    tests/test_packaging.py tests/test_fused_linear_kd_loss.py::test_torch_compile_fullgraph \
+    tests/test_fgsm_perturb.py::test_torch_compile_fullgraph_without_recompiles \
     --deselect tests/test_fused_kd_loss.py::test_every_mode_float32 \
     --deselect tests/test_fused_kd_loss.py::test_other_cpu_instruction_sets
 set +x
-echo "ci_oldest.sh: install $((installed - start)) s, gpu_check --dry-run $((checked - installed)) s," \
+echo "ci_oldest.sh: install $((installed - start)) s, pure-Python op tests $((pure_tested - installed)) s," \
+     "gpu_check --dry-run $((checked - pure_tested)) s," \
      "tests $((SECONDS - checked)) s, total $((SECONDS - start)) s"

@@ -185,14 +185,16 @@ def temperature_sweep_logits(shape, temperature, seed, device="cpu"):
     return (torch.randn(shape, generator=g, dtype=torch.float64) * 30).to(dtype).to(device)
 
 
-# Every kernel of an op, by the device of its tensors: the C++ kernel and the Triton kernel
-# (under the interpreter on CPU tensors). The CUDA cases carry the `cuda` mark, so that
-# `pytest -m cuda` on a GPU machine runs every GPU kernel and nothing else.
+# Every kernel of an op, by the device of its tensors: the C++ kernel, the Triton kernel
+# (under the interpreter on CPU tensors) and the reference kernel. The CUDA cases carry the
+# `cuda` mark, so that `pytest -m cuda` on a GPU machine runs every GPU kernel and nothing else.
 DEVICE_BACKENDS = [
     pytest.param("cpu", "cpu", id="cpu-cpu"),
     pytest.param("cpu", "triton", id="cpu-triton"),
     pytest.param("cuda", "cuda", id="cuda-cuda", marks=pytest.mark.cuda),
     pytest.param("cuda", "triton", id="cuda-triton", marks=pytest.mark.cuda),
+    # lepton_fast/ops/_reference.py: the CPU kernel of a pure-Python install
+    pytest.param("cpu", "reference", id="cpu-reference"),
 ]
 
 

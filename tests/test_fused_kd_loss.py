@@ -292,8 +292,9 @@ def test_teacher_of_another_dtype_is_read_as_given(device, backend):
 
 
 def test_gradient_buffer_is_recycled_only_when_free():
-    # CPU: a freed gradient's memory serves the next call (no page faults); one that is
-    # still held is never handed out again.
+    # The CPU C++ kernel: a freed gradient's memory serves the next call (no page faults); one
+    # that is still held is never handed out again.
+    require(SPEC, "cpu", "cpu")
     s, t = randn(64, 8192, seed=67), randn(64, 8192, seed=68)  # 2 MiB: above the recycling size
     x = s.clone().requires_grad_()
     fused_kd_loss(x, t).backward()
@@ -481,6 +482,20 @@ def test_backend_forcing(monkeypatch):
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_autocast_takes_the_inputs_as_given(device, backend):
+    """Under torch.autocast the op casts nothing (no Autocast kernel): a bfloat16 student and a
+    float32 teacher give, bit for bit, the loss and gradient they give outside it, in float32."""
+    require(SPEC, device, backend)
+    s, t = randn(4, 19, seed=91, dtype=torch.bfloat16, device=device), randn(4, 19, seed=92, device=device)
+    labels = random_labels((4,), 19, seed=93, device=device)
+    outside = ours(backend, s, t, temperature=2.0, labels=labels, alpha=0.3)
+    with torch.autocast(device, dtype=torch.float16 if device == "cuda" else torch.bfloat16):
+        inside = ours(backend, s, t, temperature=2.0, labels=labels, alpha=0.3)
+    assert inside[0].dtype == torch.float32 and inside[1].dtype == torch.bfloat16
+    assert torch.equal(inside[0], outside[0]) and torch.equal(inside[1], outside[1])
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_second_backward_raises(device, backend):
     require(SPEC, device, backend)
     s = randn(3, 10, seed=44, device=device).requires_grad_()
@@ -491,24 +506,25 @@ def test_second_backward_raises(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
-def test_second_order_gradient_raises_and_reference_gives_it(device, backend):
-    """A MAML-style inner step differentiates the gradient again: the fused kernels refuse
-    (their gradient is a constant), the reference gives the true outer gradient."""
+def test_second_order_gradient_raises_and_names_the_reference(device, backend):
+    """A MAML-style inner step differentiates the gradient again: every kernel refuses (its
+    gradient is a constant) and names lepton_fast.reference's function, which gives it."""
     require(SPEC, device, backend)
     x, t = randn(5, 6, seed=46, device=device), randn(5, 9, seed=47, device=device)
     w0 = randn(9, 6, seed=48, device=device, scale=0.5)
 
-    def outer_grad(chosen, dtype):
+    def outer_grad(loss_fn, dtype, **kw):
         w = w0.to(dtype).clone().requires_grad_()
-        loss = fused_kd_loss(x.to(dtype) @ w.T, t.to(dtype), 2.0, backend=chosen)
+        loss = loss_fn(x.to(dtype) @ w.T, t.to(dtype), 2.0, **kw)
         (g,) = torch.autograd.grad(loss, w, create_graph=True)
         (outer,) = torch.autograd.grad((w - 0.1 * g).square().sum(), w)
         return outer
 
-    with pytest.raises(RuntimeError, match="second-order"):
-        outer_grad(backend, torch.float32)
-    want = outer_grad("reference", torch.float64)
-    torch.testing.assert_close(outer_grad("reference", torch.float32).double(), want, **TOL)
+    for chosen in (backend, "reference"):
+        with pytest.raises(RuntimeError, match=r"second-order.*lepton_fast\.reference\.fused_kd_loss"):
+            outer_grad(fused_kd_loss, torch.float32, backend=chosen)
+    want = outer_grad(reference.fused_kd_loss, torch.float64)
+    torch.testing.assert_close(outer_grad(reference.fused_kd_loss, torch.float32).double(), want, **TOL)
 
 
 def test_other_cpu_instruction_sets():

@@ -303,6 +303,35 @@ def test_teacher_head_of_another_dtype(device, backend):
         torch.testing.assert_close(g.double(), ref_grads[k], atol=2**-7 * ref_grads[k].abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_autocast_casts_each_head_as_f_linear_would(device, backend):
+    """Liger-Kernel's test_amp case: under autocast a bfloat16 hidden state meets a float32
+    lm_head. Each head computes in autocast's dtype, as F.linear would, and the float32 weight
+    gets its gradient through the cast (oracle: the same casts, then reference.py in float64)."""
+    require(SPEC, device, backend)
+    x, labels = make(n=6, seed=31, device=device)
+    x["student_hidden"] = x["student_hidden"].bfloat16()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        loss, grads = ours(backend, x, labels=labels, alpha=0.2, temperature=2.0)
+    assert loss.dtype == torch.float32 and grads["student_weight"].dtype == torch.float32
+
+    def cast_then_reference(**a):
+        for k in ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight"):
+            a[k] = a[k].bfloat16().double()
+        return reference.fused_linear_kd_loss(**a, labels=labels, alpha=0.2, temperature=2.0)
+
+    ref_loss, ref_grads = run(cast_then_reference, {k: t.double() for k, t in x.items()})
+    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-4, rtol=1e-4)
+    for k, g in grads.items():
+        # the gradient of the bfloat16 hidden state comes back rounded to bfloat16
+        tol = 2**-7 * ref_grads[k].abs().max().item() if g.dtype == torch.bfloat16 else 1e-4
+        torch.testing.assert_close(g.double(), ref_grads[k], atol=tol, rtol=1e-2 if tol != 1e-4 else 1e-4,
+                                   msg=lambda m, k=k: f"{k}: {m}")
+    with pytest.raises(TypeError, match="student_weight is torch.float32 but student_hidden is torch.bfloat16"):
+        fused_linear_kd_loss(x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"],
+                             backend=backend)
+
+
 # --- torch.compile, opcheck, memory ---------------------------------------------------------------
 
 

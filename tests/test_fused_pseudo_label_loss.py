@@ -17,7 +17,7 @@ import torch
 
 from conftest import (DEVICE_BACKENDS, TEMPERATURES, TRITON_COLUMN_BLOCKS, interpreted, low_precision_tolerance,
                       opcheck_kernel, require, run_on_each_cpu_capability, temperature_sweep_logits)
-from lepton_fast import fused_pseudo_label_loss, reference
+from lepton_fast import _backend, fused_pseudo_label_loss, reference
 from lepton_fast.ops.pseudo_labels import LOSS_SPEC as SPEC
 
 # The interpreter evaluates both sides of tl.where with numpy, which warns about the
@@ -25,7 +25,7 @@ from lepton_fast.ops.pseudo_labels import LOSS_SPEC as SPEC
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
                                         "ignore:divide by zero encountered:RuntimeWarning")
 # The kernels and the reference, which is the fallback users get and must agree too.
-BACKENDS = DEVICE_BACKENDS + [pytest.param("cpu", "reference", id="cpu-reference")]
+BACKENDS = DEVICE_BACKENDS
 LOW = (torch.bfloat16, torch.float16)
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -281,7 +281,7 @@ def test_class_counts_and_no_grad_to_weak():
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_gradcheck_float64(device, backend):
     require(SPEC, device, backend)
-    if backend == "triton":
+    if backend != _backend.default(SPEC, device):  # (without the extension, the reference kernel is the default)
         pytest.skip("gradcheck backpropagates repeatedly through one graph: compiled with the default kernel only")
     s, w = views(3, 5, seed=16, dtype=torch.float64, device=device)
     weights = torch.tensor([0.5, 0.0, 2.0], dtype=torch.float64, device=device)
@@ -413,24 +413,25 @@ def test_second_backward_raises(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
-def test_second_order_gradient_raises_and_reference_gives_it(device, backend):
-    """A MAML-style inner step differentiates the gradient again: the fused kernels refuse
-    (their gradient is a constant), the reference gives the true outer gradient."""
+def test_second_order_gradient_raises_and_names_the_reference(device, backend):
+    """A MAML-style inner step differentiates the gradient again: every kernel refuses (its
+    gradient is a constant) and names lepton_fast.reference's function, which gives it."""
     require(SPEC, device, backend)
     x, w = randn(5, 6, seed=25, device=device), randn(5, 9, seed=26, device=device, scale=3.0)
     w0 = randn(9, 6, seed=27, device=device, scale=0.5)
 
-    def outer_grad(chosen, dtype):
+    def outer_grad(loss_fn, dtype, **kw):
         weight = w0.to(dtype).clone().requires_grad_()
-        loss = fused_pseudo_label_loss(x.to(dtype) @ weight.T, w.to(dtype), 0.0, soft=True, backend=chosen).loss
+        loss = loss_fn(x.to(dtype) @ weight.T, w.to(dtype), 0.0, soft=True, **kw)[0]
         (g,) = torch.autograd.grad(loss, weight, create_graph=True)
         (outer,) = torch.autograd.grad((weight - 0.1 * g).square().sum(), weight)
         return outer
 
-    with pytest.raises(RuntimeError, match="second-order"):
-        outer_grad(backend, torch.float32)
-    torch.testing.assert_close(outer_grad("reference", torch.float32).double(),
-                               outer_grad("reference", torch.float64), **TOL)
+    for chosen in (backend, "reference"):
+        with pytest.raises(RuntimeError, match=r"second-order.*lepton_fast\.reference\.fused_pseudo_label_loss"):
+            outer_grad(fused_pseudo_label_loss, torch.float32, backend=chosen)
+    torch.testing.assert_close(outer_grad(reference.fused_pseudo_label_loss, torch.float32).double(),
+                               outer_grad(reference.fused_pseudo_label_loss, torch.float64), **TOL)
 
 
 def test_other_cpu_instruction_sets():
@@ -439,7 +440,7 @@ def test_other_cpu_instruction_sets():
     require(SPEC, "cpu", "cpu")
     script = textwrap.dedent("""
         import itertools, torch
-        from lepton_fast import fused_pseudo_label_loss, reference
+        from lepton_fast import _backend, fused_pseudo_label_loss, reference
         print(torch.backends.cpu.get_cpu_capability())
         g = torch.Generator().manual_seed(0)
         for dtype, soft in itertools.product([torch.float32, torch.bfloat16, torch.float64], [False, True]):

@@ -24,7 +24,7 @@ import pytest
 import torch
 from packaging.version import Version
 
-from lepton_fast import _backend
+from lepton_fast import _backend, _extension
 from lepton_fast.version import __version__
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +39,8 @@ RUNNING_CPU = {"torch": "2.14.1", "cuda": None, "cxx11_abi": True}
 
 
 def record(**changes):
-    return {"extension": True, "torch": "2.14.1", "cuda": "13.0", "archs": "8.0;9.0+PTX", "cxx11_abi": True, **changes}
+    return {"extension": True, "torch": "2.14.1", "cuda": "13.0", "archs": "8.0;9.0+PTX", "cxx11_abi": True,
+            "impl_only": True, **changes}
 
 
 @pytest.mark.parametrize(
@@ -54,7 +55,7 @@ def record(**changes):
     ],
 )
 def test_build_record_accepted(built, running):
-    assert _backend._build_mismatch(built, running) is None
+    assert _extension.build_mismatch(built, running) is None
 
 
 @pytest.mark.parametrize(
@@ -69,10 +70,12 @@ def test_build_record_accepted(built, running):
             record(torch="2.13.0", cuda="12.8"), RUNNING_CUDA, "needs torch 2.13.x and CUDA 12.x", id="two-at-once"
         ),
         pytest.param({"extension": True, "torch": "2.14.1"}, RUNNING_CUDA, "unreadable build record", id="truncated"),
+        # an extension that defines the schemas itself would abort the process on import
+        pytest.param(record(impl_only=None), RUNNING_CUDA, "needs a rebuild", id="defines-schemas"),
     ],
 )
 def test_build_record_refused_says_expected_and_found(built, running, expected):
-    message = _backend._build_mismatch(built, running)
+    message = _extension.build_mismatch(built, running)
     assert message is not None and expected in message
     if not message.startswith("unreadable"):
         assert f"running torch {running['torch']}" in message
@@ -380,6 +383,46 @@ def test_cpu_wheel_installs_runs_and_falls_back(tmp_path):
 
 
 @pytest.mark.packaging
+def test_pure_python_wheel_runs_triton_on_cuda_and_the_reference_on_cpu(tmp_path):
+    """The py3-none-any wheel (LEPTON_FAST_SKIP_EXT=1, what scripts/build_wheels.sh pure
+    builds) holds the package and the Triton kernels and nothing compiled; installed beside
+    any torch it needs no compiler, runs the reference kernel on CPU tensors without a
+    warning, and `lepton-fast info` names Triton as the CUDA kernel of every op."""
+    timings = {}
+    src = _copy_sources(tmp_path / "src")
+    dist = tmp_path / "dist"
+    _run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-w", str(dist), str(src)],
+         timings, "pip wheel (pure Python)", cwd=tmp_path, env=_clean_env(LEPTON_FAST_SKIP_EXT="1"))
+    wheels = list(dist.glob("*.whl"))
+    assert [w.name for w in wheels] == [f"lepton_fast-{__version__}-py3-none-any.whl"]
+    with zipfile.ZipFile(wheels[0]) as zf:
+        package = {n for n in zf.namelist() if ".dist-info/" not in n}
+    expected = {str(p.relative_to(src)) for p in (src / "lepton_fast").rglob("*.py")}
+    expected |= {"lepton_fast/kernels/" + str(p.relative_to(src / "kernels")) for p in (src / "kernels").rglob("*.py")}
+    assert package == expected, f"missing {sorted(expected - package)}, unexpected {sorted(package - expected)}"
+
+    run_dir = tmp_path / "user"
+    run_dir.mkdir()
+    venv = tmp_path / "user-venv"  # this torch and triton, seen through the system site-packages
+    _run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], timings, "venv", env=_clean_env())
+    bin_dir = venv / "bin"
+    _run([str(bin_dir / "python"), "-m", "pip", "install", "--no-deps", str(wheels[0])], timings, "pip install wheel",
+         cwd=run_dir, env=_clean_env())
+    info = _run([str(bin_dir / "python"), "-m", "lepton_fast", "info"], timings, "lepton-fast info", cwd=run_dir,
+                env=_clean_env())
+    assert "extension loaded: False (not built" in info.stdout and info.stderr.count("compiled kernels") == 0, info
+    rows = {line.split()[0]: line.split()[1:] for line in info.stdout.splitlines()
+            if line.split() and line.split()[0] in _backend.OPS}
+    assert set(rows) == {name for name, spec in _backend.OPS.items() if spec.public}, info.stdout
+    assert all(row[:2] == ["reference", "triton"] for row in rows.values()), info.stdout
+    ran = _run_user_program(bin_dir, run_dir, timings, "fused_kd_loss, pure Python")
+    assert Path(ran["file"]).is_relative_to(venv), ran["file"]
+    assert ran["backend"] == "reference" and ran["warnings"] == []
+    assert ran["loss_err"] <= 1e-5 and ran["grad_err"] <= 1e-5 and ran["grad_dtype"] == "torch.float32", ran
+    print("timings (s):", timings)
+
+
+@pytest.mark.packaging
 def test_cuda_wheel_builds_with_local_version(tmp_path):
     """The CUDA wheel compiles (it cannot run without a GPU here) against the running CUDA
     torch, and its name and build record say which CUDA and torch."""
@@ -400,5 +443,5 @@ def test_cuda_wheel_builds_with_local_version(tmp_path):
     assert [w.name for w in dist.glob("*.whl")] == [f"lepton_fast-{__version__}+{label}-{py}-{py}-linux_x86_64.whl"]
     built = _check_wheel_contents(next(dist.glob("*.whl")), src)
     assert built == {"extension": True, "torch": torch.__version__.split("+")[0], "cuda": cuda, "archs": "9.0",
-                     "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI)}
+                     "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI), "impl_only": True}
     print("timings (s):", timings)

@@ -19,7 +19,7 @@ from lepton_fast.ops.pseudo_labels import SELECT_SPEC as SPEC
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
                                         "ignore:divide by zero encountered:RuntimeWarning")
-BACKENDS = DEVICE_BACKENDS + [pytest.param("cpu", "reference", id="cpu-reference")]
+BACKENDS = DEVICE_BACKENDS
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 

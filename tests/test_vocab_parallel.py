@@ -39,7 +39,7 @@ DIVERGENCES = ["forward_kl", "reverse_kl", "jsd"]
 def pool():
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    require(kd_ops.SLICE_SPEC, "cpu", "cpu")
+    # The ranks run the default kernel: CPU C++, or the reference kernel without the extension.
     ranks = RankPool(4, sizes=POOL_GROUPS)
     yield ranks
     ranks.close()
@@ -209,11 +209,11 @@ def _rank_bad_call(ctx, what):
 
 
 def single_process(seed, n, kw, grad_output=None):
-    """(fused_kd_loss's loss and gradient on the whole logits, the reference's), float64."""
+    """(fused_kd_loss's loss and gradient on the whole logits (the default kernel), the reference's), float64."""
     kw = dict(kw)
     s, t, labels = data(seed, n, labelled=kw.pop("labelled", False))
     out = []
-    for fn in (lambda x: fused_kd_loss(x, t, labels=labels, backend="cpu", **kw),
+    for fn in (lambda x: fused_kd_loss(x, t, labels=labels, **kw),
                lambda x: reference.fused_kd_loss(x, t, labels=labels, **kw)):
         x = s.clone().requires_grad_()
         loss = fn(x)
@@ -478,8 +478,7 @@ def test_linear_kd_loss_over_a_vocabulary_sharded_head(pool, divergence, split):
 
 
 @pytest.mark.parametrize("kw,refused", [(dict(reduction="none"), "reduction 'none'"),
-                                       (dict(vocab_size=30), "vocab_size"),
-                                       (dict(backend="reference"), "backend='reference'")])
+                                       (dict(vocab_size=30), "vocab_size")])
 def test_linear_kd_loss_group_refuses(kw, refused):
     h_s, w_s, b_s, h_t, w_t, b_t, labels = linear_data(18)
     with pytest.raises(ValueError, match=f"group=: not with {re.escape(refused)}"):

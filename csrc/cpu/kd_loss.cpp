@@ -1,4 +1,4 @@
-// CPU kernels of fused_kd_loss and the kd_slice_* ops (schemas in csrc/ops.cpp): tensor
+// CPU kernels of fused_kd_loss and the kd_slice_* ops (schemas in lepton_fast/ops/kd_loss.py): tensor
 // checks, the label and row checks, outputs, rows in parallel, and the choice of the row
 // kernel's instruction set (kd_loss_rows.h, compiled once per ISA in isa_<isa>.cpp, picked
 // with ATen's own at::get_cpu_capability(): see isa.h).

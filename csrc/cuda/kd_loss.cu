@@ -1,4 +1,4 @@
-// CUDA kernels of fused_kd_loss, the kd_slice_* ops and scale_grad_ (schemas in csrc/ops.cpp).
+// CUDA kernels of fused_kd_loss, the kd_slice_* ops and scale_grad_ (schemas in lepton_fast/ops/kd_loss.py and scale_grad.py).
 //
 // One thread block per row, running the steps of csrc/kd_loss.h that its op asks for
 // (fused_kd_loss: all of them, in one launch); the block walks the row with 16-byte vector

@@ -1,4 +1,4 @@
-// CUDA kernels of select_pseudo_labels and fused_pseudo_label_loss (schemas in csrc/ops.cpp).
+// CUDA kernels of select_pseudo_labels and fused_pseudo_label_loss (schemas in lepton_fast/ops/pseudo_labels.py).
 //
 // One thread block per row; the block walks the row with 16-byte vector loads when every row
 // is 16-byte aligned. Pass 1 reads the weak view: online arg-max and softmax statistics,

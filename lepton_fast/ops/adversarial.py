@@ -19,115 +19,59 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from lepton_fast import _backend, _validate, reference
+from lepton_fast import _backend, _validate
 
-FGSM_SPEC = _backend.register("fgsm_perturb", triton="adversarial")
-FGSM_INPLACE_SPEC = _backend.register("fgsm_perturb_", triton="adversarial")
-PGD_SPEC = _backend.register("pgd_step", triton="adversarial")
-PGD_INPLACE_SPEC = _backend.register("pgd_step_", triton="adversarial")
+# L-inf perturbation steps (csrc/adversarial.h) on tensors of one floating dtype. eps, step_size,
+# clamp_min and clamp_max are each a 0-d CPU tensor (read on the host) or a tensor in x's opmath
+# dtype on x's device that broadcasts to x: per sample [N, 1, ...], per channel [C, 1, 1] (the box
+# of a normalised image), full shape, ...; the clamp bounds are both given or both None. The
+# in-place forms overwrite their first argument. The kernels refuse (CPU: ValueError; CUDA: a
+# device assertion) an input (fgsm: x, pgd: x_orig) farther than eps outside [clamp_min,
+# clamp_max], and a finite input whose result is not finite in its dtype.
+#   fgsm: clamp(x + eps * sign(grad))
+#   pgd:  clamp(x_orig + clamp(x_adv + step_size * sign(grad) - x_orig, -eps, eps))
+FGSM_SPEC = _backend.define(
+    "fgsm_perturb(Tensor x, Tensor grad, Tensor eps, Tensor? clamp_min, Tensor? clamp_max) -> Tensor",
+    triton="adversarial")
+FGSM_INPLACE_SPEC = _backend.define(
+    "fgsm_perturb_(Tensor(a!) x, Tensor grad, Tensor eps, Tensor? clamp_min, Tensor? clamp_max) -> ()",
+    triton="adversarial")
+PGD_SPEC = _backend.define(
+    "pgd_step(Tensor x_adv, Tensor x_orig, Tensor grad, Tensor step_size, Tensor eps, Tensor? clamp_min, "
+    "Tensor? clamp_max) -> Tensor",
+    triton="adversarial")
+PGD_INPLACE_SPEC = _backend.define(
+    "pgd_step_(Tensor(a!) x_adv, Tensor x_orig, Tensor grad, Tensor step_size, Tensor eps, Tensor? clamp_min, "
+    "Tensor? clamp_max) -> ()",
+    triton="adversarial")
 
 Scalar = Union[float, Tensor]
 Clamp = Optional[tuple]
 
-if _backend.extension().module is not None:
-
-    @torch.library.register_fake("lepton_fast::fgsm_perturb")
-    def _(x, grad, eps, clamp_min, clamp_max):
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-    @torch.library.register_fake("lepton_fast::fgsm_perturb_")
-    def _(x, grad, eps, clamp_min, clamp_max):
-        return None
-
-    @torch.library.register_fake("lepton_fast::pgd_step")
-    def _(x_adv, x_orig, grad, step_size, eps, clamp_min, clamp_max):
-        return torch.empty_like(x_adv, memory_format=torch.contiguous_format)
-
-    @torch.library.register_fake("lepton_fast::pgd_step_")
-    def _(x_adv, x_orig, grad, step_size, eps, clamp_min, clamp_max):
-        return None
+@torch.library.register_fake("lepton_fast::fgsm_perturb")
+def _(x, grad, eps, clamp_min, clamp_max):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-# --- argument checks ---------------------------------------------------------------------------
-
-def check_input(name: str, x) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _validate.FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
-    return _validate.materialised(name, x)
+@torch.library.register_fake("lepton_fast::fgsm_perturb_")
+def _(x, grad, eps, clamp_min, clamp_max):
+    return None
 
 
-def _check_like(name: str, t, ref_name: str, ref: Tensor) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    _validate.same_shape(name, t, ref_name, ref)
-    return t
+@torch.library.register_fake("lepton_fast::pgd_step")
+def _(x_adv, x_orig, grad, step_size, eps, clamp_min, clamp_max):
+    return torch.empty_like(x_adv, memory_format=torch.contiguous_format)
 
 
-def _opmath(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+@torch.library.register_fake("lepton_fast::pgd_step_")
+def _(x_adv, x_orig, grad, step_size, eps, clamp_min, clamp_max):
+    return None
 
 
-def operand(name: str, value, x: Tensor, *, non_negative: bool) -> Tensor:
-    """eps, step_size or a clamp bound as the kernels take it (csrc/ops.cpp): a number (or a
-    0-d CPU tensor) becomes a 0-d float64 CPU tensor, checked at once; a tensor that broadcasts
-    to x becomes x's opmath dtype on x's device, checked without a host sync off the CPU.
+# --- argument checks (lepton_fast._validate) ------------------------------------------------------
 
-    A 1-d tensor is one value per sample ([N], viewed as [N, 1, ...]) whatever x's shape: for
-    per-channel or per-feature values give a shape that broadcasts ([C, 1, 1], [1, D]).
-    """
-    if not isinstance(value, Tensor) or (value.dim() == 0 and value.device.type == "cpu"):
-        return _validate.non_negative(name, value) if non_negative else _validate.hyper(name, value)
-    _validate.no_grad_wanted(name, value)
-    if not value.is_floating_point():
-        raise TypeError(f"{name} must be a number or a floating-point tensor, got {value.dtype}")
-    if value.dim() == 1 and x.dim() > 1:
-        if value.shape[0] != x.shape[0]:
-            raise ValueError(
-                f"{name} of shape {tuple(value.shape)}: a 1-d {name} is one value per sample and needs length "
-                f"{x.shape[0]} for x of shape {tuple(x.shape)}; for one value per channel or feature give a shape "
-                f"that broadcasts to x, such as [C, 1, 1] or [1, D]"
-            )
-        value = value.reshape((-1,) + (1,) * (x.dim() - 1))
-    try:
-        fits = torch.broadcast_shapes(value.shape, x.shape) == x.shape
-    except RuntimeError:
-        fits = False
-    if not fits:
-        raise ValueError(f"{name} of shape {tuple(value.shape)} does not broadcast to x's shape {tuple(x.shape)}")
-    if value.device != x.device:
-        raise ValueError(
-            f"{name} is on {value.device} but x is on {x.device}: move it once with .to(x.device) (a number or a "
-            "0-d CPU tensor may stay on the CPU)"
-        )
-    value = value.detach().to(_opmath(x))
-    bad = ~torch.isfinite(value)
-    if non_negative:
-        bad |= value < 0
-    _validate.no_bad_values(bad, f"{name} must be finite{' and >= 0' if non_negative else ''} everywhere", value)
-    return value
-
-
-def clamp_bounds(clamp, x: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """(lo, hi) as ``operand`` makes them, or (None, None) for clamp=None; lo <= hi everywhere."""
-    if clamp is None:
-        return None, None
-    try:
-        lo, hi = clamp
-    except (TypeError, ValueError):
-        raise TypeError(f"clamp must be None or a pair (min, max) of numbers or tensors, got {clamp!r}") from None
-    numbers = not isinstance(lo, Tensor) and not isinstance(hi, Tensor)
-    lo_t, hi_t = operand("clamp[0]", lo, x, non_negative=False), operand("clamp[1]", hi, x, non_negative=False)
-    message = "clamp must be (min, max) with min <= max everywhere"
-    if numbers and not torch.compiler.is_compiling():
-        if float(lo) > float(hi):
-            raise ValueError(f"{message}, got {clamp!r}")
-    else:
-        _validate.no_bad_values(lo_t > hi_t, message)
-    return lo_t, hi_t
+check_input, operand = _validate.float_input, _validate.step_operand
+clamp_bounds, opmath = _validate.clamp_bounds, _validate.opmath
 
 
 def _sign_operand(grad: Tensor, x: Tensor) -> Tensor:
@@ -139,26 +83,8 @@ def _sign_operand(grad: Tensor, x: Tensor) -> Tensor:
 
 # --- the steps, on checked operands ------------------------------------------------------------
 
-_BOX_FIX = ("If the input is a normalised image ((image - mean) / std), its box is ((0 - mean) / std, (1 - mean) / std) "
-            "per channel: pass clamp=(lo, hi) with tensors of shape [C, 1, 1], or clamp=None for inputs without bounds.")
-
-
-def _reference_faults(op: str, inp_name: str, inp: Tensor, radius: Tensor, lo, hi, out: Tensor, inputs,
-                      sizes: str) -> None:
-    """The reference's check of what the kernels check where they read the data."""
-    acc = _opmath(inp)
-    a = inp.to(acc)
-    if lo is not None:
-        outside = (a + radius.to(acc) < lo.to(acc)) | (hi.to(acc) < a - radius.to(acc))
-        _validate.no_bad_values(outside, f"{op}: {inp_name} lies farther than eps outside the clamp box, so the clamp "
-                                f"would move the result more than eps from {inp_name}. {_BOX_FIX}")
-    finite = torch.isfinite(inputs[0])
-    for t in inputs[1:]:
-        finite &= torch.isfinite(t)
-    _validate.no_bad_values(~torch.isfinite(out) & finite,
-                            f"{op}: the step is not finite in {str(out.dtype)[6:]}: {sizes} beyond its range for this input "
-                            f"(largest finite value {torch.finfo(out.dtype).max:g}). Use a smaller value, a clamp "
-                            "within the range, or a wider dtype.")
+BOX_FIX = ("If the input is a normalised image ((image - mean) / std), its box is ((0 - mean) / std, (1 - mean) / std) "
+           "per channel: pass clamp=(lo, hi) with tensors of shape [C, 1, 1], or clamp=None for inputs without bounds.")
 
 
 def fgsm_checked(x: Tensor, g: Tensor, eps: Tensor, lo, hi, backend: Optional[str], *, in_place: bool) -> Tensor:
@@ -166,10 +92,6 @@ def fgsm_checked(x: Tensor, g: Tensor, eps: Tensor, lo, hi, backend: Optional[st
     spec = FGSM_INPLACE_SPEC if in_place else FGSM_SPEC
     chosen = _backend.resolve(spec, x.device, backend)
     with torch.no_grad():
-        if chosen == "reference":
-            out = reference.fgsm_perturb(x, g, eps, None if lo is None else (lo, hi))
-            _reference_faults(spec.name, "x", x, eps, lo, hi, out, (x,), "eps is")
-            return x.copy_(out) if in_place else out
         if not in_place:
             return _backend.call(spec, chosen, x.device.type, x.contiguous(), g.contiguous(), eps, lo, hi)
         target = x if x.is_contiguous() else x.contiguous()
@@ -183,10 +105,6 @@ def pgd_checked(x_adv: Tensor, x_orig: Tensor, g: Tensor, step: Tensor, eps: Ten
     spec = PGD_INPLACE_SPEC if in_place else PGD_SPEC
     chosen = _backend.resolve(spec, x_adv.device, backend)
     with torch.no_grad():
-        if chosen == "reference":
-            out = reference.pgd_step(x_adv, x_orig, g, step, eps, None if lo is None else (lo, hi))
-            _reference_faults(spec.name, "x_orig", x_orig, eps, lo, hi, out, (x_adv, x_orig), "step_size and eps are")
-            return x_adv.copy_(out) if in_place else out
         args = (x_orig.contiguous(), g.contiguous(), step, eps, lo, hi)
         if not in_place:
             return _backend.call(spec, chosen, x_adv.device.type, x_adv.contiguous(), *args)
@@ -218,7 +136,7 @@ def _check_in_place(name: str, x: Tensor) -> None:
 
 def _fgsm_args(x, grad, eps, clamp):
     check_input("x", x)
-    _check_like("grad", grad, "x", x)
+    _validate.floating_like("grad", grad, "x", x)
     lo, hi = clamp_bounds(clamp, x)
     return _sign_operand(grad, x), operand("eps", eps, x, non_negative=True), lo, hi
 
@@ -266,8 +184,8 @@ def fgsm_perturb_(x: Tensor, grad: Tensor, eps: Scalar, clamp: Clamp = (0.0, 1.0
 
 def _pgd_args(x_adv, x_orig, grad, step_size, eps, clamp):
     check_input("x_adv", x_adv)
-    _check_like("x_orig", x_orig, "x_adv", x_adv)
-    _check_like("grad", grad, "x_adv", x_adv)
+    _validate.floating_like("x_orig", x_orig, "x_adv", x_adv)
+    _validate.floating_like("grad", grad, "x_adv", x_adv)
     step = operand("step_size", step_size, x_adv, non_negative=True)
     eps = operand("eps", eps, x_adv, non_negative=True)
     lo, hi = clamp_bounds(clamp, x_adv)

@@ -1,15 +1,16 @@
 """fused_kd_loss: knowledge distillation with the gradient written during the forward.
 
 Path of a call: :func:`fused_kd_loss` checks the arguments (lepton_fast._validate) and calls
-``torch.ops.lepton_fast.fused_kd_loss`` (schema: csrc/ops.cpp); the dispatcher runs the C++
-autograd kernel (csrc/autograd.cpp), then the device kernel (csrc/cpu/kd_loss.cpp,
-csrc/cuda/kd_loss.cu, or kernels/kd_loss.py). ``backend="reference"`` runs reference.py.
+``torch.ops.lepton_fast.fused_kd_loss`` (its schema is defined below); the dispatcher runs the
+autograd kernel (csrc/autograd.cpp, or ops/_autograd.py without the extension), then the
+device kernel (csrc/cpu/kd_loss.cpp, csrc/cuda/kd_loss.cu, kernels/kd_loss.py, or the
+reference kernel in ops/_reference.py). ``backend=`` swaps in another kernel.
 
 The same kernels split at a row's steps are the internal ops ``kd_slice_stats``,
 ``kd_slice_jsd_sums`` and ``kd_slice_loss``, for rows whose classes lie in slices on several
 ranks (lepton_fast.distributed): :class:`SliceMerge` says which statistics travel between
 the steps and merges them; :func:`slice_stats`, :func:`slice_jsd_sums` and
-:func:`slice_loss` run the ops on a resolved backend.
+:func:`slice_loss_and_grad` run the ops on a resolved backend.
 """
 from __future__ import annotations
 
@@ -18,55 +19,89 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from lepton_fast import _backend, _validate, reference
+from lepton_fast import _backend, _validate
 
-SPEC = _backend.register("fused_kd_loss", triton="kd_loss")
-STATS_SPEC = _backend.register("kd_slice_stats", triton="kd_loss", public=False)
-JSD_SUMS_SPEC = _backend.register("kd_slice_jsd_sums", triton="kd_loss", public=False)
-SLICE_SPEC = _backend.register("kd_slice_loss", triton="kd_loss", public=False)
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-N_STATS = 7  # the columns of kd_slice_stats, reference.MAX_S ... reference.LIN_CE
+# Knowledge distillation (csrc/kd_loss.h has the formulas): the loss as `reduction` asks
+# (float32; float64 for float64 logits) and, when compute_grad, d(loss)/d(student_logits) in the
+# student's dtype, written during the forward. "mean" divides by the rows whose label is not
+# ignore_index (at least 1); num_items_in_batch, when given, divides the sum instead.
+SPEC = _backend.define(
+    "fused_kd_loss(Tensor student_logits, Tensor teacher_logits, Tensor? labels, Tensor temperature, "
+    "Tensor beta, Tensor alpha, Tensor label_smoothing, str divergence, int ignore_index, bool scale_by_t2, "
+    "str reduction, Tensor? num_items_in_batch, bool compute_grad) -> (Tensor loss, Tensor grad)",
+    triton="kd_loss", saves_grad=True)
+# fused_kd_loss split at its steps (csrc/kd_loss.h), for rows whose columns lie in slices
+# (lepton_fast/distributed.py: a vocabulary split over ranks). Each op reads the [N, C_r] slice
+# of the rows' columns that starts at column class_offset of rows of n_classes; labels are
+# class ids of the whole row. The caller merges the statistics of all slices in between
+# (SliceMerge below; KDStat in csrc/kd_loss.h).
+#   kd_slice_stats: each row's statistics over the slice, [N, N_STATS] (float32; float64 for
+#     float64 logits); rows whose label is ignore_index get zeros.
+#   kd_slice_jsd_sums: given the merged statistics, the slice's part of the JSD's sums
+#     K_t = KL(p_t || m), K_s = KL(p_s || m), [N, 2] (0 at ignored rows).
+#   kd_slice_loss: given the merged statistics (and merged jsd_sums for the JSD), the loss of the
+#     whole rows as fused_kd_loss gives it, and the gradient of the slice (autograd as
+#     fused_kd_loss's).
+STATS_SPEC = _backend.define(
+    "kd_slice_stats(Tensor student_logits, Tensor teacher_logits, Tensor? labels, Tensor temperature, "
+    "Tensor beta, Tensor alpha, Tensor label_smoothing, str divergence, int ignore_index, int class_offset, "
+    "int n_classes) -> Tensor",
+    triton="kd_loss", public=False)
+JSD_SUMS_SPEC = _backend.define(
+    "kd_slice_jsd_sums(Tensor student_logits, Tensor teacher_logits, Tensor? labels, Tensor stats, "
+    "Tensor temperature, Tensor beta, int ignore_index) -> Tensor",
+    triton="kd_loss", public=False)
+SLICE_SPEC = _backend.define(
+    "kd_slice_loss(Tensor student_logits, Tensor teacher_logits, Tensor? labels, Tensor stats, Tensor? jsd_sums, "
+    "Tensor temperature, Tensor beta, Tensor alpha, Tensor label_smoothing, str divergence, int ignore_index, "
+    "bool scale_by_t2, str reduction, Tensor? num_items_in_batch, int class_offset, int n_classes, "
+    "bool compute_grad) -> (Tensor loss, Tensor grad)",
+    triton="kd_loss", public=False, saves_grad=True)
+
+DIVERGENCES = _validate.DIVERGENCES
+# The columns of kd_slice_stats: KDStat in csrc/kd_loss.h.
+MAX_S, MAX_T, SUM_S, SUM_T, KL_SUM, SUM_CE, LIN_CE = range(7)
+N_STATS = 7
 
 Scalar = Union[float, Tensor]
 
-if _backend.extension().module is not None:
 
-    @torch.library.register_fake("lepton_fast::fused_kd_loss")
-    def _(student_logits, teacher_logits, labels, temperature, beta, alpha, label_smoothing, divergence,
-          ignore_index, scale_by_t2, reduction, num_items_in_batch, compute_grad):
-        acc = torch.promote_types(student_logits.dtype, torch.float32)
-        loss = student_logits.new_empty((student_logits.shape[0],) if reduction == "none" else (), dtype=acc)
-        grad = torch.empty_like(student_logits) if compute_grad else student_logits.new_empty((0,))
-        return loss, grad
-
-    @torch.library.register_fake("lepton_fast::kd_slice_stats")
-    def _(student_logits, teacher_logits, labels, temperature, beta, alpha, label_smoothing, divergence,
-          ignore_index, class_offset, n_classes):
-        acc = torch.promote_types(student_logits.dtype, torch.float32)
-        return student_logits.new_empty((student_logits.shape[0], N_STATS), dtype=acc)
-
-    @torch.library.register_fake("lepton_fast::kd_slice_jsd_sums")
-    def _(student_logits, teacher_logits, labels, stats, temperature, beta, ignore_index):
-        return stats.new_empty((student_logits.shape[0], 2))
-
-    @torch.library.register_fake("lepton_fast::kd_slice_loss")
-    def _(student_logits, teacher_logits, labels, stats, jsd_sums, temperature, beta, alpha, label_smoothing,
-          divergence, ignore_index, scale_by_t2, reduction, num_items_in_batch, class_offset, n_classes,
-          compute_grad):
-        loss = stats.new_empty((student_logits.shape[0],) if reduction == "none" else ())
-        grad = torch.empty_like(student_logits) if compute_grad else student_logits.new_empty((0,))
-        return loss, grad
+def soft_kind(divergence: str, beta: float) -> str:
+    """The divergence computed: the JSD at beta 0 / 1 is exactly forward / reverse KL (its
+    mixture is then one of the two distributions), which every kernel runs as such."""
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        return "forward_kl" if beta == 0.0 else "reverse_kl"
+    return divergence
 
 
-def _num_items(value, like: Tensor) -> Optional[Tensor]:
-    if value is None:
-        return None
-    if isinstance(value, Tensor) and value.device == like.device and like.device.type != "cpu":
-        # transformers hands the count over on the device; the kernel reads it there.
-        if value.numel() != 1:
-            raise ValueError(f"num_items_in_batch must be a number or a 0-d tensor, got shape {tuple(value.shape)}")
-        return value.detach().reshape(()).to(torch.float64)
-    return _validate.positive("num_items_in_batch", value)
+@torch.library.register_fake("lepton_fast::fused_kd_loss")
+def _(student_logits, teacher_logits, labels, temperature, beta, alpha, label_smoothing, divergence,
+      ignore_index, scale_by_t2, reduction, num_items_in_batch, compute_grad):
+    acc = torch.promote_types(student_logits.dtype, torch.float32)
+    loss = student_logits.new_empty((student_logits.shape[0],) if reduction == "none" else (), dtype=acc)
+    grad = torch.empty_like(student_logits) if compute_grad else student_logits.new_empty((0,))
+    return loss, grad
+
+
+@torch.library.register_fake("lepton_fast::kd_slice_stats")
+def _(student_logits, teacher_logits, labels, temperature, beta, alpha, label_smoothing, divergence,
+      ignore_index, class_offset, n_classes):
+    acc = torch.promote_types(student_logits.dtype, torch.float32)
+    return student_logits.new_empty((student_logits.shape[0], N_STATS), dtype=acc)
+
+
+@torch.library.register_fake("lepton_fast::kd_slice_jsd_sums")
+def _(student_logits, teacher_logits, labels, stats, temperature, beta, ignore_index):
+    return stats.new_empty((student_logits.shape[0], 2))
+
+
+@torch.library.register_fake("lepton_fast::kd_slice_loss")
+def _(student_logits, teacher_logits, labels, stats, jsd_sums, temperature, beta, alpha, label_smoothing,
+      divergence, ignore_index, scale_by_t2, reduction, num_items_in_batch, class_offset, n_classes,
+      compute_grad):
+    loss = stats.new_empty((student_logits.shape[0],) if reduction == "none" else ())
+    grad = torch.empty_like(student_logits) if compute_grad else student_logits.new_empty((0,))
+    return loss, grad
 
 
 def fused_kd_loss(
@@ -123,8 +158,9 @@ def fused_kd_loss(
         num_items_in_batch: the sum of the row losses divided by this count instead (> 0, a
             number or a 0-d tensor), as transformers and TRL do under gradient accumulation;
             not with ``reduction="none"``.
-        backend: force ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"`` (default: the
-            compiled kernel, or ``$LEPTON_FAST_BACKEND``).
+        backend: force the kernel: ``"reference"`` (lepton_fast.reference under the op's
+            schema), ``"cpu"``, ``"cuda"`` or ``"triton"`` (default: the dispatcher's, or
+            ``$LEPTON_FAST_BACKEND``). Forcing is eager-only.
 
     Returns:
         float32 loss (float64 for float64 inputs): a scalar, or [...] for ``"none"``.
@@ -138,7 +174,8 @@ def fused_kd_loss(
             of range, alpha > 0 without labels, a row that is entirely -inf.
         RuntimeError: a forced backend that cannot run here (the message says why); a
             second backward through the same graph, or a second-order gradient
-            (``create_graph=True``), which only ``backend="reference"`` gives.
+            (``create_graph=True``): differentiate :func:`lepton_fast.reference.fused_kd_loss`
+            for those.
 
     Precision: the soft term is a KL of O(1/T²) multiplied back by T², so float32
     accumulation loses digits as T grows (relative error about 1e-6 at T = 30, 1e-4 at
@@ -150,22 +187,11 @@ def fused_kd_loss(
     """
     a = checked(student_logits, teacher_logits, temperature, divergence, beta, labels, alpha, label_smoothing,
                 reduction, num_items_in_batch)
-    chosen = _backend.resolve(SPEC, a.student.device, backend)
-    if chosen == "reference":
-        if a.labels is not None:
-            _validate.labels_in_range("labels", a.labels, a.student.shape[-1], ignore_index)
-        loss = reference.fused_kd_loss(
-            a.student, a.teacher, temperature, divergence=divergence, beta=beta, labels=a.labels, alpha=alpha,
-            label_smoothing=label_smoothing, ignore_index=ignore_index, scale_by_t2=scale_by_t2, reduction=reduction,
-            num_items_in_batch=num_items_in_batch,
-        )
-        # Every term is >= 0 (or +inf), so a NaN row leaves NaN in a sum as well.
-        _validate.rows_defined(loss.reshape(-1), "fused_kd_loss: student_logits or teacher_logits")
-    else:
-        loss, _ = _backend.call(
-            SPEC, chosen, a.student.device.type, a.student, a.teacher, a.labels, a.temperature, a.beta, a.alpha,
-            a.label_smoothing, divergence, ignore_index, scale_by_t2, reduction, a.num_items, a.compute_grad,
-        )
+    loss, _ = _backend.call(
+        SPEC, _backend.resolve(SPEC, a.student.device, backend), a.student.device.type, a.student, a.teacher,
+        a.labels, a.temperature, a.beta, a.alpha, a.label_smoothing, divergence, ignore_index, scale_by_t2, reduction,
+        a.num_items, a.compute_grad,
+    )
     return loss.reshape(a.lead) if reduction == "none" else loss
 
 
@@ -192,32 +218,20 @@ def checked(student_logits, teacher_logits, temperature, divergence, beta, label
     _validate.logits("student_logits", student_logits, empty_ok=slice_of_classes)
     _validate.logits("teacher_logits", teacher_logits, empty_ok=slice_of_classes)
     _validate.same_shape("teacher_logits", teacher_logits, "student_logits", student_logits)
-    temperature_t = _validate.positive("temperature", temperature)
-    _validate.choice("divergence", divergence, DIVERGENCES)
-    beta_t = _validate.unit_interval("beta", beta)
-    alpha_t = _validate.unit_interval("alpha", alpha)
-    label_smoothing_t = _validate.unit_interval("label_smoothing", label_smoothing)
-    _validate.choice("reduction", reduction, _validate.REDUCTIONS)
-    if num_items_in_batch is not None and reduction == "none":
-        raise ValueError(
-            "num_items_in_batch divides the summed loss, so it needs reduction 'mean' or 'sum', not 'none'")
-    num_items = _num_items(num_items_in_batch, student_logits)
-    if labels is not None:
-        labels = _validate.class_labels("labels", labels, "student_logits", student_logits).reshape(-1)
-    else:
-        _validate.zero("alpha", alpha, "alpha > 0 weights a hard-label cross-entropy, so labels are required")
+    o = _validate.kd_options(temperature, divergence, beta, alpha, label_smoothing, reduction, num_items_in_batch,
+                             labels, "student_logits", student_logits)
     student, teacher = _validate.common_dtype(student_logits, teacher_logits.detach())
     student, teacher = _validate.as_rows(student), _validate.as_rows(teacher)
     compute_grad = student.requires_grad and torch.is_grad_enabled()
-    return KDArgs(student, teacher, labels, student_logits.shape[:-1], temperature_t, beta_t, alpha_t,
-                  label_smoothing_t, num_items, compute_grad)
+    return KDArgs(student, teacher, o.labels, student_logits.shape[:-1], o.temperature, o.beta, o.alpha,
+                  o.label_smoothing, o.num_items, compute_grad)
 
 
 # --- The slice ops ---------------------------------------------------------------------------
 
 
 class SliceMerge:
-    """Which of kd_slice_stats' columns (reference.MAX_S, ...) the slices of a row must
+    """Which of kd_slice_stats' columns (MAX_S, ...) the slices of a row must
     merge for a loss, and the merge (KDStat in csrc/kd_loss.h): the maxima by their max; each
     sum against the merged max (``rescaled``), then summed; the CE's linear part summed.
 
@@ -227,22 +241,22 @@ class SliceMerge:
     """
 
     def __init__(self, divergence: str, temperature: float, beta: float, alpha: float):
-        kind = reference.soft_kind(divergence, beta)
+        kind = soft_kind(divergence, beta)
         soft, ce = alpha < 1, alpha > 0
         self.temperature = temperature
         self.jsd = soft and kind == "jsd"
-        self.max_cols = [reference.MAX_S, reference.MAX_T] if soft else [reference.MAX_S]
+        self.max_cols = [MAX_S, MAX_T] if soft else [MAX_S]
         # (column, the column of the max it is taken against, or None for a plain sum)
         sums = []
         if soft:
-            sums += [(reference.SUM_S, reference.MAX_S), (reference.SUM_T, reference.MAX_T)]
+            sums += [(SUM_S, MAX_S), (SUM_T, MAX_T)]
             if kind != "jsd":
-                sums.append((reference.KL_SUM, reference.MAX_T if kind == "forward_kl" else reference.MAX_S))
+                sums.append((KL_SUM, MAX_T if kind == "forward_kl" else MAX_S))
         self.ce_is_soft = soft and ce and temperature == 1.0  # the CE's sum is the student's
         if ce:
             if not self.ce_is_soft:
-                sums.append((reference.SUM_CE, reference.MAX_S))
-            sums.append((reference.LIN_CE, None))
+                sums.append((SUM_CE, MAX_S))
+            sums.append((LIN_CE, None))
         self.sum_cols = [c for c, _ in sums]
         self._against = [m for _, m in sums]
 
@@ -262,8 +276,8 @@ class SliceMerge:
         for col, against in zip(self.sum_cols, self._against):
             x = stats[:, col]
             if against is not None:
-                f = ce_factor if col == reference.SUM_CE else factor[:, self.max_cols.index(against)]
-                x = torch.where(f == 0, 0.0, x * f) if col == reference.KL_SUM else x * f  # 0 * inf = 0, as merged
+                f = ce_factor if col == SUM_CE else factor[:, self.max_cols.index(against)]
+                x = torch.where(f == 0, 0.0, x * f) if col == KL_SUM else x * f  # 0 * inf = 0, as merged
             columns.append(x)
         return torch.stack(columns, 1)
 
@@ -273,31 +287,20 @@ class SliceMerge:
         out[:, self.max_cols] = merged_max
         out[:, self.sum_cols] = merged_sums
         if self.ce_is_soft:
-            out[:, reference.SUM_CE] = out[:, reference.SUM_S]
+            out[:, SUM_CE] = out[:, SUM_S]
         return out
 
 
 def slice_backend(device: torch.device) -> str:
-    """The backend the slice ops run on for tensors on ``device`` ($LEPTON_FAST_BACKEND or
-    the dispatcher's kernel; reference.py without the extension)."""
+    """The backend the slice ops run on for tensors on ``device`` ($LEPTON_FAST_BACKEND or the
+    dispatcher's kernel)."""
     return _backend.resolve(SLICE_SPEC, device)
-
-
-def _floats(a: KDArgs) -> dict:
-    return dict(temperature=float(a.temperature), beta=float(a.beta))
 
 
 def slice_stats(backend: str, a: KDArgs, divergence: str, ignore_index: int, class_offset: int,
                 n_classes: int) -> Tensor:
     """kd_slice_stats of the slice a.student (columns class_offset... of n_classes)."""
     student = a.student.detach()
-    if backend == "reference":
-        if a.labels is not None:
-            _validate.labels_in_range("labels", a.labels, n_classes, ignore_index)
-        return reference.kd_slice_stats(
-            student, a.teacher, a.labels, divergence=divergence, alpha=float(a.alpha),
-            label_smoothing=float(a.label_smoothing), ignore_index=ignore_index, class_offset=class_offset,
-            n_classes=n_classes, **_floats(a))
     return _backend.call(STATS_SPEC, backend, student.device.type, student, a.teacher, a.labels, a.temperature,
                          a.beta, a.alpha, a.label_smoothing, divergence, ignore_index, class_offset, n_classes)
 
@@ -305,42 +308,16 @@ def slice_stats(backend: str, a: KDArgs, divergence: str, ignore_index: int, cla
 def slice_jsd_sums(backend: str, a: KDArgs, stats: Tensor, ignore_index: int) -> Tensor:
     """kd_slice_jsd_sums of the slice a.student, given the merged statistics."""
     student = a.student.detach()
-    if backend == "reference":
-        return reference.kd_slice_jsd_sums(student, a.teacher, a.labels, stats, ignore_index=ignore_index,
-                                           **_floats(a))
     return _backend.call(JSD_SUMS_SPEC, backend, student.device.type, student, a.teacher, a.labels, stats,
                          a.temperature, a.beta, ignore_index)
 
 
-class _WithGradient(torch.autograd.Function):
-    """``loss``, whose gradient with respect to ``logits`` is the given ``grad`` (times the
-    loss's gradient): reference.kd_slice_loss's answer made differentiable, as the ops' C++
-    autograd kernel does with theirs."""
-
-    @staticmethod
-    def forward(ctx, logits, loss, grad):
-        ctx.save_for_backward(grad)
-        return loss.clone()
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
-        return grad * (grad_loss if grad_loss.dim() == 0 else grad_loss[:, None]), None, None
-
-
 def slice_loss_and_grad(backend: str, a: KDArgs, stats: Tensor, jsd_sums: Optional[Tensor], divergence: str,
-                        ignore_index: int, scale_by_t2: bool, reduction: str, class_offset: int,
-                        n_classes: int) -> tuple[Tensor, Tensor]:
-    """kd_slice_loss's answer as it is: (the loss of the whole rows from their merged
-    statistics, d(loss)/d(a.student) or an empty tensor unless a.compute_grad)."""
-    if backend == "reference":
-        loss, grad = reference.kd_slice_loss(
-            a.student, a.teacher, a.labels, stats, jsd_sums, divergence=divergence, alpha=float(a.alpha),
-            label_smoothing=float(a.label_smoothing), ignore_index=ignore_index, scale_by_t2=scale_by_t2,
-            reduction=reduction, num_items_in_batch=None if a.num_items is None else float(a.num_items),
-            class_offset=class_offset, n_classes=n_classes, **_floats(a))
-        _validate.rows_defined(loss.reshape(-1), "kd_slice_loss: student_logits or teacher_logits")
-        return loss, grad
+               ignore_index: int, scale_by_t2: bool, reduction: str, class_offset: int,
+               n_classes: int) -> tuple[Tensor, Tensor]:
+    """kd_slice_loss: (the loss of the whole rows from their merged statistics, differentiable
+    with respect to a.student (the slice) through the op's autograd kernel; d(loss)/d(a.student)
+    as the op wrote it, or an empty tensor unless a.compute_grad)."""
     return _backend.call(SLICE_SPEC, backend, a.student.device.type, a.student, a.teacher, a.labels, stats,
                          jsd_sums, a.temperature, a.beta, a.alpha, a.label_smoothing, divergence, ignore_index,
                          scale_by_t2, reduction, a.num_items, class_offset, n_classes, a.compute_grad)
@@ -348,11 +325,6 @@ def slice_loss_and_grad(backend: str, a: KDArgs, stats: Tensor, jsd_sums: Option
 
 def slice_loss(backend: str, a: KDArgs, stats: Tensor, jsd_sums: Optional[Tensor], divergence: str,
                ignore_index: int, scale_by_t2: bool, reduction: str, class_offset: int, n_classes: int) -> Tensor:
-    """kd_slice_loss: the loss of the whole rows from their merged statistics, differentiable
-    with respect to a.student (the slice) through the gradient the op wrote (the op's C++
-    autograd kernel; for reference.py's answer, _WithGradient)."""
-    loss, grad = slice_loss_and_grad(backend, a, stats, jsd_sums, divergence, ignore_index, scale_by_t2, reduction,
-                                     class_offset, n_classes)
-    if backend == "reference" and a.compute_grad:
-        return _WithGradient.apply(a.student, loss, grad)
-    return loss
+    """The loss of :func:`slice_loss_and_grad`, differentiable with respect to a.student."""
+    return slice_loss_and_grad(backend, a, stats, jsd_sums, divergence, ignore_index, scale_by_t2, reduction,
+                               class_offset, n_classes)[0]

@@ -42,14 +42,13 @@ which only fused_linear_kd_loss sets, around its call of the op.
 from __future__ import annotations
 
 import contextvars
-import math
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
-from lepton_fast import _backend, _validate, reference
-from lepton_fast.ops import kd_loss
+from lepton_fast import _backend, _validate
+from lepton_fast.ops import _autograd, kd_loss
 from lepton_fast.ops.kd_loss import SPEC as KD_SPEC
 
 Scalar = Union[float, Tensor]
@@ -266,17 +265,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, *_):
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "fused_linear_kd_loss: a second-order gradient was asked for (create_graph=True, or a torch.func "
-            "transform), but the op computes the first-order gradients during the forward and has no derivative "
-            "of its own. Pass backend=\"reference\" for higher-order gradients.")
-    if ctx.used:
-        raise RuntimeError(
-            "fused_linear_kd_loss: backward ran twice through the same graph (retain_graph=True); the first one "
-            "consumed the gradients the forward wrote. Compute the loss again for another backward, or pass "
-            "backend=\"reference\".")
-    ctx.used = True
+    _autograd.check_backward(ctx, "fused_linear_kd_loss")
     grads = [None] * 27
     if grad_loss is None:
         return tuple(grads)
@@ -293,62 +282,26 @@ def _backward(ctx, grad_loss, *_):
         if ctx.reduction != "none" and not computed:  # (the flag: a rank's empty bias slice has an empty gradient)
             raise RuntimeError(f"fused_linear_kd_loss: the forward ran with {flag}=False, so it has no gradient for "
                                "an input that requires one")
-        if ctx.reduction == "none" or _traced(grad):
-            # Recomputed with grad_output already in it, or traced (the saved gradient is also a
-            # graph output and must stay as it was): out of place.
-            grads[position] = grad if ctx.reduction == "none" else (grad * grad_loss).to(grad.dtype)
-        else:
-            torch.ops.lepton_fast.scale_grad_(grad, grad_loss)  # in place; nothing at all when exactly 1
-            grads[position] = grad
+        # Recomputed with grad_output already in it, or scaled by it now.
+        grads[position] = grad if ctx.reduction == "none" else _autograd.times(grad, grad_loss)
     return tuple(grads)
-
-
-def _traced(t: Tensor) -> bool:
-    """A fake or functional tensor of torch.compile's tracing, or another tensor subclass."""
-    return torch._C._dispatch_keys(t).has(torch._C.DispatchKey.Python)
 
 
 _fused_linear_kd_loss.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _head(name: str, hidden: Tensor, weight_name: str, weight, bias_name: str, bias, *, empty_ok: bool) -> None:
-    """[..., H] hidden states, a [V, H] weight and an optional [V] bias of one model; V = 0 only
-    when ``empty_ok`` (a rank's slice of a vocabulary-sharded head)."""
-    if not isinstance(hidden, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(hidden).__name__}")
-    if not isinstance(weight, Tensor):
-        raise TypeError(f"{weight_name} must be a torch.Tensor, got {type(weight).__name__}")
-    for arg, t in ((name, hidden), (weight_name, weight)):
-        if t.dtype not in _validate.FLOAT_DTYPES:
-            raise TypeError(f"{arg} must be float32, bfloat16, float16 or float64, got {t.dtype}")
-        _validate.materialised(arg, t)
-    if hidden.dim() == 0:
-        raise ValueError(f"{name} must be [..., H], got a 0-d tensor")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or (weight.shape[0] == 0 and not empty_ok):
-        raise ValueError(f"{weight_name} must be [V, H] with H = {name}.shape[-1] = {hidden.shape[-1]}, "
-                         f"got shape {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"{weight_name} is {weight.dtype} but {name} is {hidden.dtype}: the lm_head multiplies "
-                        "them, so give both one dtype (autocast's cast of the hidden states, say)")
-    if weight.device != hidden.device:
-        raise ValueError(f"{weight_name} is on {weight.device} but {name} is on {hidden.device}")
-    if bias is not None:
-        if not isinstance(bias, Tensor) or bias.shape != weight.shape[:1] or bias.device != weight.device:
-            shape = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
-            raise ValueError(f"{bias_name} must be a [V] = [{weight.shape[0]}] tensor on {weight.device}, got {shape}")
-        if not bias.is_floating_point():
-            raise TypeError(f"{bias_name} must be floating, got {bias.dtype}")
-
-
-def _finite(name: str, value, *, positive: bool = False) -> float:
-    """A model constant (a logit scale, a softcap) as a Python float; torch.compile
-    specialises the graph on it (one graph per model, not per step)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymFloat, torch.SymInt)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not abs(value) < math.inf or (positive and value <= 0):  # (NaN fails the first test too)
-        raise ValueError(f"{name} must be a finite number{' > 0' if positive else ''}, got {value}")
-    return value
+def _autocast(hidden, weight):
+    """Under torch.autocast, a head's hidden states and weight in autocast's dtype, as F.linear
+    would multiply them (a bfloat16 hidden state meets a float32 lm_head in mixed-precision
+    training). The cast is differentiable: a float32 weight gets a float32 gradient. Outside
+    autocast, or for non-tensors (which the checks then name), unchanged."""
+    if not (isinstance(hidden, Tensor) and isinstance(weight, Tensor)):
+        return hidden, weight
+    device = hidden.device.type
+    if not torch.is_autocast_enabled(device):
+        return hidden, weight
+    dtype = torch.get_autocast_dtype(device)
+    return hidden.to(dtype), weight.to(dtype)
 
 
 def fused_linear_kd_loss(
@@ -420,10 +373,10 @@ def fused_linear_kd_loss(
             on the CPU, 1 GiB on a GPU. The result does not depend on it beyond float32
             rounding.
         backend: the row kernel, as in :func:`lepton_fast.fused_kd_loss`: ``"cpu"``,
-            ``"cuda"``, ``"triton"``, or ``"reference"``, which projects the full logits with
-            autograd (an [N, V] buffer: for tests and higher-order gradients). Forcing a
-            kernel is eager-only, and applies to the forward: with reduction "none" the
-            backward recomputes the gradients with the default kernel.
+            ``"cuda"``, ``"triton"`` or ``"reference"`` (lepton_fast.reference's row loss
+            under the op's schema, chunk by chunk as the others). Forcing a kernel is
+            eager-only, and applies to the forward: with reduction "none" the backward
+            recomputes the gradients with the default kernel.
         group: a torch.distributed process group whose ranks split the vocabulary (an lm_head
             sharded as Megatron's ColumnParallelLinear), or None for one device. Each rank
             passes its contiguous [V_r, H] slices of both heads (and of the biases), in rank
@@ -432,9 +385,8 @@ def fused_linear_kd_loss(
             vocabulary, the gradient of its weight and bias slices, and the gradient of the
             hidden states all-reduced over the group. Per chunk the rows' statistics take the
             all-reduces of :func:`lepton_fast.distributed.vocab_parallel_kd_loss`, plus one of
-            [N, H_s] at the end; the backward none. Eager only; not with reduction "none",
-            ``vocab_size`` or ``backend="reference"`` (whose full projection is what the group
-            avoids).
+            [N, H_s] at the end; the backward none. Eager only; not with reduction "none"
+            or ``vocab_size``.
 
     Returns:
         float32 loss (float64 for float64 inputs): a scalar, or [...] for ``"none"``.
@@ -446,15 +398,28 @@ def fused_linear_kd_loss(
             names both), ``vocab_size`` outside [1, min(V, V_t)], a non-positive chunk_size or
             softcap, a non-finite logit scale, and everything :func:`fused_kd_loss` refuses.
         RuntimeError: a forced backend that cannot run here; a second backward through one
-            graph, or a second-order gradient (only ``backend="reference"`` gives those).
+            graph, or a second-order gradient (differentiate
+            :func:`lepton_fast.reference.fused_linear_kd_loss` for those).
+
+    Autocast: under ``torch.autocast`` each head's hidden states and weight are cast to
+    autocast's dtype first, as ``F.linear`` would cast them (a bfloat16 hidden state with a
+    float32 lm_head works; the float32 weight gets its gradient through the cast, which costs a
+    [V, H] copy per call); the logits and the loss are float32 as always.
 
     Memory: the chunk's buffers, the float32 weight-gradient accumulator when the weight is
     not float32 ([V, H_s]), and the gradients themselves; no buffer of N x V elements of any
     dtype. Time: the four GEMMs (student and teacher logits, d hidden, d weight; 8·N·H·V flops
     for H_s = H_t = H) plus the row kernel.
     """
+    # Every argument spelled out: Dynamo (torch 2.11) cannot trace locals().
     try:
-        return _linear_kd(**locals(), entropy=False)[0]
+        return _linear_kd(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, temperature, student_bias=student_bias,
+            teacher_bias=teacher_bias, divergence=divergence, beta=beta, labels=labels, alpha=alpha,
+            label_smoothing=label_smoothing, ignore_index=ignore_index, scale_by_t2=scale_by_t2, reduction=reduction,
+            num_items_in_batch=num_items_in_batch, vocab_size=vocab_size, student_logit_scale=student_logit_scale,
+            teacher_logit_scale=teacher_logit_scale, student_softcap=student_softcap, teacher_softcap=teacher_softcap,
+            chunk_size=chunk_size, backend=backend, entropy=False, group=group)[0]
     except (TypeError, ValueError) as error:
         if group is not None:  # at the group's first call every rank hears of a refusal (distributed.refuse)
             from lepton_fast import distributed
@@ -469,11 +434,13 @@ def _linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, t
                teacher_softcap, chunk_size, backend, entropy: bool, group=None) -> tuple[Tensor, Optional[Tensor]]:
     """:func:`fused_linear_kd_loss` (every argument given) -> (loss, the sum of the student's
     entropy of softmax(z_s / T) over the rows that count, no gradient, when ``entropy``; else
-    None), on every backend (the reference one projects the student's logits once more)."""
-    _head("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias,
-          empty_ok=group is not None)
-    _head("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias", teacher_bias,
-          empty_ok=group is not None)
+    None), on every backend."""
+    student_hidden, student_weight = _autocast(student_hidden, student_weight)
+    teacher_hidden, teacher_weight = _autocast(teacher_hidden, teacher_weight)
+    _validate.lm_head("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias,
+                     empty_ok=group is not None)
+    _validate.lm_head("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias", teacher_bias,
+                     empty_ok=group is not None)
     if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
         raise ValueError(f"teacher_hidden has leading shape {tuple(teacher_hidden.shape[:-1])} but student_hidden "
                          f"has {tuple(student_hidden.shape[:-1])}: one row of each per token")
@@ -491,35 +458,24 @@ def _linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, t
     elif isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= min(v_s, v_t):
         raise ValueError(f"vocab_size must be an int in [1, min(V, V_t)] = [1, {min(v_s, v_t)}] (student_weight "
                          f"has V={v_s}, teacher_weight V_t={v_t}), got {vocab_size!r}")
-    temperature_t = _validate.positive("temperature", temperature)
-    _validate.choice("divergence", divergence, kd_loss.DIVERGENCES)
-    beta_t = _validate.unit_interval("beta", beta)
-    alpha_t = _validate.unit_interval("alpha", alpha)
-    label_smoothing_t = _validate.unit_interval("label_smoothing", label_smoothing)
-    _validate.choice("reduction", reduction, _validate.REDUCTIONS)
-    if num_items_in_batch is not None and reduction == "none":
-        raise ValueError("num_items_in_batch divides the summed loss, so it needs reduction 'mean' or 'sum', "
-                         "not 'none'")
-    s_scale = _finite("student_logit_scale", student_logit_scale)
-    t_scale = _finite("teacher_logit_scale", teacher_logit_scale)
-    s_cap = None if student_softcap is None else _finite("student_softcap", student_softcap, positive=True)
-    t_cap = None if teacher_softcap is None else _finite("teacher_softcap", teacher_softcap, positive=True)
+    o = _validate.kd_options(temperature, divergence, beta, alpha, label_smoothing, reduction, num_items_in_batch,
+                             labels, "student_hidden", student_hidden)
+    s_scale = _validate.model_constant("student_logit_scale", student_logit_scale)
+    t_scale = _validate.model_constant("teacher_logit_scale", teacher_logit_scale)
+    s_cap = (None if student_softcap is None
+             else _validate.model_constant("student_softcap", student_softcap, positive=True))
+    t_cap = (None if teacher_softcap is None
+             else _validate.model_constant("teacher_softcap", teacher_softcap, positive=True))
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     lead = student_hidden.shape[:-1]
-    if labels is not None:
-        labels = _validate.class_labels("labels", labels, "student_hidden", student_hidden).reshape(-1)
-    else:
-        _validate.zero("alpha", alpha, "alpha > 0 weights a hard-label cross-entropy, so labels are required")
 
-    kw = dict(divergence=divergence, beta=beta, labels=labels, alpha=alpha, label_smoothing=label_smoothing,
-              ignore_index=ignore_index, scale_by_t2=scale_by_t2, reduction=reduction)
     chosen = _backend.resolve(KD_SPEC, student_hidden.device, backend)
     split = None
     if group is not None:
         refused = [what for what, given in (
             ("reduction 'none'", reduction == "none"), ("vocab_size", vocab_size != v_s),
-            ("backend='reference'", chosen == "reference"), ("torch.compile", torch.compiler.is_compiling()),
+            ("torch.compile", torch.compiler.is_compiling()),
             ("the entropy", entropy)) if given]
         if refused:
             raise ValueError(f"fused_linear_kd_loss with group=: not with {refused[0]} (see the docstring)")
@@ -528,27 +484,8 @@ def _linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, t
         split = distributed.vocab_split(group, v_s, student_hidden.device, _backend.resolve(kd_loss.SLICE_SPEC,
                                                                                             student_hidden.device,
                                                                                             backend))
-    if chosen == "reference":
-        if labels is not None:
-            _validate.labels_in_range("labels", labels, vocab_size, ignore_index)
-        loss = reference.fused_linear_kd_loss(
-            student_hidden, student_weight, teacher_hidden, teacher_weight, temperature, student_bias=student_bias,
-            teacher_bias=teacher_bias, vocab_size=vocab_size, student_logit_scale=s_scale,
-            teacher_logit_scale=t_scale, student_softcap=s_cap, teacher_softcap=t_cap,
-            num_items_in_batch=num_items_in_batch, **kw)
-        entropy_sum = None
-        if entropy:
-            with torch.no_grad():
-                z_s = reference.lm_head_logits(student_hidden, student_weight[:vocab_size],
-                                               None if student_bias is None else student_bias[:vocab_size],
-                                               s_scale, s_cap)
-                rows = _entropy_rows(z_s.reshape(-1, vocab_size), 1.0 / float(temperature_t))
-                entropy_sum = (rows if labels is None else rows * (labels != ignore_index)).sum()
-        return (loss.reshape(lead) if reduction == "none" else loss), entropy_sum
-
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
     h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
-    num_items = kd_loss._num_items(num_items_in_batch, h_s)
     grad_on = torch.is_grad_enabled()
     # "none": the gradient depends on the per-row grad_output, so the backward computes it.
     needs = [grad_on and reduction != "none" and t is not None and t.requires_grad
@@ -558,8 +495,8 @@ def _linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, t
         chunk_size = _auto_chunk_size(h_s.shape[0], vocab_size if split is None else split.n_classes, acc,
                                       student_weight.dtype, h_s.device)
     args = (h_s, student_weight, h_t, teacher_weight.detach(), student_bias,
-            None if teacher_bias is None else teacher_bias.detach(), labels, temperature_t, beta_t, alpha_t,
-            label_smoothing_t, divergence, ignore_index, scale_by_t2, reduction, num_items, vocab_size, s_scale,
+            None if teacher_bias is None else teacher_bias.detach(), o.labels, o.temperature, o.beta, o.alpha,
+            o.label_smoothing, divergence, ignore_index, scale_by_t2, reduction, o.num_items, vocab_size, s_scale,
             t_scale, s_cap, t_cap, chunk_size, None, *needs, entropy)
     token = None if split is None else _VOCAB_SPLIT.set(split)  # (torch.compile cannot trace a set)
     try:

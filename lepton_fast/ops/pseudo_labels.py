@@ -6,10 +6,23 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from lepton_fast import _backend, _validate, reference
+from lepton_fast import _backend, _validate
 
-SELECT_SPEC = _backend.register("select_pseudo_labels", triton="pseudo_labels")
-LOSS_SPEC = _backend.register("fused_pseudo_label_loss", triton="pseudo_labels")
+# Pseudo-labels of [N, C] logits: (labels int64 [N], confidence [N] float32 (float64 for float64),
+# mask bool [N]), mask = confidence >= threshold, or >= class_thresholds[label].
+SELECT_SPEC = _backend.define(
+    "select_pseudo_labels(Tensor logits, Tensor threshold, Tensor temperature, Tensor? class_thresholds) "
+    "-> (Tensor labels, Tensor confidence, Tensor mask)",
+    triton="pseudo_labels")
+# FixMatch's unlabeled loss (csrc/pseudo_labels.h): pseudo-labels from the weak view, masked
+# cross-entropy on the strong view. Returns (loss, d(loss)/d(strong) or an empty tensor, labels
+# int64 [N], confidence [N], mask bool [N], class_counts int64 [C]). "mean" divides by N. The row
+# weight is weights[row] ([N]) when given, else the mask.
+LOSS_SPEC = _backend.define(
+    "fused_pseudo_label_loss(Tensor strong_logits, Tensor weak_logits, Tensor threshold, Tensor temperature, "
+    "bool soft, Tensor? class_thresholds, Tensor? weights, str reduction, bool compute_grad) "
+    "-> (Tensor loss, Tensor grad, Tensor labels, Tensor confidence, Tensor mask, Tensor class_counts)",
+    triton="pseudo_labels", saves_grad=True)
 
 Scalar = Union[float, Tensor]
 
@@ -44,74 +57,30 @@ def _acc_dtype(*logits: Tensor) -> torch.dtype:
     return dtype
 
 
-def _class_thresholds(value, logits_name: str, x: Tensor, acc: torch.dtype) -> Optional[Tensor]:
-    if value is None:
-        return None
-    name = "class_thresholds"
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape [C] or None, got {type(value).__name__}")
-    if not value.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
-    if value.shape != (x.shape[-1],):
-        raise ValueError(
-            f"{name} must have shape [C] = ({x.shape[-1]},) to match {logits_name} {tuple(x.shape)}, "
-            f"got {tuple(value.shape)}"
-        )
-    if value.device != x.device:
-        raise ValueError(f"{name} is on {value.device} but {logits_name} is on {x.device}")
-    _validate.no_grad_wanted(name, value)
-    value = value.detach()
-    _validate.no_bad_values(~((value >= 0) & (value <= 1)), f"{name} must be in [0, 1]", value)
-    # Compared with the confidence in its own dtype, as the reference compares them.
-    return value.to(acc).contiguous()
+@torch.library.register_fake("lepton_fast::select_pseudo_labels")
+def _(logits, threshold, temperature, class_thresholds):
+    n = logits.shape[0]
+    conf_dtype = torch.promote_types(logits.dtype, torch.float32)
+    return (
+        logits.new_empty((n,), dtype=torch.int64),
+        logits.new_empty((n,), dtype=conf_dtype),
+        logits.new_empty((n,), dtype=torch.bool),
+    )
 
 
-def _weights(value, logits_name: str, x: Tensor, acc: torch.dtype) -> Optional[Tensor]:
-    if value is None:
-        return None
-    name = "weights"
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape [...] or None, got {type(value).__name__}")
-    if not value.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
-    if value.shape != x.shape[:-1]:
-        raise ValueError(
-            f"{name} must have shape {tuple(x.shape[:-1])} (one per row of {logits_name} "
-            f"{tuple(x.shape)}), got {tuple(value.shape)}"
-        )
-    if value.device != x.device:
-        raise ValueError(f"{name} is on {value.device} but {logits_name} is on {x.device}")
-    _validate.no_grad_wanted(name, value)
-    value = value.detach()
-    _validate.no_bad_values(~((value >= 0) & torch.isfinite(value)), f"{name} must be finite and >= 0", value)
-    return value.reshape(-1).to(acc).contiguous()
-
-
-if _backend.extension().module is not None:
-
-    @torch.library.register_fake("lepton_fast::select_pseudo_labels")
-    def _(logits, threshold, temperature, class_thresholds):
-        n = logits.shape[0]
-        conf_dtype = torch.promote_types(logits.dtype, torch.float32)
-        return (
-            logits.new_empty((n,), dtype=torch.int64),
-            logits.new_empty((n,), dtype=conf_dtype),
-            logits.new_empty((n,), dtype=torch.bool),
-        )
-
-    @torch.library.register_fake("lepton_fast::fused_pseudo_label_loss")
-    def _(strong_logits, weak_logits, threshold, temperature, soft, class_thresholds, weights, reduction,
-          compute_grad):
-        n, c = strong_logits.shape
-        acc = torch.promote_types(strong_logits.dtype, torch.float32)
-        return (
-            strong_logits.new_empty((n,) if reduction == "none" else (), dtype=acc),
-            torch.empty_like(strong_logits) if compute_grad else strong_logits.new_empty((0,)),
-            strong_logits.new_empty((n,), dtype=torch.int64),
-            strong_logits.new_empty((n,), dtype=acc),
-            strong_logits.new_empty((n,), dtype=torch.bool),
-            strong_logits.new_empty((c,), dtype=torch.int64),
-        )
+@torch.library.register_fake("lepton_fast::fused_pseudo_label_loss")
+def _(strong_logits, weak_logits, threshold, temperature, soft, class_thresholds, weights, reduction,
+      compute_grad):
+    n, c = strong_logits.shape
+    acc = torch.promote_types(strong_logits.dtype, torch.float32)
+    return (
+        strong_logits.new_empty((n,) if reduction == "none" else (), dtype=acc),
+        torch.empty_like(strong_logits) if compute_grad else strong_logits.new_empty((0,)),
+        strong_logits.new_empty((n,), dtype=torch.int64),
+        strong_logits.new_empty((n,), dtype=acc),
+        strong_logits.new_empty((n,), dtype=torch.bool),
+        strong_logits.new_empty((c,), dtype=torch.int64),
+    )
 
 
 def select_pseudo_labels(
@@ -152,17 +121,11 @@ def select_pseudo_labels(
     _validate.logits("logits", logits)
     threshold_t = _validate.unit_interval("threshold", threshold)
     temperature_t = _validate.positive("temperature", temperature)
-    class_thresholds = _class_thresholds(class_thresholds, "logits", logits, _acc_dtype(logits))
+    class_thresholds = _validate.class_thresholds(class_thresholds, "logits", logits, _acc_dtype(logits))
     lead = logits.shape[:-1]
     x = _validate.as_rows(logits.detach())
-    chosen = _backend.resolve(SELECT_SPEC, x.device, backend)
-    if chosen == "reference":
-        labels, confidence, mask = reference.select_pseudo_labels(x, threshold, temperature, class_thresholds)
-        _validate.rows_defined(confidence, "select_pseudo_labels: logits")
-    else:
-        labels, confidence, mask = _backend.call(
-            SELECT_SPEC, chosen, x.device.type, x, threshold_t, temperature_t, class_thresholds
-        )
+    labels, confidence, mask = _backend.call(SELECT_SPEC, _backend.resolve(SELECT_SPEC, x.device, backend),
+                                             x.device.type, x, threshold_t, temperature_t, class_thresholds)
     return PseudoLabels(labels.reshape(lead), confidence.reshape(lead), mask.reshape(lead))
 
 
@@ -240,25 +203,17 @@ def fused_pseudo_label_loss(
     soft = bool(soft)
     _validate.choice("reduction", reduction, _validate.REDUCTIONS)
     acc = _acc_dtype(strong_logits, weak_logits)
-    class_thresholds = _class_thresholds(class_thresholds, "strong_logits", strong_logits, acc)
-    weights = _weights(weights, "strong_logits", strong_logits, acc)
+    class_thresholds = _validate.class_thresholds(class_thresholds, "strong_logits", strong_logits, acc)
+    weights = _validate.row_weights(weights, "strong_logits", strong_logits, acc)
 
     lead = strong_logits.shape[:-1]
     strong, weak = _validate.common_dtype(strong_logits, weak_logits.detach())
     strong, weak = _validate.as_rows(strong), _validate.as_rows(weak)
-    chosen = _backend.resolve(LOSS_SPEC, strong.device, backend)
-    if chosen == "reference":
-        loss, labels, confidence, mask, counts = reference.fused_pseudo_label_loss(
-            strong, weak, threshold, temperature, soft, class_thresholds, weights, reduction
-        )
-        _validate.rows_defined(confidence, "fused_pseudo_label_loss: weak_logits")
-        _validate.rows_defined(loss.reshape(-1), "fused_pseudo_label_loss: strong_logits")
-    else:
-        compute_grad = strong.requires_grad and torch.is_grad_enabled()
-        loss, _, labels, confidence, mask, counts = _backend.call(
-            LOSS_SPEC, chosen, strong.device.type, strong, weak, threshold_t, temperature_t, soft, class_thresholds,
-            weights, reduction, compute_grad,
-        )
+    compute_grad = strong.requires_grad and torch.is_grad_enabled()
+    loss, _, labels, confidence, mask, counts = _backend.call(
+        LOSS_SPEC, _backend.resolve(LOSS_SPEC, strong.device, backend), strong.device.type, strong, weak, threshold_t,
+        temperature_t, soft, class_thresholds, weights, reduction, compute_grad,
+    )
     return PseudoLabelLoss(
         loss.reshape(lead) if reduction == "none" else loss,
         labels.reshape(lead), confidence.reshape(lead), mask.reshape(lead), counts,

@@ -1,0 +1,189 @@
+"""The reference kernels: every op's schema over lepton_fast.reference, the float-argument
+oracle of the tests.
+
+They run where no compiled kernel holds the device key (CPU tensors of a pure-Python install),
+and wherever ``backend="reference"`` is forced (lepton_fast._backend). Each is a thin adapter:
+the schema's 0-d hyper-parameter tensors become floats, a gradient the schema returns is the
+oracle's autograd gradient, and the data checks the compiled kernels make where they read the
+data (labels in range, rows whose softmax is undefined, a perturbation's box and range) are
+made here, once, on the oracle's answer.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+from lepton_fast import _validate, reference
+from lepton_fast.ops.adversarial import BOX_FIX, opmath
+
+_KEY = torch._C.DispatchKey
+# A kernel runs below the autograd keys; the oracle's gradient needs them back on.
+_AUTOGRAD_KEYS = (_KEY.AutogradFunctionality, _KEY.AutogradOther, _KEY.AutogradNestedTensor, _KEY.ADInplaceOrView)
+
+
+@contextlib.contextmanager
+def _autograd_on():
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in _AUTOGRAD_KEYS:
+        exclude = exclude.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
+        yield
+
+
+def _with_grad(loss_of, x: Tensor, compute_grad: bool):
+    """(loss_of(x), d(loss_of(x).sum())/dx, or an empty tensor unless compute_grad). The rows
+    are independent, so for a per-row loss that is each row's own gradient."""
+    if not compute_grad:
+        with torch.no_grad():
+            out = loss_of(x)
+        return out, x.new_empty((0,))
+    with _autograd_on():
+        leaf = x.detach().requires_grad_()
+        out = loss_of(leaf)
+        loss = out[0] if isinstance(out, tuple) else out
+        (grad,) = torch.autograd.grad(loss.sum(), leaf, allow_unused=True, materialize_grads=True)
+    return (tuple(o.detach() for o in out) if isinstance(out, tuple) else out.detach()), grad
+
+
+def rows_defined(rows: Tensor, what: str) -> None:
+    """A row whose softmax is undefined (entirely -inf, or holding NaN) gives NaN, which
+    becomes an error, as the compiled kernels raise it."""
+    _validate.no_bad_values(torch.isnan(rows),
+                            f"{what}: a row is entirely -inf, or holds +inf or NaN, so its softmax is undefined")
+
+
+def _floats(**hypers: Tensor) -> dict:
+    return {name: float(value) for name, value in hypers.items()}
+
+
+# --- knowledge distillation ---------------------------------------------------------------------
+
+
+def fused_kd_loss(student_logits, teacher_logits, labels, temperature, beta, alpha, label_smoothing, divergence,
+                  ignore_index, scale_by_t2, reduction, num_items_in_batch, compute_grad):
+    if labels is not None:
+        _validate.labels_in_range("labels", labels, student_logits.shape[-1], ignore_index)
+    loss, grad = _with_grad(lambda s: reference.fused_kd_loss(
+        s, teacher_logits, divergence=divergence, labels=labels, ignore_index=ignore_index, scale_by_t2=scale_by_t2,
+        reduction=reduction, num_items_in_batch=num_items_in_batch,
+        **_floats(temperature=temperature, beta=beta, alpha=alpha, label_smoothing=label_smoothing)),
+        student_logits, compute_grad)
+    # Every term is >= 0 (or +inf), so a NaN row leaves NaN in a sum as well.
+    rows_defined(loss.reshape(-1), "fused_kd_loss: student_logits or teacher_logits")
+    return loss, grad
+
+
+def _slice_checks(op: str, student_logits, labels, ignore_index: int, class_offset: int, n_classes: int) -> None:
+    """The slice lies in rows of n_classes; the labels are class ids of those rows."""
+    width = student_logits.shape[-1]
+    if not (0 <= class_offset and class_offset + width <= n_classes):
+        raise ValueError(f"{op}: a slice of {width} columns at class_offset={class_offset} does not fit in "
+                         f"n_classes={n_classes}")
+    if labels is not None:
+        _validate.labels_in_range("labels", labels, n_classes, ignore_index)
+
+
+def kd_slice_stats(student_logits, teacher_logits, labels, temperature, beta, alpha, label_smoothing, divergence,
+                   ignore_index, class_offset, n_classes):
+    _slice_checks("kd_slice_stats", student_logits, labels, ignore_index, class_offset, n_classes)
+    return reference.kd_slice_stats(
+        student_logits, teacher_logits, labels, divergence=divergence, ignore_index=ignore_index,
+        class_offset=class_offset, n_classes=n_classes,
+        **_floats(temperature=temperature, beta=beta, alpha=alpha, label_smoothing=label_smoothing))
+
+
+def kd_slice_jsd_sums(student_logits, teacher_logits, labels, stats, temperature, beta, ignore_index):
+    return reference.kd_slice_jsd_sums(student_logits, teacher_logits, labels, stats, ignore_index=ignore_index,
+                                       **_floats(temperature=temperature, beta=beta))
+
+
+def kd_slice_loss(student_logits, teacher_logits, labels, stats, jsd_sums, temperature, beta, alpha, label_smoothing,
+                  divergence, ignore_index, scale_by_t2, reduction, num_items_in_batch, class_offset, n_classes,
+                  compute_grad):
+    _slice_checks("kd_slice_loss", student_logits, labels, ignore_index, class_offset, n_classes)
+    loss, grad = reference.kd_slice_loss(
+        student_logits, teacher_logits, labels, stats, jsd_sums, divergence=divergence, ignore_index=ignore_index,
+        scale_by_t2=scale_by_t2, reduction=reduction, num_items_in_batch=num_items_in_batch,
+        class_offset=class_offset, n_classes=n_classes,
+        **_floats(temperature=temperature, beta=beta, alpha=alpha, label_smoothing=label_smoothing))
+    rows_defined(loss.reshape(-1), "kd_slice_loss: student_logits or teacher_logits")
+    return loss, (grad if compute_grad else student_logits.new_empty((0,)))
+
+
+def scale_grad_(grad, scale):
+    grad.mul_(scale if scale.dim() == 0 else scale.to(grad.device).unsqueeze(1))
+
+
+# --- pseudo-labels -------------------------------------------------------------------------------
+
+
+def select_pseudo_labels(logits, threshold, temperature, class_thresholds):
+    labels, confidence, mask = reference.select_pseudo_labels(logits, float(threshold), float(temperature),
+                                                              class_thresholds)
+    rows_defined(confidence, "select_pseudo_labels: logits")
+    return labels, confidence, mask
+
+
+def fused_pseudo_label_loss(strong_logits, weak_logits, threshold, temperature, soft, class_thresholds, weights,
+                            reduction, compute_grad):
+    (loss, labels, confidence, mask, counts), grad = _with_grad(lambda s: reference.fused_pseudo_label_loss(
+        s, weak_logits, float(threshold), float(temperature), soft, class_thresholds, weights, reduction),
+        strong_logits, compute_grad)
+    rows_defined(confidence, "fused_pseudo_label_loss: weak_logits")
+    rows_defined(loss.reshape(-1), "fused_pseudo_label_loss: strong_logits")
+    return loss, grad, labels, confidence, mask, counts
+
+
+# --- adversarial steps ---------------------------------------------------------------------------
+
+
+def _faults(op: str, inp_name: str, inp: Tensor, radius: Tensor, lo, hi, out: Tensor, inputs, sizes: str) -> None:
+    """What the compiled kernels check where they read the data: the input within eps of the
+    clamp box, and no finite input stepped out of its dtype's range."""
+    acc = opmath(inp)
+    a = inp.to(acc)
+    if lo is not None:
+        outside = (a + radius.to(acc) < lo.to(acc)) | (hi.to(acc) < a - radius.to(acc))
+        _validate.no_bad_values(outside, f"{op}: {inp_name} lies farther than eps outside the clamp box, so the clamp "
+                                f"would move the result more than eps from {inp_name}. {BOX_FIX}")
+    finite = torch.isfinite(inputs[0])
+    for t in inputs[1:]:
+        finite &= torch.isfinite(t)
+    _validate.no_bad_values(~torch.isfinite(out) & finite,
+                            f"{op}: the step is not finite in {str(out.dtype)[6:]}: {sizes} beyond its range for this "
+                            f"input (largest finite value {torch.finfo(out.dtype).max:g}). Use a smaller value, a "
+                            "clamp within the range, or a wider dtype.")
+
+
+def _clamp(lo, hi):
+    return None if lo is None else (lo, hi)
+
+
+def _fgsm(op, x, grad, eps, clamp_min, clamp_max):
+    out = reference.fgsm_perturb(x, grad, eps, _clamp(clamp_min, clamp_max))
+    _faults(op, "x", x, eps, clamp_min, clamp_max, out, (x,), "eps is")
+    return out
+
+
+def fgsm_perturb(x, grad, eps, clamp_min, clamp_max):
+    return _fgsm("fgsm_perturb", x, grad, eps, clamp_min, clamp_max)
+
+
+def fgsm_perturb_(x, grad, eps, clamp_min, clamp_max):
+    x.copy_(_fgsm("fgsm_perturb_", x, grad, eps, clamp_min, clamp_max))
+
+
+def _pgd(op, x_adv, x_orig, grad, step_size, eps, clamp_min, clamp_max):
+    out = reference.pgd_step(x_adv, x_orig, grad, step_size, eps, _clamp(clamp_min, clamp_max))
+    _faults(op, "x_orig", x_orig, eps, clamp_min, clamp_max, out, (x_adv, x_orig), "step_size and eps are")
+    return out
+
+
+def pgd_step(x_adv, x_orig, grad, step_size, eps, clamp_min, clamp_max):
+    return _pgd("pgd_step", x_adv, x_orig, grad, step_size, eps, clamp_min, clamp_max)
+
+
+def pgd_step_(x_adv, x_orig, grad, step_size, eps, clamp_min, clamp_max):
+    x_adv.copy_(_pgd("pgd_step_", x_adv, x_orig, grad, step_size, eps, clamp_min, clamp_max))
