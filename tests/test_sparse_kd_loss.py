@@ -11,7 +11,9 @@ import math
 import pytest
 import torch
 
-from lepton_fast import reference
+from conftest import DEVICE_BACKENDS, low_precision_tolerance, opcheck_kernel, require
+from lepton_fast import reference, sparse_kd_loss
+from lepton_fast.ops.sparse_kd_loss import SPEC
 
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd"]
 TRUNCATIONS = ["renormalize", "tail"]
@@ -189,3 +191,234 @@ def test_oracle_gradcheck(divergence, truncation):
                                            labels=labels, alpha=0.3, label_smoothing=0.1, reduction="none"),
         (s,))
 
+
+# --- the op, on every kernel ------------------------------------------------------------------
+
+# The reference kernel under the op's schema, then every compiled and Triton kernel (each is
+# skipped where it cannot run: the CPU C++ and Triton kernels of this op do not exist yet).
+BACKENDS = [pytest.param("cpu", "reference", id="cpu-reference"), *DEVICE_BACKENDS]
+DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+
+
+def case(name, device, dtype, seed=20):
+    """(student [n, v], indices, logprobs, mask or None, extra keywords) of a named shape."""
+    n, v, k = 6, 37, 5
+    kw = {}
+    if name == "k1":
+        k = 1
+    if name == "k_eq_v":
+        v = k = 11
+    s = randn(n, v, seed=seed)
+    idx, logp, _ = top_k_teacher(n, v, k, seed=seed + 1)
+    mask = None
+    if name == "duplicates_masked":
+        idx[:, 3] = idx[:, 1]
+        idx[0, 4] = -1  # masked: never read
+        mask = torch.ones(n, k, dtype=torch.bool)
+        mask[0, 4] = mask[2, 0] = False
+        mask[4] = False  # a row with no entry
+    if name == "neg_inf_student":
+        s[1, 5] = s[2, 0] = -math.inf
+        others = torch.ones(v, dtype=torch.bool)
+        others[[5, 0]] = False
+        idx[1:3] = torch.arange(v)[others][:k]  # the teacher lists none of the -inf classes
+    if name == "labels_alpha":
+        labels = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(seed + 2))
+        labels[::3] = -100
+        kw = dict(labels=labels.to(device), alpha=0.4, label_smoothing=0.1)
+    return (s.to(dtype).to(device), idx.to(device), logp.to(dtype).to(device),
+            None if mask is None else mask.to(device), kw)
+
+
+CASES = ["top_k", "k1", "k_eq_v", "duplicates_masked", "neg_inf_student", "labels_alpha"]
+
+
+def oracle(student, idx, logp, mask, grad_output=None, **kw):
+    go = None if grad_output is None else grad_output.double()
+    return loss_and_grad(reference.sparse_kd_loss, student.double(), idx, logp.double(), mask, grad_output=go, **kw)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("truncation", TRUNCATIONS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_op_matches_the_oracle(divergence, truncation, name, dtype, device, backend):
+    require(SPEC, device, backend)
+    s, idx, logp, mask, extra = case(name, device, dtype)
+    kw = dict(temperature=2.0, divergence=divergence, beta=0.3, truncation=truncation, reduction="none", **extra)
+    # grad_output != 1; but not for bfloat16, whose saved gradient it would round a second time.
+    go = randn(s.shape[0], seed=30, dtype=torch.float32).to(device) if dtype != torch.bfloat16 else None
+    loss, grad = loss_and_grad(lambda *a, **k: sparse_kd_loss(*a, backend=backend, **k), s, idx, logp, mask,
+                               grad_output=go, **kw)
+    ref_loss, ref_grad = oracle(s, idx, logp, mask, grad_output=go, **kw)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert grad.dtype == dtype and grad.shape == s.shape
+    torch.testing.assert_close(loss.double(), ref_loss, **TOL)
+    if dtype in (torch.float32, torch.float64):
+        torch.testing.assert_close(grad.double(), ref_grad, **TOL)
+    else:
+        _, low_grad = loss_and_grad(reference.sparse_kd_loss, s, idx, logp, mask, grad_output=go, **kw)
+        ref_err = (low_grad.double() - ref_grad).abs().max().item()
+        tol = low_precision_tolerance(dtype, ref_err, backend, ref_grad.abs().max().item())
+        assert (grad.double() - ref_grad).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_op_reductions_and_num_items(reduction, device, backend):
+    require(SPEC, device, backend)
+    s, idx, logp, mask, extra = case("labels_alpha", device, torch.float32)
+    for num_items in (None, 7):
+        kw = dict(truncation="tail", reduction=reduction, num_items_in_batch=num_items, **extra)
+        loss, grad = loss_and_grad(lambda *a, **k: sparse_kd_loss(*a, backend=backend, **k), s, idx, logp, mask,
+                                   **kw)
+        ref_loss, ref_grad = oracle(s, idx, logp, mask, **kw)
+        torch.testing.assert_close(loss.double(), ref_loss, **TOL)
+        torch.testing.assert_close(grad.double(), ref_grad, **TOL)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_op_leading_dims_and_no_grad(device, backend):
+    require(SPEC, device, backend)
+    s, idx, logp, mask, _ = case("duplicates_masked", device, torch.float32)
+    s3, idx3, logp3, mask3 = (x.reshape(2, 3, -1) for x in (s, idx, logp, mask))
+    loss = sparse_kd_loss(s3.transpose(0, 1).contiguous().transpose(0, 1), idx3, logp3, mask3.int(),
+                          reduction="none", backend=backend)
+    assert loss.shape == (2, 3)
+    with torch.no_grad():
+        flat = sparse_kd_loss(s, idx, logp, mask, reduction="none", backend=backend)
+    torch.testing.assert_close(loss.reshape(-1), flat, **TOL)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_op_checks_the_indices_it_reads(device, backend):
+    require(SPEC, device, backend)
+    s, idx, logp, _, _ = case("top_k", device, torch.float32)
+    bad = idx.clone()
+    bad[2, 1] = s.shape[-1]
+    with pytest.raises(ValueError, match="teacher_indices"):
+        sparse_kd_loss(s, bad, logp, backend=backend)
+    mask = torch.ones_like(bad, dtype=torch.bool)
+    mask[2, 1] = False  # not read: no error
+    sparse_kd_loss(s, bad, logp, mask, backend=backend)
+    labels = torch.zeros(s.shape[0], dtype=torch.long, device=device)
+    labels[2] = -100  # an ignored row is not read either
+    sparse_kd_loss(s, bad, logp, labels=labels, backend=backend)
+    nan = logp.clone()
+    nan[3, 0] = math.nan
+    with pytest.raises(ValueError, match="teacher_logprobs"):
+        sparse_kd_loss(s, idx, nan, backend=backend)
+
+
+def test_argument_errors():
+    s, idx, logp, mask, _ = case("top_k", "cpu", torch.float32)
+    with pytest.raises(ValueError, match="teacher_indices must have shape"):
+        sparse_kd_loss(s, idx[:-1], logp)
+    with pytest.raises(ValueError, match="teacher_logprobs has shape"):
+        sparse_kd_loss(s, idx, logp[:, :-1])
+    with pytest.raises(TypeError, match="teacher_indices must be an integer"):
+        sparse_kd_loss(s, idx.float(), logp)
+    with pytest.raises(TypeError, match="teacher_logprobs must be float32"):
+        sparse_kd_loss(s, idx, idx)
+    with pytest.raises(TypeError, match="teacher_mask"):
+        sparse_kd_loss(s, idx, logp, torch.ones_like(logp))
+    with pytest.raises(ValueError, match="at least one entry"):
+        sparse_kd_loss(s, idx[:, :0], logp[:, :0])
+    with pytest.raises(ValueError, match="truncation"):
+        sparse_kd_loss(s, idx, logp, truncation="other_bucket")
+    with pytest.raises(ValueError, match="temperature"):
+        sparse_kd_loss(s, idx, logp, temperature=0.0)
+    with pytest.raises(ValueError, match="labels are required"):
+        sparse_kd_loss(s, idx, logp, alpha=0.5)
+
+
+def test_second_order_gradient_is_refused():
+    s, idx, logp, _, _ = case("top_k", "cpu", torch.float64)
+    s.requires_grad_()
+    loss = sparse_kd_loss(s, idx, logp)
+    with pytest.raises(RuntimeError, match="second-order"):
+        torch.autograd.grad(loss, s, create_graph=True)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_opcheck(device, backend):
+    require(SPEC, device, backend)
+    s, idx, logp, mask, extra = case("duplicates_masked", device, torch.float32)
+    hyper = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    labels = torch.tensor([1, -100, 3, 4, 0, 2], device=device)
+    arg_sets = [
+        (s.requires_grad_(), idx, logp, mask, None, hyper(2.0), hyper(0.5), hyper(0.0), hyper(0.0), "forward_kl",
+         "tail", -100, True, "mean", None, True),
+        (s.detach(), idx, logp.double(), mask.int().bool(), labels, hyper(1.0), hyper(0.3), hyper(0.5), hyper(0.1), "jsd",
+         "renormalize", -100, False, "none", None, False),
+    ]
+    opcheck_kernel(SPEC, device, backend, arg_sets)
+
+
+def test_torch_compile_fullgraph():
+    s, idx, logp, mask, _ = case("duplicates_masked", "cpu", torch.float32)
+    compiled = torch.compile(sparse_kd_loss, fullgraph=True, backend="aot_eager")
+    for temperature in (2.0, 3.0):  # a new temperature does not recompile (a 0-d tensor)
+        loss, grad = loss_and_grad(lambda *a, **k: compiled(*a, **k), s, idx, logp, mask, temperature,
+                                   truncation="tail")
+        ref_loss, ref_grad = oracle(s, idx, logp, mask, temperature=temperature, truncation="tail")
+        torch.testing.assert_close(loss.double(), ref_loss, **TOL)
+        torch.testing.assert_close(grad.double(), ref_grad, **TOL)
+
+
+# --- drop-in for axolotl's top-k forward KL -----------------------------------------------------
+
+
+def axolotl_collated_logprobs(raw_logprobs, kd_temperature):
+    """What axolotl's KD collator stores as target_logprobs (integrations/kd/chat_template.py):
+    the teacher's top-k probabilities renormalised over the K entries, raised to 1 / T and
+    renormalised again; a transcription in plain PyTorch."""
+    p = raw_logprobs.exp()
+    p = (p / p.sum(-1, keepdim=True)) ** (1.0 / kd_temperature)
+    return (p / p.sum(-1, keepdim=True)).log()
+
+
+def axolotl_topk_forward_kl(student_logits, target_token_ids, target_logprobs, target_mask, num_items_in_batch=-1,
+                            kd_temperature=1.0, normalize_topk=True):
+    """axolotl's top-k forward KL (integrations/kd/topk_logprob/forward_kl.py, with the
+    student renormalisation of kernels/liger.py's ``normalize_topk``), transcribed in plain
+    PyTorch: the student's log-softmax at T gathered at the teacher's ids (renormalised over
+    the K ids when normalize_topk), KL summed over the entries of the mask, times T², divided
+    by num_items_in_batch or else by the number of unmasked entries."""
+    wide = torch.promote_types(student_logits.dtype, torch.float32)  # axolotl's .float(); float64 stays
+    z = (student_logits / kd_temperature).to(wide)
+    student_lp = z.gather(-1, target_token_ids) - z.logsumexp(-1, keepdim=True)
+    if normalize_topk:
+        student_lp = student_lp - student_lp.logsumexp(-1, keepdim=True)
+    valid = target_mask.bool()
+    teacher_lp = target_logprobs.to(wide)[valid]
+    kd = (teacher_lp.exp() * (teacher_lp - student_lp[valid])).sum() * kd_temperature**2
+    return kd / (num_items_in_batch if num_items_in_batch > 0 else valid.sum())
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("kd_temperature", [1.0, 2.0])
+@pytest.mark.parametrize("normalize_topk", [True, False])
+def test_axolotl_top_k_forward_kl_drop_in(normalize_topk, kd_temperature, device, backend):
+    # axolotl's collator renormalises the stored top-k over its K entries, so the stored
+    # log-probabilities sum to 1: normalize_topk=True is "renormalize", False is "tail"
+    # (whose teacher tail is then 0). axolotl masks whole positions (labels -100).
+    require(SPEC, device, backend)
+    b, t, v, k = 2, 5, 50, 8
+    student = randn(b, t, v, seed=40).to(device)
+    idx, raw, _ = top_k_teacher(b * t, v, k, seed=41)
+    idx, raw = idx.reshape(b, t, k).to(device), raw.reshape(b, t, k).to(device)
+    mask = torch.ones(b, t, k, dtype=torch.long, device=device)
+    mask[0, 0] = mask[1, 3] = 0
+    stored = raw - raw.logsumexp(-1, keepdim=True)  # at T = 1, renormalised: what the collator starts from
+    target_logprobs = axolotl_collated_logprobs(raw, kd_temperature)
+    truncation = "renormalize" if normalize_topk else "tail"
+    for num_items in (3, int(mask.sum())):  # axolotl's default divides by the unmasked entries
+        expected, expected_grad = loss_and_grad(axolotl_topk_forward_kl, student, idx, target_logprobs, mask,
+                                                num_items, kd_temperature, normalize_topk)
+        loss, grad = loss_and_grad(lambda *a, **kw: sparse_kd_loss(*a, backend=backend, **kw), student, idx,
+                                   stored, mask, kd_temperature, truncation=truncation, reduction="sum",
+                                   num_items_in_batch=num_items)
+        torch.testing.assert_close(loss.double(), expected, **F64)
+        torch.testing.assert_close(grad.double(), expected_grad, **F64)

@@ -228,6 +228,20 @@ def checked(student_logits, teacher_logits, temperature, divergence, beta, label
     _validate.logits("student_logits", student_logits, empty_ok=slice_of_classes)
     _validate.logits("teacher_logits", teacher_logits, empty_ok=slice_of_classes)
     _validate.same_shape("teacher_logits", teacher_logits, "student_logits", student_logits)
+    labels, hypers = checked_hypers(student_logits, temperature, divergence, beta, labels, alpha, label_smoothing,
+                                    reduction, num_items_in_batch)
+    student, teacher = _validate.common_dtype(student_logits, teacher_logits.detach())
+    student, teacher = _validate.as_rows(student), _validate.as_rows(teacher)
+    compute_grad = student.requires_grad and torch.is_grad_enabled()
+    return KDArgs(student, teacher, labels, student_logits.shape[:-1], *hypers, compute_grad)
+
+
+def checked_hypers(student_logits, temperature, divergence, beta, labels, alpha, label_smoothing, reduction,
+                   num_items_in_batch) -> tuple[Optional[Tensor], tuple[Tensor, Tensor, Tensor, Tensor,
+                                                                       Optional[Tensor]]]:
+    """The checks of a KD loss's hyper-parameters and hard labels (for ``student_logits``
+    [..., C]): (labels as [N] int64 or None, (temperature, beta, alpha, label_smoothing,
+    num_items_in_batch) as the schemas take them)."""
     temperature_t = _validate.positive("temperature", temperature)
     _validate.choice("divergence", divergence, DIVERGENCES)
     beta_t = _validate.unit_interval("beta", beta)
@@ -242,11 +256,7 @@ def checked(student_logits, teacher_logits, temperature, divergence, beta, label
         labels = _validate.class_labels("labels", labels, "student_logits", student_logits).reshape(-1)
     else:
         _validate.zero("alpha", alpha, "alpha > 0 weights a hard-label cross-entropy, so labels are required")
-    student, teacher = _validate.common_dtype(student_logits, teacher_logits.detach())
-    student, teacher = _validate.as_rows(student), _validate.as_rows(teacher)
-    compute_grad = student.requires_grad and torch.is_grad_enabled()
-    return KDArgs(student, teacher, labels, student_logits.shape[:-1], temperature_t, beta_t, alpha_t,
-                  label_smoothing_t, num_items, compute_grad)
+    return labels, (temperature_t, beta_t, alpha_t, label_smoothing_t, num_items)
 
 
 # --- The slice ops ---------------------------------------------------------------------------
