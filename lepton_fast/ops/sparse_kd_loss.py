@@ -3,8 +3,9 @@
 Path of a call: :func:`sparse_kd_loss` checks the arguments (lepton_fast._validate, and the KD
 hyper-parameters as fused_kd_loss checks them) and calls ``torch.ops.lepton_fast.sparse_kd_loss``
 (its schema is defined below); the dispatcher runs the autograd kernel (ops/_autograd.py), then
-the device kernel: the reference kernel (ops/_reference.py over lepton_fast.reference) today.
-``backend=`` swaps in another kernel.
+the device kernel: Triton (kernels/sparse_kd_loss.py) on CUDA tensors, the reference kernel
+(ops/_reference.py over lepton_fast.reference) on CPU tensors; no C++ kernel yet.
+``backend=`` swaps in another kernel (``"triton"`` on CPU tensors under TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ SPEC = _backend.define(
     "Tensor? labels, Tensor temperature, Tensor beta, Tensor alpha, Tensor label_smoothing, str divergence, "
     "str truncation, int ignore_index, bool scale_by_t2, str reduction, Tensor? num_items_in_batch, "
     "bool compute_grad) -> (Tensor loss, Tensor grad)",
-    saves_grad=True)
+    triton="sparse_kd_loss", saves_grad=True)
 
 TRUNCATIONS = ("renormalize", "tail")
 
