@@ -199,7 +199,7 @@ def test_oracle_gradcheck(divergence, truncation):
 # --- the op, on every kernel ------------------------------------------------------------------
 
 # The reference kernel under the op's schema, then every compiled and Triton kernel (each is
-# skipped where it cannot run: the CPU C++ and Triton kernels of this op do not exist yet).
+# skipped where it cannot run; this op has no CUDA C++ kernel yet).
 BACKENDS = [pytest.param("cpu", "reference", id="cpu-reference"), *DEVICE_BACKENDS]
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 

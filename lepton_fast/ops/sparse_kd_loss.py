@@ -3,8 +3,9 @@
 Path of a call: :func:`sparse_kd_loss` checks the arguments (lepton_fast._validate, and the KD
 hyper-parameters as fused_kd_loss checks them) and calls ``torch.ops.lepton_fast.sparse_kd_loss``
 (its schema is defined below); the dispatcher runs the autograd kernel (ops/_autograd.py), then
-the device kernel: Triton (kernels/sparse_kd_loss.py) on CUDA tensors, the reference kernel
-(ops/_reference.py over lepton_fast.reference) on CPU tensors; no C++ kernel yet.
+the device kernel: the CPU C++ kernel (csrc/cpu/sparse_kd_loss.cpp; the reference kernel in
+ops/_reference.py over lepton_fast.reference without the extension) on CPU tensors, Triton
+(kernels/sparse_kd_loss.py) on CUDA tensors (no CUDA C++ kernel yet).
 ``backend=`` swaps in another kernel (``"triton"`` on CPU tensors under TRITON_INTERPRET=1).
 """
 from __future__ import annotations
