@@ -1,8 +1,9 @@
 """Triton kernel of sparse_kd_loss (schema: lepton_fast/ops/sparse_kd_loss.py), the contract of
 the reference kernel; the buckets are lepton_fast.reference.sparse_buckets'.
 
-One program per row. The teacher's K entries sit in one block of KB lanes: which count (mask,
-first occurrence of an index: a loop over the K entries), the teacher's bucket log-probabilities,
+One program per row. The teacher's K entries sit in one block of KB = next_power_of_2(K) lanes
+(made for the usual K of 1 to a few hundred; a K of many thousands spills registers), which
+count (mask, first occurrence of an index: a loop over the K entries), the teacher's bucket log-probabilities,
 the student's logits gathered at the entries. One pass over the student row gathers the online
 softmax statistics that "tail" needs (at T) and the CE needs (at T = 1); "renormalize" without
 the CE reads only the K entries. The gradient pass writes the whole row (the unlisted columns'
@@ -210,11 +211,12 @@ def sparse_kd_loss(student_logits, teacher_indices, teacher_logprobs, teacher_ma
         divisor, reduction = num_items_in_batch, "mean"  # the sum over this count instead
     divides = reduction in ("mean", "batchmean")
     grad_scale = 1.0 / torch.as_tensor(divisor if divides else 1, dtype=torch.float64, device=student_logits.device)
+    mask = rows if teacher_mask is None else teacher_mask.view(torch.uint8)  # (an absent mask: any pointer)
     if n:
         scale = (1.0 - a) * (t * t if scale_by_t2 else 1.0)
         blk = block or min(max(triton.next_power_of_2(v), 16), MAX_BLOCK)
         _sparse_kd_loss_kernel[(n,)](
-            student_logits, teacher_indices, teacher_logprobs, rows if teacher_mask is None else teacher_mask.view(torch.uint8),
+            student_logits, teacher_indices, teacher_logprobs, mask,
             rows if labels is None else labels, grad, rows, grad_scale,
             v, k, student_logits.stride(0), teacher_indices.stride(0), teacher_logprobs.stride(0),
             0 if teacher_mask is None else teacher_mask.stride(0),

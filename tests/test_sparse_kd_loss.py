@@ -354,7 +354,7 @@ def test_opcheck(device, backend):
     arg_sets = [
         (s.requires_grad_(), idx, logp, mask, None, hyper(2.0), hyper(0.5), hyper(0.0), hyper(0.0), "forward_kl",
          "tail", -100, True, "mean", None, True),
-        (s.detach(), idx, logp.double(), mask.int().bool(), labels, hyper(1.0), hyper(0.3), hyper(0.5), hyper(0.1), "jsd",
+        (s.detach(), idx, logp.double(), mask, labels, hyper(1.0), hyper(0.3), hyper(0.5), hyper(0.1), "jsd",
          "renormalize", -100, False, "none", None, False),
     ]
     opcheck_kernel(SPEC, device, backend, arg_sets)
