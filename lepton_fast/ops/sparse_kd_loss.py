@@ -2,7 +2,8 @@
 
 Path of a call: :func:`sparse_kd_loss` checks the arguments (lepton_fast._validate, and the KD
 hyper-parameters as fused_kd_loss checks them) and calls ``torch.ops.lepton_fast.sparse_kd_loss``
-(its schema is defined below); the dispatcher runs the autograd kernel (ops/_autograd.py), then
+(its schema is defined below); the dispatcher runs the autograd kernel (csrc/autograd.cpp, or
+ops/_autograd.py without the extension), then
 the device kernel: the CPU C++ kernel (csrc/cpu/sparse_kd_loss.cpp; the reference kernel in
 ops/_reference.py over lepton_fast.reference without the extension) on CPU tensors, Triton
 (kernels/sparse_kd_loss.py) on CUDA tensors (no CUDA C++ kernel yet).
