@@ -32,6 +32,10 @@ using KDSliceLossFn = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const OptionalTensor&, const at::Tensor&, const OptionalTensor&,
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view, int64_t, bool,
     c10::string_view, const OptionalTensor&, int64_t, int64_t, bool);
+using SparseKDLossFn = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptionalTensor&, const OptionalTensor&,
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view, c10::string_view,
+    int64_t, bool, c10::string_view, const OptionalTensor&, bool);
 using PseudoLabelOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using FusedPseudoLabelLossFn = PseudoLabelOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                   const at::Tensor&, bool, const OptionalTensor&,
@@ -74,7 +78,7 @@ at::Tensor saved_gradient_times(AutogradContext* ctx, const at::Tensor& grad_los
   return grad;
 }
 
-// The KD losses, fused_kd_loss and kd_slice_loss: Op names the schema, whose first argument
+// The KD losses, fused_kd_loss, kd_slice_loss and sparse_kd_loss: Op names the schema, whose first argument
 // is the student's logits (the gradient flows there) and last compute_grad, and which
 // returns (loss, grad).
 template <typename Op>
@@ -113,6 +117,13 @@ struct KDSliceLossOp {
   static constexpr const char* kQualName = "lepton_fast::kd_slice_loss";
   static constexpr int kInputs = 17;
   using Fn = KDSliceLossFn;
+};
+
+struct SparseKDLossOp {
+  static constexpr const char* kName = "sparse_kd_loss";
+  static constexpr const char* kQualName = "lepton_fast::sparse_kd_loss";
+  static constexpr int kInputs = 16;
+  using Fn = SparseKDLossFn;
 };
 
 class FusedPseudoLabelLoss : public torch::autograd::Function<FusedPseudoLabelLoss> {
@@ -165,6 +176,18 @@ std::tuple<at::Tensor, at::Tensor> kd_slice_loss_autograd(
   return {out[0], out[1]};
 }
 
+std::tuple<at::Tensor, at::Tensor> sparse_kd_loss_autograd(
+    const at::Tensor& student_logits, const at::Tensor& teacher_indices, const at::Tensor& teacher_logprobs,
+    const OptionalTensor& teacher_mask, const OptionalTensor& labels, const at::Tensor& temperature,
+    const at::Tensor& beta, const at::Tensor& alpha, const at::Tensor& label_smoothing, c10::string_view divergence,
+    c10::string_view truncation, int64_t ignore_index, bool scale_by_t2, c10::string_view reduction,
+    const OptionalTensor& num_items_in_batch, bool compute_grad) {
+  auto out = KDLoss<SparseKDLossOp>::apply(student_logits, teacher_indices, teacher_logprobs, teacher_mask, labels,
+                                           temperature, beta, alpha, label_smoothing, divergence, truncation,
+                                           ignore_index, scale_by_t2, reduction, num_items_in_batch, compute_grad);
+  return {out[0], out[1]};
+}
+
 PseudoLabelOutputs fused_pseudo_label_loss_autograd(
     const at::Tensor& strong_logits, const at::Tensor& weak_logits, const at::Tensor& threshold,
     const at::Tensor& temperature, bool soft, const OptionalTensor& class_thresholds,
@@ -180,6 +203,7 @@ TORCH_LIBRARY_IMPL(lepton_fast, Autograd, m) {
   m.impl("fused_kd_loss", &fused_kd_loss_autograd);
   m.impl("kd_slice_loss", &kd_slice_loss_autograd);
   m.impl("fused_pseudo_label_loss", &fused_pseudo_label_loss_autograd);
+  m.impl("sparse_kd_loss", &sparse_kd_loss_autograd);
 }
 
 }  // namespace lepton_fast

@@ -6,7 +6,7 @@ custom autograd ops with CPU C++, CUDA C++ and Triton kernels and a pure-PyTorch
 from lepton_fast import _backend
 
 # First the schemas: each op family defines its ops (torch.library) beside its public function.
-from lepton_fast.ops import adversarial, kd_loss, pseudo_labels, scale_grad  # noqa: F401
+from lepton_fast.ops import adversarial, kd_loss, pseudo_labels, scale_grad, sparse_kd_loss  # noqa: F401
 
 # Then the kernels: lepton_fast._C's C++ kernels, and the Triton and reference kernels (and the
 # Python autograd kernels) under every key the extension left empty.
@@ -26,6 +26,7 @@ from lepton_fast.ops.pseudo_labels import (  # noqa: E402
     fused_pseudo_label_loss,
     select_pseudo_labels,
 )
+from lepton_fast.ops.sparse_kd_loss import sparse_kd_loss  # noqa: E402
 from lepton_fast.version import __version__  # noqa: E402
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "KDLoss",
     "fused_kd_loss",
     "fused_linear_kd_loss",
+    "sparse_kd_loss",
     # pseudo-labels
     "PseudoLabelLoss",
     "PseudoLabels",

@@ -283,6 +283,36 @@ def kd_options(temperature, divergence, beta, alpha, label_smoothing, reduction,
     return KDOptions(temperature_t, beta_t, alpha_t, label_smoothing_t, num_items(num_items_in_batch, x), labels)
 
 
+def sparse_teacher(indices, logprobs, mask, logits_name: str, x: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """A teacher given at K entries per row of the logits ``x`` [..., V]: ``teacher_indices``
+    [..., K] integer, ``teacher_logprobs`` [..., K] floating and ``teacher_mask`` [..., K]
+    bool or integer (nonzero = provided) or None, on x's device, as [N, K] rows (int64
+    indices, bool mask; the indices' range is checked where they are read)."""
+    for name, t in (("teacher_indices", indices), ("teacher_logprobs", logprobs), ("teacher_mask", mask)):
+        if t is None and name == "teacher_mask":
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() == 0 or t.shape[:-1] != x.shape[:-1]:
+            raise ValueError(f"{name} must have shape {tuple(x.shape[:-1])} + (K,) to match {logits_name} "
+                             f"{tuple(x.shape)}, got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but {logits_name} is on {x.device}")
+    if indices.dtype not in INT_DTYPES:
+        raise TypeError(f"teacher_indices must be an integer tensor (int64 or int32), got {indices.dtype}")
+    if indices.shape[-1] == 0:
+        raise ValueError(f"teacher_indices must have at least one entry per row, got shape {tuple(indices.shape)}")
+    if logprobs.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"teacher_logprobs must be float32, bfloat16, float16 or float64, got {logprobs.dtype}")
+    same_shape("teacher_logprobs", logprobs, "teacher_indices", indices)
+    if mask is not None:
+        if mask.dtype != torch.bool and mask.dtype not in INT_DTYPES:
+            raise TypeError(f"teacher_mask must be a bool (or 0/1 integer) tensor, got {mask.dtype}")
+        same_shape("teacher_mask", mask, "teacher_indices", indices)
+        mask = as_rows(mask if mask.dtype == torch.bool else mask != 0)
+    return as_rows(indices.long()), as_rows(logprobs.detach()), mask
+
+
 # --- pseudo-labels ------------------------------------------------------------------------------
 
 

@@ -67,6 +67,12 @@ def soft_divergence_rows(
     """
     logp_s = torch.log_softmax(scaled_logits(_acc(student_logits), temperature), dim=-1)
     logp_t = torch.log_softmax(scaled_logits(_acc(teacher_logits), temperature), dim=-1)
+    return divergence_rows(logp_t, logp_s, divergence, beta)
+
+
+def divergence_rows(logp_t: Tensor, logp_s: Tensor, divergence: str, beta: float) -> Tensor:
+    """Per-row divergence between two distributions given as log-probabilities along the last
+    dim (-inf for probability 0), [N]: the divergences of :func:`soft_divergence_rows`."""
     kind = soft_kind(divergence, beta)
     if kind == "jsd":
         log_m = _log_mixture(logp_s, logp_t, beta)
@@ -98,16 +104,29 @@ def kd_loss_rows(
     A term whose weight is 0 is not computed, so its infinities cannot leak in as 0 * inf.
     """
     teacher_logits = teacher_logits.detach()
+
+    def soft(student: Tensor, valid: Tensor | None) -> Tensor:
+        teacher = teacher_logits if valid is None else torch.where(valid[:, None], teacher_logits, 0.0)
+        return soft_divergence_rows(student, teacher, temperature, divergence, beta)
+
+    return _kd_rows(student_logits, labels, soft, temperature=temperature, alpha=alpha,
+                    label_smoothing=label_smoothing, ignore_index=ignore_index, scale_by_t2=scale_by_t2)
+
+
+def _kd_rows(student_logits: Tensor, labels: Tensor | None, soft, *, temperature: float, alpha: float,
+             label_smoothing: float, ignore_index: int, scale_by_t2: bool) -> Tensor:
+    """alpha * CE(student, label) + (1 - alpha) * T^2 * soft(student, valid) per row, [N]:
+    the row loss of every KD op around its soft term. ``soft`` takes the [N, C] student
+    logits with ignored rows zeroed and the rows not ignored ([N] bool, or None without labels).
+    """
     rows = student_logits.new_zeros(student_logits.shape[0], dtype=_acc(student_logits).dtype)
     valid = None
     if labels is not None:
         valid = labels != ignore_index
         # Ignored rows may hold anything (even all -inf): zero them so no NaN can reach autograd.
         student_logits = torch.where(valid[:, None], student_logits, 0.0)
-        teacher_logits = torch.where(valid[:, None], teacher_logits, 0.0)
     if alpha < 1.0:
-        soft = soft_divergence_rows(student_logits, teacher_logits, temperature, divergence, beta)
-        rows = rows + (1.0 - alpha) * (temperature**2 if scale_by_t2 else 1.0) * soft
+        rows = rows + (1.0 - alpha) * (temperature**2 if scale_by_t2 else 1.0) * soft(student_logits, valid)
     if alpha > 0.0:
         ce = torch.nn.functional.cross_entropy(
             _acc(student_logits), labels, ignore_index=ignore_index,
@@ -160,6 +179,138 @@ def fused_kd_loss(
         student_logits.reshape(-1, n_classes), teacher_logits.reshape(-1, n_classes), flat_labels,
         temperature=temperature, divergence=divergence, beta=beta, alpha=alpha,
         label_smoothing=label_smoothing, ignore_index=ignore_index, scale_by_t2=scale_by_t2,
+    )
+    divisor = mean_divisor(flat_labels, ignore_index, rows.shape[0])
+    return reduce_rows(rows, reduction, divisor, num_items_in_batch).reshape(lead if reduction == "none" else ())
+
+
+# --- Knowledge distillation from a sparse teacher (stored top-k log-probabilities) ---------
+
+
+def _lse_or_neg_inf(x: Tensor) -> Tensor:
+    """logsumexp along the last dim, -inf for a row with no entry above -inf, with a finite
+    gradient in that case too (autograd's logsumexp gives NaN there)."""
+    some = (x > NEG_INF).any(-1)
+    return torch.where(some, torch.logsumexp(torch.where(some[..., None], x, 0.0), -1), NEG_INF)
+
+
+def _log_softmax_over(x: Tensor, valid: Tensor) -> Tensor:
+    """log softmax of x over the entries where ``valid`` along the last dim, -inf elsewhere
+    (everywhere in a row with none); NaN where every valid entry of a row is -inf."""
+    lse = _lse_or_neg_inf(torch.where(valid, x, NEG_INF))
+    some = valid.any(-1, keepdim=True)
+    return torch.where(valid, x - torch.where(some, lse[..., None], 0.0), NEG_INF)
+
+
+def sparse_teacher_entries(teacher_indices: Tensor, teacher_mask: Tensor | None, labels: Tensor | None = None,
+                           ignore_index: int = -100) -> Tensor:
+    """Which teacher entries of [N, K] a kernel reads, [N, K] bool: those not masked out, in
+    rows whose label is not ``ignore_index``. Their indices must lie in [0, V)."""
+    read = torch.ones_like(teacher_indices, dtype=torch.bool) if teacher_mask is None else teacher_mask.bool()
+    return read if labels is None else read & (labels != ignore_index)[:, None]
+
+
+def sparse_counted_entries(teacher_indices: Tensor, read: Tensor) -> Tensor:
+    """The entries that count, [N, K] bool: each read entry whose index no earlier read entry
+    of its row holds (a duplicate index counts once, at its first read occurrence)."""
+    k = teacher_indices.shape[-1]
+    same = teacher_indices[:, :, None] == teacher_indices[:, None, :]  # [N, entry, earlier entry]
+    earlier = torch.ones(k, k, dtype=torch.bool, device=read.device).tril(-1)
+    return read & ~(same & read[:, None, :] & earlier).any(-1)
+
+
+def sparse_buckets(student_logits: Tensor, teacher_indices: Tensor, teacher_logprobs: Tensor, counted: Tensor, *,
+                   temperature: float, truncation: str) -> tuple[Tensor, Tensor]:
+    """(teacher, student) log-probabilities of each row's buckets, [N, K] ("renormalize") or
+    [N, K + 1] ("tail", the last bucket being the mass outside the counted entries); -inf at
+    the entries that do not count. ``counted`` as :func:`sparse_counted_entries` gives it.
+
+    With lp the stored teacher log-probabilities (at T = 1) and z = student_logits / T:
+      renormalize: teacher softmax(lp / T) and student softmax(z[index]), both over the
+        counted entries;
+      tail: the teacher's listed mass L = min(1, sum exp(lp)) (1 when the counted entries
+        cover every class: what is left is rounding), spread over the entries as
+        L * softmax(lp / T), and its tail 1 - L; the student's softmax(z) at the entries and
+        its exact mass outside them, from the log-sum-exp of the classes not listed.
+    At T = 1 and sum exp(lp) <= 1 the tail's teacher is exp(lp) as given.
+    """
+    z = _acc(student_logits) / temperature
+    lp = teacher_logprobs.detach().to(z.dtype)  # the student's accumulation dtype, whatever theirs
+    z_at = z.gather(1, torch.where(counted, teacher_indices, 0))
+    if truncation == "renormalize":
+        return _log_softmax_over(lp / temperature, counted), _log_softmax_over(z_at, counted)
+    n_classes = z.shape[-1]
+    covers = counted.sum(-1) == n_classes
+    log_listed = torch.where(covers, 0.0, _lse_or_neg_inf(torch.where(counted, lp, NEG_INF)).clamp(max=0.0))
+    none_listed = (log_listed == NEG_INF)[:, None]
+    log_t = torch.where(none_listed, NEG_INF, _log_softmax_over(lp / temperature, counted) + log_listed[:, None])
+    log_t_tail = torch.log(-torch.expm1(log_listed))  # log(1 - L), exact for L near 1
+    listed = torch.zeros_like(z, dtype=torch.int32).scatter_add_(1, torch.where(counted, teacher_indices, 0),
+                                                                 counted.int()) > 0
+    lse = torch.logsumexp(z, -1)
+    log_s = torch.where(counted, z_at - lse[:, None], NEG_INF)
+    log_s_tail = _lse_or_neg_inf(torch.where(listed, NEG_INF, z)) - lse
+    return torch.cat([log_t, log_t_tail[:, None]], 1), torch.cat([log_s, log_s_tail[:, None]], 1)
+
+
+def sparse_kd_loss_rows(
+    student_logits: Tensor,
+    teacher_indices: Tensor,
+    teacher_logprobs: Tensor,
+    teacher_mask: Tensor | None = None,
+    labels: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    truncation: str = "renormalize",
+    alpha: float = 0.0,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    scale_by_t2: bool = True,
+) -> Tensor:
+    """Per-row loss of [N, V] student logits against a teacher given at [N, K] entries, [N]:
+    :func:`kd_loss_rows` with D the divergence between the buckets of :func:`sparse_buckets`.
+    A row with no counted entry has soft term 0."""
+    read = sparse_teacher_entries(teacher_indices, teacher_mask, labels, ignore_index)
+    counted = sparse_counted_entries(teacher_indices, read)
+
+    def soft(student: Tensor, valid: Tensor | None) -> Tensor:
+        logp_t, logp_s = sparse_buckets(student, teacher_indices, teacher_logprobs, counted,
+                                        temperature=temperature, truncation=truncation)
+        return divergence_rows(logp_t, logp_s, divergence, beta)
+
+    return _kd_rows(student_logits, labels, soft, temperature=temperature, alpha=alpha,
+                    label_smoothing=label_smoothing, ignore_index=ignore_index, scale_by_t2=scale_by_t2)
+
+
+def sparse_kd_loss(
+    student_logits: Tensor,
+    teacher_indices: Tensor,
+    teacher_logprobs: Tensor,
+    teacher_mask: Tensor | None = None,
+    temperature: float = 1.0,
+    *,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    truncation: str = "renormalize",
+    labels: Tensor | None = None,
+    alpha: float = 0.0,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    scale_by_t2: bool = True,
+    reduction: str = "mean",
+    num_items_in_batch=None,
+) -> Tensor:
+    """Reference of :func:`lepton_fast.sparse_kd_loss` on [..., V] logits and [..., K] teacher
+    entries (no argument checks)."""
+    lead, n_classes, k = student_logits.shape[:-1], student_logits.shape[-1], teacher_indices.shape[-1]
+    flat_labels = None if labels is None else labels.reshape(-1)
+    rows = sparse_kd_loss_rows(
+        student_logits.reshape(-1, n_classes), teacher_indices.reshape(-1, k), teacher_logprobs.reshape(-1, k),
+        None if teacher_mask is None else teacher_mask.reshape(-1, k), flat_labels, temperature=temperature,
+        divergence=divergence, beta=beta, truncation=truncation, alpha=alpha, label_smoothing=label_smoothing,
+        ignore_index=ignore_index, scale_by_t2=scale_by_t2,
     )
     divisor = mean_divisor(flat_labels, ignore_index, rows.shape[0])
     return reduce_rows(rows, reduction, divisor, num_items_in_batch).reshape(lead if reduction == "none" else ())

@@ -187,3 +187,26 @@ def pgd_step(x_adv, x_orig, grad, step_size, eps, clamp_min, clamp_max):
 
 def pgd_step_(x_adv, x_orig, grad, step_size, eps, clamp_min, clamp_max):
     x_adv.copy_(_pgd("pgd_step_", x_adv, x_orig, grad, step_size, eps, clamp_min, clamp_max))
+
+
+# --- knowledge distillation from a sparse teacher ------------------------------------------------
+
+
+def sparse_kd_loss(student_logits, teacher_indices, teacher_logprobs, teacher_mask, labels, temperature, beta, alpha,
+                   label_smoothing, divergence, truncation, ignore_index, scale_by_t2, reduction, num_items_in_batch,
+                   compute_grad):
+    n_classes = student_logits.shape[-1]
+    if labels is not None:
+        _validate.labels_in_range("labels", labels, n_classes, ignore_index)
+    read = reference.sparse_teacher_entries(teacher_indices, teacher_mask, labels, ignore_index)
+    _validate.no_bad_values(read & ((teacher_indices < 0) | (teacher_indices >= n_classes)),
+                            f"teacher_indices must be in [0, {n_classes}) where teacher_mask is True",
+                            teacher_indices)
+    loss, grad = _with_grad(lambda s: reference.sparse_kd_loss(
+        s, teacher_indices, teacher_logprobs, teacher_mask, divergence=divergence, truncation=truncation,
+        labels=labels, ignore_index=ignore_index, scale_by_t2=scale_by_t2, reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
+        **_floats(temperature=temperature, beta=beta, alpha=alpha, label_smoothing=label_smoothing)),
+        student_logits, compute_grad)
+    rows_defined(loss.reshape(-1), "sparse_kd_loss: student_logits or teacher_logprobs")
+    return loss, grad

@@ -1,0 +1,265 @@
+"""Triton kernel of sparse_kd_loss (schema: lepton_fast/ops/sparse_kd_loss.py), the contract of
+the reference kernel; the buckets are lepton_fast.reference.sparse_buckets'.
+
+One program per row. The teacher's K entries sit in one block of KB = next_power_of_2(K) lanes
+(made for the usual K of 1 to a few hundred; a K of many thousands spills registers), which
+count (mask, first occurrence of an index: a loop over the K entries), the teacher's bucket log-probabilities,
+the student's logits gathered at the entries. One pass over the student row gathers the online
+softmax statistics that "tail" needs (at T) and the CE needs (at T = 1); "renormalize" without
+the CE reads only the K entries. The gradient pass writes the whole row (the unlisted columns'
+formula, or zeros), then, after a barrier, the entries' columns.
+
+With g_b = dD/d(log Q_b) of each student bucket and G = sum_b g_b, the gradient of the soft term
+is (g_k - Q_k G) / T at an entry's column and, under "tail", p_j (g_tail / Q_tail - G) / T at
+an unlisted column j (p = softmax(z)). The student's tail mass is (S - S_listed) / S with S and
+S_listed the row's and the entries' sums of exp(z - max): its absolute error is about the
+accumulation dtype's epsilon (float32: 1e-7), so a tail far below that is only as exact as
+float64 logits make it.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import acc_dtype, check_labels, check_rows_defined, no_bad_values, online_softmax, reduce_rows, \
+    scalar, store_zeros
+from .kd_loss import _DIVERGENCES, MAX_BLOCK, _kl_term, _log_mixture, _lse_from
+
+
+@triton.jit
+def _lse_vec(x):
+    """log-sum-exp of a block; -inf when no entry is above -inf."""
+    m = tl.max(x, 0)
+    safe = tl.where(m == float("-inf"), 0.0, m)
+    return tl.where(m == float("-inf"), m, safe + tl.log(tl.sum(tl.exp(x - safe), 0)))
+
+
+@triton.jit
+def _sparse_kd_loss_kernel(
+    s_ptr, idx_ptr, lp_ptr, mask_ptr, y_ptr, g_ptr, loss_ptr, gs_ptr,
+    V, K, s_stride, idx_stride, lp_stride, mask_stride,
+    inv_t: tl.float64, beta: tl.float64, log_beta: tl.float64, log_1m_beta: tl.float64, alpha: tl.float64,
+    eps: tl.float64, soft_w: tl.float64, soft_gw: tl.float64, ignore_index,
+    DIV: tl.constexpr, TAIL: tl.constexpr, NEEDS_SOFT: tl.constexpr, NEEDS_CE: tl.constexpr, SMOOTH: tl.constexpr,
+    HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr, COMPUTE_GRAD: tl.constexpr, ACC: tl.constexpr,
+    KB: tl.constexpr, BLOCK: tl.constexpr,
+):
+    neg_inf = float("-inf")
+    inv_t = tl.full([], inv_t, ACC)
+    beta = tl.full([], beta, ACC)
+    log_beta = tl.full([], log_beta, ACC)
+    log_1m_beta = tl.full([], log_1m_beta, ACC)
+    alpha = tl.full([], alpha, ACC)
+    eps = tl.full([], eps, ACC)
+    soft_w = tl.full([], soft_w, ACC)
+    soft_gw = tl.full([], soft_gw, ACC)
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * s_stride
+    g_row = g_ptr + row * V
+    cols0 = tl.arange(0, BLOCK)
+    label = tl.full([], -1, tl.int64)
+    ignored = False
+    if HAS_LABELS:
+        label = tl.load(y_ptr + row)
+        ignored = label == ignore_index
+    if ignored:
+        tl.store(loss_ptr + row, 0.0)
+        if COMPUTE_GRAD:
+            store_zeros(g_row, V, BLOCK)
+    else:
+        ks = tl.arange(0, KB)
+        in_k = ks < K
+        idx = tl.load(idx_ptr + row * idx_stride + ks, mask=in_k, other=0)
+        read = in_k
+        if HAS_MASK:
+            read = read & (tl.load(mask_ptr + row * mask_stride + ks, mask=in_k, other=0) != 0)
+        dup = ks < 0
+        for j in range(0, K):  # an index counts at its first read occurrence
+            later = (idx == tl.load(idx_ptr + row * idx_stride + j)) & (ks > j)
+            if HAS_MASK:
+                later = later & (tl.load(mask_ptr + row * mask_stride + j) != 0)
+            dup = dup | later
+        counted = read & ~dup
+        covers = tl.sum(counted.to(tl.int32), 0) == V
+        # The pass over the row: softmax statistics at T (tail) and at T = 1 (the CE).
+        m = tl.full([], neg_inf, ACC)
+        l = tl.zeros([], ACC)
+        m1 = tl.full([], neg_inf, ACC)
+        l1 = tl.zeros([], ACC)
+        sum_x = tl.zeros([], ACC)
+        if (TAIL and NEEDS_SOFT) or NEEDS_CE:
+            for off in range(0, V, BLOCK):
+                cols = off + cols0
+                x = tl.load(s_row + cols, mask=cols < V, other=neg_inf).to(ACC)
+                if TAIL and NEEDS_SOFT:
+                    m, l, _e, _f = online_softmax(m, l, x * inv_t)
+                if NEEDS_CE:
+                    m1, l1, _e1, _f1 = online_softmax(m1, l1, x)
+                if SMOOTH:
+                    sum_x += tl.sum(tl.where(cols < V, x, 0.0), 0)
+        row_loss = tl.zeros([], ACC)
+        zk = tl.load(s_row + idx, mask=counted, other=neg_inf).to(ACC) * inv_t
+        lse_all = _lse_from(m, l)
+        g = tl.zeros([KB], ACC)
+        lq = tl.full([KB], neg_inf, ACC)
+        big_g = tl.zeros([], ACC)
+        r = tl.zeros([], ACC)
+        if NEEDS_SOFT:
+            lp = tl.load(lp_ptr + row * lp_stride + ks, mask=counted, other=neg_inf).to(ACC)
+            lp_t = lp * inv_t
+            lse_t = _lse_vec(lp_t)
+            lq_tail = tl.full([], neg_inf, ACC)
+            lp_tail = tl.full([], neg_inf, ACC)
+            if TAIL:
+                log_l = tl.where(covers, 0.0, tl.minimum(_lse_vec(lp), 0.0))
+                logp = tl.where(counted, tl.where(log_l == neg_inf, neg_inf, lp_t - lse_t + log_l), neg_inf)
+                lp_tail = tl.log(1.0 - tl.exp(log_l))
+                lq = tl.where(counted, zk - lse_all, neg_inf)
+                safe_m = tl.where(m == neg_inf, 0.0, m)
+                s_listed = tl.sum(tl.where(counted, tl.exp(zk - safe_m), 0.0), 0)
+                q_tail = tl.where(covers, 0.0, tl.maximum(l - s_listed, 0.0) / l)
+                lq_tail = tl.log(q_tail)
+            else:
+                logp = tl.where(counted, lp_t - lse_t, neg_inf)
+                lq = tl.where(counted, zk - _lse_vec(zk), neg_inf)
+            q = tl.exp(lq)
+            if DIV == 0:
+                d = tl.sum(_kl_term(logp, lq), 0) + _kl_term(lp_tail, lq_tail)
+                g = -tl.exp(logp)
+                r = tl.where(lp_tail == neg_inf, 0.0, -tl.exp(lp_tail - lq_tail))
+            elif DIV == 1:
+                d = tl.sum(_kl_term(lq, logp), 0) + _kl_term(lq_tail, lp_tail)
+                g = tl.where(q == 0.0, 0.0, q * (lq - logp))
+                r = lq_tail - lp_tail
+            else:
+                lm = _log_mixture(lq, logp, log_beta, log_1m_beta)
+                lm_tail = _log_mixture(lq_tail, lp_tail, log_beta, log_1m_beta)
+                d = beta * (tl.sum(_kl_term(logp, lm), 0) + _kl_term(lp_tail, lm_tail)) + \
+                    (1.0 - beta) * (tl.sum(_kl_term(lq, lm), 0) + _kl_term(lq_tail, lm_tail))
+                g = tl.where(q == 0.0, 0.0, (1.0 - beta) * q * (lq - lm))
+                r = (1.0 - beta) * (lq_tail - lm_tail)
+            big_g = tl.sum(tl.where(counted, g, 0.0), 0)
+            if TAIL:
+                big_g += tl.where(lq_tail == neg_inf, 0.0, tl.exp(lq_tail) * r)
+            row_loss += soft_w * d
+        lse1 = _lse_from(m1, l1)
+        if NEEDS_CE:
+            x_label = tl.load(s_row + tl.maximum(label, 0)).to(ACC)
+            row_loss += alpha * (lse1 - (1.0 - eps) * x_label - eps / V * sum_x)
+        tl.store(loss_ptr + row, row_loss)
+        if COMPUTE_GRAD:
+            gs = tl.load(gs_ptr).to(ACC)
+            sg = soft_gw * gs
+            cg = alpha * gs
+            if (TAIL and NEEDS_SOFT) or NEEDS_CE:
+                for off in range(0, V, BLOCK):
+                    cols = off + cols0
+                    x = tl.load(s_row + cols, mask=cols < V, other=neg_inf).to(ACC)
+                    dv = tl.zeros([BLOCK], ACC)
+                    if TAIL and NEEDS_SOFT:
+                        p = tl.exp(x * inv_t - lse_all)
+                        dv = tl.where(p == 0.0, 0.0, p * (r - big_g)) * sg
+                    if NEEDS_CE:
+                        dv += cg * (tl.exp(x - lse1) - eps / V - tl.where(cols == label, 1.0 - eps, 0.0))
+                    tl.store(g_row + cols, dv.to(g_row.dtype.element_ty), mask=cols < V)
+            else:
+                store_zeros(g_row, V, BLOCK)
+            if NEEDS_SOFT:
+                tl.debug_barrier()  # the entries' columns over the row's values, from every thread
+                dk = (g - tl.exp(lq) * big_g) * sg
+                if NEEDS_CE:
+                    xk = tl.load(s_row + idx, mask=counted, other=0.0).to(ACC)
+                    dk += cg * (tl.exp(xk - lse1) - eps / V - tl.where(idx == label, 1.0 - eps, 0.0))
+                tl.store(g_row + idx, dk.to(g_row.dtype.element_ty), mask=counted)
+
+
+def sparse_kd_loss(student_logits, teacher_indices, teacher_logprobs, teacher_mask, labels, temperature, beta, alpha,
+                   label_smoothing, divergence, truncation, ignore_index, scale_by_t2, reduction, num_items_in_batch,
+                   compute_grad, *, block=None):
+    """(loss as ``reduction`` asks, d(loss)/d(student) or an empty tensor): the contract of
+    ``torch.ops.lepton_fast.sparse_kd_loss``. ``block`` overrides the column block, for tests."""
+    op = "sparse_kd_loss"
+    rows_of = (student_logits, teacher_indices, teacher_logprobs) + (() if teacher_mask is None else (teacher_mask,))
+    if any(x.dim() != 2 or x.stride(1) != 1 for x in rows_of):
+        raise ValueError(f"{op}: student_logits and the teacher's tensors must be 2-d with rows contiguous")
+    n, v = student_logits.shape
+    k = teacher_indices.shape[1]
+    if teacher_indices.shape[0] != n or teacher_logprobs.shape != teacher_indices.shape or (
+            teacher_mask is not None and teacher_mask.shape != teacher_indices.shape):
+        raise ValueError(f"{op}: the teacher's tensors must be [{n}, K] alike")
+    t, b, a, eps = scalar(temperature), scalar(beta), scalar(alpha), scalar(label_smoothing)
+    div = _DIVERGENCES[divergence]
+    if div == 2 and b in (0.0, 1.0):  # the JSD's ends are the KLs exactly
+        div = 0 if b == 0.0 else 1
+    acc, tl_acc = acc_dtype(student_logits)
+    if labels is not None:
+        labels = labels.to(torch.int64).contiguous()
+        check_labels(op, labels, v, ignore_index)
+    read = torch.ones_like(teacher_indices, dtype=torch.bool) if teacher_mask is None else teacher_mask.bool()
+    if labels is not None:
+        read = read & (labels != ignore_index)[:, None]
+    no_bad_values(read & ((teacher_indices < 0) | (teacher_indices >= v)),
+                  f"{op}: teacher_indices must be in [0, {v}) where teacher_mask is True")
+    rows = torch.empty(n, dtype=acc, device=student_logits.device)
+    grad = torch.empty_like(student_logits) if compute_grad else student_logits.new_empty((0,))
+    divisor = max(n, 1) if labels is None else (labels != ignore_index).sum().clamp(min=1)
+    if num_items_in_batch is not None:
+        divisor, reduction = num_items_in_batch, "mean"  # the sum over this count instead
+    divides = reduction in ("mean", "batchmean")
+    grad_scale = 1.0 / torch.as_tensor(divisor if divides else 1, dtype=torch.float64, device=student_logits.device)
+    mask = rows if teacher_mask is None else teacher_mask.view(torch.uint8)  # (an absent mask: any pointer)
+    if n:
+        scale = (1.0 - a) * (t * t if scale_by_t2 else 1.0)
+        blk = block or min(max(triton.next_power_of_2(v), 16), MAX_BLOCK)
+        _sparse_kd_loss_kernel[(n,)](
+            student_logits, teacher_indices, teacher_logprobs, mask,
+            rows if labels is None else labels, grad, rows, grad_scale,
+            v, k, student_logits.stride(0), teacher_indices.stride(0), teacher_logprobs.stride(0),
+            0 if teacher_mask is None else teacher_mask.stride(0),
+            1.0 / t, b, math.log(b) if b > 0 else -math.inf, math.log1p(-b) if b < 1 else -math.inf, a, eps,
+            scale, scale / t, ignore_index,
+            DIV=div, TAIL=truncation == "tail", NEEDS_SOFT=a < 1, NEEDS_CE=a > 0, SMOOTH=a > 0 and eps > 0,
+            HAS_LABELS=labels is not None, HAS_MASK=teacher_mask is not None, COMPUTE_GRAD=compute_grad, ACC=tl_acc,
+            KB=max(triton.next_power_of_2(k), 16), BLOCK=blk, num_warps=8 if blk >= 2048 else 4,
+        )
+    check_rows_defined(op, rows, "student_logits or teacher_logprobs")
+    return reduce_rows(rows, reduction, divisor), grad
+
+
+def compile_targets():
+    """Every variant the launcher above can pick, for tests/test_triton_aot.py:
+    [(kernel, signature, constexprs, options)]. Keep in step with the launcher: per student
+    dtype and the log-probabilities' dtype (the student's, or float32), divergence (jsd with
+    beta 0 or 1 runs as DIV 0 or 1), truncation, alpha (0: soft only, (0, 1): both, 1: CE
+    only), label smoothing (CE only), labels given (always with the CE), mask given, gradient
+    wanted, the entries' block KB (16 upwards; two sizes listed) and the column block (with
+    its num_warps). An absent mask or labels gets the row-loss buffer in its place."""
+    targets = []
+    blocks = [16 << i for i in range((MAX_BLOCK // 16).bit_length())]  # 16 .. MAX_BLOCK
+    terms = [(True, False, False), (True, True, False), (True, True, True), (False, True, False), (False, True, True)]
+    for dtype in ("fp32", "bf16", "fp16", "fp64"):
+        acc = "fp64" if dtype == "fp64" else "fp32"
+        for lp_dtype, div, tail, (needs_soft, needs_ce, smooth), has_labels, has_mask, compute_grad, kb, block in \
+                itertools.product(sorted({dtype, "fp32"}), _DIVERGENCES.values(), (False, True), terms, (False, True),
+                                  (False, True), (False, True), (16, 128), blocks):
+            if needs_ce and not has_labels:
+                continue
+            signature = {
+                "s_ptr": f"*{dtype}", "idx_ptr": "*i64", "lp_ptr": f"*{lp_dtype}",
+                "mask_ptr": "*u8" if has_mask else f"*{acc}", "y_ptr": "*i64" if has_labels else f"*{acc}",
+                "g_ptr": f"*{dtype}", "loss_ptr": f"*{acc}", "gs_ptr": "*fp64",
+                **dict.fromkeys(("V", "K", "s_stride", "idx_stride", "lp_stride", "mask_stride"), "i32"),
+                **dict.fromkeys(("inv_t", "beta", "log_beta", "log_1m_beta", "alpha", "eps", "soft_w", "soft_gw"),
+                                "fp64"),
+                "ignore_index": "i32",
+            }
+            constexprs = {"DIV": div, "TAIL": tail, "NEEDS_SOFT": needs_soft, "NEEDS_CE": needs_ce, "SMOOTH": smooth,
+                          "HAS_LABELS": has_labels, "HAS_MASK": has_mask, "COMPUTE_GRAD": compute_grad,
+                          "ACC": tl.float64 if acc == "fp64" else tl.float32, "KB": kb, "BLOCK": block}
+            targets.append((_sparse_kd_loss_kernel, {**signature, **dict.fromkeys(constexprs, "constexpr")}, constexprs,
+                            {"num_warps": 8 if block >= 2048 else 4}))
+    return targets

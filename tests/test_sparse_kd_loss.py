@@ -1,0 +1,450 @@
+"""sparse_kd_loss: the oracle (lepton_fast.reference) against independent dense computations,
+and every kernel against the oracle in float64.
+
+The dense checks: with every class listed once the teacher's entries are its whole
+distribution, so both truncations are fused_kd_loss on the full teacher; with K < V the
+buckets of each truncation are written out as logits of a [N, K] or [N, K + 1] fused_kd_loss
+(the student's tail by boolean indexing, not the oracle's scatter).
+"""
+import math
+
+import pytest
+import torch
+
+from conftest import DEVICE_BACKENDS, TRITON_COLUMN_BLOCKS, low_precision_tolerance, opcheck_kernel, require
+from lepton_fast import reference, sparse_kd_loss
+from lepton_fast.ops.sparse_kd_loss import SPEC
+
+# The interpreter evaluates both sides of tl.where with numpy, which warns about the
+# -inf - -inf of masked lanes on the side that is thrown away.
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
+                                        "ignore:divide by zero encountered:RuntimeWarning")
+DIVERGENCES = ["forward_kl", "reverse_kl", "jsd"]
+TRUNCATIONS = ["renormalize", "tail"]
+TOL = dict(atol=1e-5, rtol=1e-5)
+F64 = dict(atol=1e-10, rtol=1e-10)
+
+
+def randn(*shape, seed, dtype=torch.float64, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def top_k_teacher(n, v, k, seed, *, shuffle=True):
+    """(indices [n, k] int64, log-probabilities [n, k] float64, teacher logits [n, v]): a
+    teacher's k most likely classes per row, in a random order unless ``shuffle`` is False."""
+    t = randn(n, v, seed=seed)
+    logp, idx = torch.log_softmax(t, -1).topk(k, -1)
+    if shuffle:
+        order = torch.randperm(k, generator=torch.Generator().manual_seed(seed + 1)).expand(n, k)
+        logp, idx = logp.gather(1, order), idx.gather(1, order)
+    return idx, logp, t
+
+
+def loss_and_grad(fn, student, *args, grad_output=None, **kw):
+    s = student.detach().clone().requires_grad_()
+    loss = fn(s, *args, **kw)
+    loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
+    return loss.detach(), s.grad
+
+
+def dense_buckets(student, idx, logp, temperature, truncation):
+    """(student, teacher) bucket logits at T = 1 whose softmax is the truncation's buckets at
+    ``temperature``, for rows of distinct, all-valid entries."""
+    z, lp = student / temperature, logp / temperature
+    s_b, t_b = z.gather(1, idx), lp
+    if truncation == "tail":
+        outside = torch.ones_like(student, dtype=torch.bool).scatter(1, idx, False)
+        s_rest = torch.stack([z[r][outside[r]].logsumexp(0) for r in range(len(z))])
+        listed = logp.logsumexp(-1)
+        t_b = torch.cat([lp - lp.logsumexp(-1, keepdim=True) + listed[:, None],
+                         torch.log1p(-listed.exp())[:, None]], 1)
+        s_b = torch.cat([s_b, s_rest[:, None]], 1)
+    return s_b, t_b
+
+
+# --- the oracle -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("truncation", TRUNCATIONS)
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_oracle_every_class_listed_is_fused_kd_loss(divergence, temperature, truncation):
+    n, v = 5, 23
+    s = randn(n, v, seed=1)
+    idx, logp, t = top_k_teacher(n, v, v, seed=2)
+    kw = dict(divergence=divergence, beta=0.3)
+    loss, grad = loss_and_grad(reference.sparse_kd_loss, s, idx, logp, None, temperature, truncation=truncation, **kw)
+    ref_loss, ref_grad = loss_and_grad(reference.fused_kd_loss, s, t, temperature, **kw)
+    torch.testing.assert_close(loss, ref_loss, **F64)
+    torch.testing.assert_close(grad, ref_grad, **F64)
+
+
+@pytest.mark.parametrize("truncation", TRUNCATIONS)
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_oracle_top_k_is_fused_kd_loss_of_the_buckets(divergence, temperature, truncation):
+    n, v, k = 6, 40, 7
+    s = randn(n, v, seed=3)
+    idx, logp, _ = top_k_teacher(n, v, k, seed=4)
+    kw = dict(divergence=divergence, beta=0.7)
+    loss, grad = loss_and_grad(reference.sparse_kd_loss, s, idx, logp, None, temperature, truncation=truncation,
+                               reduction="none", **kw)
+
+    def dense(student):
+        s_b, t_b = dense_buckets(student, idx, logp, temperature, truncation)
+        return temperature**2 * reference.fused_kd_loss(s_b, t_b, 1.0, scale_by_t2=False, reduction="none", **kw)
+
+    ref_loss, ref_grad = loss_and_grad(dense, s)
+    torch.testing.assert_close(loss, ref_loss, **F64)
+    torch.testing.assert_close(grad, ref_grad, **F64)
+
+
+@pytest.mark.parametrize("truncation", TRUNCATIONS)
+def test_oracle_at_t1_tail_uses_the_logprobs_as_given(truncation):
+    # The tail's teacher at T = 1 is exp(logprobs) itself; renormalize divides by their sum.
+    n, v, k = 4, 30, 5
+    s = randn(n, v, seed=5)
+    idx, logp, _ = top_k_teacher(n, v, k, seed=6)
+    counted = torch.ones_like(idx, dtype=torch.bool)
+    t_b, _ = reference.sparse_buckets(s, idx, logp, counted, temperature=1.0, truncation=truncation)
+    expected = logp if truncation == "tail" else logp - logp.logsumexp(-1, keepdim=True)
+    torch.testing.assert_close(t_b[:, :k], expected, **F64)
+    if truncation == "tail":
+        torch.testing.assert_close(t_b[:, k].exp(), 1 - logp.exp().sum(-1), **F64)
+
+
+@pytest.mark.parametrize("truncation", TRUNCATIONS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_oracle_masked_and_duplicate_entries_are_left_out(divergence, truncation):
+    # Masked entries may hold any index and any value; a repeated index counts once, at its
+    # first unmasked occurrence: the loss is that of the distinct unmasked entries alone.
+    n, v, k = 4, 31, 6
+    s = randn(n, v, seed=7)
+    idx, logp, _ = top_k_teacher(n, v, k, seed=8)
+    kw = dict(temperature=2.0, divergence=divergence, truncation=truncation, reduction="none")
+    expected, expected_grad = loss_and_grad(reference.sparse_kd_loss, s, idx, logp, None, **kw)
+    pad = 4
+    idx_x = torch.cat([idx, idx[:, :1], torch.full((n, 1), -7), idx[:, 2:3], torch.full((n, 1), v + 3)], 1)
+    logp_x = torch.cat([logp, logp[:, :1] - 1.0, torch.full((n, 1), math.nan), logp[:, 2:3],
+                        torch.zeros(n, 1)], 1)
+    mask = torch.ones(n, k + pad, dtype=torch.bool)
+    mask[:, k + 1] = mask[:, k + 3] = False  # the out-of-range and NaN entries
+    assert idx_x.shape == (n, k + pad)
+    loss, grad = loss_and_grad(reference.sparse_kd_loss, s, idx_x, logp_x, mask, **kw)
+    torch.testing.assert_close(loss, expected, **F64)
+    torch.testing.assert_close(grad, expected_grad, **F64)
+    # A duplicate after a masked first occurrence is the one that counts.
+    mask2 = torch.ones(n, k + 1, dtype=torch.bool)
+    mask2[:, 0] = False
+    idx2 = torch.cat([idx, idx[:, :1]], 1)
+    logp2 = torch.cat([torch.full((n, 1), math.nan), logp[:, 1:], logp[:, :1]], 1)
+    loss2, grad2 = loss_and_grad(reference.sparse_kd_loss, s, idx2, logp2, mask2, **kw)
+    torch.testing.assert_close(loss2, expected, **F64)
+    torch.testing.assert_close(grad2, expected_grad, **F64)
+
+
+@pytest.mark.parametrize("truncation", TRUNCATIONS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_oracle_all_masked_rows_and_k1(divergence, truncation):
+    n, v, k = 5, 17, 3
+    s = randn(n, v, seed=9)
+    idx, logp, _ = top_k_teacher(n, v, k, seed=10)
+    mask = torch.ones(n, k, dtype=torch.bool)
+    mask[1] = False
+    mask[3, 1:] = False  # one entry left: under renormalize both sides are that one class
+    kw = dict(temperature=1.5, divergence=divergence, truncation=truncation, reduction="none")
+    loss, grad = loss_and_grad(reference.sparse_kd_loss, s, idx, logp, mask, **kw)
+    assert loss[1] == 0 and (grad[1] == 0).all()
+    assert loss[0] > 0 and loss[3] >= 0
+    if truncation == "renormalize":
+        assert loss[3] == 0 and (grad[3] == 0).all()
+    else:  # the entry's class against the rest
+        assert loss[3] > 0 and (grad[3] != 0).sum() == v
+    assert torch.isfinite(grad).all()
+
+
+def test_oracle_infinities_are_the_true_values():
+    # A student that rules out a class the teacher lists: forward KL is +inf, with a finite
+    # gradient; a class the teacher gives 0 (logprob -inf) contributes nothing.
+    n, v, k = 3, 12, 4
+    s = randn(n, v, seed=11)
+    idx, logp, _ = top_k_teacher(n, v, k, seed=12)
+    s[0, idx[0, 1]] = -math.inf
+    logp[1, 2] = -math.inf
+    s[1, idx[1, 2]] = -math.inf
+    for truncation in TRUNCATIONS:
+        loss, grad = loss_and_grad(reference.sparse_kd_loss, s, idx, logp, None, truncation=truncation,
+                                   reduction="none")
+        assert loss[0] == math.inf and torch.isfinite(loss[1:]).all()
+        assert not torch.isnan(grad).any()
+
+
+@pytest.mark.parametrize("truncation", TRUNCATIONS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_oracle_gradcheck(divergence, truncation):
+    n, v, k = 3, 9, 4
+    s = randn(n, v, seed=13).requires_grad_()
+    idx, logp, _ = top_k_teacher(n, v, k, seed=14)
+    idx[2, 3] = idx[2, 0]  # a duplicate
+    mask = torch.ones(n, k, dtype=torch.bool)
+    mask[1, 2] = False
+    labels = torch.tensor([4, -100, 7])
+    torch.autograd.gradcheck(
+        lambda x: reference.sparse_kd_loss(x, idx, logp, mask, 1.7, divergence=divergence, truncation=truncation,
+                                           labels=labels, alpha=0.3, label_smoothing=0.1, reduction="none"),
+        (s,))
+
+
+# --- the op, on every kernel ------------------------------------------------------------------
+
+# The reference kernel under the op's schema, then every compiled and Triton kernel (each is
+# skipped where it cannot run; this op has no CUDA C++ kernel yet).
+BACKENDS = [pytest.param("cpu", "reference", id="cpu-reference"), *DEVICE_BACKENDS]
+DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+
+
+def case(name, device, dtype, seed=20):
+    """(student [n, v], indices, logprobs, mask or None, extra keywords) of a named shape."""
+    n, v, k = 6, 37, 5
+    kw = {}
+    if name == "k1":
+        k = 1
+    if name == "k_eq_v":
+        v = k = 11
+    s = randn(n, v, seed=seed)
+    idx, logp, _ = top_k_teacher(n, v, k, seed=seed + 1)
+    mask = None
+    if name == "duplicates_masked":
+        idx[:, 3] = idx[:, 1]
+        idx[0, 4] = -1  # masked: never read
+        mask = torch.ones(n, k, dtype=torch.bool)
+        mask[0, 4] = mask[2, 0] = False
+        mask[4] = False  # a row with no entry
+    if name == "neg_inf_student":
+        s[1, 5] = s[2, 0] = -math.inf
+        others = torch.ones(v, dtype=torch.bool)
+        others[[5, 0]] = False
+        idx[1:3] = torch.arange(v)[others][:k]  # the teacher lists none of the -inf classes
+    if name == "labels_alpha":
+        labels = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(seed + 2))
+        labels[::3] = -100
+        kw = dict(labels=labels.to(device), alpha=0.4, label_smoothing=0.1)
+    return (s.to(dtype).to(device), idx.to(device), logp.to(dtype).to(device),
+            None if mask is None else mask.to(device), kw)
+
+
+CASES = ["top_k", "k1", "k_eq_v", "duplicates_masked", "neg_inf_student", "labels_alpha"]
+
+
+def oracle(student, idx, logp, mask, grad_output=None, **kw):
+    go = None if grad_output is None else grad_output.double()
+    return loss_and_grad(reference.sparse_kd_loss, student.double(), idx, logp.double(), mask, grad_output=go, **kw)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("truncation", TRUNCATIONS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_op_matches_the_oracle(divergence, truncation, name, dtype, device, backend):
+    require(SPEC, device, backend)
+    s, idx, logp, mask, extra = case(name, device, dtype)
+    kw = dict(temperature=2.0, divergence=divergence, beta=0.3, truncation=truncation, reduction="none", **extra)
+    # grad_output != 1; but not for bfloat16, whose saved gradient it would round a second time.
+    go = randn(s.shape[0], seed=30, dtype=torch.float32).to(device) if dtype != torch.bfloat16 else None
+    loss, grad = loss_and_grad(lambda *a, **k: sparse_kd_loss(*a, backend=backend, **k), s, idx, logp, mask,
+                               grad_output=go, **kw)
+    ref_loss, ref_grad = oracle(s, idx, logp, mask, grad_output=go, **kw)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert grad.dtype == dtype and grad.shape == s.shape
+    torch.testing.assert_close(loss.double(), ref_loss, **TOL)
+    if dtype in (torch.float32, torch.float64):
+        torch.testing.assert_close(grad.double(), ref_grad, **TOL)
+    else:
+        _, low_grad = loss_and_grad(reference.sparse_kd_loss, s, idx, logp, mask, grad_output=go, **kw)
+        ref_err = (low_grad.double() - ref_grad).abs().max().item()
+        tol = low_precision_tolerance(dtype, ref_err, backend, ref_grad.abs().max().item())
+        assert (grad.double() - ref_grad).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_op_reductions_and_num_items(reduction, device, backend):
+    require(SPEC, device, backend)
+    s, idx, logp, mask, extra = case("labels_alpha", device, torch.float32)
+    for num_items in (None, 7):
+        kw = dict(truncation="tail", reduction=reduction, num_items_in_batch=num_items, **extra)
+        loss, grad = loss_and_grad(lambda *a, **k: sparse_kd_loss(*a, backend=backend, **k), s, idx, logp, mask,
+                                   **kw)
+        ref_loss, ref_grad = oracle(s, idx, logp, mask, **kw)
+        torch.testing.assert_close(loss.double(), ref_loss, **TOL)
+        torch.testing.assert_close(grad.double(), ref_grad, **TOL)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_op_leading_dims_and_no_grad(device, backend):
+    require(SPEC, device, backend)
+    s, idx, logp, mask, _ = case("duplicates_masked", device, torch.float32)
+    s3, idx3, logp3, mask3 = (x.reshape(2, 3, -1) for x in (s, idx, logp, mask))
+    loss = sparse_kd_loss(s3.transpose(0, 1).contiguous().transpose(0, 1), idx3, logp3, mask3.int(),
+                          reduction="none", backend=backend)
+    assert loss.shape == (2, 3)
+    with torch.no_grad():
+        flat = sparse_kd_loss(s, idx, logp, mask, reduction="none", backend=backend)
+    torch.testing.assert_close(loss.reshape(-1), flat, **TOL)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_op_checks_the_indices_it_reads(device, backend):
+    require(SPEC, device, backend)
+    s, idx, logp, _, _ = case("top_k", device, torch.float32)
+    bad = idx.clone()
+    bad[2, 1] = s.shape[-1]
+    with pytest.raises(ValueError, match="teacher_indices"):
+        sparse_kd_loss(s, bad, logp, backend=backend)
+    mask = torch.ones_like(bad, dtype=torch.bool)
+    mask[2, 1] = False  # not read: no error
+    sparse_kd_loss(s, bad, logp, mask, backend=backend)
+    labels = torch.zeros(s.shape[0], dtype=torch.long, device=device)
+    labels[2] = -100  # an ignored row is not read either
+    sparse_kd_loss(s, bad, logp, labels=labels, backend=backend)
+    nan = logp.clone()
+    nan[3, 0] = math.nan
+    with pytest.raises(ValueError, match="teacher_logprobs"):
+        sparse_kd_loss(s, idx, nan, backend=backend)
+
+
+def test_argument_errors():
+    s, idx, logp, mask, _ = case("top_k", "cpu", torch.float32)
+    with pytest.raises(ValueError, match="teacher_indices must have shape"):
+        sparse_kd_loss(s, idx[:-1], logp)
+    with pytest.raises(ValueError, match="teacher_logprobs has shape"):
+        sparse_kd_loss(s, idx, logp[:, :-1])
+    with pytest.raises(TypeError, match="teacher_indices must be an integer"):
+        sparse_kd_loss(s, idx.float(), logp)
+    with pytest.raises(TypeError, match="teacher_logprobs must be float32"):
+        sparse_kd_loss(s, idx, idx)
+    with pytest.raises(TypeError, match="teacher_mask"):
+        sparse_kd_loss(s, idx, logp, torch.ones_like(logp))
+    with pytest.raises(ValueError, match="at least one entry"):
+        sparse_kd_loss(s, idx[:, :0], logp[:, :0])
+    with pytest.raises(ValueError, match="truncation"):
+        sparse_kd_loss(s, idx, logp, truncation="other_bucket")
+    with pytest.raises(ValueError, match="temperature"):
+        sparse_kd_loss(s, idx, logp, temperature=0.0)
+    with pytest.raises(ValueError, match="labels are required"):
+        sparse_kd_loss(s, idx, logp, alpha=0.5)
+
+
+def test_second_order_gradient_is_refused():
+    s, idx, logp, _, _ = case("top_k", "cpu", torch.float64)
+    s.requires_grad_()
+    loss = sparse_kd_loss(s, idx, logp)
+    with pytest.raises(RuntimeError, match="second-order"):
+        torch.autograd.grad(loss, s, create_graph=True)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_opcheck(device, backend):
+    require(SPEC, device, backend)
+    s, idx, logp, mask, extra = case("duplicates_masked", device, torch.float32)
+    hyper = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    labels = torch.tensor([1, -100, 3, 4, 0, 2], device=device)
+    arg_sets = [
+        (s.requires_grad_(), idx, logp, mask, None, hyper(2.0), hyper(0.5), hyper(0.0), hyper(0.0), "forward_kl",
+         "tail", -100, True, "mean", None, True),
+        (s.detach(), idx, logp.double(), mask, labels, hyper(1.0), hyper(0.3), hyper(0.5), hyper(0.1), "jsd",
+         "renormalize", -100, False, "none", None, False),
+    ]
+    opcheck_kernel(SPEC, device, backend, arg_sets)
+
+
+def test_torch_compile_fullgraph():
+    s, idx, logp, mask, _ = case("duplicates_masked", "cpu", torch.float32)
+    compiled = torch.compile(sparse_kd_loss, fullgraph=True, backend="aot_eager")
+    for temperature in (2.0, 3.0):  # a new temperature does not recompile (a 0-d tensor)
+        loss, grad = loss_and_grad(lambda *a, **k: compiled(*a, **k), s, idx, logp, mask, temperature,
+                                   truncation="tail")
+        ref_loss, ref_grad = oracle(s, idx, logp, mask, temperature=temperature, truncation="tail")
+        torch.testing.assert_close(loss.double(), ref_loss, **TOL)
+        torch.testing.assert_close(grad.double(), ref_grad, **TOL)
+
+
+@TRITON_COLUMN_BLOCKS
+@pytest.mark.parametrize("truncation", TRUNCATIONS)
+def test_triton_column_blocks(truncation, n, c, block):
+    # The row passes at the edges of their column blocks: the kernel called with a small block.
+    require(SPEC, "cpu", "triton")
+    from lepton_fast.kernels.sparse_kd_loss import sparse_kd_loss as kernel
+
+    k = min(3, c)
+    s = randn(n, c, seed=50, dtype=torch.float32)
+    idx, logp, _ = top_k_teacher(n, c, k, seed=51)
+    logp = logp.float()
+    labels = torch.randint(0, c, (n,), generator=torch.Generator().manual_seed(52))
+    hyper = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    loss, grad = kernel(s, idx, logp, None, labels, hyper(2.0), hyper(0.5), hyper(0.3), hyper(0.1), "jsd", truncation,
+                        -100, True, "none", None, True, block=block)
+    kw = dict(temperature=2.0, divergence="jsd", truncation=truncation, labels=labels, alpha=0.3,
+              label_smoothing=0.1, reduction="none")
+    ref_loss, ref_grad = oracle(s, idx, logp, None, **kw)
+    torch.testing.assert_close(loss.double(), ref_loss, **TOL)
+    torch.testing.assert_close(grad.double(), ref_grad, **TOL)
+
+
+# --- drop-in for axolotl's top-k forward KL -----------------------------------------------------
+
+
+def axolotl_collated_logprobs(raw_logprobs, kd_temperature):
+    """What axolotl's KD collator stores as target_logprobs (integrations/kd/chat_template.py):
+    the teacher's top-k probabilities renormalised over the K entries, raised to 1 / T and
+    renormalised again; a transcription in plain PyTorch."""
+    p = raw_logprobs.exp()
+    p = (p / p.sum(-1, keepdim=True)) ** (1.0 / kd_temperature)
+    return (p / p.sum(-1, keepdim=True)).log()
+
+
+def axolotl_topk_forward_kl(student_logits, target_token_ids, target_logprobs, target_mask, num_items_in_batch=-1,
+                            kd_temperature=1.0, normalize_topk=True):
+    """axolotl's top-k forward KL (integrations/kd/topk_logprob/forward_kl.py, with the
+    student renormalisation of kernels/liger.py's ``normalize_topk``), transcribed in plain
+    PyTorch: the student's log-softmax at T gathered at the teacher's ids (renormalised over
+    the K ids when normalize_topk), KL summed over the entries of the mask, times T², divided
+    by num_items_in_batch or else by the number of unmasked entries."""
+    wide = torch.promote_types(student_logits.dtype, torch.float32)  # axolotl's .float(); float64 stays
+    z = (student_logits / kd_temperature).to(wide)
+    student_lp = z.gather(-1, target_token_ids) - z.logsumexp(-1, keepdim=True)
+    if normalize_topk:
+        student_lp = student_lp - student_lp.logsumexp(-1, keepdim=True)
+    valid = target_mask.bool()
+    teacher_lp = target_logprobs.to(wide)[valid]
+    kd = (teacher_lp.exp() * (teacher_lp - student_lp[valid])).sum() * kd_temperature**2
+    return kd / (num_items_in_batch if num_items_in_batch > 0 else valid.sum())
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("kd_temperature", [1.0, 2.0])
+@pytest.mark.parametrize("normalize_topk", [True, False])
+def test_axolotl_top_k_forward_kl_drop_in(normalize_topk, kd_temperature, device, backend):
+    # axolotl's collator renormalises the stored top-k over its K entries, so the stored
+    # log-probabilities sum to 1: normalize_topk=True is "renormalize", False is "tail"
+    # (whose teacher tail is then 0). axolotl masks whole positions (labels -100).
+    require(SPEC, device, backend)
+    b, t, v, k = 2, 5, 50, 8
+    student = randn(b, t, v, seed=40).to(device)
+    idx, raw, _ = top_k_teacher(b * t, v, k, seed=41)
+    idx, raw = idx.reshape(b, t, k).to(device), raw.reshape(b, t, k).to(device)
+    mask = torch.ones(b, t, k, dtype=torch.long, device=device)
+    mask[0, 0] = mask[1, 3] = 0
+    stored = raw - raw.logsumexp(-1, keepdim=True)  # at T = 1, renormalised: what the collator starts from
+    target_logprobs = axolotl_collated_logprobs(raw, kd_temperature)
+    truncation = "renormalize" if normalize_topk else "tail"
+    for num_items in (3, int(mask.sum())):  # axolotl's default divides by the unmasked entries
+        expected, expected_grad = loss_and_grad(axolotl_topk_forward_kl, student, idx, target_logprobs, mask,
+                                                num_items, kd_temperature, normalize_topk)
+        loss, grad = loss_and_grad(lambda *a, **kw: sparse_kd_loss(*a, backend=backend, **kw), student, idx,
+                                   stored, mask, kd_temperature, truncation=truncation, reduction="sum",
+                                   num_items_in_batch=num_items)
+        torch.testing.assert_close(loss.double(), expected, **F64)
+        torch.testing.assert_close(grad.double(), expected_grad, **F64)
