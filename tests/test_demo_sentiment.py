@@ -89,3 +89,18 @@ def test_demo_task_sentiment_quick_end_to_end(tmp_path, monkeypatch, capsys):
     assert out_png.stat().st_size > 0
     rows = result["per_seed"][0]
     assert rows[base.UPPER]["from_teacher"] and not rows["student + KD"]["from_teacher"]
+
+
+def test_the_sparse_optimizer_steps_without_torch_s_invariant_warning():
+    import warnings
+
+    from lepton_fast.tasks.sentiment import optimizer
+
+    bag = nn.EmbeddingBag(50, 4, sparse=True)
+    opt = optimizer(0.1)(bag.parameters())
+    before = bag.weight.detach().clone()
+    bag(torch.tensor([[1, 2]])).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    assert not torch.equal(before, bag.weight) and torch.equal(before[3:], bag.weight[3:])

@@ -229,5 +229,7 @@ def test_model_and_frames():
     frames = D.to_frames(utterances, 48, mean, std)
     assert frames.shape == (2, 13, 48) and frames[0, :, 3:].abs().sum() == 0
     torch.testing.assert_close(frames[1, 0, 0], (60 - mean[0]) / std[0])
+    frames = D.to_frames(D.drop_energy(utterances), 48, mean[1:], std[1:])
+    assert frames.shape == (2, 12, 48)
     model = SpeechCNN()
     assert model(frames).shape == (2, 10) and model.features(frames).shape == (2, 128)

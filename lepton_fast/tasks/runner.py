@@ -357,10 +357,13 @@ def run_task(task, args, json_path: Optional[str], plot_path: Optional[str]) -> 
     side = "below" if gap >= 0 else "above"
     print(f"best adapted student: {best} {100 * adapted[best]:.2f} % ({abs(gap):.2f} points {side} the "
           f"target-supervised bound); total {time.perf_counter() - t0:.0f} s wall, {jobs} process(es)")
-    for r in per_seed:
-        for name, row in r.items():
-            if row["collapse"]:
-                print(f"collapse in {name}: {row['collapse']}")
+    collapses = [(seed, name, row["collapse"]) for seed, r in zip(args.seeds, per_seed)
+                 for name, row in r.items() if row["collapse"]]
+    if collapses:
+        print("pseudo-label collapse: in these rows, at some step 90 % or more of the selected pseudo-labels were "
+              "one class (the trainer's warning); the row's number is what training gave despite it:")
+        for seed, name, text in collapses:
+            print(f"  seed {seed}, {name}: {text}")
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"task": task.name, "seeds": args.seeds, "source_steps": source_steps,

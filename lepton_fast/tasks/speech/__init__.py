@@ -3,8 +3,8 @@
 The data (:mod:`lepton_fast.tasks.speech.data`): 3,000 synthetic utterances of "zero" …
 "nine" (source, labeled) and the Free Spoken Digit Dataset's 3,000 recordings (target),
 split once, stratified, into 1,800 unlabeled adaptation and 1,200 test recordings. Both as
-13 MFCCs per 25 ms frame (:mod:`lepton_fast.tasks.speech.features`), each domain
-standardised with its own per-coefficient mean and std (the target's from the adaptation
+13 MFCCs per 25 ms frame (:mod:`lepton_fast.tasks.speech.features`) less c0 (the frame's
+energy, set by the recording level rather than the word), each domain standardised with its own per-coefficient mean and std (the target's from the adaptation
 recordings, no labels), cut or zero-padded to 48 frames (0.2 % of the recordings are longer).
 
 The model (:class:`SpeechCNN`): a 1-D CNN over frames, ``features`` = the pooled 128-wide
@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from lepton_fast.data import IndexedTensorDataset
 from lepton_fast.tasks.base import ADAPTED, ROW_TERMS, UPPER, Data, Task
-from lepton_fast.tasks.speech.data import NUM_CLASSES, domain_stats, espeak_source, fsdd_target, target_split, to_frames
+from lepton_fast.tasks.speech.data import (NUM_CLASSES, domain_stats, drop_energy, espeak_source, fsdd_target,
+                                           target_split, to_frames)
 
 FRAMES = 48
 TEST_SET = "1,200 Free Spoken Digit Dataset recordings"
@@ -31,11 +32,11 @@ TITLE = "eSpeak NG voices → Free Spoken Digit Dataset speakers (MFCCs)"
 
 
 class SpeechCNN(nn.Module):
-    """A 1-D CNN for [N, 13, T] MFCC frames: three conv-BN-ReLU blocks (the first two
+    """A 1-D CNN for [N, 12, T] MFCC frames (c1–c12): three conv-BN-ReLU blocks (the first two
     followed by max-pooling in time), global average and max pooling over time into a
     128-d ``features`` vector, a linear ``classifier``."""
 
-    def __init__(self, num_classes: int = NUM_CLASSES, coefficients: int = 13, width: int = 64,
+    def __init__(self, num_classes: int = NUM_CLASSES, coefficients: int = 12, width: int = 64,
                  feature_dim: int = 128):
         super().__init__()
 
@@ -91,10 +92,10 @@ def strong_view(x: Tensor, generator: torch.Generator) -> Tensor:
 
 @functools.lru_cache(maxsize=None)
 def load(progress: bool = True) -> Data:
-    """Source and split target as IndexedTensorDatasets of [13, 48] frames (see the module
+    """Source and split target as IndexedTensorDatasets of [12, 48] frames (see the module
     docstring); the source's MFCCs are synthesised on first use."""
-    split = target_split(fsdd_target(progress=progress))
-    source = espeak_source(progress=progress)
+    split = target_split(drop_energy(fsdd_target(progress=progress)))
+    source = drop_energy(espeak_source(progress=progress))
 
     def dataset(utterances, stats):
         return IndexedTensorDataset(to_frames(utterances, FRAMES, *stats), torch.from_numpy(utterances.labels))
