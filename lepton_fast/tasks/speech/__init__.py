@@ -106,12 +106,14 @@ def load(progress: bool = True) -> Data:
 
 
 class _Recipe(NamedTuple):
-    kd_weight: float = 1.0
+    # Seed 0, one run each (2026-12-06): DANN at weight 1.0 reached 66.9 % against 53.5 % at
+    # 0.3 (2.0: 66.3 %); all together with KD 0.3 and 200 warm-up steps 63.8 %.
+    kd_weight: float = 0.3    # the source-only teacher is right on about half the target: little KD
     temperature: float = 2.0
-    domain_weight: float = 0.3
+    domain_weight: float = 1.0
     eps: float = 0.3          # FGSM radius in standardised units
     adversarial_weight: float = 0.5
-    warmup: int = 0
+    warmup: int = 200         # pseudo-labels and adversarial samples start after DANN has aligned some
 
 
 RECIPE = _Recipe()
