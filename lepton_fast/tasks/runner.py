@@ -36,7 +36,7 @@ from typing import Optional
 
 import torch
 
-from lepton_fast.tasks import TASKS, DataUnavailable, get_task
+from lepton_fast.tasks import TASKS, get_task
 from lepton_fast.tasks.base import ADAPTED, ROW_TERMS, ROWS, TEACHER, UPPER, Data
 
 
