@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def main(argv=None) -> int:
-    from lepton_fast import demo as demo_module
+    from lepton_fast.tasks import DataUnavailable, runner
     from lepton_fast.version import __version__
 
     parser = argparse.ArgumentParser(prog="lepton-fast", description=__doc__)
@@ -13,16 +14,20 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, build record and the backend each op uses")
     demo = sub.add_parser("demo", help="cross-domain transfer (MNIST -> scikit-learn digits by default), one table",
-                          description=demo_module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    demo_module.add_arguments(demo)
+                          description=runner.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    runner.add_arguments(demo)
     args = parser.parse_args(argv)
     if args.command == "info":
         import lepton_fast
 
         lepton_fast.info()
     elif args.command == "demo":
-        demo_module.check_arguments(args, demo)
-        return demo_module.main(args)
+        runner.check_arguments(args, demo)
+        try:
+            return runner.main(args)
+        except DataUnavailable as e:  # the message says what to fetch; a traceback would bury it
+            print(f"lepton-fast demo: {e}", file=sys.stderr)
+            return 1
     return 0
 
 

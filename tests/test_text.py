@@ -1,8 +1,8 @@
-"""lepton_fast.text: tokeniser, hashing, text views, the fastText-style model, the lexicon teacher."""
+"""lepton_fast.tasks.sentiment.text: tokeniser, hashing, text views, the fastText-style model, the lexicon teacher."""
 import pytest
 import torch
 
-from lepton_fast.text import (PAD, HashedNgramClassifier, HashedNgrams, LexiconTeacher, encode, strong_text_view,
+from lepton_fast.tasks.sentiment.text import (PAD, HashedNgramClassifier, HashedNgrams, LexiconTeacher, encode, strong_text_view,
                               token_hash, tokenize, weak_text_view, word_dropout, word_swap)
 
 LEXICON = {"good": 1.9, "great": 3.1, "bad": -2.5, "awful": -2.0, "no": -1.2, ":)": 2.0}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lepton_fast.data import IndexedTensorDataset
-from lepton_fast.text import HashedNgramClassifier, LexiconTeacher, encode, strong_text_view, weak_text_view
+from lepton_fast.tasks.sentiment.text import HashedNgramClassifier, LexiconTeacher, encode, strong_text_view, weak_text_view
 
 pytest.importorskip("torchmetrics")
 

@@ -224,7 +224,7 @@ class LexiconTeacher(nn.Module):
     It has no parameters and ignores ``train()``.
 
     Args:
-        lexicon: {token: valence in [-4, 4]} (lepton_fast.data.sentiment.load_lexicon).
+        lexicon: {token: valence in [-4, 4]} (lepton_fast.tasks.sentiment.data.load_lexicon).
         scale: logit scale (default 4: compound ±0.5 → 88 %).
     """
 

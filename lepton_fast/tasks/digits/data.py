@@ -48,7 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lepton_fast.data import IndexedTensorDataset, need_extra
+from lepton_fast.data import IndexedTensorDataset
+from lepton_fast.tasks._fetch import need_extra
 
 FRAME = 28
 DIGIT_BOX = 20

