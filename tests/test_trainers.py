@@ -699,7 +699,7 @@ def test_trainers_do_not_import_the_example_data_or_the_demo():
                 imported.add(node.module or "")
             elif isinstance(node, ast.Import):
                 imported.update(a.name for a in node.names)
-    assert not {m for m in imported if m.startswith(("lepton_fast.data", "lepton_fast.demo"))}, imported
+    assert not {m for m in imported if m.startswith(("lepton_fast.tasks",))}, imported
 
 
 # -- non-finite values stop training; bad data gets errors naming the data and the fix --------

@@ -224,7 +224,7 @@ class CrossDomainTrainer(Loop):
             when ``f`` has a ``generator`` parameter or requires a second argument).
             Default: the identity (``source_augment``: ``weak_augment``). With identity
             views "pseudo" is confidence-thresholded self-training; FixMatch's gain needs
-            views that fit the data (``lepton_fast.data.weak_view`` / ``strong_view`` for
+            views that fit the data (``lepton_fast.tasks.digits.weak_view`` / ``strong_view`` for
             the digit images; word dropout or swaps for text).
         features, classifier: the student's split, ``classifier(features(x)) ==
             student(x)``, for "domain" and ``perturb="features"``: modules of the student,
