@@ -7,8 +7,9 @@
 # 1b. The op tests against that pure-Python install (LEPTON_FAST_SKIP_EXT=1, what the
 #    py3-none-any wheel holds): CPU tensors through the reference kernels, the Triton kernels in
 #    the interpreter, the Python autograd kernels, torch.compile. The test file of each op with
-#    a schema, and the vocabulary-parallel loss; not grad_reverse (no schema, no kernel), the
-#    trainers, data or packaging (pure Python over the ops, the same with or without the
+#    a schema (sparse_kd_loss included), and the vocabulary-parallel loss; not grad_reverse
+#    (no schema, no kernel), the trainers, data or packaging (pure Python over the ops, the
+#    same with or without the
 #    extension). The C++ cases skip themselves. About 5 min on the shared 2-core machine (loaded).
 # 2. benchmarks/gpu_check.py --dry-run, the GPU check as it will run on the GPU machine but
 #    without a GPU: its checks, its own offline build (CPU + CUDA, for sm_90), the `cuda`
@@ -18,7 +19,8 @@
 #    family (CPU C++ kernels, Triton kernels in the interpreter, opcheck, torch.compile,
 #    autograd; pgd_step stands for the adversarial steps, whose FGSM form shares its kernel),
 #    the vocabulary-parallel loss over gloo and DTensor, the build record and every other
-#    torch.compile test (fused_linear_kd_loss's, fgsm_perturb's); less the two
+#    torch.compile test (fused_linear_kd_loss's, fgsm_perturb's, sparse_kd_loss's, with its
+#    opcheck); less the two
 #    widest sweeps of the CPU KD kernel (every mode in float32, every CPU instruction set),
 #    which the main job runs in full. Not here: the trainers and data (pure Python over the
 #    ops), the packaging tests (venvs and wheels: minutes) and the benchmarks' smoke run.
@@ -86,7 +88,7 @@ cd "$src"
 LEPTON_FAST_SKIP_EXT=1 LEPTON_FAST_REQUIRE_TRITON_INTERPRETER=1 python -m pytest -q -p no:cacheprovider \
     -m "not packaging" tests/test_fused_kd_loss.py tests/test_kd_slice_ops.py tests/test_fused_pseudo_label_loss.py \
     tests/test_select_pseudo_labels.py tests/test_fgsm_perturb.py tests/test_pgd_step.py \
-    tests/test_fused_linear_kd_loss.py tests/test_vocab_parallel.py
+    tests/test_fused_linear_kd_loss.py tests/test_vocab_parallel.py tests/test_sparse_kd_loss.py
 pure_tested=$SECONDS
 
 # --- 2. the GPU check's dry run: build (CPU + CUDA), collect, compile, cases -------------
@@ -101,6 +103,7 @@ LEPTON_FAST_REQUIRE_TRITON_INTERPRETER=1 python -m pytest -q -p no:cacheprovider
     tests/test_pgd_step.py tests/test_grad_reverse.py tests/test_kd_slice_ops.py tests/test_vocab_parallel.py \
     tests/test_packaging.py tests/test_fused_linear_kd_loss.py::test_torch_compile_fullgraph \
     tests/test_fgsm_perturb.py::test_torch_compile_fullgraph_without_recompiles \
+    tests/test_sparse_kd_loss.py::test_torch_compile_fullgraph tests/test_sparse_kd_loss.py::test_opcheck \
     --deselect tests/test_fused_kd_loss.py::test_every_mode_float32 \
     --deselect tests/test_fused_kd_loss.py::test_other_cpu_instruction_sets
 set +x
