@@ -9,8 +9,8 @@
 #    the interpreter, the Python autograd kernels, torch.compile. The test file of each op with
 #    a schema (sparse_kd_loss included), and the vocabulary-parallel loss; not grad_reverse
 #    (no schema, no kernel), the trainers, data or packaging (pure Python over the ops, the
-#    same with or without the
-#    extension). The C++ cases skip themselves. About 5 min on the shared 2-core machine (loaded).
+#    same with or without the extension). The C++ cases skip themselves. About 5 min on the
+#    shared 2-core machine (loaded).
 # 2. benchmarks/gpu_check.py --dry-run, the GPU check as it will run on the GPU machine but
 #    without a GPU: its checks, its own offline build (CPU + CUDA, for sm_90), the `cuda`
 #    tests collected, every Triton kernel compiled for sm_90 and sm_80, the GPU cases
