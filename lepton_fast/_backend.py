@@ -242,7 +242,9 @@ def forced(spec: OpSpec, backend: str, device_type: str):
     device key). The swap is a dispatcher registration, undone at the end of the block."""
     kernel = triton_kernel(spec) if backend == "triton" else reference_kernel(spec)
     with torch.library._scoped_library(LIBRARY, "IMPL") as lib:
-        lib.impl(spec.name, kernel, device_type.upper())
+        # allow_override: the key may hold a Python kernel already (the reference or Triton one
+        # of a build without that C++ kernel); torch 2.11 refuses to stack a second one without it.
+        lib.impl(spec.name, kernel, device_type.upper(), allow_override=True)
         yield
 
 
