@@ -13,6 +13,7 @@ import torch
 from lepton_fast.tasks import _fetch
 from lepton_fast.tasks.speech import SpeechCNN, strong_view, weak_view
 from lepton_fast.tasks.speech import data as D
+from lepton_fast.tasks.speech.coral import CoralSelfTrained, coral, summarize
 from lepton_fast.tasks.speech.features import HOP, mfcc
 
 
@@ -233,3 +234,43 @@ def test_model_and_frames():
     assert frames.shape == (2, 12, 48)
     model = SpeechCNN()
     assert model(frames).shape == (2, 10) and model.features(frames).shape == (2, 128)
+
+
+# -- the KD teacher: per-utterance summaries, CORAL, self-training ---------------------------
+def test_summarize_uses_only_each_utterance_s_frames():
+    torch.manual_seed(0)
+    x = torch.zeros(2, 3, 20, dtype=torch.float64)
+    x[0, :, :8] = torch.randn(3, 8, dtype=torch.float64)
+    x[1] = torch.randn(3, 20, dtype=torch.float64)
+    out = summarize(x, segments=4)
+    for i, n in enumerate((8, 20)):
+        f = x[i, :, :n]
+        parts = [f[:, (torch.arange(n) * 4) // n == k].mean(1) for k in range(4)]
+        torch.testing.assert_close(out[i], torch.cat([f.mean(1), f.std(1, unbiased=False), *parts]))
+
+
+def test_coral_gives_the_target_covariance():
+    g = torch.Generator().manual_seed(1)
+    source = torch.randn(4000, 3, generator=g, dtype=torch.float64) @ torch.tensor(
+        [[2.0, 0.5, 0.0], [0.0, 1.0, 0.3], [0.0, 0.0, 0.5]], dtype=torch.float64)
+    target = torch.randn(3000, 3, generator=g, dtype=torch.float64) * torch.tensor([0.5, 3.0, 1.0], dtype=torch.float64)
+    # with eps = 0 the aligned source's sample covariance is exactly the target's
+    torch.testing.assert_close(torch.cov(coral(source, target, eps=0.0).T), torch.cov(target.T))
+    assert not torch.allclose(torch.cov(source.T), torch.cov(target.T), atol=0.5)
+
+
+def test_coral_self_trained_teacher_learns_a_shifted_target():
+    """Two classes whose target frames are the source's scaled and offset: the teacher still
+    separates them, and its logits are float32 [N, C]."""
+    g = torch.Generator().manual_seed(2)
+
+    def frames(n, scale, offset):
+        y = torch.randint(0, 2, (n,), generator=g)
+        x = torch.randn(n, 4, 10, generator=g) + 2.0 * (2 * y.view(n, 1, 1) - 1)
+        return x * scale + offset, y
+
+    (xs, ys), (xt, yt) = frames(200, 1.0, 0.0), frames(200, 0.5, 0.3)
+    teacher = CoralSelfTrained(xs, ys, xt, 2, rounds=2)
+    logits = teacher(xt)
+    assert logits.shape == (200, 2) and logits.dtype == torch.float32
+    assert (logits.argmax(1) == yt).float().mean() > 0.95
