@@ -1,9 +1,11 @@
 """Triton kernel of sparse_kd_loss (schema: lepton_fast/ops/sparse_kd_loss.py), the contract of
 the reference kernel; the buckets are lepton_fast.reference.sparse_buckets'.
 
-One program per row. The teacher's K entries sit in one block of KB = next_power_of_2(K) lanes
-(made for the usual K of 1 to a few hundred; a K of many thousands spills registers), which
-count (mask, first occurrence of an index: a loop over the K entries), the teacher's bucket log-probabilities,
+One program per row. The maxima are of the raw logits and log-probabilities, every exponent
+(x - max) / T (csrc/common.h, log_sum: exact at the max for every T in 1e-8 ... 1e4). The
+teacher's K entries sit in one block of KB = next_power_of_2(K) lanes (made for the usual K
+of 1 to a few hundred; a K of many thousands spills registers), which count (mask, first
+occurrence of an index: a loop over the K entries), the teacher's bucket log-probabilities,
 the student's logits gathered at the entries. One pass over the student row gathers the online
 softmax statistics that "tail" needs (at T) and the CE needs (at T = 1); "renormalize" without
 the CE reads only the K entries. The gradient pass writes the whole row (the unlisted columns'
@@ -12,7 +14,7 @@ formula, or zeros), then, after a barrier, the entries' columns.
 With g_b = dD/d(log Q_b) of each student bucket and G = sum_b g_b, the gradient of the soft term
 is (g_k - Q_k G) / T at an entry's column and, under "tail", p_j (g_tail / Q_tail - G) / T at
 an unlisted column j (p = softmax(z)). The student's tail mass is (S - S_listed) / S with S and
-S_listed the row's and the entries' sums of exp(z - max): its absolute error is about the
+S_listed the row's and the entries' sums of exp((x - max) / T): its absolute error is about the
 accumulation dtype's epsilon (float32: 1e-7), so a tail far below that is only as exact as
 float64 logits make it.
 """
@@ -27,7 +29,7 @@ import triton.language as tl
 
 from ._common import acc_dtype, check_labels, check_rows_defined, no_bad_values, online_softmax, reduce_rows, \
     scalar, store_zeros
-from .kd_loss import _DIVERGENCES, MAX_BLOCK, _kl_term, _log_mixture, _lse_from
+from .kd_loss import _DIVERGENCES, MAX_BLOCK, _kl_term, _log_mixture, _log_sum
 
 
 @triton.jit
@@ -36,6 +38,15 @@ def _lse_vec(x):
     m = tl.max(x, 0)
     safe = tl.where(m == float("-inf"), 0.0, m)
     return tl.where(m == float("-inf"), m, safe + tl.log(tl.sum(tl.exp(x - safe), 0)))
+
+
+@triton.jit
+def _log_softmax_vec(x, scale):
+    """log softmax(x * scale) of a block, scale = 1 / T > 0, as (x - max) * scale - log sum
+    exp((x - max) * scale): the max subtracted before the scaling; NaN when no entry is above
+    -inf (the caller keeps the entries that count)."""
+    y = (x - tl.max(x, 0)) * scale
+    return y - tl.log(tl.sum(tl.exp(y), 0))
 
 
 @triton.jit
@@ -96,36 +107,35 @@ def _sparse_kd_loss_kernel(
                 cols = off + cols0
                 x = tl.load(s_row + cols, mask=cols < V, other=neg_inf).to(ACC)
                 if TAIL and NEEDS_SOFT:
-                    m, l, _e, _f = online_softmax(m, l, x * inv_t)
+                    m, l, _e, _f = online_softmax(m, l, x, inv_t)
                 if NEEDS_CE:
-                    m1, l1, _e1, _f1 = online_softmax(m1, l1, x)
+                    m1, l1, _e1, _f1 = online_softmax(m1, l1, x, 1.0)
                 if SMOOTH:
                     sum_x += tl.sum(tl.where(cols < V, x, 0.0), 0)
         row_loss = tl.zeros([], ACC)
-        zk = tl.load(s_row + idx, mask=counted, other=neg_inf).to(ACC) * inv_t
-        lse_all = _lse_from(m, l)
+        xk = tl.load(s_row + idx, mask=counted, other=neg_inf).to(ACC)
+        log_l_all = _log_sum(l)  # log softmax(x / T)_j = (x_j - m) / T - log_l_all
         g = tl.zeros([KB], ACC)
         lq = tl.full([KB], neg_inf, ACC)
         big_g = tl.zeros([], ACC)
         r = tl.zeros([], ACC)
         if NEEDS_SOFT:
             lp = tl.load(lp_ptr + row * lp_stride + ks, mask=counted, other=neg_inf).to(ACC)
-            lp_t = lp * inv_t
-            lse_t = _lse_vec(lp_t)
+            logp_t = _log_softmax_vec(lp, inv_t)
             lq_tail = tl.full([], neg_inf, ACC)
             lp_tail = tl.full([], neg_inf, ACC)
             if TAIL:
                 log_l = tl.where(covers, 0.0, tl.minimum(_lse_vec(lp), 0.0))
-                logp = tl.where(counted, tl.where(log_l == neg_inf, neg_inf, lp_t - lse_t + log_l), neg_inf)
+                logp = tl.where(counted, tl.where(log_l == neg_inf, neg_inf, logp_t + log_l), neg_inf)
                 lp_tail = tl.log(1.0 - tl.exp(log_l))
-                lq = tl.where(counted, zk - lse_all, neg_inf)
+                lq = tl.where(counted, (xk - m) * inv_t - log_l_all, neg_inf)
                 safe_m = tl.where(m == neg_inf, 0.0, m)
-                s_listed = tl.sum(tl.where(counted, tl.exp(zk - safe_m), 0.0), 0)
+                s_listed = tl.sum(tl.where(counted, tl.exp((xk - safe_m) * inv_t), 0.0), 0)
                 q_tail = tl.where(covers, 0.0, tl.maximum(l - s_listed, 0.0) / l)
                 lq_tail = tl.log(q_tail)
             else:
-                logp = tl.where(counted, lp_t - lse_t, neg_inf)
-                lq = tl.where(counted, zk - _lse_vec(zk), neg_inf)
+                logp = tl.where(counted, logp_t, neg_inf)
+                lq = tl.where(counted, _log_softmax_vec(xk, inv_t), neg_inf)
             q = tl.exp(lq)
             if DIV == 0:
                 d = tl.sum(_kl_term(logp, lq), 0) + _kl_term(lp_tail, lq_tail)
@@ -146,7 +156,7 @@ def _sparse_kd_loss_kernel(
             if TAIL:
                 big_g += tl.where(lq_tail == neg_inf, 0.0, tl.exp(lq_tail) * r)
             row_loss += soft_w * d
-        lse1 = _lse_from(m1, l1)
+        lse1 = m1 + _log_sum(l1)
         if NEEDS_CE:
             x_label = tl.load(s_row + tl.maximum(label, 0)).to(ACC)
             row_loss += alpha * (lse1 - (1.0 - eps) * x_label - eps / V * sum_x)
@@ -161,8 +171,9 @@ def _sparse_kd_loss_kernel(
                     x = tl.load(s_row + cols, mask=cols < V, other=neg_inf).to(ACC)
                     dv = tl.zeros([BLOCK], ACC)
                     if TAIL and NEEDS_SOFT:
-                        p = tl.exp(x * inv_t - lse_all)
-                        dv = tl.where(p == 0.0, 0.0, p * (r - big_g)) * sg
+                        p = tl.exp((x - m) * inv_t - log_l_all)
+                        # r = -inf: the student's tail mass rounded to 0, and so do its columns.
+                        dv = tl.where(p == 0.0, 0.0, tl.where(r == neg_inf, 0.0, p * (r - big_g))) * sg
                     if NEEDS_CE:
                         dv += cg * (tl.exp(x - lse1) - eps / V - tl.where(cols == label, 1.0 - eps, 0.0))
                     tl.store(g_row + cols, dv.to(g_row.dtype.element_ty), mask=cols < V)

@@ -232,21 +232,26 @@ def sparse_buckets(student_logits: Tensor, teacher_indices: Tensor, teacher_logp
         cover every class: what is left is rounding), spread over the entries as
         L * softmax(lp / T), and its tail 1 - L; the student's softmax(z) at the entries and
         its exact mass outside them, from the log-sum-exp of the classes not listed.
-    At T = 1 and sum exp(lp) <= 1 the tail's teacher is exp(lp) as given.
+    At T = 1 and sum exp(lp) <= 1 the tail's teacher is exp(lp) as given. Each softmax at T
+    is of :func:`scaled_logits` (the max subtracted before the division), of the counted
+    entries where it is over them.
     """
-    z = _acc(student_logits) / temperature
-    lp = teacher_logprobs.detach().to(z.dtype)  # the student's accumulation dtype, whatever theirs
-    z_at = z.gather(1, torch.where(counted, teacher_indices, 0))
+    x = _acc(student_logits)
+    lp = teacher_logprobs.detach().to(x.dtype)  # the student's accumulation dtype, whatever theirs
+    log_t = _log_softmax_over(scaled_logits(torch.where(counted, lp, NEG_INF), temperature), counted)
+    at = torch.where(counted, teacher_indices, 0)
     if truncation == "renormalize":
-        return _log_softmax_over(lp / temperature, counted), _log_softmax_over(z_at, counted)
+        x_at = torch.where(counted, x.gather(1, at), NEG_INF)
+        return log_t, _log_softmax_over(scaled_logits(x_at, temperature), counted)
+    z = scaled_logits(x, temperature)
+    z_at = z.gather(1, at)
     n_classes = z.shape[-1]
     covers = counted.sum(-1) == n_classes
     log_listed = torch.where(covers, 0.0, _lse_or_neg_inf(torch.where(counted, lp, NEG_INF)).clamp(max=0.0))
     none_listed = (log_listed == NEG_INF)[:, None]
-    log_t = torch.where(none_listed, NEG_INF, _log_softmax_over(lp / temperature, counted) + log_listed[:, None])
+    log_t = torch.where(none_listed, NEG_INF, log_t + log_listed[:, None])
     log_t_tail = torch.log(-torch.expm1(log_listed))  # log(1 - L), exact for L near 1
-    listed = torch.zeros_like(z, dtype=torch.int32).scatter_add_(1, torch.where(counted, teacher_indices, 0),
-                                                                 counted.int()) > 0
+    listed = torch.zeros_like(z, dtype=torch.int32).scatter_add_(1, at, counted.int()) > 0
     lse = torch.logsumexp(z, -1)
     log_s = torch.where(counted, z_at - lse[:, None], NEG_INF)
     log_s_tail = _lse_or_neg_inf(torch.where(listed, NEG_INF, z)) - lse

@@ -50,18 +50,20 @@ acc_t log_mixture(acc_t lq, acc_t lp, acc_t log_beta, acc_t log_1m_beta) {  // l
   return hi == -std::numeric_limits<acc_t>::infinity() ? hi : hi + std::log1p(std::exp(lo - hi));
 }
 
-// log-sum-exp of x[i] over the i where use[i]; -inf when none is above -inf.
+// Over the i where use[i]: the max m of x[i] and log sum exp((x[i] - m) * scale), the max
+// subtracted before the scaling (csrc/common.h, log_sum); both -inf when none is above -inf.
+// log softmax(x * scale)_i is then (x[i] - m) * scale - the result.
 template <typename acc_t>
-acc_t lse_where(const std::vector<acc_t>& x, const std::vector<char>& use) {
+acc_t log_sum_where(const std::vector<acc_t>& x, const std::vector<char>& use, acc_t scale, acc_t& m) {
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  acc_t m = neg_inf;
+  m = neg_inf;
   for (size_t i = 0; i < x.size(); ++i)
     if (use[i]) m = std::max(m, x[i]);
   if (m == neg_inf) return m;
   acc_t s = 0;
   for (size_t i = 0; i < x.size(); ++i)
-    if (use[i]) s += std::exp(x[i] - m);
-  return m + std::log(s);
+    if (use[i]) s += std::exp((x[i] - m) * scale);
+  return std::log(s);
 }
 
 template <typename scalar_t>
@@ -71,7 +73,7 @@ void sparse_rows(const SparseArgs& a, int64_t begin, int64_t end) {
   const int64_t V = a.n_classes, K = a.k;
   const acc_t inv_t = a.inv_t, beta = a.beta, log_beta = a.log_beta, log_1m_beta = a.log_1m_beta, eps = a.eps;
   std::vector<char> counted(K);
-  std::vector<acc_t> zk(K), lp(K), lp_t(K), logp(K), lq(K), g(K);
+  std::vector<acc_t> xk(K), lp(K), logp(K), lq(K), g(K);
   for (int64_t row = begin; row < end; ++row) {
     const scalar_t* s = static_cast<const scalar_t*>(a.student) + row * a.s_stride;
     scalar_t* gr = a.grad ? static_cast<scalar_t*>(a.grad) + row * V : nullptr;
@@ -95,23 +97,22 @@ void sparse_rows(const SparseArgs& a, int64_t begin, int64_t end) {
       }
       counted[k] = c;
       n_counted += c;
-      zk[k] = c ? acc_t(s[idx[k]]) * inv_t : neg_inf;
+      xk[k] = c ? acc_t(s[idx[k]]) : neg_inf;
       lp[k] = c ? lpr[k] : neg_inf;
-      lp_t[k] = lp[k] * inv_t;
     }
-    // The pass over the row: softmax statistics at T (tail) and at T = 1 (the CE).
+    // The pass over the row: softmax statistics at T (tail) and at T = 1 (the CE), each the max
+    // of the raw logits and the sum of exp((x - max) / T).
     acc_t m = neg_inf, l = 0, m1 = neg_inf, l1 = 0, sum_x = 0;
     const bool row_tail = a.tail && a.needs_soft;
     if (row_tail || a.needs_ce) {
       for (int64_t j = 0; j < V; ++j) {
         const acc_t x = s[j];
         if (row_tail) {
-          const acc_t z = x * inv_t;
-          if (z > m) {
-            l = l * std::exp(m - z) + 1;
-            m = z;
-          } else if (z != neg_inf) {
-            l += std::exp(z - m);
+          if (x > m) {
+            l = l * std::exp((m - x) * inv_t) + 1;
+            m = x;
+          } else if (x != neg_inf) {
+            l += std::exp((x - m) * inv_t);
           }
         }
         if (a.needs_ce) {
@@ -125,27 +126,30 @@ void sparse_rows(const SparseArgs& a, int64_t begin, int64_t end) {
         }
       }
     }
-    const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
-    const acc_t lse_all = m == neg_inf ? nan : m + std::log(l);
+    const acc_t log_l_all = log_sum(m, l);  // log softmax(x / T)_j = (x_j - m) / T - log_l_all
     acc_t row_loss = 0, big_g = 0, r = 0;
     if (a.needs_soft) {
-      const acc_t lse_t = lse_where(lp_t, counted);
+      acc_t m_t;
+      const acc_t log_l_t = log_sum_where(lp, counted, inv_t, m_t);  // the teacher's, as log_l_all
       acc_t lp_tail = neg_inf, lq_tail = neg_inf;
       if (a.tail) {
-        const acc_t log_l = n_counted == V ? acc_t(0) : std::min(lse_where(lp, counted), acc_t(0));
+        acc_t m_lp;
+        const acc_t lse_lp = log_sum_where(lp, counted, acc_t(1), m_lp) + m_lp;
+        const acc_t log_l = n_counted == V ? acc_t(0) : std::min(lse_lp, acc_t(0));
         acc_t s_listed = 0;
         for (int64_t k = 0; k < K; ++k) {
-          logp[k] = counted[k] && log_l != neg_inf ? lp_t[k] - lse_t + log_l : neg_inf;
-          lq[k] = counted[k] ? zk[k] - lse_all : neg_inf;
-          if (counted[k]) s_listed += std::exp(zk[k] - m);
+          logp[k] = counted[k] && log_l != neg_inf ? (lp[k] - m_t) * inv_t - log_l_t + log_l : neg_inf;
+          lq[k] = counted[k] ? (xk[k] - m) * inv_t - log_l_all : neg_inf;
+          if (counted[k]) s_listed += std::exp((xk[k] - m) * inv_t);
         }
         lp_tail = std::log(1 - std::exp(log_l));
         lq_tail = std::log(n_counted == V ? acc_t(0) : std::max(l - s_listed, acc_t(0)) / l);
       } else {
-        const acc_t lse_z = lse_where(zk, counted);
+        acc_t m_z;
+        const acc_t log_l_z = log_sum_where(xk, counted, inv_t, m_z);
         for (int64_t k = 0; k < K; ++k) {
-          logp[k] = counted[k] ? lp_t[k] - lse_t : neg_inf;
-          lq[k] = counted[k] ? zk[k] - lse_z : neg_inf;
+          logp[k] = counted[k] ? (lp[k] - m_t) * inv_t - log_l_t : neg_inf;
+          lq[k] = counted[k] ? (xk[k] - m_z) * inv_t - log_l_z : neg_inf;
         }
       }
       acc_t d = 0;
@@ -180,7 +184,7 @@ void sparse_rows(const SparseArgs& a, int64_t begin, int64_t end) {
       }
       row_loss += acc_t(a.soft_w) * d;
     }
-    const acc_t lse1 = m1 == neg_inf ? nan : m1 + std::log(l1);
+    const acc_t lse1 = lse_from_sum(m1, l1);
     if (a.needs_ce) row_loss += acc_t(a.alpha) * (lse1 - (1 - eps) * acc_t(s[label]) - eps / V * sum_x);
     out = row_loss;
     if (!gr) continue;
@@ -189,8 +193,10 @@ void sparse_rows(const SparseArgs& a, int64_t begin, int64_t end) {
     for (int64_t j = 0; j < V; ++j) {  // the unlisted columns' formula (the entries' come next)
       acc_t dv = 0;
       if (row_tail) {
-        const acc_t p = std::exp(acc_t(s[j]) * inv_t - lse_all);
-        dv = p == 0 ? acc_t(0) : p * (r - big_g) * sg;
+        const acc_t p = std::exp((acc_t(s[j]) - m) * inv_t - log_l_all);
+        // r = -inf: the student's tail mass rounded to 0 (below the sum's epsilon), and so do
+        // the columns that make it up (p tiny, not yet 0, at T ~ 1e-2).
+        dv = p == 0 || r == neg_inf ? acc_t(0) : p * (r - big_g) * sg;
       }
       if (a.needs_ce) dv += ce_grad(j);
       gr[j] = static_cast<scalar_t>(dv);
