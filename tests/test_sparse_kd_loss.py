@@ -199,9 +199,6 @@ def test_oracle_gradcheck(divergence, truncation):
 
 # --- the op, on every kernel ------------------------------------------------------------------
 
-# The reference kernel under the op's schema, then every compiled and Triton kernel (each is
-# skipped where it cannot run; this op has no CUDA C++ kernel yet).
-BACKENDS = [pytest.param("cpu", "reference", id="cpu-reference"), *DEVICE_BACKENDS]
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 
 
@@ -243,7 +240,7 @@ def oracle(student, idx, logp, mask, grad_output=None, **kw):
     return loss_and_grad(reference.sparse_kd_loss, student.double(), idx, logp.double(), mask, grad_output=go, **kw)
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", CASES)
 @pytest.mark.parametrize("truncation", TRUNCATIONS)
@@ -319,7 +316,7 @@ def test_temperature_range(temperature, divergence, truncation, device, backend,
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=atol)
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_op_reductions_and_num_items(reduction, device, backend):
     require(SPEC, device, backend)
@@ -333,7 +330,7 @@ def test_op_reductions_and_num_items(reduction, device, backend):
         torch.testing.assert_close(grad.double(), ref_grad, **TOL)
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_op_leading_dims_and_no_grad(device, backend):
     require(SPEC, device, backend)
     s, idx, logp, mask, _ = case("duplicates_masked", device, torch.float32)
@@ -346,7 +343,7 @@ def test_op_leading_dims_and_no_grad(device, backend):
     torch.testing.assert_close(loss.reshape(-1), flat, **TOL)
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_op_checks_the_indices_it_reads(device, backend):
     require(SPEC, device, backend)
     s, idx, logp, _, _ = case("top_k", device, torch.float32)
@@ -396,7 +393,7 @@ def test_second_order_gradient_is_refused():
         torch.autograd.grad(loss, s, create_graph=True)
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_opcheck(device, backend):
     require(SPEC, device, backend)
     s, idx, logp, mask, extra = case("duplicates_masked", device, torch.float32)
@@ -474,7 +471,7 @@ def axolotl_topk_forward_kl(student_logits, target_token_ids, target_logprobs, t
     return kd / (num_items_in_batch if num_items_in_batch > 0 else valid.sum())
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("kd_temperature", [1.0, 2.0])
 @pytest.mark.parametrize("normalize_topk", [True, False])
 def test_axolotl_top_k_forward_kl_drop_in(normalize_topk, kd_temperature, device, backend):
