@@ -192,8 +192,8 @@ if BUILD_INFO.get("cuda") != torch.version.cuda:
 ops = {}
 for name, spec in sorted(_backend.OPS.items()):
     ops[name] = {}
-    # Every op has a CUDA C++ kernel; those with a Triton module have a Triton kernel too.
-    for backend, exists in (("cuda", True), ("triton", spec.triton is not None)):
+    # The ops with a CUDA C++ source (spec.cuda_cpp) must have that kernel; those with a Triton module, Triton.
+    for backend, exists in (("cuda", spec.cuda_cpp), ("triton", spec.triton is not None)):
         why = _backend.unavailable(spec, backend, "cuda") if exists else "no such backend for this op"
         ops[name][backend] = why or "ok"
         if exists and why:

@@ -53,12 +53,15 @@ class OpSpec:
     its reference kernel is ``lepton_fast.ops._reference.<name>``. ``public`` is False for an
     op that only other ops call. ``saves_grad``: the op returns (loss, d(loss)/d(first
     input), ...) and its autograd kernel scales that saved gradient (csrc/autograd.cpp, or
-    lepton_fast/ops/_autograd.py without the extension)."""
+    lepton_fast/ops/_autograd.py without the extension). ``cuda_cpp``: csrc/cuda has a kernel
+    of it, so a CUDA build of the extension must register one (benchmarks/gpu_check.py checks);
+    without one, Triton is its CUDA kernel."""
 
     name: str
     triton: Optional[str]
     public: bool = True
     saves_grad: bool = False
+    cuda_cpp: bool = True
 
     @property
     def qualname(self) -> str:
@@ -68,13 +71,14 @@ class OpSpec:
 OPS: dict[str, OpSpec] = {}
 
 
-def define(schema: str, *, triton: Optional[str] = None, public: bool = True, saves_grad: bool = False) -> OpSpec:
+def define(schema: str, *, triton: Optional[str] = None, public: bool = True, saves_grad: bool = False,
+           cuda_cpp: bool = True) -> OpSpec:
     """Define the op ``schema`` ("name(Tensor x, ...) -> ...", the C++ kernels' signature) and
     enter it in the table. Called at import by lepton_fast/ops/<family>.py, before
     :func:`load_kernels`."""
     name = schema.split("(", 1)[0]
     _DEFINITIONS.define(schema)
-    spec = OpSpec(name, triton, public, saves_grad)
+    spec = OpSpec(name, triton, public, saves_grad, cuda_cpp)
     OPS[name] = spec
     return spec
 

@@ -201,6 +201,8 @@ DEVICE_BACKENDS = [
 def require(spec, device: str, backend: str) -> None:
     """Skip a case whose kernel cannot run here (the Triton interpreter where a GPU is, say);
     on a GPU machine a CUDA case that cannot run is a failure, not a skip."""
+    if backend == "cuda" and not spec.cuda_cpp:
+        pytest.skip(f"{spec.name} has no CUDA C++ kernel (Triton is its CUDA kernel)")
     why = _backend.unavailable(spec, backend, device)
     if why is None:
         return

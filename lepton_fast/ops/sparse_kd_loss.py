@@ -29,7 +29,7 @@ SPEC = _backend.define(
     "Tensor? labels, Tensor temperature, Tensor beta, Tensor alpha, Tensor label_smoothing, str divergence, "
     "str truncation, int ignore_index, bool scale_by_t2, str reduction, Tensor? num_items_in_batch, "
     "bool compute_grad) -> (Tensor loss, Tensor grad)",
-    triton="sparse_kd_loss", saves_grad=True)
+    triton="sparse_kd_loss", saves_grad=True, cuda_cpp=False)  # no CUDA C++ kernel yet: Triton on CUDA
 
 TRUNCATIONS = ("renormalize", "tail")
 
