@@ -294,12 +294,13 @@ def _autocast(hidden, weight):
     """Under torch.autocast, a head's hidden states and weight in autocast's dtype, as F.linear
     would multiply them (a bfloat16 hidden state meets a float32 lm_head in mixed-precision
     training). The cast is differentiable: a float32 weight gets a float32 gradient. Outside
-    autocast, or for non-tensors and devices autocast does not know (meta tensors), which the
-    checks then name, unchanged."""
+    autocast, or for non-tensors and meta tensors (which autocast has no key for), which the
+    checks then name, unchanged. (torch.amp.is_autocast_available would say so for any device,
+    but torch 2.11's Dynamo cannot trace it.)"""
     if not (isinstance(hidden, Tensor) and isinstance(weight, Tensor)):
         return hidden, weight
     device = hidden.device.type
-    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+    if device == "meta" or not torch.is_autocast_enabled(device):
         return hidden, weight
     dtype = torch.get_autocast_dtype(device)
     return hidden.to(dtype), weight.to(dtype)
