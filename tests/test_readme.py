@@ -1,10 +1,13 @@
-"""Every ```python block of README.md runs as written.
+"""Every ```python block of README.md runs as written, and its demo tables are what the runs
+kept in benchmarks/demo/ gave (scripts/readme_tables.py writes them).
 
 Blocks run in order, each in a fresh namespace, in a temporary working folder. A block may
 be left out only by an HTML comment on the line just before it that says why:
 ``<!-- readme-test: skip (needs a GPU) -->``.
 """
+import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,3 +62,35 @@ def test_readme_block_runs(heading, line, code, skip, tmp_path, monkeypatch):
     if heading.startswith("Main job"):  # the main job's snippet adapts: the student beats its teacher
         teacher = namespace["source_only"].evaluate(namespace["target"].test)["accuracy"]
         assert namespace["trainer"].history["validation"][-1]["accuracy"] > teacher + 0.05
+
+
+# The demo tables: the runs behind them are kept as `lepton-fast demo --json` wrote them.
+ROOT = README.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import readme_tables  # noqa: E402
+
+DEMO_RUNS = sorted((ROOT / "benchmarks" / "demo").glob("*.json"))
+
+
+def test_every_demo_task_has_its_run_kept():
+    assert {p.stem for p in DEMO_RUNS} == {"digits", "sentiment", "speech"}
+
+
+@pytest.mark.parametrize("path", DEMO_RUNS, ids=[p.stem for p in DEMO_RUNS])
+def test_readme_demo_table_is_what_its_run_gave(path):
+    run = json.loads(path.read_text(encoding="utf-8"))
+    text = README.read_text(encoding="utf-8")
+    assert readme_tables.rewrite(text, run) == text, f"python scripts/readme_tables.py {path.relative_to(ROOT)}"
+    assert len(run["seeds"]) == 3
+
+
+def test_readme_tables_rewrite_only_their_block():
+    run = {"task": "t", "table": {name: {m: {"mean": 0.5 + i / 100, "std": 0.01} for m in
+                                         ("accuracy", "macro_recall", "macro_f1", "seconds")}
+                                  for i, name in enumerate(["teacher", "bound", "a", "b"])}}
+    text = "before\n<!-- demo-table:t -->\nold\n<!-- /demo-table:t -->\nafter\n"
+    new = readme_tables.rewrite(text, run)
+    assert new.startswith("before\n<!-- demo-table:t -->\n| row |") and new.endswith("<!-- /demo-table:t -->\nafter\n")
+    assert "| b | **53.00 ± 1.00** |" in new and "**" not in new.split("| b |")[0]
+    with pytest.raises(ValueError, match="demo-table:other"):
+        readme_tables.rewrite(text, {**run, "task": "other"})
