@@ -235,6 +235,13 @@ def labels_in_range(name: str, labels: Tensor, n_classes: int, ignore_index: int
     no_bad_values(bad, f"{name} must be in [0, {n_classes}) or equal ignore_index={ignore_index}", labels)
 
 
+def teacher_indices_in_range(indices: Tensor, read: Tensor, n_classes: int) -> None:
+    """Each sparse-teacher entry that is read (``read`` [N, K]) a class in [0, V) (the
+    reference kernels' check; the compiled kernels check the entries they read)."""
+    no_bad_values(read & ((indices < 0) | (indices >= n_classes)),
+                  f"teacher_indices must be in [0, {n_classes}) where teacher_mask is True", indices)
+
+
 # --- knowledge distillation: the hyper-parameters of every KD entry point ----------------------
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
