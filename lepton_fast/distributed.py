@@ -1,4 +1,4 @@
-"""Knowledge distillation across ranks: the vocabulary-parallel KD loss.
+"""Knowledge distillation across ranks: the vocabulary-parallel KD losses (dense and sparse teacher).
 
 When a language model's lm_head is split over its vocabulary (Megatron-LM's
 ColumnParallelLinear, a DTensor placed ``Shard(-1)``), each rank holds the logits of a
@@ -23,7 +23,12 @@ float64 for float64 logits):
 all-reduces per chunk of rows (:func:`chunk_loss_and_grad`), and one more of the hidden
 states' gradient [N, H_s].
 
-So the bytes sent per step are O(N), independent of the vocabulary. The slices' sizes are
+:func:`vocab_parallel_sparse_kd_loss` (a teacher stored as its top-k log-probabilities, the same
+on every rank) runs at most one all-reduce MAX of [N, <= 2] and one SUM of [N, K + <= 4] per
+forward (its docstring says which), none in the backward: O(N·K) bytes. Its per-rank steps are
+plain PyTorch for now (``lepton_fast.reference.sparse_slice_*``), not compiled kernels.
+
+So the bytes sent per step are O(N) (O(N·K) for the sparse teacher), independent of the vocabulary. The slices' sizes are
 exchanged once per process group (one all-gather of one integer at the first call, cached),
 and never for DTensors, whose layout says them.
 
