@@ -227,9 +227,10 @@ def vocab_parallel_sparse_kd_loss(
 
     Args:
         student_logits: [..., V_r] this rank's slice, float32, bfloat16, float16 or float64;
-            gradient flows here.
+            gradient flows here. Or a DTensor placed as for ``vocab_parallel_kd_loss``
+            (``Shard(-1)`` on one mesh dimension, ``Replicate()`` on the others).
         teacher_indices: [..., K] integer class ids into the whole vocabulary [0, V), the same
-            on every rank.
+            on every rank (a tensor, or a replicated DTensor, as are the mask and labels).
         teacher_logprobs, teacher_mask: [..., K], as for ``sparse_kd_loss``, the same on every
             rank.
         temperature, divergence, beta, truncation, alpha, label_smoothing, ignore_index,
@@ -241,7 +242,7 @@ def vocab_parallel_sparse_kd_loss(
 
     Returns:
         On every rank, the loss of the whole rows: a scalar, or [...] for ``"none"``; float32
-        (float64 for float64 logits).
+        (float64 for float64 logits). For a DTensor student a DTensor placed ``Replicate()``.
 
     Raises:
         TypeError, ValueError: as ``sparse_kd_loss`` (teacher indices and labels are checked
@@ -252,28 +253,37 @@ def vocab_parallel_sparse_kd_loss(
             second backward through one graph.
     """
     if _is_dtensor(student_logits):
-        raise TypeError("vocab_parallel_sparse_kd_loss takes this rank's slice as a plain tensor: pass "
-                        "student_logits.to_local() and group= the mesh dimension's group that shards the classes")
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("vocab_parallel_sparse_kd_loss needs torch.distributed initialised (init_process_group)")
-    group = dist.group.WORLD if group is None else group
+        from torch.distributed.tensor import DTensor, Replicate
+
+        local, mesh, group, class_offset, n_classes = _dtensor_slice(student_logits, group)
+        teacher_indices, teacher_logprobs, teacher_mask, labels = (
+            _replicated_local(name, x) for name, x in (("teacher_indices", teacher_indices),
+                                                       ("teacher_logprobs", teacher_logprobs),
+                                                       ("teacher_mask", teacher_mask), ("labels", labels)))
+        split = (class_offset, n_classes)
+    else:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("vocab_parallel_sparse_kd_loss needs torch.distributed initialised (init_process_group)")
+        local, group, split = student_logits, dist.group.WORLD if group is None else group, None
     try:  # every check before the first collective (vocab_parallel_kd_loss)
-        _validate.logits("student_logits", student_logits, empty_ok=True)
+        _validate.logits("student_logits", local, empty_ok=True)
         indices, logprobs, mask = _validate.sparse_teacher(teacher_indices, teacher_logprobs, teacher_mask,
-                                                           "student_logits", student_logits)
+                                                           "student_logits", local)
         _validate.choice("truncation", truncation, sparse_ops.TRUNCATIONS)
         o = _validate.kd_options(temperature, divergence, beta, alpha, label_smoothing, reduction,
-                                 num_items_in_batch, labels, "student_logits", student_logits)
+                                 num_items_in_batch, labels, "student_logits", local)
     except (TypeError, ValueError) as error:
-        refuse(group, error)
+        if split is None:
+            refuse(group, error)
         raise
-    student = _validate.as_rows(student_logits)
-    class_offset, n_classes = _slice_of(group, student.shape[-1], student.device)
+    student = _validate.as_rows(local)
+    class_offset, n_classes = split or _slice_of(group, student.shape[-1], student.device)
     compute_grad = student.requires_grad and torch.is_grad_enabled()  # (the Function's forward runs without grad)
     loss = _SparseSliceLoss.apply(student, lambda: _sparse_sharded_loss(
         student, indices, logprobs, mask, o, group, class_offset, n_classes, divergence, truncation, ignore_index,
         scale_by_t2, reduction, compute_grad))
-    return loss.reshape(student_logits.shape[:-1]) if reduction == "none" else loss
+    loss = loss.reshape(local.shape[:-1]) if reduction == "none" else loss
+    return loss if split is None else DTensor.from_local(loss, mesh, [Replicate()] * mesh.ndim, run_check=False)
 
 
 def _sparse_sharded_loss(student: Tensor, indices: Tensor, logprobs: Tensor, mask: Optional[Tensor],
@@ -448,6 +458,40 @@ def _vocab_mesh_dim(name: str, x) -> int:
     return sharded[0]
 
 
+def _dtensor_slice(student, group) -> tuple[Tensor, object, object, int, int]:
+    """(this rank's shard of the DTensor ``student``, its mesh, the group of the mesh dimension
+    that shards the classes, the shard's first class, the number of classes C); ValueError for
+    placements other than vocab_parallel_kd_loss's docstring says, or a ``group`` not the mesh's."""
+    mesh_dim = _vocab_mesh_dim("student_logits", student)
+    mesh = student.device_mesh
+    mesh_group = mesh.get_group(mesh_dim)
+    if group is not None and group != mesh_group:
+        raise ValueError(
+            f"group must be None or the group of the mesh dimension {mesh_dim} that shards the classes (of size "
+            f"{mesh.size(mesh_dim)}), got another group of size {dist.get_world_size(group)}"
+        )
+    # DTensor's Shard: torch.chunk's split, ceil(C / P) classes per rank while they last.
+    n_classes, parts, rank = student.shape[-1], mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
+    chunk = -(-n_classes // parts)
+    class_offset = min(rank * chunk, n_classes)
+    local = student.to_local()
+    if local.shape[-1] != min(chunk, n_classes - class_offset):
+        raise ValueError(f"student_logits: a local shard of {local.shape[-1]} classes where Shard(-1) of "
+                         f"{n_classes} over {parts} ranks gives {min(chunk, n_classes - class_offset)}")
+    return local, mesh, mesh_group, class_offset, n_classes
+
+
+def _replicated_local(name: str, x):
+    """x's local tensor when it is a DTensor (which must be replicated), else x as it is."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if not isinstance(x, DTensor):
+        return x
+    if not all(isinstance(p, Replicate) for p in x.placements):
+        raise ValueError(f"{name} must be replicated, got placements {tuple(x.placements)}")
+    return x.to_local()
+
+
 def _dtensor_loss(student, teacher, group, temperature, divergence, beta, labels, alpha, label_smoothing,
                   ignore_index, scale_by_t2, reduction, num_items_in_batch):
     from torch.distributed.tensor import DTensor, Replicate
@@ -455,7 +499,7 @@ def _dtensor_loss(student, teacher, group, temperature, divergence, beta, labels
     for name, x in (("student_logits", student), ("teacher_logits", teacher)):
         if not isinstance(x, DTensor):
             raise TypeError(f"{name} must be a DTensor like the other logits, got {type(x).__name__}")
-    mesh_dim = _vocab_mesh_dim("student_logits", student)
+    _vocab_mesh_dim("student_logits", student)
     if teacher.device_mesh != student.device_mesh or tuple(teacher.placements) != tuple(student.placements):
         raise ValueError(
             f"teacher_logits must be placed like student_logits ({tuple(student.placements)} on its mesh), got "
@@ -464,26 +508,9 @@ def _dtensor_loss(student, teacher, group, temperature, divergence, beta, labels
     if teacher.shape != student.shape:
         raise ValueError(f"teacher_logits has shape {tuple(teacher.shape)} but student_logits has shape "
                          f"{tuple(student.shape)}")
-    mesh = student.device_mesh
-    mesh_group = mesh.get_group(mesh_dim)
-    if group is not None and group != mesh_group:
-        raise ValueError(
-            f"group must be None or the group of the mesh dimension {mesh_dim} that shards the classes (of size "
-            f"{mesh.size(mesh_dim)}), got another group of size {dist.get_world_size(group)}"
-        )
-    if isinstance(labels, DTensor):
-        if not all(isinstance(p, Replicate) for p in labels.placements):
-            raise ValueError(f"labels must be replicated, got placements {tuple(labels.placements)}")
-        labels = labels.to_local()
-    # DTensor's Shard: torch.chunk's split, ceil(C / P) classes per rank while they last.
-    n_classes, parts, rank = student.shape[-1], mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
-    chunk = -(-n_classes // parts)
-    class_offset = min(rank * chunk, n_classes)
-    local_s, local_t = student.to_local(), teacher.to_local()
-    if local_s.shape[-1] != min(chunk, n_classes - class_offset):
-        raise ValueError(f"student_logits: a local shard of {local_s.shape[-1]} classes where Shard(-1) of "
-                         f"{n_classes} over {parts} ranks gives {min(chunk, n_classes - class_offset)}")
-    a = kd_ops.checked(local_s, local_t, temperature, divergence, beta, labels, alpha, label_smoothing, reduction,
-                       num_items_in_batch, slice_of_classes=True)
+    local_s, mesh, mesh_group, class_offset, n_classes = _dtensor_slice(student, group)
+    labels = _replicated_local("labels", labels)
+    a = kd_ops.checked(local_s, teacher.to_local(), temperature, divergence, beta, labels, alpha, label_smoothing,
+                       reduction, num_items_in_batch, slice_of_classes=True)
     loss = _sharded_loss(a, mesh_group, class_offset, n_classes, divergence, ignore_index, scale_by_t2, reduction)
     return DTensor.from_local(loss, mesh, [Replicate()] * mesh.ndim, run_check=False)

@@ -126,6 +126,24 @@ def _rank_bad_call(ctx, what):
     return None
 
 
+def _rank_dtensor(ctx, cases):
+    """[(loss, its placements, the student's whole gradient)] per case, the student a DTensor
+    placed Shard(-1) over the three ranks (13/13/11 classes), the teacher replicated DTensors."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = ctx.cache.setdefault("mesh", init_device_mesh("cpu", (3,)))
+    out = []
+    for data_kw, kw in cases:
+        s, idx, logp, mask, labels = data(**data_kw)
+        x = distribute_tensor(s, mesh, [Shard(-1)]).requires_grad_()
+        rep = lambda t: None if t is None else distribute_tensor(t, mesh, [Replicate()])  # noqa: E731
+        loss = vocab_parallel_sparse_kd_loss(x, rep(idx), rep(logp), rep(mask), labels=rep(labels), **kw)
+        loss.backward()
+        out.append((loss.to_local(), tuple(map(repr, loss.placements)), x.grad.full_tensor()))
+    return out
+
+
 # --- The tests --------------------------------------------------------------------------------
 
 
@@ -216,6 +234,19 @@ def test_float32_and_bfloat16_students(pool):
         for rank_answers in answers:
             torch.testing.assert_close(rank_answers[i][0].double(), want.detach(), **tol)
         torch.testing.assert_close(torch.cat([a[i][1] for a in answers], -1).double(), x.grad, **tol)
+
+
+def test_dtensor_shard_minus_one(pool):
+    cases = [(dict(seed=20, masked=True, labelled=True), dict(truncation="tail", alpha=0.3, temperature=2.0)),
+             (dict(seed=21), dict(divergence="jsd"))]
+    answers = pool.run(_rank_dtensor, cases)
+    for i, (data_kw, kw) in enumerate(cases):
+        want_loss, want_grad = oracle(data_kw, kw)
+        for rank_answers in answers:
+            loss, placements, grad = rank_answers[i]
+            assert placements == ("Replicate()",)
+            torch.testing.assert_close(loss, want_loss, **F64_TOL)
+            torch.testing.assert_close(grad, want_grad, **F64_TOL)
 
 
 def test_collectives_per_step(pool):
