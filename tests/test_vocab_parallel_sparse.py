@@ -119,6 +119,9 @@ def _rank_bad_call(ctx, what):
         kw = dict(truncation="bogus") if ctx.rank == 1 else {}
     elif what == "index out of range":
         idx[2, 1] = V
+    elif what == "undefined row":  # -inf on every rank: no softmax, whose mass "tail" needs
+        s[1] = float("-inf")
+        kw = dict(truncation="tail")
     try:
         vocab_parallel_sparse_kd_loss(s[:, lo:hi], idx, logp, mask, group=group, labels=labels, **kw)
     except (ValueError, TypeError) as e:
@@ -270,6 +273,7 @@ def test_collectives_per_step(pool):
 @pytest.mark.parametrize("what,message", [
     ("one rank refused", r"truncation must be one of|rank 1 of the group refused"),
     ("index out of range", r"teacher_indices must be in \[0, 37\)"),
+    ("undefined row", r"student_logits or teacher_logprobs: a row is entirely -inf"),
 ])
 def test_bad_input_raises_on_every_rank(pool, what, message):
     errors = pool.run(_rank_bad_call, what)
