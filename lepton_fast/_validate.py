@@ -191,8 +191,8 @@ def common_dtype(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 
 def as_rows(x: Tensor) -> Tensor:
     """[..., C] -> [N, C] with unit stride along C, as the kernels read it (a view when possible)."""
-    if x.dim() != 2:
-        x = x.reshape(-1, x.shape[-1])
+    if x.dim() != 2:  # N spelled out: -1 is ambiguous for C = 0 (a rank's empty slice of the classes)
+        x = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     return x if x.stride(-1) == 1 else x.contiguous()
 
 

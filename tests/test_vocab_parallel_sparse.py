@@ -39,12 +39,12 @@ def pool():
 
 
 def data(seed, n=6, k=5, *, teacher="top_k", masked=False, labelled=False, ignore_value=-100,
-         dtype=torch.float64):
+         dtype=torch.float64, lead=None):
     """(student [n, V], indices [n, k], logprobs [n, k], mask or None, labels or None), the
     same on every rank. ``teacher``: "top_k" (distinct classes, the teacher's most likely, in a
     random order) or "random" (classes drawn with replacement: duplicates). ``masked``: a
     random third of the entries masked, and row 1 entirely. ``labelled``: a third of the rows
-    labelled ``ignore_value`` ("all": every row)."""
+    labelled ``ignore_value`` ("all": every row). ``lead``: the rows as these leading dims."""
     g = torch.Generator().manual_seed(seed)
     s = (torch.randn(n, V, generator=g, dtype=torch.float64) * 3).to(dtype)
     t = torch.randn(n, V, generator=g, dtype=torch.float64) * 3
@@ -65,6 +65,8 @@ def data(seed, n=6, k=5, *, teacher="top_k", masked=False, labelled=False, ignor
     if labelled:
         labels = torch.randint(0, V, (n,), generator=g)
         labels[::1 if labelled == "all" else 3] = ignore_value
+    if lead is not None:  # the n rows as [*lead] leading dims
+        return tuple(None if t is None else t.reshape(*lead, *t.shape[1:]) for t in (s, idx, logp, mask, labels))
     return s, idx, logp, mask, labels
 
 
@@ -81,7 +83,7 @@ def _rank_cases(ctx, split, cases):
     out = []
     for data_kw, kw, grad_output in cases:
         s, idx, logp, mask, labels = data(**data_kw)
-        x = s[:, lo:hi].clone().requires_grad_()
+        x = s[..., lo:hi].clone().requires_grad_()
         loss = vocab_parallel_sparse_kd_loss(x, idx, logp, mask, group=group, labels=labels, **kw)
         loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
         out.append((loss.detach(), x.grad))
@@ -209,6 +211,8 @@ def test_edge_cases(pool):
             (dict(seed=12, labelled=True), dict(kw, reduction="mean", num_items_in_batch=torch.tensor(5.0)), None),
             (dict(seed=13, labelled=True, ignore_value=-1), dict(kw, ignore_index=-1, alpha=0.3), None),
             (dict(seed=14, k=7), dict(kw, divergence="jsd", beta=0.0, scale_by_t2=False, temperature=2.0), None),
+            (dict(seed=22, labelled=True, masked=True, lead=(2, 3)), dict(kw, reduction="none", alpha=0.2),
+             go_rows.reshape(2, 3)),
         ]
     assert_cases_match(pool, "3-empty", cases)
 
