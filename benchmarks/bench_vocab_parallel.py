@@ -8,9 +8,10 @@
 A training step is the loss's forward and backward (forward KL, T = 2, labels with every
 seventh row ignored, alpha 0.1) on fresh random logits (randn * 3, made outside the timed
 region; the sparse teacher: K distinct classes per row spread over the vocabulary, with
-log-probabilities that leave a tail of 0.1, the same on every rank). Each variant runs in processes of its own, as it would in training (so that the CPU
-gradient buffer is recycled from step to step, csrc/cpu/grad_buffer.h), and each round runs
-the variants one after the other, so that the load of a shared machine falls on all of them:
+log-probabilities that leave a tail of 0.1, the same on every rank). Each variant runs in
+processes of its own, as it would in training (so that the CPU gradient buffer is recycled
+from step to step, csrc/cpu/grad_buffer.h), and each round runs the variants one after the
+other, so that the load of a shared machine falls on all of them:
 
 - ``single, 2 threads``: fused_kd_loss on the whole [N, V] in one process with two intra-op
   threads: the same total work on the same two cores as the two ranks;

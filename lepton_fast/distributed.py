@@ -28,9 +28,9 @@ on every rank) runs at most one all-reduce MAX of [N, <= 2] and one SUM of [N, K
 forward (its docstring says which), none in the backward: O(N·K) bytes. Its per-rank steps are
 plain PyTorch for now (``lepton_fast.reference.sparse_slice_*``), not compiled kernels.
 
-So the bytes sent per step are O(N) (O(N·K) for the sparse teacher), independent of the vocabulary. The slices' sizes are
-exchanged once per process group (one all-gather of one integer at the first call, cached),
-and never for DTensors, whose layout says them.
+So the bytes sent per step are O(N) (O(N·K) for the sparse teacher), independent of the
+vocabulary. The slices' sizes are exchanged once per process group (one all-gather of one
+integer at the first call, cached), and never for DTensors, whose layout says them.
 
 Argument errors: every argument is checked before the op's first collective, and at a group's
 first call the size exchange carries each rank's verdict (-1 for refused arguments, ``refuse``;

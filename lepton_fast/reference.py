@@ -4,7 +4,9 @@ This module is the single source of truth for the math. It is the oracle of the 
 in float64), the math of the reference kernels (lepton_fast/ops/_reference.py adapts it to
 the op schemas: the CPU kernels without the extension) and the baseline of the
 benchmarks (eager and under torch.compile). It computes in float32 at least, whatever the
-input dtype, as the kernels do; autograd gives its gradients.
+input dtype, as the kernels do; autograd gives its gradients. Until they have kernels, its
+sparse_slice_* functions are also the per-rank steps of
+lepton_fast.distributed.vocab_parallel_sparse_kd_loss.
 """
 from __future__ import annotations
 
@@ -475,10 +477,10 @@ def kd_slice_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor
 # class ids, the same on every rank; ``column`` [N, K] is each counted entry's column in the
 # slice, -1 for the entries that do not count or lie in another slice (sparse_slice_columns).
 # Maxima [N, 2] (SP_MAX: of the slice's logits; SP_MAX_UNLISTED: of those no counted entry
-# lists), merged by their max; against the merged maxima, sums [N, SP_ENTRIES + K] (SP_SUM, SP_SUM_UNLISTED:
-# sum exp((x - max) / T); SP_SUM_CE: sum exp(x - max); SP_LIN_CE: the CE's linear part; then the
-# student's logits at the entries in the slice, 0 elsewhere), merged by their sum: each entry's
-# logit comes from the one slice that holds it.
+# lists), merged by their max; against the merged maxima, sums [N, SP_ENTRIES + K] (SP_SUM,
+# SP_SUM_UNLISTED: sum exp((x - max) / T); SP_SUM_CE: sum exp(x - max); SP_LIN_CE: the CE's
+# linear part; then the student's logits at the entries in the slice, 0 elsewhere), merged by
+# their sum: each entry's logit comes from the one slice that holds it.
 SP_MAX, SP_MAX_UNLISTED = range(2)
 SP_SUM, SP_SUM_UNLISTED, SP_SUM_CE, SP_LIN_CE, SP_ENTRIES = range(5)
 
