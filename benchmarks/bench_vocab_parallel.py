@@ -1,13 +1,17 @@
-"""vocab_parallel_kd_loss on two gloo ranks against fused_kd_loss in one process (CPU).
+"""vocab_parallel_kd_loss on two gloo ranks against fused_kd_loss in one process (CPU); with
+``--teacher-k K``, vocab_parallel_sparse_kd_loss against sparse_kd_loss instead.
 
     python benchmarks/bench_vocab_parallel.py                 # N=2048, V=32000, float32
     python benchmarks/bench_vocab_parallel.py --rows 512 --vocab 8000 --rounds 3
+    python benchmarks/bench_vocab_parallel.py --teacher-k 64  # the sparse teacher, "tail"
 
 A training step is the loss's forward and backward (forward KL, T = 2, labels with every
 seventh row ignored, alpha 0.1) on fresh random logits (randn * 3, made outside the timed
-region). Each variant runs in processes of its own, as it would in training (so that the CPU
-gradient buffer is recycled from step to step, csrc/cpu/grad_buffer.h), and each round runs
-the variants one after the other, so that the load of a shared machine falls on all of them:
+region; the sparse teacher: K distinct classes per row spread over the vocabulary, with
+log-probabilities that leave a tail of 0.1, the same on every rank). Each variant runs in
+processes of its own, as it would in training (so that the CPU gradient buffer is recycled
+from step to step, csrc/cpu/grad_buffer.h), and each round runs the variants one after the
+other, so that the load of a shared machine falls on all of them:
 
 - ``single, 2 threads``: fused_kd_loss on the whole [N, V] in one process with two intra-op
   threads: the same total work on the same two cores as the two ranks;
@@ -27,6 +31,7 @@ CPU (two gloo ranks)".
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -40,10 +45,11 @@ sys.path.append(str(Path(__file__).resolve().parent.parent / "tests"))  # rank_p
 
 from rank_pool import CollectiveRecorder, RankPool  # noqa: E402  (tests/rank_pool.py)
 
-from lepton_fast import fused_kd_loss  # noqa: E402
-from lepton_fast.distributed import vocab_parallel_kd_loss  # noqa: E402
+from lepton_fast import fused_kd_loss, sparse_kd_loss  # noqa: E402
+from lepton_fast.distributed import vocab_parallel_kd_loss, vocab_parallel_sparse_kd_loss  # noqa: E402
 
 KW = dict(temperature=2.0, alpha=0.1)
+SPARSE_KW = dict(KW, truncation="tail")
 
 
 def logits(rows, cols, seed):
@@ -58,9 +64,24 @@ def labels(rows, vocab, seed):
     return y
 
 
-def step(loss_fn, s, t, y):
+def sparse_teacher(rows, vocab, k, seed):
+    """(indices [rows, k], log-probabilities [rows, k]): k distinct classes per row, evenly
+    spaced from a random start (so that every rank's slice holds some), listed mass 0.9.
+    Built in O(rows k), so that no [rows, vocab] buffer shows in the memory peak."""
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, vocab, (rows, 1), generator=g)
+    idx = (start + torch.arange(k) * (vocab // k)) % vocab
+    return idx, torch.log_softmax(torch.randn(rows, k, generator=g) * 2, -1) + math.log(0.9)
+
+
+def step(loss_fn, s, teacher, y):
+    """A forward and backward of loss_fn (a dense form when ``teacher`` is one tensor, else the
+    sparse form on (indices, log-probabilities))."""
     x = s.requires_grad_()
-    loss_fn(x, t, labels=y, **KW).backward()
+    if isinstance(teacher, tuple):
+        loss_fn(x, *teacher, labels=y, **SPARSE_KW).backward()
+    else:
+        loss_fn(x, teacher, labels=y, **KW).backward()
     return x.grad
 
 
@@ -84,27 +105,33 @@ def _peak(ctx):
     return memory_kib("VmHWM")
 
 
-def _single_step(ctx, rows, cols, threads, seed):
-    """(seconds of a fused_kd_loss step on [rows, cols] in this process, None)."""
+def _single_step(ctx, rows, cols, threads, seed, k=0):
+    """(seconds of a fused_kd_loss step on [rows, cols] in this process (sparse_kd_loss with a
+    teacher of ``k`` entries), None)."""
     torch.set_num_threads(threads)
     s, t = logits(rows, cols, seed)
     y = labels(rows, cols, seed)
-    return timed(lambda: step(fused_kd_loss, s, t, y)), None
+    if k:
+        t = sparse_teacher(rows, cols, k, seed)
+    return timed(lambda: step(sparse_kd_loss if k else fused_kd_loss, s, t, y)), None
 
 
-def _rank_step(ctx, rows, vocab, seed, record):
-    """(seconds of a vocab_parallel_kd_loss step on this rank's slice, the collectives of one
-    more step when ``record``)."""
+def _rank_step(ctx, rows, vocab, seed, record, k=0):
+    """(seconds of a vocab_parallel_kd_loss step on this rank's slice (vocab_parallel_sparse_kd_loss
+    with a teacher of ``k`` entries), the collectives of one more step when ``record``)."""
     cols = (vocab + 1) // 2 if ctx.rank == 0 else vocab // 2
     s, t = logits(rows, cols, 2 * seed + ctx.rank)  # this rank's slice
     y = labels(rows, vocab, seed)
+    if k:
+        t = sparse_teacher(rows, vocab, k, seed)  # the same on every rank
+    loss_fn = vocab_parallel_sparse_kd_loss if k else vocab_parallel_kd_loss
     dist.barrier()
-    seconds = timed(lambda: step(vocab_parallel_kd_loss, s, t, y))
+    seconds = timed(lambda: step(loss_fn, s, t, y))
     if not record:
         return seconds, None
     s.grad = None
     with CollectiveRecorder() as rec:
-        step(vocab_parallel_kd_loss, s, t, y)
+        step(loss_fn, s, t, y)
     return seconds, rec.calls
 
 
@@ -113,14 +140,17 @@ def main(argv=None):
     parser.add_argument("--rows", type=int, default=2048)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--teacher-k", type=int, default=0,
+                        help="the sparse forms with a teacher of K entries per row (default: the dense forms)")
     args = parser.parse_args(argv)
-    n, v = args.rows, args.vocab
-    print(f"N={n} V={v} float32, forward KL T=2 + CE alpha=0.1, fwd+bwd; {args.rounds} rounds; "
+    n, v, k = args.rows, args.vocab, args.teacher_k
+    teacher = f'sparse teacher K={k}, "tail"' if k else "dense teacher"
+    print(f"N={n} V={v} float32, {teacher}, forward KL T=2 + CE alpha=0.1, fwd+bwd; {args.rounds} rounds; "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
     variants = {
-        "single, 2 threads": (RankPool(1, poison=False), lambda r: (_single_step, n, v, 2, r)),
-        "single, 1 thread, V/2": (RankPool(1, poison=False), lambda r: (_single_step, n, v // 2, 1, r)),
-        "2 ranks x 1 thread": (RankPool(2, poison=False), lambda r: (_rank_step, n, v, r, False)),
+        "single, 2 threads": (RankPool(1, poison=False), lambda r: (_single_step, n, v, 2, r, k)),
+        "single, 1 thread, V/2": (RankPool(1, poison=False), lambda r: (_single_step, n, v // 2, 1, r, k)),
+        "2 ranks x 1 thread": (RankPool(2, poison=False), lambda r: (_rank_step, n, v, r, False, k)),
     }
     try:
         baseline = {name: max(pool.run(_baseline)) for name, (pool, _) in variants.items()}
@@ -133,7 +163,7 @@ def main(argv=None):
                 if r:
                     times[name].append(max(seconds for seconds, _ in answers))
         peak = {name: max(pool.run(_peak)) - baseline[name] for name, (pool, _) in variants.items()}
-        calls = variants["2 ranks x 1 thread"][0].run(_rank_step, n, v, 0, True)[0][1]
+        calls = variants["2 ranks x 1 thread"][0].run(_rank_step, n, v, 0, True, k)[0][1]
     finally:
         for pool, _ in variants.values():
             pool.close()
@@ -154,6 +184,11 @@ def test_smoke():
     """CI's smoke run (pytest benchmarks --benchmark-disable): a small shape, one round."""
     _, _, calls = main(["--rows", "64", "--vocab", "1000", "--rounds", "1"])
     assert [c[1] for c in calls] == ["MAX", "SUM"]
+
+
+def test_smoke_sparse():
+    _, _, calls = main(["--rows", "64", "--vocab", "1000", "--rounds", "1", "--teacher-k", "8"])
+    assert [(c[1], c[2]) for c in calls] == [("MAX", [(64, 2)]), ("SUM", [(64, 8 + 4)])]
 
 
 if __name__ == "__main__":

@@ -191,8 +191,8 @@ def common_dtype(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 
 def as_rows(x: Tensor) -> Tensor:
     """[..., C] -> [N, C] with unit stride along C, as the kernels read it (a view when possible)."""
-    if x.dim() != 2:
-        x = x.reshape(-1, x.shape[-1])
+    if x.dim() != 2:  # N spelled out: -1 is ambiguous for C = 0 (a rank's empty slice of the classes)
+        x = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
@@ -233,6 +233,13 @@ def labels_in_range(name: str, labels: Tensor, n_classes: int, ignore_index: int
     compiled kernels check the labels they read)."""
     bad = ((labels < 0) | (labels >= n_classes)) & (labels != ignore_index)
     no_bad_values(bad, f"{name} must be in [0, {n_classes}) or equal ignore_index={ignore_index}", labels)
+
+
+def teacher_indices_in_range(indices: Tensor, read: Tensor, n_classes: int) -> None:
+    """Each sparse-teacher entry that is read (``read`` [N, K]) a class in [0, V) (the
+    reference kernels' check; the compiled kernels check the entries they read)."""
+    no_bad_values(read & ((indices < 0) | (indices >= n_classes)),
+                  f"teacher_indices must be in [0, {n_classes}) where teacher_mask is True", indices)
 
 
 # --- knowledge distillation: the hyper-parameters of every KD entry point ----------------------

@@ -1,4 +1,4 @@
-"""Knowledge distillation across ranks: the vocabulary-parallel KD loss.
+"""Knowledge distillation across ranks: the vocabulary-parallel KD losses (dense and sparse teacher).
 
 When a language model's lm_head is split over its vocabulary (Megatron-LM's
 ColumnParallelLinear, a DTensor placed ``Shard(-1)``), each rank holds the logits of a
@@ -23,9 +23,14 @@ float64 for float64 logits):
 all-reduces per chunk of rows (:func:`chunk_loss_and_grad`), and one more of the hidden
 states' gradient [N, H_s].
 
-So the bytes sent per step are O(N), independent of the vocabulary. The slices' sizes are
-exchanged once per process group (one all-gather of one integer at the first call, cached),
-and never for DTensors, whose layout says them.
+:func:`vocab_parallel_sparse_kd_loss` (a teacher stored as its top-k log-probabilities, the same
+on every rank) runs at most one all-reduce MAX of [N, <= 2] and one SUM of [N, K + <= 4] per
+forward (its docstring says which), none in the backward: O(N·K) bytes. Its per-rank steps are
+plain PyTorch for now (``lepton_fast.reference.sparse_slice_*``), not compiled kernels.
+
+So the bytes sent per step are O(N) (O(N·K) for the sparse teacher), independent of the
+vocabulary. The slices' sizes are exchanged once per process group (one all-gather of one
+integer at the first call, cached), and never for DTensors, whose layout says them.
 
 Argument errors: every argument is checked before the op's first collective, and at a group's
 first call the size exchange carries each rank's verdict (-1 for refused arguments, ``refuse``;
@@ -44,9 +49,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lepton_fast import _validate
+from lepton_fast.ops import _autograd
 from lepton_fast.ops import kd_loss as kd_ops
+from lepton_fast.ops import sparse_kd_loss as sparse_ops
 
-__all__ = ["vocab_parallel_kd_loss"]
+__all__ = ["vocab_parallel_kd_loss", "vocab_parallel_sparse_kd_loss"]
 
 Scalar = Union[float, Tensor]
 
@@ -170,6 +178,174 @@ def _merged_statistics(backend: str, a: kd_ops.KDArgs, group, divergence: str, i
     return merged, jsd_sums
 
 
+def vocab_parallel_sparse_kd_loss(
+    student_logits: Tensor,
+    teacher_indices: Tensor,
+    teacher_logprobs: Tensor,
+    teacher_mask: Optional[Tensor] = None,
+    temperature: Scalar = 1.0,
+    *,
+    group: Optional[dist.ProcessGroup] = None,
+    divergence: str = "forward_kl",
+    beta: Scalar = 0.5,
+    truncation: str = "renormalize",
+    labels: Optional[Tensor] = None,
+    alpha: Scalar = 0.0,
+    label_smoothing: Scalar = 0.0,
+    ignore_index: int = -100,
+    scale_by_t2: bool = True,
+    reduction: str = "mean",
+    num_items_in_batch: Optional[Union[int, Tensor]] = None,
+) -> Tensor:
+    r""":func:`lepton_fast.sparse_kd_loss` of student logits whose classes are split over ranks.
+
+    Each rank of ``group`` passes the student's logits of its contiguous slice of the V
+    classes, in rank order (rank 0 the first classes; slices may differ in size, and may be
+    empty), and the same teacher on every rank: its entries' global class ids, their stored
+    log-probabilities and mask. Every rank gets the loss of the gathered [..., V] logits,
+    exactly as ``sparse_kd_loss`` gives it on one device (its docstring has the buckets of
+    the two truncations, the temperature, the entries that count, the CE term and the
+    reductions), and ``backward`` gives each rank the gradient of its own slice.
+
+    Per forward, for N rows and K entries (module docstring): at most one all-reduce MAX of
+    [N, <= 2] (the row's max, and under "tail" the max of the classes no entry lists) and one
+    all-reduce SUM of [N, K + <= 4] (the student's logits at the entries, each from the rank
+    that holds it, and the sums of exponentials against those maxima that "tail" and the CE
+    need, with the CE's linear part); "renormalize" without the CE needs only the [N, K]
+    logits at the entries. The backward: none. So a step sends O(N·K) bytes whatever V.
+    "tail" takes the student's mass outside the entries from the log-sum-exp of the classes
+    not listed, with a max of its own, not as the whole row's mass minus the entries' (exact
+    when that tail is far below the entries' mass, at a small T).
+
+    What runs where: the per-rank steps are plain PyTorch (``lepton_fast.reference``'s
+    ``sparse_slice_maxima``, ``sparse_slice_sums`` and ``sparse_slice_loss``; no compiled
+    kernel yet), on any device: each reads the rank's slice a few times and allocates a few
+    [N, C_r] temporaries (its logits in float32, the unlisted classes, the gradient), and
+    never the whole [N, V]. The rows' divergence and its derivatives with respect to the
+    merged statistics ([N, <= K + 4]) come from autograd; the chain rule to the slice is
+    written out.
+
+    Args:
+        student_logits: [..., V_r] this rank's slice, float32, bfloat16, float16 or float64;
+            gradient flows here. Or a DTensor placed as for ``vocab_parallel_kd_loss``
+            (``Shard(-1)`` on one mesh dimension, ``Replicate()`` on the others).
+        teacher_indices: [..., K] integer class ids into the whole vocabulary [0, V), the same
+            on every rank (a tensor, or a replicated DTensor, as are the mask and labels).
+        teacher_logprobs, teacher_mask: [..., K], as for ``sparse_kd_loss``, the same on every
+            rank.
+        temperature, divergence, beta, truncation, alpha, label_smoothing, ignore_index,
+            scale_by_t2, reduction, num_items_in_batch: as for ``sparse_kd_loss``, the same on
+            every rank.
+        group: the process group the classes are split over (default: the world).
+        labels: optional [...] integer class ids into the whole vocabulary, the same on every
+            rank.
+
+    Returns:
+        On every rank, the loss of the whole rows: a scalar, or [...] for ``"none"``; float32
+        (float64 for float64 logits). For a DTensor student a DTensor placed ``Replicate()``.
+
+    Raises:
+        TypeError, ValueError: as ``sparse_kd_loss`` (teacher indices and labels are checked
+            against the whole vocabulary [0, V)); also a slice whose size differs from the one
+            this rank passed to the group before. A refusal at a group's first call stops every
+            rank (``RefusedOnAnotherRank`` on the others), as for ``vocab_parallel_kd_loss``.
+        RuntimeError: torch.distributed is not initialised; a second-order gradient, or a
+            second backward through one graph.
+    """
+    if _is_dtensor(student_logits):
+        from torch.distributed.tensor import DTensor, Replicate
+
+        local, mesh, group, class_offset, n_classes = _dtensor_slice(student_logits, group)
+        teacher_indices, teacher_logprobs, teacher_mask, labels = (
+            _replicated_local(name, x) for name, x in (("teacher_indices", teacher_indices),
+                                                       ("teacher_logprobs", teacher_logprobs),
+                                                       ("teacher_mask", teacher_mask), ("labels", labels)))
+        split = (class_offset, n_classes)
+    else:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("vocab_parallel_sparse_kd_loss needs torch.distributed initialised (init_process_group)")
+        local, group, split = student_logits, dist.group.WORLD if group is None else group, None
+    try:  # every check before the first collective (vocab_parallel_kd_loss)
+        _validate.logits("student_logits", local, empty_ok=True)
+        indices, logprobs, mask = _validate.sparse_teacher(teacher_indices, teacher_logprobs, teacher_mask,
+                                                           "student_logits", local)
+        _validate.choice("truncation", truncation, sparse_ops.TRUNCATIONS)
+        o = _validate.kd_options(temperature, divergence, beta, alpha, label_smoothing, reduction,
+                                 num_items_in_batch, labels, "student_logits", local)
+    except (TypeError, ValueError) as error:
+        if split is None:
+            refuse(group, error)
+        raise
+    student = _validate.as_rows(local)
+    class_offset, n_classes = split or _slice_of(group, student.shape[-1], student.device)
+    compute_grad = student.requires_grad and torch.is_grad_enabled()  # (the Function's forward runs without grad)
+    loss = _SparseSliceLoss.apply(student, lambda: _sparse_sharded_loss(
+        student, indices, logprobs, mask, o, group, class_offset, n_classes, divergence, truncation, ignore_index,
+        scale_by_t2, reduction, compute_grad))
+    loss = loss.reshape(local.shape[:-1]) if reduction == "none" else loss
+    return loss if split is None else DTensor.from_local(loss, mesh, [Replicate()] * mesh.ndim, run_check=False)
+
+
+def _sparse_sharded_loss(student: Tensor, indices: Tensor, logprobs: Tensor, mask: Optional[Tensor],
+                         o: _validate.KDOptions, group, class_offset: int, n_classes: int, divergence: str,
+                         truncation: str, ignore_index: int, scale_by_t2: bool, reduction: str,
+                         compute_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """(the loss of the whole rows, d(loss)/d(this rank's slice) or None): the steps of
+    reference.sparse_slice_* with the all-reduces of vocab_parallel_sparse_kd_loss between them."""
+    from lepton_fast import reference as ref  # the per-rank steps (no compiled kernel yet)
+    from lepton_fast.ops._reference import rows_defined
+
+    # The arguments that are the same on every rank fail on every rank alike, before a collective.
+    if o.labels is not None:
+        _validate.labels_in_range("labels", o.labels, n_classes, ignore_index)
+    read = ref.sparse_teacher_entries(indices, mask, o.labels, ignore_index)
+    _validate.teacher_indices_in_range(indices, read, n_classes)
+    counted = ref.sparse_counted_entries(indices, read)
+    column = ref.sparse_slice_columns(indices, counted, class_offset, student.shape[-1])
+    temperature, alpha = float(o.temperature), float(o.alpha)
+    soft, ce = alpha < 1, alpha > 0
+    tail = soft and truncation == "tail"
+    maxima = ref.sparse_slice_maxima(student, column, tail=tail)
+    max_cols = ([ref.SP_MAX] if tail or ce else []) + ([ref.SP_MAX_UNLISTED] if tail else [])
+    if max_cols:
+        merged = maxima[:, max_cols].contiguous()
+        dist.all_reduce(merged, op=dist.ReduceOp.MAX, group=group)
+        maxima[:, max_cols] = merged
+    sums = ref.sparse_slice_sums(student, column, o.labels, maxima, temperature=temperature,
+                                 label_smoothing=float(o.label_smoothing), ignore_index=ignore_index,
+                                 class_offset=class_offset, n_classes=n_classes, soft=soft, tail=tail, ce=ce)
+    sum_cols = (([ref.SP_SUM, ref.SP_SUM_UNLISTED] if tail else []) + ([ref.SP_SUM_CE, ref.SP_LIN_CE] if ce else [])
+                + (list(range(ref.SP_ENTRIES, sums.shape[1])) if soft else []))
+    merged = sums[:, sum_cols].contiguous()
+    dist.all_reduce(merged, group=group)
+    sums[:, sum_cols] = merged
+    loss, grad = ref.sparse_slice_loss(
+        student, column, counted, logprobs, o.labels, maxima, sums, temperature=temperature, divergence=divergence,
+        beta=float(o.beta), truncation=truncation, alpha=alpha, label_smoothing=float(o.label_smoothing),
+        ignore_index=ignore_index, scale_by_t2=scale_by_t2, reduction=reduction, num_items_in_batch=o.num_items,
+        class_offset=class_offset, n_classes=n_classes, compute_grad=compute_grad)
+    rows_defined(loss.reshape(-1), "vocab_parallel_sparse_kd_loss: student_logits or teacher_logprobs")
+    return loss, grad
+
+
+class _SparseSliceLoss(torch.autograd.Function):
+    """The loss of ``compute()`` (loss, d(loss)/d(student) or None), whose gradient was written
+    during the forward; the backward scales it by grad_output (ops/_autograd.py)."""
+
+    @staticmethod
+    def forward(ctx, student, compute):
+        loss, grad = compute()
+        ctx.save_for_backward(grad)
+        ctx.used = False
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        _autograd.check_backward(ctx, "sparse_kd_loss")
+        (grad,) = ctx.saved_tensors
+        return _autograd.times(grad, grad_loss), None
+
+
 class VocabSplit(NamedTuple):
     """This rank's slice of the vocabulary in ``group`` and the backend of the slice ops:
     what fused_linear_kd_loss(group=) hands its chunk loop (lepton_fast/ops/linear_kd_loss.py)."""
@@ -282,6 +458,40 @@ def _vocab_mesh_dim(name: str, x) -> int:
     return sharded[0]
 
 
+def _dtensor_slice(student, group) -> tuple[Tensor, object, object, int, int]:
+    """(this rank's shard of the DTensor ``student``, its mesh, the group of the mesh dimension
+    that shards the classes, the shard's first class, the number of classes C); ValueError for
+    placements other than vocab_parallel_kd_loss's docstring says, or a ``group`` not the mesh's."""
+    mesh_dim = _vocab_mesh_dim("student_logits", student)
+    mesh = student.device_mesh
+    mesh_group = mesh.get_group(mesh_dim)
+    if group is not None and group != mesh_group:
+        raise ValueError(
+            f"group must be None or the group of the mesh dimension {mesh_dim} that shards the classes (of size "
+            f"{mesh.size(mesh_dim)}), got another group of size {dist.get_world_size(group)}"
+        )
+    # DTensor's Shard: torch.chunk's split, ceil(C / P) classes per rank while they last.
+    n_classes, parts, rank = student.shape[-1], mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
+    chunk = -(-n_classes // parts)
+    class_offset = min(rank * chunk, n_classes)
+    local = student.to_local()
+    if local.shape[-1] != min(chunk, n_classes - class_offset):
+        raise ValueError(f"student_logits: a local shard of {local.shape[-1]} classes where Shard(-1) of "
+                         f"{n_classes} over {parts} ranks gives {min(chunk, n_classes - class_offset)}")
+    return local, mesh, mesh_group, class_offset, n_classes
+
+
+def _replicated_local(name: str, x):
+    """x's local tensor when it is a DTensor (which must be replicated), else x as it is."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if not isinstance(x, DTensor):
+        return x
+    if not all(isinstance(p, Replicate) for p in x.placements):
+        raise ValueError(f"{name} must be replicated, got placements {tuple(x.placements)}")
+    return x.to_local()
+
+
 def _dtensor_loss(student, teacher, group, temperature, divergence, beta, labels, alpha, label_smoothing,
                   ignore_index, scale_by_t2, reduction, num_items_in_batch):
     from torch.distributed.tensor import DTensor, Replicate
@@ -289,7 +499,7 @@ def _dtensor_loss(student, teacher, group, temperature, divergence, beta, labels
     for name, x in (("student_logits", student), ("teacher_logits", teacher)):
         if not isinstance(x, DTensor):
             raise TypeError(f"{name} must be a DTensor like the other logits, got {type(x).__name__}")
-    mesh_dim = _vocab_mesh_dim("student_logits", student)
+    _vocab_mesh_dim("student_logits", student)
     if teacher.device_mesh != student.device_mesh or tuple(teacher.placements) != tuple(student.placements):
         raise ValueError(
             f"teacher_logits must be placed like student_logits ({tuple(student.placements)} on its mesh), got "
@@ -298,26 +508,9 @@ def _dtensor_loss(student, teacher, group, temperature, divergence, beta, labels
     if teacher.shape != student.shape:
         raise ValueError(f"teacher_logits has shape {tuple(teacher.shape)} but student_logits has shape "
                          f"{tuple(student.shape)}")
-    mesh = student.device_mesh
-    mesh_group = mesh.get_group(mesh_dim)
-    if group is not None and group != mesh_group:
-        raise ValueError(
-            f"group must be None or the group of the mesh dimension {mesh_dim} that shards the classes (of size "
-            f"{mesh.size(mesh_dim)}), got another group of size {dist.get_world_size(group)}"
-        )
-    if isinstance(labels, DTensor):
-        if not all(isinstance(p, Replicate) for p in labels.placements):
-            raise ValueError(f"labels must be replicated, got placements {tuple(labels.placements)}")
-        labels = labels.to_local()
-    # DTensor's Shard: torch.chunk's split, ceil(C / P) classes per rank while they last.
-    n_classes, parts, rank = student.shape[-1], mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
-    chunk = -(-n_classes // parts)
-    class_offset = min(rank * chunk, n_classes)
-    local_s, local_t = student.to_local(), teacher.to_local()
-    if local_s.shape[-1] != min(chunk, n_classes - class_offset):
-        raise ValueError(f"student_logits: a local shard of {local_s.shape[-1]} classes where Shard(-1) of "
-                         f"{n_classes} over {parts} ranks gives {min(chunk, n_classes - class_offset)}")
-    a = kd_ops.checked(local_s, local_t, temperature, divergence, beta, labels, alpha, label_smoothing, reduction,
-                       num_items_in_batch, slice_of_classes=True)
+    local_s, mesh, mesh_group, class_offset, n_classes = _dtensor_slice(student, group)
+    labels = _replicated_local("labels", labels)
+    a = kd_ops.checked(local_s, teacher.to_local(), temperature, divergence, beta, labels, alpha, label_smoothing,
+                       reduction, num_items_in_batch, slice_of_classes=True)
     loss = _sharded_loss(a, mesh_group, class_offset, n_classes, divergence, ignore_index, scale_by_t2, reduction)
     return DTensor.from_local(loss, mesh, [Replicate()] * mesh.ndim, run_check=False)

@@ -4,7 +4,9 @@ This module is the single source of truth for the math. It is the oracle of the 
 in float64), the math of the reference kernels (lepton_fast/ops/_reference.py adapts it to
 the op schemas: the CPU kernels without the extension) and the baseline of the
 benchmarks (eager and under torch.compile). It computes in float32 at least, whatever the
-input dtype, as the kernels do; autograd gives its gradients.
+input dtype, as the kernels do; autograd gives its gradients. Until they have kernels, its
+sparse_slice_* functions are also the per-rank steps of
+lepton_fast.distributed.vocab_parallel_sparse_kd_loss.
 """
 from __future__ import annotations
 
@@ -234,28 +236,52 @@ def sparse_buckets(student_logits: Tensor, teacher_indices: Tensor, teacher_logp
         its exact mass outside them, from the log-sum-exp of the classes not listed.
     At T = 1 and sum exp(lp) <= 1 the tail's teacher is exp(lp) as given. Each softmax at T
     is of :func:`scaled_logits` (the max subtracted before the division), of the counted
-    entries where it is over them.
+    entries where it is over them. The two sides are :func:`sparse_teacher_buckets` and
+    :func:`sparse_student_buckets`.
     """
     x = _acc(student_logits)
-    lp = teacher_logprobs.detach().to(x.dtype)  # the student's accumulation dtype, whatever theirs
-    log_t = _log_softmax_over(scaled_logits(torch.where(counted, lp, NEG_INF), temperature), counted)
-    at = torch.where(counted, teacher_indices, 0)
+    log_t = sparse_teacher_buckets(teacher_logprobs, counted, x.shape[-1], temperature=temperature,
+                                   truncation=truncation, dtype=x.dtype)
+    x_at = x.gather(1, torch.where(counted, teacher_indices, 0))
     if truncation == "renormalize":
-        x_at = torch.where(counted, x.gather(1, at), NEG_INF)
-        return log_t, _log_softmax_over(scaled_logits(x_at, temperature), counted)
+        return log_t, sparse_student_buckets(x_at, counted, temperature=temperature, truncation=truncation)
     z = scaled_logits(x, temperature)
-    z_at = z.gather(1, at)
-    n_classes = z.shape[-1]
+    listed = torch.zeros_like(z, dtype=torch.int32).scatter_add_(1, torch.where(counted, teacher_indices, 0),
+                                                                 counted.int()) > 0
+    lse = torch.logsumexp(z, -1)
+    lse_unlisted = _lse_or_neg_inf(torch.where(listed, NEG_INF, z))
+    return log_t, sparse_student_buckets(x_at, counted, temperature=temperature, truncation=truncation,
+                                         row_max=x.detach().amax(-1), lse=lse, lse_unlisted=lse_unlisted)
+
+
+def sparse_teacher_buckets(teacher_logprobs: Tensor, counted: Tensor, n_classes: int, *, temperature: float,
+                           truncation: str, dtype: torch.dtype) -> Tensor:
+    """The teacher's side of :func:`sparse_buckets` from its stored log-probabilities [N, K],
+    computed in ``dtype`` (the student's accumulation dtype), for rows of ``n_classes``."""
+    lp = teacher_logprobs.detach().to(dtype)
+    log_t = _log_softmax_over(scaled_logits(torch.where(counted, lp, NEG_INF), temperature), counted)
+    if truncation == "renormalize":
+        return log_t
     covers = counted.sum(-1) == n_classes
     log_listed = torch.where(covers, 0.0, _lse_or_neg_inf(torch.where(counted, lp, NEG_INF)).clamp(max=0.0))
     none_listed = (log_listed == NEG_INF)[:, None]
     log_t = torch.where(none_listed, NEG_INF, log_t + log_listed[:, None])
     log_t_tail = torch.log(-torch.expm1(log_listed))  # log(1 - L), exact for L near 1
-    listed = torch.zeros_like(z, dtype=torch.int32).scatter_add_(1, at, counted.int()) > 0
-    lse = torch.logsumexp(z, -1)
-    log_s = torch.where(counted, z_at - lse[:, None], NEG_INF)
-    log_s_tail = _lse_or_neg_inf(torch.where(listed, NEG_INF, z)) - lse
-    return torch.cat([log_t, log_t_tail[:, None]], 1), torch.cat([log_s, log_s_tail[:, None]], 1)
+    return torch.cat([log_t, log_t_tail[:, None]], 1)
+
+
+def sparse_student_buckets(x_at: Tensor, counted: Tensor, *, temperature: float, truncation: str,
+                           row_max: Tensor | None = None, lse: Tensor | None = None,
+                           lse_unlisted: Tensor | None = None) -> Tensor:
+    """The student's side of :func:`sparse_buckets` from its logits at the entries, x_at [N, K]
+    (any value where not counted), and under "tail" three [N] statistics of the whole row:
+    its max ``row_max`` (a constant), and the log-sum-exp of z = (x - row_max) / T over every
+    class (``lse``) and over the classes no counted entry lists (``lse_unlisted``)."""
+    if truncation == "renormalize":
+        x_at = torch.where(counted, x_at, NEG_INF)
+        return _log_softmax_over(scaled_logits(x_at, temperature), counted)
+    log_s = torch.where(counted, (x_at - row_max[:, None]) / temperature - lse[:, None], NEG_INF)
+    return torch.cat([log_s, (lse_unlisted - lse)[:, None]], 1)
 
 
 def sparse_kd_loss_rows(
@@ -438,6 +464,141 @@ def kd_slice_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor
         rows, grad = torch.where(valid, rows, 0.0), torch.where(valid[:, None], grad, 0.0)
     divisor = mean_divisor(labels, ignore_index, rows.shape[0])
     loss = reduce_rows(rows, reduction, divisor, num_items_in_batch)
+    if reduction != "none":
+        grad = grad / (num_items_in_batch if num_items_in_batch is not None else
+                       divisor if reduction in ("mean", "batchmean") else 1)
+    return loss, grad.to(student_logits.dtype)
+
+
+# --- Sparse KD over slices of the classes (the vocabulary-parallel sparse loss) -------------
+# sparse_kd_loss split at its steps, for a rank that holds the [N, C_r] slice of the student's
+# classes starting at class_offset (lepton_fast.distributed.vocab_parallel_sparse_kd_loss merges
+# the slices' statistics in between; no compiled kernel yet). The teacher's entries are global
+# class ids, the same on every rank; ``column`` [N, K] is each counted entry's column in the
+# slice, -1 for the entries that do not count or lie in another slice (sparse_slice_columns).
+# Maxima [N, 2] (SP_MAX: of the slice's logits; SP_MAX_UNLISTED: of those no counted entry
+# lists), merged by their max; against the merged maxima, sums [N, SP_ENTRIES + K] (SP_SUM,
+# SP_SUM_UNLISTED: sum exp((x - max) / T); SP_SUM_CE: sum exp(x - max); SP_LIN_CE: the CE's
+# linear part; then the student's logits at the entries in the slice, 0 elsewhere), merged by
+# their sum: each entry's logit comes from the one slice that holds it.
+SP_MAX, SP_MAX_UNLISTED = range(2)
+SP_SUM, SP_SUM_UNLISTED, SP_SUM_CE, SP_LIN_CE, SP_ENTRIES = range(5)
+
+
+def sparse_slice_columns(teacher_indices: Tensor, counted: Tensor, class_offset: int, n_local: int) -> Tensor:
+    """Each counted entry's column in the slice [class_offset, class_offset + n_local), else -1, [N, K]."""
+    column = teacher_indices - class_offset
+    return torch.where(counted & (column >= 0) & (column < n_local), column, -1)
+
+
+def _listed(column: Tensor, n_local: int) -> Tensor:
+    """[N, C_r] bool: the slice's classes that a counted entry lists."""
+    out = torch.zeros(column.shape[0], n_local + 1, dtype=torch.bool, device=column.device)
+    return out.scatter_(1, torch.where(column >= 0, column, n_local), True)[:, :n_local]
+
+
+def sparse_slice_maxima(student_logits: Tensor, column: Tensor, *, tail: bool) -> Tensor:
+    """The slice's maxima [N, 2] (-inf where none; SP_MAX_UNLISTED only when ``tail``)."""
+    x = _acc(student_logits.detach())
+    out = x.new_full((x.shape[0], 2), NEG_INF)
+    out[:, SP_MAX] = _slice_max(x)
+    if tail:
+        out[:, SP_MAX_UNLISTED] = _slice_max(x.masked_fill(_listed(column, x.shape[-1]), NEG_INF))
+    return out
+
+
+def sparse_slice_sums(student_logits: Tensor, column: Tensor, labels: Tensor | None, maxima: Tensor, *,
+                      temperature: float, label_smoothing: float, ignore_index: int, class_offset: int,
+                      n_classes: int, soft: bool, tail: bool, ce: bool) -> Tensor:
+    """The slice's sums against the merged ``maxima``, [N, SP_ENTRIES + K]; the columns that
+    the flags do not ask for (the soft term's entries, the tail's sums, the CE's) are 0."""
+    x = _acc(student_logits.detach())
+    n_local = x.shape[-1]
+    out = x.new_zeros(x.shape[0], SP_ENTRIES + column.shape[-1])
+    if tail:
+        out[:, SP_SUM] = _sum_exp(x, maxima[:, SP_MAX], temperature)
+        unlisted = x.masked_fill(_listed(column, n_local), NEG_INF)
+        out[:, SP_SUM_UNLISTED] = _sum_exp(unlisted, maxima[:, SP_MAX_UNLISTED], temperature)
+    if ce:
+        out[:, SP_SUM_CE] = _sum_exp(x, maxima[:, SP_MAX])
+        _, label_column = _label_columns(labels, ignore_index, class_offset, n_local)
+        if n_local:
+            x_label = x.gather(1, label_column.clamp(min=0)[:, None])[:, 0]
+            out[:, SP_LIN_CE] = torch.where(label_column >= 0, (1.0 - label_smoothing) * x_label, 0.0)
+            if label_smoothing > 0:
+                out[:, SP_LIN_CE] += label_smoothing / n_classes * x.sum(-1)
+    if soft and n_local:
+        out[:, SP_ENTRIES:] = torch.where(column >= 0, x.gather(1, column.clamp(min=0)), 0.0)
+    return out
+
+
+def sparse_slice_loss(student_logits: Tensor, column: Tensor, counted: Tensor, teacher_logprobs: Tensor,
+                      labels: Tensor | None, maxima: Tensor, sums: Tensor, *, temperature: float, divergence: str,
+                      beta: float, truncation: str, alpha: float, label_smoothing: float, ignore_index: int,
+                      scale_by_t2: bool, reduction: str, num_items_in_batch=None, class_offset: int,
+                      n_classes: int, compute_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """(the loss of the whole rows as sparse_kd_loss gives it, from the merged ``maxima`` and
+    ``sums``; d(loss)/d(this slice), or None unless ``compute_grad``).
+
+    The loss is :func:`sparse_buckets`' divergence and the CE written over the rows' merged
+    statistics (:func:`sparse_student_buckets`); autograd gives its derivatives with respect
+    to them, [N, <= K + 4], and the chain rule through each statistic's derivative (the
+    softmax for a log-sum-exp, the one-hot for a gathered logit) gives the slice's gradient.
+    """
+    x = _acc(student_logits.detach())
+    n_rows, n_local = x.shape
+    soft, ce = alpha < 1, alpha > 0
+    tail = soft and truncation == "tail"
+    valid = torch.ones(n_rows, dtype=torch.bool, device=x.device) if labels is None else labels != ignore_index
+    # Ignored rows get harmless statistics: their slices may hold anything, and so their sums.
+    keep = lambda t: torch.where(valid, t, 0.0)  # noqa: E731
+    row_max = keep(maxima[:, SP_MAX])
+    leaves = {}
+    with torch.enable_grad():
+        rows = x.new_zeros(n_rows)
+        if soft:
+            leaves["at"] = sums[:, SP_ENTRIES:].clone().requires_grad_()
+            log_t = sparse_teacher_buckets(teacher_logprobs, counted, n_classes, temperature=temperature,
+                                           truncation=truncation, dtype=x.dtype)
+            stats = {}
+            if tail:
+                leaves["lse"] = keep(_log_sum(sums[:, SP_SUM])).requires_grad_()
+                log_u = (maxima[:, SP_MAX_UNLISTED] - row_max) / temperature + sums[:, SP_SUM_UNLISTED].log()
+                leaves["lse_u"] = keep(log_u).requires_grad_()
+                stats = dict(row_max=row_max, lse=leaves["lse"], lse_unlisted=leaves["lse_u"])
+            log_s = sparse_student_buckets(leaves["at"], counted, temperature=temperature, truncation=truncation,
+                                           **stats)
+            weight = (1.0 - alpha) * (temperature**2 if scale_by_t2 else 1.0)
+            rows = rows + weight * divergence_rows(log_t, log_s, divergence, beta)
+        if ce:
+            leaves["lse_ce"] = keep(row_max + _log_sum(sums[:, SP_SUM_CE])).requires_grad_()
+            leaves["lin_ce"] = keep(sums[:, SP_LIN_CE]).requires_grad_()
+            rows = rows + alpha * (leaves["lse_ce"] - leaves["lin_ce"])
+        rows = torch.where(valid, rows, 0.0)
+        d = dict(zip(leaves, torch.autograd.grad(rows.sum(), list(leaves.values())))) if compute_grad else None
+    rows = rows.detach()
+    divisor = mean_divisor(labels, ignore_index, n_rows)
+    loss = reduce_rows(rows, reduction, divisor, num_items_in_batch)
+    if d is None:
+        return loss, None
+    grad = torch.zeros_like(x)
+    if tail:  # d lse / dx = softmax(z) / T; d lse_u / dx = the softmax of z over the unlisted classes / T
+        grad += d["lse"][:, None] * ((x - row_max[:, None]) / temperature - leaves["lse"].detach()[:, None]).exp()
+        unlisted = x.masked_fill(_listed(column, n_local), NEG_INF)
+        u_max = torch.where(maxima[:, SP_MAX_UNLISTED] > NEG_INF, maxima[:, SP_MAX_UNLISTED], 0.0)
+        p_u = ((unlisted - u_max[:, None]) / temperature - sums[:, SP_SUM_UNLISTED].log()[:, None]).exp()
+        grad += d["lse_u"][:, None] * torch.where(unlisted > NEG_INF, p_u, 0.0)
+        grad /= temperature
+    if ce:  # d lse_ce / dx = softmax(x); d lin_ce / dx = (1 - eps) one-hot(label) + eps / C
+        grad += d["lse_ce"][:, None] * (x - leaves["lse_ce"].detach()[:, None]).exp()
+        grad += d["lin_ce"][:, None] * (label_smoothing / n_classes)
+        _, label_column = _label_columns(labels, ignore_index, class_offset, n_local)
+        if n_local:
+            grad.scatter_add_(1, label_column.clamp(min=0)[:, None],
+                              torch.where(label_column >= 0, (1.0 - label_smoothing) * d["lin_ce"], 0.0)[:, None])
+    if soft and n_local:  # each gathered logit is its class's
+        grad.scatter_add_(1, column.clamp(min=0), torch.where(column >= 0, d["at"], 0.0))
+    grad = torch.where(valid[:, None], grad, 0.0)
     if reduction != "none":
         grad = grad / (num_items_in_batch if num_items_in_batch is not None else
                        divisor if reduction in ("mean", "batchmean") else 1)

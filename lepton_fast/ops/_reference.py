@@ -199,9 +199,7 @@ def sparse_kd_loss(student_logits, teacher_indices, teacher_logprobs, teacher_ma
     if labels is not None:
         _validate.labels_in_range("labels", labels, n_classes, ignore_index)
     read = reference.sparse_teacher_entries(teacher_indices, teacher_mask, labels, ignore_index)
-    _validate.no_bad_values(read & ((teacher_indices < 0) | (teacher_indices >= n_classes)),
-                            f"teacher_indices must be in [0, {n_classes}) where teacher_mask is True",
-                            teacher_indices)
+    _validate.teacher_indices_in_range(teacher_indices, read, n_classes)
     loss, grad = _with_grad(lambda s: reference.sparse_kd_loss(
         s, teacher_indices, teacher_logprobs, teacher_mask, divergence=divergence, truncation=truncation,
         labels=labels, ignore_index=ignore_index, scale_by_t2=scale_by_t2, reduction=reduction,

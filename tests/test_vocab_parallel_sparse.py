@@ -1,0 +1,294 @@
+"""vocab_parallel_sparse_kd_loss on 2 and 3 CPU ranks (gloo, spawned processes) against the
+float64 oracle reference.sparse_kd_loss on the gathered logits.
+
+One pool of three ranks serves every case (tests/rank_pool.py), and each test sends its whole
+list of cases to the ranks in one round trip. The 37 classes of fresh random student logits
+are split 19/18 over two ranks and 20/0/17 over three (the middle rank holds no class); every
+rank generates the same logits and teacher and keeps its slice of the student. Each rank's
+loss must be the oracle's on the whole logits, and the ranks' gradients side by side its
+gradient.
+"""
+import re
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from rank_pool import CollectiveRecorder, RankPool
+from lepton_fast import reference
+from lepton_fast.distributed import vocab_parallel_sparse_kd_loss
+
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
+                                        "ignore:divide by zero encountered:RuntimeWarning")
+V = 37
+# split name -> (index of its group in the pool, the slice sizes in rank order)
+SPLITS = {"2": (0, (19, 18)), "3-empty": (1, (20, 0, 17))}
+POOL_GROUPS = (2, 3)
+F64_TOL = dict(atol=1e-12, rtol=1e-10)
+DIVERGENCES = ["forward_kl", "reverse_kl", "jsd"]
+TRUNCATIONS = ["renormalize", "tail"]
+
+
+@pytest.fixture(scope="module")
+def pool():
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    ranks = RankPool(3, sizes=POOL_GROUPS)
+    yield ranks
+    ranks.close()
+
+
+def data(seed, n=6, k=5, *, teacher="top_k", masked=False, labelled=False, ignore_value=-100,
+         dtype=torch.float64, lead=None):
+    """(student [n, V], indices [n, k], logprobs [n, k], mask or None, labels or None), the
+    same on every rank. ``teacher``: "top_k" (distinct classes, the teacher's most likely, in a
+    random order) or "random" (classes drawn with replacement: duplicates). ``masked``: a
+    random third of the entries masked, and row 1 entirely. ``labelled``: a third of the rows
+    labelled ``ignore_value`` ("all": every row). ``lead``: the rows as these leading dims."""
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(n, V, generator=g, dtype=torch.float64) * 3).to(dtype)
+    t = torch.randn(n, V, generator=g, dtype=torch.float64) * 3
+    logp_all = torch.log_softmax(t, -1)
+    if teacher == "top_k":
+        _, idx = logp_all.topk(k, -1)
+        idx = idx.gather(1, torch.argsort(torch.rand(n, k, generator=g), -1))
+    else:
+        idx = torch.randint(0, V, (n, k), generator=g)
+    logp = logp_all.gather(1, idx)
+    mask = None
+    if masked:
+        mask = torch.rand(n, k, generator=g) > 1 / 3
+        mask[1] = False
+        idx = torch.where(mask, idx, -7)  # a masked entry's index and value are not read
+        logp = torch.where(mask, logp, float("nan"))
+    labels = None
+    if labelled:
+        labels = torch.randint(0, V, (n,), generator=g)
+        labels[::1 if labelled == "all" else 3] = ignore_value
+    if lead is not None:  # the n rows as [*lead] leading dims
+        return tuple(None if t is None else t.reshape(*lead, *t.shape[1:]) for t in (s, idx, logp, mask, labels))
+    return s, idx, logp, mask, labels
+
+
+# --- What each rank runs (module-level functions: the workers import them) -----------------
+
+
+def _rank_cases(ctx, split, cases):
+    """[(loss, gradient of this rank's slice)] per case on the ranks of ``split``; None off them."""
+    index, sizes = SPLITS[split]
+    group = ctx.groups[index]
+    if group is None:
+        return None
+    lo, hi = sum(sizes[:ctx.rank]), sum(sizes[:ctx.rank + 1])
+    out = []
+    for data_kw, kw, grad_output in cases:
+        s, idx, logp, mask, labels = data(**data_kw)
+        x = s[..., lo:hi].clone().requires_grad_()
+        loss = vocab_parallel_sparse_kd_loss(x, idx, logp, mask, group=group, labels=labels, **kw)
+        loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
+        out.append((loss.detach(), x.grad))
+    return out
+
+
+def _rank_collectives(ctx, cases, n):
+    """For each case: the collectives of a forward and of its backward on split "2"."""
+    index, sizes = SPLITS["2"]
+    group = ctx.groups[index]
+    if group is None:
+        return None
+    lo, hi = sum(sizes[:ctx.rank]), sum(sizes[:ctx.rank + 1])
+    out = []
+    for data_kw, kw in cases:
+        s, idx, logp, mask, labels = data(n=n, **data_kw)
+        x = s[:, lo:hi].clone().requires_grad_()
+        vocab_parallel_sparse_kd_loss(x, idx, logp, mask, group=group, labels=labels, **kw)  # sizes exchanged
+        with CollectiveRecorder() as forward:
+            loss = vocab_parallel_sparse_kd_loss(x, idx, logp, mask, group=group, labels=labels, **kw)
+        with CollectiveRecorder() as backward:
+            loss.backward()
+        out.append((forward.calls, backward.calls))
+    return out
+
+
+def _rank_bad_call(ctx, what):
+    """Each rank's error message for a bad call on three ranks, or None where it went through."""
+    group = dist.new_group([0, 1, 2])  # a fresh group: its first call exchanges the slice sizes
+    sizes = SPLITS["3-empty"][1]
+    lo, hi = sum(sizes[:ctx.rank]), sum(sizes[:ctx.rank + 1])
+    s, idx, logp, mask, labels = data(3, labelled=True)
+    kw = {}
+    if what == "one rank refused":
+        kw = dict(truncation="bogus") if ctx.rank == 1 else {}
+    elif what == "index out of range":
+        idx[2, 1] = V
+    elif what == "undefined row":  # -inf on every rank: no softmax, whose mass "tail" needs
+        s[1] = float("-inf")
+        kw = dict(truncation="tail")
+    try:
+        vocab_parallel_sparse_kd_loss(s[:, lo:hi], idx, logp, mask, group=group, labels=labels, **kw)
+    except (ValueError, TypeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _rank_dtensor(ctx, cases):
+    """[(loss, its placements, the student's whole gradient)] per case, the student a DTensor
+    placed Shard(-1) over the three ranks (13/13/11 classes), the teacher replicated DTensors."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = ctx.cache.setdefault("mesh", init_device_mesh("cpu", (3,)))
+    out = []
+    for data_kw, kw in cases:
+        s, idx, logp, mask, labels = data(**data_kw)
+        x = distribute_tensor(s, mesh, [Shard(-1)]).requires_grad_()
+        rep = lambda t: None if t is None else distribute_tensor(t, mesh, [Replicate()])  # noqa: E731
+        loss = vocab_parallel_sparse_kd_loss(x, rep(idx), rep(logp), rep(mask), labels=rep(labels), **kw)
+        loss.backward()
+        out.append((loss.to_local(), tuple(map(repr, loss.placements)), x.grad.full_tensor()))
+    return out
+
+
+# --- The tests --------------------------------------------------------------------------------
+
+
+def oracle(data_kw, kw, grad_output=None):
+    s, idx, logp, mask, labels = data(**data_kw)
+    x = s.double().clone().requires_grad_()
+    loss = reference.sparse_kd_loss(x, idx, logp, mask, labels=labels, **kw)
+    loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
+    return loss.detach(), x.grad
+
+
+def assert_cases_match(pool, split, cases, tol=F64_TOL):
+    answers = [a for a in pool.run(_rank_cases, split, cases) if a is not None]
+    assert len(answers) == len(SPLITS[split][1])
+    for i, (data_kw, kw, grad_output) in enumerate(cases):
+        want_loss, want_grad = oracle(data_kw, kw, grad_output)
+        grad = torch.cat([a[i][1] for a in answers], -1)
+        for rank_answers in answers:
+            loss = rank_answers[i][0]
+            assert loss.dtype == torch.float64
+            torch.testing.assert_close(loss.double(), want_loss, **tol, msg=lambda m: f"case {i} {data_kw} {kw}: {m}")
+        torch.testing.assert_close(grad.double(), want_grad, **tol, msg=lambda m: f"case {i} {data_kw} {kw}: {m}")
+
+
+def _every_divergence_and_truncation():
+    """Both truncations and the three divergences, with and without the CE term, temperatures
+    around 1, masked entries (an all-masked row) and ignored rows."""
+    for truncation in TRUNCATIONS:
+        for divergence in DIVERGENCES:
+            base = dict(divergence=divergence, truncation=truncation, beta=0.3)
+            yield dict(seed=1), dict(base, temperature=2.0), None
+            yield dict(seed=2, masked=True, labelled=True), dict(base, temperature=0.7, alpha=0.3,
+                                                                 label_smoothing=0.1), None
+            yield (dict(seed=3, teacher="random", k=9, labelled=True),
+                   dict(base, alpha=1.0 if divergence == "jsd" else 0.0), None)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_equals_the_oracle(pool, split):
+    assert_cases_match(pool, split, list(_every_divergence_and_truncation()))
+
+
+def test_edge_cases(pool):
+    """K = 1, K = V (every class listed once: "tail" has no tail), duplicates, every entry
+    masked, every row ignored, a small temperature (the student's tail far below its
+    entries' mass), and the reductions with grad_output != 1 and num_items_in_batch."""
+    go_rows = torch.linspace(-1, 2, 6, dtype=torch.float64)
+    cases = []
+    for truncation in TRUNCATIONS:
+        kw = dict(truncation=truncation)
+        cases += [
+            (dict(seed=4, k=1), dict(kw, divergence="reverse_kl"), None),
+            (dict(seed=5, k=V), dict(kw, divergence="jsd", temperature=1.5), None),
+            (dict(seed=6, k=V, teacher="random", labelled=True), dict(kw, alpha=0.5), None),
+            (dict(seed=7, k=12, teacher="random", masked=True), dict(kw, divergence="jsd", beta=0.7), None),
+            (dict(seed=8, masked=True), dict(kw, temperature=0.05), None),
+            (dict(seed=9, labelled=True), dict(kw, reduction="sum", alpha=0.2), torch.tensor(0.7, dtype=torch.float64)),
+            (dict(seed=10, labelled=True), dict(kw, reduction="none", temperature=3.0, alpha=0.4), go_rows),
+            (dict(seed=11, labelled=True), dict(kw, reduction="sum", num_items_in_batch=9, alpha=0.1), None),
+            (dict(seed=12, labelled=True), dict(kw, reduction="mean", num_items_in_batch=torch.tensor(5.0)), None),
+            (dict(seed=13, labelled=True, ignore_value=-1), dict(kw, ignore_index=-1, alpha=0.3), None),
+            (dict(seed=14, k=7), dict(kw, divergence="jsd", beta=0.0, scale_by_t2=False, temperature=2.0), None),
+            (dict(seed=22, labelled=True, masked=True, lead=(2, 3)), dict(kw, reduction="none", alpha=0.2),
+             go_rows.reshape(2, 3)),
+        ]
+    assert_cases_match(pool, "3-empty", cases)
+
+
+def test_every_row_ignored(pool):
+    cases = [(dict(seed=15, n=4, labelled="all"), dict(truncation=t, alpha=0.5), None) for t in TRUNCATIONS]
+    assert_cases_match(pool, "2", cases)
+    assert all(oracle(*case)[0] == 0 for case in cases)
+
+
+def test_float32_and_bfloat16_students(pool):
+    """A low-precision slice accumulates in float32, as sparse_kd_loss does: the oracle on the
+    student's values as the ranks had them (rounded to their dtype)."""
+    cases = [(dict(seed=16, dtype=torch.float32, labelled=True),
+              dict(truncation="tail", alpha=0.3, temperature=2.0), None),
+             (dict(seed=17, dtype=torch.bfloat16, masked=True), dict(divergence="jsd"), None)]
+    answers = [a for a in pool.run(_rank_cases, "3-empty", cases) if a is not None]
+    assert [(a[0][0].dtype, a[1][0].dtype, a[1][1].dtype) for a in answers] == \
+        [(torch.float32, torch.float32, torch.bfloat16)] * 3
+    for i, (data_kw, kw, _) in enumerate(cases):
+        s, idx, logp, mask, labels = data(**data_kw)
+        x = s.double().requires_grad_()
+        want = reference.sparse_kd_loss(x, idx, logp, mask, labels=labels, **kw)
+        want.backward()
+        tol = dict(atol=1e-5, rtol=1e-5) if data_kw["dtype"] == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+        for rank_answers in answers:
+            torch.testing.assert_close(rank_answers[i][0].double(), want.detach(), **tol)
+        torch.testing.assert_close(torch.cat([a[i][1] for a in answers], -1).double(), x.grad, **tol)
+
+
+def test_dtensor_shard_minus_one(pool):
+    cases = [(dict(seed=20, masked=True, labelled=True), dict(truncation="tail", alpha=0.3, temperature=2.0)),
+             (dict(seed=21), dict(divergence="jsd"))]
+    answers = pool.run(_rank_dtensor, cases)
+    for i, (data_kw, kw) in enumerate(cases):
+        want_loss, want_grad = oracle(data_kw, kw)
+        for rank_answers in answers:
+            loss, placements, grad = rank_answers[i]
+            assert placements == ("Replicate()",)
+            torch.testing.assert_close(loss, want_loss, **F64_TOL)
+            torch.testing.assert_close(grad, want_grad, **F64_TOL)
+
+
+def test_collectives_per_step(pool):
+    """A forward sends one MAX of [N, <= 2] and one SUM of [N, K + <= 4]: O(N K) bytes,
+    whatever V; "renormalize" without the CE only the [N, K] logits at the entries; the
+    backward nothing."""
+    n, k = 6, 5
+    cases = [(dict(seed=18, k=k), dict(truncation="renormalize")),
+             (dict(seed=18, k=k, labelled=True), dict(truncation="renormalize", alpha=0.5)),
+             (dict(seed=18, k=k), dict(truncation="tail", divergence="jsd")),
+             (dict(seed=18, k=k, labelled=True), dict(truncation="tail", alpha=0.5, temperature=2.0)),
+             (dict(seed=18, k=k, labelled=True), dict(truncation="tail", alpha=1.0))]
+    expected = [[("SUM", k)], [("MAX", 1), ("SUM", k + 2)], [("MAX", 2), ("SUM", k + 2)],
+                [("MAX", 2), ("SUM", k + 4)], [("MAX", 1), ("SUM", 2)]]
+    for answer in pool.run(_rank_collectives, cases, n)[:2]:
+        for (forward, backward), want in zip(answer, expected):
+            assert forward == [("allreduce_", op, [(n, c)], torch.float64, n * c * 8) for op, c in want]
+            assert backward == []
+
+
+@pytest.mark.parametrize("what,message", [
+    ("one rank refused", r"truncation must be one of|rank 1 of the group refused"),
+    ("index out of range", r"teacher_indices must be in \[0, 37\)"),
+    ("undefined row", r"student_logits or teacher_logprobs: a row is entirely -inf"),
+])
+def test_bad_input_raises_on_every_rank(pool, what, message):
+    errors = pool.run(_rank_bad_call, what)
+    if what == "one rank refused":  # rank 1 its own error, the others that rank 1 refused
+        assert ["truncation must" in e for e in errors] == [False, True, False], errors
+    for error in errors:
+        assert error is not None and error.split(": ", 1)[0] in ("ValueError", "TypeError", "RefusedOnAnotherRank")
+        assert re.search(message, error), error
+
+
+def test_needs_torch_distributed():
+    s, idx, logp, _, _ = data(19)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        vocab_parallel_sparse_kd_loss(s, idx, logp)
