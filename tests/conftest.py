@@ -227,6 +227,26 @@ def poison_new_buffers():
     torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
+def loss_and_grads(fn, x: dict, differentiable, grad_output=None):
+    """(loss, {name: grad}) of ``fn(**leaves)``, ``leaves`` fresh copies of the tensors of ``x``
+    (None stays None) of which those named in ``differentiable`` require grad; the backward
+    runs with ``grad_output`` (ones by default)."""
+    leaves = {k: (t if t is None else t.detach().clone().requires_grad_(k in differentiable)) for k, t in x.items()}
+    loss = fn(**leaves)
+    loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
+    return loss.detach(), {k: leaves[k].grad for k in differentiable if leaves.get(k) is not None}
+
+
+def largest_allocation(fn) -> int:
+    """The largest single CPU allocation, in bytes, while ``fn()`` runs (torch.profiler's
+    allocator events): what shows whether an op materialises a buffer of some size."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+
+
 def opcheck_kernel(spec, device: str, backend: str, arg_sets) -> None:
     """torch.library.opcheck of ``spec``'s op, run by ``backend``'s kernel, on each argument
     tuple: the schema, fake kernel, autograd registration and, except in Triton's interpreter
