@@ -237,6 +237,19 @@ def loss_and_grads(fn, x: dict, differentiable, grad_output=None):
     return loss.detach(), {k: leaves[k].grad for k in differentiable if leaves.get(k) is not None}
 
 
+def assert_close_to_oracle(got, want, x: dict, tol: dict) -> None:
+    """``got`` and ``want``, (loss, {name: grad}) as :func:`loss_and_grads` gives them, of an op
+    and of its float64 oracle on the inputs ``x``: a float32 loss (float64 for float64 inputs),
+    each gradient in its input's dtype and shape, all within ``tol`` of the oracle's."""
+    (loss, grads), (ref_loss, ref_grads) = got, want
+    wide = any(x[k].dtype == torch.float64 for k in grads)
+    assert loss.dtype == (torch.float64 if wide else torch.float32)
+    torch.testing.assert_close(loss.double(), ref_loss, **tol)
+    for k, g in grads.items():
+        assert g.dtype == x[k].dtype and g.shape == x[k].shape, k
+        torch.testing.assert_close(g.double(), ref_grads[k], **tol, msg=lambda m, k=k: f"{k}: {m}")
+
+
 def largest_allocation(fn) -> int:
     """The largest single CPU allocation, in bytes, while ``fn()`` runs (torch.profiler's
     allocator events): what shows whether an op materialises a buffer of some size."""

@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICE_BACKENDS, TEMPERATURES, largest_allocation, loss_and_grads, require
+from conftest import (DEVICE_BACKENDS, TEMPERATURES, assert_close_to_oracle, largest_allocation, loss_and_grads,
+                      require)
 from lepton_fast import fused_linear_kd_loss, reference
 from lepton_fast.ops import linear_kd_loss
 from lepton_fast.ops.kd_loss import SPEC
@@ -68,14 +69,9 @@ def oracle(x, grad_output=None, chunk_size=None, **kw):
 
 
 def assert_matches(backend, x, grad_output=None, tol=TOL, **kw):
-    loss, grads = ours(backend, x, grad_output, **kw)
-    ref_loss, ref_grads = oracle(x, grad_output, **kw)
-    assert loss.dtype == (torch.float64 if x["student_hidden"].dtype == torch.float64 else torch.float32)
-    torch.testing.assert_close(loss.double(), ref_loss, **tol)
-    for k, g in grads.items():
-        assert g.dtype == x[k].dtype and g.shape == x[k].shape, k
-        torch.testing.assert_close(g.double(), ref_grads[k], **tol, msg=lambda m, k=k: f"{k}: {m}")
-    return loss, grads
+    got = ours(backend, x, grad_output, **kw)
+    assert_close_to_oracle(got, oracle(x, grad_output, **kw), x, tol)
+    return got
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
