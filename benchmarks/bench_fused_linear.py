@@ -13,12 +13,18 @@ gradients of the student's hidden states and lm_head weight). Variants:
 - lepton_fast.fused_linear_kd_loss;
 - the four bare GEMMs (student and teacher logits, d hidden, d weight): the floor.
 
+``--case sparse``: distillation from the teacher's stored top-k instead, K=64 forward KL
+(``truncation="renormalize"``, axolotl's ``normalize_topk=True``), same N, H, V: the
+materialised reference (student logits, then reference.sparse_kd_loss), lepton_fast's
+``fused_linear_sparse_kd_loss`` and the three bare GEMMs of the student (logits, d hidden,
+d weight), its floor.
+
 Variants run round by round in rotating order (benchmarks/conftest.py: alternate), each
 round on fresh random inputs; the peak memory above the inputs (torch.profiler's CPU
 allocator events, the returned gradients included) is measured once per variant, untimed.
 Variants whose package is not installed are left out. Results: benchmarks/RESULTS.md, section
-"fused_linear_kd_loss on CPU". `pytest benchmarks --benchmark-disable` runs every variant once
-on a small shape and checks that they agree.
+"fused_linear_kd_loss on CPU". `pytest benchmarks --benchmark-disable` runs every variant of
+both cases once on a small shape and checks that they agree.
 """
 from __future__ import annotations
 
@@ -30,16 +36,19 @@ import statistics
 import sys
 import time
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import alternate, load_average, peak_extra_bytes  # noqa: E402
 
-from lepton_fast import fused_linear_kd_loss, reference  # noqa: E402
+from lepton_fast import fused_linear_kd_loss, fused_linear_sparse_kd_loss, reference  # noqa: E402
 
 FULL = dict(n=2048, h=1024, v=32000)
 SMOKE = dict(n=48, h=32, v=500)
 BETA = 0.5
+SPARSE = dict(divergence="forward_kl", truncation="renormalize")  # the sparse case's loss
+TOP_K = 64
 
 
 def make_inputs(n, h, v, seed=None):
@@ -65,14 +74,46 @@ def _ours(x):
 
 
 def _gemms(x):
-    """The four GEMMs of the op, alone: [N, V] logits of both heads, then d hidden = G @ W and
-    d weight = G.T @ h with the student's logits standing in for G."""
+    """The GEMMs of the op, alone: [N, V] logits of the student (and of the teacher when it has a
+    head), then d hidden = G @ W and d weight = G.T @ h with the student's logits standing in
+    for G. No loss: returns None."""
     with torch.no_grad():
-        hs, ws, ht, wt = x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"]
+        hs, ws = x["student_hidden"], x["student_weight"]
         z = hs @ ws.T
-        ht @ wt.T
+        if "teacher_weight" in x:
+            x["teacher_hidden"] @ x["teacher_weight"].T
         z @ ws
         z.T @ hs
+
+
+def make_sparse_inputs(n, h, v, seed=None, k=TOP_K):
+    """The student's hidden states and head (requiring grad), labels, and a teacher's top-k
+    log-probabilities (of random logits of spread 2), as a teacher would have stored them."""
+    g = torch.Generator().manual_seed(seed if seed is not None else time.time_ns() % 2**31)
+    logprobs, indices = torch.log_softmax(torch.randn(n, v, generator=g) * 2, -1).topk(k, -1)
+    return dict(
+        student_hidden=torch.randn(n, h, generator=g).requires_grad_(),
+        student_weight=(torch.randn(v, h, generator=g) * (2 / h**0.5)).requires_grad_(),
+        teacher_indices=indices,
+        teacher_logprobs=logprobs,
+    )
+
+
+def _sparse_materialised(x):
+    return reference.fused_linear_sparse_kd_loss(x["student_hidden"], x["student_weight"], x["teacher_indices"],
+                                                 x["teacher_logprobs"], **SPARSE)
+
+
+def _sparse_ours(x):
+    return fused_linear_sparse_kd_loss(x["student_hidden"], x["student_weight"], x["teacher_indices"],
+                                       x["teacher_logprobs"], **SPARSE)
+
+
+def sparse_loss_functions() -> dict:
+    """name -> loss(inputs) of the sparse case's variants (the GEMM floor returns None)."""
+    return {"materialised eager": _sparse_materialised,
+            "lepton_fast.fused_linear_sparse_kd_loss": _sparse_ours,
+            "three bare GEMMs": _gemms}
 
 
 def loss_functions() -> dict:
@@ -94,23 +135,27 @@ def loss_functions() -> dict:
             x["student_hidden"][None], x["teacher_hidden"][None], x["student_weight"], x["teacher_weight"],
             torch.ones(1, x["student_hidden"].shape[0], dtype=torch.long), BETA)[0]
     out["lepton_fast.fused_linear_kd_loss"] = _ours
-    out["four bare GEMMs"] = None
+    out["four bare GEMMs"] = _gemms
     return out
 
 
+# --case: (inputs(n, h, v, seed=None), the variants, its description)
+CASES = {"jsd": (make_inputs, loss_functions, f"jsd beta={BETA}"),
+         "sparse": (make_sparse_inputs, sparse_loss_functions, f"top-{TOP_K} {SPARSE}")}
+
+
 def step(loss_fn, x):
-    """One forward + backward; returns the loss (None for the GEMM floor)."""
-    if loss_fn is None:
-        _gemms(x)
-        return None
+    """One forward + backward; returns the loss (None for a GEMM floor)."""
     loss = loss_fn(x)
+    if loss is None:
+        return None
     loss.backward()
     return loss.detach()
 
 
-def timed(loss_fn, shape):
+def timed(loss_fn, make, shape):
     def run():
-        x = make_inputs(**shape)
+        x = make(**shape)
         start = time.perf_counter()
         step(loss_fn, x)
         return time.perf_counter() - start
@@ -123,27 +168,30 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--only", help="comma-separated substrings of the variants to run")
+    parser.add_argument("--case", choices=sorted(CASES), default="jsd")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    fns = loss_functions()
+    make, functions, description = CASES[args.case]
+    fns = functions()
     if args.only:
         keep = args.only.split(",")
         fns = {k: f for k, f in fns.items() if any(s in k for s in keep)}
     print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, N={FULL['n']} H={FULL['h']} V={FULL['v']} float32 jsd beta={BETA}, "
+          f"{torch.get_num_threads()} threads, N={FULL['n']} H={FULL['h']} V={FULL['v']} float32 {description}, "
           f"load {load_average()}", flush=True)
     peaks = {}
     for name, fn in fns.items():  # warm-up (compilation, first touch) and the untimed peak
-        x = make_inputs(**FULL)
+        x = make(**FULL)
         step(fn, x)
         for t in x.values():
             t.grad = None
         peaks[name] = peak_extra_bytes(lambda x=x: step(fn, x))
         print(f"warm-up {name}: peak {peaks[name] / 2**20:.0f} MiB, load {load_average()}", flush=True)
         del x
-    times = alternate({name: timed(fn, FULL) for name, fn in fns.items()}, args.rounds,
+    times = alternate({name: timed(fn, make, FULL) for name, fn in fns.items()}, args.rounds,
                       log=lambda m: print(m, flush=True))
-    floor = statistics.median(times["four bare GEMMs"]) if "four bare GEMMs" in times else None
+    floors = [statistics.median(ts) for name, ts in times.items() if fns[name] is _gemms]
+    floor = floors[0] if floors else None
     print("\n| variant | median s | min s | max s | x GEMMs | peak MiB above inputs |\n|---|---|---|---|---|---|")
     for name, ts in times.items():
         med = statistics.median(ts)
@@ -153,12 +201,16 @@ def main(argv=None) -> int:
     return 0
 
 
-def test_every_variant_agrees_on_a_small_shape():
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_variant_agrees_on_a_small_shape(case):
     """The smoke run (`pytest benchmarks --benchmark-disable`): every variant once, small."""
-    x = make_inputs(**SMOKE, seed=0)
-    want = step(_materialised, {k: t.detach().double().requires_grad_(t.requires_grad) for k, t in x.items()
-                                if k != "labels"})
-    for name, fn in loss_functions().items():
+    make, functions, _ = CASES[case]
+    x = make(**SMOKE, seed=0)
+    variants = functions()
+    want = step(variants["materialised eager"], {
+        k: (t.detach().double() if t.is_floating_point() else t).requires_grad_(t.requires_grad)
+        for k, t in x.items() if k != "labels"})
+    for name, fn in variants.items():
         inputs = {k: t.detach().clone().requires_grad_(t.requires_grad) for k, t in x.items()}
         loss = step(fn, inputs)
         if loss is not None:

@@ -19,7 +19,7 @@ from lepton_fast.nn import GradientReversal, KDLoss  # noqa: E402
 from lepton_fast.ops.adversarial import fgsm_perturb, fgsm_perturb_, pgd_step, pgd_step_  # noqa: E402
 from lepton_fast.ops.grad_reverse import grad_reverse  # noqa: E402
 from lepton_fast.ops.kd_loss import fused_kd_loss  # noqa: E402
-from lepton_fast.ops.linear_kd_loss import fused_linear_kd_loss  # noqa: E402
+from lepton_fast.ops.linear_kd_loss import fused_linear_kd_loss, fused_linear_sparse_kd_loss  # noqa: E402
 from lepton_fast.ops.pseudo_labels import (  # noqa: E402
     PseudoLabelLoss,
     PseudoLabels,
@@ -36,6 +36,7 @@ __all__ = [
     "KDLoss",
     "fused_kd_loss",
     "fused_linear_kd_loss",
+    "fused_linear_sparse_kd_loss",
     "sparse_kd_loss",
     # pseudo-labels
     "PseudoLabelLoss",

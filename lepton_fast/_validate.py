@@ -304,6 +304,7 @@ def sparse_teacher(indices, logprobs, mask, logits_name: str, x: Tensor) -> tupl
         if t.dim() == 0 or t.shape[:-1] != x.shape[:-1]:
             raise ValueError(f"{name} must have shape {tuple(x.shape[:-1])} + (K,) to match {logits_name} "
                              f"{tuple(x.shape)}, got {tuple(t.shape)}")
+        materialised(name, t)
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but {logits_name} is on {x.device}")
     if indices.dtype not in INT_DTYPES:

@@ -642,6 +642,29 @@ def fused_linear_kd_loss(
                          teacher_logit_scale, teacher_softcap)
     return fused_kd_loss(z_s, z_t, temperature, **kd_kwargs)
 
+
+def fused_linear_sparse_kd_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_indices: Tensor,
+    teacher_logprobs: Tensor,
+    teacher_mask: Tensor | None = None,
+    temperature: float = 1.0,
+    *,
+    student_bias: Tensor | None = None,
+    vocab_size: int | None = None,
+    student_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    **kd_kwargs,
+) -> Tensor:
+    """Reference of :func:`lepton_fast.fused_linear_sparse_kd_loss` (no argument checks): the
+    student's head projected in full, cut to ``vocab_size``, then :func:`sparse_kd_loss` with
+    ``kd_kwargs``. Autograd gives the gradients of the hidden states, weight and bias."""
+    v = student_weight.shape[0] if vocab_size is None else vocab_size
+    z = lm_head_logits(student_hidden, student_weight[:v], None if student_bias is None else student_bias[:v],
+                       student_logit_scale, student_softcap)
+    return sparse_kd_loss(z, teacher_indices, teacher_logprobs, teacher_mask, temperature, **kd_kwargs)
+
 # --- Pseudo-labels (FixMatch, Sohn et al. 2020) ------------------------------------------
 
 

@@ -227,6 +227,39 @@ def poison_new_buffers():
     torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
+def loss_and_grads(fn, x: dict, differentiable, grad_output=None):
+    """(loss, {name: grad}) of ``fn(**leaves)``, ``leaves`` fresh copies of the tensors of ``x``
+    (None stays None) of which those named in ``differentiable`` require grad; the backward
+    runs with ``grad_output`` (ones by default)."""
+    leaves = {k: (t if t is None else t.detach().clone().requires_grad_(k in differentiable)) for k, t in x.items()}
+    loss = fn(**leaves)
+    loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
+    return loss.detach(), {k: leaves[k].grad for k in differentiable if leaves.get(k) is not None}
+
+
+def assert_close_to_oracle(got, want, x: dict, tol: dict) -> None:
+    """``got`` and ``want``, (loss, {name: grad}) as :func:`loss_and_grads` gives them, of an op
+    and of its float64 oracle on the inputs ``x``: a float32 loss (float64 for float64 inputs),
+    each gradient in its input's dtype and shape, all within ``tol`` of the oracle's."""
+    (loss, grads), (ref_loss, ref_grads) = got, want
+    wide = any(x[k].dtype == torch.float64 for k in grads)
+    assert loss.dtype == (torch.float64 if wide else torch.float32)
+    torch.testing.assert_close(loss.double(), ref_loss, **tol)
+    for k, g in grads.items():
+        assert g.dtype == x[k].dtype and g.shape == x[k].shape, k
+        torch.testing.assert_close(g.double(), ref_grads[k], **tol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def largest_allocation(fn) -> int:
+    """The largest single CPU allocation, in bytes, while ``fn()`` runs (torch.profiler's
+    allocator events): what shows whether an op materialises a buffer of some size."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+
+
 def opcheck_kernel(spec, device: str, backend: str, arg_sets) -> None:
     """torch.library.opcheck of ``spec``'s op, run by ``backend``'s kernel, on each argument
     tuple: the schema, fake kernel, autograd registration and, except in Triton's interpreter

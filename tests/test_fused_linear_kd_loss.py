@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICE_BACKENDS, TEMPERATURES, require
+from conftest import (DEVICE_BACKENDS, TEMPERATURES, assert_close_to_oracle, largest_allocation, loss_and_grads,
+                      require)
 from lepton_fast import fused_linear_kd_loss, reference
 from lepton_fast.ops import linear_kd_loss
 from lepton_fast.ops.kd_loss import SPEC
@@ -51,12 +52,9 @@ def make(n=7, h_s=12, h_t=9, v=37, v_t=None, *, seed=0, dtype=torch.float32, dev
 GRADS = ("student_hidden", "student_weight", "student_bias")
 
 
-def run(fn, x, grad_output=None, **kw):
+def run(fn, x, grad_output=None):
     """(loss, {name: grad}) of fn on fresh leaves of x; the student's tensors require grad."""
-    leaves = {k: (t.detach().clone().requires_grad_(k in GRADS)) for k, t in x.items()}
-    loss = fn(**leaves, **kw)
-    loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
-    return loss.detach(), {k: leaves[k].grad for k in GRADS if k in leaves}
+    return loss_and_grads(fn, x, GRADS, grad_output)
 
 
 def ours(backend, x, grad_output=None, **kw):
@@ -71,14 +69,9 @@ def oracle(x, grad_output=None, chunk_size=None, **kw):
 
 
 def assert_matches(backend, x, grad_output=None, tol=TOL, **kw):
-    loss, grads = ours(backend, x, grad_output, **kw)
-    ref_loss, ref_grads = oracle(x, grad_output, **kw)
-    assert loss.dtype == (torch.float64 if x["student_hidden"].dtype == torch.float64 else torch.float32)
-    torch.testing.assert_close(loss.double(), ref_loss, **tol)
-    for k, g in grads.items():
-        assert g.dtype == x[k].dtype and g.shape == x[k].shape, k
-        torch.testing.assert_close(g.double(), ref_grads[k], **tol, msg=lambda m, k=k: f"{k}: {m}")
-    return loss, grads
+    got = ours(backend, x, grad_output, **kw)
+    assert_close_to_oracle(got, oracle(x, grad_output, **kw), x, tol)
+    return got
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
@@ -392,20 +385,15 @@ def test_opcheck(device):
 
 
 def test_no_buffer_of_n_by_v_elements():
-    """torch.profiler's allocator events: with N = 256 rows in chunks of 16 nothing as large as
-    N x V bytes (a bool [N, V]) is allocated, forward and backward together."""
-    from torch.profiler import ProfilerActivity, profile
-
+    """With N = 256 rows in chunks of 16 nothing as large as N x V bytes (a bool [N, V]) is
+    allocated, forward and backward together."""
     require(SPEC, "cpu", "cpu")
     n, v = 256, 500
     x, labels = make(n=n, h_s=24, h_t=16, v=v, seed=18)
-    leaves = {k: t.clone().requires_grad_(k in GRADS) for k, t in x.items()}
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fused_linear_kd_loss(**leaves, temperature=2.0, divergence="jsd", labels=labels, alpha=0.3,
-                             chunk_size=16).backward()
-    sizes = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    assert max(sizes) >= 16 * v * 4  # the chunk's float32 logits were seen: the check is live
-    assert max(sizes) < n * v, max(sizes)
+    largest = largest_allocation(lambda: run(lambda **a: fused_linear_kd_loss(
+        **a, temperature=2.0, divergence="jsd", labels=labels, alpha=0.3, chunk_size=16), x))
+    assert largest >= 16 * v * 4  # the chunk's float32 logits were seen: the check is live
+    assert largest < n * v, largest
 
 
 def test_auto_chunk_size_follows_the_budget(monkeypatch):

@@ -18,6 +18,12 @@ CASES = {
                                                                                meta(5, 3))),
     "fused_linear_kd_loss weight": ("student_weight", lambda: lf.fused_linear_kd_loss(
         torch.randn(4, 3), meta(5, 3), torch.randn(4, 3), torch.randn(5, 3))),
+    "sparse_kd_loss teacher": ("teacher_logprobs", lambda: lf.sparse_kd_loss(
+        torch.randn(4, 5), torch.zeros(4, 2, dtype=torch.long), meta(4, 2))),
+    "fused_linear_sparse_kd_loss": ("student_hidden", lambda: lf.fused_linear_sparse_kd_loss(
+        meta(4, 3), meta(5, 3), meta(4, 2).long(), meta(4, 2))),
+    "fused_linear_sparse_kd_loss teacher": ("teacher_indices", lambda: lf.fused_linear_sparse_kd_loss(
+        torch.randn(4, 3), torch.randn(5, 3), meta(4, 2).long(), torch.randn(4, 2))),
     "select_pseudo_labels": ("logits", lambda: lf.select_pseudo_labels(meta(4, 5))),
     "fused_pseudo_label_loss": ("strong_logits", lambda: lf.fused_pseudo_label_loss(meta(4, 5), meta(4, 5))),
     "fgsm_perturb": ("x", lambda: lf.fgsm_perturb(meta(4, 5), meta(4, 5), 0.1)),

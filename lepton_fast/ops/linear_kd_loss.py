@@ -9,6 +9,11 @@ its contribution to d(loss)/d(student_weight) (accumulated in float32). The whol
 so torch.compile sees a single opaque op and the backward only scales the gradients the
 forward wrote.
 
+fused_linear_sparse_kd_loss is the same loop (``_student_head_loop``) with a teacher stored as
+its top-k log-probabilities: no teacher GEMM, and the row kernel is ``sparse_kd_loss`` on the
+chunk's logits and the chunk's rows of the teacher's entries (its own custom op,
+``lepton_fast::fused_linear_sparse_kd_loss``, with the same autograd formula).
+
 Why a Python loop over ATen GEMMs and not C++ or one fused Triton kernel: the four GEMMs are
 the floor of this op (4 x 2·N·H·V flops) and cuBLAS / oneDNN already run them at the
 machine's peak; what remains per chunk is the row kernel plus about fifteen dispatcher calls.
@@ -42,7 +47,7 @@ which only fused_linear_kd_loss sets, around its call of the op.
 from __future__ import annotations
 
 import contextvars
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -50,6 +55,8 @@ from torch import Tensor
 from lepton_fast import _backend, _validate
 from lepton_fast.ops import _autograd, kd_loss
 from lepton_fast.ops.kd_loss import SPEC as KD_SPEC
+from lepton_fast.ops.sparse_kd_loss import SPEC as SPARSE_SPEC
+from lepton_fast.ops.sparse_kd_loss import TRUNCATIONS
 
 Scalar = Union[float, Tensor]
 
@@ -98,8 +105,12 @@ def _entropy_rows(logits: Tensor, inv_temperature: float) -> Tensor:
     return -torch.bmm(log_p.exp().unsqueeze(1), log_p.unsqueeze(2)).reshape(-1)
 
 
-def _auto_chunk_size(n_rows: int, vocab: int, acc: torch.dtype, weight_dtype: torch.dtype, device) -> int:
-    per_row = vocab * (3 * acc.itemsize)  # student and teacher logits, the row gradient
+def _auto_chunk_size(n_rows: int, vocab: int, acc: torch.dtype, weight_dtype: torch.dtype, device,
+                     buffers: int = 3) -> int:
+    """Rows per chunk that keep ``buffers`` float32 (acc) [rows, vocab] buffers (the logits of
+    each head, the row gradient) and, for a low-precision head on a GPU, the gradient rounded
+    for the GEMMs under the device's CHUNK_BUDGET_BYTES."""
+    per_row = vocab * (buffers * acc.itemsize)
     if weight_dtype != acc and device.type != "cpu":
         per_row += vocab * weight_dtype.itemsize  # the gradient rounded for the GEMMs
     rows = CHUNK_BUDGET_BYTES["cpu" if device.type == "cpu" else "other"] // per_row
@@ -108,34 +119,36 @@ def _auto_chunk_size(n_rows: int, vocab: int, acc: torch.dtype, weight_dtype: to
     return max(1, min(n_rows, rows))
 
 
-@torch.library.custom_op("lepton_fast::fused_linear_kd_loss", mutates_args=())
-def _fused_linear_kd_loss(
-    student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor,
-    student_bias: Optional[Tensor], teacher_bias: Optional[Tensor], labels: Optional[Tensor],
-    temperature: Tensor, beta: Tensor, alpha: Tensor, label_smoothing: Tensor, divergence: str, ignore_index: int,
-    scale_by_t2: bool, reduction: str, num_items_in_batch: Optional[Tensor], vocab_size: int,
-    student_logit_scale: float, teacher_logit_scale: float, student_softcap: Optional[float],
-    teacher_softcap: Optional[float], chunk_size: int, row_weights: Optional[Tensor], grad_hidden: bool,
-    grad_weight: bool, grad_bias: bool, entropy: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """[N, H_s], [V_s, H_s], [N, H_t], [V_t, H_t] -> (loss, d/d student_hidden, d/d student_weight,
-    d/d student_bias, sum of the student's entropy over the rows that count). A gradient not
-    asked for, and the entropy when ``entropy`` is False, come back as empty tensors.
+def _widened(weight: Tensor, acc: torch.dtype) -> Tensor:
+    """A head's weight as its GEMMs take it: the GPU multiplies bfloat16/float16 with float32
+    output; the CPU has no such GEMM, so there (and for any other pair of dtypes) the head is
+    widened to the accumulation dtype once per call (what TRL's chunked loss does off the GPU
+    too). The hidden states follow the weight's dtype, chunk by chunk."""
+    if weight.device.type == "cpu" or weight.dtype not in _LOW_PRECISION or acc != torch.float32:
+        return weight.to(acc)
+    return weight
 
-    reduction "none" with ``row_weights`` [N] gives the gradient of sum(row_weights * loss)
-    (its backward); "mean" divides by ``num_items_in_batch`` or the count of valid rows."""
+
+def _student_head_loop(student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
+                       labels: Optional[Tensor], row_loss, *, acc: torch.dtype, ignore_index: int, reduction: str,
+                       num_items_in_batch: Optional[Tensor], vocab_size: int, logit_scale: float,
+                       softcap: Optional[float], chunk_size: int, row_weights: Optional[Tensor], grad_hidden: bool,
+                       grad_weight: bool, grad_bias: bool, entropy_inv_temperature: Optional[float] = None):
+    """The chunk loop of every fused-linear loss: per chunk of rows the student's logits out of
+    the GEMM in ``acc``, ``row_loss`` for the chunk's loss and d(loss)/d(logits), then the
+    chunk's rows of d(loss)/d(student_hidden) and its share of d(loss)/d(student_weight, bias).
+
+    ``row_loss(take, z_s, labels, reduction, divisor, compute_grad) -> (loss, grad)`` is the row
+    kernel with the teacher: ``take`` maps a tensor with one row per token ([N, ...]) to the
+    chunk's rows, ``z_s`` is the chunk's [rows, vocab_size] logits, ``reduction`` is "none" or
+    "sum" (the sum and the gradient divided by ``divisor`` when it is given).
+
+    Returns (loss, d hidden, d weight, d bias, entropy sum), as the ops' outputs: a gradient
+    not asked for, and the entropy without ``entropy_inv_temperature``, as empty tensors."""
     device, n = student_hidden.device, student_hidden.shape[0]
-    acc = torch.promote_types(torch.promote_types(student_hidden.dtype, teacher_hidden.dtype), torch.float32)
     empty = lambda: student_hidden.new_empty((0,))  # noqa: E731  (outputs must not alias each other)
-    ws, wt = student_weight[:vocab_size], teacher_weight[:vocab_size]
+    ws = _widened(student_weight[:vocab_size], acc)
     bs = None if student_bias is None else student_bias[:vocab_size].to(acc)
-    bt = None if teacher_bias is None else teacher_bias[:vocab_size].to(acc)
-    # GEMM operands: the GPU multiplies bfloat16/float16 with float32 output; the CPU has no such
-    # GEMM, so there (and for any other pair of dtypes) a head is widened to the accumulation
-    # dtype once per call (what TRL's chunked loss does off the GPU too).
-    widen_s, widen_t = (device.type == "cpu" or w.dtype not in _LOW_PRECISION or acc != torch.float32
-                        for w in (ws, wt))
-    ws, wt = (ws.to(acc) if widen_s else ws), (wt.to(acc) if widen_t else wt)
 
     valid = None if labels is None else labels != ignore_index
     rows = None  # the rows the chunks run over: all of them, or on the CPU the valid ones
@@ -161,14 +174,12 @@ def _fused_linear_kd_loss(
     acc_weight = (d_weight[:vocab_size] if d_weight.dtype == acc else
                   torch.zeros(ws.shape, dtype=acc, device=device)) if grad_weight else None
     acc_bias = torch.zeros(vocab_size, dtype=acc, device=device) if grad_bias else None
+    entropy = entropy_inv_temperature is not None
     entropy_sum = torch.zeros((), dtype=acc, device=device) if entropy else empty()
     compute_grad = grad_hidden or grad_weight or grad_bias
 
-    split = _VOCAB_SPLIT.get()
     chunk = min(chunk_size, max(n_rows, 1))
     buf_s = torch.empty((chunk, vocab_size), dtype=acc, device=device)
-    buf_t = torch.empty((chunk, vocab_size), dtype=acc, device=device)
-    inv_t = 1.0 / float(temperature)
     for start in range(0, n_rows, chunk):
         end = min(start + chunk, n_rows)
         if rows is None:
@@ -176,24 +187,12 @@ def _fused_linear_kd_loss(
         else:
             index = rows[start:end]
             take = lambda x: x.index_select(0, index)  # noqa: E731
-        h_s, h_t = take(student_hidden), take(teacher_hidden)
-        h_s, h_t = (h_s.to(acc) if widen_s else h_s), (h_t.to(acc) if widen_t else h_t)
-        z_s = _project(h_s, ws, bs, student_logit_scale, student_softcap, buf_s[: end - start])
-        z_t = _project(h_t, wt, bt, teacher_logit_scale, teacher_softcap, buf_t[: end - start])
-        chunk_labels = None if labels is None else take(labels)
-        if split is None:
-            part, grad = torch.ops.lepton_fast.fused_kd_loss.default(
-                z_s, z_t, chunk_labels, temperature, beta, alpha, label_smoothing, divergence, ignore_index,
-                scale_by_t2, kd_reduction, divisor, compute_grad)
-        else:
-            from lepton_fast import distributed
-
-            a = kd_loss.KDArgs(z_s, z_t, chunk_labels, z_s.shape[:-1], temperature, beta, alpha, label_smoothing,
-                               divisor, compute_grad)
-            part, grad = distributed.chunk_loss_and_grad(split, a, divergence, ignore_index, scale_by_t2,
-                                                         kd_reduction)
+        h_s = take(student_hidden).to(ws.dtype)
+        z_s = _project(h_s, ws, bs, logit_scale, softcap, buf_s[: end - start])
+        part, grad = row_loss(take, z_s, None if labels is None else take(labels), kd_reduction, divisor,
+                              compute_grad)
         if entropy:
-            rows_entropy = _entropy_rows(z_s, inv_t)
+            rows_entropy = _entropy_rows(z_s, entropy_inv_temperature)
             if rows is None and valid is not None:
                 rows_entropy = rows_entropy * take(valid)
             entropy_sum += rows_entropy.sum()
@@ -207,11 +206,10 @@ def _fused_linear_kd_loss(
             continue
         if row_weights is not None:
             torch.ops.lepton_fast.scale_grad_(grad, take(row_weights).to(grad.dtype))
-        grad = _grad_through_head(grad, z_s, student_logit_scale, student_softcap)
+        grad = _grad_through_head(grad, z_s, logit_scale, softcap)
         if grad_bias:
             acc_bias += grad.sum(0)
-        if not widen_s:
-            grad = grad.to(ws.dtype)  # the GEMM operands of a bfloat16/float16 head on the GPU
+        grad = grad.to(ws.dtype)  # the GEMM operands of a bfloat16/float16 head on the GPU
         if grad_hidden:
             if index is None and d_hidden.dtype == grad.dtype:
                 torch.mm(grad, ws, out=d_hidden[start:end])
@@ -228,9 +226,66 @@ def _fused_linear_kd_loss(
         d_weight[:vocab_size] = acc_weight
     if grad_bias:
         d_bias[:vocab_size] = acc_bias
-    if split is not None and grad_hidden:
-        torch.distributed.all_reduce(d_hidden, group=split.group)  # every slice's part of dL/dh
     return loss, d_hidden, d_weight, d_bias, entropy_sum
+
+
+@torch.library.custom_op("lepton_fast::fused_linear_kd_loss", mutates_args=())
+def _fused_linear_kd_loss(
+    student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor,
+    student_bias: Optional[Tensor], teacher_bias: Optional[Tensor], labels: Optional[Tensor],
+    temperature: Tensor, beta: Tensor, alpha: Tensor, label_smoothing: Tensor, divergence: str, ignore_index: int,
+    scale_by_t2: bool, reduction: str, num_items_in_batch: Optional[Tensor], vocab_size: int,
+    student_logit_scale: float, teacher_logit_scale: float, student_softcap: Optional[float],
+    teacher_softcap: Optional[float], chunk_size: int, row_weights: Optional[Tensor], grad_hidden: bool,
+    grad_weight: bool, grad_bias: bool, entropy: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """[N, H_s], [V_s, H_s], [N, H_t], [V_t, H_t] -> (loss, d/d student_hidden, d/d student_weight,
+    d/d student_bias, sum of the student's entropy over the rows that count). A gradient not
+    asked for, and the entropy when ``entropy`` is False, come back as empty tensors.
+
+    reduction "none" with ``row_weights`` [N] gives the gradient of sum(row_weights * loss)
+    (its backward); "mean" divides by ``num_items_in_batch`` or the count of valid rows."""
+    acc = torch.promote_types(torch.promote_types(student_hidden.dtype, teacher_hidden.dtype), torch.float32)
+    wt = _widened(teacher_weight[:vocab_size], acc)
+    bt = None if teacher_bias is None else teacher_bias[:vocab_size].to(acc)
+    split = _VOCAB_SPLIT.get()
+    buf_t = None  # the teacher's logits, as long as the first (longest) chunk
+
+    def row_loss(take, z_s, chunk_labels, kd_reduction, divisor, compute_grad):
+        nonlocal buf_t
+        if buf_t is None:
+            buf_t = torch.empty_like(z_s)
+        z_t = _project(take(teacher_hidden).to(wt.dtype), wt, bt, teacher_logit_scale, teacher_softcap,
+                       buf_t[: z_s.shape[0]])
+        if split is None:
+            return torch.ops.lepton_fast.fused_kd_loss.default(
+                z_s, z_t, chunk_labels, temperature, beta, alpha, label_smoothing, divergence, ignore_index,
+                scale_by_t2, kd_reduction, divisor, compute_grad)
+        from lepton_fast import distributed
+
+        a = kd_loss.KDArgs(z_s, z_t, chunk_labels, z_s.shape[:-1], temperature, beta, alpha, label_smoothing,
+                           divisor, compute_grad)
+        return distributed.chunk_loss_and_grad(split, a, divergence, ignore_index, scale_by_t2, kd_reduction)
+
+    out = _student_head_loop(
+        student_hidden, student_weight, student_bias, labels, row_loss, acc=acc, ignore_index=ignore_index,
+        reduction=reduction, num_items_in_batch=num_items_in_batch, vocab_size=vocab_size,
+        logit_scale=student_logit_scale, softcap=student_softcap, chunk_size=chunk_size, row_weights=row_weights,
+        grad_hidden=grad_hidden, grad_weight=grad_weight, grad_bias=grad_bias,
+        entropy_inv_temperature=1.0 / float(temperature) if entropy else None)
+    if split is not None and grad_hidden:
+        torch.distributed.all_reduce(out[1], group=split.group)  # every slice's part of dL/dh
+    return out
+
+
+def _fake_outputs(student_hidden, student_weight, student_bias, acc, reduction, grad_hidden, grad_weight,
+                  grad_bias) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The fake kernels' (loss, d hidden, d weight, d bias)."""
+    empty = lambda: student_hidden.new_empty((0,))  # noqa: E731
+    loss = student_hidden.new_empty((student_hidden.shape[0],) if reduction == "none" else (), dtype=acc)
+    return (loss, torch.empty_like(student_hidden) if grad_hidden else empty(),
+            torch.empty_like(student_weight) if grad_weight else empty(),
+            torch.empty_like(student_bias) if grad_bias else empty())
 
 
 @_fused_linear_kd_loss.register_fake
@@ -239,55 +294,102 @@ def _(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bi
       num_items_in_batch, vocab_size, student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap,
       chunk_size, row_weights, grad_hidden, grad_weight, grad_bias, entropy):
     acc = torch.promote_types(torch.promote_types(student_hidden.dtype, teacher_hidden.dtype), torch.float32)
-    empty = lambda: student_hidden.new_empty((0,))  # noqa: E731
-    loss = student_hidden.new_empty((student_hidden.shape[0],) if reduction == "none" else (), dtype=acc)
-    return (loss, torch.empty_like(student_hidden) if grad_hidden else empty(),
-            torch.empty_like(student_weight) if grad_weight else empty(),
-            torch.empty_like(student_bias) if grad_bias else empty(),
-            student_hidden.new_empty((), dtype=acc) if entropy else empty())
+    return (*_fake_outputs(student_hidden, student_weight, student_bias, acc, reduction, grad_hidden, grad_weight,
+                           grad_bias),
+            student_hidden.new_empty((), dtype=acc) if entropy else student_hidden.new_empty((0,)))
 
 
-_DIFFERENTIABLE = {0: "grad_hidden", 1: "grad_weight", 4: "grad_bias"}  # input position -> output flag
+@torch.library.custom_op("lepton_fast::fused_linear_sparse_kd_loss", mutates_args=())
+def _fused_linear_sparse_kd_loss(
+    student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor], teacher_indices: Tensor,
+    teacher_logprobs: Tensor, teacher_mask: Optional[Tensor], labels: Optional[Tensor], temperature: Tensor,
+    beta: Tensor, alpha: Tensor, label_smoothing: Tensor, divergence: str, truncation: str, ignore_index: int,
+    scale_by_t2: bool, reduction: str, num_items_in_batch: Optional[Tensor], vocab_size: int,
+    student_logit_scale: float, student_softcap: Optional[float], chunk_size: int, row_weights: Optional[Tensor],
+    grad_hidden: bool, grad_weight: bool, grad_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """[N, H], [V, H], [V] or None, [N, K] int64, [N, K], [N, K] bool or None -> (loss,
+    d/d student_hidden, d/d student_weight, d/d student_bias), a gradient not asked for as an
+    empty tensor; ``row_weights`` and the reductions as in ``fused_linear_kd_loss``'s op. The
+    row kernel is ``sparse_kd_loss`` on each chunk's logits and teacher entries."""
+
+    def row_loss(take, z_s, chunk_labels, kd_reduction, divisor, compute_grad):
+        return torch.ops.lepton_fast.sparse_kd_loss.default(
+            z_s, take(teacher_indices), take(teacher_logprobs), None if teacher_mask is None else take(teacher_mask),
+            chunk_labels, temperature, beta, alpha, label_smoothing, divergence, truncation, ignore_index,
+            scale_by_t2, kd_reduction, divisor, compute_grad)
+
+    return _student_head_loop(
+        student_hidden, student_weight, student_bias, labels, row_loss,
+        acc=torch.promote_types(student_hidden.dtype, torch.float32), ignore_index=ignore_index, reduction=reduction,
+        num_items_in_batch=num_items_in_batch, vocab_size=vocab_size, logit_scale=student_logit_scale,
+        softcap=student_softcap, chunk_size=chunk_size, row_weights=row_weights, grad_hidden=grad_hidden,
+        grad_weight=grad_weight, grad_bias=grad_bias)[:4]
 
 
-def _setup_context(ctx, inputs, output):
-    loss, d_hidden, d_weight, d_bias, entropy_sum = output
-    ctx.mark_non_differentiable(d_hidden, d_weight, d_bias, entropy_sum)
-    ctx.set_materialize_grads(False)
-    ctx.reduction = inputs[14]
-    ctx.computed = inputs[23:26]  # grad_hidden, grad_weight, grad_bias: the gradients the forward wrote
-    ctx.used = False
-    if ctx.reduction == "none":
-        # The gradient depends on the per-row grad_output: recomputed in the backward.
-        ctx.inputs = inputs
-    else:
-        ctx.save_for_backward(d_hidden, d_weight, d_bias)
+@_fused_linear_sparse_kd_loss.register_fake
+def _(student_hidden, student_weight, student_bias, teacher_indices, teacher_logprobs, teacher_mask, labels,
+      temperature, beta, alpha, label_smoothing, divergence, truncation, ignore_index, scale_by_t2, reduction,
+      num_items_in_batch, vocab_size, student_logit_scale, student_softcap, chunk_size, row_weights, grad_hidden,
+      grad_weight, grad_bias):
+    return _fake_outputs(student_hidden, student_weight, student_bias,
+                         torch.promote_types(student_hidden.dtype, torch.float32), reduction, grad_hidden,
+                         grad_weight, grad_bias)
 
 
-def _backward(ctx, grad_loss, *_):
-    _autograd.check_backward(ctx, "fused_linear_kd_loss")
-    grads = [None] * 27
-    if grad_loss is None:
+_GRAD_FLAGS = {"student_hidden": "grad_hidden", "student_weight": "grad_weight", "student_bias": "grad_bias"}
+
+
+def _register_autograd(op, public_name: str) -> None:
+    """The autograd formula of a fused-linear op, whose outputs are (loss, d hidden, d weight,
+    d bias, ...): the backward scales the gradients the forward wrote by grad_output, or for
+    reduction "none" (whose gradient depends on the per-row grad_output) runs the op again with
+    grad_output as its ``row_weights``. Arguments are found by their names in the schema."""
+    names = [a.name for a in op._opoverload._schema.arguments]
+    at = {name: i for i, name in enumerate(names)}
+    differentiable = {at[name]: flag for name, flag in _GRAD_FLAGS.items()}  # input position -> output flag
+
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
+        ctx.reduction = inputs[at["reduction"]]
+        ctx.computed = [inputs[at[flag]] for flag in differentiable.values()]  # the gradients the forward wrote
+        ctx.used = False
+        if ctx.reduction == "none":
+            ctx.inputs = inputs
+        else:
+            ctx.save_for_backward(*output[1:4])
+
+    def backward(ctx, grad_loss, *_):
+        _autograd.check_backward(ctx, public_name)
+        grads = [None] * len(names)
+        if grad_loss is None:
+            return tuple(grads)
+        if ctx.reduction == "none":
+            args = list(ctx.inputs)
+            args[at["row_weights"]] = grad_loss.reshape(-1)
+            if "entropy" in at:
+                args[at["entropy"]] = False
+            for position, flag in differentiable.items():
+                args[at[flag]] = ctx.needs_input_grad[position]
+            saved = op(*args)[1:4]
+        else:
+            saved = ctx.saved_tensors
+        for (position, flag), grad, computed in zip(differentiable.items(), saved, ctx.computed):
+            if not ctx.needs_input_grad[position]:
+                continue
+            if ctx.reduction != "none" and not computed:  # (the flag: a rank's empty bias slice has an empty grad)
+                raise RuntimeError(f"{public_name}: the forward ran with {flag}=False, so it has no gradient for an "
+                                   "input that requires one")
+            # Recomputed with grad_output already in it, or scaled by it now.
+            grads[position] = grad if ctx.reduction == "none" else _autograd.times(grad, grad_loss)
         return tuple(grads)
-    if ctx.reduction == "none":
-        args = list(ctx.inputs)
-        args[22], args[26] = grad_loss.reshape(-1), False  # row weights; no entropy
-        args[23:26] = [ctx.needs_input_grad[position] for position in _DIFFERENTIABLE]
-        _, *saved, _ = _fused_linear_kd_loss(*args)
-    else:
-        saved = ctx.saved_tensors
-    for (position, flag), grad, computed in zip(_DIFFERENTIABLE.items(), saved, ctx.computed):
-        if not ctx.needs_input_grad[position]:
-            continue
-        if ctx.reduction != "none" and not computed:  # (the flag: a rank's empty bias slice has an empty gradient)
-            raise RuntimeError(f"fused_linear_kd_loss: the forward ran with {flag}=False, so it has no gradient for "
-                               "an input that requires one")
-        # Recomputed with grad_output already in it, or scaled by it now.
-        grads[position] = grad if ctx.reduction == "none" else _autograd.times(grad, grad_loss)
-    return tuple(grads)
+
+    op.register_autograd(backward, setup_context=setup_context)
 
 
-_fused_linear_kd_loss.register_autograd(_backward, setup_context=_setup_context)
+_register_autograd(_fused_linear_kd_loss, "fused_linear_kd_loss")
+_register_autograd(_fused_linear_sparse_kd_loss, "fused_linear_sparse_kd_loss")
 
 
 def _autocast(hidden, weight):
@@ -305,6 +407,49 @@ def _autocast(hidden, weight):
     dtype = torch.get_autocast_dtype(device)
     return hidden.to(dtype), weight.to(dtype)
 
+
+class _Head(NamedTuple):
+    """One model's lm_head as the fused-linear ops take it, checked (:func:`_checked_head`)."""
+
+    hidden: Tensor  # [..., H], after autocast's cast
+    weight: Tensor  # [V, H], the same dtype
+    bias: Optional[Tensor]
+    scale: float
+    softcap: Optional[float]
+
+
+def _checked_head(model: str, hidden, weight, bias, logit_scale, softcap, *, empty_ok: bool = False) -> _Head:
+    """``model``'s ("student" or "teacher") hidden states, lm_head and logit constants, autocast
+    applied and checked; errors name the arguments (``student_hidden``, ``teacher_softcap``, ...)."""
+    hidden, weight = _autocast(hidden, weight)
+    _validate.lm_head(f"{model}_hidden", hidden, f"{model}_weight", weight, f"{model}_bias", bias, empty_ok=empty_ok)
+    scale = _validate.model_constant(f"{model}_logit_scale", logit_scale)
+    cap = None if softcap is None else _validate.model_constant(f"{model}_softcap", softcap, positive=True)
+    return _Head(hidden, weight, bias, scale, cap)
+
+
+def _checked_vocab_size(vocab_size, v_s: int, v_t: Optional[int] = None) -> int:
+    """The classes the loss runs over: the first ``vocab_size`` rows of the student's head (and
+    the teacher's, V_t rows, when there is one); None is V (the caller checks V == V_t)."""
+    if vocab_size is None:
+        return v_s
+    limit, heads = (v_s, f"V] = [1, {v_s}] (student_weight has V={v_s})") if v_t is None else (
+        min(v_s, v_t), f"min(V, V_t)] = [1, {min(v_s, v_t)}] (student_weight has V={v_s}, teacher_weight V_t={v_t})")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= limit:
+        raise ValueError(f"vocab_size must be an int in [1, {heads}, got {vocab_size!r}")
+    return vocab_size
+
+
+def _checked_chunk_size(chunk_size) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def _grads_to_write(reduction: str, student: _Head) -> list[bool]:
+    """grad_hidden, grad_weight, grad_bias: the student's gradients the forward writes. None for
+    reduction "none", whose gradient depends on the per-row grad_output: the backward computes it."""
+    on = torch.is_grad_enabled() and reduction != "none"
+    return [on and t is not None and t.requires_grad for t in (student.hidden, student.weight, student.bias)]
 
 def fused_linear_kd_loss(
     student_hidden: Tensor,
@@ -437,42 +582,26 @@ def _linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, t
     """:func:`fused_linear_kd_loss` (every argument given) -> (loss, the sum of the student's
     entropy of softmax(z_s / T) over the rows that count, no gradient, when ``entropy``; else
     None), on every backend."""
-    student_hidden, student_weight = _autocast(student_hidden, student_weight)
-    teacher_hidden, teacher_weight = _autocast(teacher_hidden, teacher_weight)
-    _validate.lm_head("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias,
-                     empty_ok=group is not None)
-    _validate.lm_head("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias", teacher_bias,
-                     empty_ok=group is not None)
-    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
-        raise ValueError(f"teacher_hidden has leading shape {tuple(teacher_hidden.shape[:-1])} but student_hidden "
-                         f"has {tuple(student_hidden.shape[:-1])}: one row of each per token")
-    if teacher_hidden.device != student_hidden.device:
-        raise ValueError(f"teacher_hidden is on {teacher_hidden.device} but student_hidden is on "
-                         f"{student_hidden.device}")
-    v_s, v_t = student_weight.shape[0], teacher_weight.shape[0]
-    if vocab_size is None:
-        if v_s != v_t:
-            raise ValueError(
-                f"student_weight has V={v_s} rows but teacher_weight has V_t={v_t}: pass vocab_size=<the shared "
-                "vocabulary> to cut both heads to it (padding the shorter head with zeros would put probability "
-                "mass on the padded classes)")
-        vocab_size = v_s
-    elif isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= min(v_s, v_t):
-        raise ValueError(f"vocab_size must be an int in [1, min(V, V_t)] = [1, {min(v_s, v_t)}] (student_weight "
-                         f"has V={v_s}, teacher_weight V_t={v_t}), got {vocab_size!r}")
+    s = _checked_head("student", student_hidden, student_weight, student_bias, student_logit_scale, student_softcap,
+                      empty_ok=group is not None)
+    t = _checked_head("teacher", teacher_hidden, teacher_weight, teacher_bias, teacher_logit_scale, teacher_softcap,
+                      empty_ok=group is not None)
+    if t.hidden.shape[:-1] != s.hidden.shape[:-1]:
+        raise ValueError(f"teacher_hidden has leading shape {tuple(t.hidden.shape[:-1])} but student_hidden "
+                         f"has {tuple(s.hidden.shape[:-1])}: one row of each per token")
+    if t.hidden.device != s.hidden.device:
+        raise ValueError(f"teacher_hidden is on {t.hidden.device} but student_hidden is on {s.hidden.device}")
+    v_s, v_t = s.weight.shape[0], t.weight.shape[0]
+    if vocab_size is None and v_s != v_t:
+        raise ValueError(
+            f"student_weight has V={v_s} rows but teacher_weight has V_t={v_t}: pass vocab_size=<the shared "
+            "vocabulary> to cut both heads to it (padding the shorter head with zeros would put probability "
+            "mass on the padded classes)")
+    vocab_size = _checked_vocab_size(vocab_size, v_s, v_t)
     o = _validate.kd_options(temperature, divergence, beta, alpha, label_smoothing, reduction, num_items_in_batch,
-                             labels, "student_hidden", student_hidden)
-    s_scale = _validate.model_constant("student_logit_scale", student_logit_scale)
-    t_scale = _validate.model_constant("teacher_logit_scale", teacher_logit_scale)
-    s_cap = (None if student_softcap is None
-             else _validate.model_constant("student_softcap", student_softcap, positive=True))
-    t_cap = (None if teacher_softcap is None
-             else _validate.model_constant("teacher_softcap", teacher_softcap, positive=True))
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    lead = student_hidden.shape[:-1]
-
-    chosen = _backend.resolve(KD_SPEC, student_hidden.device, backend)
+                             labels, "student_hidden", s.hidden)
+    _checked_chunk_size(chunk_size)
+    chosen = _backend.resolve(KD_SPEC, s.hidden.device, backend)
     split = None
     if group is not None:
         refused = [what for what, given in (
@@ -483,23 +612,18 @@ def _linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, t
             raise ValueError(f"fused_linear_kd_loss with group=: not with {refused[0]} (see the docstring)")
         from lepton_fast import distributed
 
-        split = distributed.vocab_split(group, v_s, student_hidden.device, _backend.resolve(kd_loss.SLICE_SPEC,
-                                                                                            student_hidden.device,
-                                                                                            backend))
-    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
-    h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
-    grad_on = torch.is_grad_enabled()
-    # "none": the gradient depends on the per-row grad_output, so the backward computes it.
-    needs = [grad_on and reduction != "none" and t is not None and t.requires_grad
-             for t in (student_hidden, student_weight, student_bias)]
+        split = distributed.vocab_split(group, v_s, s.hidden.device,
+                                        _backend.resolve(kd_loss.SLICE_SPEC, s.hidden.device, backend))
+    h_s = s.hidden.reshape(-1, s.hidden.shape[-1])
+    h_t = t.hidden.detach().reshape(-1, t.hidden.shape[-1])
     acc = torch.promote_types(torch.promote_types(h_s.dtype, h_t.dtype), torch.float32)
     if chunk_size is None:  # with a group, from the whole vocabulary: every rank must cut the same chunks
         chunk_size = _auto_chunk_size(h_s.shape[0], vocab_size if split is None else split.n_classes, acc,
-                                      student_weight.dtype, h_s.device)
-    args = (h_s, student_weight, h_t, teacher_weight.detach(), student_bias,
-            None if teacher_bias is None else teacher_bias.detach(), o.labels, o.temperature, o.beta, o.alpha,
-            o.label_smoothing, divergence, ignore_index, scale_by_t2, reduction, o.num_items, vocab_size, s_scale,
-            t_scale, s_cap, t_cap, chunk_size, None, *needs, entropy)
+                                      s.weight.dtype, h_s.device)
+    args = (h_s, s.weight, h_t, t.weight.detach(), s.bias, None if t.bias is None else t.bias.detach(), o.labels,
+            o.temperature, o.beta, o.alpha, o.label_smoothing, divergence, ignore_index, scale_by_t2, reduction,
+            o.num_items, vocab_size, s.scale, t.scale, s.softcap, t.softcap, chunk_size, None,
+            *_grads_to_write(reduction, s), entropy)
     token = None if split is None else _VOCAB_SPLIT.set(split)  # (torch.compile cannot trace a set)
     try:
         with _backend.running(KD_SPEC, chosen, h_s.device.type):
@@ -507,5 +631,123 @@ def _linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, t
     finally:
         if token is not None:
             _VOCAB_SPLIT.reset(token)
-    loss = out[0].reshape(lead) if reduction == "none" else out[0]
+    loss = out[0].reshape(s.hidden.shape[:-1]) if reduction == "none" else out[0]
     return loss, (out[4] if entropy else None)
+
+
+def fused_linear_sparse_kd_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_indices: Tensor,
+    teacher_logprobs: Tensor,
+    teacher_mask: Optional[Tensor] = None,
+    temperature: Scalar = 1.0,
+    *,
+    student_bias: Optional[Tensor] = None,
+    divergence: str = "forward_kl",
+    beta: Scalar = 0.5,
+    truncation: str = "renormalize",
+    labels: Optional[Tensor] = None,
+    alpha: Scalar = 0.0,
+    label_smoothing: Scalar = 0.0,
+    ignore_index: int = -100,
+    scale_by_t2: bool = True,
+    reduction: str = "mean",
+    num_items_in_batch: Optional[Union[int, Tensor]] = None,
+    vocab_size: Optional[int] = None,
+    student_logit_scale: float = 1.0,
+    student_softcap: Optional[float] = None,
+    chunk_size: Optional[int] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    r"""Distillation from a teacher's stored top-k log-probabilities through the student's
+    lm_head, the [N, V] logits never materialised.
+
+    Exactly :func:`lepton_fast.sparse_kd_loss` ``(z, teacher_indices, teacher_logprobs,
+    teacher_mask, temperature, ...)`` with the student's logits
+
+    .. math:: z = c \tanh\big(\mathrm{scale}\,(h W^\top + b) / c\big)
+
+    (the tanh only when the softcap c is given; neither gives the plain ``h @ W.T + b``), so
+    the buckets, truncations, temperature and the entries that count are as it documents them
+    (``reference.sparse_buckets``). The rows are processed in chunks as in
+    :func:`lepton_fast.fused_linear_kd_loss`: per chunk the student's logits come out of the
+    GEMM in float32, the ``sparse_kd_loss`` row kernel reads each row once for the loss and
+    d(loss)/d(z), and the gradients of ``student_hidden``, ``student_weight`` and
+    ``student_bias`` are computed during the forward (the weight's and bias's accumulated in
+    float32); the backward only scales them. There is no teacher head: three GEMMs in all.
+
+    Args:
+        student_hidden: [..., H] float32, bfloat16, float16 or float64, the student's final
+            hidden states. Gradient flows here.
+        student_weight: [V, H], the student's lm_head weight, same dtype. Gradient flows here.
+        teacher_indices: [..., K] integer class ids in [0, vocab_size) (K >= 1), same leading dims.
+        teacher_logprobs: [..., K] floating log-probabilities of the teacher at T = 1; a constant.
+        teacher_mask: optional [..., K] bool (or 0/1 integer): False = entry not provided.
+        temperature: T > 0, documented range 1e-8 <= T <= 1e4 (a float or a 0-d CPU tensor, as are
+            beta, alpha, label_smoothing).
+        student_bias: optional [V] lm_head bias; it gets a gradient.
+        divergence, beta, truncation, labels, alpha, label_smoothing, ignore_index, scale_by_t2,
+        reduction, num_items_in_batch: as in :func:`lepton_fast.sparse_kd_loss` (labels are
+            [...] class ids < vocab_size; ``reduction="sum"`` is the sum of the rows' losses).
+            Rows labelled ``ignore_index`` cost nothing on the CPU (left out before the GEMMs)
+            and need no host synchronisation anywhere.
+        vocab_size: the classes are the head's first ``vocab_size`` rows (a head padded beyond
+            the tokenizer's vocabulary, whose padded rows must take no probability mass in the
+            ``"tail"`` bucket); those beyond get zero gradient. None: all V.
+        student_logit_scale: a finite multiplier of the logits, before the softcap.
+        student_softcap: None, or c > 0 for the tanh soft-capping.
+        chunk_size: rows per chunk (> 0). None: as many as keep the chunk's float32 logits and
+            row gradient (8 bytes x V per row) under 256 MiB on the CPU, 1 GiB on a GPU. The
+            result does not depend on it beyond float32 rounding.
+        backend: the row kernel, as in :func:`lepton_fast.sparse_kd_loss`; forcing one is
+            eager-only and applies to the forward (with reduction "none" the backward
+            recomputes the gradients with the default kernel).
+
+    Returns:
+        float32 loss (float64 for float64 inputs): a scalar, or [...] for ``"none"``.
+
+    Raises:
+        TypeError: non-tensor or non-floating hidden states or weight, a weight of another
+            dtype than the hidden states, non-integer indices or labels, non-floating logprobs,
+            a mask neither bool nor integer, a hyper-parameter that is not a number.
+        ValueError: mismatched shapes or devices, K = 0, ``vocab_size`` outside [1, V], a
+            non-positive chunk_size or softcap, a non-finite logit scale, unknown
+            divergence/truncation/reduction, and everything :func:`sparse_kd_loss` refuses
+            (an index that counts outside [0, vocab_size), named ``teacher_indices``; labels
+            out of range; a row whose buckets are undefined).
+        RuntimeError: a forced backend that cannot run here; a second backward through one
+            graph, or a second-order gradient (differentiate
+            :func:`lepton_fast.reference.fused_linear_sparse_kd_loss` for those).
+
+    Autocast: as :func:`lepton_fast.fused_linear_kd_loss`: the hidden states and weight are
+    cast to autocast's dtype first, as ``F.linear`` would (a bfloat16 hidden state with a
+    float32 lm_head works; the float32 weight gets its gradient through the cast).
+
+    Memory: the chunk's buffers, the float32 weight-gradient accumulator when the weight is
+    not float32 ([V, H]), and the gradients; no buffer of N x V elements. Time: the three
+    GEMMs (logits, d hidden, d weight: 6·N·H·V flops) plus the row kernel.
+
+    Sources: axolotl's chunked top-k KD over Liger's fused-linear distillation base
+    (``integrations/kd/kernels/liger.py``), without its per-chunk ``torch.func`` and host
+    synchronisation; the buckets as :func:`lepton_fast.sparse_kd_loss` cites them.
+    """
+    s = _checked_head("student", student_hidden, student_weight, student_bias, student_logit_scale, student_softcap)
+    indices, logprobs, mask = _validate.sparse_teacher(teacher_indices, teacher_logprobs, teacher_mask,
+                                                       "student_hidden", s.hidden)
+    _validate.choice("truncation", truncation, TRUNCATIONS)
+    o = _validate.kd_options(temperature, divergence, beta, alpha, label_smoothing, reduction, num_items_in_batch,
+                             labels, "student_hidden", s.hidden)
+    vocab_size = _checked_vocab_size(vocab_size, s.weight.shape[0])
+    _checked_chunk_size(chunk_size)
+    chosen = _backend.resolve(SPARSE_SPEC, s.hidden.device, backend)
+    h = s.hidden.reshape(-1, s.hidden.shape[-1])
+    if chunk_size is None:  # the student's logits and the row gradient: two float32 buffers per row
+        chunk_size = _auto_chunk_size(h.shape[0], vocab_size, torch.promote_types(h.dtype, torch.float32),
+                                      s.weight.dtype, h.device, buffers=2)
+    with _backend.running(SPARSE_SPEC, chosen, h.device.type):
+        loss = _fused_linear_sparse_kd_loss(
+            h, s.weight, s.bias, indices, logprobs, mask, o.labels, o.temperature, o.beta, o.alpha,
+            o.label_smoothing, divergence, truncation, ignore_index, scale_by_t2, reduction, o.num_items,
+            vocab_size, s.scale, s.softcap, chunk_size, None, *_grads_to_write(reduction, s))[0]
+    return loss.reshape(s.hidden.shape[:-1]) if reduction == "none" else loss
