@@ -382,6 +382,27 @@ def test_argument_errors():
         sparse_kd_loss(s, idx, logp, alpha=0.5)
 
 
+@pytest.mark.cuda
+def test_cuda_kernel_class_limit():
+    """The CUDA C++ kernel marks the listed columns in a shared-memory bitmap of V bits: right at
+    its limit of 327680 classes it agrees with the oracle (the bitmap's last word in use), one
+    class more is an error that names the limit and the backend that takes any V."""
+    require(SPEC, "cuda", "cuda")
+    limit = 40 * 1024 * 8
+    idx, logp, _ = top_k_teacher(2, limit, 8, seed=60)
+    idx[:, 0] = limit - 1
+    s = randn(2, limit, seed=61, dtype=torch.float32)
+    kw = dict(temperature=2.0, truncation="tail", reduction="none")
+    loss, grad = loss_and_grad(lambda *a, **k: sparse_kd_loss(*a, backend="cuda", **k), s.cuda(), idx.cuda(),
+                               logp.float().cuda(), None, **kw)
+    ref_loss, ref_grad = oracle(s, idx, logp, None, **kw)
+    torch.testing.assert_close(loss.cpu().double(), ref_loss, **TOL)
+    torch.testing.assert_close(grad.cpu().double(), ref_grad, **TOL)
+    wide = torch.zeros(2, limit + 1, device="cuda")
+    with pytest.raises(RuntimeError, match=f"at most {limit} classes"):
+        sparse_kd_loss(wide, idx.cuda(), logp.float().cuda(), backend="cuda")
+
+
 def test_second_order_gradient_is_refused():
     s, idx, logp, _, _ = case("top_k", "cpu", torch.float64)
     s.requires_grad_()
