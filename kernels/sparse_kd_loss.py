@@ -7,16 +7,18 @@ teacher's K entries sit in one block of KB = next_power_of_2(K) lanes (made for 
 of 1 to a few hundred; a K of many thousands spills registers), which count (mask, first
 occurrence of an index: a loop over the K entries), the teacher's bucket log-probabilities,
 the student's logits gathered at the entries. One pass over the student row gathers the online
-softmax statistics that "tail" needs (at T) and the CE needs (at T = 1); "renormalize" without
-the CE reads only the K entries. The gradient pass writes the whole row (the unlisted columns'
-formula, or zeros), then, after a barrier, the entries' columns.
+softmax statistics that "tail" needs (at T, of the unlisted columns) and the CE needs (at
+T = 1); "renormalize" without the CE reads only the K entries. The gradient pass writes the
+whole row (the unlisted columns' formula, or zeros), then, after a barrier, the entries'
+columns.
 
 With g_b = dD/d(log Q_b) of each student bucket and G = sum_b g_b, the gradient of the soft term
-is (g_k - Q_k G) / T at an entry's column and, under "tail", p_j (g_tail / Q_tail - G) / T at
-an unlisted column j (p = softmax(z)). The student's tail mass is (S - S_listed) / S with S and
-S_listed the row's and the entries' sums of exp((x - max) / T): its absolute error is about the
-accumulation dtype's epsilon (float32: 1e-7), so a tail far below that is only as exact as
-float64 logits make it.
+is (g_k - Q_k G) / T at an entry's column and, under "tail", (pu_j g_tail - p_j G) / T at an
+unlisted column j (p = softmax(z) over the row, pu over the unlisted columns: csrc/sparse_kd_loss.h
+has the derivation's notation). The student's tail is the log-sum-exp of the unlisted columns,
+summed over them in the same pass (each column block masks the entries' columns it holds), and
+the row's statistics are those merged with the entries': never the row's sum minus the
+entries', which at T <= 1e-2 cancels below float32's epsilon and left an infinite forward KL.
 """
 from __future__ import annotations
 
@@ -47,6 +49,39 @@ def _log_softmax_vec(x, scale):
     -inf (the caller keeps the entries that count)."""
     y = (x - tl.max(x, 0)) * scale
     return y - tl.log(tl.sum(tl.exp(y), 0))
+
+
+@triton.jit
+def _bucket(logp, logq, beta, log_beta, log_1m_beta, DIV: tl.constexpr):
+    """(divergence term, g = dD/d(log Q)) of buckets with teacher and student log-probabilities
+    logp, logq, elementwise (csrc/sparse_kd_loss.h, sparse_bucket)."""
+    q = tl.exp(logq)
+    if DIV == 0:
+        d = _kl_term(logp, logq)
+        g = -tl.exp(logp)
+    elif DIV == 1:
+        d = _kl_term(logq, logp)
+        g = tl.where(q == 0.0, 0.0, q * (logq - logp))
+    else:
+        lm = _log_mixture(logq, logp, log_beta, log_1m_beta)
+        d = beta * _kl_term(logp, lm) + (1.0 - beta) * _kl_term(logq, lm)
+        g = tl.where(q == 0.0, 0.0, (1.0 - beta) * q * (logq - lm))
+    return d, g
+
+
+@triton.jit
+def _listed_in_block(idx, counted, cols, off, BLOCK: tl.constexpr):
+    """Which of the columns cols = off + [0, BLOCK) are counted entries' indices: a walk over
+    the block's entries in increasing order (counted indices are distinct), so a row costs its
+    K entries' compares in all, not K per block."""
+    in_blk = counted & (idx >= off) & (idx < off + BLOCK)
+    hit = cols < 0
+    prev = tl.full([], off - 1, tl.int64)
+    for _ in range(0, tl.sum(in_blk.to(tl.int32), 0)):
+        j = tl.min(tl.where(in_blk & (idx > prev), idx, off + BLOCK), 0)
+        hit = hit | (cols == j)
+        prev = j
+    return hit
 
 
 @triton.jit
@@ -96,9 +131,10 @@ def _sparse_kd_loss_kernel(
             dup = dup | later
         counted = read & ~dup
         covers = tl.sum(counted.to(tl.int32), 0) == V
-        # The pass over the row: softmax statistics at T (tail) and at T = 1 (the CE).
-        m = tl.full([], neg_inf, ACC)
-        l = tl.zeros([], ACC)
+        # The pass over the row: softmax statistics at T of the columns not listed (tail) and at
+        # T = 1 of all of them (the CE).
+        m_u = tl.full([], neg_inf, ACC)
+        l_u = tl.zeros([], ACC)
         m1 = tl.full([], neg_inf, ACC)
         l1 = tl.zeros([], ACC)
         sum_x = tl.zeros([], ACC)
@@ -107,55 +143,42 @@ def _sparse_kd_loss_kernel(
                 cols = off + cols0
                 x = tl.load(s_row + cols, mask=cols < V, other=neg_inf).to(ACC)
                 if TAIL and NEEDS_SOFT:
-                    m, l, _e, _f = online_softmax(m, l, x, inv_t)
+                    listed = _listed_in_block(idx, counted, cols, off, BLOCK)
+                    m_u, l_u, _e, _f = online_softmax(m_u, l_u, tl.where(listed, neg_inf, x), inv_t)
                 if NEEDS_CE:
                     m1, l1, _e1, _f1 = online_softmax(m1, l1, x, 1.0)
                 if SMOOTH:
                     sum_x += tl.sum(tl.where(cols < V, x, 0.0), 0)
         row_loss = tl.zeros([], ACC)
         xk = tl.load(s_row + idx, mask=counted, other=neg_inf).to(ACC)
-        log_l_all = _log_sum(l)  # log softmax(x / T)_j = (x_j - m) / T - log_l_all
         g = tl.zeros([KB], ACC)
         lq = tl.full([KB], neg_inf, ACC)
         big_g = tl.zeros([], ACC)
-        r = tl.zeros([], ACC)
+        g_tail = tl.zeros([], ACC)
+        # The row's softmax at T: the unlisted columns' statistics merged with the entries'.
+        m = tl.maximum(m_u, tl.max(xk, 0))
+        safe_m = tl.where(m == neg_inf, 0.0, m)
+        l = l_u * tl.exp((m_u - safe_m) * inv_t) + tl.sum(tl.where(counted, tl.exp((xk - safe_m) * inv_t), 0.0), 0)
+        log_l_all = _log_sum(l)  # log softmax(x / T)_j = (x_j - m) / T - log_l_all
+        log_l_u = tl.log(l_u)  # log softmax(x / T)_j over the unlisted j = (x_j - m_u) / T - log_l_u
         if NEEDS_SOFT:
             lp = tl.load(lp_ptr + row * lp_stride + ks, mask=counted, other=neg_inf).to(ACC)
             logp_t = _log_softmax_vec(lp, inv_t)
-            lq_tail = tl.full([], neg_inf, ACC)
-            lp_tail = tl.full([], neg_inf, ACC)
             if TAIL:
                 log_l = tl.where(covers, 0.0, tl.minimum(_lse_vec(lp), 0.0))
                 logp = tl.where(counted, tl.where(log_l == neg_inf, neg_inf, logp_t + log_l), neg_inf)
                 lp_tail = tl.log(1.0 - tl.exp(log_l))
                 lq = tl.where(counted, (xk - m) * inv_t - log_l_all, neg_inf)
-                safe_m = tl.where(m == neg_inf, 0.0, m)
-                s_listed = tl.sum(tl.where(counted, tl.exp((xk - safe_m) * inv_t), 0.0), 0)
-                q_tail = tl.where(covers, 0.0, tl.maximum(l - s_listed, 0.0) / l)
-                lq_tail = tl.log(q_tail)
+                # (l_u = 0: no unlisted column; -inf, or NaN with an undefined row)
+                lq_tail = tl.where(l_u > 0, (m_u - safe_m) * inv_t + log_l_u, neg_inf) - log_l_all
+                d_tail, g_tail = _bucket(lp_tail, lq_tail, beta, log_beta, log_1m_beta, DIV)
             else:
                 logp = tl.where(counted, logp_t, neg_inf)
                 lq = tl.where(counted, _log_softmax_vec(xk, inv_t), neg_inf)
-            q = tl.exp(lq)
-            if DIV == 0:
-                d = tl.sum(_kl_term(logp, lq), 0) + _kl_term(lp_tail, lq_tail)
-                g = -tl.exp(logp)
-                r = tl.where(lp_tail == neg_inf, 0.0, -tl.exp(lp_tail - lq_tail))
-            elif DIV == 1:
-                d = tl.sum(_kl_term(lq, logp), 0) + _kl_term(lq_tail, lp_tail)
-                g = tl.where(q == 0.0, 0.0, q * (lq - logp))
-                r = lq_tail - lp_tail
-            else:
-                lm = _log_mixture(lq, logp, log_beta, log_1m_beta)
-                lm_tail = _log_mixture(lq_tail, lp_tail, log_beta, log_1m_beta)
-                d = beta * (tl.sum(_kl_term(logp, lm), 0) + _kl_term(lp_tail, lm_tail)) + \
-                    (1.0 - beta) * (tl.sum(_kl_term(lq, lm), 0) + _kl_term(lq_tail, lm_tail))
-                g = tl.where(q == 0.0, 0.0, (1.0 - beta) * q * (lq - lm))
-                r = (1.0 - beta) * (lq_tail - lm_tail)
-            big_g = tl.sum(tl.where(counted, g, 0.0), 0)
-            if TAIL:
-                big_g += tl.where(lq_tail == neg_inf, 0.0, tl.exp(lq_tail) * r)
-            row_loss += soft_w * d
+                d_tail = tl.zeros([], ACC)
+            d, g = _bucket(logp, lq, beta, log_beta, log_1m_beta, DIV)
+            big_g = tl.sum(tl.where(counted, g, 0.0), 0) + g_tail
+            row_loss += soft_w * (tl.sum(tl.where(counted, d, 0.0), 0) + d_tail)
         lse1 = m1 + _log_sum(l1)
         if NEEDS_CE:
             x_label = tl.load(s_row + tl.maximum(label, 0)).to(ACC)
@@ -172,8 +195,10 @@ def _sparse_kd_loss_kernel(
                     dv = tl.zeros([BLOCK], ACC)
                     if TAIL and NEEDS_SOFT:
                         p = tl.exp((x - m) * inv_t - log_l_all)
-                        # r = -inf: the student's tail mass rounded to 0, and so do its columns.
-                        dv = tl.where(p == 0.0, 0.0, tl.where(r == neg_inf, 0.0, p * (r - big_g))) * sg
+                        # At most 1 at an unlisted column; the cap keeps the listed ones (rewritten
+                        # below) finite.
+                        pu = tl.exp(tl.minimum((x - m_u) * inv_t - log_l_u, 0.0))
+                        dv = (tl.where(pu == 0.0, 0.0, pu * g_tail) - tl.where(p == 0.0, 0.0, p * big_g)) * sg
                     if NEEDS_CE:
                         dv += cg * (tl.exp(x - lse1) - eps / V - tl.where(cols == label, 1.0 - eps, 0.0))
                     tl.store(g_row + cols, dv.to(g_row.dtype.element_ty), mask=cols < V)

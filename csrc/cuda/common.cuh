@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 namespace lepton_fast {
 namespace cuda {
@@ -68,6 +69,28 @@ __device__ T block_reduce(T v) {
   }
   __syncthreads();
   return partial[0];
+}
+
+// Calls launch(kVec', kThreads') (std::integral_constants) with the launch shape of the
+// one-block-per-row kernels: packs of kVec elements when `vec` (every row 16-byte aligned and
+// a multiple of kVec long), else one element; 1024 threads for rows of 8192 columns or more,
+// else 128, so that more of the narrow rows share an SM.
+template <int kVec, typename F>
+void launch_row_blocks(bool vec, int64_t n_classes, F&& launch) {
+  using Narrow = std::integral_constant<int, 128>;
+  using Wide = std::integral_constant<int, 1024>;
+  using Packed = std::integral_constant<int, kVec>;
+  using Single = std::integral_constant<int, 1>;
+  const bool wide = n_classes >= 8192;
+  if (vec && wide) {
+    launch(Packed{}, Wide{});
+  } else if (vec) {
+    launch(Packed{}, Narrow{});
+  } else if (wide) {
+    launch(Single{}, Wide{});
+  } else {
+    launch(Single{}, Narrow{});
+  }
 }
 
 }  // namespace cuda

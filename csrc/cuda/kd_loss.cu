@@ -20,19 +20,9 @@
 
 #include "../kd_loss.h"
 #include "common.cuh"
+#include "softmax_stats.cuh"
 
 namespace lepton_fast {
-
-// The warp exchange block_reduce needs, beside the statistic's type (found by ADL).
-template <typename acc_t>
-__device__ __forceinline__ WeightedSoftmaxStats<acc_t> shfl_xor(const WeightedSoftmaxStats<acc_t>& a, int lane_mask) {
-  WeightedSoftmaxStats<acc_t> o = a;  // the same scale in every thread
-  o.max = __shfl_xor_sync(0xffffffffu, a.max, lane_mask);
-  o.sum = __shfl_xor_sync(0xffffffffu, a.sum, lane_mask);
-  o.weighted = __shfl_xor_sync(0xffffffffu, a.weighted, lane_mask);
-  return o;
-}
-
 namespace {
 
 using cuda::block_reduce;
@@ -298,17 +288,9 @@ struct KDLaunch {
       const bool vec = cuda::rows_aligned16<scalar_t>(student.const_data_ptr(), student.stride(0)) &&
                        cuda::rows_aligned16<scalar_t>(teacher.const_data_ptr(), teacher.stride(0)) &&
                        n_classes % kVec == 0;
-      // Wide rows get more threads per row; narrow rows fewer, so more rows share an SM.
-      const bool wide = n_classes >= 8192;
-      if (vec && wide) {
-        launch_kd<scalar_t, kVec, 1024>(a, n_rows);
-      } else if (vec) {
-        launch_kd<scalar_t, kVec, 128>(a, n_rows);
-      } else if (wide) {
-        launch_kd<scalar_t, 1, 1024>(a, n_rows);
-      } else {
-        launch_kd<scalar_t, 1, 128>(a, n_rows);
-      }
+      cuda::launch_row_blocks<kVec>(vec, n_classes, [&](auto vec_c, auto threads_c) {
+        launch_kd<scalar_t, decltype(vec_c)::value, decltype(threads_c)::value>(a, n_rows);
+      });
     });
   }
 };

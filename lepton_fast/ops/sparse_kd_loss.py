@@ -5,9 +5,11 @@ hyper-parameters as fused_kd_loss checks them) and calls ``torch.ops.lepton_fast
 (its schema is defined below); the dispatcher runs the autograd kernel (csrc/autograd.cpp, or
 ops/_autograd.py without the extension), then
 the device kernel: the CPU C++ kernel (csrc/cpu/sparse_kd_loss.cpp; the reference kernel in
-ops/_reference.py over lepton_fast.reference without the extension) on CPU tensors, Triton
-(kernels/sparse_kd_loss.py) on CUDA tensors (no CUDA C++ kernel yet).
-``backend=`` swaps in another kernel (``"triton"`` on CPU tensors under TRITON_INTERPRET=1).
+ops/_reference.py over lepton_fast.reference without the extension) on CPU tensors, the CUDA
+C++ kernel (csrc/cuda/sparse_kd_loss.cu; Triton, kernels/sparse_kd_loss.py, without a CUDA
+build of the extension) on CUDA tensors. The C++ kernels share their per-row maths
+(csrc/sparse_kd_loss.h). ``backend=`` swaps in another kernel (``"triton"`` on CPU tensors
+under TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ SPEC = _backend.define(
     "Tensor? labels, Tensor temperature, Tensor beta, Tensor alpha, Tensor label_smoothing, str divergence, "
     "str truncation, int ignore_index, bool scale_by_t2, str reduction, Tensor? num_items_in_batch, "
     "bool compute_grad) -> (Tensor loss, Tensor grad)",
-    triton="sparse_kd_loss", saves_grad=True, cuda_cpp=False)  # no CUDA C++ kernel yet: Triton on CUDA
+    triton="sparse_kd_loss", saves_grad=True)
 
 TRUNCATIONS = ("renormalize", "tail")
 
@@ -120,7 +122,8 @@ def sparse_kd_loss(
             undefined (no finite student logit; under "renormalize", every entry's teacher
             or student value -inf; a NaN or +inf read).
         RuntimeError: a forced backend that cannot run here; a second-order gradient
-            (differentiate :func:`lepton_fast.reference.sparse_kd_loss` for those).
+            (differentiate :func:`lepton_fast.reference.sparse_kd_loss` for those); the CUDA
+            C++ kernel with more than 327680 classes (``backend="triton"`` takes any V).
 
     Sources: axolotl's top-k KD (``integrations/kd/topk_logprob``), MaxText's
     ``kl_divergence_between_logits(truncation_strategy="renormalize" | "other_bucket")``.
