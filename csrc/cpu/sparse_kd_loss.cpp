@@ -36,7 +36,7 @@ struct SparseArgs {
   int64_t n_classes, k, s_stride, ignore_index;
   Div div;
   bool tail, needs_soft, needs_ce;
-  double inv_t, beta, log_beta, log_1m_beta, alpha, eps, soft_w, soft_gw, grad_scale;
+  double inv_t, beta, log_beta, log_1m_beta, alpha, label_smoothing, soft_w, soft_gw, grad_scale;
 };
 
 template <typename acc_t>
@@ -71,7 +71,8 @@ void sparse_rows(const SparseArgs& a, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   const int64_t V = a.n_classes, K = a.k;
-  const acc_t inv_t = a.inv_t, beta = a.beta, log_beta = a.log_beta, log_1m_beta = a.log_1m_beta, eps = a.eps;
+  const acc_t inv_t = a.inv_t, beta = a.beta, log_beta = a.log_beta, log_1m_beta = a.log_1m_beta,
+              label_smoothing = a.label_smoothing;
   std::vector<char> counted(K);
   std::vector<acc_t> xk(K), lp(K), logp(K), lq(K), g(K);
   for (int64_t row = begin; row < end; ++row) {
@@ -185,11 +186,15 @@ void sparse_rows(const SparseArgs& a, int64_t begin, int64_t end) {
       row_loss += acc_t(a.soft_w) * d;
     }
     const acc_t lse1 = lse_from_sum(m1, l1);
-    if (a.needs_ce) row_loss += acc_t(a.alpha) * (lse1 - (1 - eps) * acc_t(s[label]) - eps / V * sum_x);
+    if (a.needs_ce) {
+      row_loss += acc_t(a.alpha) * (lse1 - (1 - label_smoothing) * acc_t(s[label]) - label_smoothing / V * sum_x);
+    }
     out = row_loss;
     if (!gr) continue;
     const acc_t sg = acc_t(a.soft_gw * a.grad_scale), cg = acc_t(a.alpha * a.grad_scale);
-    auto ce_grad = [&](int64_t j) { return cg * (std::exp(acc_t(s[j]) - lse1) - eps / V - (j == label ? 1 - eps : 0)); };
+    auto ce_grad = [&](int64_t j) {
+      return cg * (std::exp(acc_t(s[j]) - lse1) - label_smoothing / V - (j == label ? 1 - label_smoothing : 0));
+    };
     for (int64_t j = 0; j < V; ++j) {  // the unlisted columns' formula (the entries' come next)
       acc_t dv = 0;
       if (row_tail) {
@@ -233,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_loss_cpu(
   const auto acc_type = at::toOpMathType(dtype);
   const int64_t n = student_logits.size(0), v = student_logits.size(1);
   const double t = scalar_arg(temperature, "temperature"), b = scalar_arg(beta, "beta");
-  const double al = scalar_arg(alpha, "alpha"), eps = scalar_arg(label_smoothing, "label_smoothing");
+  const double al = scalar_arg(alpha, "alpha");
   SparseArgs a{};
   at::Tensor idx = teacher_indices.contiguous();
   at::Tensor lp = teacher_logprobs.to(acc_type).contiguous();
@@ -284,7 +289,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_loss_cpu(
   a.log_beta = b > 0 ? std::log(b) : -std::numeric_limits<double>::infinity();
   a.log_1m_beta = b < 1 ? std::log1p(-b) : -std::numeric_limits<double>::infinity();
   a.alpha = al;
-  a.eps = eps;
+  a.label_smoothing = scalar_arg(label_smoothing, "label_smoothing");
   a.soft_w = scale;
   a.soft_gw = scale / t;
   a.grad_scale = how == Reduction::kNone || (how == Reduction::kSum && !num_items_in_batch) ? 1.0 : 1.0 / divisor;

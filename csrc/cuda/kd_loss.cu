@@ -55,10 +55,10 @@ __device__ __forceinline__ void sweep(int64_t n, int64_t first, int64_t step, bo
   }
 }
 
-// The arguments of one launch (KDMode says which op; csrc/cpu/kd_loss_cpu.h's KDRows has
-// the same fields).
+// The rows of one launch (KDMode says which op): the CPU's KDRows (csrc/cpu/kd_loss_cpu.h)
+// with typed pointers.
 template <typename scalar_t>
-struct KDArgs {
+struct KDRows {
   using scalar_type = scalar_t;
   using acc_t = at::opmath_type<scalar_t>;
   KDMode mode;
@@ -71,7 +71,7 @@ struct KDArgs {
   const acc_t* jsd;  // [N, 2] merged: kSlice with JSD
   acc_t* out;  // kStats: [N, kNumKDStats]; kJSDSums: [N, 2]
   const float* grad_scale;  // 0-d, on the device
-  int64_t n_classes, class_offset, row_classes, s_stride, t_stride;
+  int64_t slice_classes, class_offset, n_classes, s_stride, t_stride;
   KDParams p;
 };
 
@@ -90,11 +90,11 @@ struct BlockRow {
 
   // Step 1. Online softmax statistics of student and teacher (with E_p[z_p - z_q]'s sum, which
   // gives a KL in the same pass, kl_from_sums), at T = 1 for the CE, and the CE's linear part.
-  __device__ KDRowStats<acc_t> stats(const KDParams& p, int64_t label, int64_t row_classes) const {
-    const acc_t inv_t = p.inv_temperature, eps = p.label_smoothing;
+  __device__ KDRowStats<acc_t> stats(const KDParams& p, int64_t label, int64_t n_classes) const {
+    const acc_t inv_t = p.inv_temperature, label_smoothing = p.label_smoothing;
     const bool fwd = p.divergence == Divergence::kForwardKL, rev = p.divergence == Divergence::kReverseKL;
     const bool ce_own = p.needs_ce && (!p.needs_soft || inv_t != acc_t(1));
-    const bool smoothing = p.needs_ce && eps > 0;
+    const bool smoothing = p.needs_ce && label_smoothing > 0;
     WeightedSoftmaxStats<acc_t> st_s, st_t, st_1;
     st_s.scale = st_t.scale = inv_t;
     acc_t sum_x = 0;
@@ -134,7 +134,8 @@ struct BlockRow {
         r.sum_ce = st_1.sum > 0 ? st_1.sum * std::exp(st_1.max - r.max_s) : acc_t(0);
       }
       const acc_t total_x = smoothing ? block_reduce(Sum<acc_t>{sum_x}).value : acc_t(0);
-      r.lin_ce = ce_linear_part(label >= 0, label >= 0 ? acc_t(s[label]) : acc_t(0), total_x, eps, row_classes);
+      r.lin_ce = ce_linear_part(label >= 0, label >= 0 ? acc_t(s[label]) : acc_t(0), total_x, label_smoothing,
+                                n_classes);
     }
     return r;
   }
@@ -161,9 +162,9 @@ struct BlockRow {
 
   // Step 4: d(row loss)/d(student) * gs into g.
   __device__ void grad(scalar_t* g, int64_t label, const KDRowConsts<acc_t>& c, const KDParams& p, acc_t gs,
-                       int64_t row_classes, bool reverse) const {
-    const acc_t inv_t = p.inv_temperature, beta = p.beta, eps = p.label_smoothing;
-    const acc_t log_beta = std::log(beta), log_1m_beta = std::log1p(-beta), smooth = eps / acc_t(row_classes);
+                       int64_t n_classes, bool reverse) const {
+    const acc_t inv_t = p.inv_temperature, beta = p.beta, label_smoothing = p.label_smoothing;
+    const acc_t log_beta = std::log(beta), log_1m_beta = std::log1p(-beta), smooth = label_smoothing / acc_t(n_classes);
     const acc_t soft_w = acc_t(p.soft_grad_weight) * gs, ce_w = acc_t(p.alpha) * gs;
     sweep(C, first, step, reverse, [&](int64_t i) {
       const P xs = load_pack<scalar_t, kVec>(s + i);
@@ -177,7 +178,9 @@ struct BlockRow {
           const acc_t lps = (x - c.max_s) * inv_t - c.lse_s, lpt = (acc_t(xt.v[k]) - c.max_t) * inv_t - c.lse_t;
           d = soft_w * soft_grad(p.divergence, lps, lpt, c.k, beta, log_beta, log_1m_beta);
         }
-        if (p.needs_ce) d += ce_w * (std::exp(x - c.lse_ce) - smooth - (i + k == label ? 1 - eps : acc_t(0)));
+        if (p.needs_ce) {
+          d += ce_w * (std::exp(x - c.lse_ce) - smooth - (i + k == label ? 1 - label_smoothing : acc_t(0)));
+        }
         out.v[k] = static_cast<scalar_t>(d);
       }
       store_pack(g + i, out);
@@ -187,23 +190,24 @@ struct BlockRow {
 
 // One thread block per row, running the steps a.mode asks for.
 template <typename scalar_t, int kVec, int kThreads>
-__global__ void __launch_bounds__(kThreads) kd_rows_kernel(const KDArgs<scalar_t> a) {
+__global__ void __launch_bounds__(kThreads) kd_rows_kernel(const KDRows<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
   const KDParams& p = a.p;
   const int64_t row = blockIdx.x;
-  const BlockRow<scalar_t, kVec, kThreads> r{a.student + row * a.s_stride, a.teacher + row * a.t_stride, a.n_classes};
+  const BlockRow<scalar_t, kVec, kThreads> r{a.student + row * a.s_stride, a.teacher + row * a.t_stride,
+                                             a.slice_classes};
   const int64_t label = p.has_labels ? a.labels[row] : -1;
   const bool ignored = p.has_labels && label == p.ignore_index;
   // The labels' range, checked where they are read (as ATen's nll_loss does on the GPU);
   // kJSDSums reads them only to skip ignored rows.
-  CUDA_KERNEL_ASSERT(!p.has_labels || ignored || a.mode == KDMode::kJSDSums || (label >= 0 && label < a.row_classes));
+  CUDA_KERNEL_ASSERT(!p.has_labels || ignored || a.mode == KDMode::kJSDSums || (label >= 0 && label < a.n_classes));
   const int64_t column = label - a.class_offset;
-  const int64_t label_here = p.has_labels && !ignored && column >= 0 && column < a.n_classes ? column : -1;
+  const int64_t label_here = p.has_labels && !ignored && column >= 0 && column < a.slice_classes ? column : -1;
   const bool jsd = p.needs_soft && p.divergence == Divergence::kJSD;
 
   if (a.mode == KDMode::kStats) {
     const KDRowStats<acc_t> st =
-        ignored ? KDRowStats<acc_t>{0, 0, 0, 0, 0, 0, 0} : r.stats(p, label_here, a.row_classes);
+        ignored ? KDRowStats<acc_t>{0, 0, 0, 0, 0, 0, 0} : r.stats(p, label_here, a.n_classes);
     if (threadIdx.x == 0) st.store(a.out + row * kNumKDStats);
     return;
   }
@@ -221,21 +225,21 @@ __global__ void __launch_bounds__(kThreads) kd_rows_kernel(const KDArgs<scalar_t
   }
 
   // kFused, kSlice: the row's loss and its columns' gradient.
-  scalar_t* g = p.compute_grad ? a.grad + row * a.n_classes : nullptr;
+  scalar_t* g = p.compute_grad ? a.grad + row * a.slice_classes : nullptr;
   if (ignored) {
     if (threadIdx.x == 0) a.loss[row] = 0;
     if (g) {
       Pack<scalar_t, kVec> zero;
 #pragma unroll
       for (int k = 0; k < kVec; ++k) zero.v[k] = scalar_t(0);
-      for (int64_t i = r.first; i < a.n_classes; i += r.step) store_pack(g + i, zero);
+      for (int64_t i = r.first; i < a.slice_classes; i += r.step) store_pack(g + i, zero);
     }
     return;
   }
   KDRowStats<acc_t> st;
   acc_t k_t = 0, k_s = 0;
   if (a.mode == KDMode::kFused) {
-    st = r.stats(p, label_here, a.row_classes);
+    st = r.stats(p, label_here, a.n_classes);
     if (jsd) r.jsd_sums(p, st.max_s, log_sum(st.max_s, st.sum_s), st.max_t, log_sum(st.max_t, st.sum_t), k_t, k_s);
   } else {
     st = KDRowStats<acc_t>::load(a.stats + row * kNumKDStats);
@@ -247,17 +251,17 @@ __global__ void __launch_bounds__(kThreads) kd_rows_kernel(const KDArgs<scalar_t
   const KDRowConsts<acc_t> c = kd_row_consts(st, p, k_t, k_s);
   if (threadIdx.x == 0) a.loss[row] = c.loss;
   // Against the direction of the pass before (JSD's step 2 went backwards).
-  if (g) r.grad(g, label_here, c, p, acc_t(*a.grad_scale), a.row_classes, /*reverse=*/!jsd);
+  if (g) r.grad(g, label_here, c, p, acc_t(*a.grad_scale), a.n_classes, /*reverse=*/!jsd);
 }
 
 template <typename scalar_t, int kVec, int kThreads>
-void launch_kd(const KDArgs<scalar_t>& a, int64_t n_rows) {
+void launch_kd(const KDRows<scalar_t>& a, int64_t n_rows) {
   kd_rows_kernel<scalar_t, kVec, kThreads><<<n_rows, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // What every op's host code shares: the checks, then one launch over the rows of the slice
-// (row_classes 0: labels only mark ignored rows, kJSDSums).
+// (n_classes 0: labels only mark ignored rows, kJSDSums).
 struct KDLaunch {
   KDMode mode;
   const at::Tensor& student;
@@ -265,14 +269,14 @@ struct KDLaunch {
   const std::optional<at::Tensor>& labels;
   const KDParams& p;
   int64_t class_offset;
-  int64_t row_classes;
+  int64_t n_classes;
   at::Tensor labels64;
 
   KDLaunch(const char* op, KDMode mode, const at::Tensor& student, const at::Tensor& teacher,
-           const std::optional<at::Tensor>& labels, const KDParams& p, int64_t class_offset, int64_t row_classes)
+           const std::optional<at::Tensor>& labels, const KDParams& p, int64_t class_offset, int64_t n_classes)
       : mode(mode), student(student), teacher(teacher), labels(labels), p(p), class_offset(class_offset),
-        row_classes(row_classes) {
-    check_kd_inputs(op, student, teacher, labels, class_offset, row_classes);
+        n_classes(n_classes) {
+    check_kd_inputs(op, student, teacher, labels, class_offset, n_classes);
     TORCH_CHECK(student.size(0) <= int64_t(std::numeric_limits<int32_t>::max()), op, ": at most 2^31 - 1 rows");
     if (labels) {
       labels64 = labels->contiguous();
@@ -282,24 +286,24 @@ struct KDLaunch {
 
   at::ScalarType acc_type() const { return at::toOpMathType(student.scalar_type()); }
 
-  // Runs the kernel with the output pointers set by `outputs(KDArgs<scalar_t>&)`. A slice
+  // Runs the kernel with the output pointers set by `outputs(KDRows<scalar_t>&)`. A slice
   // without columns still has rows: their statistics of nothing, or their loss.
   template <typename F>
   void run(const at::Tensor& grad_scale, F&& outputs) const {
-    const int64_t n_rows = student.size(0), n_classes = student.size(1);
+    const int64_t n_rows = student.size(0), slice_classes = student.size(1);
     if (n_rows == 0) return;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "kd_loss_cuda", [&] {
-      KDArgs<scalar_t> a{mode, student.const_data_ptr<scalar_t>(), teacher.const_data_ptr<scalar_t>(),
+      KDRows<scalar_t> a{mode, student.const_data_ptr<scalar_t>(), teacher.const_data_ptr<scalar_t>(),
                          labels ? labels64.const_data_ptr<int64_t>() : nullptr, nullptr, nullptr, nullptr, nullptr,
-                         nullptr, grad_scale.const_data_ptr<float>(), n_classes, class_offset, row_classes,
+                         nullptr, grad_scale.const_data_ptr<float>(), slice_classes, class_offset, n_classes,
                          student.stride(0), teacher.stride(0), p};
       outputs(a);
       constexpr int kVec = 16 / sizeof(scalar_t);
       const bool vec = cuda::rows_aligned16<scalar_t>(student.const_data_ptr(), student.stride(0)) &&
                        cuda::rows_aligned16<scalar_t>(teacher.const_data_ptr(), teacher.stride(0)) &&
-                       n_classes % kVec == 0;
+                       slice_classes % kVec == 0;
       // Wide rows get more threads per row; narrow rows fewer, so more rows share an SM.
-      const bool wide = n_classes >= 8192;
+      const bool wide = slice_classes >= 8192;
       if (vec && wide) {
         launch_kd<scalar_t, kVec, 1024>(a, n_rows);
       } else if (vec) {
@@ -319,13 +323,13 @@ std::tuple<at::Tensor, at::Tensor> loss_and_grad(
     const std::optional<at::Tensor>& labels, const at::Tensor* stats, const std::optional<at::Tensor>& jsd_sums,
     const at::Tensor& temperature, const at::Tensor& beta, const at::Tensor& alpha, const at::Tensor& label_smoothing,
     c10::string_view divergence, int64_t ignore_index, bool scale_by_t2, c10::string_view reduction,
-    const std::optional<at::Tensor>& num_items_in_batch, int64_t class_offset, int64_t row_classes,
+    const std::optional<at::Tensor>& num_items_in_batch, int64_t class_offset, int64_t n_classes,
     bool compute_grad) {
   const KDParams p = make_kd_params(temperature, beta, alpha, label_smoothing, divergence, ignore_index, scale_by_t2,
                                     labels.has_value(), compute_grad);
   const c10::cuda::CUDAGuard guard(student_logits.device());
   const KDLaunch launch(op, stats ? KDMode::kSlice : KDMode::kFused, student_logits, teacher_logits, labels, p,
-                        class_offset, row_classes);
+                        class_offset, n_classes);
   const bool jsd = p.needs_soft && p.divergence == Divergence::kJSD;
   if (stats) {
     check_merged_stats(op, *stats, student_logits, kNumKDStats);
