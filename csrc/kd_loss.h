@@ -6,7 +6,7 @@
 //   reverse KL  D = sum_j p_s (log p_s - log p_t)        dD/dz_s = p_s (d - D), d = log p_s - log p_t
 //   JSD(beta)   D = beta KL(p_t||m) + (1-beta) KL(p_s||m), m = beta p_t + (1-beta) p_s
 //               dD/dz_s = (1-beta) p_s (d - K_s), d = log p_s - log m, K_s = KL(p_s||m)
-//   CE (T = 1, smoothing eps): lse1 - (1-eps) s_y - eps/C sum_j s_j, d/ds = q - (1-eps) 1[y] - eps/C
+//   CE (T = 1, label smoothing ls): lse1 - (1-ls) s_y - ls/C sum_j s_j, d/ds = q - (1-ls) 1[y] - ls/C
 // row loss = alpha CE + (1 - alpha) c D, c = T^2 or 1; d/ds = alpha dCE/ds + (1 - alpha) c / T dD/dz_s.
 //
 // Every kernel computes a row in the same steps, which also run on a slice of the row's
@@ -58,10 +58,10 @@ struct KDParams {
 
 // The checks of the KD ops' tensors that the CPU and CUDA kernels share. `op` names the op in
 // the messages; a slice of the rows' columns (the kd_slice_* ops) is the student's
-// C_r = size(1) columns at class_offset of rows of row_classes columns (0: not checked).
+// C_r = size(1) columns at class_offset of rows of n_classes columns (0: not checked).
 inline void check_kd_inputs(const char* op, const at::Tensor& student_logits, const at::Tensor& teacher_logits,
                             const std::optional<at::Tensor>& labels, int64_t class_offset = 0,
-                            int64_t row_classes = 0) {
+                            int64_t n_classes = 0) {
   LF_CHECK_ROWS(student_logits);
   LF_CHECK_ROWS(teacher_logits);
   TORCH_CHECK(teacher_logits.sizes() == student_logits.sizes(), op, ": logits shapes differ");
@@ -71,10 +71,10 @@ inline void check_kd_inputs(const char* op, const at::Tensor& student_logits, co
     LF_CHECK_SHAPE(*labels, student_logits.size(0));
     LF_CHECK_DEVICE(*labels, student_logits);
   }
-  const int64_t n_classes = student_logits.size(1);
-  TORCH_CHECK_VALUE(row_classes == 0 || (class_offset >= 0 && class_offset + n_classes <= row_classes), op,
-                    ": a slice of ", n_classes, " columns at class_offset=", class_offset,
-                    " does not fit in n_classes=", row_classes);
+  const int64_t slice_classes = student_logits.size(1);
+  TORCH_CHECK_VALUE(n_classes == 0 || (class_offset >= 0 && class_offset + slice_classes <= n_classes), op,
+                    ": a slice of ", slice_classes, " columns at class_offset=", class_offset,
+                    " does not fit in n_classes=", n_classes);
 }
 
 // Merged statistics (or JSD sums) of every row, [N, width] in the logits' accumulation type,
@@ -160,15 +160,16 @@ LF_HOST_DEVICE acc_t kl_from_sums(acc_t a, acc_t s_p, acc_t m_p, acc_t s_q, acc_
   return a / s_p + (m_q - m_p) * inv_t + std::log(s_q / s_p);
 }
 
-// The part of a row's cross-entropy at T = 1 (label smoothing eps, C classes in the row) that
-// is linear in the logits x, over the columns of a slice of the row:
-//   (1 - eps) x_label (when the label is in the slice) + eps / C sum_j x_j,
-// the smoothing sum only when eps > 0, so that a -inf logit cannot turn an unsmoothed loss
+// The part of a row's cross-entropy at T = 1 (label smoothing ls, C = n_classes in the row)
+// that is linear in the logits x, over the columns of a slice of the row:
+//   (1 - ls) x_label (when the label is in the slice) + ls / C sum_j x_j,
+// the smoothing sum only when ls > 0, so that a -inf logit cannot turn an unsmoothed loss
 // into NaN. The parts of a row's slices add up; the row's CE is lse(x) - their sum.
 template <typename acc_t>
-LF_HOST_DEVICE acc_t ce_linear_part(bool has_label, acc_t x_label, acc_t sum_x, acc_t eps, int64_t n_classes) {
-  const acc_t smooth = eps > 0 ? eps / acc_t(n_classes) * sum_x : acc_t(0);
-  return (has_label ? (1 - eps) * x_label : acc_t(0)) + smooth;
+LF_HOST_DEVICE acc_t ce_linear_part(bool has_label, acc_t x_label, acc_t sum_x, acc_t label_smoothing,
+                                    int64_t n_classes) {
+  const acc_t smooth = label_smoothing > 0 ? label_smoothing / acc_t(n_classes) * sum_x : acc_t(0);
+  return (has_label ? (1 - label_smoothing) * x_label : acc_t(0)) + smooth;
 }
 
 // Online softmax statistics of z = x * scale (scale = 1 / T > 0): the max of the raw x, the sum

@@ -49,6 +49,17 @@ def scalar(t: torch.Tensor) -> float:
     return float(t)
 
 
+def signature(kernel, pointers: dict, other_pointers: str) -> dict:
+    """The signature Triton derives from a launch of ``kernel``, for compile_targets(): a
+    ``*_ptr`` parameter's type from ``pointers`` (``{"s_ptr": "*bf16"}``), else
+    ``other_pointers``; a scalar annotated ``tl.float64`` is fp64, any other an i32; a
+    constexpr parameter "constexpr"."""
+    return {p.name: "constexpr" if p.is_constexpr
+            else pointers.get(p.name, other_pointers) if p.name.endswith("_ptr")
+            else p.annotation or "i32"
+            for p in kernel.params}
+
+
 def acc_dtype(x: torch.Tensor):
     """(torch, triton) accumulation dtypes of logits ``x``: float64 for float64, else float32."""
     return (torch.float64, tl.float64) if x.dtype == torch.float64 else (torch.float32, tl.float32)

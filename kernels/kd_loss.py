@@ -27,6 +27,7 @@ atomically added, so the reduction the Python layer does on them is deterministi
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -37,7 +38,7 @@ from lepton_fast._validate import DIVERGENCES
 from lepton_fast.ops.kd_loss import N_STATS, soft_kind
 
 from ._common import (acc_dtype, check_labels, check_rows_defined, online_softmax, reduce_rows, scalar,
-                      store_zeros)
+                      signature, store_zeros)
 
 # The kernels' DIV constexpr: the divergence's position in the names every layer accepts.
 _DIVERGENCES = {name: code for code, name in enumerate(DIVERGENCES)}
@@ -69,7 +70,7 @@ def _log_sum(s):
 
 
 @triton.jit
-def _row_stats(s_row, t_row, C, label, inv_t, eps, row_classes,
+def _row_stats(s_row, t_row, C, label, inv_t, label_smoothing, n_classes,
                DIV: tl.constexpr, NEEDS_SOFT: tl.constexpr, NEEDS_CE: tl.constexpr, CE_OWN: tl.constexpr,
                SMOOTH: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """Step 1 on the C columns at s_row, t_row (``label``: its column among them, or -1):
@@ -111,9 +112,9 @@ def _row_stats(s_row, t_row, C, label, inv_t, eps, row_classes,
                 m_s = m_1
                 sum_ce = l_1
         x_label = tl.load(s_row + tl.maximum(label, 0), mask=label >= 0, other=0.0).to(ACC)
-        lin_ce = tl.where(label >= 0, (1.0 - eps) * x_label, 0.0)
+        lin_ce = tl.where(label >= 0, (1.0 - label_smoothing) * x_label, 0.0)
         if SMOOTH:
-            lin_ce += eps / row_classes * sum_x
+            lin_ce += label_smoothing / n_classes * sum_x
     return m_s, m_t, l_s, l_t, w_kl, sum_ce, lin_ce
 
 
@@ -165,8 +166,8 @@ def _row_consts(m_s, m_t, l_s, l_t, w_kl, sum_ce, lin_ce, k_t, k_s, inv_t, beta,
 
 
 @triton.jit
-def _row_grad(s_row, t_row, g_row, C, label, m_s, lse_s, m_t, lse_t, lse_ce, k, inv_t, beta, log_beta, log_1m_beta, eps,
-              soft_scale, ce_scale, row_classes, DIV: tl.constexpr, NEEDS_SOFT: tl.constexpr,
+def _row_grad(s_row, t_row, g_row, C, label, m_s, lse_s, m_t, lse_t, lse_ce, k, inv_t, beta, log_beta, log_1m_beta,
+              label_smoothing, soft_scale, ce_scale, n_classes, DIV: tl.constexpr, NEEDS_SOFT: tl.constexpr,
               NEEDS_CE: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """Step 4: d(row loss)/d(student) of the C columns, times grad_scale (in the scales)."""
     neg_inf = float("-inf")
@@ -195,8 +196,8 @@ def _row_grad(s_row, t_row, g_row, C, label, m_s, lse_s, m_t, lse_t, lse_ce, k, 
             d = d * soft_scale
         if NEEDS_CE:
             q = tl.exp(xs - lse_ce)
-            onehot = tl.where(cols == label, 1.0 - eps, 0.0)
-            d += ce_scale * (q - eps / row_classes - onehot)
+            onehot = tl.where(cols == label, 1.0 - label_smoothing, 0.0)
+            d += ce_scale * (q - label_smoothing / n_classes - onehot)
         tl.store(g_row + cols, d.to(g_row.dtype.element_ty), mask=mask)
 
 
@@ -216,10 +217,10 @@ def _label_of_row(y_ptr, row, C, class_offset, ignore_index, HAS_LABELS: tl.cons
 @triton.jit
 def _kd_loss_kernel(
     s_ptr, t_ptr, y_ptr, g_ptr, loss_ptr, gs_ptr, stats_ptr, jsd_ptr,
-    C, s_stride, t_stride, class_offset, row_classes,
+    C, s_stride, t_stride, class_offset, n_classes,
     # Float scalars arrive as float64 so that float64 inputs keep full precision.
     inv_t: tl.float64, beta: tl.float64, log_beta: tl.float64, log_1m_beta: tl.float64,
-    alpha: tl.float64, eps: tl.float64, soft_w: tl.float64, soft_gw: tl.float64, ignore_index,
+    alpha: tl.float64, label_smoothing: tl.float64, soft_w: tl.float64, soft_gw: tl.float64, ignore_index,
     DIV: tl.constexpr, NEEDS_SOFT: tl.constexpr, NEEDS_CE: tl.constexpr, CE_OWN: tl.constexpr,
     SMOOTH: tl.constexpr, HAS_LABELS: tl.constexpr, COMPUTE_GRAD: tl.constexpr, FROM_STATS: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
@@ -231,7 +232,7 @@ def _kd_loss_kernel(
     log_beta = tl.full([], log_beta, ACC)
     log_1m_beta = tl.full([], log_1m_beta, ACC)
     alpha = tl.full([], alpha, ACC)
-    eps = tl.full([], eps, ACC)
+    label_smoothing = tl.full([], label_smoothing, ACC)
     soft_w = tl.full([], soft_w, ACC)
     soft_gw = tl.full([], soft_gw, ACC)
     row = tl.program_id(0).to(tl.int64)
@@ -260,7 +261,7 @@ def _kd_loss_kernel(
                 k_s = tl.load(jsd_ptr + row * 2 + 1)
         else:
             m_s, m_t, l_s, l_t, w_kl, sum_ce, lin_ce = _row_stats(
-                s_row, t_row, C, label, inv_t, eps, row_classes,
+                s_row, t_row, C, label, inv_t, label_smoothing, n_classes,
                 DIV, NEEDS_SOFT, NEEDS_CE, CE_OWN, SMOOTH, ACC, BLOCK)
             if NEEDS_SOFT and DIV == 2:
                 k_t, k_s = _row_jsd_sums(s_row, t_row, C, m_s, _log_sum(l_s), m_t, _log_sum(l_t), inv_t, log_beta,
@@ -272,20 +273,20 @@ def _kd_loss_kernel(
             gs = tl.load(gs_ptr).to(ACC)
             # Against the direction of the previous pass (JSD's step 2 went backwards).
             _row_grad(s_row, t_row, g_row, C, label, m_s, lse_s, m_t, lse_t, lse_ce, k, inv_t, beta, log_beta,
-                      log_1m_beta, eps, soft_gw * gs, alpha * gs, row_classes, DIV, NEEDS_SOFT, NEEDS_CE, DIV != 2,
-                      ACC, BLOCK)
+                      log_1m_beta, label_smoothing, soft_gw * gs, alpha * gs, n_classes, DIV, NEEDS_SOFT, NEEDS_CE,
+                      DIV != 2, ACC, BLOCK)
 
 
 @triton.jit
 def _kd_slice_stats_kernel(
-    s_ptr, t_ptr, y_ptr, out_ptr, C, s_stride, t_stride, class_offset, row_classes,
-    inv_t: tl.float64, eps: tl.float64, ignore_index,
+    s_ptr, t_ptr, y_ptr, out_ptr, C, s_stride, t_stride, class_offset, n_classes,
+    inv_t: tl.float64, label_smoothing: tl.float64, ignore_index,
     DIV: tl.constexpr, NEEDS_SOFT: tl.constexpr, NEEDS_CE: tl.constexpr, CE_OWN: tl.constexpr,
     SMOOTH: tl.constexpr, HAS_LABELS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """kd_slice_stats: step 1 per row, zeros at ignored rows."""
     inv_t = tl.full([], inv_t, ACC)
-    eps = tl.full([], eps, ACC)
+    label_smoothing = tl.full([], label_smoothing, ACC)
     row = tl.program_id(0).to(tl.int64)
     ignored, label = _label_of_row(y_ptr, row, C, class_offset, ignore_index, HAS_LABELS)
     out = out_ptr + row * 7
@@ -294,7 +295,7 @@ def _kd_slice_stats_kernel(
             tl.store(out + i, tl.zeros([], ACC))
     else:
         m_s, m_t, l_s, l_t, w_kl, sum_ce, lin_ce = _row_stats(
-            s_ptr + row * s_stride, t_ptr + row * t_stride, C, label, inv_t, eps, row_classes,
+            s_ptr + row * s_stride, t_ptr + row * t_stride, C, label, inv_t, label_smoothing, n_classes,
             DIV, NEEDS_SOFT, NEEDS_CE, CE_OWN, SMOOTH, ACC, BLOCK)
         tl.store(out + 0, m_s)
         tl.store(out + 1, m_t)
@@ -328,9 +329,58 @@ def _kd_slice_jsd_kernel(
     tl.store(out_ptr + row * 2 + 1, k_s)
 
 
-class _Call:
+def switches(divergence: str, beta: float, alpha: float, temperature: float, label_smoothing: float,
+             has_labels: bool) -> dict:
+    """The KD kernels' constexpr switches for one call's hyper-parameters: the one definition
+    the launchers use and :func:`compile_targets` enumerates (through :func:`switch_variants`).
+    DIV: the divergence computed (beta 0 / 1 run the JSD as forward / reverse KL, soft_kind);
+    CE_OWN: the CE needs softmax statistics of its own (at T = 1 when the soft term's are at
+    T != 1, or without a soft term); SMOOTH: the CE needs the row's sum of logits."""
+    needs_soft, needs_ce = alpha < 1, alpha > 0
+    return {"DIV": _DIVERGENCES[soft_kind(divergence, beta)], "NEEDS_SOFT": needs_soft, "NEEDS_CE": needs_ce,
+            "CE_OWN": needs_ce and (not needs_soft or temperature != 1.0), "SMOOTH": needs_ce and label_smoothing > 0,
+            "HAS_LABELS": has_labels}
+
+
+def switch_variants(kernel) -> list[dict]:
+    """Every distinct value of the :func:`switches` that ``kernel`` takes, over the calls the
+    checks accept: each divergence, beta and alpha at both ends and between, T at 1 and not,
+    smoothing off and on, labels given or not (always given when alpha > 0:
+    _validate.kd_options requires them for the CE)."""
+    taken = {p.name for p in kernel.params if p.is_constexpr}
+    variants = {}
+    for divergence, beta, alpha, t, smoothing, has_labels in itertools.product(
+            DIVERGENCES, (0.0, 0.5, 1.0), (0.0, 0.5, 1.0), (1.0, 2.0), (0.0, 0.1), (False, True)):
+        if alpha > 0 and not has_labels:
+            continue
+        chosen = {k: v for k, v in switches(divergence, beta, alpha, t, smoothing, has_labels).items() if k in taken}
+        variants.setdefault(tuple(chosen.items()), chosen)
+    return list(variants.values())
+
+
+def mixture_logs(beta: float) -> tuple[float, float]:
+    """(log beta, log(1 - beta)), -inf at the ends: the JSD mixture's weights in log space."""
+    return math.log(beta) if beta > 0 else -math.inf, math.log1p(-beta) if beta < 1 else -math.inf
+
+
+def column_block(n_columns: int, block: int | None = None) -> int:
+    """The column block a launcher picks for rows of n_columns (``block`` overrides it, for tests)."""
+    return block or min(max(triton.next_power_of_2(n_columns), 16), MAX_BLOCK)
+
+
+def num_warps(block: int) -> int:
+    """Warps per program for a column block: 8 for the widest, whose accumulators need them."""
+    return 8 if block >= 2048 else 4
+
+
+# Every column block column_block() can pick: 16 .. MAX_BLOCK.
+BLOCKS = tuple(16 << i for i in range((MAX_BLOCK // 16).bit_length()))
+
+
+class _Launch:
     """The host-side part every launcher shares: the checks of the logits, the resolved
-    hyper-parameters, and the launch grid and block."""
+    hyper-parameters and switches, and the launch grid and block. ``slice_classes`` is the
+    columns the kernels read (a slice of rows of n_classes, or the whole row)."""
 
     def __init__(self, op, student_logits, teacher_logits, labels, temperature, beta, alpha, label_smoothing,
                  divergence, ignore_index, block):
@@ -339,25 +389,21 @@ class _Call:
         if teacher_logits.shape != student_logits.shape or teacher_logits.dtype != student_logits.dtype:
             raise ValueError(f"{op}: student and teacher logits must have the same shape and dtype")
         self.op, self.ignore_index = op, ignore_index
-        self.t, self.b, self.a, self.eps = scalar(temperature), scalar(beta), scalar(alpha), scalar(label_smoothing)
-        # beta 0 / 1 are forward / reverse KL exactly (csrc/kd_loss.h make_kd_params).
-        self.div = div = _DIVERGENCES[soft_kind(divergence, self.b)]
-        self.n_rows, self.n_classes = student_logits.shape
+        self.t, self.b, self.a, self.label_smoothing = (
+            scalar(temperature), scalar(beta), scalar(alpha), scalar(label_smoothing))
+        self.n_rows, self.slice_classes = student_logits.shape
         self.acc, self.tl_acc = acc_dtype(student_logits)
         self.labels = None if labels is None else labels.to(torch.int64).contiguous()
-        self.block = block or min(max(triton.next_power_of_2(self.n_classes), 16), MAX_BLOCK)
-        self.log_beta = math.log(self.b) if self.b > 0 else -math.inf
-        self.log_1m_beta = math.log1p(-self.b) if self.b < 1 else -math.inf
-        needs_soft, needs_ce = self.a < 1, self.a > 0
-        self.flags = dict(DIV=div, NEEDS_SOFT=needs_soft, NEEDS_CE=needs_ce,
-                          CE_OWN=needs_ce and (not needs_soft or self.t != 1.0), SMOOTH=needs_ce and self.eps > 0,
-                          HAS_LABELS=labels is not None, ACC=self.tl_acc, BLOCK=self.block)
-        self.num_warps = 8 if self.block >= 2048 else 4
+        self.block = column_block(self.slice_classes, block)
+        self.log_beta, self.log_1m_beta = mixture_logs(self.b)
+        self.flags = dict(switches(divergence, self.b, self.a, self.t, self.label_smoothing, labels is not None),
+                          ACC=self.tl_acc, BLOCK=self.block)
+        self.num_warps = num_warps(self.block)
 
     def check_slice(self, class_offset, n_classes):
-        if not (0 <= class_offset and class_offset + self.n_classes <= n_classes):
-            raise ValueError(f"{self.op}: a slice of {self.n_classes} columns at class_offset={class_offset} does "
-                             f"not fit in n_classes={n_classes}")
+        if not (0 <= class_offset and class_offset + self.slice_classes <= n_classes):
+            raise ValueError(f"{self.op}: a slice of {self.slice_classes} columns at class_offset={class_offset} "
+                             f"does not fit in n_classes={n_classes}")
         if self.labels is not None:
             check_labels(self.op, self.labels, n_classes, self.ignore_index)
 
@@ -376,10 +422,10 @@ def _loss_and_grad(op, student_logits, teacher_logits, labels, stats, jsd_sums, 
                    label_smoothing, divergence, ignore_index, scale_by_t2, reduction, num_items_in_batch,
                    class_offset, n_classes, compute_grad, block):
     """fused_kd_loss (stats None) or kd_slice_loss: the loss as ``reduction`` asks, and the gradient."""
-    call = _Call(op, student_logits, teacher_logits, labels, temperature, beta, alpha, label_smoothing, divergence,
+    call = _Launch(op, student_logits, teacher_logits, labels, temperature, beta, alpha, label_smoothing, divergence,
                  ignore_index, block)
     call.check_slice(class_offset, n_classes)
-    jsd = call.flags["NEEDS_SOFT"] and call.div == 2
+    jsd = call.flags["NEEDS_SOFT"] and call.flags["DIV"] == _DIVERGENCES["jsd"]
     if stats is not None:
         _merged(op, stats, call, N_STATS)
         if jsd:
@@ -403,10 +449,10 @@ def _loss_and_grad(op, student_logits, teacher_logits, labels, stats, jsd_sums, 
         _kd_loss_kernel[(call.n_rows,)](
             student_logits, teacher_logits, call.labels_or(rows), grad, rows, grad_scale,
             rows if stats is None else stats, rows if not (stats is not None and jsd) else jsd_sums,
-            call.n_classes, student_logits.stride(0), teacher_logits.stride(0), class_offset, n_classes,
-            1.0 / t, call.b, call.log_beta, call.log_1m_beta, a, call.eps, (1.0 - a) * scale, (1.0 - a) * scale / t,
-            ignore_index, COMPUTE_GRAD=compute_grad, FROM_STATS=stats is not None, num_warps=call.num_warps,
-            **call.flags,
+            call.slice_classes, student_logits.stride(0), teacher_logits.stride(0), class_offset, n_classes,
+            1.0 / t, call.b, call.log_beta, call.log_1m_beta, a, call.label_smoothing, (1.0 - a) * scale,
+            (1.0 - a) * scale / t, ignore_index, COMPUTE_GRAD=compute_grad, FROM_STATS=stats is not None,
+            num_warps=call.num_warps, **call.flags,
         )
     check_rows_defined(op, rows, "student_logits or teacher_logits")
     return reduce_rows(rows, reduction, divisor), grad
@@ -449,14 +495,14 @@ def kd_slice_loss(student_logits, teacher_logits, labels, stats, jsd_sums, tempe
 def kd_slice_stats(student_logits, teacher_logits, labels, temperature, beta, alpha, label_smoothing, divergence,
                    ignore_index, class_offset, n_classes, *, block=None):
     """The contract of ``torch.ops.lepton_fast.kd_slice_stats`` (lepton_fast/ops/kd_loss.py)."""
-    call = _Call("kd_slice_stats", student_logits, teacher_logits, labels, temperature, beta, alpha,
+    call = _Launch("kd_slice_stats", student_logits, teacher_logits, labels, temperature, beta, alpha,
                  label_smoothing, divergence, ignore_index, block)
     call.check_slice(class_offset, n_classes)
     out = torch.empty(call.n_rows, N_STATS, dtype=call.acc, device=student_logits.device)
     if call.n_rows:
         _kd_slice_stats_kernel[(call.n_rows,)](
-            student_logits, teacher_logits, call.labels_or(out), out, call.n_classes, student_logits.stride(0),
-            teacher_logits.stride(0), class_offset, n_classes, 1.0 / call.t, call.eps, ignore_index,
+            student_logits, teacher_logits, call.labels_or(out), out, call.slice_classes, student_logits.stride(0),
+            teacher_logits.stride(0), class_offset, n_classes, 1.0 / call.t, call.label_smoothing, ignore_index,
             num_warps=call.num_warps, **call.flags,
         )
     return out
@@ -465,13 +511,13 @@ def kd_slice_stats(student_logits, teacher_logits, labels, temperature, beta, al
 def kd_slice_jsd_sums(student_logits, teacher_logits, labels, stats, temperature, beta, ignore_index, *, block=None):
     """The contract of ``torch.ops.lepton_fast.kd_slice_jsd_sums`` (lepton_fast/ops/kd_loss.py)."""
     zero = torch.zeros((), dtype=torch.float64)
-    call = _Call("kd_slice_jsd_sums", student_logits, teacher_logits, labels, temperature, beta, zero, zero, "jsd",
+    call = _Launch("kd_slice_jsd_sums", student_logits, teacher_logits, labels, temperature, beta, zero, zero, "jsd",
                  ignore_index, block)
     _merged("kd_slice_jsd_sums", stats, call, N_STATS)
     out = torch.empty(call.n_rows, 2, dtype=call.acc, device=student_logits.device)
     if call.n_rows:
         _kd_slice_jsd_kernel[(call.n_rows,)](
-            student_logits, teacher_logits, call.labels_or(out), stats, out, call.n_classes,
+            student_logits, teacher_logits, call.labels_or(out), stats, out, call.slice_classes,
             student_logits.stride(0), teacher_logits.stride(0), 1.0 / call.t, call.log_beta, call.log_1m_beta,
             ignore_index, HAS_LABELS=call.flags["HAS_LABELS"], ACC=call.tl_acc, BLOCK=call.block,
             num_warps=call.num_warps,
@@ -483,60 +529,23 @@ def compile_targets():
     """Every variant the launchers above can pick, for tests/test_triton_aot.py, which
     compiles them ahead of time for GPU targets: [(kernel, signature, constexprs, options)].
 
-    Keep in step with _Call and the launchers: per dtype, divergence (jsd with beta 0 or 1
-    runs as DIV 0 or 1), alpha (0: soft only, (0, 1): both, 1: CE only), the CE's own
-    softmax (CE_OWN: at T != 1, or without the soft term), label smoothing (CE only), labels
-    given and column block (with its num_warps); for _kd_loss_kernel also the gradient
-    wanted and FROM_STATS (kd_slice_loss). Absent buffers get the row-loss (or output)
-    buffer in their place: without labels y_ptr, without stats stats_ptr and jsd_ptr.
+    Derived from the launchers' own definitions: per dtype and column block (BLOCKS, with
+    its num_warps), each kernel's switch_variants(), and for _kd_loss_kernel also the
+    gradient wanted and FROM_STATS (kd_slice_loss). Absent buffers get the row-loss (or
+    output) buffer in their place: without labels y_ptr, without stats stats_ptr and jsd_ptr.
     """
     targets = []
-    blocks = [16 << i for i in range((MAX_BLOCK // 16).bit_length())]  # 16 .. MAX_BLOCK
-    for dtype in ("fp32", "bf16", "fp16", "fp64"):
+    for dtype, block in itertools.product(("fp32", "bf16", "fp16", "fp64"), BLOCKS):
         acc = "fp64" if dtype == "fp64" else "fp32"
         tl_acc = tl.float64 if acc == "fp64" else tl.float32
-        rows = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}"}
-        for block in blocks:
-            options = {"num_warps": 8 if block >= 2048 else 4}
-            for has_labels in (False, True):
-                y = {"y_ptr": "*i64" if has_labels else f"*{acc}"}
-                signature = {**rows, **y, "stats_ptr": f"*{acc}", "out_ptr": f"*{acc}", "C": "i32",
-                             "s_stride": "i32", "t_stride": "i32", "inv_t": "fp64", "log_beta": "fp64",
-                             "log_1m_beta": "fp64", "ignore_index": "i32"}
-                constexprs = {"HAS_LABELS": has_labels, "ACC": tl_acc, "BLOCK": block}
-                targets.append((_kd_slice_jsd_kernel, {**signature, **dict.fromkeys(constexprs, "constexpr")},
-                                constexprs, options))
-            for div in _DIVERGENCES.values():
-                for needs_soft, needs_ce in ((True, False), (True, True), (False, True)):
-                    for ce_own in ((True,) if not needs_soft else (False, True) if needs_ce else (False,)):
-                        for smooth in ((False, True) if needs_ce else (False,)):
-                            for has_labels in ((True,) if needs_ce else (False, True)):
-                                y = {"y_ptr": "*i64" if has_labels else f"*{acc}"}
-                                flags = {"DIV": div, "NEEDS_SOFT": needs_soft, "NEEDS_CE": needs_ce,
-                                         "CE_OWN": ce_own, "SMOOTH": smooth, "HAS_LABELS": has_labels}
-                                signature = {**rows, **y, "out_ptr": f"*{acc}", "C": "i32", "s_stride": "i32",
-                                             "t_stride": "i32", "class_offset": "i32", "row_classes": "i32",
-                                             "inv_t": "fp64", "eps": "fp64",
-                                             "ignore_index": "i32"}
-                                constexprs = {**flags, "ACC": tl_acc, "BLOCK": block}
-                                targets.append((_kd_slice_stats_kernel,
-                                                {**signature, **dict.fromkeys(constexprs, "constexpr")},
-                                                constexprs, options))
-                                for compute_grad in (False, True):
-                                    for from_stats in (False, True):
-                                        signature = {
-                                            **rows, **y, "g_ptr": f"*{dtype}", "loss_ptr": f"*{acc}",
-                                            "gs_ptr": "*fp64", "stats_ptr": f"*{acc}", "jsd_ptr": f"*{acc}",
-                                            "C": "i32", "s_stride": "i32", "t_stride": "i32", "class_offset": "i32",
-                                            "row_classes": "i32",
-                                            **dict.fromkeys(("inv_t", "beta", "log_beta",
-                                                             "log_1m_beta", "alpha", "eps", "soft_w", "soft_gw"),
-                                                            "fp64"),
-                                            "ignore_index": "i32",
-                                        }
-                                        constexprs = {**flags, "COMPUTE_GRAD": compute_grad,
-                                                      "FROM_STATS": from_stats, "ACC": tl_acc, "BLOCK": block}
-                                        targets.append((_kd_loss_kernel,
-                                                        {**signature, **dict.fromkeys(constexprs, "constexpr")},
-                                                        constexprs, options))
+        for kernel in (_kd_slice_jsd_kernel, _kd_slice_stats_kernel, _kd_loss_kernel):
+            more = [{}]
+            if kernel is _kd_loss_kernel:
+                more = [{"COMPUTE_GRAD": g, "FROM_STATS": f} for g, f in itertools.product((False, True), repeat=2)]
+            for chosen, extra in itertools.product(switch_variants(kernel), more):
+                constexprs = {**chosen, **extra, "ACC": tl_acc, "BLOCK": block}
+                pointers = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "g_ptr": f"*{dtype}", "gs_ptr": "*fp64",
+                            "y_ptr": "*i64" if chosen["HAS_LABELS"] else f"*{acc}"}
+                targets.append((kernel, signature(kernel, pointers, f"*{acc}"), constexprs,
+                                {"num_warps": num_warps(block)}))
     return targets

@@ -23,15 +23,15 @@ entries', which at T <= 1e-2 cancels below float32's epsilon and left an infinit
 from __future__ import annotations
 
 import itertools
-import math
 
 import torch
 import triton
 import triton.language as tl
 
 from ._common import acc_dtype, check_labels, check_rows_defined, no_bad_values, online_softmax, reduce_rows, \
-    scalar, store_zeros
-from .kd_loss import _DIVERGENCES, MAX_BLOCK, _kl_term, _log_mixture, _log_sum
+    scalar, signature, store_zeros
+from .kd_loss import (BLOCKS, _kl_term, _log_mixture, _log_sum, column_block, mixture_logs, num_warps, switch_variants,
+                      switches)
 
 
 @triton.jit
@@ -89,7 +89,7 @@ def _sparse_kd_loss_kernel(
     s_ptr, idx_ptr, lp_ptr, mask_ptr, y_ptr, g_ptr, loss_ptr, gs_ptr,
     V, K, s_stride, idx_stride, lp_stride, mask_stride,
     inv_t: tl.float64, beta: tl.float64, log_beta: tl.float64, log_1m_beta: tl.float64, alpha: tl.float64,
-    eps: tl.float64, soft_w: tl.float64, soft_gw: tl.float64, ignore_index,
+    label_smoothing: tl.float64, soft_w: tl.float64, soft_gw: tl.float64, ignore_index,
     DIV: tl.constexpr, TAIL: tl.constexpr, NEEDS_SOFT: tl.constexpr, NEEDS_CE: tl.constexpr, SMOOTH: tl.constexpr,
     HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr, COMPUTE_GRAD: tl.constexpr, ACC: tl.constexpr,
     KB: tl.constexpr, BLOCK: tl.constexpr,
@@ -100,7 +100,7 @@ def _sparse_kd_loss_kernel(
     log_beta = tl.full([], log_beta, ACC)
     log_1m_beta = tl.full([], log_1m_beta, ACC)
     alpha = tl.full([], alpha, ACC)
-    eps = tl.full([], eps, ACC)
+    label_smoothing = tl.full([], label_smoothing, ACC)
     soft_w = tl.full([], soft_w, ACC)
     soft_gw = tl.full([], soft_gw, ACC)
     row = tl.program_id(0).to(tl.int64)
@@ -182,7 +182,7 @@ def _sparse_kd_loss_kernel(
         lse1 = m1 + _log_sum(l1)
         if NEEDS_CE:
             x_label = tl.load(s_row + tl.maximum(label, 0)).to(ACC)
-            row_loss += alpha * (lse1 - (1.0 - eps) * x_label - eps / V * sum_x)
+            row_loss += alpha * (lse1 - (1.0 - label_smoothing) * x_label - label_smoothing / V * sum_x)
         tl.store(loss_ptr + row, row_loss)
         if COMPUTE_GRAD:
             gs = tl.load(gs_ptr).to(ACC)
@@ -200,7 +200,8 @@ def _sparse_kd_loss_kernel(
                         pu = tl.exp(tl.minimum((x - m_u) * inv_t - log_l_u, 0.0))
                         dv = (tl.where(pu == 0.0, 0.0, pu * g_tail) - tl.where(p == 0.0, 0.0, p * big_g)) * sg
                     if NEEDS_CE:
-                        dv += cg * (tl.exp(x - lse1) - eps / V - tl.where(cols == label, 1.0 - eps, 0.0))
+                        dv += cg * (tl.exp(x - lse1) - label_smoothing / V
+                                    - tl.where(cols == label, 1.0 - label_smoothing, 0.0))
                     tl.store(g_row + cols, dv.to(g_row.dtype.element_ty), mask=cols < V)
             else:
                 store_zeros(g_row, V, BLOCK)
@@ -209,7 +210,8 @@ def _sparse_kd_loss_kernel(
                 dk = (g - tl.exp(lq) * big_g) * sg
                 if NEEDS_CE:
                     xk = tl.load(s_row + idx, mask=counted, other=0.0).to(ACC)
-                    dk += cg * (tl.exp(xk - lse1) - eps / V - tl.where(idx == label, 1.0 - eps, 0.0))
+                    dk += cg * (tl.exp(xk - lse1) - label_smoothing / V
+                                - tl.where(idx == label, 1.0 - label_smoothing, 0.0))
                 tl.store(g_row + idx, dk.to(g_row.dtype.element_ty), mask=counted)
 
 
@@ -227,10 +229,9 @@ def sparse_kd_loss(student_logits, teacher_indices, teacher_logprobs, teacher_ma
     if teacher_indices.shape[0] != n or teacher_logprobs.shape != teacher_indices.shape or (
             teacher_mask is not None and teacher_mask.shape != teacher_indices.shape):
         raise ValueError(f"{op}: the teacher's tensors must be [{n}, K] alike")
-    t, b, a, eps = scalar(temperature), scalar(beta), scalar(alpha), scalar(label_smoothing)
-    div = _DIVERGENCES[divergence]
-    if div == 2 and b in (0.0, 1.0):  # the JSD's ends are the KLs exactly
-        div = 0 if b == 0.0 else 1
+    t, b, a, label_smoothing = scalar(temperature), scalar(beta), scalar(alpha), scalar(label_smoothing)
+    chosen = switches(divergence, b, a, t, label_smoothing, labels is not None)
+    del chosen["CE_OWN"]  # the CE's statistics are always its own here
     acc, tl_acc = acc_dtype(student_logits)
     if labels is not None:
         labels = labels.to(torch.int64).contiguous()
@@ -250,52 +251,43 @@ def sparse_kd_loss(student_logits, teacher_indices, teacher_logprobs, teacher_ma
     mask = rows if teacher_mask is None else teacher_mask.view(torch.uint8)  # (an absent mask: any pointer)
     if n:
         scale = (1.0 - a) * (t * t if scale_by_t2 else 1.0)
-        blk = block or min(max(triton.next_power_of_2(v), 16), MAX_BLOCK)
+        blk = column_block(v, block)
         _sparse_kd_loss_kernel[(n,)](
             student_logits, teacher_indices, teacher_logprobs, mask,
             rows if labels is None else labels, grad, rows, grad_scale,
             v, k, student_logits.stride(0), teacher_indices.stride(0), teacher_logprobs.stride(0),
             0 if teacher_mask is None else teacher_mask.stride(0),
-            1.0 / t, b, math.log(b) if b > 0 else -math.inf, math.log1p(-b) if b < 1 else -math.inf, a, eps,
-            scale, scale / t, ignore_index,
-            DIV=div, TAIL=truncation == "tail", NEEDS_SOFT=a < 1, NEEDS_CE=a > 0, SMOOTH=a > 0 and eps > 0,
-            HAS_LABELS=labels is not None, HAS_MASK=teacher_mask is not None, COMPUTE_GRAD=compute_grad, ACC=tl_acc,
-            KB=max(triton.next_power_of_2(k), 16), BLOCK=blk, num_warps=8 if blk >= 2048 else 4,
+            1.0 / t, b, *mixture_logs(b), a, label_smoothing, scale, scale / t, ignore_index,
+            TAIL=truncation == "tail", HAS_MASK=teacher_mask is not None, COMPUTE_GRAD=compute_grad, ACC=tl_acc,
+            KB=entry_block(k), BLOCK=blk, num_warps=num_warps(blk), **chosen,
         )
     check_rows_defined(op, rows, "student_logits or teacher_logprobs")
     return reduce_rows(rows, reduction, divisor), grad
 
 
+def entry_block(k: int) -> int:
+    """The block of lanes the teacher's K entries sit in: 16 upwards."""
+    return max(triton.next_power_of_2(k), 16)
+
+
 def compile_targets():
     """Every variant the launcher above can pick, for tests/test_triton_aot.py:
-    [(kernel, signature, constexprs, options)]. Keep in step with the launcher: per student
-    dtype and the log-probabilities' dtype (the student's, or float32), divergence (jsd with
-    beta 0 or 1 runs as DIV 0 or 1), truncation, alpha (0: soft only, (0, 1): both, 1: CE
-    only), label smoothing (CE only), labels given (always with the CE), mask given, gradient
-    wanted, the entries' block KB (16 upwards; two sizes listed) and the column block (with
-    its num_warps). An absent mask or labels gets the row-loss buffer in its place."""
+    [(kernel, signature, constexprs, options)], derived from its definitions: per student
+    dtype and the log-probabilities' dtype (the student's, or float32), the kernel's
+    switch_variants() (kernels/kd_loss.py), truncation, mask given, gradient wanted, the
+    entries' block KB (two sizes listed) and the column block (BLOCKS, with its num_warps).
+    An absent mask or labels gets the row-loss buffer in its place."""
     targets = []
-    blocks = [16 << i for i in range((MAX_BLOCK // 16).bit_length())]  # 16 .. MAX_BLOCK
-    terms = [(True, False, False), (True, True, False), (True, True, True), (False, True, False), (False, True, True)]
     for dtype in ("fp32", "bf16", "fp16", "fp64"):
         acc = "fp64" if dtype == "fp64" else "fp32"
-        for lp_dtype, div, tail, (needs_soft, needs_ce, smooth), has_labels, has_mask, compute_grad, kb, block in \
-                itertools.product(sorted({dtype, "fp32"}), _DIVERGENCES.values(), (False, True), terms, (False, True),
-                                  (False, True), (False, True), (16, 128), blocks):
-            if needs_ce and not has_labels:
-                continue
-            signature = {
-                "s_ptr": f"*{dtype}", "idx_ptr": "*i64", "lp_ptr": f"*{lp_dtype}",
-                "mask_ptr": "*u8" if has_mask else f"*{acc}", "y_ptr": "*i64" if has_labels else f"*{acc}",
-                "g_ptr": f"*{dtype}", "loss_ptr": f"*{acc}", "gs_ptr": "*fp64",
-                **dict.fromkeys(("V", "K", "s_stride", "idx_stride", "lp_stride", "mask_stride"), "i32"),
-                **dict.fromkeys(("inv_t", "beta", "log_beta", "log_1m_beta", "alpha", "eps", "soft_w", "soft_gw"),
-                                "fp64"),
-                "ignore_index": "i32",
-            }
-            constexprs = {"DIV": div, "TAIL": tail, "NEEDS_SOFT": needs_soft, "NEEDS_CE": needs_ce, "SMOOTH": smooth,
-                          "HAS_LABELS": has_labels, "HAS_MASK": has_mask, "COMPUTE_GRAD": compute_grad,
+        for lp_dtype, chosen, tail, has_mask, compute_grad, kb, block in itertools.product(
+                sorted({dtype, "fp32"}), switch_variants(_sparse_kd_loss_kernel), (False, True), (False, True),
+                (False, True), (entry_block(1), entry_block(100)), BLOCKS):
+            pointers = {"s_ptr": f"*{dtype}", "idx_ptr": "*i64", "lp_ptr": f"*{lp_dtype}", "g_ptr": f"*{dtype}",
+                        "mask_ptr": "*u8" if has_mask else f"*{acc}", "gs_ptr": "*fp64",
+                        "y_ptr": "*i64" if chosen["HAS_LABELS"] else f"*{acc}"}
+            constexprs = {**chosen, "TAIL": tail, "HAS_MASK": has_mask, "COMPUTE_GRAD": compute_grad,
                           "ACC": tl.float64 if acc == "fp64" else tl.float32, "KB": kb, "BLOCK": block}
-            targets.append((_sparse_kd_loss_kernel, {**signature, **dict.fromkeys(constexprs, "constexpr")}, constexprs,
-                            {"num_warps": 8 if block >= 2048 else 4}))
+            targets.append((_sparse_kd_loss_kernel, signature(_sparse_kd_loss_kernel, pointers, f"*{acc}"), constexprs,
+                            {"num_warps": num_warps(block)}))
     return targets

@@ -9,6 +9,7 @@ they are concrete and with ``torch._check`` (a guard or runtime assert) under tr
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import NamedTuple, Optional
 
@@ -289,6 +290,19 @@ def kd_options(temperature, divergence, beta, alpha, label_smoothing, reduction,
     else:
         zero("alpha", alpha, "alpha > 0 weights a hard-label cross-entropy, so labels are required")
     return KDOptions(temperature_t, beta_t, alpha_t, label_smoothing_t, num_items(num_items_in_batch, x), labels)
+
+
+def kd_hyper_parameters(fn, /, **given) -> None:
+    """The checks of a KD function's hyper-parameters before any batch is seen (KDLoss's
+    construction, the TRL layer): ``given`` are keyword arguments of ``fn`` (fused_kd_loss,
+    ...; an unknown one is a TypeError), ``fn``'s defaults fill in the others, and
+    :func:`kd_options` checks those it takes as at a call, on a stand-in [1, 1] batch with
+    labels (the labels that a positive alpha needs are checked at each call)."""
+    bound = inspect.signature(fn).bind_partial(**given)
+    bound.apply_defaults()
+    taken = inspect.signature(kd_options).parameters
+    kd_options(**{name: value for name, value in bound.arguments.items() if name in taken and name != "labels"},
+               labels=torch.zeros(1, dtype=torch.long), x_name="logits", x=torch.zeros(1, 1))
 
 
 def sparse_teacher(indices, logprobs, mask, logits_name: str, x: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:

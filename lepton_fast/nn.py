@@ -1,7 +1,6 @@
 """nn.Module wrappers of the lepton_fast ops."""
 from __future__ import annotations
 
-import inspect
 from typing import Optional
 
 import torch
@@ -9,26 +8,37 @@ from torch import Tensor, nn
 
 from lepton_fast import _validate
 from lepton_fast.ops.grad_reverse import grad_reverse
-from lepton_fast.ops.kd_loss import fused_kd_loss
+from lepton_fast.ops.kd_loss import Scalar, fused_kd_loss
 
 
 class KDLoss(nn.Module):
     """:func:`lepton_fast.fused_kd_loss` as a module, in the manner of ``nn.KLDivLoss``.
 
-    The keyword arguments (temperature, divergence, beta, alpha, label_smoothing,
-    ignore_index, scale_by_t2, reduction, backend) are fixed at construction, where an
-    unknown keyword (TypeError) or a bad temperature (ValueError) is refused; the other
-    values are checked on the first call. See :func:`~lepton_fast.fused_kd_loss` for their meaning, shapes,
-    dtypes and errors (Hinton et al. 2015).
+    The keyword arguments (those of :func:`~lepton_fast.fused_kd_loss` but the tensors:
+    divergence, beta, alpha, label_smoothing, ignore_index, scale_by_t2, reduction,
+    num_items_in_batch, backend) are fixed at construction and checked there by the
+    function's own checks (``_validate.kd_options``), its defaults standing for those not
+    given; only that ``alpha > 0`` needs ``labels`` is left to each call. See
+    :func:`~lepton_fast.fused_kd_loss` for their meaning, shapes, dtypes and errors
+    (Hinton et al. 2015).
 
     Shape: student_logits and teacher_logits [..., C]; labels [...] (optional); the loss is
     a float32 scalar, or [...] for ``reduction="none"``.
+
+    Raises:
+        TypeError: an unknown keyword, ``labels`` (pass them to the call), a value of the
+            wrong type.
+        ValueError: a value out of its range (temperature <= 0, alpha outside [0, 1], an
+            unknown divergence or reduction, ...).
     """
 
-    def __init__(self, temperature: float = 1.0, **kwargs):
+    def __init__(self, temperature: Scalar = 1.0, **kwargs):
         super().__init__()
-        inspect.signature(fused_kd_loss).bind(None, None, temperature, labels=None, **kwargs)
-        self.temperature = _validate.positive_finite("temperature", temperature)
+        if "labels" in kwargs:
+            raise TypeError("KDLoss takes labels at each call, module(student_logits, teacher_logits, labels), "
+                            "not at construction")
+        _validate.kd_hyper_parameters(fused_kd_loss, temperature=temperature, **kwargs)
+        self.temperature = temperature
         self.kwargs = kwargs
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None) -> Tensor:

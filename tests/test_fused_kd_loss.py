@@ -633,8 +633,25 @@ def test_kdloss_module_is_the_function():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_kdloss_refuses_bad_arguments_at_construction():
-    with pytest.raises(TypeError, match="alpah"):
-        KDLoss(2.0, alpah=0.5)
-    with pytest.raises(ValueError, match="temperature"):
-        KDLoss(-2.0)
+@pytest.mark.parametrize("kw, error, match", [
+    (dict(alpah=0.5), TypeError, "alpah"),
+    (dict(labels=torch.zeros(2, dtype=torch.long)), TypeError, "labels"),
+    (dict(temperature=-2.0), ValueError, "temperature"),
+    (dict(beta=1.5), ValueError, "beta"),
+    (dict(alpha=-0.1), ValueError, "alpha"),
+    (dict(label_smoothing=2.0), ValueError, "label_smoothing"),
+    (dict(divergence="kl"), ValueError, "divergence"),
+    (dict(reduction="avg"), ValueError, "reduction"),
+    (dict(reduction="none", num_items_in_batch=4), ValueError, "num_items_in_batch"),
+])
+def test_kdloss_refuses_bad_arguments_at_construction(kw, error, match):
+    """Every value is checked when the module is built, by fused_kd_loss's own checks."""
+    with pytest.raises(error, match=match):
+        KDLoss(**kw)
+
+
+def test_kdloss_leaves_the_labels_check_to_the_call():
+    """alpha > 0 needs labels, which the call brings: the module builds, a call without them fails."""
+    module = KDLoss(2.0, alpha=0.5)
+    with pytest.raises(ValueError, match="labels"):
+        module(randn(3, 5, seed=43), randn(3, 5, seed=44))

@@ -102,6 +102,15 @@ def test_generalized_jsd_loss_every_position_masked(reduction):
     assert math.isnan(got[0].item()) == (reduction == "mean") and (got[1][0] == 0).all()
 
 
+@pytest.mark.parametrize("kw, match", [(dict(beta=1.5), "beta"), (dict(temperature=0.0), "temperature")])
+def test_generalized_jsd_loss_elementwise_checks_its_arguments(kw, match):
+    """reduction "none" computes the terms without a fused kernel, with the kernels' checks."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 3, 7, generator=g), torch.randn(2, 3, 7, generator=g)
+    with pytest.raises(ValueError, match=match):
+        lf_trl.generalized_jsd_loss(s, t, reduction="none", **kw)
+
+
 def test_generalized_jsd_loss_keeps_the_logits_dtype():
     s, t, labels = _logits_and_labels(seed=3)
     s, t = s.detach().bfloat16().requires_grad_(), t.bfloat16()

@@ -45,45 +45,45 @@ at::Tensor reduce_rows(const at::Tensor& rows, Reduction reduction, double divis
 }
 
 // The part every op shares: the checks of the logits and labels, and the row kernel's
-// arguments for a slice of `row_classes`-column rows starting at class_offset. Labels are
-// class ids of the whole row; their range is checked unless row_classes is 0 (kJSDSums, which
+// arguments for a slice of `n_classes`-column rows starting at class_offset. Labels are
+// class ids of the whole row; their range is checked unless n_classes is 0 (kJSDSums, which
 // reads them only to skip ignored rows, after kd_slice_stats checked them).
-struct KDCall {
+struct KDLaunch {
   KDRows rows;
   at::Tensor labels64;
   int64_t n_valid;  // rows whose label is not ignore_index
   at::ScalarType acc_type;
 };
 
-KDCall prepare(const char* op, KDMode mode, const at::Tensor& student, const at::Tensor& teacher,
-               const std::optional<at::Tensor>& labels, const KDParams& p, int64_t class_offset,
-               int64_t row_classes) {
-  check_kd_inputs(op, student, teacher, labels, class_offset, row_classes);
+KDLaunch prepare(const char* op, KDMode mode, const at::Tensor& student, const at::Tensor& teacher,
+                 const std::optional<at::Tensor>& labels, const KDParams& p, int64_t class_offset,
+                 int64_t n_classes) {
+  check_kd_inputs(op, student, teacher, labels, class_offset, n_classes);
   const auto dtype = student.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf, op,
               ": logits must be float32, float64, bfloat16 or float16, got ", dtype);
-  const int64_t n_rows = student.size(0), n_classes = student.size(1);
-  KDCall call;
-  call.n_valid = n_rows;
+  const int64_t n_rows = student.size(0), slice_classes = student.size(1);
+  KDLaunch launch;
+  launch.n_valid = n_rows;
   if (labels) {
-    call.labels64 = labels->contiguous();
-    LF_CHECK_DTYPE(call.labels64, at::kLong);
-    if (row_classes > 0) {
-      call.n_valid =
-          count_valid_labels(op, call.labels64.const_data_ptr<int64_t>(), n_rows, row_classes, p.ignore_index);
+    launch.labels64 = labels->contiguous();
+    LF_CHECK_DTYPE(launch.labels64, at::kLong);
+    if (n_classes > 0) {
+      launch.n_valid =
+          count_valid_labels(op, launch.labels64.const_data_ptr<int64_t>(), n_rows, n_classes, p.ignore_index);
     }
   }
-  call.acc_type = at::toOpMathType(dtype);
-  call.rows = KDRows{mode, student.const_data_ptr(), teacher.const_data_ptr(),
-                     labels ? call.labels64.const_data_ptr<int64_t>() : nullptr, nullptr, nullptr, nullptr, nullptr,
-                     nullptr, n_classes, class_offset, row_classes, student.stride(0), teacher.stride(0), dtype, p,
-                     1.0, false};
-  return call;
+  launch.acc_type = at::toOpMathType(dtype);
+  launch.rows = KDRows{mode, student.const_data_ptr(), teacher.const_data_ptr(),
+                       labels ? launch.labels64.const_data_ptr<int64_t>() : nullptr, nullptr, nullptr, nullptr, nullptr,
+                       nullptr, slice_classes, class_offset, n_classes, student.stride(0), teacher.stride(0), dtype, p,
+                       1.0, false};
+  return launch;
 }
 
 void run_rows(const KDRows& a, int64_t n_rows) {
   // Rows are independent; a task of at least ~64k elements keeps scheduling cost negligible.
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(a.n_classes, 1));
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(a.slice_classes, 1));
   const auto fn = pick_isa(&kd_rows_default, &kd_rows_avx2, &kd_rows_avx512);
   at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) { fn(a, begin, end); });
 }
@@ -94,12 +94,12 @@ std::tuple<at::Tensor, at::Tensor> loss_and_grad(
     const std::optional<at::Tensor>& labels, const at::Tensor* stats, const std::optional<at::Tensor>& jsd_sums,
     const at::Tensor& temperature, const at::Tensor& beta, const at::Tensor& alpha, const at::Tensor& label_smoothing,
     c10::string_view divergence, int64_t ignore_index, bool scale_by_t2, c10::string_view reduction,
-    const std::optional<at::Tensor>& num_items_in_batch, int64_t class_offset, int64_t row_classes,
+    const std::optional<at::Tensor>& num_items_in_batch, int64_t class_offset, int64_t n_classes,
     bool compute_grad) {
   const KDParams p = make_kd_params(temperature, beta, alpha, label_smoothing, divergence, ignore_index, scale_by_t2,
                                     labels.has_value(), compute_grad);
-  KDCall call = prepare(op, mode, student_logits, teacher_logits, labels, p, class_offset, row_classes);
-  KDRows& a = call.rows;
+  KDLaunch launch = prepare(op, mode, student_logits, teacher_logits, labels, p, class_offset, n_classes);
+  KDRows& a = launch.rows;
   if (stats) {
     check_merged_stats(op, *stats, student_logits, kNumKDStats);
     a.stats = stats->const_data_ptr();
@@ -114,10 +114,10 @@ std::tuple<at::Tensor, at::Tensor> loss_and_grad(
   if (num_items_in_batch) {
     divisor = scalar_arg(*num_items_in_batch, "num_items_in_batch");
   } else if (how == Reduction::kMean) {
-    divisor = static_cast<double>(std::max<int64_t>(call.n_valid, 1));
+    divisor = static_cast<double>(std::max<int64_t>(launch.n_valid, 1));
   }
   const int64_t n_rows = student_logits.size(0);
-  auto rows = at::empty({n_rows}, student_logits.options().dtype(call.acc_type));
+  auto rows = at::empty({n_rows}, student_logits.options().dtype(launch.acc_type));
   auto grad = compute_grad ? GradientBlockCache::get().empty_like(student_logits)
                            : at::empty({0}, student_logits.options());
   a.loss = rows.data_ptr();
@@ -126,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor> loss_and_grad(
   a.stream_grad = stream_gradient(grad);  // false for the empty grad of compute_grad=False
   run_rows(a, n_rows);
 
-  return AT_DISPATCH_FLOATING_TYPES(call.acc_type, "kd_loss_cpu", [&] {
+  return AT_DISPATCH_FLOATING_TYPES(launch.acc_type, "kd_loss_cpu", [&] {
     // A row whose softmax is undefined (entirely -inf, or +inf / NaN in it) came out NaN.
     const scalar_t* r = rows.const_data_ptr<scalar_t>();
     for (int64_t i = 0; i < n_rows; ++i) {
@@ -165,11 +165,11 @@ at::Tensor kd_slice_stats_cpu(const at::Tensor& student_logits, const at::Tensor
                               int64_t n_classes) {
   const KDParams p = make_kd_params(temperature, beta, alpha, label_smoothing, divergence, ignore_index, false,
                                     labels.has_value(), false);
-  KDCall call = prepare("kd_slice_stats", KDMode::kStats, student_logits, teacher_logits, labels, p, class_offset,
-                        n_classes);
-  auto out = at::empty({student_logits.size(0), kNumKDStats}, student_logits.options().dtype(call.acc_type));
-  call.rows.out = out.data_ptr();
-  run_rows(call.rows, student_logits.size(0));
+  KDLaunch launch = prepare("kd_slice_stats", KDMode::kStats, student_logits, teacher_logits, labels, p,
+                            class_offset, n_classes);
+  auto out = at::empty({student_logits.size(0), kNumKDStats}, student_logits.options().dtype(launch.acc_type));
+  launch.rows.out = out.data_ptr();
+  run_rows(launch.rows, student_logits.size(0));
   return out;
 }
 
@@ -179,12 +179,12 @@ at::Tensor kd_slice_jsd_sums_cpu(const at::Tensor& student_logits, const at::Ten
   const auto zero = at::zeros({}, at::kDouble);
   const KDParams p = make_kd_params(temperature, beta, zero, zero, "jsd", ignore_index, false, labels.has_value(),
                                     false);
-  KDCall call = prepare("kd_slice_jsd_sums", KDMode::kJSDSums, student_logits, teacher_logits, labels, p, 0, 0);
+  KDLaunch launch = prepare("kd_slice_jsd_sums", KDMode::kJSDSums, student_logits, teacher_logits, labels, p, 0, 0);
   check_merged_stats("kd_slice_jsd_sums", stats, student_logits, kNumKDStats);
-  auto out = at::empty({student_logits.size(0), 2}, student_logits.options().dtype(call.acc_type));
-  call.rows.stats = stats.const_data_ptr();
-  call.rows.out = out.data_ptr();
-  run_rows(call.rows, student_logits.size(0));
+  auto out = at::empty({student_logits.size(0), 2}, student_logits.options().dtype(launch.acc_type));
+  launch.rows.stats = stats.const_data_ptr();
+  launch.rows.out = out.data_ptr();
+  run_rows(launch.rows, student_logits.size(0));
   return out;
 }
 

@@ -23,9 +23,9 @@ struct KDRows {
   const void* stats;  // [N, kNumKDStats] acc_t: each row's merged statistics (kJSDSums, kSlice)
   const void* jsd;  // [N, 2] acc_t: each row's K_t, K_s (kSlice with JSD)
   void* out;  // kStats: [N, kNumKDStats] acc_t; kJSDSums: [N, 2] acc_t
-  int64_t n_classes;  // C, the columns read: the whole row, or a slice of it
+  int64_t slice_classes;  // C, the columns read: the whole row, or a slice of it
   int64_t class_offset;  // the slice's first column in the row (0 for kFused)
-  int64_t row_classes;  // the columns of the whole row (C for kFused)
+  int64_t n_classes;  // the columns of the whole row (C for kFused)
   int64_t s_stride;
   int64_t t_stride;
   c10::ScalarType dtype;

@@ -66,11 +66,11 @@ struct Row {
 
   // Step 1: the statistics of the columns.
   static KDRowStats<acc_t> stats(const scalar_t* s, const scalar_t* t, int64_t C, int64_t label, const KDParams& p,
-                                 int64_t row_classes, const RowScratch<acc_t>* keep = nullptr) {
+                                 int64_t n_classes, const RowScratch<acc_t>* keep = nullptr) {
     const acc_t inv_t = p.inv_temperature;
     const bool own = ce_own(p);
-    const acc_t eps = p.label_smoothing;
-    const bool smoothing = kCE && eps > 0;
+    const acc_t label_smoothing = p.label_smoothing;
+    const bool smoothing = kCE && label_smoothing > 0;
     const Vec v_inv_t(inv_t), v_lowest(std::numeric_limits<acc_t>::lowest());
     // Running maxima (of the raw logits) start at the lowest finite value, never -inf, so that
     // `x - max` and `old max - new max` are never -inf - -inf; padding lanes hold -inf.
@@ -150,7 +150,7 @@ struct Row {
         r.sum_ce = s_1 > 0 ? s_1 * std::exp(m_1 - r.max_s) : acc_t(0);
       }
       r.lin_ce = ce_linear_part(label >= 0, label >= 0 ? acc_t(s[label]) : acc_t(0),
-                                smoothing ? IO::sum(sum_x) : acc_t(0), eps, row_classes);
+                                smoothing ? IO::sum(sum_x) : acc_t(0), label_smoothing, n_classes);
     }
     if (r.sum_s == 0 && kHasSoft) r.max_s = kNegInf;  // no finite z_s: the lowest value above
     if (r.sum_t == 0) r.max_t = kNegInf;
@@ -179,10 +179,10 @@ struct Row {
 
   // Step 4: the gradient of the columns into g, times grad_scale gs.
   static void grad(const scalar_t* s, const scalar_t* t, scalar_t* g, int64_t C, int64_t label,
-                   const KDRowConsts<acc_t>& c, const KDParams& p, acc_t gs, int64_t row_classes,
+                   const KDRowConsts<acc_t>& c, const KDParams& p, acc_t gs, int64_t n_classes,
                    const RowScratch<acc_t>* kept, bool stream) {
     const bool own = ce_own(p);
-    const acc_t beta = p.beta, eps = p.label_smoothing;
+    const acc_t beta = p.beta, label_smoothing = p.label_smoothing;
     const acc_t soft_gw = acc_t(p.soft_grad_weight) * gs, ce_gw = acc_t(p.alpha) * gs;
     // Reverse KL: d - D = (z_s - z_t) - grad_const; JSD: d - K_s = lps - log m - grad_const.
     const acc_t inv_t = p.inv_temperature;
@@ -192,7 +192,7 @@ struct Row {
     const Vec v_max_s(c.max_s), v_max_t(c.max_t);
     const Vec v_grad_const(grad_const), v_log_beta(std::log(beta)), v_log_1m_beta(std::log1p(-beta));
     const Vec v_soft_gw(kSoft == Soft::kJSD ? (1 - beta) * soft_gw : soft_gw), v_ce_gw(ce_gw);
-    const Vec v_smooth(eps / acc_t(row_classes));
+    const Vec v_smooth(label_smoothing / acc_t(n_classes));
     Vec fs(0), ft(0), f1(0);  // the chunk's exp(m - lse) that turn kept exps into probabilities
     for (int64_t j = 0; j < C; j += W) {
       const int64_t n = std::min(W, C - j);
@@ -230,7 +230,7 @@ struct Row {
         if (label >= j && label < j + n) {
           alignas(64) acc_t buf[W];
           gv.store(buf);
-          buf[label - j] -= ce_gw * (1 - eps);
+          buf[label - j] -= ce_gw * (1 - label_smoothing);
           gv = Vec::loadu(buf);
         }
       }
@@ -244,7 +244,7 @@ void rows_impl(const KDRows& a, int64_t begin, int64_t end) {
   using R = Row<scalar_t, kSoft, kCE>;
   using acc_t = typename R::acc_t;
   const KDParams& p = a.p;
-  const int64_t C = a.n_classes;
+  const int64_t C = a.slice_classes;
   const acc_t gs = a.grad_scale;
   auto* loss = static_cast<acc_t*>(a.loss);
   const auto* stats_in = static_cast<const acc_t*>(a.stats);
@@ -272,7 +272,7 @@ void rows_impl(const KDRows& a, int64_t begin, int64_t end) {
     const int64_t column = label - a.class_offset;
     const int64_t label_here = a.labels && !ignored && column >= 0 && column < C ? column : -1;
     if (a.mode == KDMode::kStats) {
-      (ignored ? KDRowStats<acc_t>{0, 0, 0, 0, 0, 0, 0} : R::stats(s, t, C, label_here, p, a.row_classes))
+      (ignored ? KDRowStats<acc_t>{0, 0, 0, 0, 0, 0, 0} : R::stats(s, t, C, label_here, p, a.n_classes))
           .store(out + row * kNumKDStats);
       continue;
     }
@@ -313,7 +313,7 @@ void rows_impl(const KDRows& a, int64_t begin, int64_t end) {
     }
     const KDRowConsts<acc_t> c = kd_row_consts(st, p, k_t, k_s);
     loss[row] = c.loss;
-    if (g) R::grad(s, t, g, C, label_here, c, p, gs, a.row_classes, keep ? &kept : nullptr, a.stream_grad);
+    if (g) R::grad(s, t, g, C, label_here, c, p, gs, a.n_classes, keep ? &kept : nullptr, a.stream_grad);
   }
   if (a.stream_grad) streaming_fence();
 }

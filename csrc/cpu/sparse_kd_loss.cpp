@@ -42,7 +42,7 @@ void sparse_rows(const SparseArgs& a, int64_t begin, int64_t end) {
   using Stats = WeightedSoftmaxStats<acc_t>;
   const KDParams& p = a.p;
   const int64_t V = a.n_classes, K = a.k;
-  const acc_t inv_t = p.inv_temperature, beta = p.beta, eps = p.label_smoothing;
+  const acc_t inv_t = p.inv_temperature, beta = p.beta, label_smoothing = p.label_smoothing;
   const acc_t log_beta = std::log(beta), log_1m_beta = std::log1p(-beta);
   const bool row_tail = a.tail && p.needs_soft;
   std::vector<char> counted(K);
@@ -125,13 +125,13 @@ void sparse_rows(const SparseArgs& a, int64_t begin, int64_t end) {
     }
     const acc_t lse1 = lse_from_sum(ce.max, ce.sum);
     if (p.needs_ce) {
-      row_loss += acc_t(p.alpha) * (lse1 - ce_linear_part(true, acc_t(s[label]), sum_x, eps, V));
+      row_loss += acc_t(p.alpha) * (lse1 - ce_linear_part(true, acc_t(s[label]), sum_x, label_smoothing, V));
     }
     out = row_loss;
     if (!gr) continue;
     const acc_t sg = acc_t(p.soft_grad_weight * a.grad_scale), cg = acc_t(p.alpha * a.grad_scale);
     auto ce_grad = [&](int64_t j) {
-      return cg * (std::exp(acc_t(s[j]) - lse1) - eps / V - (j == label ? 1 - eps : 0));
+      return cg * (std::exp(acc_t(s[j]) - lse1) - label_smoothing / V - (j == label ? 1 - label_smoothing : 0));
     };
     for (int64_t j = 0; j < V; ++j) {  // the unlisted columns' formula (the entries' come next)
       acc_t dv = 0;

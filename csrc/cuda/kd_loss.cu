@@ -1,4 +1,4 @@
-// CUDA kernels of fused_kd_loss, the kd_slice_* ops and scale_grad_ (schemas in lepton_fast/ops/kd_loss.py and scale_grad.py).
+// CUDA kernels of fused_kd_loss and the kd_slice_* ops (schemas in lepton_fast/ops/kd_loss.py).
 //
 // One thread block per row, running the steps of csrc/kd_loss.h that its op asks for
 // (fused_kd_loss: all of them, in one launch); the block walks the row with 16-byte vector
@@ -45,10 +45,10 @@ __device__ __forceinline__ void sweep(int64_t n, int64_t first, int64_t step, bo
   }
 }
 
-// The arguments of one launch (KDMode says which op; csrc/cpu/kd_loss_cpu.h's KDRows has
-// the same fields).
+// The rows of one launch (KDMode says which op): the CPU's KDRows (csrc/cpu/kd_loss_cpu.h)
+// with typed pointers.
 template <typename scalar_t>
-struct KDArgs {
+struct KDRows {
   using scalar_type = scalar_t;
   using acc_t = at::opmath_type<scalar_t>;
   KDMode mode;
@@ -61,7 +61,7 @@ struct KDArgs {
   const acc_t* jsd;  // [N, 2] merged: kSlice with JSD
   acc_t* out;  // kStats: [N, kNumKDStats]; kJSDSums: [N, 2]
   const float* grad_scale;  // 0-d, on the device
-  int64_t n_classes, class_offset, row_classes, s_stride, t_stride;
+  int64_t slice_classes, class_offset, n_classes, s_stride, t_stride;
   KDParams p;
 };
 
@@ -80,11 +80,11 @@ struct BlockRow {
 
   // Step 1. Online softmax statistics of student and teacher (with E_p[z_p - z_q]'s sum, which
   // gives a KL in the same pass, kl_from_sums), at T = 1 for the CE, and the CE's linear part.
-  __device__ KDRowStats<acc_t> stats(const KDParams& p, int64_t label, int64_t row_classes) const {
-    const acc_t inv_t = p.inv_temperature, eps = p.label_smoothing;
+  __device__ KDRowStats<acc_t> stats(const KDParams& p, int64_t label, int64_t n_classes) const {
+    const acc_t inv_t = p.inv_temperature, label_smoothing = p.label_smoothing;
     const bool fwd = p.divergence == Divergence::kForwardKL, rev = p.divergence == Divergence::kReverseKL;
     const bool ce_own = p.needs_ce && (!p.needs_soft || inv_t != acc_t(1));
-    const bool smoothing = p.needs_ce && eps > 0;
+    const bool smoothing = p.needs_ce && label_smoothing > 0;
     WeightedSoftmaxStats<acc_t> st_s, st_t, st_1;
     st_s.scale = st_t.scale = inv_t;
     acc_t sum_x = 0;
@@ -124,7 +124,8 @@ struct BlockRow {
         r.sum_ce = st_1.sum > 0 ? st_1.sum * std::exp(st_1.max - r.max_s) : acc_t(0);
       }
       const acc_t total_x = smoothing ? block_reduce(Sum<acc_t>{sum_x}).value : acc_t(0);
-      r.lin_ce = ce_linear_part(label >= 0, label >= 0 ? acc_t(s[label]) : acc_t(0), total_x, eps, row_classes);
+      r.lin_ce = ce_linear_part(label >= 0, label >= 0 ? acc_t(s[label]) : acc_t(0), total_x, label_smoothing,
+                                n_classes);
     }
     return r;
   }
@@ -151,9 +152,9 @@ struct BlockRow {
 
   // Step 4: d(row loss)/d(student) * gs into g.
   __device__ void grad(scalar_t* g, int64_t label, const KDRowConsts<acc_t>& c, const KDParams& p, acc_t gs,
-                       int64_t row_classes, bool reverse) const {
-    const acc_t inv_t = p.inv_temperature, beta = p.beta, eps = p.label_smoothing;
-    const acc_t log_beta = std::log(beta), log_1m_beta = std::log1p(-beta), smooth = eps / acc_t(row_classes);
+                       int64_t n_classes, bool reverse) const {
+    const acc_t inv_t = p.inv_temperature, beta = p.beta, label_smoothing = p.label_smoothing;
+    const acc_t log_beta = std::log(beta), log_1m_beta = std::log1p(-beta), smooth = label_smoothing / acc_t(n_classes);
     const acc_t soft_w = acc_t(p.soft_grad_weight) * gs, ce_w = acc_t(p.alpha) * gs;
     sweep(C, first, step, reverse, [&](int64_t i) {
       const P xs = load_pack<scalar_t, kVec>(s + i);
@@ -167,7 +168,9 @@ struct BlockRow {
           const acc_t lps = (x - c.max_s) * inv_t - c.lse_s, lpt = (acc_t(xt.v[k]) - c.max_t) * inv_t - c.lse_t;
           d = soft_w * soft_grad(p.divergence, lps, lpt, c.k, beta, log_beta, log_1m_beta);
         }
-        if (p.needs_ce) d += ce_w * (std::exp(x - c.lse_ce) - smooth - (i + k == label ? 1 - eps : acc_t(0)));
+        if (p.needs_ce) {
+          d += ce_w * (std::exp(x - c.lse_ce) - smooth - (i + k == label ? 1 - label_smoothing : acc_t(0)));
+        }
         out.v[k] = static_cast<scalar_t>(d);
       }
       store_pack(g + i, out);
@@ -177,23 +180,24 @@ struct BlockRow {
 
 // One thread block per row, running the steps a.mode asks for.
 template <typename scalar_t, int kVec, int kThreads>
-__global__ void __launch_bounds__(kThreads) kd_rows_kernel(const KDArgs<scalar_t> a) {
+__global__ void __launch_bounds__(kThreads) kd_rows_kernel(const KDRows<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
   const KDParams& p = a.p;
   const int64_t row = blockIdx.x;
-  const BlockRow<scalar_t, kVec, kThreads> r{a.student + row * a.s_stride, a.teacher + row * a.t_stride, a.n_classes};
+  const BlockRow<scalar_t, kVec, kThreads> r{a.student + row * a.s_stride, a.teacher + row * a.t_stride,
+                                             a.slice_classes};
   const int64_t label = p.has_labels ? a.labels[row] : -1;
   const bool ignored = p.has_labels && label == p.ignore_index;
   // The labels' range, checked where they are read (as ATen's nll_loss does on the GPU);
   // kJSDSums reads them only to skip ignored rows.
-  CUDA_KERNEL_ASSERT(!p.has_labels || ignored || a.mode == KDMode::kJSDSums || (label >= 0 && label < a.row_classes));
+  CUDA_KERNEL_ASSERT(!p.has_labels || ignored || a.mode == KDMode::kJSDSums || (label >= 0 && label < a.n_classes));
   const int64_t column = label - a.class_offset;
-  const int64_t label_here = p.has_labels && !ignored && column >= 0 && column < a.n_classes ? column : -1;
+  const int64_t label_here = p.has_labels && !ignored && column >= 0 && column < a.slice_classes ? column : -1;
   const bool jsd = p.needs_soft && p.divergence == Divergence::kJSD;
 
   if (a.mode == KDMode::kStats) {
     const KDRowStats<acc_t> st =
-        ignored ? KDRowStats<acc_t>{0, 0, 0, 0, 0, 0, 0} : r.stats(p, label_here, a.row_classes);
+        ignored ? KDRowStats<acc_t>{0, 0, 0, 0, 0, 0, 0} : r.stats(p, label_here, a.n_classes);
     if (threadIdx.x == 0) st.store(a.out + row * kNumKDStats);
     return;
   }
@@ -211,21 +215,21 @@ __global__ void __launch_bounds__(kThreads) kd_rows_kernel(const KDArgs<scalar_t
   }
 
   // kFused, kSlice: the row's loss and its columns' gradient.
-  scalar_t* g = p.compute_grad ? a.grad + row * a.n_classes : nullptr;
+  scalar_t* g = p.compute_grad ? a.grad + row * a.slice_classes : nullptr;
   if (ignored) {
     if (threadIdx.x == 0) a.loss[row] = 0;
     if (g) {
       Pack<scalar_t, kVec> zero;
 #pragma unroll
       for (int k = 0; k < kVec; ++k) zero.v[k] = scalar_t(0);
-      for (int64_t i = r.first; i < a.n_classes; i += r.step) store_pack(g + i, zero);
+      for (int64_t i = r.first; i < a.slice_classes; i += r.step) store_pack(g + i, zero);
     }
     return;
   }
   KDRowStats<acc_t> st;
   acc_t k_t = 0, k_s = 0;
   if (a.mode == KDMode::kFused) {
-    st = r.stats(p, label_here, a.row_classes);
+    st = r.stats(p, label_here, a.n_classes);
     if (jsd) r.jsd_sums(p, st.max_s, log_sum(st.max_s, st.sum_s), st.max_t, log_sum(st.max_t, st.sum_t), k_t, k_s);
   } else {
     st = KDRowStats<acc_t>::load(a.stats + row * kNumKDStats);
@@ -237,17 +241,17 @@ __global__ void __launch_bounds__(kThreads) kd_rows_kernel(const KDArgs<scalar_t
   const KDRowConsts<acc_t> c = kd_row_consts(st, p, k_t, k_s);
   if (threadIdx.x == 0) a.loss[row] = c.loss;
   // Against the direction of the pass before (JSD's step 2 went backwards).
-  if (g) r.grad(g, label_here, c, p, acc_t(*a.grad_scale), a.row_classes, /*reverse=*/!jsd);
+  if (g) r.grad(g, label_here, c, p, acc_t(*a.grad_scale), a.n_classes, /*reverse=*/!jsd);
 }
 
 template <typename scalar_t, int kVec, int kThreads>
-void launch_kd(const KDArgs<scalar_t>& a, int64_t n_rows) {
+void launch_kd(const KDRows<scalar_t>& a, int64_t n_rows) {
   kd_rows_kernel<scalar_t, kVec, kThreads><<<n_rows, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // What every op's host code shares: the checks, then one launch over the rows of the slice
-// (row_classes 0: labels only mark ignored rows, kJSDSums).
+// (n_classes 0: labels only mark ignored rows, kJSDSums).
 struct KDLaunch {
   KDMode mode;
   const at::Tensor& student;
@@ -255,14 +259,14 @@ struct KDLaunch {
   const std::optional<at::Tensor>& labels;
   const KDParams& p;
   int64_t class_offset;
-  int64_t row_classes;
+  int64_t n_classes;
   at::Tensor labels64;
 
   KDLaunch(const char* op, KDMode mode, const at::Tensor& student, const at::Tensor& teacher,
-           const std::optional<at::Tensor>& labels, const KDParams& p, int64_t class_offset, int64_t row_classes)
+           const std::optional<at::Tensor>& labels, const KDParams& p, int64_t class_offset, int64_t n_classes)
       : mode(mode), student(student), teacher(teacher), labels(labels), p(p), class_offset(class_offset),
-        row_classes(row_classes) {
-    check_kd_inputs(op, student, teacher, labels, class_offset, row_classes);
+        n_classes(n_classes) {
+    check_kd_inputs(op, student, teacher, labels, class_offset, n_classes);
     TORCH_CHECK(student.size(0) <= int64_t(std::numeric_limits<int32_t>::max()), op, ": at most 2^31 - 1 rows");
     if (labels) {
       labels64 = labels->contiguous();
@@ -272,23 +276,23 @@ struct KDLaunch {
 
   at::ScalarType acc_type() const { return at::toOpMathType(student.scalar_type()); }
 
-  // Runs the kernel with the output pointers set by `outputs(KDArgs<scalar_t>&)`. A slice
+  // Runs the kernel with the output pointers set by `outputs(KDRows<scalar_t>&)`. A slice
   // without columns still has rows: their statistics of nothing, or their loss.
   template <typename F>
   void run(const at::Tensor& grad_scale, F&& outputs) const {
-    const int64_t n_rows = student.size(0), n_classes = student.size(1);
+    const int64_t n_rows = student.size(0), slice_classes = student.size(1);
     if (n_rows == 0) return;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "kd_loss_cuda", [&] {
-      KDArgs<scalar_t> a{mode, student.const_data_ptr<scalar_t>(), teacher.const_data_ptr<scalar_t>(),
+      KDRows<scalar_t> a{mode, student.const_data_ptr<scalar_t>(), teacher.const_data_ptr<scalar_t>(),
                          labels ? labels64.const_data_ptr<int64_t>() : nullptr, nullptr, nullptr, nullptr, nullptr,
-                         nullptr, grad_scale.const_data_ptr<float>(), n_classes, class_offset, row_classes,
+                         nullptr, grad_scale.const_data_ptr<float>(), slice_classes, class_offset, n_classes,
                          student.stride(0), teacher.stride(0), p};
       outputs(a);
       constexpr int kVec = 16 / sizeof(scalar_t);
       const bool vec = cuda::rows_aligned16<scalar_t>(student.const_data_ptr(), student.stride(0)) &&
                        cuda::rows_aligned16<scalar_t>(teacher.const_data_ptr(), teacher.stride(0)) &&
-                       n_classes % kVec == 0;
-      cuda::launch_row_blocks<kVec>(vec, n_classes, [&](auto vec_c, auto threads_c) {
+                       slice_classes % kVec == 0;
+      cuda::launch_row_blocks<kVec>(vec, slice_classes, [&](auto vec_c, auto threads_c) {
         launch_kd<scalar_t, decltype(vec_c)::value, decltype(threads_c)::value>(a, n_rows);
       });
     });
@@ -301,13 +305,13 @@ std::tuple<at::Tensor, at::Tensor> loss_and_grad(
     const std::optional<at::Tensor>& labels, const at::Tensor* stats, const std::optional<at::Tensor>& jsd_sums,
     const at::Tensor& temperature, const at::Tensor& beta, const at::Tensor& alpha, const at::Tensor& label_smoothing,
     c10::string_view divergence, int64_t ignore_index, bool scale_by_t2, c10::string_view reduction,
-    const std::optional<at::Tensor>& num_items_in_batch, int64_t class_offset, int64_t row_classes,
+    const std::optional<at::Tensor>& num_items_in_batch, int64_t class_offset, int64_t n_classes,
     bool compute_grad) {
   const KDParams p = make_kd_params(temperature, beta, alpha, label_smoothing, divergence, ignore_index, scale_by_t2,
                                     labels.has_value(), compute_grad);
   const c10::cuda::CUDAGuard guard(student_logits.device());
   const KDLaunch launch(op, stats ? KDMode::kSlice : KDMode::kFused, student_logits, teacher_logits, labels, p,
-                        class_offset, row_classes);
+                        class_offset, n_classes);
   const bool jsd = p.needs_soft && p.divergence == Divergence::kJSD;
   if (stats) {
     check_merged_stats(op, *stats, student_logits, kNumKDStats);
@@ -408,64 +412,6 @@ at::Tensor kd_slice_jsd_sums_cuda(const at::Tensor& student_logits, const at::Te
   return out;
 }
 
-// grad *= scale. A 0-d scale equal to 1 is tested by every block on the device, which then
-// exits: the usual grad_output of 1 costs a launch, not a pass, and no host synchronisation.
-template <typename scalar_t, int kVec, bool kPerRow>
-__global__ void scale_grad_kernel(scalar_t* __restrict__ grad, const at::opmath_type<scalar_t>* __restrict__ scale,
-                                  int64_t numel, int64_t n_classes) {
-  using acc_t = at::opmath_type<scalar_t>;
-  using P = Pack<scalar_t, kVec>;
-  acc_t factor = 0;
-  if (!kPerRow) {
-    factor = *scale;
-    if (factor == acc_t(1)) return;
-  }
-  const int64_t step = int64_t(gridDim.x) * blockDim.x * kVec;
-  for (int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * kVec; i < numel; i += step) {
-    // n_classes % kVec == 0 when kVec > 1, so a pack never straddles two rows.
-    if (kPerRow) factor = scale[i / n_classes];
-    P x = load_pack<scalar_t, kVec>(grad + i);
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) x.v[k] = static_cast<scalar_t>(acc_t(x.v[k]) * factor);
-    store_pack(grad + i, x);
-  }
-}
-
-template <typename scalar_t, int kVec, bool kPerRow>
-void launch_scale(at::Tensor& grad, const at::Tensor& scale, int64_t n_classes) {
-  constexpr int kThreads = 256;
-  const int64_t numel = grad.numel();
-  const int64_t blocks_needed = (numel / kVec + kThreads - 1) / kThreads;
-  // Grid-stride beyond 2^16 blocks (256 MB per sweep in 16-byte packs): plenty to saturate
-  // memory, and few enough that a skipped launch (scale == 1) ends in microseconds.
-  const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks_needed, int64_t(1) << 16)));
-  scale_grad_kernel<scalar_t, kVec, kPerRow><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      grad.data_ptr<scalar_t>(), scale.data_ptr<at::opmath_type<scalar_t>>(), numel, n_classes);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-void scale_grad_cuda(at::Tensor& grad, const at::Tensor& scale) {
-  TORCH_CHECK(grad.is_contiguous(), "scale_grad_: grad must be contiguous");
-  const bool per_row = scale.dim() != 0;
-  TORCH_CHECK(!per_row || (grad.dim() == 2 && scale.numel() == grad.size(0)),
-              "scale_grad_: scale must be 0-d or [N] for an [N, C] grad");
-  TORCH_CHECK(scale.device() == grad.device(), "scale_grad_: scale must be on grad's device");
-  if (grad.numel() == 0) return;
-  const c10::cuda::CUDAGuard guard(grad.device());
-  const int64_t n_classes = grad.dim() == 2 ? grad.size(1) : 1;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "scale_grad_cuda", [&] {
-    // A dtype conversion on the device (a no-op for float32), never a host read.
-    const at::Tensor factor = scale.to(at::toOpMathType(grad.scalar_type())).contiguous();
-    constexpr int kVec = 16 / sizeof(scalar_t);
-    const bool vec = reinterpret_cast<uintptr_t>(grad.data_ptr()) % 16 == 0 && grad.numel() % kVec == 0 &&
-                     (!per_row || n_classes % kVec == 0);
-    BOOL_SWITCH(per_row, kPerRow, [&] {
-      vec ? launch_scale<scalar_t, kVec, kPerRow>(grad, factor, n_classes)
-          : launch_scale<scalar_t, 1, kPerRow>(grad, factor, n_classes);
-    });
-  });
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lepton_fast, CUDA, m) {
@@ -473,7 +419,6 @@ TORCH_LIBRARY_IMPL(lepton_fast, CUDA, m) {
   m.impl("kd_slice_stats", &kd_slice_stats_cuda);
   m.impl("kd_slice_jsd_sums", &kd_slice_jsd_sums_cuda);
   m.impl("kd_slice_loss", &kd_slice_loss_cuda);
-  m.impl("scale_grad_", &scale_grad_cuda);
 }
 
 }  // namespace lepton_fast

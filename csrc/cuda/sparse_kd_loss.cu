@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(kThreads) sparse_kd_rows_kernel(const SparseAr
     }
     return true;
   };
-  const acc_t inv_t = p.inv_temperature, beta = p.beta, eps = p.label_smoothing;
+  const acc_t inv_t = p.inv_temperature, beta = p.beta, label_smoothing = p.label_smoothing;
   const acc_t log_beta = std::log(beta), log_1m_beta = std::log1p(-beta);
   const bool row_tail = a.tail && p.needs_soft;
 
@@ -155,16 +155,16 @@ __global__ void __launch_bounds__(kThreads) sparse_kd_rows_kernel(const SparseAr
   if (p.needs_ce) {
     ce = block_reduce(ce);
     lse1 = lse_from_sum(ce.max, ce.sum);
-    const acc_t total_x = eps > 0 ? block_reduce(Sum<acc_t>{sum_x}).value : acc_t(0);
-    row_loss += acc_t(p.alpha) * (lse1 - ce_linear_part(true, acc_t(s[label]), total_x, eps, V));
+    const acc_t total_x = label_smoothing > 0 ? block_reduce(Sum<acc_t>{sum_x}).value : acc_t(0);
+    row_loss += acc_t(p.alpha) * (lse1 - ce_linear_part(true, acc_t(s[label]), total_x, label_smoothing, V));
   }
   if (threadIdx.x == 0) a.loss[row] = row_loss;
   if (!g) return;
 
   const acc_t gs = *a.grad_scale;
-  const acc_t sg = acc_t(p.soft_grad_weight) * gs, cg = acc_t(p.alpha) * gs, smooth = eps / acc_t(V);
+  const acc_t sg = acc_t(p.soft_grad_weight) * gs, cg = acc_t(p.alpha) * gs, smooth = label_smoothing / acc_t(V);
   auto ce_grad = [&](int64_t j, acc_t x) {
-    return cg * (std::exp(x - lse1) - smooth - (j == label ? 1 - eps : acc_t(0)));
+    return cg * (std::exp(x - lse1) - smooth - (j == label ? 1 - label_smoothing : acc_t(0)));
   };
   for (int64_t i = first; i < V; i += step) {  // the unlisted columns' formula (the entries' come next)
     const P xs = load_pack<scalar_t, kVec>(s + i);

@@ -19,16 +19,23 @@ nothing from trl until :func:`patch` runs.
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
+from lepton_fast import _validate
 from lepton_fast.ops.kd_loss import fused_kd_loss
-from lepton_fast.ops.linear_kd_loss import _linear_kd
+from lepton_fast.ops.linear_kd_loss import _linear_kd, fused_linear_kd_loss
 
 TRL_VERSION = "1.16"  # the release whose functions these reproduce
 _IGNORE = -100  # trl's ignore value, fixed
+# What trl's losses are, as fused_kd_loss's keywords: its generalized JSD, unscaled.
+_TRL_KD = {"divergence": "jsd", "scale_by_t2": False}
+# fused_linear_kd_loss's defaults, for the arguments trl does not set.
+_LINEAR_DEFAULTS = {name: p.default for name, p in inspect.signature(fused_linear_kd_loss).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
 
 
 def _rows_to_keep(mask: Tensor) -> Tensor:
@@ -88,11 +95,13 @@ def generalized_jsd_loss(
             :func:`lepton_fast.fused_kd_loss`).
     """
     if reduction == "none" and num_items_in_batch is None:
+        # No fused kernel has elementwise output; the hyper-parameters get the kernels' checks.
+        _validate.kd_hyper_parameters(fused_kd_loss, temperature=temperature, beta=beta, **_TRL_KD)
         terms = _elementwise_jsd(student_logits, teacher_logits, beta, temperature)
         return terms if labels is None else terms[labels != _IGNORE]
     keep = None if labels is None else labels != _IGNORE
-    total = fused_kd_loss(student_logits, teacher_logits, temperature, divergence="jsd", beta=beta,
-                          labels=None if keep is None else _rows_to_keep(keep), scale_by_t2=False, reduction="sum")
+    total = fused_kd_loss(student_logits, teacher_logits, temperature, beta=beta,
+                          labels=None if keep is None else _rows_to_keep(keep), reduction="sum", **_TRL_KD)
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, Tensor):
             num_items_in_batch = num_items_in_batch.to(total.device)
@@ -178,13 +187,13 @@ def chunked_divergence_loss(
     keep = completion_mask != 0
     n_valid = keep.sum()
     by_count = num_items_in_batch is None
-    loss, entropy_sum = _linear_kd(
-        h_s, w_s, h_t, w_t, temperature, student_bias=b_s, teacher_bias=b_t, divergence="jsd", beta=beta,
-        labels=_rows_to_keep(keep), alpha=0.0, label_smoothing=0.0, ignore_index=_IGNORE, scale_by_t2=False,
-        reduction="mean" if by_count else "sum", num_items_in_batch=None, vocab_size=None,
-        student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
-        student_softcap=student_final_logit_softcapping, teacher_softcap=teacher_final_logit_softcapping,
-        chunk_size=None, backend=None, entropy=True)
+    loss, entropy_sum = _linear_kd(h_s, w_s, h_t, w_t, **{
+        **_LINEAR_DEFAULTS, **_TRL_KD, "temperature": temperature, "student_bias": b_s, "teacher_bias": b_t,
+        "beta": beta, "labels": _rows_to_keep(keep), "ignore_index": _IGNORE,
+        "reduction": "mean" if by_count else "sum",
+        "student_logit_scale": student_logit_scale, "teacher_logit_scale": teacher_logit_scale,
+        "student_softcap": student_final_logit_softcapping, "teacher_softcap": teacher_final_logit_softcapping,
+        "entropy": True})
     if not by_count:
         if isinstance(num_items_in_batch, Tensor):
             num_items_in_batch = num_items_in_batch.to(loss.device)
