@@ -85,10 +85,13 @@ class CoralSelfTrained(nn.Module):
             confidence, guess = F.softmax(linear(t), 1).max(1)
             keep = confidence > threshold
             linear = _fit_linear(torch.cat([s, t[keep]]), torch.cat([source_y, guess[keep]]), num_classes, l2)
-        self.linear = linear
+        # buffers, not parameters: the trainers check that float32 data suit a model's
+        # parameters, and this fixed float64 model takes float32 frames
+        self.register_buffer("weight", linear.weight.detach())
+        self.register_buffer("bias", linear.bias.detach())
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.linear((summarize(x.double()) - self.mean) / self.std).float()
+        return F.linear((summarize(x.double()) - self.mean) / self.std, self.weight, self.bias).float()
 
 
 __all__ = ["CoralSelfTrained", "coral", "summarize"]
