@@ -467,6 +467,72 @@ def test_coral_needs_the_feature_split_and_a_batch_of_two():
         make(("coral",)).fit(SOURCE, TARGET, steps=1, batch_size=1)
 
 
+# -- the write-up's entry points ------------------------------------------------------------
+@pytest.mark.parametrize("threshold", [None, 0.8, "flexmatch"])
+def test_generate_pseudo_labels_is_the_teachers_thresholded_selection(threshold):
+    torch.manual_seed(5)
+    teacher = Tiny()
+    with torch.no_grad():
+        teacher.classifier.weight.mul_(80)  # confidences spread over (0.25, 1): a cut at 0.8 or 0.95 matters
+    distiller = KnowledgeDistiller(teacher, Tiny(), progress=False, device="cpu")
+    x = TARGET[0]
+    if threshold == "flexmatch":  # class thresholds after an update: another cut per class
+        threshold = thresholds.FlexMatchThreshold(C, **FLEX)
+        logits = teacher.eval()(x)
+        threshold.update(lepton_fast.select_pseudo_labels(logits, threshold=0.0), indices=torch.arange(len(x)))
+    out = distiller.generate_pseudo_labels(x, threshold, batch_size=7)  # batches of 7: the same rows
+    with torch.no_grad():
+        p = torch.softmax(teacher.eval()(x).double(), 1)
+    confidence, labels = p.max(1)
+    cut = {None: 0.95, 0.8: 0.8}.get(threshold) if not isinstance(threshold, nn.Module) else \
+        threshold.class_thresholds().double()[labels]
+    assert torch.equal(out.labels, labels)
+    torch.testing.assert_close(out.confidence.double(), confidence, rtol=1e-5, atol=1e-6)
+    assert torch.equal(out.mask, confidence >= cut)
+    if not isinstance(threshold, nn.Module):
+        assert 0 < int(out.mask.sum()) < len(x)  # the cut matters on this data
+
+
+def test_generate_pseudo_labels_bad_input():
+    distiller = KnowledgeDistiller(Tiny(), Tiny(), progress=False, device="cpu")
+    with pytest.raises(TypeError, match="x_unlabeled must be a tensor"):
+        distiller.generate_pseudo_labels([1, 2])
+    with pytest.raises(TypeError, match="threshold must be"):
+        distiller.generate_pseudo_labels(TARGET[0], "0.9")
+    with pytest.raises(ValueError, match="threshold"):
+        distiller.generate_pseudo_labels(TARGET[0], 1.5)
+    with pytest.raises(ValueError, match="x_unlabeled"):
+        distiller.generate_pseudo_labels(torch.full((2, 1, SIDE, SIDE), float("nan")))
+
+
+@pytest.mark.parametrize("attack", ["fgsm", "pgd"])
+def test_generate_adversarial_samples_is_the_terms_attack(attack):
+    trainer = make(("adversarial",), attack=attack, eps=0.05)
+    x = TARGET[0][:16]
+    labels = torch.arange(16) % C
+    trainer.generator.manual_seed(7)  # pgd's random start draws from the trainer's generator
+    got = trainer.generate_adversarial_samples(x, labels)
+    if attack == "fgsm":
+        want = lepton_fast.fgsm(trainer.student, x, labels, 0.05, clamp=(0.0, 1.0))
+    else:
+        want = lepton_fast.pgd(trainer.student, x, labels, 0.05, 2.5 * 0.05 / 3, 3, clamp=(0.0, 1.0),
+                               generator=torch.Generator().manual_seed(7))
+    assert torch.equal(got, want) and not torch.equal(got, x)
+    assert float((got - x).abs().max()) <= 0.05 + 1e-6 and float(got.min()) >= 0 and float(got.max()) <= 1
+    default = trainer.generate_adversarial_samples(x)  # the student's own predictions
+    predicted = trainer.student.eval()(x).argmax(-1)
+    trainer.student.train()
+    if attack == "fgsm":
+        assert torch.equal(default, lepton_fast.fgsm(trainer.student, x, predicted, 0.05, clamp=(0.0, 1.0)))
+
+
+def test_generate_adversarial_samples_refuses_vat_and_out_of_bounds_inputs():
+    with pytest.raises(ValueError, match="attack='vat' has no samples"):
+        make(("adversarial",), attack="vat").generate_adversarial_samples(TARGET[0])
+    with pytest.raises(ValueError, match="outside the bounds"):
+        make(("adversarial",)).generate_adversarial_samples(TARGET[0] + 2)
+
+
 # -- attack bounds ---------------------------------------------------------------------------
 def _capture_attack(monkeypatch):
     seen = []

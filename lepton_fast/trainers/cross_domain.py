@@ -526,21 +526,24 @@ class CrossDomainTrainer(Loop):
             return lepton_fast.vat_loss(head, base, eps=self.eps, logits=weak_logits.detach().float(),
                                         generator=self.generator)
         if labels is None:
-            selected = lepton_fast.select_pseudo_labels(targets, **{k: v for k, v in kwargs.items() if k != "weights"})
+            selected = _common.select(targets, kwargs)
             labels, mask = selected.labels, selected.mask
         if self.clamp is not None:
             self._watch("outside", self._outside_bounds(base))
-        if self.attack == "fgsm":
-            z_adv = lepton_fast.fgsm(head, base, labels, self.eps, clamp=self.clamp)
-        else:
-            z_adv = lepton_fast.pgd(head, base, labels, self.eps, 2.5 * self.eps / self.pgd_steps, self.pgd_steps,
-                                    clamp=self.clamp, generator=self.generator)
+        z_adv = self._attack(head, base, labels)
         if self.perturb == "input":
             adv_logits = self.net([z_adv])[0][0]
         else:  # the perturbation added to the features, so that the feature extractor trains too
             adv_logits = self.net([z + (z_adv - base)], head_only=True)
         per_row = F.cross_entropy(adv_logits.float(), labels, reduction="none")
         return (per_row * mask.float()).mean()
+
+    def _attack(self, head: nn.Module, z: Tensor, labels: Tensor) -> Tensor:
+        """The "fgsm"/"pgd" perturbation of ``z`` against ``labels`` (BatchNorm statistics frozen)."""
+        if self.attack == "fgsm":
+            return lepton_fast.fgsm(head, z, labels, self.eps, clamp=self.clamp)
+        return lepton_fast.pgd(head, z, labels, self.eps, 2.5 * self.eps / self.pgd_steps, self.pgd_steps,
+                               clamp=self.clamp, generator=self.generator)
 
     # -- checks at the end of each logging window (one host read) ---------------------------
     def _after_window(self, means: dict) -> dict:
@@ -571,6 +574,42 @@ class CrossDomainTrainer(Loop):
         return "; ".join(parts)
 
     # -- public -----------------------------------------------------------------------------
+    def generate_adversarial_samples(self, x: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        """The perturbation that the "adversarial" term trains on, for a batch ``x``.
+
+        Maps to ``lepton_fast.fgsm`` / ``lepton_fast.pgd`` (``attack``) with this trainer's
+        ``eps``, ``pgd_steps`` (step 2.5·eps/steps), ``clamp`` and generator, against the
+        student (``perturb="input"``) or its ``classifier`` on ``features(x)``
+        (``perturb="features"``). The term itself also masks the rows whose pseudo-label
+        the threshold rejects; this returns every row.
+
+        Args:
+            x: [N, ...] floating inputs as the student takes them (for
+                ``perturb="features"`` any input the student takes: token ids too).
+            labels: int64 [N] classes to attack; default the student's predictions
+                (eval mode).
+
+        Returns the adversarial inputs like ``x`` (``perturb="features"``: adversarial
+        features like ``features(x)``), detached.
+
+        Raises:
+            ValueError: ``attack="vat"`` (its perturbation is internal to
+                ``lepton_fast.vat_loss``, which returns the loss), labels outside the
+                classes, inputs outside ``clamp``; the errors of fgsm/pgd.
+        """
+        if self.attack == "vat":
+            raise ValueError("attack='vat' has no samples to return: lepton_fast.vat_loss draws its perturbation "
+                             "inside the loss; use attack='fgsm' or 'pgd'")
+        head = self.student if self.perturb == "input" else self.classifier
+        z = x.to(self.device)
+        if self.perturb == "features":
+            z = _common.eval_mode_forward(self.features, z)
+        elif self.clamp is not None:
+            self._check_bounds(z, "given")
+        if labels is None:
+            labels = _common.eval_mode_forward(head, z).argmax(-1)
+        return self._attack(head, z, labels.to(self.device))
+
     def fit(self, source, target=None, *, steps: Optional[int] = None, epochs: Optional[int] = None,
             batch_size: int = 64, target_batch_size: Optional[int] = None, validation_data=None,
             eval_every: Optional[int] = None) -> dict:
