@@ -78,8 +78,9 @@ class CoralSelfTrained(nn.Module):
             s, t = summarize(source_x.double()), summarize(target_x.double())
         self.register_buffer("mean", t.mean(0))
         self.register_buffer("std", t.std(0).clamp_min(1e-6))
-        s = coral((s - s.mean(0)) / s.std(0).clamp_min(1e-6), t)
+        # coloured with the covariance of the target as the classifier sees it: standardised
         t = (t - self.mean) / self.std
+        s = coral((s - s.mean(0)) / s.std(0).clamp_min(1e-6), t)
         linear = _fit_linear(s, source_y, num_classes, l2)
         for _ in range(rounds):
             confidence, guess = F.softmax(linear(t), 1).max(1)
