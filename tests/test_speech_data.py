@@ -274,3 +274,9 @@ def test_coral_self_trained_teacher_learns_a_shifted_target():
     logits = teacher(xt)
     assert logits.shape == (200, 2) and logits.dtype == torch.float32
     assert (logits.argmax(1) == yt).float().mean() > 0.95
+    # a fixed model: no parameters, so the trainers take it as a KD teacher of float32 frames
+    assert not list(teacher.parameters())
+    from lepton_fast.trainers import CrossDomainTrainer
+    trainer = CrossDomainTrainer(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(40, 2)), terms=("kd",),
+                                 teacher=teacher, progress=False, device="cpu")
+    trainer.fit((xs, ys), xt, steps=1, batch_size=16)

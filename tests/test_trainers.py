@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lepton_fast
 from lepton_fast import thresholds
-from lepton_fast.trainers import TERMS, CrossDomainTrainer, KnowledgeDistiller
+from lepton_fast.trainers import TERMS, CrossDomainTrainer, KnowledgeDistiller, coral_loss, mcc_loss
 from lepton_fast.trainers import _common
 from lepton_fast.trainers.cross_domain import as_view
 
@@ -104,7 +104,7 @@ def test_distiller_accepts_each_data_form(form):
 
 
 TERM_CASES = [("kd", {}), ("pseudo", {}), ("domain", {}), ("adversarial", {"attack": "fgsm"}),
-              ("adversarial", {"attack": "pgd"}), ("adversarial", {"attack": "vat"})]
+              ("adversarial", {"attack": "pgd"}), ("adversarial", {"attack": "vat"}), ("coral", {}), ("mcc", {})]
 
 
 @pytest.mark.parametrize("term,kw", TERM_CASES, ids=[f"{t}-{k.get('attack', '')}" for t, k in TERM_CASES])
@@ -372,10 +372,165 @@ def test_lr_sets_the_default_optimizer_only():
     ({"discriminator": nn.Linear(16, 1)}, "discriminator is used by the 'domain' term"),
     ({"clamp": (0.0, 1.0)}, "clamp is used by the 'adversarial' term"),
     ({"features": "features", "classifier": "classifier"}, "features/classifier is used by"),
+    ({"mcc_temperature": 2.0}, "mcc_temperature is used by the 'mcc' term"),
 ])
 def test_arguments_for_a_term_that_is_off_are_refused(kw, match):
     with pytest.raises(ValueError, match=match):
         make(("pseudo",) if "threshold" not in kw else ("kd",), **kw)
+
+
+# -- the alignment terms ---------------------------------------------------------------------
+def _coral_direct(s, t):
+    """Sun & Saenko 2016, eq. 1-3, written out in float64."""
+    def cov(x):
+        n = x.shape[0]
+        ones = torch.ones(n, 1, dtype=x.dtype)
+        return (x.T @ x - (ones.T @ x).T @ (ones.T @ x) / n) / (n - 1)
+    d = s.shape[1]
+    return ((cov(s) - cov(t)) ** 2).sum() / (4 * d * d)
+
+
+def _mcc_direct(z, temperature):
+    """Jin et al. 2020, eq. 1-6, loop by loop in float64."""
+    b, c = z.shape
+    p = torch.softmax(z / temperature, 1)
+    q = p.detach()  # the entropy weights are constants (as in the authors' code)
+    h = [-sum(q[i, j] * torch.log(q[i, j]) for j in range(c)) for i in range(b)]
+    w = torch.stack([b * (1 + torch.exp(-h[i])) / sum(1 + torch.exp(-hh) for hh in h) for i in range(b)])
+    m = torch.zeros(c, c, dtype=z.dtype)
+    for j in range(c):
+        for k in range(c):
+            m[j, k] = sum(p[i, j] * w[i] * p[i, k] for i in range(b))
+    m = m / m.sum(1, keepdim=True)
+    return sum(m[j, k] for j in range(c) for k in range(c) if j != k) / c
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_coral_loss_matches_the_paper_in_float64(dtype):
+    g = torch.Generator().manual_seed(11)
+    s, t = torch.randn(24, 6, generator=g) * 2 + 1, torch.randn(17, 6, generator=g) * 0.5 - 3
+    s, t = s.to(dtype), t.to(dtype)
+    want = _coral_direct(s.double(), t.double())
+    got = coral_loss(s, t)
+    assert got.dtype == torch.float32 and want > 0.01
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_mcc_loss_matches_the_paper_in_float64(temperature):
+    z = torch.randn(9, 5, generator=torch.Generator().manual_seed(12), dtype=torch.float64) * 3
+    want = _mcc_direct(z, temperature)
+    got = mcc_loss(z.float(), temperature)
+    assert got.dtype == torch.float32 and 0.05 < want < 1
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+
+
+def test_alignment_gradients_reach_their_inputs():
+    g = torch.Generator().manual_seed(13)
+    s, t = torch.randn(8, 4, generator=g, requires_grad=True), torch.randn(8, 4, generator=g, requires_grad=True)
+    coral_loss(s, t).backward()
+    assert all(bool(x.grad.abs().sum() > 0) and bool(torch.isfinite(x.grad).all()) for x in (s, t))
+    s64, t64 = s.detach().double().requires_grad_(), t.detach().double().requires_grad_()
+    _coral_direct(s64, t64).backward()
+    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-4, atol=1e-7)
+    z = torch.randn(8, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    z32 = z.detach().float().requires_grad_()
+    mcc_loss(z32).backward()
+    _mcc_direct(z, 2.5).backward()
+    assert bool(z32.grad.abs().sum() > 0)
+    torch.testing.assert_close(z32.grad.double(), z.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_mcc_is_zero_for_confident_disjoint_predictions_and_coral_for_equal_batches():
+    z = torch.eye(4) * 200  # each row certain of another class
+    assert float(mcc_loss(z, 1.0)) == pytest.approx(0.0, abs=1e-6)
+    x = torch.randn(10, 3, generator=torch.Generator().manual_seed(14))
+    assert float(coral_loss(x, x + 5)) == pytest.approx(0.0, abs=1e-7)  # a shift leaves the covariance
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: coral_loss(torch.randn(1, 3), torch.randn(4, 3)), r"source must be \[N, D\] with N >= 2"),
+    (lambda: coral_loss(torch.randn(4, 3), torch.randn(4, 2)), "same width"),
+    (lambda: mcc_loss(torch.randn(4, 3, 2)), r"logits must be \[N, D\]"),
+    (lambda: mcc_loss(torch.randn(4, 3), 0.0), "temperature"),
+    (lambda: mcc_loss(torch.randn(4, 3), float("nan")), "temperature"),
+])
+def test_alignment_bad_input_names_the_argument(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_coral_needs_the_feature_split_and_a_batch_of_two():
+    with pytest.raises(ValueError, match="the 'coral' term needs the student split"):
+        CrossDomainTrainer(nn.Sequential(nn.Flatten(), nn.Linear(SIDE * SIDE, C)), terms=("coral",), progress=False)
+    with pytest.raises(ValueError, match=r"training step 1: source must be \[N, D\] with N >= 2"):
+        make(("coral",)).fit(SOURCE, TARGET, steps=1, batch_size=1)
+
+
+# -- the write-up's entry points ------------------------------------------------------------
+@pytest.mark.parametrize("threshold", [None, 0.8, "flexmatch"])
+def test_generate_pseudo_labels_is_the_teachers_thresholded_selection(threshold):
+    torch.manual_seed(5)
+    teacher = Tiny()
+    with torch.no_grad():
+        teacher.classifier.weight.mul_(80)  # confidences spread over (0.25, 1): a cut at 0.8 or 0.95 matters
+    distiller = KnowledgeDistiller(teacher, Tiny(), progress=False, device="cpu")
+    x = TARGET[0]
+    if threshold == "flexmatch":  # class thresholds after an update: another cut per class
+        threshold = thresholds.FlexMatchThreshold(C, **FLEX)
+        logits = teacher.eval()(x)
+        threshold.update(lepton_fast.select_pseudo_labels(logits, threshold=0.0), indices=torch.arange(len(x)))
+    out = distiller.generate_pseudo_labels(x, threshold, batch_size=7)  # batches of 7: the same rows
+    with torch.no_grad():
+        p = torch.softmax(teacher.eval()(x).double(), 1)
+    confidence, labels = p.max(1)
+    cut = {None: 0.95, 0.8: 0.8}.get(threshold) if not isinstance(threshold, nn.Module) else \
+        threshold.class_thresholds().double()[labels]
+    assert torch.equal(out.labels, labels)
+    torch.testing.assert_close(out.confidence.double(), confidence, rtol=1e-5, atol=1e-6)
+    assert torch.equal(out.mask, confidence >= cut)
+    if not isinstance(threshold, nn.Module):
+        assert 0 < int(out.mask.sum()) < len(x)  # the cut matters on this data
+
+
+def test_generate_pseudo_labels_bad_input():
+    distiller = KnowledgeDistiller(Tiny(), Tiny(), progress=False, device="cpu")
+    with pytest.raises(TypeError, match="x_unlabeled must be a tensor"):
+        distiller.generate_pseudo_labels([1, 2])
+    with pytest.raises(TypeError, match="threshold must be"):
+        distiller.generate_pseudo_labels(TARGET[0], "0.9")
+    with pytest.raises(ValueError, match="threshold"):
+        distiller.generate_pseudo_labels(TARGET[0], 1.5)
+    with pytest.raises(ValueError, match="x_unlabeled"):
+        distiller.generate_pseudo_labels(torch.full((2, 1, SIDE, SIDE), float("nan")))
+
+
+@pytest.mark.parametrize("attack", ["fgsm", "pgd"])
+def test_generate_adversarial_samples_is_the_terms_attack(attack):
+    trainer = make(("adversarial",), attack=attack, eps=0.05)
+    x = TARGET[0][:16]
+    labels = torch.arange(16) % C
+    trainer.generator.manual_seed(7)  # pgd's random start draws from the trainer's generator
+    got = trainer.generate_adversarial_samples(x, labels)
+    if attack == "fgsm":
+        want = lepton_fast.fgsm(trainer.student, x, labels, 0.05, clamp=(0.0, 1.0))
+    else:
+        want = lepton_fast.pgd(trainer.student, x, labels, 0.05, 2.5 * 0.05 / 3, 3, clamp=(0.0, 1.0),
+                               generator=torch.Generator().manual_seed(7))
+    assert torch.equal(got, want) and not torch.equal(got, x)
+    assert float((got - x).abs().max()) <= 0.05 + 1e-6 and float(got.min()) >= 0 and float(got.max()) <= 1
+    default = trainer.generate_adversarial_samples(x)  # the student's own predictions
+    predicted = trainer.student.eval()(x).argmax(-1)
+    trainer.student.train()
+    if attack == "fgsm":
+        assert torch.equal(default, lepton_fast.fgsm(trainer.student, x, predicted, 0.05, clamp=(0.0, 1.0)))
+
+
+def test_generate_adversarial_samples_refuses_vat_and_out_of_bounds_inputs():
+    with pytest.raises(ValueError, match="attack='vat' has no samples"):
+        make(("adversarial",), attack="vat").generate_adversarial_samples(TARGET[0])
+    with pytest.raises(ValueError, match="outside the bounds"):
+        make(("adversarial",)).generate_adversarial_samples(TARGET[0] + 2)
 
 
 # -- attack bounds ---------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from torch.utils.data.dataloader import default_collate
 from torch.utils.data.distributed import DistributedSampler
 
+import lepton_fast
 from lepton_fast import _validate
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -341,6 +342,12 @@ def reduce_mean(values: dict, device: torch.device) -> dict:
     t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return dict(zip(values, (t / world).tolist()))
+
+
+def select(logits: Tensor, threshold_kwargs: dict):
+    """``lepton_fast.select_pseudo_labels`` of ``logits`` under a threshold's ``loss_kwargs``
+    (SoftMatch's per-row ``weights`` weigh a loss, not the selection: left out)."""
+    return lepton_fast.select_pseudo_labels(logits, **{k: v for k, v in threshold_kwargs.items() if k != "weights"})
 
 
 # -- checkpoints -----------------------------------------------------------------------------

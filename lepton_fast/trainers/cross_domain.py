@@ -14,9 +14,10 @@ import lepton_fast
 from lepton_fast import _validate
 from lepton_fast.trainers import _common
 from lepton_fast.trainers._loop import Loop, steps_for
+from lepton_fast.trainers.alignment import MCC_TEMPERATURE, coral_loss, mcc_loss
 from lepton_fast.trainers.distiller import probe_classes
 
-TERMS = ("kd", "pseudo", "domain", "adversarial")
+TERMS = ("kd", "pseudo", "domain", "adversarial", "coral", "mcc")
 ATTACKS = ("fgsm", "pgd", "vat")
 PERTURB = ("input", "features")
 
@@ -194,6 +195,16 @@ class CrossDomainTrainer(Loop):
       ``classifier``, as adversarial training on word embeddings does for text (Miyato
       et al. 2017; VAT there trains the classifier alone: ``vat_loss`` holds its input
       constant).
+    - ``"coral"``: Deep CORAL (Sun & Saenko 2016, :func:`~lepton_fast.trainers.alignment.coral_loss`):
+      ``‖C_s − C_t‖_F² / (4 d²)`` between the covariances of the source and the weak
+      view's ``features`` in the batch. Like "domain" it aligns the feature distributions,
+      but by their second moments, with no discriminator and no schedule: use it when DANN
+      is unstable or the batches are small for a discriminator. Needs batches of ≥ 2.
+    - ``"mcc"``: Minimum Class Confusion (Jin et al. 2020, :func:`~lepton_fast.trainers.alignment.mcc_loss`)
+      on the weak view's logits at ``mcc_temperature``: lowers the confusion between pairs
+      of classes in the target predictions without picking labels, so it helps where the
+      classifier is unsure on the target but not yet right often enough for confident
+      pseudo-labels, and it does not favour one class (no collapse to a class).
 
     ``"pseudo"`` and ``"adversarial"`` start after ``warmup_steps`` source steps: before a
     classifier is any good on the target its confident mistakes become labels.
@@ -203,8 +214,8 @@ class CrossDomainTrainer(Loop):
 
     Args:
         student: nn.Module, x [N, ...] → logits [N, C].
-        terms: a subset of ("kd", "pseudo", "domain", "adversarial"); () trains on the
-            source alone.
+        terms: a subset of ("kd", "pseudo", "domain", "adversarial", "coral", "mcc"); ()
+            trains on the source alone.
         teacher: frozen nn.Module with the same C, for "kd" (and only then).
         weights: {term: weight ≥ 0} for enabled terms, overriding 1.0.
         temperature: KD temperature T > 0, default 1.0 as ``fused_kd_loss`` and
@@ -227,7 +238,7 @@ class CrossDomainTrainer(Loop):
             views that fit the data (``lepton_fast.tasks.digits.weak_view`` / ``strong_view`` for
             the digit images; word dropout or swaps for text).
         features, classifier: the student's split, ``classifier(features(x)) ==
-            student(x)``, for "domain" and ``perturb="features"``: modules of the student,
+            student(x)``, for "domain", "coral" and ``perturb="features"``: modules of the student,
             names of its submodules (``"encoder"``), or callables. Default: the student's
             ``.features`` and ``.classifier``.
         discriminator: for "domain"; default ``default_discriminator`` on the features'
@@ -240,13 +251,15 @@ class CrossDomainTrainer(Loop):
             passed unchanged to lepton_fast.fgsm/pgd. A perturbed batch outside the bounds
             is refused with a ValueError.
         perturb: "input" (default) or "features".
+        mcc_temperature: T > 0 of the "mcc" term (default 2.5, as Jin et al.).
         optimizer: a torch.optim.Optimizer over the student's (and the discriminator's)
             parameters, or a callable ``params -> Optimizer``; default Adam(lr).
         lr: the default optimizer's learning rate (default 1e-3); not with ``optimizer``.
         scheduler, device, amp, seed, checkpoint, checkpoint_every, progress: as in
             KnowledgeDistiller.
 
-    Checkpoints hold the student, discriminator, GRL step, threshold and alignment state,
+    Checkpoints hold the student, discriminator, GRL step, threshold and alignment state
+    ("coral" and "mcc" are functions of the batch: they have none),
     optimiser, scheduler, grad scaler, the data positions and every rank's random
     generators. Under torch.distributed the threshold, alignment and GRL state are global:
     each step gathers the weak-view predictions, pseudo-labels and indices of every rank
@@ -255,8 +268,9 @@ class CrossDomainTrainer(Loop):
     Raises:
         ValueError: an unknown term, attack or perturb; "kd" without a teacher;
             temperature ≤ 0; negative weight or warmup; an argument for a term that is not
-            on (weights, teacher, threshold, discriminator, features/classifier, clamp);
-            "domain" or ``perturb="features"`` without a feature/classifier split;
+            on (weights, teacher, threshold, discriminator, features/classifier, clamp,
+            mcc_temperature); "domain", "coral" or ``perturb="features"`` without a
+            feature/classifier split; "coral" with a batch of one;
             ``clamp`` with "vat". At the start of ``fit``: teacher/student class counts
             that differ, a split that does not give ``student(x)``, no target data for a
             target term (or target data without one), an unlabeled source, a threshold's
@@ -278,7 +292,7 @@ class CrossDomainTrainer(Loop):
                  weak_augment: Optional[Callable] = None, strong_augment: Optional[Callable] = None,
                  source_augment: Optional[Callable] = None, features=None, classifier=None,
                  discriminator: Optional[nn.Module] = None, attack: str = "fgsm", eps: float = 0.1,
-                 pgd_steps: int = 3, clamp=None, perturb: str = "input",
+                 pgd_steps: int = 3, clamp=None, perturb: str = "input", mcc_temperature: Optional[float] = None,
                  optimizer=None, lr: Optional[float] = None, scheduler=None, device=None, amp: Optional[str] = None,
                  seed: int = 0, checkpoint: Optional[str] = None, checkpoint_every: int = 100,
                  progress: bool = True):
@@ -298,14 +312,15 @@ class CrossDomainTrainer(Loop):
             self.weights[k] = _validate.real(f"weights[{k!r}]", w, 0.0)
         self.perturb = _choice("perturb", perturb, PERTURB)
         self.attack = _choice("attack", attack, ATTACKS)
-        split_used = "domain" in on or ("adversarial" in on and self.perturb == "features")
+        split_used = bool({"domain", "coral"} & on) or ("adversarial" in on and self.perturb == "features")
         for name, value, used, by in (
                 ("teacher", teacher, "kd" in on, "the 'kd' term"),
                 ("threshold", threshold, bool({"pseudo", "adversarial"} & on), "the 'pseudo' and 'adversarial' terms"),
                 ("discriminator", discriminator, "domain" in on, "the 'domain' term"),
                 ("clamp", clamp, "adversarial" in on, "the 'adversarial' term"),
+                ("mcc_temperature", mcc_temperature, "mcc" in on, "the 'mcc' term"),
                 ("features/classifier", features if features is not None else classifier, split_used,
-                 "the 'domain' term and the 'adversarial' term with perturb='features'")):
+                 "the 'domain' and 'coral' terms and the 'adversarial' term with perturb='features'")):
             if value is not None and not used:
                 raise ValueError(f"{name} is used by {by} only, which is not on here (terms={self.terms})")
         if "kd" in on:
@@ -317,6 +332,8 @@ class CrossDomainTrainer(Loop):
         self.warmup_steps = _validate.integer("warmup_steps", warmup_steps, 0)
         self.eps = _validate.positive_finite("eps", eps)
         self.pgd_steps = _validate.integer("pgd_steps", pgd_steps, 1)
+        self.mcc_temperature = _validate.positive_finite(
+            "mcc_temperature", MCC_TEMPERATURE if mcc_temperature is None else mcc_temperature)
         if clamp is not None:
             if not (isinstance(clamp, (tuple, list)) and len(clamp) == 2):
                 raise TypeError(f"clamp must be None or a pair (min, max) of numbers or tensors, got {clamp!r}")
@@ -333,7 +350,7 @@ class CrossDomainTrainer(Loop):
             b.to(self.device) if isinstance(b, Tensor) else b for b in clamp)
         self.features = self.classifier = None
         if split_used:
-            why = "the 'domain' term" if "domain" in on else "perturb='features'"
+            why = next((f"the {t!r} term" for t in ("domain", "coral") if t in on), "perturb='features'")
             self.features, self.classifier = split_student(self.student, features, classifier, why)
         self.teacher = None if teacher is None else teacher.to(self.device).eval()
         self._threshold_arg, self._discriminator_arg = threshold, discriminator
@@ -444,6 +461,14 @@ class CrossDomainTrainer(Loop):
                 kd = lepton_fast.fused_kd_loss(logits[1], teacher_logits, self.temperature)
                 logs["kd"] = kd.detach()
                 loss = loss + self.weights["kd"] * kd
+            if use["coral"]:
+                coral = coral_loss(feats[0].flatten(1), feats[1].flatten(1))
+                logs["coral"] = coral.detach()
+                loss = loss + self.weights["coral"] * coral
+            if use["mcc"]:
+                mcc = mcc_loss(logits[1], self.mcc_temperature)
+                logs["mcc"] = mcc.detach()
+                loss = loss + self.weights["mcc"] * mcc
             if use["domain"]:
                 domains = torch.cat([torch.zeros(xs.shape[0], device=dev), torch.ones(xw.shape[0], device=dev)])
                 dann = F.binary_cross_entropy_with_logits(domain_logits.float().squeeze(-1), domains)
@@ -501,21 +526,24 @@ class CrossDomainTrainer(Loop):
             return lepton_fast.vat_loss(head, base, eps=self.eps, logits=weak_logits.detach().float(),
                                         generator=self.generator)
         if labels is None:
-            selected = lepton_fast.select_pseudo_labels(targets, **{k: v for k, v in kwargs.items() if k != "weights"})
+            selected = _common.select(targets, kwargs)
             labels, mask = selected.labels, selected.mask
         if self.clamp is not None:
             self._watch("outside", self._outside_bounds(base))
-        if self.attack == "fgsm":
-            z_adv = lepton_fast.fgsm(head, base, labels, self.eps, clamp=self.clamp)
-        else:
-            z_adv = lepton_fast.pgd(head, base, labels, self.eps, 2.5 * self.eps / self.pgd_steps, self.pgd_steps,
-                                    clamp=self.clamp, generator=self.generator)
+        z_adv = self._attack(head, base, labels)
         if self.perturb == "input":
             adv_logits = self.net([z_adv])[0][0]
         else:  # the perturbation added to the features, so that the feature extractor trains too
             adv_logits = self.net([z + (z_adv - base)], head_only=True)
         per_row = F.cross_entropy(adv_logits.float(), labels, reduction="none")
         return (per_row * mask.float()).mean()
+
+    def _attack(self, head: nn.Module, z: Tensor, labels: Tensor) -> Tensor:
+        """The "fgsm"/"pgd" perturbation of ``z`` against ``labels`` (BatchNorm statistics frozen)."""
+        if self.attack == "fgsm":
+            return lepton_fast.fgsm(head, z, labels, self.eps, clamp=self.clamp)
+        return lepton_fast.pgd(head, z, labels, self.eps, 2.5 * self.eps / self.pgd_steps, self.pgd_steps,
+                               clamp=self.clamp, generator=self.generator)
 
     # -- checks at the end of each logging window (one host read) ---------------------------
     def _after_window(self, means: dict) -> dict:
@@ -546,6 +574,42 @@ class CrossDomainTrainer(Loop):
         return "; ".join(parts)
 
     # -- public -----------------------------------------------------------------------------
+    def generate_adversarial_samples(self, x: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        """The perturbation that the "adversarial" term trains on, for a batch ``x``.
+
+        Maps to ``lepton_fast.fgsm`` / ``lepton_fast.pgd`` (``attack``) with this trainer's
+        ``eps``, ``pgd_steps`` (step 2.5·eps/steps), ``clamp`` and generator, against the
+        student (``perturb="input"``) or its ``classifier`` on ``features(x)``
+        (``perturb="features"``). The term itself also masks the rows whose pseudo-label
+        the threshold rejects; this returns every row.
+
+        Args:
+            x: [N, ...] floating inputs as the student takes them (for
+                ``perturb="features"`` any input the student takes: token ids too).
+            labels: int64 [N] classes to attack; default the student's predictions
+                (eval mode).
+
+        Returns the adversarial inputs like ``x`` (``perturb="features"``: adversarial
+        features like ``features(x)``), detached.
+
+        Raises:
+            ValueError: ``attack="vat"`` (its perturbation is internal to
+                ``lepton_fast.vat_loss``, which returns the loss), labels outside the
+                classes, inputs outside ``clamp``; the errors of fgsm/pgd.
+        """
+        if self.attack == "vat":
+            raise ValueError("attack='vat' has no samples to return: lepton_fast.vat_loss draws its perturbation "
+                             "inside the loss; use attack='fgsm' or 'pgd'")
+        head = self.student if self.perturb == "input" else self.classifier
+        z = x.to(self.device)
+        if self.perturb == "features":
+            z = _common.eval_mode_forward(self.features, z)
+        elif self.clamp is not None:
+            self._check_bounds(z, "given")
+        if labels is None:
+            labels = _common.eval_mode_forward(head, z).argmax(-1)
+        return self._attack(head, z, labels.to(self.device))
+
     def fit(self, source, target=None, *, steps: Optional[int] = None, epochs: Optional[int] = None,
             batch_size: int = 64, target_batch_size: Optional[int] = None, validation_data=None,
             eval_every: Optional[int] = None) -> dict:

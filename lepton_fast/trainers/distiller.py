@@ -133,6 +133,49 @@ class KnowledgeDistiller(Loop):
             return {"labels": "all ignored"}
         return {}
 
+    @torch.no_grad()
+    def generate_pseudo_labels(self, x_unlabeled, threshold=None, *, batch_size: int = 512):
+        """The teacher's pseudo-labels for unlabeled inputs, selected by a threshold policy.
+
+        Maps to ``lepton_fast.select_pseudo_labels(teacher(x), **threshold.loss_kwargs(...))``
+        (the teacher in eval mode, in batches of ``batch_size``, under this trainer's
+        ``amp``): the selection that CrossDomainTrainer's "pseudo" term makes, here from the
+        teacher. The threshold's state is read, never updated.
+
+        Args:
+            x_unlabeled: inputs [N, ...] as the teacher takes them (a tensor; labels are
+                never read).
+            threshold: a ``lepton_fast.thresholds`` module (FlexMatch, FreeMatch: their
+                current class thresholds), a number in [0, 1] (a fixed threshold), or None
+                for CrossDomainTrainer's default ``FixedThreshold(0.95)``.
+
+        Returns ``lepton_fast.PseudoLabels``: ``labels`` int64 [N], ``confidence`` float32
+        [N] (the teacher's top probability), ``mask`` bool [N] (selected), on the
+        trainer's device.
+
+        Raises:
+            TypeError: ``x_unlabeled`` not a tensor, or a threshold of another kind.
+            ValueError: an empty or non-finite ``x_unlabeled``, a threshold outside [0, 1].
+        """
+        from lepton_fast.thresholds import FixedThreshold, PseudoLabelThreshold
+
+        if not isinstance(x_unlabeled, torch.Tensor):
+            raise TypeError(f"x_unlabeled must be a tensor of inputs [N, ...], got {type(x_unlabeled).__name__}")
+        if x_unlabeled.dim() == 0 or x_unlabeled.shape[0] == 0:
+            raise ValueError(f"x_unlabeled must hold at least one input [N, ...], got shape {tuple(x_unlabeled.shape)}")
+        if threshold is None or (isinstance(threshold, (int, float)) and not isinstance(threshold, bool)):
+            threshold = FixedThreshold(0.95 if threshold is None else threshold)
+        elif not isinstance(threshold, PseudoLabelThreshold):
+            raise TypeError(f"threshold must be a lepton_fast.thresholds module, a number in [0, 1] or None, got "
+                            f"{type(threshold).__name__}")
+        _validate.integer("batch_size", batch_size, 1)
+        _validate.finite("x_unlabeled", x_unlabeled, "generate_pseudo_labels")
+        _validate.inputs_for("x_unlabeled", x_unlabeled, self.teacher, self.amp is not None)
+        with _common.autocast(self.device, self.amp):
+            logits = torch.cat([self.teacher(chunk.to(self.device)).float()
+                                for chunk in x_unlabeled.split(batch_size)])
+        return _common.select(logits, threshold.to(self.device).loss_kwargs(logits))
+
     def fit(self, train_data, *, steps: Optional[int] = None, epochs: Optional[int] = None, batch_size: int = 64,
             validation_data=None, eval_every: Optional[int] = None) -> dict:
         """Train for ``steps`` optimiser steps or ``epochs`` passes over ``train_data`` (one

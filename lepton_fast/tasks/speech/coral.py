@@ -78,17 +78,21 @@ class CoralSelfTrained(nn.Module):
             s, t = summarize(source_x.double()), summarize(target_x.double())
         self.register_buffer("mean", t.mean(0))
         self.register_buffer("std", t.std(0).clamp_min(1e-6))
-        s = coral((s - s.mean(0)) / s.std(0).clamp_min(1e-6), t)
+        # coloured with the covariance of the target as the classifier sees it: standardised
         t = (t - self.mean) / self.std
+        s = coral((s - s.mean(0)) / s.std(0).clamp_min(1e-6), t)
         linear = _fit_linear(s, source_y, num_classes, l2)
         for _ in range(rounds):
             confidence, guess = F.softmax(linear(t), 1).max(1)
             keep = confidence > threshold
             linear = _fit_linear(torch.cat([s, t[keep]]), torch.cat([source_y, guess[keep]]), num_classes, l2)
-        self.linear = linear
+        # buffers, not parameters: the trainers check that float32 data suit a model's
+        # parameters, and this fixed float64 model takes float32 frames
+        self.register_buffer("weight", linear.weight.detach())
+        self.register_buffer("bias", linear.bias.detach())
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.linear((summarize(x.double()) - self.mean) / self.std).float()
+        return F.linear((summarize(x.double()) - self.mean) / self.std, self.weight, self.bias).float()
 
 
 __all__ = ["CoralSelfTrained", "coral", "summarize"]
