@@ -1,12 +1,17 @@
 """Builds the extension lepton_fast._C with torch.utils.cpp_extension.
 
-CPU sources always; CUDA sources when nvcc and a CUDA build of torch are present.
+CPU sources always; CUDA sources when torch is a CUDA build, nvcc is found, and the build is
+for GPUs: one is visible here, or TORCH_CUDA_ARCH_LIST names the ones to build for, or
+LEPTON_FAST_FORCE_CUDA=1. nvcc alone is not enough: on a machine without a GPU the CUDA
+kernels would cost a quarter of an hour of compiling for nothing it can run (on GPUs the
+pure-Python layer's Triton kernels run where the build has no CUDA kernels).
 Switches (environment):
   LEPTON_FAST_SKIP_EXT=1       no extension: the package runs on reference.py (and Triton)
   LEPTON_FAST_SKIP_CUDA=1      CPU sources only
-  LEPTON_FAST_FORCE_CUDA=1     fail rather than build without CUDA (CUDA sources are compiled
-                               whenever torch is a CUDA build and nvcc is found, GPU or not)
-  TORCH_CUDA_ARCH_LIST         default "8.0;9.0+PTX"
+  LEPTON_FAST_FORCE_CUDA=1     CUDA sources, GPU or not, and fail rather than build without
+                               them (release wheels: scripts/build_wheels.sh sets it)
+  TORCH_CUDA_ARCH_LIST         the GPUs to build CUDA sources for, GPU here or not; default
+                               "8.0;9.0+PTX" where another reason builds them
   MAX_JOBS                     parallel compile jobs (ninja)
   LEPTON_FAST_LOCAL_VERSION=1  append the PEP 440 local label +cu130torch2.14 / +cputorch2.14
                                (release wheels; scripts/build_wheels.sh sets it)
@@ -71,6 +76,12 @@ DEFAULT_ARCHS = "8.0;9.0+PTX"
 EXTENSION = "lepton_fast._C"
 RECORD = "_build_info"  # lepton_fast/_build_info.py, generated; never taken from the source tree
 TORCH_FLOOR = "torch>=%d.%d" % TORCH_OLDEST
+# For plan() and README "Quick start": a build on 2 cores, MAX_JOBS unset, no ccache. CPU: 452
+# CPU-seconds measured (2026-12-06, under load, so wall time there was 21 minutes), ~4 minutes on
+# 2 idle cores. CUDA: what the two default archs added when `make demo` compiled them on such a
+# machine (issue 20: 17 minutes in all).
+CPU_BUILD_MINUTES = 4
+CUDA_BUILD_MINUTES = 13
 
 
 def flag(name):
@@ -112,10 +123,30 @@ def find_cuda_home(ce):
     return os.path.realpath(top.group(1).strip()) if top else ce.CUDA_HOME
 
 
+def cuda_choice(torch, ce):
+    """(CUDA_HOME to compile the CUDA sources with, or None; why, in words for the build's
+    one-line plan)."""
+    if flag("LEPTON_FAST_SKIP_CUDA"):
+        return None, "LEPTON_FAST_SKIP_CUDA=1"
+    if torch.version.cuda is None:
+        return None, f"torch {torch.__version__} is a CPU-only build"
+    cuda_home = find_cuda_home(ce)
+    if cuda_home is None or not os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
+        return None, f"torch {torch.__version__} is a CUDA build and nvcc was not found (set CUDA_HOME)"
+    if flag("LEPTON_FAST_FORCE_CUDA"):
+        return cuda_home, "LEPTON_FAST_FORCE_CUDA=1"
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return cuda_home, "TORCH_CUDA_ARCH_LIST is set"
+    if torch.cuda.is_available():
+        return cuda_home, "a GPU is visible"
+    return None, "no GPU is visible (TORCH_CUDA_ARCH_LIST or LEPTON_FAST_FORCE_CUDA=1 builds them anyway)"
+
+
 def build_facts():
-    """What the extension will be compiled against, or None when no extension is built."""
+    """(What the extension will be compiled against, or None when no extension is built; why
+    the CUDA sources are compiled or not, or None)."""
     if flag("LEPTON_FAST_SKIP_EXT") or packing_sources_only():
-        return None
+        return None, None
     try:
         import torch
         from torch.utils import cpp_extension as ce
@@ -130,29 +161,55 @@ def build_facts():
         sys.exit(f"lepton_fast supports torch >= {'.'.join(map(str, TORCH_OLDEST))} and found torch "
                  f"{torch.__version__}: run  pip install \"torch>={'.'.join(map(str, TORCH_OLDEST))}\"  "
                  "and build again (or set LEPTON_FAST_SKIP_EXT=1 for a build without compiled kernels)")
-    cuda_home = find_cuda_home(ce) if torch.version.cuda is not None else None
-    nvcc_found = cuda_home is not None and os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
-    with_cuda = not flag("LEPTON_FAST_SKIP_CUDA") and torch.version.cuda is not None and nvcc_found
+    cuda_home, why = cuda_choice(torch, ce)
     # A release build asks for CUDA and must not quietly produce a CPU-only wheel instead.
-    if flag("LEPTON_FAST_FORCE_CUDA") and not with_cuda and not flag("LEPTON_FAST_SKIP_CUDA"):
-        sys.exit(
-            f"LEPTON_FAST_FORCE_CUDA=1, but torch {torch.__version__} is "
-            + ("a CPU-only build" if torch.version.cuda is None else "a CUDA build and nvcc was not found (set CUDA_HOME)")
-        )
-    if with_cuda:
+    if flag("LEPTON_FAST_FORCE_CUDA") and cuda_home is None and not flag("LEPTON_FAST_SKIP_CUDA"):
+        sys.exit(f"LEPTON_FAST_FORCE_CUDA=1, but {why}")
+    if cuda_home is not None:
         # cpp_extension reads CUDA_HOME from its module at compile and link time.
         ce.CUDA_HOME = os.environ["CUDA_HOME"] = cuda_home
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
-    return {
+    facts = {
         "extension": True,
         "torch": torch.__version__.split("+")[0],
-        "cuda": torch.version.cuda if with_cuda else None,
-        "archs": os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else None,
+        "cuda": torch.version.cuda if cuda_home is not None else None,
+        "archs": os.environ["TORCH_CUDA_ARCH_LIST"] if cuda_home is not None else None,
         "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI),
         # The extension registers kernels only (TORCH_LIBRARY_IMPL); the schemas are defined in
         # Python. A build without this mark defines them itself and would abort the process.
         "impl_only": True,
     }
+    return facts, why
+
+
+def plan(facts, why_cuda):
+    """One line: what this build compiles, why, and about how long it takes on 2 cores (the
+    machine the README's times are for)."""
+    if facts is None:
+        return "lepton_fast: nothing to compile (LEPTON_FAST_SKIP_EXT=1, or an sdist)"
+    cpu = f"the CPU kernels (about {CPU_BUILD_MINUTES} minutes on 2 cores)"
+    if facts["cuda"] is None:
+        return f"lepton_fast: compiling {cpu}, not the CUDA kernels: {why_cuda}"
+    return (f"lepton_fast: compiling {cpu} and the CUDA kernels for archs {facts['archs']} ({why_cuda}; about "
+            f"{CUDA_BUILD_MINUTES} minutes more for two archs, less for one)")
+
+
+class Describe(setuptools.Command):
+    """`python setup.py -q describe` prints the build's plan (:func:`plan`) and compiles
+    nothing. pip shows nothing of a build but a spinner (this file's output only under
+    -v), so `make` prints this line before the long build step."""
+
+    description = "print what a build here compiles, and about how long it takes"
+    user_options = []
+
+    def initialize_options(self):
+        pass
+
+    def finalize_options(self):
+        pass
+
+    def run(self):
+        print(PLAN)
 
 
 def torch_minor(facts):
@@ -192,7 +249,7 @@ def write_record(directory, facts):
 
 
 def extension_and_commands(facts):
-    commands = {"build_py": BuildPyWithoutRecord}
+    commands = {"build_py": BuildPyWithoutRecord, "describe": Describe}
     if facts is None:
         return [], commands
     from torch.utils import cpp_extension as ce
@@ -202,6 +259,7 @@ def extension_and_commands(facts):
         copies both into the source tree for in-place (editable) builds."""
 
         def build_extensions(self):
+            print(PLAN, file=sys.stderr, flush=True)
             super().build_extensions()
             write_record(os.path.dirname(self.get_ext_fullpath(EXTENSION)), facts)
 
@@ -235,7 +293,8 @@ def extension_and_commands(facts):
     return [ext], commands
 
 
-facts = build_facts()
+facts, why_cuda = build_facts()
+PLAN = plan(facts, why_cuda)
 ext_modules, cmdclass = extension_and_commands(facts)
 setup(
     version=base_version() + local_version(facts),

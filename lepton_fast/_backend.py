@@ -30,7 +30,7 @@ import functools
 import importlib
 import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -55,13 +55,15 @@ class OpSpec:
     input), ...) and its autograd kernel scales that saved gradient (csrc/autograd.cpp, or
     lepton_fast/ops/_autograd.py without the extension). ``cuda_cpp``: csrc/cuda has a kernel
     of it, so a CUDA build of the extension must register one (benchmarks/gpu_check.py checks);
-    without one, Triton is its CUDA kernel."""
+    without one, Triton is its CUDA kernel. ``overload``: ``torch.ops.lepton_fast.<name>.default``,
+    bound once (two attribute lookups a call otherwise)."""
 
     name: str
     triton: Optional[str]
     public: bool = True
     saves_grad: bool = False
     cuda_cpp: bool = True
+    overload: Optional[torch._ops.OpOverload] = field(default=None, repr=False)
 
     @property
     def qualname(self) -> str:
@@ -78,7 +80,7 @@ def define(schema: str, *, triton: Optional[str] = None, public: bool = True, sa
     :func:`load_kernels`."""
     name = schema.split("(", 1)[0]
     _DEFINITIONS.define(schema)
-    spec = OpSpec(name, triton, public, saves_grad, cuda_cpp)
+    spec = OpSpec(name, triton, public, saves_grad, cuda_cpp, getattr(torch.ops.lepton_fast, name).default)
     OPS[name] = spec
     return spec
 
@@ -221,6 +223,17 @@ def resolve(spec: OpSpec, device: torch.device, backend: Optional[str] = None) -
     return _resolve(spec.name, device.type, backend)
 
 
+def resolve_type(spec: OpSpec, device_type: str, backend: Optional[str] = None) -> str:
+    """:func:`resolve` for tensors of ``device_type`` (as :func:`device_type` gives it)."""
+    return _resolve(spec.name, device_type, backend)
+
+
+def device_type(x: torch.Tensor) -> str:
+    """``x.device.type``, which builds its string anew on every call (2 µs, a tenth of a tiny op's
+    whole call: the per-call path reads these flags instead)."""
+    return "cpu" if x.is_cpu else "cuda" if x.is_cuda else x.device.type
+
+
 # The functions torch.compile runs at trace time take names, not OpSpec objects: torch 2.11's
 # dynamo cannot pass a frozen dataclass instance to them.
 @_constant_under_compile
@@ -252,12 +265,6 @@ def forced(spec: OpSpec, backend: str, device_type: str):
         yield
 
 
-def _overload(spec: OpSpec):
-    # Not functools.cache: Dynamo traces through a cache wrapper with a warning to the user,
-    # and torch.ops caches the attribute lookups already (0.6 µs a call).
-    return getattr(torch.ops.lepton_fast, spec.name).default
-
-
 @contextlib.contextmanager
 def running(spec: OpSpec, backend: str, device_type: str):
     """Inside the block, ``spec``'s op runs ``backend``'s kernel on ``device_type`` tensors
@@ -277,7 +284,7 @@ def running(spec: OpSpec, backend: str, device_type: str):
 
 def call(spec: OpSpec, backend: str, device_type: str, *args):
     """``torch.ops.lepton_fast.<op>(*args)`` on ``backend``'s kernel (as :func:`resolve` chose it)."""
-    op = _overload(spec)
+    op = spec.overload
     if not _swapped(spec.name, backend, device_type):  # the common case, without a context manager
         return op(*args)
     with running(spec, backend, device_type):

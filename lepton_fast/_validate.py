@@ -26,13 +26,32 @@ _SCALARS: dict[float, Tensor] = {}
 _MAX_CACHED = 1024
 
 
+def _remember(cache: dict, key, value):
+    if len(cache) >= _MAX_CACHED:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
 def _scalar_tensor(value: float) -> Tensor:
     t = _SCALARS.get(value)
-    if t is None:
-        if len(_SCALARS) >= _MAX_CACHED:
-            _SCALARS.clear()
-        t = _SCALARS[value] = torch.scalar_tensor(value, dtype=torch.float64)
-    return t
+    return _remember(_SCALARS, value, torch.scalar_tensor(value, dtype=torch.float64)) if t is None else t
+
+
+def _checked_scalars(cache: dict, numbers: tuple, plain: bool, check) -> tuple:
+    """``check()``: the 0-d tensors of the hyper-parameters ``numbers``, checked. Remembered in
+    ``cache`` where ``plain`` (every number a Python float): a training loop passes the same
+    ones every step, and one lookup costs less than a check each (a tenth of a tiny op's
+    call). Only numbers that passed are entered. Floats alone, since a bool or an int equals a
+    float key (True == 1.0) but is checked differently; never while tracing, where the checks
+    return traced tensors."""
+    plain = plain and not torch.compiler.is_compiling()
+    scalars = cache.get(numbers) if plain else None
+    if scalars is None:
+        scalars = check()
+        if plain:
+            _remember(cache, numbers, scalars)
+    return scalars
 
 
 # --- Tensors the kernels cannot take: hyper-parameters that require grad, meta tensors (kernels
@@ -55,7 +74,7 @@ def no_grad_wanted(name: str, value) -> None:
 def materialised(name: str, x: Tensor) -> Tensor:
     """ValueError for a tensor on the meta device (a shape and a dtype, no data: a model built
     under ``torch.device("meta")``); the ops compute values, so it must hold data first."""
-    if x.device.type == "meta":
+    if x.is_meta:  # (not x.device.type: building that string costs 2 µs, a tenth of a tiny op's call)
         raise ValueError(
             f"{name} is a meta tensor (a shape and a dtype, no data), but lepton_fast's ops compute values: "
             "materialise it first (a model built on the meta device: model.to_empty(device=...), then load or "
@@ -190,11 +209,17 @@ def common_dtype(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return a.to(dtype), b.to(dtype)
 
 
+def constant(x: Tensor) -> Tensor:
+    """``x`` as an input the op differentiates nothing for (a teacher): detached where it
+    requires grad, else as it is (detach() makes a new tensor object, a cost at tiny shapes)."""
+    return x.detach() if x.requires_grad else x
+
+
 def as_rows(x: Tensor) -> Tensor:
     """[..., C] -> [N, C] with unit stride along C, as the kernels read it (a view when possible)."""
     if x.dim() != 2:  # N spelled out: -1 is ambiguous for C = 0 (a rank's empty slice of the classes)
         x = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
-    return x if x.stride(-1) == 1 else x.contiguous()
+    return x if x.is_contiguous() or x.stride(-1) == 1 else x.contiguous()  # the flag first: it costs nothing
 
 
 def class_labels(name: str, labels, logits_name: str, x: Tensor) -> Tensor:
@@ -272,15 +297,19 @@ def num_items(value, like: Tensor) -> Optional[Tensor]:
     return positive("num_items_in_batch", value)
 
 
+_KD_SCALARS: dict[tuple, tuple] = {}  # (temperature, beta, alpha, label_smoothing) -> their tensors
+
+
 def kd_options(temperature, divergence, beta, alpha, label_smoothing, reduction, num_items_in_batch, labels,
                x_name: str, x: Tensor) -> KDOptions:
     """Every check of the KD hyper-parameters and labels (of rows x.shape[:-1] of ``x_name``),
     for fused_kd_loss, fused_linear_kd_loss and the vocabulary-parallel loss alike."""
-    temperature_t = positive("temperature", temperature)
+    temperature_t, beta_t, alpha_t, label_smoothing_t = _checked_scalars(
+        _KD_SCALARS, (temperature, beta, alpha, label_smoothing),
+        type(temperature) is type(beta) is type(alpha) is type(label_smoothing) is float,
+        lambda: (positive("temperature", temperature), unit_interval("beta", beta), unit_interval("alpha", alpha),
+                 unit_interval("label_smoothing", label_smoothing)))
     choice("divergence", divergence, DIVERGENCES)
-    beta_t = unit_interval("beta", beta)
-    alpha_t = unit_interval("alpha", alpha)
-    label_smoothing_t = unit_interval("label_smoothing", label_smoothing)
     choice("reduction", reduction, REDUCTIONS)
     if num_items_in_batch is not None and reduction == "none":
         raise ValueError(
@@ -337,6 +366,16 @@ def sparse_teacher(indices, logprobs, mask, logits_name: str, x: Tensor) -> tupl
 
 
 # --- pseudo-labels ------------------------------------------------------------------------------
+
+_PSEUDO_LABEL_SCALARS: dict[tuple, tuple] = {}  # (threshold, temperature) -> their tensors
+
+
+def pseudo_label_scalars(threshold, temperature) -> tuple[Tensor, Tensor]:
+    """The threshold (in [0, 1]) and the temperature (> 0) of the pseudo-label ops, checked, as
+    0-d float64 CPU tensors."""
+    return _checked_scalars(_PSEUDO_LABEL_SCALARS, (threshold, temperature),
+                            type(threshold) is type(temperature) is float,
+                            lambda: (unit_interval("threshold", threshold), positive("temperature", temperature)))
 
 
 def _per_class_or_row(name: str, value, shape: tuple, what: str, logits_name: str, x: Tensor) -> Tensor:

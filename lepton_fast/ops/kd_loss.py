@@ -187,8 +187,9 @@ def fused_kd_loss(
     """
     a = checked(student_logits, teacher_logits, temperature, divergence, beta, labels, alpha, label_smoothing,
                 reduction, num_items_in_batch)
+    device_type = _backend.device_type(a.student)
     loss, _ = _backend.call(
-        SPEC, _backend.resolve(SPEC, a.student.device, backend), a.student.device.type, a.student, a.teacher,
+        SPEC, _backend.resolve_type(SPEC, device_type, backend), device_type, a.student, a.teacher,
         a.labels, a.temperature, a.beta, a.alpha, a.label_smoothing, divergence, ignore_index, scale_by_t2, reduction,
         a.num_items, a.compute_grad,
     )
@@ -220,7 +221,7 @@ def checked(student_logits, teacher_logits, temperature, divergence, beta, label
     _validate.same_shape("teacher_logits", teacher_logits, "student_logits", student_logits)
     o = _validate.kd_options(temperature, divergence, beta, alpha, label_smoothing, reduction, num_items_in_batch,
                              labels, "student_logits", student_logits)
-    student, teacher = _validate.common_dtype(student_logits, teacher_logits.detach())
+    student, teacher = _validate.common_dtype(student_logits, _validate.constant(teacher_logits))
     student, teacher = _validate.as_rows(student), _validate.as_rows(teacher)
     compute_grad = student.requires_grad and torch.is_grad_enabled()
     return KDArgs(student, teacher, o.labels, student_logits.shape[:-1], o.temperature, o.beta, o.alpha,

@@ -119,13 +119,13 @@ def select_pseudo_labels(
         RuntimeError: a forced backend that cannot run here (the message says why).
     """
     _validate.logits("logits", logits)
-    threshold_t = _validate.unit_interval("threshold", threshold)
-    temperature_t = _validate.positive("temperature", temperature)
+    threshold_t, temperature_t = _validate.pseudo_label_scalars(threshold, temperature)
     class_thresholds = _validate.class_thresholds(class_thresholds, "logits", logits, _acc_dtype(logits))
     lead = logits.shape[:-1]
     x = _validate.as_rows(logits.detach())
-    labels, confidence, mask = _backend.call(SELECT_SPEC, _backend.resolve(SELECT_SPEC, x.device, backend),
-                                             x.device.type, x, threshold_t, temperature_t, class_thresholds)
+    device_type = _backend.device_type(x)
+    labels, confidence, mask = _backend.call(SELECT_SPEC, _backend.resolve_type(SELECT_SPEC, device_type, backend),
+                                             device_type, x, threshold_t, temperature_t, class_thresholds)
     return PseudoLabels(labels.reshape(lead), confidence.reshape(lead), mask.reshape(lead))
 
 
@@ -198,23 +198,24 @@ def fused_pseudo_label_loss(
     _validate.logits("strong_logits", strong_logits)
     _validate.logits("weak_logits", weak_logits)
     _validate.same_shape("weak_logits", weak_logits, "strong_logits", strong_logits)
-    threshold_t = _validate.unit_interval("threshold", threshold)
-    temperature_t = _validate.positive("temperature", temperature)
+    threshold_t, temperature_t = _validate.pseudo_label_scalars(threshold, temperature)
     soft = bool(soft)
     _validate.choice("reduction", reduction, _validate.REDUCTIONS)
-    acc = _acc_dtype(strong_logits, weak_logits)
-    class_thresholds = _validate.class_thresholds(class_thresholds, "strong_logits", strong_logits, acc)
-    weights = _validate.row_weights(weights, "strong_logits", strong_logits, acc)
+    if class_thresholds is not None or weights is not None:
+        acc = _acc_dtype(strong_logits, weak_logits)
+        class_thresholds = _validate.class_thresholds(class_thresholds, "strong_logits", strong_logits, acc)
+        weights = _validate.row_weights(weights, "strong_logits", strong_logits, acc)
 
-    lead = strong_logits.shape[:-1]
-    strong, weak = _validate.common_dtype(strong_logits, weak_logits.detach())
+    strong, weak = _validate.common_dtype(strong_logits, _validate.constant(weak_logits))
     strong, weak = _validate.as_rows(strong), _validate.as_rows(weak)
     compute_grad = strong.requires_grad and torch.is_grad_enabled()
+    device_type = _backend.device_type(strong)
     loss, _, labels, confidence, mask, counts = _backend.call(
-        LOSS_SPEC, _backend.resolve(LOSS_SPEC, strong.device, backend), strong.device.type, strong, weak, threshold_t,
+        LOSS_SPEC, _backend.resolve_type(LOSS_SPEC, device_type, backend), device_type, strong, weak, threshold_t,
         temperature_t, soft, class_thresholds, weights, reduction, compute_grad,
     )
-    return PseudoLabelLoss(
-        loss.reshape(lead) if reduction == "none" else loss,
-        labels.reshape(lead), confidence.reshape(lead), mask.reshape(lead), counts,
-    )
+    if strong_logits.dim() != 2:  # the outputs are per row of [N, C] (reshaping costs a tenth of a tiny call)
+        lead = strong_logits.shape[:-1]
+        loss = loss.reshape(lead) if reduction == "none" else loss
+        labels, confidence, mask = labels.reshape(lead), confidence.reshape(lead), mask.reshape(lead)
+    return PseudoLabelLoss(loss, labels, confidence, mask, counts)
