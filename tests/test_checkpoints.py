@@ -128,6 +128,17 @@ def test_temporaries_of_killed_writers_are_removed(tmp_path):
 
 
 # -- signals ----------------------------------------------------------------------------------
+@pytest.fixture
+def sigint_default():
+    """SIGINT as an interactive Python process has it. A job that a non-interactive shell
+    starts in the background (`cmd &`) inherits SIGINT ignored, and the trainers leave an
+    ignored signal ignored (test_an_ignored_signal_stays_ignored), so the SIGINT tests set
+    Python's default handler themselves."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _signal_at(trainer, step, signum):
     """Send ``signum`` to this process during training step ``step``."""
     real, calls = trainer._train_step, []
@@ -142,7 +153,7 @@ def _signal_at(trainer, step, signum):
 
 
 @pytest.mark.parametrize("kind", TRAINERS)
-def test_sigint_saves_the_step_then_raises_keyboard_interrupt_and_a_resume_is_exact(tmp_path, kind):
+def test_sigint_saves_the_step_then_raises_keyboard_interrupt_and_a_resume_is_exact(tmp_path, kind, sigint_default):
     straight = _trainer(kind)
     _fit(straight, 6)
     path = str(tmp_path / "run.pt")
@@ -190,7 +201,7 @@ def test_sigterm_with_the_default_handler_terminates_after_the_save(tmp_path):
     assert _common.load_checkpoint(str(tmp_path / "run.pt"))["step"] == 3
 
 
-def test_a_second_sigint_stops_at_once_and_handlers_exist_only_during_fit(tmp_path):
+def test_a_second_sigint_stops_at_once_and_handlers_exist_only_during_fit(tmp_path, sigint_default):
     path = str(tmp_path / "run.pt")
     before = signal.getsignal(signal.SIGINT)
     trainer = _trainer("cross_domain", checkpoint=path, checkpoint_every=100)
