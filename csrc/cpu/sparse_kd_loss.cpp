@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "grad_buffer.h"
 #include "isa.h"
 #include "sparse_kd_loss_cpu.h"
 
@@ -61,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_loss_cpu(
     divisor = static_cast<double>(std::max<int64_t>(n_valid, 1));
   }
   auto rows = at::empty({n}, student_logits.options().dtype(acc_type));
-  auto grad = compute_grad ? at::empty_like(student_logits) : student_logits.new_empty({0});
+  auto grad = compute_grad ? GradientBlockCache::get().empty_like(student_logits) : student_logits.new_empty({0});
   a.student = student_logits.const_data_ptr();
   a.indices = idx.const_data_ptr<int64_t>();
   a.logprobs = lp.const_data_ptr();
@@ -73,6 +74,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_loss_cpu(
   a.k = idx.size(1);
   a.s_stride = student_logits.stride(0);
   a.dtype = dtype;
+  a.stream_grad = stream_gradient(grad);  // false for the empty grad of compute_grad=False
   a.tail = truncation == "tail";
   a.grad_scale = how == Reduction::kNone || (how == Reduction::kSum && !num_items_in_batch) ? 1.0 : 1.0 / divisor;
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(v, 1));

@@ -24,6 +24,7 @@ struct SparseRows {
   int64_t n_classes, k, s_stride;
   c10::ScalarType dtype;
   bool tail;  // truncation="tail"
+  bool stream_grad;  // write the gradient with non-temporal stores (grad_buffer.h, stream_gradient)
   double grad_scale;  // multiplies the gradient: 1 / the divisor of a mean, else 1
   KDParams p;
 };

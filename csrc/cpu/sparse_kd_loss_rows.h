@@ -88,7 +88,7 @@ struct SparseRow {
   // at every column of the row; the entries' columns are overwritten afterwards.
   static void grad(const scalar_t* s, scalar_t* g, int64_t V, int64_t label, const SparseRowConsts<acc_t>& c,
                    bool soft, bool ce, acc_t sg, acc_t g_tail, acc_t big_g, acc_t cg, acc_t lse1,
-                   acc_t label_smoothing) {
+                   acc_t label_smoothing, bool stream) {
     const bool has_pu = c.max_u != kNegInf;
     const Vec v_inv_t(c.inv_t), v_max_s(c.max_s), v_lsum_s(c.log_sum_s), v_max_u(c.max_u), v_lsum_u(c.log_sum_u);
     const Vec v_sg(sg), v_g_tail(g_tail), v_big_g(big_g), v_cg(cg), v_lse1(lse1);
@@ -112,7 +112,16 @@ struct SparseRow {
           dv = Vec::loadu(buf);
         }
       }
-      IO::store(g + j, dv, n);
+      IO::store(g + j, dv, n, stream);
+    }
+  }
+
+  // A row of zeros (+0.0 is all-zero bits in the four dtypes).
+  static void zero(scalar_t* g, int64_t V, bool stream) {
+    if (stream) {
+      for (int64_t j = 0; j < V; j += W) IO::store(g + j, Vec(0), std::min(W, V - j), true);
+    } else {
+      std::memset(g, 0, V * sizeof(scalar_t));
     }
   }
 
@@ -134,7 +143,7 @@ struct SparseRow {
       const int64_t label = a.labels ? a.labels[row] : -1;
       if (a.labels && label == p.ignore_index) {
         out = 0;
-        if (gr) std::memset(gr, 0, V * sizeof(scalar_t));  // +0.0 is all-zero bits in the four dtypes
+        if (gr) zero(gr, V, a.stream_grad);
         continue;
       }
       const int64_t* idx = a.indices + row * K;
@@ -219,9 +228,9 @@ struct SparseRow {
       if (!gr) continue;
       const acc_t sg = acc_t(p.soft_grad_weight * a.grad_scale), cg = acc_t(p.alpha * a.grad_scale);
       if (row_tail || p.needs_ce) {
-        grad(s, gr, V, label, c, row_tail, p.needs_ce, sg, g_tail, big_g, cg, lse1, label_smoothing);
+        grad(s, gr, V, label, c, row_tail, p.needs_ce, sg, g_tail, big_g, cg, lse1, label_smoothing, a.stream_grad);
       } else {  // "renormalize" without the CE: no column but the entries' has a gradient
-        std::memset(gr, 0, V * sizeof(scalar_t));
+        zero(gr, V, a.stream_grad);
       }
       if (p.needs_soft) {
         for (int64_t k = 0; k < K; ++k) {
@@ -235,6 +244,7 @@ struct SparseRow {
         }
       }
     }
+    if (a.stream_grad) streaming_fence();
   }
 };
 
