@@ -90,18 +90,18 @@ struct SparseRow {
                    bool soft, bool ce, acc_t sg, acc_t g_tail, acc_t big_g, acc_t cg, acc_t lse1,
                    acc_t label_smoothing, bool stream) {
     const bool has_pu = c.max_u != kNegInf;
-    const Vec v_inv_t(c.inv_t), v_max_s(c.max_s), v_lsum_s(c.log_sum_s), v_max_u(c.max_u), v_lsum_u(c.log_sum_u);
-    const Vec v_sg(sg), v_g_tail(g_tail), v_big_g(big_g), v_cg(cg), v_lse1(lse1);
+    const Vec v_inv_t(c.inv_t), v_max_u(c.max_u), v_lsum_u(c.log_sum_u);
+    const Vec v_sg(sg), v_g_tail(g_tail), v_big_g(big_g), v_cg(cg), v_lse1(lse1), v_q_tail(std::exp(c.logq_tail));
     const Vec v_smooth(label_smoothing / acc_t(V));
     for (int64_t j = 0; j < V; j += W) {
       const int64_t n = std::min(W, V - j);
       const Vec x = IO::load(s + j, n, kNegInf);
       Vec dv(0);
-      if (soft) {
-        const Vec p = M::exp(at::vec::fmadd(x - v_max_s, v_inv_t, -v_lsum_s));
-        Vec d = -weighted<M>(p, v_big_g);
-        if (has_pu) d = d + weighted<M>(M::exp(at::vec::fmadd(x - v_max_u, v_inv_t, -v_lsum_u)), v_g_tail);
-        dv = d * v_sg;
+      // p = pu Q_tail: one exp (Q_tail <= 1 multiplies, never divides). Without a finite
+      // unlisted logit both are 0 at every unlisted column (the listed ones come next).
+      if (soft && has_pu) {
+        const Vec pu = M::exp(at::vec::fmadd(x - v_max_u, v_inv_t, -v_lsum_u));
+        dv = (weighted<M>(pu, v_g_tail) - weighted<M>(pu * v_q_tail, v_big_g)) * v_sg;
       }
       if (ce) {
         dv = at::vec::fmadd(M::exp(x - v_lse1) - v_smooth, v_cg, dv);
