@@ -15,6 +15,7 @@
 #include "adversarial_rows.h"
 #include "kd_loss_rows.h"
 #include "pseudo_labels_rows.h"
+#include "sparse_kd_loss_rows.h"
 #endif
 
 namespace lepton_fast {
@@ -28,6 +29,9 @@ void LF_CAT(pseudo_label_rows, LF_ISA)(const PseudoLabelRows& a, int64_t begin, 
 StepFaults LF_CAT(adversarial_step, LF_ISA)(const StepBuffers& a, int64_t begin, int64_t end) {
   return adversarial_step_any_dtype(a, begin, end);
 }
+void LF_CAT(sparse_kd_rows, LF_ISA)(const SparseRows& a, int64_t begin, int64_t end) {
+  sparse_kd_rows_any_dtype(a, begin, end);
+}
 #else
 void LF_CAT(kd_rows, LF_ISA)(const KDRows& a, int64_t begin, int64_t end) { kd_rows_default(a, begin, end); }
 void LF_CAT(pseudo_label_rows, LF_ISA)(const PseudoLabelRows& a, int64_t begin, int64_t end) {
@@ -35,6 +39,9 @@ void LF_CAT(pseudo_label_rows, LF_ISA)(const PseudoLabelRows& a, int64_t begin, 
 }
 StepFaults LF_CAT(adversarial_step, LF_ISA)(const StepBuffers& a, int64_t begin, int64_t end) {
   return adversarial_step_default(a, begin, end);
+}
+void LF_CAT(sparse_kd_rows, LF_ISA)(const SparseRows& a, int64_t begin, int64_t end) {
+  sparse_kd_rows_default(a, begin, end);
 }
 #endif
 

@@ -6,3 +6,4 @@
 #include "adversarial_cpu.h"
 #include "kd_loss_cpu.h"
 #include "pseudo_labels_cpu.h"
+#include "sparse_kd_loss_cpu.h"
