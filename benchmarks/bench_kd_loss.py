@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import Case, alternating_main, full_or_smoke, run_variant, variants
+from conftest import Case, alternating_main, full_or_smoke, loss_run, run_variant, variants
 from lepton_fast import fused_kd_loss, reference
 from lepton_fast.ops.kd_loss import SPEC
 
@@ -39,14 +39,7 @@ def make_case(n, c, dtype, kw, backward):
         teacher = (torch.randn(n, c) * 3).to(dtype)
         return (student, teacher), kw
 
-    def run(fn, args, kwargs):
-        loss = fn(*args, **kwargs)
-        if backward:
-            loss.backward()
-            return args[0].grad
-        return loss
-
-    return Case(group, make, run)
+    return Case(group, make, loss_run(backward))
 
 
 CASES = [

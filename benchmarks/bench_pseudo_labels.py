@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from conftest import Case, alternating_main, full_or_smoke, run_variant, variants
+from conftest import Case, alternating_main, full_or_smoke, loss_run, run_variant, variants
 from lepton_fast import fused_pseudo_label_loss, reference
 from lepton_fast.ops.pseudo_labels import LOSS_SPEC
 
@@ -46,11 +46,7 @@ def make_case(n, c):
         weak = torch.randn(n, c) * 4
         return (strong, weak, threshold), {}
 
-    def run(fn, args, kwargs):
-        fn(*args, **kwargs).backward()
-        return args[0].grad
-
-    return Case(f"fused_pseudo_label_loss {n}x{c} float32 fwd+bwd", make, run)
+    return Case(f"fused_pseudo_label_loss {n}x{c} float32 fwd+bwd", make, loss_run(backward=True))
 
 
 CASES = [make_case(n, c) for n, c in SHAPES]

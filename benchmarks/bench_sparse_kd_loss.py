@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import Case, alternating_main, full_or_smoke, run_variant, variants
+from conftest import Case, alternating_main, full_or_smoke, loss_run, run_variant, variants
 from lepton_fast import reference, sparse_kd_loss
 from lepton_fast.ops.sparse_kd_loss import SPEC
 
@@ -37,14 +37,7 @@ def make_case(n, v, k, kw, backward):
         logprobs, indices = torch.log_softmax(teacher, dim=-1).topk(k, dim=-1)
         return (student, indices, logprobs), kw
 
-    def run(fn, args, kwargs):
-        loss = fn(*args, **kwargs)
-        if backward:
-            loss.backward()
-            return args[0].grad
-        return loss
-
-    return Case(group, make, run)
+    return Case(group, make, loss_run(backward))
 
 
 CASES = [make_case(n, v, k, kw, backward) for (n, v, k, kw) in SHAPES for backward in (False, True)]

@@ -83,6 +83,18 @@ class Case:
     run: Callable[[Callable, tuple, dict], object]
 
 
+def loss_run(backward: bool) -> Callable[[Callable, tuple, dict], object]:
+    """A Case's run for a loss of the logits in args[0]: the loss, or with ``backward`` the
+    gradient it leaves in args[0].grad."""
+    def run(fn, args, kwargs):
+        loss = fn(*args, **kwargs)
+        if backward:
+            loss.backward()
+            return args[0].grad
+        return loss
+    return run
+
+
 def run_variant(benchmark, case: Case, name: str, fn: Callable, rounds: int = 5):
     benchmark.group = case.group
     benchmark.name = name
