@@ -213,7 +213,11 @@ def _run(cmd, timings=None, label=None, **kwargs):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=STEP_TIMEOUT_S, **kwargs)
     if timings is not None:
         timings[label or cmd[0]] = round(time.perf_counter() - start, 1)
-    assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    if proc.returncode != 0:  # a build's cause is in ninja's FAILED lines and the compiler's errors, far from the tail
+        lines = (proc.stdout + proc.stderr).splitlines()
+        causes = [line for line in lines if "FAILED:" in line or "error" in line.lower()]
+        pytest.fail(f"{cmd} failed ({proc.returncode}):\n" + "\n".join(causes[:40]) +
+                    f"\n...\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
 
 
