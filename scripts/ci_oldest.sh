@@ -53,7 +53,13 @@ if ! py=$(find_python); then
     exit 1
 fi
 
-work=${OLDEST_WORK:-$(mktemp -d)}
+if [ -n "${OLDEST_WORK:-}" ]; then
+    work=$OLDEST_WORK
+else
+    # A temporary tree is 4.6 GB: removed on exit, or CI runs fill a shared disk.
+    work=$(mktemp -d)
+    trap 'rm -rf "$work"' EXIT
+fi
 wheels=${LEPTON_FAST_WHEELHOUSE:-$HOME/.cache/lepton_fast/wheels-py312-torch$TORCH}
 mkdir -p "$wheels"
 src=$work/src
