@@ -8,6 +8,7 @@ They build offline: pip takes torch from the wheels on local disk (PIP_FIND_LINK
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import os
 import shutil
@@ -407,11 +408,20 @@ def test_pure_python_wheel_runs_triton_on_cuda_and_the_reference_on_cpu(tmp_path
 
     run_dir = tmp_path / "user"
     run_dir.mkdir()
-    venv = tmp_path / "user-venv"  # this torch and triton, seen through the system site-packages
-    _run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], timings, "venv", env=_clean_env())
+    venv = tmp_path / "user-venv"
+    _run([sys.executable, "-m", "venv", str(venv)], timings, "venv", env=_clean_env())
+    # This process's torch, triton and numpy, by path: not --system-site-packages, which would be
+    # the base interpreter's (no torch when tests run from a venv) and would run the .pth files
+    # there, one of which may be an editable lepton_fast's import hook that shadows the wheel.
+    # A directory named in a .pth file has its own .pth files ignored.
+    found = (importlib.util.find_spec(name) for name in ("torch", "triton", "numpy"))
+    site_dirs = dict.fromkeys(str(Path(spec.origin).parents[1]) for spec in found if spec)
+    (next(venv.glob("lib/python*/site-packages")) / "deps.pth").write_text("\n".join(site_dirs) + "\n")
     bin_dir = venv / "bin"
-    _run([str(bin_dir / "python"), "-m", "pip", "install", "--no-deps", str(wheels[0])], timings, "pip install wheel",
-         cwd=run_dir, env=_clean_env())
+    # --force-reinstall: a lepton_fast of the same version in those directories (the developer's
+    # own install) would otherwise count as installed; pip leaves it alone, being outside the venv.
+    _run([str(bin_dir / "python"), "-m", "pip", "install", "--no-deps", "--force-reinstall", str(wheels[0])],
+         timings, "pip install wheel", cwd=run_dir, env=_clean_env())
     info = _run([str(bin_dir / "python"), "-m", "lepton_fast", "info"], timings, "lepton-fast info", cwd=run_dir,
                 env=_clean_env())
     assert "extension loaded: False (not built" in info.stdout and info.stderr.count("compiled kernels") == 0, info
