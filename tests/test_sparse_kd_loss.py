@@ -313,6 +313,44 @@ def test_temperature_range(temperature, divergence, truncation, device, backend)
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=atol)
 
 
+def listed_mass_case(masses, v, k, temperature, device):
+    """(student [n, v] float32, indices, logprobs float32): row i's student puts masses[i] of
+    its softmax(x / T) on its k listed classes (spread over several of a kernel's chunks), and
+    the teacher lists half its mass there, so the tail bucket weighs on both sides."""
+    n = len(masses)
+    s = randn(n, v, seed=40, dtype=torch.float64, scale=1.0) * temperature
+    idx = torch.stack([torch.randperm(v, generator=torch.Generator().manual_seed(41 + i))[:k] for i in range(n)])
+    listed = torch.zeros(n, v, dtype=torch.bool).scatter_(1, idx, True)
+    # Shift the listed logits (their spread kept) so that their share of exp(x / T) is the mass.
+    log_unlisted = torch.logsumexp((s / temperature).masked_fill(listed, -math.inf), -1)
+    log_listed = torch.logsumexp((s / temperature).masked_fill(~listed, -math.inf), -1)
+    m = torch.tensor(masses, dtype=torch.float64)
+    shift = (torch.log(m) - torch.log1p(-m) + log_unlisted - log_listed) * temperature
+    s = torch.where(listed, s + shift[:, None], s)
+    logp = torch.log_softmax(randn(n, k, seed=42, scale=1.0), -1) + math.log(0.5)
+    return s.float().to(device), idx.to(device), logp.float().to(device)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("temperature", [1.0, 1e-2])
+def test_tail_from_a_flat_to_a_peaked_student(temperature, divergence, device, backend):
+    """The student's listed mass from 1e-4 to 1 - 1e-7 (a student peaked on the teacher's top-k,
+    the common case once it trains): its tail is exact at every one. Taken as the row's sum
+    minus the entries' in float32, a tail of 1e-7 of the row's mass cancels (eps = 1.2e-7), off
+    by its own size, and the tail bucket's terms with it."""
+    require(SPEC, device, backend)
+    masses = [1e-4, 0.3, 0.6, 1 - 1e-4, 1 - 1e-7]
+    s, idx, logp = listed_mass_case(masses, v=600, k=7, temperature=temperature, device=device)
+    kw = dict(temperature=temperature, divergence=divergence, beta=0.3, truncation="tail", scale_by_t2=False,
+              reduction="none")
+    loss, grad = loss_and_grad(lambda *a, **k: sparse_kd_loss(*a, backend=backend, **k), s, idx, logp, None, **kw)
+    ref_loss, ref_grad = oracle(s, idx, logp, None, **kw)
+    torch.testing.assert_close(loss.double(), ref_loss, **TOL)
+    # 1e-5 of the largest gradient (as the sweep above); a listed entry's gradient is 1 / T.
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-5 * ref_grad.abs().max().item())
+
+
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_op_reductions_and_num_items(reduction, device, backend):

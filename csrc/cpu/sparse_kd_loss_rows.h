@@ -7,12 +7,14 @@
 //     keeps), the teacher's statistics and the student's at the listed columns;
 //   the pass over the row, only when a term needs the columns not listed ("tail") or all of
 //     them (the CE): lane-wise online softmax statistics of the raw logits (row_io.h's policy
-//     as in kd_loss_rows.h, a chunk's max first, then one exp per element and scale). Under
-//     "tail" the listed columns, sorted, split the row into K + 1 plain ranges, and the pass
-//     runs over those: the unlisted statistics are accumulated over the unlisted columns
-//     themselves, never the row's minus the entries' (which cancels at small T);
-//   the gradient: the unlisted columns' formula over the whole row, vectorised (or, under
-//     "renormalize" without the CE, zeros: a memset), then each entry's own formula.
+//     as in kd_loss_rows.h, a chunk's max first, then one exp per element and sum). Under
+//     "tail" the listed columns, sorted, are read as -inf, so the unlisted statistics are
+//     accumulated over the unlisted columns themselves, never the row's minus the entries'
+//     (which cancels at small T: at T <= 1e-2 a peaked student's tail is below float32's
+//     epsilon of the row's sum). With a gradient to write, the pass keeps its exps (Kept);
+//   the gradient: the unlisted columns' formula over the whole row from the kept exps, no exp
+//     per column and no second read of the logits (or, under "renormalize" without the CE,
+//     zeros: a memset), then each entry's own formula.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -20,6 +22,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "row_io.h"
@@ -47,30 +50,64 @@ struct SparseRow {
     Vec max = Vec(std::numeric_limits<acc_t>::lowest()), sum_t = Vec(0), sum_1 = Vec(0), sum_x = Vec(0);
   };
 
-  // Adds the columns [j0, j1) of s to `lanes`: at T when at_t, at 1 (and their sum) when at_1.
-  static void add_range(const scalar_t* s, int64_t j0, int64_t j1, acc_t inv_t, bool at_t, bool at_1,
-                        bool smoothing, Lanes& lanes) {
+  // The pass's exps, kept for the gradient as kd_loss_rows.h's RowScratch keeps them: per
+  // column e_t = exp((x - m) / T) and e_1 = exp(x - m), m (W per chunk) the lane's running max
+  // at the column's chunk; 0 at a listed column of "tail" and in the padding lanes. Allocated
+  // once per task (the rows of a thread), only for the sums the pass takes.
+  struct Kept {
+    std::vector<acc_t> e_t, e_1, m;
+  };
+
+  // The n <= W columns of s at j, those listed (sorted; the next one not yet passed at *next)
+  // as -inf: the unlisted statistics are accumulated over the unlisted columns themselves,
+  // never as the row's minus the entries' (which cancels at small T).
+  static Vec load_unlisted(const scalar_t* s, int64_t j, int64_t n, const int64_t*& next, const int64_t* end) {
+    const Vec x = IO::load(s + j, n, kNegInf);
+    if (next == end || *next >= j + W) return x;
+    alignas(64) acc_t buf[W];
+    x.store(buf);
+    for (; next != end && *next < j + W; ++next) buf[*next - j] = kNegInf;
+    return Vec::loadu(buf);
+  }
+
+  // The pass over the row s, its listed columns [listed, end) left out: the lanes' statistics
+  // at T when at_t, at 1 when at_1, the sum of every x when smoothing; the exps into `keep`.
+  static Lanes pass(const scalar_t* s, int64_t V, const int64_t* listed, const int64_t* end, acc_t inv_t, bool at_t,
+                    bool at_1, bool smoothing, Kept* keep) {
     const Vec v_inv_t(inv_t);
-    Vec m = lanes.max, st = lanes.sum_t, s1 = lanes.sum_1, sx = lanes.sum_x;  // in registers
-    for (int64_t c0 = j0; c0 < j1; c0 += kChunk) {
-      const int64_t c1 = std::min(j1, c0 + kChunk);
+    Lanes l;
+    Vec m = l.max, st = l.sum_t, s1 = l.sum_1, sx = l.sum_x;  // in registers
+    for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+      const int64_t c1 = std::min(V, c0 + kChunk);
+      const int64_t* next = listed;
       Vec r = m;
       for (int64_t j = c0; j < c1; j += W) {
         prefetch_ahead(s + j);
-        r = M::running_max(r, IO::load(s + j, std::min(W, c1 - j), kNegInf));
+        r = M::running_max(r, load_unlisted(s, j, std::min(W, c1 - j), next, end));
       }
       if (at_t) st = st * M::exp((m - r) * v_inv_t);
       if (at_1) s1 = s1 * M::exp(m - r);
       m = r;
+      if (keep) m.store(keep->m.data() + c0 / kChunk * W);
+      next = listed;
       for (int64_t j = c0; j < c1; j += W) {
         const int64_t n = std::min(W, c1 - j);
-        const Vec x = IO::load(s + j, n, kNegInf);
-        if (at_t) st = st + M::exp((x - m) * v_inv_t);
-        if (at_1) s1 = s1 + M::exp(x - m);
-        if (smoothing) sx = sx + (n == W ? x : IO::load(s + j, n, acc_t(0)));
+        const Vec x = load_unlisted(s, j, n, next, end);
+        if (at_t) {
+          const Vec e = M::exp((x - m) * v_inv_t);
+          st = st + e;
+          if (keep) e.store(keep->e_t.data() + j);
+        }
+        if (at_1) {
+          const Vec e = M::exp(x - m);
+          s1 = s1 + e;
+          if (keep) e.store(keep->e_1.data() + j);
+        }
+        if (smoothing) sx = sx + IO::load(s + j, n, acc_t(0));
       }
+      listed = next;
     }
-    lanes = Lanes{m, st, s1, sx};
+    return Lanes{m, st, s1, sx};
   }
 
   // The lanes' statistics at `scale` as one row's (csrc/kd_loss.h), max -inf where no column
@@ -84,27 +121,38 @@ struct SparseRow {
     return r;
   }
 
-  // The unlisted columns' gradient (sparse_unlisted_grad, times sg) plus the CE's (times cg)
-  // at every column of the row; the entries' columns are overwritten afterwards.
-  static void grad(const scalar_t* s, scalar_t* g, int64_t V, int64_t label, const SparseRowConsts<acc_t>& c,
-                   bool soft, bool ce, acc_t sg, acc_t g_tail, acc_t big_g, acc_t cg, acc_t lse1,
+  // The unlisted columns' gradient (sparse_unlisted_grad, times sg) plus the CE's (times cg;
+  // its softmax from the kept e_t when ce_at_t, else e_1) at every column of the row, from the
+  // kept exps: a kept exp times its chunk's factor is the probability, so no exp per column.
+  // The entries' columns are overwritten afterwards.
+  static void grad(scalar_t* g, int64_t V, int64_t label, const SparseRowConsts<acc_t>& c, const Kept& kept,
+                   bool soft, bool ce, bool ce_at_t, acc_t sg, acc_t g_tail, acc_t big_g, acc_t cg, acc_t lse1,
                    acc_t label_smoothing, bool stream) {
-    const bool has_pu = c.max_u != kNegInf;
+    // Without a finite unlisted logit pu and p are 0 at every unlisted column.
+    const bool has_pu = soft && c.max_u != kNegInf;
     const Vec v_inv_t(c.inv_t), v_max_u(c.max_u), v_lsum_u(c.log_sum_u);
     const Vec v_sg(sg), v_g_tail(g_tail), v_big_g(big_g), v_cg(cg), v_lse1(lse1), v_q_tail(std::exp(c.logq_tail));
-    const Vec v_smooth(label_smoothing / acc_t(V));
+    const Vec v_smooth_cg(label_smoothing / acc_t(V) * cg);
+    const acc_t* e_t = kept.e_t.data();
+    const acc_t* e_1 = ce_at_t ? e_t : kept.e_1.data();
+    // Per chunk, what multiplies a kept exp: for the soft term fu = exp((m - max_u) / T -
+    // log_sum_u) (pu = e fu; p = pu Q_tail: Q_tail <= 1 multiplies, never divides) folded with
+    // the buckets' weights, for the CE exp(m - lse1) cg; a column costs a multiply or two.
+    Vec soft_f(0), ce_f(0);
     for (int64_t j = 0; j < V; j += W) {
       const int64_t n = std::min(W, V - j);
-      const Vec x = IO::load(s + j, n, kNegInf);
-      Vec dv(0);
-      // p = pu Q_tail: one exp (Q_tail <= 1 multiplies, never divides). Without a finite
-      // unlisted logit both are 0 at every unlisted column (the listed ones come next).
-      if (soft && has_pu) {
-        const Vec pu = M::exp(at::vec::fmadd(x - v_max_u, v_inv_t, -v_lsum_u));
-        dv = (weighted<M>(pu, v_g_tail) - weighted<M>(pu * v_q_tail, v_big_g)) * v_sg;
+      if (j % kChunk == 0) {
+        const Vec m = Vec::loadu(kept.m.data() + j / kChunk * W);
+        if (has_pu) {
+          const Vec fu = M::exp(at::vec::fmadd(m - v_max_u, v_inv_t, -v_lsum_u));
+          soft_f = (weighted<M>(fu, v_g_tail) - weighted<M>(fu * v_q_tail, v_big_g)) * v_sg;
+        }
+        if (ce) ce_f = M::exp(m - v_lse1) * v_cg;
       }
+      Vec dv(0);
+      if (has_pu) dv = weighted<M>(Vec::loadu(e_t + j), soft_f);  // 0 where pu is, also against an infinite g
       if (ce) {
-        dv = at::vec::fmadd(M::exp(x - v_lse1) - v_smooth, v_cg, dv);
+        dv = at::vec::fmadd(Vec::loadu(e_1 + j), ce_f, dv - v_smooth_cg);
         if (label >= j && label < j + n) {
           alignas(64) acc_t buf[W];
           dv.store(buf);
@@ -113,6 +161,18 @@ struct SparseRow {
         }
       }
       IO::store(g + j, dv, n, stream);
+    }
+  }
+
+  // The student's columns that a row's entries list: K reads at random columns, a cache miss
+  // and often a TLB miss each, which, read one by one among the entries' exps, were most of
+  // the "renormalize" kernel's time. Without a pass over the row (which brings them in
+  // before they are read), the next row's are fetched while this row's work hides them.
+  static void prefetch_entries(const SparseRows& a, int64_t row) {
+    const scalar_t* s = static_cast<const scalar_t*>(a.student) + row * a.s_stride;
+    const int64_t* idx = a.indices + row * a.k;
+    for (int64_t k = 0; k < a.k; ++k) {
+      if (idx[k] >= 0 && idx[k] < a.n_classes) __builtin_prefetch(s + idx[k]);
     }
   }
 
@@ -132,11 +192,24 @@ struct SparseRow {
     const acc_t log_beta = std::log(beta), log_1m_beta = std::log1p(-beta);
     const bool row_tail = a.tail && p.needs_soft;
     const bool smoothing = p.needs_ce && label_smoothing > 0;
+    // The pass's sums: at T for the tail, at 1 for the CE unless those at T (T = 1) serve.
+    const bool at_t = row_tail, at_1 = p.needs_ce && !(at_t && inv_t == acc_t(1));
+    Kept kept;
+    if (a.grad) {
+      const int64_t padded = (V + W - 1) / W * W;
+      if (at_t) kept.e_t.resize(padded);
+      if (at_1) kept.e_1.resize(padded);
+      kept.m.resize((V + kChunk - 1) / kChunk * W);
+    }
     std::vector<char> counted(K);
     std::vector<acc_t> xk(K), lp(K), g(K);
+    std::vector<std::pair<int64_t, int64_t>> order;  // (index, entry)
     std::vector<int64_t> listed;
+    order.reserve(K);
     listed.reserve(K);
+    const bool has_pass = row_tail || p.needs_ce;
     for (int64_t row = begin; row < end; ++row) {
+      if (!has_pass && row + 1 < end) prefetch_entries(a, row + 1);
       const scalar_t* s = static_cast<const scalar_t*>(a.student) + row * a.s_stride;
       scalar_t* gr = a.grad ? static_cast<scalar_t*>(a.grad) + row * V : nullptr;
       acc_t& out = static_cast<acc_t*>(a.rows)[row];
@@ -149,55 +222,54 @@ struct SparseRow {
       const int64_t* idx = a.indices + row * K;
       const acc_t* lpr = static_cast<const acc_t*>(a.logprobs) + row * K;
       const bool* mk = a.mask ? a.mask + row * K : nullptr;
+      // An index counts at its first read occurrence that the mask keeps: sorted by (index,
+      // entry), the first of each index; `listed` holds the counted indices in order.
+      order.clear();
+      for (int64_t k = 0; k < K; ++k) {
+        if (mk && !mk[k]) continue;
+        TORCH_CHECK_VALUE(idx[k] >= 0 && idx[k] < V, "sparse_kd_loss: teacher_indices must be in [0, ", V,
+                          ") where teacher_mask is True; got ", idx[k], " at row ", row, ", entry ", k);
+        order.emplace_back(idx[k], k);
+      }
+      std::sort(order.begin(), order.end());
+      std::fill(counted.begin(), counted.end(), 0);
+      listed.clear();
+      for (size_t i = 0; i < order.size(); ++i) {
+        if (i > 0 && order[i].first == order[i - 1].first) continue;
+        counted[order[i].second] = 1;
+        listed.push_back(order[i].first);
+      }
       Stats teacher_t, teacher_1, student;
       teacher_t.scale = student.scale = inv_t;
-      listed.clear();
-      for (int64_t k = 0; k < K; ++k) {  // an index counts at its first read occurrence
-        bool c = !mk || mk[k];
-        if (c) {
-          TORCH_CHECK_VALUE(idx[k] >= 0 && idx[k] < V, "sparse_kd_loss: teacher_indices must be in [0, ", V,
-                            ") where teacher_mask is True; got ", idx[k], " at row ", row, ", entry ", k);
-          for (int64_t j = 0; j < k && c; ++j) c = !(counted[j] && idx[j] == idx[k]);
-        }
-        counted[k] = c;
-        if (!c) continue;
-        listed.push_back(idx[k]);
-        xk[k] = s[idx[k]];
+      for (int64_t k = 0; k < K; ++k) {
+        if (!counted[k]) continue;
         lp[k] = lpr[k];
         teacher_t.add(lp[k]);
         teacher_1.add(lp[k]);
-        student.add(xk[k]);
       }
-      // The pass over the row: the softmax statistics at T of the columns not listed (the
-      // ranges between the sorted listed ones) and at 1 of all of them (the CE: the same
-      // ranges, then the listed columns one by one).
+      // The pass over the row: the softmax statistics at T of the columns not listed ("tail")
+      // and at 1 of all of them (the CE: under "tail" the unlisted columns', then the listed
+      // ones added one by one). It brings the entries' columns into the cache for what follows.
       Stats unlisted, ce;
       unlisted.scale = inv_t;
       acc_t sum_x = 0;
       if (row_tail || p.needs_ce) {
-        Lanes lanes;
-        if (row_tail) {
-          std::sort(listed.begin(), listed.end());
-          int64_t j0 = 0;
-          for (const int64_t j : listed) {
-            add_range(s, j0, j, inv_t, true, p.needs_ce, smoothing, lanes);
-            j0 = j + 1;
-          }
-          add_range(s, j0, V, inv_t, true, p.needs_ce, smoothing, lanes);
-          unlisted = row_stats(lanes.max, lanes.sum_t, inv_t);
-        } else {
-          add_range(s, 0, V, inv_t, false, true, smoothing, lanes);
-        }
+        const int64_t* lb = listed.data();
+        const Lanes lanes = pass(s, V, lb, row_tail ? lb + listed.size() : lb, inv_t, at_t, at_1, smoothing,
+                                 gr ? &kept : nullptr);
+        if (row_tail) unlisted = row_stats(lanes.max, lanes.sum_t, inv_t);
         if (p.needs_ce) {
-          ce = row_stats(lanes.max, lanes.sum_1, acc_t(1));
+          ce = row_stats(lanes.max, at_1 ? lanes.sum_1 : lanes.sum_t, acc_t(1));
           if (smoothing) sum_x = IO::sum(lanes.sum_x);
           if (row_tail) {
-            for (const int64_t j : listed) {
-              ce.add(acc_t(s[j]));
-              sum_x += acc_t(s[j]);
-            }
+            for (const int64_t j : listed) ce.add(acc_t(s[j]));
           }
         }
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        if (!counted[k]) continue;
+        xk[k] = s[idx[k]];
+        student.add(xk[k]);
       }
       acc_t row_loss = 0, big_g = 0, g_tail = 0;
       SparseRowConsts<acc_t> c{};
@@ -228,7 +300,8 @@ struct SparseRow {
       if (!gr) continue;
       const acc_t sg = acc_t(p.soft_grad_weight * a.grad_scale), cg = acc_t(p.alpha * a.grad_scale);
       if (row_tail || p.needs_ce) {
-        grad(s, gr, V, label, c, row_tail, p.needs_ce, sg, g_tail, big_g, cg, lse1, label_smoothing, a.stream_grad);
+        grad(gr, V, label, c, kept, row_tail, p.needs_ce, !at_1, sg, g_tail, big_g, cg, lse1, label_smoothing,
+             a.stream_grad);
       } else {  // "renormalize" without the CE: no column but the entries' has a gradient
         zero(gr, V, a.stream_grad);
       }
