@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from conftest import (DEVICE_BACKENDS, TEMPERATURES, TRITON_COLUMN_BLOCKS, low_precision_tolerance, opcheck_kernel,
-                      require, temperature_sweep_logits)
+from conftest import (CPU_DEVICE_BACKENDS, DEVICE_BACKENDS, TEMPERATURES, TRITON_COLUMN_BLOCKS, assert_device_assertion,
+                      low_precision_tolerance, opcheck_kernel, require, temperature_sweep_logits)
 from lepton_fast import reference, sparse_kd_loss
 from lepton_fast.ops.sparse_kd_loss import SPEC
 
@@ -340,7 +340,7 @@ def test_op_leading_dims_and_no_grad(device, backend):
     torch.testing.assert_close(loss.reshape(-1), flat, **TOL)
 
 
-@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("device,backend", CPU_DEVICE_BACKENDS)
 def test_op_checks_the_indices_it_reads(device, backend):
     require(SPEC, device, backend)
     s, idx, logp, _, _ = case("top_k", device, torch.float32)
@@ -358,6 +358,25 @@ def test_op_checks_the_indices_it_reads(device, backend):
     nan[3, 0] = math.nan
     with pytest.raises(ValueError, match="teacher_logprobs"):
         sparse_kd_loss(s, idx, nan, backend=backend)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_index_errors_are_device_assertions(backend):
+    """An out-of-range index that is read ends a GPU process; masked entries and ignored rows
+    are not read, so the same index there passes."""
+    require(SPEC, "cuda", backend)
+    assert_device_assertion("""
+        s = torch.randn(6, 37, device="cuda")
+        logp, idx = torch.log_softmax(torch.randn(6, 37, device="cuda"), -1).topk(5, -1)
+        idx[2, 1] = 37
+        mask = torch.ones_like(idx, dtype=torch.bool)
+        mask[2, 1] = False
+        labels = torch.zeros(6, dtype=torch.long, device="cuda")
+        labels[2] = -100
+    """, f'lepton_fast.sparse_kd_loss(s, idx, logp, mask, backend="{backend}"); '
+         f'lepton_fast.sparse_kd_loss(s, idx, logp, labels=labels, backend="{backend}")',
+        f'lepton_fast.sparse_kd_loss(s, idx, logp, backend="{backend}")')
 
 
 def test_argument_errors():
