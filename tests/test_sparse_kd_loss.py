@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from axolotl_kd import axolotl_collated_logprobs, axolotl_topk_forward_kl
 from conftest import (CPU_DEVICE_BACKENDS, DEVICE_BACKENDS, TEMPERATURES, TRITON_COLUMN_BLOCKS, assert_device_assertion,
                       low_precision_tolerance, opcheck_kernel, require, temperature_sweep_logits)
 from lepton_fast import reference, sparse_kd_loss
@@ -479,33 +480,6 @@ def test_triton_column_blocks(truncation, n, c, block):
 
 
 # --- drop-in for axolotl's top-k forward KL -----------------------------------------------------
-
-
-def axolotl_collated_logprobs(raw_logprobs, kd_temperature):
-    """What axolotl's KD collator stores as target_logprobs (integrations/kd/chat_template.py):
-    the teacher's top-k probabilities renormalised over the K entries, raised to 1 / T and
-    renormalised again; a transcription in plain PyTorch."""
-    p = raw_logprobs.exp()
-    p = (p / p.sum(-1, keepdim=True)) ** (1.0 / kd_temperature)
-    return (p / p.sum(-1, keepdim=True)).log()
-
-
-def axolotl_topk_forward_kl(student_logits, target_token_ids, target_logprobs, target_mask, num_items_in_batch=-1,
-                            kd_temperature=1.0, normalize_topk=True):
-    """axolotl's top-k forward KL (integrations/kd/topk_logprob/forward_kl.py, with the
-    student renormalisation of kernels/liger.py's ``normalize_topk``), transcribed in plain
-    PyTorch: the student's log-softmax at T gathered at the teacher's ids (renormalised over
-    the K ids when normalize_topk), KL summed over the entries of the mask, times T², divided
-    by num_items_in_batch or else by the number of unmasked entries."""
-    wide = torch.promote_types(student_logits.dtype, torch.float32)  # axolotl's .float(); float64 stays
-    z = (student_logits / kd_temperature).to(wide)
-    student_lp = z.gather(-1, target_token_ids) - z.logsumexp(-1, keepdim=True)
-    if normalize_topk:
-        student_lp = student_lp - student_lp.logsumexp(-1, keepdim=True)
-    valid = target_mask.bool()
-    teacher_lp = target_logprobs.to(wide)[valid]
-    kd = (teacher_lp.exp() * (teacher_lp - student_lp[valid])).sum() * kd_temperature**2
-    return kd / (num_items_in_batch if num_items_in_batch > 0 else valid.sum())
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
