@@ -52,9 +52,10 @@ KW = dict(temperature=2.0, alpha=0.1)
 SPARSE_KW = dict(KW, truncation="tail")
 
 
-def logits(rows, cols, seed):
+def logits(rows, cols, seed, teacher=True):
+    """Student logits [rows, cols] (randn * 3) and, with ``teacher``, the teacher's alike (else None)."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(rows, cols, generator=g) * 3, torch.randn(rows, cols, generator=g) * 3
+    return torch.randn(rows, cols, generator=g) * 3, torch.randn(rows, cols, generator=g) * 3 if teacher else None
 
 
 def labels(rows, vocab, seed):
@@ -109,7 +110,7 @@ def _single_step(ctx, rows, cols, threads, seed, k=0):
     """(seconds of a fused_kd_loss step on [rows, cols] in this process (sparse_kd_loss with a
     teacher of ``k`` entries), None)."""
     torch.set_num_threads(threads)
-    s, t = logits(rows, cols, seed)
+    s, t = logits(rows, cols, seed, teacher=not k)
     y = labels(rows, cols, seed)
     if k:
         t = sparse_teacher(rows, cols, k, seed)
@@ -120,7 +121,7 @@ def _rank_step(ctx, rows, vocab, seed, record, k=0):
     """(seconds of a vocab_parallel_kd_loss step on this rank's slice (vocab_parallel_sparse_kd_loss
     with a teacher of ``k`` entries), the collectives of one more step when ``record``)."""
     cols = (vocab + 1) // 2 if ctx.rank == 0 else vocab // 2
-    s, t = logits(rows, cols, 2 * seed + ctx.rank)  # this rank's slice
+    s, t = logits(rows, cols, 2 * seed + ctx.rank, teacher=not k)  # this rank's slice
     y = labels(rows, vocab, seed)
     if k:
         t = sparse_teacher(rows, vocab, k, seed)  # the same on every rank

@@ -202,6 +202,14 @@ def _row_grad(s_row, t_row, g_row, C, label, m_s, lse_s, m_t, lse_t, lse_ce, k, 
 
 
 @triton.jit
+def _in_acc(inv_t, beta, log_beta, log_1m_beta, alpha, label_smoothing, soft_w, soft_gw, ACC: tl.constexpr):
+    """The KD kernels' float64 scalar arguments in the accumulation dtype."""
+    return (tl.full([], inv_t, ACC), tl.full([], beta, ACC), tl.full([], log_beta, ACC),
+            tl.full([], log_1m_beta, ACC), tl.full([], alpha, ACC), tl.full([], label_smoothing, ACC),
+            tl.full([], soft_w, ACC), tl.full([], soft_gw, ACC))
+
+
+@triton.jit
 def _label_of_row(y_ptr, row, C, class_offset, ignore_index, HAS_LABELS: tl.constexpr):
     """(whether the row is ignored, the label's column among the slice's C or -1)."""
     ignored = False
@@ -227,14 +235,8 @@ def _kd_loss_kernel(
 ):
     """fused_kd_loss (steps 1-4 per row), or kd_slice_loss when FROM_STATS (3-4 from the
     merged statistics at stats_ptr and JSD sums at jsd_ptr)."""
-    inv_t = tl.full([], inv_t, ACC)
-    beta = tl.full([], beta, ACC)
-    log_beta = tl.full([], log_beta, ACC)
-    log_1m_beta = tl.full([], log_1m_beta, ACC)
-    alpha = tl.full([], alpha, ACC)
-    label_smoothing = tl.full([], label_smoothing, ACC)
-    soft_w = tl.full([], soft_w, ACC)
-    soft_gw = tl.full([], soft_gw, ACC)
+    inv_t, beta, log_beta, log_1m_beta, alpha, label_smoothing, soft_w, soft_gw = _in_acc(
+        inv_t, beta, log_beta, log_1m_beta, alpha, label_smoothing, soft_w, soft_gw, ACC)
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_stride
     t_row = t_ptr + row * t_stride

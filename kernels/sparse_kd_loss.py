@@ -30,8 +30,8 @@ import triton.language as tl
 
 from ._common import acc_dtype, check_labels, check_rows_defined, no_bad_values, online_softmax, reduce_rows, \
     scalar, signature, store_zeros
-from .kd_loss import (BLOCKS, _kl_term, _log_mixture, _log_sum, column_block, mixture_logs, num_warps, switch_variants,
-                      switches)
+from .kd_loss import (BLOCKS, _in_acc, _kl_term, _label_of_row, _log_mixture, _log_sum, column_block, mixture_logs,
+                      num_warps, switch_variants, switches)
 
 
 @triton.jit
@@ -95,23 +95,13 @@ def _sparse_kd_loss_kernel(
     KB: tl.constexpr, BLOCK: tl.constexpr,
 ):
     neg_inf = float("-inf")
-    inv_t = tl.full([], inv_t, ACC)
-    beta = tl.full([], beta, ACC)
-    log_beta = tl.full([], log_beta, ACC)
-    log_1m_beta = tl.full([], log_1m_beta, ACC)
-    alpha = tl.full([], alpha, ACC)
-    label_smoothing = tl.full([], label_smoothing, ACC)
-    soft_w = tl.full([], soft_w, ACC)
-    soft_gw = tl.full([], soft_gw, ACC)
+    inv_t, beta, log_beta, log_1m_beta, alpha, label_smoothing, soft_w, soft_gw = _in_acc(
+        inv_t, beta, log_beta, log_1m_beta, alpha, label_smoothing, soft_w, soft_gw, ACC)
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_stride
     g_row = g_ptr + row * V
     cols0 = tl.arange(0, BLOCK)
-    label = tl.full([], -1, tl.int64)
-    ignored = False
-    if HAS_LABELS:
-        label = tl.load(y_ptr + row)
-        ignored = label == ignore_index
+    ignored, label = _label_of_row(y_ptr, row, V, 0, ignore_index, HAS_LABELS)
     if ignored:
         tl.store(loss_ptr + row, 0.0)
         if COMPUTE_GRAD:

@@ -16,6 +16,7 @@ import importlib
 import os
 import subprocess
 import sys
+import textwrap
 
 import torch
 
@@ -196,6 +197,9 @@ DEVICE_BACKENDS = [
     # lepton_fast/ops/_reference.py: the CPU kernel of a pure-Python install
     pytest.param("cpu", "reference", id="cpu-reference"),
 ]
+# The kernels of CPU tensors: where a data check (a label or index range, an undefined row)
+# raises ValueError. On a GPU it is a device assertion instead: assert_device_assertion.
+CPU_DEVICE_BACKENDS = [p for p in DEVICE_BACKENDS if p.values[0] == "cpu"]
 
 
 def require(spec, device: str, backend: str) -> None:
@@ -285,6 +289,21 @@ def run_on_each_cpu_capability(script: str) -> None:
         capability, status = out.stdout.split()
         assert capability.lower() == isa.lower() or isa == "avx2" and capability == "DEFAULT"  # a CPU without AVX2
         assert status == "ok"
+
+
+def assert_device_assertion(setup: str, valid: str, invalid: str) -> None:
+    """On a GPU the data checks (label and index ranges, undefined rows) do not synchronise:
+    they end the process as a device assertion, as ATen's nll_loss does, where a CPU tensor
+    gets a ValueError. Run in a subprocess, as an assertion leaves the CUDA context unusable
+    for every later test: ``setup`` builds the tensors, then the ``valid`` statement must pass
+    and the ``invalid`` one must end the process."""
+    script = "\n".join(["import torch, lepton_fast", textwrap.dedent(setup).strip(), valid,
+                        "torch.cuda.synchronize()", 'print("valid call ok", flush=True)', invalid,
+                        "torch.cuda.synchronize()", 'print("not refused", flush=True)'])
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ))
+    assert "valid call ok" in run.stdout and "not refused" not in run.stdout, run.stdout + run.stderr[-2000:]
+    assert run.returncode != 0
 
 
 # The edges of Triton's column blocks, with a block small enough that they show: (n, c, block).

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from axolotl_kd import AxolotlChunkedTopKLoss, axolotl_collated_logprobs
 from conftest import DEVICE_BACKENDS, assert_close_to_oracle, largest_allocation, loss_and_grads, require
 from lepton_fast import fused_linear_sparse_kd_loss, reference
 from lepton_fast.ops import linear_kd_loss
@@ -255,6 +256,27 @@ def test_float64(device, backend):
     x, labels = make(device=device, seed=12, dtype=torch.float64, teacher="messy")
     assert_matches(backend, x, tol=dict(atol=1e-10, rtol=1e-10), temperature=0.7, divergence="reverse_kl",
                    truncation="tail", labels=labels, alpha=0.1, chunk_size=2)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("normalize_topk", [True, False])
+def test_axolotl_chunked_top_k_drop_in(normalize_topk, device, backend):
+    # axolotl's fused-linear trainer loss (kernels/liger.py, transcribed in tests/axolotl_kd.py)
+    # on its input format, in float64: the collator's log-probabilities at T (renormalised over
+    # the K entries, so normalize_topk=False is "tail" with no teacher tail), whole positions
+    # masked, the sum over chunks divided by num_items_in_batch as its model forward does.
+    require(SPEC, device, backend)
+    x, _ = make(device=device, seed=13, dtype=torch.float64, bias=False)
+    t, num_items = 2.0, 4
+    stored = x["teacher_logprobs"] - x["teacher_logprobs"].logsumexp(-1, keepdim=True)
+    collated = axolotl_collated_logprobs(stored, t)
+    mask = torch.ones_like(x["teacher_indices"])
+    mask[[0, 4]] = 0
+    want = run(lambda student_hidden, student_weight, teacher_indices, **_: AxolotlChunkedTopKLoss.apply(
+        student_hidden, student_weight, teacher_indices, collated, mask, t, normalize_topk, 3) / num_items, x)
+    got = ours(backend, dict(x, teacher_logprobs=stored, teacher_mask=mask), temperature=t, reduction="sum",
+               truncation="renormalize" if normalize_topk else "tail", num_items_in_batch=num_items, chunk_size=3)
+    assert_close_to_oracle(got, want, x, dict(atol=1e-10, rtol=1e-10))
 
 
 # --- torch.compile, opcheck, memory ---------------------------------------------------------------

@@ -9,11 +9,13 @@ gradient the slice of the whole gradient. conftest fills every new buffer with N
 element a kernel forgets to write shows.
 """
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import DEVICE_BACKENDS, TEMPERATURES, interpreted, opcheck_kernel, require, temperature_sweep_logits
+from conftest import (CPU_DEVICE_BACKENDS, DEVICE_BACKENDS, TEMPERATURES, assert_device_assertion, interpreted,
+                      opcheck_kernel, require, temperature_sweep_logits)
 from lepton_fast import fused_kd_loss, reference
 from lepton_fast.ops import kd_loss as kd_ops
 
@@ -190,7 +192,7 @@ def test_masked_classes_and_a_masked_slice(divergence, device, backend):
     assert (grad[masked.to(device)] == 0).all()
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", CPU_DEVICE_BACKENDS)
 def test_undefined_row_and_bad_labels_raise(device, backend):
     _require(device, backend)
     s, t = randn(3, 37, seed=13, device=device), randn(3, 37, seed=14, device=device)
@@ -200,6 +202,20 @@ def test_undefined_row_and_bad_labels_raise(device, backend):
     s[1] = 0.0
     with pytest.raises(ValueError, match="labels"):
         sliced(backend, s, t, (13, 13, 11), labels=torch.tensor([0, 37, 2], device=device), alpha=0.5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_data_errors_are_device_assertions(backend):
+    """Labels out of range end a GPU process (conftest.assert_device_assertion)."""
+    require(kd_ops.SLICE_SPEC, "cuda", backend)
+    assert_device_assertion(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_kd_slice_ops import randn, sliced
+        s, t = randn(3, 37, seed=13, device="cuda"), randn(3, 37, seed=14, device="cuda")
+    """, f'sliced("{backend}", s, t, (13, 13, 11), labels=torch.tensor([0, 36, 2], device="cuda"), alpha=0.5)',
+        f'sliced("{backend}", s, t, (13, 13, 11), labels=torch.tensor([0, 37, 2], device="cuda"), alpha=0.5)')
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)

@@ -8,17 +8,15 @@ outside the clamp box and a step that is not finite in the dtype. Cases marked `
 CUDA C++ and the compiled Triton kernel on a GPU; without one, the Triton kernel runs in
 Triton's interpreter on CPU tensors.
 """
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 import lepton_fast
-from conftest import (BROADCASTS, DEVICE_BACKENDS, C, H, N, W, as_broadcast,
-                      broadcast_operand as operand, interpreted, require)
+from conftest import (BROADCASTS, DEVICE_BACKENDS, C, H, N, W, as_broadcast, assert_device_assertion,
+                      broadcast_operand as operand, interpreted, require,
+                      run_on_each_cpu_capability)
 from lepton_fast import _backend, reference
 from lepton_fast.ops.adversarial import PGD_INPLACE_SPEC, PGD_SPEC
 
@@ -340,34 +338,17 @@ def test_other_cpu_instruction_sets():
             raise AssertionError("not refused")
         print("ok")
     """)
-    for isa in ("default", "avx2"):
-        env = dict(os.environ, ATEN_CPU_CAPABILITY=isa)
-        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr[-3000:]
-        capability, status = out.stdout.split()
-        assert capability.lower() == isa.lower() or isa == "avx2" and capability == "DEFAULT"
-        assert status == "ok"
+    run_on_each_cpu_capability(script)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_cuda_data_errors_are_device_assertions(backend):
-    """On a GPU the data checks must not synchronise: they end the process as a device
-    assertion (run in a subprocess), and a valid call in the same script passes first."""
+    """Out-of-range inputs (a data check) end a GPU process; conftest.assert_device_assertion."""
     require(PGD_SPEC, "cuda", backend)
-    script = textwrap.dedent(f"""
-        import torch, lepton_fast
+    assert_device_assertion("""
         x = torch.rand(4, 3, 8, 8, device="cuda")
         g = torch.randn_like(x)
-        lepton_fast.pgd_step(x, x, g, 0.01, 0.03, backend="{backend}")
-        torch.cuda.synchronize()
-        print("valid call ok", flush=True)
         xn = (x - 0.5) / 0.25
-        lepton_fast.pgd_step(xn, xn, g, 0.01, 0.03, backend="{backend}")
-        torch.cuda.synchronize()
-        print("not refused", flush=True)
-    """)
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ))
-    assert "valid call ok" in run.stdout and "not refused" not in run.stdout, run.stdout + run.stderr[-2000:]
-    assert run.returncode != 0
+    """, f'lepton_fast.pgd_step(x, x, g, 0.01, 0.03, backend="{backend}")',
+        f'lepton_fast.pgd_step(xn, xn, g, 0.01, 0.03, backend="{backend}")')

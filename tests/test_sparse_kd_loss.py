@@ -11,8 +11,9 @@ import math
 import pytest
 import torch
 
-from conftest import (DEVICE_BACKENDS, TEMPERATURES, TRITON_COLUMN_BLOCKS, low_precision_tolerance, opcheck_kernel,
-                      require, temperature_sweep_logits)
+from axolotl_kd import axolotl_collated_logprobs, axolotl_topk_forward_kl
+from conftest import (CPU_DEVICE_BACKENDS, DEVICE_BACKENDS, TEMPERATURES, TRITON_COLUMN_BLOCKS, assert_device_assertion,
+                      low_precision_tolerance, opcheck_kernel, require, temperature_sweep_logits)
 from lepton_fast import reference, sparse_kd_loss
 from lepton_fast.ops.sparse_kd_loss import SPEC
 
@@ -378,7 +379,7 @@ def test_op_leading_dims_and_no_grad(device, backend):
     torch.testing.assert_close(loss.reshape(-1), flat, **TOL)
 
 
-@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("device,backend", CPU_DEVICE_BACKENDS)
 def test_op_checks_the_indices_it_reads(device, backend):
     require(SPEC, device, backend)
     s, idx, logp, _, _ = case("top_k", device, torch.float32)
@@ -396,6 +397,25 @@ def test_op_checks_the_indices_it_reads(device, backend):
     nan[3, 0] = math.nan
     with pytest.raises(ValueError, match="teacher_logprobs"):
         sparse_kd_loss(s, idx, nan, backend=backend)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_index_errors_are_device_assertions(backend):
+    """An out-of-range index that is read ends a GPU process; masked entries and ignored rows
+    are not read, so the same index there passes."""
+    require(SPEC, "cuda", backend)
+    assert_device_assertion("""
+        s = torch.randn(6, 37, device="cuda")
+        logp, idx = torch.log_softmax(torch.randn(6, 37, device="cuda"), -1).topk(5, -1)
+        idx[2, 1] = 37
+        mask = torch.ones_like(idx, dtype=torch.bool)
+        mask[2, 1] = False
+        labels = torch.zeros(6, dtype=torch.long, device="cuda")
+        labels[2] = -100
+    """, f'lepton_fast.sparse_kd_loss(s, idx, logp, mask, backend="{backend}"); '
+         f'lepton_fast.sparse_kd_loss(s, idx, logp, labels=labels, backend="{backend}")',
+        f'lepton_fast.sparse_kd_loss(s, idx, logp, backend="{backend}")')
 
 
 def test_argument_errors():
@@ -498,33 +518,6 @@ def test_triton_column_blocks(truncation, n, c, block):
 
 
 # --- drop-in for axolotl's top-k forward KL -----------------------------------------------------
-
-
-def axolotl_collated_logprobs(raw_logprobs, kd_temperature):
-    """What axolotl's KD collator stores as target_logprobs (integrations/kd/chat_template.py):
-    the teacher's top-k probabilities renormalised over the K entries, raised to 1 / T and
-    renormalised again; a transcription in plain PyTorch."""
-    p = raw_logprobs.exp()
-    p = (p / p.sum(-1, keepdim=True)) ** (1.0 / kd_temperature)
-    return (p / p.sum(-1, keepdim=True)).log()
-
-
-def axolotl_topk_forward_kl(student_logits, target_token_ids, target_logprobs, target_mask, num_items_in_batch=-1,
-                            kd_temperature=1.0, normalize_topk=True):
-    """axolotl's top-k forward KL (integrations/kd/topk_logprob/forward_kl.py, with the
-    student renormalisation of kernels/liger.py's ``normalize_topk``), transcribed in plain
-    PyTorch: the student's log-softmax at T gathered at the teacher's ids (renormalised over
-    the K ids when normalize_topk), KL summed over the entries of the mask, times T², divided
-    by num_items_in_batch or else by the number of unmasked entries."""
-    wide = torch.promote_types(student_logits.dtype, torch.float32)  # axolotl's .float(); float64 stays
-    z = (student_logits / kd_temperature).to(wide)
-    student_lp = z.gather(-1, target_token_ids) - z.logsumexp(-1, keepdim=True)
-    if normalize_topk:
-        student_lp = student_lp - student_lp.logsumexp(-1, keepdim=True)
-    valid = target_mask.bool()
-    teacher_lp = target_logprobs.to(wide)[valid]
-    kd = (teacher_lp.exp() * (teacher_lp - student_lp[valid])).sum() * kd_temperature**2
-    return kd / (num_items_in_batch if num_items_in_batch > 0 else valid.sum())
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)

@@ -189,6 +189,7 @@ def _student_head_loop(student_hidden: Tensor, student_weight: Tensor, student_b
             take = lambda x: x.index_select(0, index)  # noqa: E731
         h_s = take(student_hidden).to(ws.dtype)
         z_s = _project(h_s, ws, bs, logit_scale, softcap, buf_s[: end - start])
+        grad = None  # the last chunk's [chunk, V] gradient, freed before row_loss allocates this one's
         part, grad = row_loss(take, z_s, None if labels is None else take(labels), kd_reduction, divisor,
                               compute_grad)
         if entropy:
