@@ -174,6 +174,8 @@ def build_facts():
         "torch": torch.__version__.split("+")[0],
         "cuda": torch.version.cuda if cuda_home is not None else None,
         "archs": os.environ["TORCH_CUDA_ARCH_LIST"] if cuda_home is not None else None,
+        # Why no CUDA kernels, in the plan's words: `lepton-fast info` repeats it.
+        "no_cuda_because": why if cuda_home is None else None,
         "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI),
         # The extension registers kernels only (TORCH_LIBRARY_IMPL); the schemas are defined in
         # Python. A build without this mark defines them itself and would abort the process.

@@ -178,8 +178,9 @@ def unavailable(spec: OpSpec, backend: str, device_type: str) -> str | None:
         if status.module is None:
             return f"the extension lepton_fast._C is not loaded: {status.reason}"
         if backend == "cuda" and not build_record().get("cuda"):
-            return ("lepton_fast._C was built without CUDA (a CPU-only torch, no nvcc found, or "
-                    "LEPTON_FAST_SKIP_CUDA=1)")
+            # Older build records do not say why.
+            why = build_record().get("no_cuda_because") or "a CPU-only torch, no nvcc, or no GPU at build time"
+            return f"lepton_fast._C was built without CUDA ({why})"
         return f"lepton_fast._C was built without a {backend} kernel for {spec.name}"
     if spec.triton is None:
         return f"{spec.name} has no Triton kernel"

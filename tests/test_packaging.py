@@ -82,6 +82,22 @@ def test_build_record_refused_says_expected_and_found(built, running, expected):
         assert f"running torch {running['torch']}" in message
 
 
+@pytest.mark.parametrize("recorded, expected", [
+    ("no GPU is visible (TORCH_CUDA_ARCH_LIST builds them anyway)",
+     "no GPU is visible (TORCH_CUDA_ARCH_LIST builds them anyway)"),
+    (None, "a CPU-only torch, no nvcc, or no GPU at build time"),  # a record from before the reason was kept
+], ids=["recorded", "older-record"])
+def test_info_says_why_the_build_has_no_cuda_kernels(monkeypatch, recorded, expected):
+    """setup.py records why it compiled no CUDA kernels, and the backend table repeats it (a
+    new user was told "a CPU-only torch, no nvcc, or LEPTON_FAST_SKIP_CUDA=1" when none held)."""
+    if _extension.extension().module is None:
+        pytest.skip("no compiled extension installed")
+    monkeypatch.setattr(_backend, "build_record", lambda: record(cuda=None, archs=None, no_cuda_because=recorded))
+    from lepton_fast.ops.kd_loss import SPEC
+
+    assert _backend.unavailable(SPEC, "cuda", "cuda") == f"lepton_fast._C was built without CUDA ({expected})"
+
+
 @pytest.mark.packaging  # two setup.py runs, each importing torch
 @pytest.mark.parametrize("labelled", [False, True], ids=["default", "LEPTON_FAST_LOCAL_VERSION=1"])
 def test_version_label_is_opt_in(labelled):
@@ -345,7 +361,7 @@ def test_cpu_wheel_installs_runs_and_falls_back(tmp_path):
     py = f"cp{sys.version_info.major}{sys.version_info.minor}"
     assert [w.name for w in wheels] == [f"lepton_fast-{__version__}+cputorch2.13-{py}-{py}-linux_x86_64.whl"]
     built = _check_wheel_contents(wheels[0], src)
-    assert built["torch"] == CPU_TORCH and built["cuda"] is None
+    assert built["torch"] == CPU_TORCH and built["cuda"] is None and built["no_cuda_because"] == "LEPTON_FAST_SKIP_CUDA=1"
 
     run_dir = tmp_path / "user"  # outside the source tree: nothing there to import by accident
     run_dir.mkdir()
@@ -457,5 +473,5 @@ def test_cuda_wheel_builds_with_local_version(tmp_path):
     assert [w.name for w in dist.glob("*.whl")] == [f"lepton_fast-{__version__}+{label}-{py}-{py}-linux_x86_64.whl"]
     built = _check_wheel_contents(next(dist.glob("*.whl")), src)
     assert built == {"extension": True, "torch": torch.__version__.split("+")[0], "cuda": cuda, "archs": "9.0",
-                     "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI), "impl_only": True}
+                     "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI), "impl_only": True, "no_cuda_because": None}
     print("timings (s):", timings)
