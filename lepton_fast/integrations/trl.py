@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import warnings
 from typing import Callable, Optional, Union
 
 import torch
@@ -221,7 +222,16 @@ def patch() -> Callable[[], None]:
         ImportError: trl is not installed (``pip install "lepton_fast[trl]"``).
     """
     for module_name, path, replacement, wrap in _TARGETS:
-        owner = importlib.import_module(module_name)
+        try:
+            with warnings.catch_warnings():
+                # trl warns on every import of trl.experimental; the import is ours, not the user's.
+                warnings.filterwarnings("ignore", message=".*trl.experimental")
+                owner = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name is None or e.name.split(".")[0] != "trl":
+                raise
+            raise ImportError(f"lepton_fast.integrations.trl.patch() needs trl 1.16 ({module_name} could not be "
+                              'imported): pip install "lepton_fast[trl]"') from e
         for name in path[:-1]:
             owner = getattr(owner, name)
         _ORIGINALS.setdefault((owner, path[-1]), owner.__dict__[path[-1]])
