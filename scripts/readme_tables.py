@@ -40,6 +40,8 @@ def markdown_table(run: dict) -> str:
 
 def rewrite(text: str, run: dict) -> str:
     task = run["task"]
+    if run.get("quick"):
+        raise ValueError(f"a `lepton-fast demo --quick` run of {task}: its figures mean nothing, so it writes no table")
     pattern = re.compile(rf"(<!-- demo-table:{task} -->\n)(?:.*?\n)?(<!-- /demo-table:{task} -->)", re.S)
     if not pattern.search(text):
         raise ValueError(f"README.md has no <!-- demo-table:{task} --> ... <!-- /demo-table:{task} --> block")
@@ -54,7 +56,10 @@ def main(argv=None) -> int:
     before = README.read_text(encoding="utf-8")
     after = before
     for path in args.runs:
-        after = rewrite(after, json.loads(path.read_text(encoding="utf-8")))
+        try:
+            after = rewrite(after, json.loads(path.read_text(encoding="utf-8")))
+        except ValueError as e:
+            parser.error(f"{path}: {e}")
     if args.check:
         if after != before:
             print("README.md's demo tables differ from " + ", ".join(map(str, args.runs)), file=sys.stderr)

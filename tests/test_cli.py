@@ -188,7 +188,9 @@ def test_demo_quick_end_to_end_same_numbers_in_parallel(tmp_path, capsys):
         printed = capsys.readouterr().out
         for row in base.ROWS:
             assert row in printed
+        assert "--quick: every row ran" in printed and "best adapted student" not in printed
         runs[jobs] = json.loads(out_json.read_text())
+        assert runs[jobs]["quick"] is True
         assert len(runs[jobs]["table"]) == 7 and out_png.stat().st_size > 0
         assert all(0 <= r["accuracy"]["mean"] <= 1 for r in runs[jobs]["table"].values())
     assert runs["1"]["jobs"] == 1 and runs["2"]["jobs"] == 2

@@ -94,3 +94,5 @@ def test_readme_tables_rewrite_only_their_block():
     assert "| b | **53.00 ± 1.00** |" in new and "**" not in new.split("| b |")[0]
     with pytest.raises(ValueError, match="demo-table:other"):
         readme_tables.rewrite(text, {**run, "task": "other"})
+    with pytest.raises(ValueError, match="--quick"):  # a smoke run's figures never reach the README
+        readme_tables.rewrite(text, {**run, "quick": True})
