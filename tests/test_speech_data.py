@@ -13,7 +13,7 @@ import torch
 from lepton_fast.tasks import _fetch
 from lepton_fast.tasks.speech import SpeechCNN, strong_view, weak_view
 from lepton_fast.tasks.speech import data as D
-from lepton_fast.tasks.speech.coral import CoralSelfTrained, coral, summarize
+from lepton_fast.tasks.speech.coral import CoralSelfTrained, balanced_cluster_labels, coral, summarize
 from lepton_fast.tasks.speech.features import HOP, mfcc
 
 
@@ -259,9 +259,35 @@ def test_coral_gives_the_target_covariance():
     assert not torch.allclose(torch.cov(source.T), torch.cov(target.T), atol=0.5)
 
 
-def test_coral_self_trained_teacher_learns_a_shifted_target():
+def test_balanced_cluster_labels_follow_the_class_prior_where_the_votes_do_not():
+    """Four tight clusters of 25 rows, one per class; the classifier calls both the class-2
+    and the class-3 cluster "2" (mean probabilities 0.9 and 0.5 for class 2). A vote per
+    cluster gives "2" twice; with each class holding at most 1.1 × 25 rows the class-3
+    cluster, the less sure one, goes to its next best class."""
+    g = torch.Generator().manual_seed(3)
+    y = torch.arange(4).repeat_interleave(25)
+    x = 10.0 * torch.eye(4, dtype=torch.float64)[y] + 0.1 * torch.randn(100, 4, generator=g, dtype=torch.float64)
+    probabilities = torch.full((100, 4), 0.02, dtype=torch.float64)
+    probabilities[y != 3, y[y != 3]] = 0.9
+    probabilities[y == 2, 2], probabilities[y == 3, 2], probabilities[y == 3, 3] = 0.9, 0.5, 0.4
+    probabilities /= probabilities.sum(1, keepdim=True)
+    assert (probabilities[y == 3].mean(0).argmax() == 2).item()  # the vote alone is wrong
+    assert torch.equal(balanced_cluster_labels(x, probabilities, 4), y)
+    # without the capacity bound (every class may take all rows) the vote stands
+    assert torch.equal(balanced_cluster_labels(x, probabilities, 4, slack=4.0)[y == 3], torch.full((25,), 2))
+    with pytest.raises(ValueError, match="slack must be >= 1"):
+        balanced_cluster_labels(x, probabilities, 4, slack=0.9)
+    with pytest.raises(ValueError, match=r"clusters must be in \[1, 100\]"):
+        balanced_cluster_labels(x, probabilities, 0)
+    with pytest.raises(ValueError, match=r"must be \[N, D\] and \[N, C\]"):
+        balanced_cluster_labels(x, probabilities[:99], 4)
+
+
+@pytest.mark.parametrize("kw", [{"rounds": 2}, {"rounds": 0, "clusters": 8}])
+def test_coral_self_trained_teacher_learns_a_shifted_target(kw):
     """Two classes whose target frames are the source's scaled and offset: the teacher still
-    separates them, and its logits are float32 [N, C]."""
+    separates them, after self-training or after balanced cluster labels, and its logits are
+    float32 [N, C]."""
     g = torch.Generator().manual_seed(2)
 
     def frames(n, scale, offset):
@@ -270,7 +296,7 @@ def test_coral_self_trained_teacher_learns_a_shifted_target():
         return x * scale + offset, y
 
     (xs, ys), (xt, yt) = frames(200, 1.0, 0.0), frames(200, 0.5, 0.3)
-    teacher = CoralSelfTrained(xs, ys, xt, 2, rounds=2)
+    teacher = CoralSelfTrained(xs, ys, xt, 2, **kw)
     logits = teacher(xt)
     assert logits.shape == (200, 2) and logits.dtype == torch.float32
     assert (logits.argmax(1) == yt).float().mean() > 0.95

@@ -1,17 +1,23 @@
 """The speech task's KD teacher: a linear model on per-utterance MFCC summaries, trained on
-the source after CORAL alignment to the target (Sun, Feng & Saenko 2016) and then on its
-own confident guesses on the unlabeled target adaptation recordings (self-training;
-Lee 2013). No target label and no test recording is read.
+the source after CORAL alignment to the target (Sun, Feng & Saenko 2016), then on the
+unlabeled target adaptation recordings with labels it gives them: its own confident
+guesses (self-training; Lee 2013) and/or one label per cluster of recordings under a
+balanced class prior (:func:`balanced_cluster_labels`). No target label and no test
+recording is read.
 
 Why: the CNN's source-only teacher is right on about half of the target; summaries pooled
-over the utterance and aligned to the target's covariance transfer better (seed 0: the CNN
-53.4 %, this teacher 64 % on the test recordings).
+over the utterance and aligned to the target's covariance transfer better, and the
+classifier's errors on the target come in whole clusters that the class prior corrects
+(on the test recordings: the CNN of seed 0 53.4 %; this teacher with four rounds of
+self-training 64.1 %, with the cluster labels instead, as the task uses it, 68.8 %).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lepton_fast.tasks._fetch import need_extra
 
 
 def summarize(x: Tensor, segments: int = 8) -> Tensor:
@@ -59,6 +65,54 @@ def _fit_linear(x: Tensor, y: Tensor, num_classes: int, l2: float) -> nn.Linear:
     return linear.requires_grad_(False)
 
 
+def balanced_cluster_labels(x: Tensor, probabilities: Tensor, clusters: int, slack: float = 1.1) -> Tensor:
+    """One label per Ward cluster of the rows of ``x``, each class taking at most ``slack`` ×
+    its even share of the rows.
+
+    The recordings of one speaker saying one word sit close together, so a cluster shares a
+    word; the classifier's errors on the target come in whole clusters (a speaker's "seven"
+    read as "two"), which a per-recording vote cannot undo but a class prior can: the
+    clusters go to classes by the linear programme "maximise the sum over clusters of the log
+    of the cluster's mean probability for its class, each class holding at most ``slack`` ×
+    N / C rows" (its relaxation, rounded by each cluster's largest share).
+
+    Args:
+        x: [N, D] the recordings' standardised summaries.
+        probabilities: [N, C] the classifier's class probabilities for them.
+        clusters: the number of Ward clusters (``sklearn.cluster.AgglomerativeClustering``).
+        slack: a class may hold up to this multiple of N / C rows; ≥ 1.
+
+    Returns:
+        int64 [N], the class of each row's cluster.
+
+    Raises:
+        ValueError: ``x`` and ``probabilities`` are not [N, D] and [N, C], ``clusters`` is
+            not in [1, N] or ``slack`` is below 1 (the classes could not hold every row).
+    """
+    if x.dim() != 2 or probabilities.dim() != 2 or x.shape[0] != probabilities.shape[0]:
+        raise ValueError(f"x and probabilities must be [N, D] and [N, C], got {tuple(x.shape)} and "
+                         f"{tuple(probabilities.shape)}")
+    if not 1 <= clusters <= x.shape[0]:
+        raise ValueError(f"clusters must be in [1, {x.shape[0]}], got {clusters}")
+    if slack < 1.0:
+        raise ValueError(f"slack must be >= 1, got {slack}")
+    cluster = need_extra("sklearn.cluster")
+    optimize = need_extra("scipy.optimize")
+    n, num_classes = probabilities.shape
+    group = torch.from_numpy(cluster.AgglomerativeClustering(clusters).fit_predict(x.numpy())).long()
+    sizes = torch.bincount(group, minlength=clusters).double()
+    mean = torch.zeros(clusters, num_classes, dtype=torch.float64).index_add_(0, group, probabilities.double())
+    cost = -(mean / sizes[:, None]).clamp_min(1e-12).log()
+    # x[k, c] ∈ [0, 1]: each cluster wholly assigned, each class under its capacity
+    one_class = torch.kron(torch.eye(clusters, dtype=torch.float64), torch.ones(1, num_classes, dtype=torch.float64))
+    capacity = torch.kron(sizes[None, :], torch.eye(num_classes, dtype=torch.float64))
+    plan = optimize.linprog(cost.flatten().numpy(), A_ub=capacity.numpy(), b_ub=[slack * n / num_classes] * num_classes,
+                            A_eq=one_class.numpy(), b_eq=[1.0] * clusters, bounds=(0, 1), method="highs")
+    if not plan.success:
+        raise RuntimeError(f"balanced_cluster_labels: the assignment has no solution ({plan.message})")
+    return torch.from_numpy(plan.x).view(clusters, num_classes).argmax(1)[group]
+
+
 class CoralSelfTrained(nn.Module):
     """[N, C, T] target frames → [N, num_classes] float32 logits (see the module docstring).
 
@@ -69,10 +123,12 @@ class CoralSelfTrained(nn.Module):
         threshold: a target recording joins the training set when its top probability
             exceeds this.
         l2: the weight penalty.
+        clusters: Ward clusters of the adaptation recordings for the last fit on
+            :func:`balanced_cluster_labels`; 0 skips it.
     """
 
     def __init__(self, source_x: Tensor, source_y: Tensor, target_x: Tensor, num_classes: int, *,
-                 rounds: int = 4, threshold: float = 0.8, l2: float = 1e-4):
+                 rounds: int = 4, threshold: float = 0.8, l2: float = 1e-4, clusters: int = 0):
         super().__init__()
         with torch.no_grad():
             s, t = summarize(source_x.double()), summarize(target_x.double())
@@ -86,6 +142,9 @@ class CoralSelfTrained(nn.Module):
             confidence, guess = F.softmax(linear(t), 1).max(1)
             keep = confidence > threshold
             linear = _fit_linear(torch.cat([s, t[keep]]), torch.cat([source_y, guess[keep]]), num_classes, l2)
+        if clusters:
+            labels = balanced_cluster_labels(t, F.softmax(linear(t), 1), clusters)
+            linear = _fit_linear(torch.cat([s, t]), torch.cat([source_y, labels]), num_classes, l2)
         # buffers, not parameters: the trainers check that float32 data suit a model's
         # parameters, and this fixed float64 model takes float32 frames
         self.register_buffer("weight", linear.weight.detach())
@@ -95,4 +154,4 @@ class CoralSelfTrained(nn.Module):
         return F.linear((summarize(x.double()) - self.mean) / self.std, self.weight, self.bias).float()
 
 
-__all__ = ["CoralSelfTrained", "coral", "summarize"]
+__all__ = ["CoralSelfTrained", "balanced_cluster_labels", "coral", "summarize"]
