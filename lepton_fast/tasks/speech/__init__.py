@@ -112,9 +112,7 @@ def load(progress: bool = True) -> Data:
 
 
 class _Recipe(NamedTuple):
-    # Seed 0, one run each (2026-12-06): DANN at weight 1.0 reached 66.9 % against 53.5 % at
-    # 0.3 (2.0: 66.3 %). With the CORAL self-trained KD teacher (kd_teacher) and KD at 1.0:
-    # "+ KD" 62.4 %, all together 64.9 % (adversarial weight 0.05: 63.9 %).
+    # How the weights were chosen: benchmarks/RESULTS.md, "The speech recipe's weights".
     kd_weight: float = 1.0
     temperature: float = 2.0
     domain_weight: float = 1.0
