@@ -227,12 +227,7 @@ struct Row {
       if constexpr (kCE) {
         const Vec q = !own ? ps : kept ? Vec::loadu(kept->e_1 + j) * f1 : M::exp(xs - v_lse_1);
         gv = at::vec::fmadd(q - v_smooth, v_ce_gw, gv);
-        if (label >= j && label < j + n) {
-          alignas(64) acc_t buf[W];
-          gv.store(buf);
-          buf[label - j] -= ce_gw * (1 - label_smoothing);
-          gv = Vec::loadu(buf);
-        }
+        if (label >= j && label < j + n) gv = IO::add_at(gv, label - j, -ce_gw * (1 - label_smoothing));
       }
       IO::store(g + j, gv, n, stream);
     }

@@ -73,6 +73,14 @@ struct RowIO {
     for (int64_t i = 0; i < n; ++i) p[i] = static_cast<scalar_t>(buf[i]);
   }
 
+  // v with delta added to its lane `lane` (the one-hot term of a label among a vector's columns).
+  static Vec add_at(const Vec& v, int64_t lane, acc_t delta) {
+    alignas(64) acc_t buf[W];
+    v.store(buf);
+    buf[lane] += delta;
+    return Vec::loadu(buf);
+  }
+
   // A full vector at p, bypassing the caches (a non-temporal store) where p is aligned to a
   // vector: for an output far larger than the caches, this saves reading every line in before
   // it is overwritten. float32 and float64 on AVX2/AVX-512; a plain store elsewhere. The

@@ -153,12 +153,7 @@ struct SparseRow {
       if (has_pu) dv = weighted<M>(Vec::loadu(e_t + j), soft_f);  // 0 where pu is, also against an infinite g
       if (ce) {
         dv = at::vec::fmadd(Vec::loadu(e_1 + j), ce_f, dv - v_smooth_cg);
-        if (label >= j && label < j + n) {
-          alignas(64) acc_t buf[W];
-          dv.store(buf);
-          buf[label - j] -= cg * (1 - label_smoothing);
-          dv = Vec::loadu(buf);
-        }
+        if (label >= j && label < j + n) dv = IO::add_at(dv, label - j, -cg * (1 - label_smoothing));
       }
       IO::store(g + j, dv, n, stream);
     }
