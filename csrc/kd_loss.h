@@ -120,7 +120,7 @@ inline KDParams make_kd_params(const at::Tensor& temperature, const at::Tensor& 
 // The same per-element terms for any value type: a scalar (CUDA, CPU) or a SIMD vector (the
 // CPU kernel's at::vec::Vectorized). A math policy M supplies the few operations whose
 // spelling differs (ScalarMath below; csrc/cpu/kd_loss_rows.h has the vector one):
-//   M::exp, M::log1p, M::max, M::min,
+//   M::exp, M::log1p (asked for on [0, 1] only), M::max, M::min,
 //   M::zero_where_zero(p, x) = p == 0 ? 0 : x,  M::keep_neg_inf(h, x) = h == -inf ? h : x.
 
 template <typename acc_t>

@@ -23,7 +23,26 @@ template <typename acc_t>
 struct VecMath {
   using V = at::vec::Vectorized<acc_t>;
   static V exp(V x) { return x.exp_u20(); }
-  static V log1p(V x) { return x.log1p(); }
+  // log1p on [0, 1], the only range the formulas take it on (the mixture's log1p(exp(lo - hi)),
+  // lo <= hi). Sleef's log1pf costs about 17 cycles an element, five exp_u20s: it made JSD's
+  // passes 15x slower than the KL divergences'. For float: 1 + x = 2^e (1 + f) with e in
+  // {0, 1} and f in [1/sqrt2 - 1, sqrt2 - 1], and log1p(f) = 2 atanh(s), s = f / (2 + f),
+  // |s| <= 0.172, whose odd series to s^9 leaves a truncation error below 2e-9 (relative).
+  static V log1p(V x) {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      const V upper = x > V(0.41421356f);  // 1 + x > sqrt(2): halve it
+      const V f = V::blendv(x, (x - V(1.f)) * V(0.5f), upper);
+      const V e_ln2 = V::blendv(V(0.f), V(0.69314718f), upper);
+      const V s = f / (f + V(2.f)), z = s * s;
+      V series = at::vec::fmadd(z, V(1.f / 9), V(1.f / 7));
+      series = at::vec::fmadd(z, series, V(1.f / 5));
+      series = at::vec::fmadd(z, series, V(1.f / 3));
+      series = at::vec::fmadd(z, series, V(1.f));
+      return at::vec::fmadd(s + s, series, e_ln2);
+    } else {
+      return x.log1p();
+    }
+  }
   static V max(V a, V b) { return at::vec::maximum(a, b); }
   // One instruction instead of maximum's four, for a running max of raw inputs: a NaN input
   // may be dropped here, but the exps of the pass that follows turn it into a NaN sum.
