@@ -267,6 +267,29 @@ def test_op_matches_the_oracle(divergence, truncation, name, dtype, device, back
         assert (grad.double() - ref_grad).abs().max().item() <= tol
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.4])
+@pytest.mark.parametrize("truncation", TRUNCATIONS)
+def test_cpu_streamed_gradient_rows(truncation, alpha):
+    """A gradient past the CPU kernel's non-temporal store size (32 MiB), odd V: the entries'
+    own gradients go out with the row's streamed stores, duplicates and masked entries too."""
+    require(SPEC, "cpu", "cpu")
+    n, v, k = 257, 32771, 64
+    s = randn(n, v, seed=40, dtype=torch.float32)
+    idx, logp, _ = top_k_teacher(n, v, k, seed=41)
+    idx[:, 7] = idx[:, 3]
+    idx[::5, -1] = v - 1  # the last column, in the ragged last vector
+    mask = torch.rand(n, k, generator=torch.Generator().manual_seed(42)) > 0.1
+    labels = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(43))
+    labels[::4] = -100
+    kw = dict(temperature=2.0, truncation=truncation, labels=labels, alpha=alpha, label_smoothing=0.1,
+              reduction="none")
+    loss, grad = loss_and_grad(lambda *a, **kw_: sparse_kd_loss(*a, backend="cpu", **kw_), s, idx,
+                               logp.float(), mask, **kw)
+    ref_loss, ref_grad = oracle(s, idx, logp, mask, **kw)
+    torch.testing.assert_close(loss.double(), ref_loss, **TOL)
+    torch.testing.assert_close(grad.double(), ref_grad, **TOL)
+
+
 def near_tie_case(n, v, k, temperature, device):
     """(student [n, v], indices, logprobs) across the temperature range: logits of an LLM's
     size (conftest.temperature_sweep_logits) and a teacher's top-k log-probabilities that leave
