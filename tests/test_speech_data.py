@@ -13,7 +13,8 @@ import torch
 from lepton_fast.tasks import _fetch
 from lepton_fast.tasks.speech import SpeechCNN, strong_view, weak_view
 from lepton_fast.tasks.speech import data as D
-from lepton_fast.tasks.speech.coral import CoralSelfTrained, balanced_cluster_labels, coral, summarize
+from lepton_fast.tasks.speech.coral import (CoralSelfTrained, balanced_cluster_labels, coral, dtw_distances,
+                                            summarize)
 from lepton_fast.tasks.speech.features import HOP, mfcc
 
 
@@ -249,6 +250,51 @@ def test_summarize_uses_only_each_utterance_s_frames():
         torch.testing.assert_close(out[i], torch.cat([f.mean(1), f.std(1, unbiased=False), *parts]))
 
 
+def _padded(lengths, generator, channels=3, frames=12):
+    x = torch.randn(len(lengths), channels, frames, generator=generator, dtype=torch.float64)
+    for i, n in enumerate(lengths):
+        x[i, :, n:] = 0
+    return x
+
+
+def _dtw_direct(a, b):
+    """The recursion of Sakoe & Chiba written out: [C, T] and [C, T'] valid frames."""
+    d = [[math.inf] * (b.shape[1] + 1) for _ in range(a.shape[1] + 1)]
+    d[0][0] = 0.0
+    for i in range(1, a.shape[1] + 1):
+        for j in range(1, b.shape[1] + 1):
+            d[i][j] = float((a[:, i - 1] - b[:, j - 1]).norm()) + min(d[i - 1][j], d[i][j - 1], d[i - 1][j - 1])
+    return d[-1][-1] / (a.shape[1] + b.shape[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_dtw_distances_follow_the_recursion_on_each_utterance_s_frames(dtype):
+    g = torch.Generator().manual_seed(4)
+    lengths, template_lengths = [12, 5, 9, 1, 12, 3, 7], [10, 2, 6, 8]
+    x, t = _padded(lengths, g), _padded(template_lengths, g, frames=10)
+    want = torch.tensor([[_dtw_direct(x[i, :, :a], t[j, :, :b]) for j, b in enumerate(template_lengths)]
+                         for i, a in enumerate(lengths)], dtype=torch.float64)
+    got = dtw_distances(x.to(dtype), t.to(dtype), chunk=3)  # chunks of unequal longest lengths
+    assert got.dtype == dtype and got.shape == (7, 4)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0.0)
+
+
+def test_dtw_distances_match_librosa():
+    librosa = pytest.importorskip("librosa", reason="librosa is the optional test oracle (pip install librosa)")
+    g = torch.Generator().manual_seed(5)
+    lengths, template_lengths = [11, 4, 8], [9, 3]
+    x, t = _padded(lengths, g), _padded(template_lengths, g)
+    for i, a in enumerate(lengths):
+        for j, b in enumerate(template_lengths):
+            cost = librosa.sequence.dtw(x[i, :, :a].numpy(), t[j, :, :b].numpy(), metric="euclidean")[0][-1, -1]
+            assert float(dtw_distances(x[i:i + 1], t[j:j + 1])) == pytest.approx(cost / (a + b), rel=1e-12)
+
+
+def test_dtw_distances_reject_mismatched_coefficients():
+    with pytest.raises(ValueError, match=r"x and templates must be \[N, C, T\] and \[M, C, T'\]"):
+        dtw_distances(torch.randn(2, 3, 5), torch.randn(2, 4, 5))
+
+
 def test_coral_gives_the_target_covariance():
     g = torch.Generator().manual_seed(1)
     source = torch.randn(4000, 3, generator=g, dtype=torch.float64) @ torch.tensor(
@@ -275,6 +321,15 @@ def test_balanced_cluster_labels_follow_the_class_prior_where_the_votes_do_not()
     assert torch.equal(balanced_cluster_labels(x, probabilities, 4), y)
     # without the capacity bound (every class may take all rows) the vote stands
     assert torch.equal(balanced_cluster_labels(x, probabilities, 4, slack=4.0)[y == 3], torch.full((25,), 2))
+    # a second classifier that is sure of the class-3 cluster outweighs the first even without
+    # the bound; with weight 0 it is ignored
+    second = probabilities.clone()
+    second[y == 3] = torch.tensor([0.01, 0.01, 0.01, 0.97], dtype=torch.float64)
+    both = torch.stack([probabilities, second])
+    assert torch.equal(balanced_cluster_labels(x, both, 4, slack=4.0), y)
+    assert torch.equal(balanced_cluster_labels(x, both, 4, slack=4.0, weights=[1.0, 0.0])[y == 3], torch.full((25,), 2))
+    with pytest.raises(ValueError, match=r"weights must have one entry per classifier \(2\)"):
+        balanced_cluster_labels(x, both, 4, weights=[1.0])
     with pytest.raises(ValueError, match="slack must be >= 1"):
         balanced_cluster_labels(x, probabilities, 4, slack=0.9)
     with pytest.raises(ValueError, match=r"clusters must be in \[1, 100\]"):
@@ -283,7 +338,8 @@ def test_balanced_cluster_labels_follow_the_class_prior_where_the_votes_do_not()
         balanced_cluster_labels(x, probabilities[:99], 4)
 
 
-@pytest.mark.parametrize("kw", [{"rounds": 2}, {"rounds": 0, "clusters": 8}])
+@pytest.mark.parametrize("kw", [{"rounds": 2}, {"rounds": 0, "clusters": 8},
+                                {"rounds": 0, "clusters": 8, "dtw_weight": 0.5, "templates_per_class": 10}])
 def test_coral_self_trained_teacher_learns_a_shifted_target(kw):
     """Two classes whose target frames are the source's scaled and offset: the teacher still
     separates them, after self-training or after balanced cluster labels, and its logits are
