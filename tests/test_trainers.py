@@ -320,6 +320,15 @@ def test_source_must_be_labeled():
         make(()).fit(SOURCE[0], steps=1, batch_size=16)
 
 
+def test_data_smaller_than_a_batch_names_the_argument_to_change():
+    with pytest.raises(ValueError, match=r"source has 64 samples, fewer than one batch of 100: .*fit\(\.\.\., batch_size=\)"):
+        make(()).fit(SOURCE, steps=1, batch_size=100)
+    with pytest.raises(ValueError, match=r"target has 48 .* of 50: .*fit\(\.\.\., target_batch_size=\)"):
+        make(("pseudo",)).fit(SOURCE, TARGET, steps=1, batch_size=16, target_batch_size=50)
+    with pytest.raises(ValueError, match=r"source has 64 .* of 100: .*source's DataLoader"):
+        make(()).fit(DataLoader(TensorDataset(*SOURCE), batch_size=100), steps=1)
+
+
 def test_int32_labels_are_accepted():
     labels32 = SOURCE[1].to(torch.int32)
     make(("pseudo",)).fit((SOURCE[0], labels32), TARGET, steps=1, batch_size=16)

@@ -165,8 +165,11 @@ class Batches:
     samples' positions).
     """
 
-    def __init__(self, data, name: str, batch_size: int, *, shuffle: bool, seed: int, drop_last: bool):
-        if isinstance(data, DataLoader) and data.batch_size is not None:
+    def __init__(self, data, name: str, batch_size: int, *, shuffle: bool, seed: int, drop_last: bool,
+                 batch_arg: str = "batch_size"):
+        # ``batch_arg``: the fit() argument that sets ``batch_size``, named when the data is too small.
+        own_batch = isinstance(data, DataLoader) and data.batch_size is not None
+        if own_batch:
             batch_size = data.batch_size
         _validate.integer("batch_size", batch_size, 1)
         self.name = name
@@ -186,7 +189,9 @@ class Batches:
         self.batch_size = batch_size
         self.epoch, self.offset, self._it = 0, 0, None
         if len(self) == 0:
-            raise ValueError(f"{name} has {len(self.dataset)} samples, fewer than one batch of {batch_size}")
+            where = f"{name}'s DataLoader" if own_batch else f"fit(..., {batch_arg}=)"
+            raise ValueError(f"{name} has {len(self.dataset)} samples, fewer than one batch of {batch_size}: "
+                             f"pass a smaller batch size ({where})")
 
     def __len__(self) -> int:
         """Batches per epoch (per rank)."""

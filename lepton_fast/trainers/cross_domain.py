@@ -638,7 +638,8 @@ class CrossDomainTrainer(Loop):
         self._source = _common.Batches(source, "source", batch_size, shuffle=True, seed=self.seed, drop_last=True)
         if self.terms:
             self._target = _common.Batches(target, "target", target_batch_size or batch_size, shuffle=True,
-                                           seed=self.seed + 1, drop_last=True)
+                                           seed=self.seed + 1, drop_last=True,
+                                           batch_arg="target_batch_size" if target_batch_size else "batch_size")
         total = steps_for(steps, epochs, len(self._source))
         eval_every = len(self._source) if eval_every is None else _validate.integer("eval_every", eval_every, 1)
         classes, feature_dim = self._check_data()
