@@ -233,9 +233,8 @@ def _student_head_loop(student_hidden: Tensor, student_weight: Tensor, student_b
 @torch.library.custom_op("lepton_fast::fused_linear_kd_loss", mutates_args=())
 def _fused_linear_kd_loss(
     student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor,
-    student_bias: Optional[Tensor], teacher_bias: Optional[Tensor], labels: Optional[Tensor],
-    temperature: Tensor, beta: Tensor, alpha: Tensor, label_smoothing: Tensor, divergence: str, ignore_index: int,
-    scale_by_t2: bool, reduction: str, num_items_in_batch: Optional[Tensor], vocab_size: int,
+    student_bias: Optional[Tensor], teacher_bias: Optional[Tensor], labels: Optional[Tensor], hyper: Tensor,
+    ignore_index: int, reduction: str, num_items_in_batch: Optional[Tensor], vocab_size: int,
     student_logit_scale: float, teacher_logit_scale: float, student_softcap: Optional[float],
     teacher_softcap: Optional[float], chunk_size: int, row_weights: Optional[Tensor], grad_hidden: bool,
     grad_weight: bool, grad_bias: bool, entropy: bool,
@@ -260,20 +259,19 @@ def _fused_linear_kd_loss(
                        buf_t[: z_s.shape[0]])
         if split is None:
             return torch.ops.lepton_fast.fused_kd_loss.default(
-                z_s, z_t, chunk_labels, temperature, beta, alpha, label_smoothing, divergence, ignore_index,
-                scale_by_t2, kd_reduction, divisor, compute_grad)
+                z_s, z_t, chunk_labels, hyper, ignore_index, kd_reduction, divisor, compute_grad)
         from lepton_fast import distributed
 
-        a = kd_loss.KDArgs(z_s, z_t, chunk_labels, z_s.shape[:-1], temperature, beta, alpha, label_smoothing,
-                           divisor, compute_grad)
-        return distributed.chunk_loss_and_grad(split, a, divergence, ignore_index, scale_by_t2, kd_reduction)
+        a = kd_loss.KDArgs(z_s, z_t, chunk_labels, z_s.shape[:-1], hyper, ignore_index, kd_reduction, divisor,
+                           compute_grad)
+        return distributed.chunk_loss_and_grad(split, a)
 
     out = _student_head_loop(
         student_hidden, student_weight, student_bias, labels, row_loss, acc=acc, ignore_index=ignore_index,
         reduction=reduction, num_items_in_batch=num_items_in_batch, vocab_size=vocab_size,
         logit_scale=student_logit_scale, softcap=student_softcap, chunk_size=chunk_size, row_weights=row_weights,
         grad_hidden=grad_hidden, grad_weight=grad_weight, grad_bias=grad_bias,
-        entropy_inv_temperature=1.0 / float(temperature) if entropy else None)
+        entropy_inv_temperature=1.0 / _validate.kd_values(hyper)["temperature"] if entropy else None)
     if split is not None and grad_hidden:
         torch.distributed.all_reduce(out[1], group=split.group)  # every slice's part of dL/dh
     return out
@@ -290,9 +288,8 @@ def _fake_outputs(student_hidden, student_weight, student_bias, acc, reduction, 
 
 
 @_fused_linear_kd_loss.register_fake
-def _(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias, labels,
-      temperature, beta, alpha, label_smoothing, divergence, ignore_index, scale_by_t2, reduction,
-      num_items_in_batch, vocab_size, student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap,
+def _(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias, labels, hyper,
+      ignore_index, reduction, num_items_in_batch, vocab_size, student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap,
       chunk_size, row_weights, grad_hidden, grad_weight, grad_bias, entropy):
     acc = torch.promote_types(torch.promote_types(student_hidden.dtype, teacher_hidden.dtype), torch.float32)
     return (*_fake_outputs(student_hidden, student_weight, student_bias, acc, reduction, grad_hidden, grad_weight,
@@ -303,9 +300,8 @@ def _(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bi
 @torch.library.custom_op("lepton_fast::fused_linear_sparse_kd_loss", mutates_args=())
 def _fused_linear_sparse_kd_loss(
     student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor], teacher_indices: Tensor,
-    teacher_logprobs: Tensor, teacher_mask: Optional[Tensor], labels: Optional[Tensor], temperature: Tensor,
-    beta: Tensor, alpha: Tensor, label_smoothing: Tensor, divergence: str, truncation: str, ignore_index: int,
-    scale_by_t2: bool, reduction: str, num_items_in_batch: Optional[Tensor], vocab_size: int,
+    teacher_logprobs: Tensor, teacher_mask: Optional[Tensor], labels: Optional[Tensor], hyper: Tensor,
+    truncation: str, ignore_index: int, reduction: str, num_items_in_batch: Optional[Tensor], vocab_size: int,
     student_logit_scale: float, student_softcap: Optional[float], chunk_size: int, row_weights: Optional[Tensor],
     grad_hidden: bool, grad_weight: bool, grad_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -317,8 +313,7 @@ def _fused_linear_sparse_kd_loss(
     def row_loss(take, z_s, chunk_labels, kd_reduction, divisor, compute_grad):
         return torch.ops.lepton_fast.sparse_kd_loss.default(
             z_s, take(teacher_indices), take(teacher_logprobs), None if teacher_mask is None else take(teacher_mask),
-            chunk_labels, temperature, beta, alpha, label_smoothing, divergence, truncation, ignore_index,
-            scale_by_t2, kd_reduction, divisor, compute_grad)
+            chunk_labels, hyper, truncation, ignore_index, kd_reduction, divisor, compute_grad)
 
     return _student_head_loop(
         student_hidden, student_weight, student_bias, labels, row_loss,
@@ -329,9 +324,8 @@ def _fused_linear_sparse_kd_loss(
 
 
 @_fused_linear_sparse_kd_loss.register_fake
-def _(student_hidden, student_weight, student_bias, teacher_indices, teacher_logprobs, teacher_mask, labels,
-      temperature, beta, alpha, label_smoothing, divergence, truncation, ignore_index, scale_by_t2, reduction,
-      num_items_in_batch, vocab_size, student_logit_scale, student_softcap, chunk_size, row_weights, grad_hidden,
+def _(student_hidden, student_weight, student_bias, teacher_indices, teacher_logprobs, teacher_mask, labels, hyper,
+      truncation, ignore_index, reduction, num_items_in_batch, vocab_size, student_logit_scale, student_softcap, chunk_size, row_weights, grad_hidden,
       grad_weight, grad_bias):
     return _fake_outputs(student_hidden, student_weight, student_bias,
                          torch.promote_types(student_hidden.dtype, torch.float32), reduction, grad_hidden,
@@ -599,8 +593,11 @@ def _linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, t
             "vocabulary> to cut both heads to it (padding the shorter head with zeros would put probability "
             "mass on the padded classes)")
     vocab_size = _checked_vocab_size(vocab_size, v_s, v_t)
-    o = _validate.kd_options(temperature, divergence, beta, alpha, label_smoothing, reduction, num_items_in_batch,
-                             labels, "student_hidden", s.hidden)
+    o = _validate.kd_options(
+        "fused_linear_kd_loss", "student_hidden", s.hidden, temperature=temperature, divergence=divergence, beta=beta,
+        labels=labels, alpha=alpha, label_smoothing=label_smoothing, ignore_index=ignore_index,
+        scale_by_t2=scale_by_t2, reduction=reduction, num_items_in_batch=num_items_in_batch)
+    reduction = o.reduction
     _checked_chunk_size(chunk_size)
     chosen = _backend.resolve(KD_SPEC, s.hidden.device, backend)
     split = None
@@ -622,8 +619,7 @@ def _linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, t
         chunk_size = _auto_chunk_size(h_s.shape[0], vocab_size if split is None else split.n_classes, acc,
                                       s.weight.dtype, h_s.device)
     args = (h_s, s.weight, h_t, t.weight.detach(), s.bias, None if t.bias is None else t.bias.detach(), o.labels,
-            o.temperature, o.beta, o.alpha, o.label_smoothing, divergence, ignore_index, scale_by_t2, reduction,
-            o.num_items, vocab_size, s.scale, t.scale, s.softcap, t.softcap, chunk_size, None,
+            o.hyper, o.ignore_index, reduction, o.num_items, vocab_size, s.scale, t.scale, s.softcap, t.softcap, chunk_size, None,
             *_grads_to_write(reduction, s), entropy)
     token = None if split is None else _VOCAB_SPLIT.set(split)  # (torch.compile cannot trace a set)
     try:
@@ -737,8 +733,10 @@ def fused_linear_sparse_kd_loss(
     indices, logprobs, mask = _validate.sparse_teacher(teacher_indices, teacher_logprobs, teacher_mask,
                                                        "student_hidden", s.hidden)
     _validate.choice("truncation", truncation, TRUNCATIONS)
-    o = _validate.kd_options(temperature, divergence, beta, alpha, label_smoothing, reduction, num_items_in_batch,
-                             labels, "student_hidden", s.hidden)
+    o = _validate.kd_options(
+        "fused_linear_sparse_kd_loss", "student_hidden", s.hidden, temperature=temperature, divergence=divergence,
+        beta=beta, labels=labels, alpha=alpha, label_smoothing=label_smoothing, ignore_index=ignore_index,
+        scale_by_t2=scale_by_t2, reduction=reduction, num_items_in_batch=num_items_in_batch)
     vocab_size = _checked_vocab_size(vocab_size, s.weight.shape[0])
     _checked_chunk_size(chunk_size)
     chosen = _backend.resolve(SPARSE_SPEC, s.hidden.device, backend)
@@ -748,7 +746,6 @@ def fused_linear_sparse_kd_loss(
                                       s.weight.dtype, h.device, buffers=2)
     with _backend.running(SPARSE_SPEC, chosen, h.device.type):
         loss = _fused_linear_sparse_kd_loss(
-            h, s.weight, s.bias, indices, logprobs, mask, o.labels, o.temperature, o.beta, o.alpha,
-            o.label_smoothing, divergence, truncation, ignore_index, scale_by_t2, reduction, o.num_items,
-            vocab_size, s.scale, s.softcap, chunk_size, None, *_grads_to_write(reduction, s))[0]
+            h, s.weight, s.bias, indices, logprobs, mask, o.labels, o.hyper, truncation, o.ignore_index, o.reduction,
+            o.num_items, vocab_size, s.scale, s.softcap, chunk_size, None, *_grads_to_write(reduction, s))[0]
     return loss.reshape(s.hidden.shape[:-1]) if reduction == "none" else loss

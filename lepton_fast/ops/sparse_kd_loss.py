@@ -25,11 +25,12 @@ from lepton_fast.ops import kd_loss
 # d(loss)/d(student_logits) in the student's dtype, written during the forward. Rows: student
 # logits [N, V] and teacher entries [N, K] (indices int64, log-probabilities of any floating
 # dtype, mask bool or None), each contiguous along its last dim. The kernels check the indices
-# they read (unmasked entries of rows not ignored) against [0, V).
+# they read (unmasked entries of rows not ignored) against [0, V). ``hyper``: the packed KD
+# hyper-parameters, as fused_kd_loss's schema takes them (_validate.KD_FIELDS); the truncation,
+# which only this family has, is an argument of its own.
 SPEC = _backend.define(
     "sparse_kd_loss(Tensor student_logits, Tensor teacher_indices, Tensor teacher_logprobs, Tensor? teacher_mask, "
-    "Tensor? labels, Tensor temperature, Tensor beta, Tensor alpha, Tensor label_smoothing, str divergence, "
-    "str truncation, int ignore_index, bool scale_by_t2, str reduction, Tensor? num_items_in_batch, "
+    "Tensor? labels, Tensor hyper, str truncation, int ignore_index, str reduction, Tensor? num_items_in_batch, "
     "bool compute_grad) -> (Tensor loss, Tensor grad)",
     triton="sparse_kd_loss", saves_grad=True)
 
@@ -37,8 +38,8 @@ TRUNCATIONS = ("renormalize", "tail")
 
 
 @torch.library.register_fake("lepton_fast::sparse_kd_loss")
-def _(student_logits, teacher_indices, teacher_logprobs, teacher_mask, labels, temperature, beta, alpha,
-      label_smoothing, divergence, truncation, ignore_index, scale_by_t2, reduction, num_items_in_batch, compute_grad):
+def _(student_logits, teacher_indices, teacher_logprobs, teacher_mask, labels, hyper, truncation, ignore_index,
+      reduction, num_items_in_batch, compute_grad):
     acc = torch.promote_types(student_logits.dtype, torch.float32)
     loss = student_logits.new_empty((student_logits.shape[0],) if reduction == "none" else (), dtype=acc)
     grad = torch.empty_like(student_logits) if compute_grad else student_logits.new_empty((0,))
@@ -132,13 +133,14 @@ def sparse_kd_loss(
     indices, logprobs, mask = _validate.sparse_teacher(teacher_indices, teacher_logprobs, teacher_mask,
                                                        "student_logits", student_logits)
     _validate.choice("truncation", truncation, TRUNCATIONS)
-    o = _validate.kd_options(temperature, divergence, beta, alpha, label_smoothing, reduction, num_items_in_batch,
-                             labels, "student_logits", student_logits)
+    o = _validate.kd_options(
+        "sparse_kd_loss", "student_logits", student_logits, temperature=temperature, divergence=divergence, beta=beta,
+        labels=labels, alpha=alpha, label_smoothing=label_smoothing, ignore_index=ignore_index,
+        scale_by_t2=scale_by_t2, reduction=reduction, num_items_in_batch=num_items_in_batch)
     student = _validate.as_rows(student_logits)
     compute_grad = student.requires_grad and torch.is_grad_enabled()
     loss, _ = _backend.call(
         SPEC, _backend.resolve(SPEC, student.device, backend), student.device.type, student, indices, logprobs, mask,
-        o.labels, o.temperature, o.beta, o.alpha, o.label_smoothing, divergence, truncation, ignore_index, scale_by_t2,
-        reduction, o.num_items, compute_grad,
+        o.labels, o.hyper, truncation, o.ignore_index, o.reduction, o.num_items, compute_grad,
     )
-    return loss.reshape(student_logits.shape[:-1]) if reduction == "none" else loss
+    return loss.reshape(student_logits.shape[:-1]) if o.reduction == "none" else loss
