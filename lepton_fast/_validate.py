@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, TypedDict, Union
 
 import torch
 from torch import Tensor
@@ -386,6 +386,69 @@ def kd_options(op: str, x_name: str, x: Tensor, /, **kd) -> KDOptions:
 
 
 _KD_NAMES = frozenset(KD_DEFAULTS)
+
+
+class KDKeywords(TypedDict, total=False):
+    """The keywords every public KD function shares (fused_kd_loss, sparse_kd_loss, the
+    fused-linear and vocabulary-parallel losses), the one list of them: each function takes
+    them as ``**kd: Unpack[KDKeywords]`` and passes them to :func:`kd_options`, and
+    :func:`kd_keywords` puts them in its signature and docstring. Their defaults are
+    :data:`KD_DEFAULTS`; temperature, positional, each function names itself."""
+
+    divergence: str
+    beta: Union[float, Tensor]
+    labels: Optional[Tensor]
+    alpha: Union[float, Tensor]
+    label_smoothing: Union[float, Tensor]
+    ignore_index: int
+    scale_by_t2: bool
+    reduction: str
+    num_items_in_batch: Optional[Union[int, Tensor]]
+
+
+# Their documentation, which kd_keywords puts in each function's docstring (at "KD_KEYWORDS").
+KD_KEYWORDS_DOC = """\
+divergence: ``"forward_kl"`` (default), ``"reverse_kl"`` or ``"jsd"``.
+beta: JSD mixture weight in [0, 1] (default 0.5); used only by ``"jsd"``.
+labels: optional [...] integer hard labels (int64 or int32). Rows labelled
+    ``ignore_index`` are left out of the loss and get zero gradient, also when
+    ``alpha`` is 0.
+alpha: weight in [0, 1] of the hard-label CE (default 0); > 0 needs ``labels``.
+label_smoothing: in [0, 1] (default 0), for the CE term (as ``F.cross_entropy``).
+ignore_index: label value that marks a row to leave out (default -100).
+scale_by_t2: multiply the soft term by T² (default True: Hinton et al.; PyTorch's KD
+    tutorial, torchdistill). Pass False for TRL/Liger-Kernel's unscaled loss.
+reduction: ``"mean"`` (default; = ``"batchmean"``): mean over non-ignored rows of the
+    per-row loss, 0 if every row is ignored; ``"sum"``: the sum of the rows' losses;
+    ``"none"``: per-row loss [...], 0 at ignored rows. Unlike
+    ``F.kl_div(reduction="mean")``, "mean" is per sample.
+num_items_in_batch: the sum of the row losses divided by this count instead (> 0, a
+    number or a 0-d tensor), as transformers and TRL do under gradient accumulation;
+    not with ``reduction="none"``."""
+assert set(KDKeywords.__annotations__) | {"temperature"} == _KD_NAMES, "KDKeywords and KD_DEFAULTS name the same"
+
+
+def kd_keywords(fn):
+    """Decorates a public KD function ``fn(..., *, ..., **kd: Unpack[KDKeywords])``: puts the
+    shared keywords (:class:`KDKeywords`, with their defaults) in its signature in place of
+    ``**kd``, first among its keyword-only parameters, so that ``help()``,
+    ``inspect.signature`` and :func:`kd_hyper_parameters` see every keyword; and their
+    documentation in its docstring in place of the line ``KD_KEYWORDS``. No wrapper: a call
+    costs nothing more, and :func:`kd_options` raises the TypeError for a keyword ``fn``
+    does not take."""
+    signature = inspect.signature(fn)
+    own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    at = next((i for i, p in enumerate(own) if p.kind is inspect.Parameter.KEYWORD_ONLY), len(own))
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=KD_DEFAULTS[name],
+                                annotation=getattr(annotation, "__forward_arg__", annotation))  # as fn's own: text
+              for name, annotation in KDKeywords.__annotations__.items()]
+    fn.__signature__ = signature.replace(parameters=own[:at] + shared + own[at:])
+    lines = fn.__doc__.splitlines()
+    i = next(k for k, line in enumerate(lines) if line.strip() == "KD_KEYWORDS")
+    indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
+    lines[i:i + 1] = [indent + line for line in KD_KEYWORDS_DOC.splitlines()]
+    fn.__doc__ = "\n".join(lines)
+    return fn
 
 
 def kd_hyper_parameters(fn, /, **given) -> None:

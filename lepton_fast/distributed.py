@@ -43,7 +43,7 @@ documented) fail on every rank alike.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import TYPE_CHECKING, NamedTuple, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -54,6 +54,9 @@ from lepton_fast.ops import _autograd
 from lepton_fast.ops import kd_loss as kd_ops
 from lepton_fast.ops import sparse_kd_loss as sparse_ops
 
+if TYPE_CHECKING:
+    from typing import Unpack
+
 __all__ = ["vocab_parallel_kd_loss", "vocab_parallel_sparse_kd_loss"]
 
 Scalar = Union[float, Tensor]
@@ -62,21 +65,14 @@ Scalar = Union[float, Tensor]
 _SLICE_SIZES: dict = {}
 
 
+@_validate.kd_keywords
 def vocab_parallel_kd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
     temperature: Scalar = 1.0,
     *,
     group: Optional[dist.ProcessGroup] = None,
-    divergence: str = "forward_kl",
-    beta: Scalar = 0.5,
-    labels: Optional[Tensor] = None,
-    alpha: Scalar = 0.0,
-    label_smoothing: Scalar = 0.0,
-    ignore_index: int = -100,
-    scale_by_t2: bool = True,
-    reduction: str = "mean",
-    num_items_in_batch: Optional[Union[int, Tensor]] = None,
+    **kd: Unpack[_validate.KDKeywords],
 ) -> Tensor:
     r""":func:`lepton_fast.fused_kd_loss` of logits whose classes are split over ranks.
 
@@ -100,12 +96,12 @@ def vocab_parallel_kd_loss(
             other dimension replicates): the slices are its shards.
         teacher_logits: [..., C_r] the teacher's logits of the same slice (a DTensor placed like
             the student's when the student is one); a constant.
-        temperature, divergence, beta, alpha, label_smoothing, ignore_index, scale_by_t2,
-            reduction, num_items_in_batch: as for ``fused_kd_loss``, the same on every rank.
+        temperature: as for ``fused_kd_loss``, the same on every rank.
         group: the process group the classes are split over (default: the world); with
             DTensors, the mesh dimension that shards the classes (None, or that dimension's group).
-        labels: optional [...] integer class ids into the whole vocabulary [0, C), the same on
-            every rank (a tensor, or a replicated DTensor).
+        KD_KEYWORDS
+            Each the same on every rank; labels are class ids into the whole vocabulary
+            [0, C) (a tensor, or a replicated DTensor).
 
     Returns:
         On every rank, the loss of the whole rows: a scalar, or [...] for ``"none"``; float32
@@ -132,8 +128,7 @@ def vocab_parallel_kd_loss(
     classes must stay the same for a group (pass another group, or DTensors, for another).
     """
     if _is_dtensor(student_logits) or _is_dtensor(teacher_logits):
-        return _dtensor_loss(student_logits, teacher_logits, group, temperature, divergence, beta, labels, alpha,
-                             label_smoothing, ignore_index, scale_by_t2, reduction, num_items_in_batch)
+        return _dtensor_loss(student_logits, teacher_logits, group, temperature, kd)
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("vocab_parallel_kd_loss needs torch.distributed initialised (init_process_group)")
     group = dist.group.WORLD if group is None else group
@@ -141,11 +136,8 @@ def vocab_parallel_kd_loss(
     # had entered a collective would leave that one waiting for good. At a group's first call the
     # size exchange carries each rank's verdict, so that every rank raises.
     try:
-        a = kd_ops.checked(
-            "vocab_parallel_kd_loss", student_logits, teacher_logits, slice_of_classes=True, temperature=temperature,
-            divergence=divergence, beta=beta, labels=labels, alpha=alpha, label_smoothing=label_smoothing,
-            ignore_index=ignore_index, scale_by_t2=scale_by_t2, reduction=reduction,
-            num_items_in_batch=num_items_in_batch)
+        a = kd_ops.checked("vocab_parallel_kd_loss", student_logits, teacher_logits, slice_of_classes=True,
+                           temperature=temperature, **kd)
     except (TypeError, ValueError) as error:
         refuse(group, error)
         raise
@@ -179,6 +171,7 @@ def _merged_statistics(backend: str, a: kd_ops.KDArgs, group, class_offset: int,
     return merged, jsd_sums
 
 
+@_validate.kd_keywords
 def vocab_parallel_sparse_kd_loss(
     student_logits: Tensor,
     teacher_indices: Tensor,
@@ -187,16 +180,8 @@ def vocab_parallel_sparse_kd_loss(
     temperature: Scalar = 1.0,
     *,
     group: Optional[dist.ProcessGroup] = None,
-    divergence: str = "forward_kl",
-    beta: Scalar = 0.5,
     truncation: str = "renormalize",
-    labels: Optional[Tensor] = None,
-    alpha: Scalar = 0.0,
-    label_smoothing: Scalar = 0.0,
-    ignore_index: int = -100,
-    scale_by_t2: bool = True,
-    reduction: str = "mean",
-    num_items_in_batch: Optional[Union[int, Tensor]] = None,
+    **kd: Unpack[_validate.KDKeywords],
 ) -> Tensor:
     r""":func:`lepton_fast.sparse_kd_loss` of student logits whose classes are split over ranks.
 
@@ -234,12 +219,10 @@ def vocab_parallel_sparse_kd_loss(
             on every rank (a tensor, or a replicated DTensor, as are the mask and labels).
         teacher_logprobs, teacher_mask: [..., K], as for ``sparse_kd_loss``, the same on every
             rank.
-        temperature, divergence, beta, truncation, alpha, label_smoothing, ignore_index,
-            scale_by_t2, reduction, num_items_in_batch: as for ``sparse_kd_loss``, the same on
-            every rank.
+        temperature, truncation: as for ``sparse_kd_loss``, the same on every rank.
         group: the process group the classes are split over (default: the world).
-        labels: optional [...] integer class ids into the whole vocabulary, the same on every
-            rank.
+        KD_KEYWORDS
+            Each the same on every rank; labels are class ids into the whole vocabulary.
 
     Returns:
         On every rank, the loss of the whole rows: a scalar, or [...] for ``"none"``; float32
@@ -257,10 +240,11 @@ def vocab_parallel_sparse_kd_loss(
         from torch.distributed.tensor import DTensor, Replicate
 
         local, mesh, group, class_offset, n_classes = _dtensor_slice(student_logits, group)
-        teacher_indices, teacher_logprobs, teacher_mask, labels = (
+        teacher_indices, teacher_logprobs, teacher_mask = (
             _replicated_local(name, x) for name, x in (("teacher_indices", teacher_indices),
                                                        ("teacher_logprobs", teacher_logprobs),
-                                                       ("teacher_mask", teacher_mask), ("labels", labels)))
+                                                       ("teacher_mask", teacher_mask)))
+        kd = {**kd, "labels": _replicated_local("labels", kd.get("labels"))}
         split = (class_offset, n_classes)
     else:
         if not (dist.is_available() and dist.is_initialized()):
@@ -271,10 +255,8 @@ def vocab_parallel_sparse_kd_loss(
         indices, logprobs, mask = _validate.sparse_teacher(teacher_indices, teacher_logprobs, teacher_mask,
                                                            "student_logits", local)
         _validate.choice("truncation", truncation, sparse_ops.TRUNCATIONS)
-        o = _validate.kd_options(
-            "vocab_parallel_sparse_kd_loss", "student_logits", local, temperature=temperature, divergence=divergence,
-            beta=beta, labels=labels, alpha=alpha, label_smoothing=label_smoothing, ignore_index=ignore_index,
-            scale_by_t2=scale_by_t2, reduction=reduction, num_items_in_batch=num_items_in_batch)
+        o = _validate.kd_options("vocab_parallel_sparse_kd_loss", "student_logits", local, temperature=temperature,
+                                 **kd)
     except (TypeError, ValueError) as error:
         if split is None:
             refuse(group, error)
@@ -490,8 +472,7 @@ def _replicated_local(name: str, x):
     return x.to_local()
 
 
-def _dtensor_loss(student, teacher, group, temperature, divergence, beta, labels, alpha, label_smoothing,
-                  ignore_index, scale_by_t2, reduction, num_items_in_batch):
+def _dtensor_loss(student, teacher, group, temperature, kd: dict):
     from torch.distributed.tensor import DTensor, Replicate
 
     for name, x in (("student_logits", student), ("teacher_logits", teacher)):
@@ -507,11 +488,7 @@ def _dtensor_loss(student, teacher, group, temperature, divergence, beta, labels
         raise ValueError(f"teacher_logits has shape {tuple(teacher.shape)} but student_logits has shape "
                          f"{tuple(student.shape)}")
     local_s, mesh, mesh_group, class_offset, n_classes = _dtensor_slice(student, group)
-    labels = _replicated_local("labels", labels)
-    a = kd_ops.checked(
-        "vocab_parallel_kd_loss", local_s, teacher.to_local(), slice_of_classes=True, temperature=temperature,
-        divergence=divergence, beta=beta, labels=labels, alpha=alpha, label_smoothing=label_smoothing,
-        ignore_index=ignore_index, scale_by_t2=scale_by_t2, reduction=reduction,
-        num_items_in_batch=num_items_in_batch)
+    a = kd_ops.checked("vocab_parallel_kd_loss", local_s, teacher.to_local(), slice_of_classes=True,
+                       temperature=temperature, **{**kd, "labels": _replicated_local("labels", kd.get("labels"))})
     loss = _sharded_loss(a, mesh_group, class_offset, n_classes)
     return DTensor.from_local(loss, mesh, [Replicate()] * mesh.ndim, run_check=False)

@@ -7,6 +7,7 @@ error of the reference run in that same dtype (the loss is float32 in every case
 the float32 tolerance). Cases marked `cuda` run the CUDA C++ and the compiled Triton kernel
 on a GPU; without one, the Triton kernel runs on CPU tensors in Triton's interpreter.
 """
+import inspect
 import math
 import textwrap
 
@@ -15,8 +16,8 @@ import torch
 
 from conftest import (DEVICE_BACKENDS, TEMPERATURES, TRITON_COLUMN_BLOCKS, interpreted, low_precision_tolerance,
                       opcheck_kernel, require, run_on_each_cpu_capability, temperature_sweep_logits)
-from lepton_fast._validate import KD_FIELDS, kd_hyper, kd_values
-from lepton_fast import KDLoss, fused_kd_loss, reference
+from lepton_fast import KDLoss, _validate, fused_kd_loss, reference, sparse_kd_loss
+from lepton_fast._validate import KD_DEFAULTS, KD_FIELDS, kd_hyper, kd_values
 from lepton_fast.ops.kd_loss import SPEC
 
 # The interpreter evaluates both sides of tl.where with numpy, which warns about the
@@ -431,6 +432,7 @@ BAD_INPUTS = [
     ("beta > 1", dict(divergence="jsd", beta=1.5), ValueError, "beta"),
     ("divergence", dict(divergence="kl"), ValueError, "divergence"),
     ("scale_by_t2 int", dict(scale_by_t2=1), TypeError, "scale_by_t2 must be a bool"),
+    ("unknown keyword", dict(alpah=0.5), TypeError, r"fused_kd_loss\(\) got an unexpected keyword argument 'alpah'"),
     ("reduction", dict(reduction="avg"), ValueError, "reduction"),
     ("alpha without labels", dict(alpha=0.5), ValueError, "labels"),
     ("alpha > 1", dict(alpha=1.5, labels=torch.tensor([0, 1, 2, 3])), ValueError, "alpha"),
@@ -462,6 +464,33 @@ def test_hyper_parameters_travel_packed():
     assert kd_hyper(**{**given, "beta": 0.5}) is not hyper
     with pytest.raises(TypeError, match="temprature"):
         kd_hyper(temprature=2.0)
+
+
+@pytest.mark.parametrize("name", ["fused_kd_loss", "sparse_kd_loss", "fused_linear_kd_loss",
+                                  "fused_linear_sparse_kd_loss", "distributed.vocab_parallel_kd_loss",
+                                  "distributed.vocab_parallel_sparse_kd_loss"])
+def test_kd_functions_share_one_keyword_list(name):
+    """Every public KD function takes the keywords of _validate.KDKeywords from that one list:
+    each in its signature (help(), inspect.signature) with the default of KD_DEFAULTS and in
+    its docstring; temperature stays positional; the checks at construction see them all."""
+    import importlib
+
+    module, _, attr = ("lepton_fast." + name).rpartition(".")
+    fn = getattr(importlib.import_module(module), attr)
+    params = inspect.signature(fn).parameters
+    assert params["temperature"].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    for keyword, default in KD_DEFAULTS.items():
+        assert params[keyword].default == default, keyword
+        assert keyword == "temperature" or params[keyword].kind is inspect.Parameter.KEYWORD_ONLY
+        assert f"        {keyword}: " in fn.__doc__ or keyword == "temperature", keyword
+    assert "KD_KEYWORDS" not in fn.__doc__
+    with pytest.raises(TypeError, match="unexpected keyword argument 'temprature'"):  # (KDLoss, TRL)
+        _validate.kd_hyper_parameters(fn, temprature=2.0)
+
+
+def test_unknown_keyword_names_the_function():
+    with pytest.raises(TypeError, match=r"sparse_kd_loss\(\) got an unexpected keyword argument 'truncate'"):
+        sparse_kd_loss(randn(2, 5, seed=1), torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1), truncate="tail")
 
 
 @pytest.mark.parametrize("hyper, match", [

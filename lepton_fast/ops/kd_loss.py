@@ -14,12 +14,15 @@ the steps and merges them; :func:`slice_stats`, :func:`slice_jsd_sums` and
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import TYPE_CHECKING, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
 
 from lepton_fast import _backend, _validate
+
+if TYPE_CHECKING:
+    from typing import Unpack
 
 # Knowledge distillation (csrc/kd_loss.h has the formulas): the loss as `reduction` asks
 # (float32; float64 for float64 logits) and, when compute_grad, d(loss)/d(student_logits) in the
@@ -100,21 +103,14 @@ def _(student_logits, teacher_logits, labels, stats, jsd_sums, hyper, ignore_ind
     return loss, grad
 
 
+@_validate.kd_keywords
 def fused_kd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
     temperature: Scalar = 1.0,
     *,
-    divergence: str = "forward_kl",
-    beta: Scalar = 0.5,
-    labels: Optional[Tensor] = None,
-    alpha: Scalar = 0.0,
-    label_smoothing: Scalar = 0.0,
-    ignore_index: int = -100,
-    scale_by_t2: bool = True,
-    reduction: str = "mean",
-    num_items_in_batch: Optional[Union[int, Tensor]] = None,
     backend: Optional[str] = None,
+    **kd: Unpack[_validate.KDKeywords],
 ) -> Tensor:
     r"""Knowledge-distillation loss in one fused pass (Hinton, Vinyals & Dean 2015).
 
@@ -140,22 +136,7 @@ def fused_kd_loss(
             loss at large T: "Precision" below). A float or a 0-d CPU tensor (as
             are beta, alpha and label_smoothing): a value that changes every step does not
             recompile a ``torch.compile`` graph.
-        divergence: ``"forward_kl"``, ``"reverse_kl"`` or ``"jsd"``.
-        beta: JSD mixture weight in [0, 1]; used only by ``"jsd"``.
-        labels: optional [...] integer hard labels (int64 or int32). Rows labelled
-            ``ignore_index`` are left out of the loss and get zero gradient, also when
-            ``alpha`` is 0.
-        alpha: weight in [0, 1] of the hard-label CE; > 0 needs ``labels``.
-        label_smoothing: in [0, 1], for the CE term (as ``F.cross_entropy``).
-        ignore_index: label value that marks a row to leave out (default -100).
-        scale_by_t2: multiply the soft term by T² (Hinton et al.; PyTorch's KD tutorial,
-            torchdistill). Pass False for TRL/Liger-Kernel's unscaled loss.
-        reduction: ``"mean"`` (= ``"batchmean"``): mean over non-ignored rows of the per-row
-            loss, 0 if every row is ignored; ``"sum"``; ``"none"``: per-row loss [...], 0 at
-            ignored rows. Unlike ``F.kl_div(reduction="mean")``, "mean" is per sample.
-        num_items_in_batch: the sum of the row losses divided by this count instead (> 0, a
-            number or a 0-d tensor), as transformers and TRL do under gradient accumulation;
-            not with ``reduction="none"``.
+        KD_KEYWORDS
         backend: force the kernel: ``"reference"`` (lepton_fast.reference under the op's
             schema), ``"cpu"``, ``"cuda"`` or ``"triton"`` (default: the dispatcher's, or
             ``$LEPTON_FAST_BACKEND``). Forcing is eager-only.
@@ -183,9 +164,7 @@ def fused_kd_loss(
     The gradient is computed during the forward into one buffer the size of the logits;
     nothing else larger than O(N) is allocated. The backward scales it in place.
     """
-    a = checked("fused_kd_loss", student_logits, teacher_logits, temperature=temperature, divergence=divergence,
-                beta=beta, labels=labels, alpha=alpha, label_smoothing=label_smoothing, ignore_index=ignore_index,
-                scale_by_t2=scale_by_t2, reduction=reduction, num_items_in_batch=num_items_in_batch)
+    a = checked("fused_kd_loss", student_logits, teacher_logits, temperature=temperature, **kd)
     device_type = _backend.device_type(a.student)
     loss, _ = _backend.call(
         SPEC, _backend.resolve_type(SPEC, device_type, backend), device_type, a.student, a.teacher,

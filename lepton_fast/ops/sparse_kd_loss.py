@@ -13,13 +13,16 @@ under TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor
 
 from lepton_fast import _backend, _validate
 from lepton_fast.ops import kd_loss
+
+if TYPE_CHECKING:
+    from typing import Unpack
 
 # The loss as `reduction` asks (float32; float64 for float64 logits) and, when compute_grad,
 # d(loss)/d(student_logits) in the student's dtype, written during the forward. Rows: student
@@ -46,6 +49,7 @@ def _(student_logits, teacher_indices, teacher_logprobs, teacher_mask, labels, h
     return loss, grad
 
 
+@_validate.kd_keywords
 def sparse_kd_loss(
     student_logits: Tensor,
     teacher_indices: Tensor,
@@ -53,17 +57,9 @@ def sparse_kd_loss(
     teacher_mask: Optional[Tensor] = None,
     temperature: kd_loss.Scalar = 1.0,
     *,
-    divergence: str = "forward_kl",
-    beta: kd_loss.Scalar = 0.5,
     truncation: str = "renormalize",
-    labels: Optional[Tensor] = None,
-    alpha: kd_loss.Scalar = 0.0,
-    label_smoothing: kd_loss.Scalar = 0.0,
-    ignore_index: int = -100,
-    scale_by_t2: bool = True,
-    reduction: str = "mean",
-    num_items_in_batch: Optional[Union[int, Tensor]] = None,
     backend: Optional[str] = None,
+    **kd: Unpack[_validate.KDKeywords],
 ) -> Tensor:
     r"""Knowledge distillation from a teacher given only at K entries per row: its top-k
     log-probabilities as a teacher model or vLLM writes them once, for many student runs.
@@ -106,9 +102,8 @@ def sparse_kd_loss(
             with probability 0); a constant. Read in their own dtype, accumulated in float32
             (float64 for float64 student logits).
         teacher_mask: optional [..., K] bool (or 0/1 integer): False = entry not provided.
-        temperature, divergence, beta, labels, alpha, label_smoothing, ignore_index,
-        scale_by_t2, reduction, num_items_in_batch, backend: as :func:`lepton_fast.fused_kd_loss`
-            (``reduction="sum"`` is the sum of the rows' losses).
+        temperature, backend: as :func:`lepton_fast.fused_kd_loss`.
+        KD_KEYWORDS
         truncation: ``"renormalize"`` or ``"tail"``.
 
     Returns:
@@ -133,10 +128,7 @@ def sparse_kd_loss(
     indices, logprobs, mask = _validate.sparse_teacher(teacher_indices, teacher_logprobs, teacher_mask,
                                                        "student_logits", student_logits)
     _validate.choice("truncation", truncation, TRUNCATIONS)
-    o = _validate.kd_options(
-        "sparse_kd_loss", "student_logits", student_logits, temperature=temperature, divergence=divergence, beta=beta,
-        labels=labels, alpha=alpha, label_smoothing=label_smoothing, ignore_index=ignore_index,
-        scale_by_t2=scale_by_t2, reduction=reduction, num_items_in_batch=num_items_in_batch)
+    o = _validate.kd_options("sparse_kd_loss", "student_logits", student_logits, temperature=temperature, **kd)
     student = _validate.as_rows(student_logits)
     compute_grad = student.requires_grad and torch.is_grad_enabled()
     loss, _ = _backend.call(
