@@ -371,18 +371,19 @@ def kd_options(op: str, x_name: str, x: Tensor, /, **kd) -> KDOptions:
     for name in kd:
         if name not in _KD_NAMES:
             raise TypeError(f"{op}() got an unexpected keyword argument {name!r}")
-    hyper = _packed(tuple(kd.get(f.name, f.default) for f in KD_FIELDS))
-    reduction = choice("reduction", kd.get("reduction", "mean"), REDUCTIONS)
-    count = kd.get("num_items_in_batch")
+    kd = {**KD_DEFAULTS, **kd}
+    hyper = _packed(tuple(kd[f.name] for f in KD_FIELDS))
+    reduction = choice("reduction", kd["reduction"], REDUCTIONS)
+    count = kd["num_items_in_batch"]
     if count is not None and reduction == "none":
         raise ValueError(
             "num_items_in_batch divides the summed loss, so it needs reduction 'mean' or 'sum', not 'none'")
-    labels = kd.get("labels")
+    labels = kd["labels"]
     if labels is not None:
         labels = class_labels("labels", labels, x_name, x).reshape(-1)
     else:
-        zero("alpha", kd.get("alpha", 0.0), "alpha > 0 weights a hard-label cross-entropy, so labels are required")
-    return KDOptions(hyper, labels, kd.get("ignore_index", -100), reduction, num_items(count, x))
+        zero("alpha", kd["alpha"], "alpha > 0 weights a hard-label cross-entropy, so labels are required")
+    return KDOptions(hyper, labels, kd["ignore_index"], reduction, num_items(count, x))
 
 
 _KD_NAMES = frozenset(KD_DEFAULTS)

@@ -76,12 +76,19 @@ def soft_kind(divergence: str, beta: float) -> str:
     return divergence
 
 
-@torch.library.register_fake("lepton_fast::fused_kd_loss")
-def _(student_logits, teacher_logits, labels, hyper, ignore_index, reduction, num_items_in_batch, compute_grad):
+def fake_loss_and_grad(student_logits: Tensor, reduction: str, compute_grad: bool) -> tuple[Tensor, Tensor]:
+    """What every KD loss op's fake kernel returns: the loss in the accumulation dtype (float32;
+    float64 for float64 logits), [N] for "none", and the gradient like the student's logits, or
+    an empty tensor unless compute_grad."""
     acc = torch.promote_types(student_logits.dtype, torch.float32)
     loss = student_logits.new_empty((student_logits.shape[0],) if reduction == "none" else (), dtype=acc)
     grad = torch.empty_like(student_logits) if compute_grad else student_logits.new_empty((0,))
     return loss, grad
+
+
+@torch.library.register_fake("lepton_fast::fused_kd_loss")
+def _(student_logits, teacher_logits, labels, hyper, ignore_index, reduction, num_items_in_batch, compute_grad):
+    return fake_loss_and_grad(student_logits, reduction, compute_grad)
 
 
 @torch.library.register_fake("lepton_fast::kd_slice_stats")
@@ -98,9 +105,7 @@ def _(student_logits, teacher_logits, labels, stats, hyper, ignore_index):
 @torch.library.register_fake("lepton_fast::kd_slice_loss")
 def _(student_logits, teacher_logits, labels, stats, jsd_sums, hyper, ignore_index, reduction, num_items_in_batch,
       class_offset, n_classes, compute_grad):
-    loss = stats.new_empty((student_logits.shape[0],) if reduction == "none" else ())
-    grad = torch.empty_like(student_logits) if compute_grad else student_logits.new_empty((0,))
-    return loss, grad
+    return fake_loss_and_grad(student_logits, reduction, compute_grad)
 
 
 @_validate.kd_keywords

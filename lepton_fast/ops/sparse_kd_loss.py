@@ -43,10 +43,7 @@ TRUNCATIONS = ("renormalize", "tail")
 @torch.library.register_fake("lepton_fast::sparse_kd_loss")
 def _(student_logits, teacher_indices, teacher_logprobs, teacher_mask, labels, hyper, truncation, ignore_index,
       reduction, num_items_in_batch, compute_grad):
-    acc = torch.promote_types(student_logits.dtype, torch.float32)
-    loss = student_logits.new_empty((student_logits.shape[0],) if reduction == "none" else (), dtype=acc)
-    grad = torch.empty_like(student_logits) if compute_grad else student_logits.new_empty((0,))
-    return loss, grad
+    return kd_loss.fake_loss_and_grad(student_logits, reduction, compute_grad)
 
 
 @_validate.kd_keywords
