@@ -24,18 +24,17 @@ using torch::autograd::variable_list;
 using OptionalTensor = std::optional<at::Tensor>;
 
 // The schemas (lepton_fast/ops/*.py) as C++ function types, for the typed dispatcher handles.
+// The KD schemas take their hyper-parameters packed in one tensor (`hyper`, csrc/kd_loss.h), so
+// a new one changes none of these.
 using FusedKDLossFn = std::tuple<at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const OptionalTensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, const at::Tensor&, c10::string_view, int64_t, bool, c10::string_view, const OptionalTensor&,
-    bool);
+    const at::Tensor&, const at::Tensor&, const OptionalTensor&, const at::Tensor&, int64_t, c10::string_view,
+    const OptionalTensor&, bool);
 using KDSliceLossFn = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const OptionalTensor&, const at::Tensor&, const OptionalTensor&,
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view, int64_t, bool,
-    c10::string_view, const OptionalTensor&, int64_t, int64_t, bool);
+    const at::Tensor&, int64_t, c10::string_view, const OptionalTensor&, int64_t, int64_t, bool);
 using SparseKDLossFn = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptionalTensor&, const OptionalTensor&,
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view, c10::string_view,
-    int64_t, bool, c10::string_view, const OptionalTensor&, bool);
+    const at::Tensor&, c10::string_view, int64_t, c10::string_view, const OptionalTensor&, bool);
 using PseudoLabelOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using FusedPseudoLabelLossFn = PseudoLabelOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                   const at::Tensor&, bool, const OptionalTensor&,
@@ -108,21 +107,21 @@ class KDLoss : public torch::autograd::Function<KDLoss<Op>> {
 struct FusedKDLossOp {
   static constexpr const char* kName = "fused_kd_loss";
   static constexpr const char* kQualName = "lepton_fast::fused_kd_loss";
-  static constexpr int kInputs = 13;
+  static constexpr int kInputs = 8;
   using Fn = FusedKDLossFn;
 };
 
 struct KDSliceLossOp {
   static constexpr const char* kName = "kd_slice_loss";
   static constexpr const char* kQualName = "lepton_fast::kd_slice_loss";
-  static constexpr int kInputs = 17;
+  static constexpr int kInputs = 12;
   using Fn = KDSliceLossFn;
 };
 
 struct SparseKDLossOp {
   static constexpr const char* kName = "sparse_kd_loss";
   static constexpr const char* kQualName = "lepton_fast::sparse_kd_loss";
-  static constexpr int kInputs = 16;
+  static constexpr int kInputs = 11;
   using Fn = SparseKDLossFn;
 };
 
@@ -155,36 +154,31 @@ class FusedPseudoLabelLoss : public torch::autograd::Function<FusedPseudoLabelLo
 
 std::tuple<at::Tensor, at::Tensor> fused_kd_loss_autograd(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits, const OptionalTensor& labels,
-    const at::Tensor& temperature, const at::Tensor& beta, const at::Tensor& alpha, const at::Tensor& label_smoothing,
-    c10::string_view divergence, int64_t ignore_index, bool scale_by_t2, c10::string_view reduction,
-    const OptionalTensor& num_items_in_batch, bool compute_grad) {
-  auto out = KDLoss<FusedKDLossOp>::apply(student_logits, teacher_logits, labels, temperature, beta, alpha,
-                                          label_smoothing, divergence, ignore_index, scale_by_t2, reduction,
+    const at::Tensor& hyper, int64_t ignore_index, c10::string_view reduction, const OptionalTensor& num_items_in_batch,
+    bool compute_grad) {
+  auto out = KDLoss<FusedKDLossOp>::apply(student_logits, teacher_logits, labels, hyper, ignore_index, reduction,
                                           num_items_in_batch, compute_grad);
   return {out[0], out[1]};
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_slice_loss_autograd(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits, const OptionalTensor& labels,
-    const at::Tensor& stats, const OptionalTensor& jsd_sums, const at::Tensor& temperature, const at::Tensor& beta,
-    const at::Tensor& alpha, const at::Tensor& label_smoothing, c10::string_view divergence, int64_t ignore_index,
-    bool scale_by_t2, c10::string_view reduction, const OptionalTensor& num_items_in_batch, int64_t class_offset,
-    int64_t n_classes, bool compute_grad) {
-  auto out = KDLoss<KDSliceLossOp>::apply(student_logits, teacher_logits, labels, stats, jsd_sums, temperature, beta,
-                                          alpha, label_smoothing, divergence, ignore_index, scale_by_t2, reduction,
-                                          num_items_in_batch, class_offset, n_classes, compute_grad);
+    const at::Tensor& stats, const OptionalTensor& jsd_sums, const at::Tensor& hyper, int64_t ignore_index,
+    c10::string_view reduction, const OptionalTensor& num_items_in_batch, int64_t class_offset, int64_t n_classes,
+    bool compute_grad) {
+  auto out = KDLoss<KDSliceLossOp>::apply(student_logits, teacher_logits, labels, stats, jsd_sums, hyper, ignore_index,
+                                          reduction, num_items_in_batch, class_offset, n_classes, compute_grad);
   return {out[0], out[1]};
 }
 
 std::tuple<at::Tensor, at::Tensor> sparse_kd_loss_autograd(
     const at::Tensor& student_logits, const at::Tensor& teacher_indices, const at::Tensor& teacher_logprobs,
-    const OptionalTensor& teacher_mask, const OptionalTensor& labels, const at::Tensor& temperature,
-    const at::Tensor& beta, const at::Tensor& alpha, const at::Tensor& label_smoothing, c10::string_view divergence,
-    c10::string_view truncation, int64_t ignore_index, bool scale_by_t2, c10::string_view reduction,
+    const OptionalTensor& teacher_mask, const OptionalTensor& labels, const at::Tensor& hyper,
+    c10::string_view truncation, int64_t ignore_index, c10::string_view reduction,
     const OptionalTensor& num_items_in_batch, bool compute_grad) {
   auto out = KDLoss<SparseKDLossOp>::apply(student_logits, teacher_indices, teacher_logprobs, teacher_mask, labels,
-                                           temperature, beta, alpha, label_smoothing, divergence, truncation,
-                                           ignore_index, scale_by_t2, reduction, num_items_in_batch, compute_grad);
+                                           hyper, truncation, ignore_index, reduction, num_items_in_batch,
+                                           compute_grad);
   return {out[0], out[1]};
 }
 

@@ -36,10 +36,25 @@
 
 namespace lepton_fast {
 
+// The codes of lepton_fast._validate.DIVERGENCES.
 enum class Divergence : int { kForwardKL = 0, kReverseKL = 1, kJSD = 2 };
 
-// The scalar arguments of fused_kd_loss, resolved once per call in double precision (each
-// kernel rounds them to its accumulation type). Their values were checked in Python:
+// The KD ops' hyper-parameters travel packed, as one 1-D float64 CPU tensor `hyper` (every KD
+// schema's argument), entries in the order of lepton_fast._validate.KD_FIELDS, which packs them.
+// Only make_kd_params reads it: the entry points pass it through, so a new hyper-parameter is
+// an entry here and a field of KDParams, not an argument of every kernel's signature.
+enum KDHyper : int {
+  kHyperTemperature = 0,
+  kHyperDivergence,  // a Divergence code
+  kHyperBeta,
+  kHyperAlpha,
+  kHyperLabelSmoothing,
+  kHyperScaleByT2,  // 0 or 1
+  kNumKDHyper
+};
+
+// The hyper-parameters of a KD op, resolved once per call in double precision (each kernel
+// rounds them to its accumulation type). Their values were checked in Python:
 // temperature > 0, beta, alpha and label_smoothing in [0, 1], labels given when alpha > 0.
 struct KDParams {
   double inv_temperature;
@@ -87,25 +102,28 @@ inline void check_merged_stats(const char* op, const at::Tensor& x, const at::Te
   LF_CHECK_DEVICE(x, student);
 }
 
-inline KDParams make_kd_params(const at::Tensor& temperature, const at::Tensor& beta_t, const at::Tensor& alpha_t,
-                               const at::Tensor& label_smoothing, c10::string_view divergence,
-                               int64_t ignore_index, bool scale_by_t2, bool has_labels, bool compute_grad) {
-  const double t = scalar_arg(temperature, "temperature"), beta = scalar_arg(beta_t, "beta");
-  const double alpha = scalar_arg(alpha_t, "alpha");
+inline KDParams make_kd_params(const at::Tensor& hyper, int64_t ignore_index, bool has_labels, bool compute_grad) {
+  LF_CHECK_DTYPE(hyper, at::kDouble);
+  LF_CHECK_SHAPE(hyper, kNumKDHyper);
+  TORCH_CHECK(hyper.device().is_cpu() && hyper.is_contiguous(),
+              "hyper must be a contiguous CPU tensor (lepton_fast._validate.kd_hyper packs it), got one on ",
+              hyper.device());
+  const double* h = hyper.const_data_ptr<double>();
+  const double t = h[kHyperTemperature], beta = h[kHyperBeta], alpha = h[kHyperAlpha];
+  const double code = h[kHyperDivergence];
+  TORCH_CHECK(code == 0 || code == 1 || code == 2, "hyper: the divergence code must be 0, 1 or 2, got ", code);
   KDParams p;
-  if (divergence == "forward_kl" || (divergence == "jsd" && beta == 0)) {
-    p.divergence = Divergence::kForwardKL;
-  } else if (divergence == "reverse_kl" || (divergence == "jsd" && beta == 1)) {
-    p.divergence = Divergence::kReverseKL;
-  } else {
-    TORCH_CHECK(divergence == "jsd", "divergence must be 'forward_kl', 'reverse_kl' or 'jsd'");
-    p.divergence = Divergence::kJSD;
+  p.divergence = static_cast<Divergence>(static_cast<int>(code));
+  // The JSD at beta 0 / 1 is exactly forward / reverse KL (its mixture is then one of the two
+  // distributions), and runs as such (lepton_fast.ops.kd_loss.soft_kind).
+  if (p.divergence == Divergence::kJSD && (beta == 0 || beta == 1)) {
+    p.divergence = beta == 0 ? Divergence::kForwardKL : Divergence::kReverseKL;
   }
-  const double scale = scale_by_t2 ? t * t : 1.0;
+  const double scale = h[kHyperScaleByT2] != 0 ? t * t : 1.0;
   p.inv_temperature = 1.0 / t;
   p.beta = beta;
   p.alpha = alpha;
-  p.label_smoothing = scalar_arg(label_smoothing, "label_smoothing");
+  p.label_smoothing = h[kHyperLabelSmoothing];
   p.ignore_index = ignore_index;
   p.soft_weight = (1.0 - alpha) * scale;
   p.soft_grad_weight = (1.0 - alpha) * scale / t;

@@ -34,11 +34,10 @@ import torch
 import triton
 import triton.language as tl
 
-from lepton_fast._validate import DIVERGENCES
+from lepton_fast._validate import DIVERGENCES, kd_values
 from lepton_fast.ops.kd_loss import N_STATS, soft_kind
 
-from ._common import (acc_dtype, check_labels, check_rows_defined, online_softmax, reduce_rows, scalar,
-                      signature, store_zeros)
+from ._common import acc_dtype, check_labels, check_rows_defined, online_softmax, reduce_rows, signature, store_zeros
 
 # The kernels' DIV constexpr: the divergence's position in the names every layer accepts.
 _DIVERGENCES = {name: code for code, name in enumerate(DIVERGENCES)}
@@ -331,17 +330,25 @@ def _kd_slice_jsd_kernel(
     tl.store(out_ptr + row * 2 + 1, k_s)
 
 
-def switches(divergence: str, beta: float, alpha: float, temperature: float, label_smoothing: float,
-             has_labels: bool) -> dict:
-    """The KD kernels' constexpr switches for one call's hyper-parameters: the one definition
-    the launchers use and :func:`compile_targets` enumerates (through :func:`switch_variants`).
+def switches(h: dict, has_labels: bool) -> dict:
+    """The KD kernels' constexpr switches for one call's hyper-parameters ``h`` (by name, as
+    lepton_fast._validate.kd_values gives them): the one definition the launchers use and
+    :func:`compile_targets` enumerates (through :func:`switch_variants`).
     DIV: the divergence computed (beta 0 / 1 run the JSD as forward / reverse KL, soft_kind);
     CE_OWN: the CE needs softmax statistics of its own (at T = 1 when the soft term's are at
     T != 1, or without a soft term); SMOOTH: the CE needs the row's sum of logits."""
-    needs_soft, needs_ce = alpha < 1, alpha > 0
-    return {"DIV": _DIVERGENCES[soft_kind(divergence, beta)], "NEEDS_SOFT": needs_soft, "NEEDS_CE": needs_ce,
-            "CE_OWN": needs_ce and (not needs_soft or temperature != 1.0), "SMOOTH": needs_ce and label_smoothing > 0,
-            "HAS_LABELS": has_labels}
+    needs_soft, needs_ce = h["alpha"] < 1, h["alpha"] > 0
+    return {"DIV": _DIVERGENCES[soft_kind(h["divergence"], h["beta"])], "NEEDS_SOFT": needs_soft,
+            "NEEDS_CE": needs_ce, "CE_OWN": needs_ce and (not needs_soft or h["temperature"] != 1.0),
+            "SMOOTH": needs_ce and h["label_smoothing"] > 0, "HAS_LABELS": has_labels}
+
+
+def soft_weights(h: dict) -> tuple[float, float, float]:
+    """(1 / T, the soft term's weight (1 - alpha) (T^2 or 1), that weight / T, which multiplies
+    dD/dz): the row constants every KD launcher passes its kernel (KDParams in csrc/kd_loss.h)."""
+    t = h["temperature"]
+    weight = (1.0 - h["alpha"]) * (t * t if h["scale_by_t2"] else 1.0)
+    return 1.0 / t, weight, weight / t
 
 
 def switch_variants(kernel) -> list[dict]:
@@ -355,7 +362,8 @@ def switch_variants(kernel) -> list[dict]:
             DIVERGENCES, (0.0, 0.5, 1.0), (0.0, 0.5, 1.0), (1.0, 2.0), (0.0, 0.1), (False, True)):
         if alpha > 0 and not has_labels:
             continue
-        chosen = {k: v for k, v in switches(divergence, beta, alpha, t, smoothing, has_labels).items() if k in taken}
+        h = {"divergence": divergence, "beta": beta, "alpha": alpha, "temperature": t, "label_smoothing": smoothing}
+        chosen = {k: v for k, v in switches(h, has_labels).items() if k in taken}
         variants.setdefault(tuple(chosen.items()), chosen)
     return list(variants.values())
 
@@ -384,22 +392,20 @@ class _Launch:
     hyper-parameters and switches, and the launch grid and block. ``slice_classes`` is the
     columns the kernels read (a slice of rows of n_classes, or the whole row)."""
 
-    def __init__(self, op, student_logits, teacher_logits, labels, temperature, beta, alpha, label_smoothing,
-                 divergence, ignore_index, block):
+    def __init__(self, op, student_logits, teacher_logits, labels, hyper, ignore_index, block):
         if student_logits.dim() != 2 or student_logits.stride(1) != 1 or teacher_logits.stride(1) != 1:
             raise ValueError(f"{op}: logits must be [N, C] with rows contiguous along C")
         if teacher_logits.shape != student_logits.shape or teacher_logits.dtype != student_logits.dtype:
             raise ValueError(f"{op}: student and teacher logits must have the same shape and dtype")
         self.op, self.ignore_index = op, ignore_index
-        self.t, self.b, self.a, self.label_smoothing = (
-            scalar(temperature), scalar(beta), scalar(alpha), scalar(label_smoothing))
+        self.h = kd_values(hyper)
+        self.inv_t, self.soft_weight, self.soft_grad_weight = soft_weights(self.h)
         self.n_rows, self.slice_classes = student_logits.shape
         self.acc, self.tl_acc = acc_dtype(student_logits)
         self.labels = None if labels is None else labels.to(torch.int64).contiguous()
         self.block = column_block(self.slice_classes, block)
-        self.log_beta, self.log_1m_beta = mixture_logs(self.b)
-        self.flags = dict(switches(divergence, self.b, self.a, self.t, self.label_smoothing, labels is not None),
-                          ACC=self.tl_acc, BLOCK=self.block)
+        self.log_beta, self.log_1m_beta = mixture_logs(self.h["beta"])
+        self.flags = dict(switches(self.h, labels is not None), ACC=self.tl_acc, BLOCK=self.block)
         self.num_warps = num_warps(self.block)
 
     def check_slice(self, class_offset, n_classes):
@@ -420,12 +426,10 @@ def _merged(op, x, call, width):
     return x
 
 
-def _loss_and_grad(op, student_logits, teacher_logits, labels, stats, jsd_sums, temperature, beta, alpha,
-                   label_smoothing, divergence, ignore_index, scale_by_t2, reduction, num_items_in_batch,
-                   class_offset, n_classes, compute_grad, block):
+def _loss_and_grad(op, student_logits, teacher_logits, labels, stats, jsd_sums, hyper, ignore_index, reduction,
+                   num_items_in_batch, class_offset, n_classes, compute_grad, block):
     """fused_kd_loss (stats None) or kd_slice_loss: the loss as ``reduction`` asks, and the gradient."""
-    call = _Launch(op, student_logits, teacher_logits, labels, temperature, beta, alpha, label_smoothing, divergence,
-                 ignore_index, block)
+    call = _Launch(op, student_logits, teacher_logits, labels, hyper, ignore_index, block)
     call.check_slice(class_offset, n_classes)
     jsd = call.flags["NEEDS_SOFT"] and call.flags["DIV"] == _DIVERGENCES["jsd"]
     if stats is not None:
@@ -446,14 +450,12 @@ def _loss_and_grad(op, student_logits, teacher_logits, labels, stats, jsd_sums, 
     grad_scale = torch.as_tensor(divisor if divides else 1, dtype=torch.float64, device=student_logits.device)
     grad_scale = 1.0 / grad_scale
     if call.n_rows:
-        t, a = call.t, call.a
-        scale = t * t if scale_by_t2 else 1.0
         _kd_loss_kernel[(call.n_rows,)](
             student_logits, teacher_logits, call.labels_or(rows), grad, rows, grad_scale,
             rows if stats is None else stats, rows if not (stats is not None and jsd) else jsd_sums,
             call.slice_classes, student_logits.stride(0), teacher_logits.stride(0), class_offset, n_classes,
-            1.0 / t, call.b, call.log_beta, call.log_1m_beta, a, call.label_smoothing, (1.0 - a) * scale,
-            (1.0 - a) * scale / t, ignore_index, COMPUTE_GRAD=compute_grad, FROM_STATS=stats is not None,
+            call.inv_t, call.h["beta"], call.log_beta, call.log_1m_beta, call.h["alpha"], call.h["label_smoothing"],
+            call.soft_weight, call.soft_grad_weight, ignore_index, COMPUTE_GRAD=compute_grad, FROM_STATS=stats is not None,
             num_warps=call.num_warps, **call.flags,
         )
     check_rows_defined(op, rows, "student_logits or teacher_logits")
@@ -464,13 +466,8 @@ def fused_kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     labels: torch.Tensor | None,
-    temperature: torch.Tensor,
-    beta: torch.Tensor,
-    alpha: torch.Tensor,
-    label_smoothing: torch.Tensor,
-    divergence: str,
+    hyper: torch.Tensor,
     ignore_index: int,
-    scale_by_t2: bool,
     reduction: str,
     num_items_in_batch: torch.Tensor | None,
     compute_grad: bool,
@@ -480,47 +477,41 @@ def fused_kd_loss(
     """(loss as ``reduction`` asks, d(loss)/d(student) or an empty tensor): the contract of
     ``torch.ops.lepton_fast.fused_kd_loss`` (lepton_fast/ops/kd_loss.py). ``block`` overrides the column
     block (a power of two), for tests."""
-    return _loss_and_grad("fused_kd_loss", student_logits, teacher_logits, labels, None, None, temperature, beta,
-                          alpha, label_smoothing, divergence, ignore_index, scale_by_t2, reduction, num_items_in_batch,
-                          0, student_logits.shape[-1], compute_grad, block)
+    return _loss_and_grad("fused_kd_loss", student_logits, teacher_logits, labels, None, None, hyper, ignore_index,
+                          reduction, num_items_in_batch, 0, student_logits.shape[-1], compute_grad, block)
 
 
-def kd_slice_loss(student_logits, teacher_logits, labels, stats, jsd_sums, temperature, beta, alpha, label_smoothing,
-                  divergence, ignore_index, scale_by_t2, reduction, num_items_in_batch, class_offset, n_classes,
-                  compute_grad, *, block=None):
+def kd_slice_loss(student_logits, teacher_logits, labels, stats, jsd_sums, hyper, ignore_index, reduction,
+                  num_items_in_batch, class_offset, n_classes, compute_grad, *, block=None):
     """The contract of ``torch.ops.lepton_fast.kd_slice_loss`` (lepton_fast/ops/kd_loss.py)."""
-    return _loss_and_grad("kd_slice_loss", student_logits, teacher_logits, labels, stats, jsd_sums, temperature, beta,
-                          alpha, label_smoothing, divergence, ignore_index, scale_by_t2, reduction, num_items_in_batch,
-                          class_offset, n_classes, compute_grad, block)
+    return _loss_and_grad("kd_slice_loss", student_logits, teacher_logits, labels, stats, jsd_sums, hyper,
+                          ignore_index, reduction, num_items_in_batch, class_offset, n_classes, compute_grad, block)
 
 
-def kd_slice_stats(student_logits, teacher_logits, labels, temperature, beta, alpha, label_smoothing, divergence,
-                   ignore_index, class_offset, n_classes, *, block=None):
+def kd_slice_stats(student_logits, teacher_logits, labels, hyper, ignore_index, class_offset, n_classes, *,
+                   block=None):
     """The contract of ``torch.ops.lepton_fast.kd_slice_stats`` (lepton_fast/ops/kd_loss.py)."""
-    call = _Launch("kd_slice_stats", student_logits, teacher_logits, labels, temperature, beta, alpha,
-                 label_smoothing, divergence, ignore_index, block)
+    call = _Launch("kd_slice_stats", student_logits, teacher_logits, labels, hyper, ignore_index, block)
     call.check_slice(class_offset, n_classes)
     out = torch.empty(call.n_rows, N_STATS, dtype=call.acc, device=student_logits.device)
     if call.n_rows:
         _kd_slice_stats_kernel[(call.n_rows,)](
             student_logits, teacher_logits, call.labels_or(out), out, call.slice_classes, student_logits.stride(0),
-            teacher_logits.stride(0), class_offset, n_classes, 1.0 / call.t, call.label_smoothing, ignore_index,
+            teacher_logits.stride(0), class_offset, n_classes, call.inv_t, call.h["label_smoothing"], ignore_index,
             num_warps=call.num_warps, **call.flags,
         )
     return out
 
 
-def kd_slice_jsd_sums(student_logits, teacher_logits, labels, stats, temperature, beta, ignore_index, *, block=None):
+def kd_slice_jsd_sums(student_logits, teacher_logits, labels, stats, hyper, ignore_index, *, block=None):
     """The contract of ``torch.ops.lepton_fast.kd_slice_jsd_sums`` (lepton_fast/ops/kd_loss.py)."""
-    zero = torch.zeros((), dtype=torch.float64)
-    call = _Launch("kd_slice_jsd_sums", student_logits, teacher_logits, labels, temperature, beta, zero, zero, "jsd",
-                 ignore_index, block)
+    call = _Launch("kd_slice_jsd_sums", student_logits, teacher_logits, labels, hyper, ignore_index, block)
     _merged("kd_slice_jsd_sums", stats, call, N_STATS)
     out = torch.empty(call.n_rows, 2, dtype=call.acc, device=student_logits.device)
     if call.n_rows:
         _kd_slice_jsd_kernel[(call.n_rows,)](
             student_logits, teacher_logits, call.labels_or(out), stats, out, call.slice_classes,
-            student_logits.stride(0), teacher_logits.stride(0), 1.0 / call.t, call.log_beta, call.log_1m_beta,
+            student_logits.stride(0), teacher_logits.stride(0), call.inv_t, call.log_beta, call.log_1m_beta,
             ignore_index, HAS_LABELS=call.flags["HAS_LABELS"], ACC=call.tl_acc, BLOCK=call.block,
             num_warps=call.num_warps,
         )

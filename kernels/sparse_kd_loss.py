@@ -28,10 +28,12 @@ import torch
 import triton
 import triton.language as tl
 
+from lepton_fast._validate import kd_values
+
 from ._common import acc_dtype, check_labels, check_rows_defined, no_bad_values, online_softmax, reduce_rows, \
-    scalar, signature, store_zeros
+    signature, store_zeros
 from .kd_loss import (BLOCKS, _in_acc, _kl_term, _label_of_row, _log_mixture, _log_sum, column_block, mixture_logs,
-                      num_warps, switch_variants, switches)
+                      num_warps, soft_weights, switch_variants, switches)
 
 
 @triton.jit
@@ -205,9 +207,8 @@ def _sparse_kd_loss_kernel(
                 tl.store(g_row + idx, dk.to(g_row.dtype.element_ty), mask=counted)
 
 
-def sparse_kd_loss(student_logits, teacher_indices, teacher_logprobs, teacher_mask, labels, temperature, beta, alpha,
-                   label_smoothing, divergence, truncation, ignore_index, scale_by_t2, reduction, num_items_in_batch,
-                   compute_grad, *, block=None):
+def sparse_kd_loss(student_logits, teacher_indices, teacher_logprobs, teacher_mask, labels, hyper, truncation,
+                   ignore_index, reduction, num_items_in_batch, compute_grad, *, block=None):
     """(loss as ``reduction`` asks, d(loss)/d(student) or an empty tensor): the contract of
     ``torch.ops.lepton_fast.sparse_kd_loss``. ``block`` overrides the column block, for tests."""
     op = "sparse_kd_loss"
@@ -219,8 +220,9 @@ def sparse_kd_loss(student_logits, teacher_indices, teacher_logprobs, teacher_ma
     if teacher_indices.shape[0] != n or teacher_logprobs.shape != teacher_indices.shape or (
             teacher_mask is not None and teacher_mask.shape != teacher_indices.shape):
         raise ValueError(f"{op}: the teacher's tensors must be [{n}, K] alike")
-    t, b, a, label_smoothing = scalar(temperature), scalar(beta), scalar(alpha), scalar(label_smoothing)
-    chosen = switches(divergence, b, a, t, label_smoothing, labels is not None)
+    h = kd_values(hyper)
+    inv_t, soft_weight, soft_grad_weight = soft_weights(h)
+    chosen = switches(h, labels is not None)
     del chosen["CE_OWN"]  # the CE's statistics are always its own here
     acc, tl_acc = acc_dtype(student_logits)
     if labels is not None:
@@ -240,14 +242,14 @@ def sparse_kd_loss(student_logits, teacher_indices, teacher_logprobs, teacher_ma
     grad_scale = 1.0 / torch.as_tensor(divisor if divides else 1, dtype=torch.float64, device=student_logits.device)
     mask = rows if teacher_mask is None else teacher_mask.view(torch.uint8)  # (an absent mask: any pointer)
     if n:
-        scale = (1.0 - a) * (t * t if scale_by_t2 else 1.0)
         blk = column_block(v, block)
         _sparse_kd_loss_kernel[(n,)](
             student_logits, teacher_indices, teacher_logprobs, mask,
             rows if labels is None else labels, grad, rows, grad_scale,
             v, k, student_logits.stride(0), teacher_indices.stride(0), teacher_logprobs.stride(0),
             0 if teacher_mask is None else teacher_mask.stride(0),
-            1.0 / t, b, *mixture_logs(b), a, label_smoothing, scale, scale / t, ignore_index,
+            inv_t, h["beta"], *mixture_logs(h["beta"]), h["alpha"], h["label_smoothing"], soft_weight,
+            soft_grad_weight, ignore_index,
             TAIL=truncation == "tail", HAS_MASK=teacher_mask is not None, COMPUTE_GRAD=compute_grad, ACC=tl_acc,
             KB=entry_block(k), BLOCK=blk, num_warps=num_warps(blk), **chosen,
         )

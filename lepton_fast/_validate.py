@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, TypedDict, Union
 
 import torch
 from torch import Tensor
@@ -270,18 +270,85 @@ def teacher_indices_in_range(indices: Tensor, read: Tensor, n_classes: int) -> N
 
 # --- knowledge distillation: the hyper-parameters of every KD entry point ----------------------
 
+# The divergences by their codes (Divergence in csrc/kd_loss.h, the Triton kernels' DIV).
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
 
-class KDOptions(NamedTuple):
-    """The KD hyper-parameters as the ops take them, checked (:func:`kd_options`)."""
+def _divergence_code(name: str, value) -> float:
+    return float(DIVERGENCES.index(choice(name, value, DIVERGENCES)))
 
-    temperature: Tensor  # 0-d float64 CPU tensors
-    beta: Tensor
-    alpha: Tensor
-    label_smoothing: Tensor
-    num_items: Optional[Tensor]  # 0-d float64, on the CPU or the logits' device
+
+def _flag(name: str, value) -> float:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return float(value)
+
+
+class KDField(NamedTuple):
+    """One entry of the KD ops' packed hyper-parameters (:data:`KD_FIELDS`)."""
+
+    name: str  # the public keyword
+    default: object
+    pack: Callable  # (name, value) -> the checked entry: a float or a 0-d float64 tensor
+    unpack: Callable  # the entry as a float -> the value as lepton_fast.reference's keyword takes it
+
+
+# The KD hyper-parameters proper, which travel as ONE 1-D float64 CPU tensor ``hyper`` through
+# every KD schema (fused_kd_loss, the kd_slice_* ops, sparse_kd_loss, the fused-linear ops), in
+# this order: csrc/kd_loss.h (KDHyper, make_kd_params) reads the entries by it, the Triton
+# launchers and the reference kernels by name (kd_values). A value that changes every step is
+# one tensor argument, so torch.compile keeps one graph (module docstring), and a new
+# hyper-parameter is one row here, not a new argument of every schema and entry point. What a
+# fake kernel needs for the output shapes (reduction) and the loss contract shared with
+# F.cross_entropy (labels, ignore_index, num_items_in_batch) stay arguments of their own.
+KD_FIELDS = (
+    KDField("temperature", 1.0, positive, float),
+    KDField("divergence", "forward_kl", _divergence_code, lambda code: DIVERGENCES[int(code)]),
+    KDField("beta", 0.5, unit_interval, float),
+    KDField("alpha", 0.0, unit_interval, float),
+    KDField("label_smoothing", 0.0, unit_interval, float),
+    KDField("scale_by_t2", True, _flag, bool),
+)
+# The keywords of the loss contract every KD function also shares, with their defaults.
+_KD_CONTRACT = {"labels": None, "ignore_index": -100, "reduction": "mean", "num_items_in_batch": None}
+KD_DEFAULTS = {**{f.name: f.default for f in KD_FIELDS}, **_KD_CONTRACT}
+# A call whose values are all of their defaults' types is remembered (_checked_scalars).
+_PLAIN_TYPES = tuple(type(f.default) for f in KD_FIELDS)
+_KD_PACKED: dict[tuple, Tensor] = {}  # the values of KD_FIELDS -> their packed tensor
+
+
+def _packed(values: tuple) -> Tensor:
+    def pack():
+        entries = [f.pack(f.name, v) for f, v in zip(KD_FIELDS, values)]
+        return torch.stack([e if isinstance(e, Tensor) else torch.full((), e, dtype=torch.float64) for e in entries])
+
+    plain = not torch.compiler.is_compiling() and tuple(map(type, values)) == _PLAIN_TYPES
+    return _checked_scalars(_KD_PACKED, values, plain, pack)
+
+
+def kd_hyper(**values) -> Tensor:
+    """The packed ``hyper`` tensor of the KD ops for ``values`` (keywords of :data:`KD_FIELDS`,
+    their defaults for the others), checked: a 1-D float64 CPU tensor of len(KD_FIELDS)."""
+    packed = _packed(tuple(values.pop(f.name, f.default) for f in KD_FIELDS))
+    if values:
+        raise TypeError(f"unknown KD hyper-parameter {next(iter(values))!r}")
+    return packed
+
+
+def kd_values(hyper: Tensor) -> dict:
+    """The packed ``hyper`` tensor's values by name, as lepton_fast.reference's keywords take
+    them (a host read without a device synchronisation: it is a CPU tensor)."""
+    return {f.name: f.unpack(v) for f, v in zip(KD_FIELDS, hyper.tolist())}
+
+
+class KDOptions(NamedTuple):
+    """The KD keywords as the ops take them, checked (:func:`kd_options`)."""
+
+    hyper: Tensor  # [len(KD_FIELDS)] float64 CPU: the hyper-parameters, packed (KD_FIELDS)
     labels: Optional[Tensor]  # int64 [N] (flattened) or None
+    ignore_index: int
+    reduction: str
+    num_items: Optional[Tensor]  # 0-d float64, on the CPU or the logits' device
 
 
 def num_items(value, like: Tensor) -> Optional[Tensor]:
@@ -297,41 +364,105 @@ def num_items(value, like: Tensor) -> Optional[Tensor]:
     return positive("num_items_in_batch", value)
 
 
-_KD_SCALARS: dict[tuple, tuple] = {}  # (temperature, beta, alpha, label_smoothing) -> their tensors
-
-
-def kd_options(temperature, divergence, beta, alpha, label_smoothing, reduction, num_items_in_batch, labels,
-               x_name: str, x: Tensor) -> KDOptions:
-    """Every check of the KD hyper-parameters and labels (of rows x.shape[:-1] of ``x_name``),
-    for fused_kd_loss, fused_linear_kd_loss and the vocabulary-parallel loss alike."""
-    temperature_t, beta_t, alpha_t, label_smoothing_t = _checked_scalars(
-        _KD_SCALARS, (temperature, beta, alpha, label_smoothing),
-        type(temperature) is type(beta) is type(alpha) is type(label_smoothing) is float,
-        lambda: (positive("temperature", temperature), unit_interval("beta", beta), unit_interval("alpha", alpha),
-                 unit_interval("label_smoothing", label_smoothing)))
-    choice("divergence", divergence, DIVERGENCES)
-    choice("reduction", reduction, REDUCTIONS)
-    if num_items_in_batch is not None and reduction == "none":
+def kd_options(op: str, x_name: str, x: Tensor, /, **kd) -> KDOptions:
+    """Every check of the KD keywords ``kd`` (those of :data:`KD_DEFAULTS`; the defaults for
+    those not given) and of the labels of rows x.shape[:-1] of ``x_name``, for every KD
+    function alike; ``op`` names the public function in a TypeError for an unknown keyword."""
+    for name in kd:
+        if name not in _KD_NAMES:
+            raise TypeError(f"{op}() got an unexpected keyword argument {name!r}")
+    kd = {**KD_DEFAULTS, **kd}
+    hyper = _packed(tuple(kd[f.name] for f in KD_FIELDS))
+    reduction = choice("reduction", kd["reduction"], REDUCTIONS)
+    count = kd["num_items_in_batch"]
+    if count is not None and reduction == "none":
         raise ValueError(
             "num_items_in_batch divides the summed loss, so it needs reduction 'mean' or 'sum', not 'none'")
+    labels = kd["labels"]
     if labels is not None:
         labels = class_labels("labels", labels, x_name, x).reshape(-1)
     else:
-        zero("alpha", alpha, "alpha > 0 weights a hard-label cross-entropy, so labels are required")
-    return KDOptions(temperature_t, beta_t, alpha_t, label_smoothing_t, num_items(num_items_in_batch, x), labels)
+        zero("alpha", kd["alpha"], "alpha > 0 weights a hard-label cross-entropy, so labels are required")
+    return KDOptions(hyper, labels, kd["ignore_index"], reduction, num_items(count, x))
+
+
+_KD_NAMES = frozenset(KD_DEFAULTS)
+
+
+class KDKeywords(TypedDict, total=False):
+    """The keywords every public KD function shares (fused_kd_loss, sparse_kd_loss, the
+    fused-linear and vocabulary-parallel losses), the one list of them: each function takes
+    them as ``**kd: Unpack[KDKeywords]`` and passes them to :func:`kd_options`, and
+    :func:`kd_keywords` puts them in its signature and docstring. Their defaults are
+    :data:`KD_DEFAULTS`; temperature, positional, each function names itself."""
+
+    divergence: str
+    beta: Union[float, Tensor]
+    labels: Optional[Tensor]
+    alpha: Union[float, Tensor]
+    label_smoothing: Union[float, Tensor]
+    ignore_index: int
+    scale_by_t2: bool
+    reduction: str
+    num_items_in_batch: Optional[Union[int, Tensor]]
+
+
+# Their documentation, which kd_keywords puts in each function's docstring (at "KD_KEYWORDS").
+KD_KEYWORDS_DOC = """\
+divergence: ``"forward_kl"`` (default), ``"reverse_kl"`` or ``"jsd"``.
+beta: JSD mixture weight in [0, 1] (default 0.5); used only by ``"jsd"``.
+labels: optional [...] integer hard labels (int64 or int32). Rows labelled
+    ``ignore_index`` are left out of the loss and get zero gradient, also when
+    ``alpha`` is 0.
+alpha: weight in [0, 1] of the hard-label CE (default 0); > 0 needs ``labels``.
+label_smoothing: in [0, 1] (default 0), for the CE term (as ``F.cross_entropy``).
+ignore_index: label value that marks a row to leave out (default -100).
+scale_by_t2: multiply the soft term by T² (default True: Hinton et al.; PyTorch's KD
+    tutorial, torchdistill). Pass False for TRL/Liger-Kernel's unscaled loss.
+reduction: ``"mean"`` (default; = ``"batchmean"``): mean over non-ignored rows of the
+    per-row loss, 0 if every row is ignored; ``"sum"``: the sum of the rows' losses;
+    ``"none"``: per-row loss [...], 0 at ignored rows. Unlike
+    ``F.kl_div(reduction="mean")``, "mean" is per sample.
+num_items_in_batch: the sum of the row losses divided by this count instead (> 0, a
+    number or a 0-d tensor), as transformers and TRL do under gradient accumulation;
+    not with ``reduction="none"``."""
+assert set(KDKeywords.__annotations__) | {"temperature"} == _KD_NAMES, "KDKeywords and KD_DEFAULTS name the same"
+
+
+def kd_keywords(fn):
+    """Decorates a public KD function ``fn(..., *, ..., **kd: Unpack[KDKeywords])``: puts the
+    shared keywords (:class:`KDKeywords`, with their defaults) in its signature in place of
+    ``**kd``, first among its keyword-only parameters, so that ``help()``,
+    ``inspect.signature`` and :func:`kd_hyper_parameters` see every keyword; and their
+    documentation in its docstring in place of the line ``KD_KEYWORDS``. No wrapper: a call
+    costs nothing more, and :func:`kd_options` raises the TypeError for a keyword ``fn``
+    does not take."""
+    signature = inspect.signature(fn)
+    own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    at = next((i for i, p in enumerate(own) if p.kind is inspect.Parameter.KEYWORD_ONLY), len(own))
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=KD_DEFAULTS[name],
+                                annotation=getattr(annotation, "__forward_arg__", annotation))  # as fn's own: text
+              for name, annotation in KDKeywords.__annotations__.items()]
+    fn.__signature__ = signature.replace(parameters=own[:at] + shared + own[at:])
+    lines = fn.__doc__.splitlines()
+    i = next(k for k, line in enumerate(lines) if line.strip() == "KD_KEYWORDS")
+    indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
+    lines[i:i + 1] = [indent + line for line in KD_KEYWORDS_DOC.splitlines()]
+    fn.__doc__ = "\n".join(lines)
+    return fn
 
 
 def kd_hyper_parameters(fn, /, **given) -> None:
     """The checks of a KD function's hyper-parameters before any batch is seen (KDLoss's
     construction, the TRL layer): ``given`` are keyword arguments of ``fn`` (fused_kd_loss,
     ...; an unknown one is a TypeError), ``fn``'s defaults fill in the others, and
-    :func:`kd_options` checks those it takes as at a call, on a stand-in [1, 1] batch with
-    labels (the labels that a positive alpha needs are checked at each call)."""
+    :func:`kd_options` checks the KD keywords among them as at a call, on a stand-in [1, 1]
+    batch with labels (the labels that a positive alpha needs are checked at each call)."""
     bound = inspect.signature(fn).bind_partial(**given)
     bound.apply_defaults()
-    taken = inspect.signature(kd_options).parameters
-    kd_options(**{name: value for name, value in bound.arguments.items() if name in taken and name != "labels"},
-               labels=torch.zeros(1, dtype=torch.long), x_name="logits", x=torch.zeros(1, 1))
+    kd_options(fn.__name__, "logits", torch.zeros(1, 1),
+               **{name: value for name, value in bound.arguments.items() if name in _KD_NAMES and name != "labels"},
+               labels=torch.zeros(1, dtype=torch.long))
 
 
 def sparse_teacher(indices, logprobs, mask, logits_name: str, x: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:

@@ -43,7 +43,7 @@ documented) fail on every rank alike.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import TYPE_CHECKING, NamedTuple, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -54,6 +54,9 @@ from lepton_fast.ops import _autograd
 from lepton_fast.ops import kd_loss as kd_ops
 from lepton_fast.ops import sparse_kd_loss as sparse_ops
 
+if TYPE_CHECKING:
+    from typing import Unpack
+
 __all__ = ["vocab_parallel_kd_loss", "vocab_parallel_sparse_kd_loss"]
 
 Scalar = Union[float, Tensor]
@@ -62,21 +65,14 @@ Scalar = Union[float, Tensor]
 _SLICE_SIZES: dict = {}
 
 
+@_validate.kd_keywords
 def vocab_parallel_kd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
     temperature: Scalar = 1.0,
     *,
     group: Optional[dist.ProcessGroup] = None,
-    divergence: str = "forward_kl",
-    beta: Scalar = 0.5,
-    labels: Optional[Tensor] = None,
-    alpha: Scalar = 0.0,
-    label_smoothing: Scalar = 0.0,
-    ignore_index: int = -100,
-    scale_by_t2: bool = True,
-    reduction: str = "mean",
-    num_items_in_batch: Optional[Union[int, Tensor]] = None,
+    **kd: Unpack[_validate.KDKeywords],
 ) -> Tensor:
     r""":func:`lepton_fast.fused_kd_loss` of logits whose classes are split over ranks.
 
@@ -100,12 +96,12 @@ def vocab_parallel_kd_loss(
             other dimension replicates): the slices are its shards.
         teacher_logits: [..., C_r] the teacher's logits of the same slice (a DTensor placed like
             the student's when the student is one); a constant.
-        temperature, divergence, beta, alpha, label_smoothing, ignore_index, scale_by_t2,
-            reduction, num_items_in_batch: as for ``fused_kd_loss``, the same on every rank.
+        temperature: as for ``fused_kd_loss``, the same on every rank.
         group: the process group the classes are split over (default: the world); with
             DTensors, the mesh dimension that shards the classes (None, or that dimension's group).
-        labels: optional [...] integer class ids into the whole vocabulary [0, C), the same on
-            every rank (a tensor, or a replicated DTensor).
+        KD_KEYWORDS
+            Each the same on every rank; labels are class ids into the whole vocabulary
+            [0, C) (a tensor, or a replicated DTensor).
 
     Returns:
         On every rank, the loss of the whole rows: a scalar, or [...] for ``"none"``; float32
@@ -132,8 +128,7 @@ def vocab_parallel_kd_loss(
     classes must stay the same for a group (pass another group, or DTensors, for another).
     """
     if _is_dtensor(student_logits) or _is_dtensor(teacher_logits):
-        return _dtensor_loss(student_logits, teacher_logits, group, temperature, divergence, beta, labels, alpha,
-                             label_smoothing, ignore_index, scale_by_t2, reduction, num_items_in_batch)
+        return _dtensor_loss(student_logits, teacher_logits, group, temperature, kd)
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("vocab_parallel_kd_loss needs torch.distributed initialised (init_process_group)")
     group = dist.group.WORLD if group is None else group
@@ -141,31 +136,29 @@ def vocab_parallel_kd_loss(
     # had entered a collective would leave that one waiting for good. At a group's first call the
     # size exchange carries each rank's verdict, so that every rank raises.
     try:
-        a = kd_ops.checked(student_logits, teacher_logits, temperature, divergence, beta, labels, alpha,
-                           label_smoothing, reduction, num_items_in_batch, slice_of_classes=True)
+        a = kd_ops.checked("vocab_parallel_kd_loss", student_logits, teacher_logits, slice_of_classes=True,
+                           temperature=temperature, **kd)
     except (TypeError, ValueError) as error:
         refuse(group, error)
         raise
     class_offset, n_classes = _slice_of(group, a.student.shape[-1], a.student.device)
-    return _sharded_loss(a, group, class_offset, n_classes, divergence, ignore_index, scale_by_t2, reduction)
+    return _sharded_loss(a, group, class_offset, n_classes)
 
 
-def _sharded_loss(a: kd_ops.KDArgs, group, class_offset: int, n_classes: int, divergence: str, ignore_index: int,
-                  scale_by_t2: bool, reduction: str) -> Tensor:
+def _sharded_loss(a: kd_ops.KDArgs, group, class_offset: int, n_classes: int) -> Tensor:
     """The loss of the whole rows on this rank, from its checked slice at class_offset of n_classes."""
     backend = kd_ops.slice_backend(a.student.device)
-    merged, jsd_sums = _merged_statistics(backend, a, group, divergence, ignore_index, class_offset, n_classes)
-    loss = kd_ops.slice_loss(backend, a, merged, jsd_sums, divergence, ignore_index, scale_by_t2, reduction,
-                             class_offset, n_classes)
-    return loss.reshape(a.lead) if reduction == "none" else loss
+    merged, jsd_sums = _merged_statistics(backend, a, group, class_offset, n_classes)
+    loss = kd_ops.slice_loss(backend, a, merged, jsd_sums, class_offset, n_classes)
+    return loss.reshape(a.lead) if a.reduction == "none" else loss
 
 
-def _merged_statistics(backend: str, a: kd_ops.KDArgs, group, divergence: str, ignore_index: int,
-                       class_offset: int, n_classes: int) -> tuple[Tensor, Optional[Tensor]]:
+def _merged_statistics(backend: str, a: kd_ops.KDArgs, group, class_offset: int,
+                       n_classes: int) -> tuple[Tensor, Optional[Tensor]]:
     """Every row's statistics over the whole vocabulary (and the JSD's sums, else None), from
     this rank's slice and the all-reduces listed in the module docstring."""
-    merge = kd_ops.SliceMerge(divergence, float(a.temperature), float(a.beta), float(a.alpha))
-    stats = kd_ops.slice_stats(backend, a, divergence, ignore_index, class_offset, n_classes)
+    merge = kd_ops.SliceMerge(a.hyper)
+    stats = kd_ops.slice_stats(backend, a, class_offset, n_classes)
     merged_max = merge.maxima(stats)
     dist.all_reduce(merged_max, op=dist.ReduceOp.MAX, group=group)
     sums = merge.rescaled(stats, merged_max)
@@ -173,11 +166,12 @@ def _merged_statistics(backend: str, a: kd_ops.KDArgs, group, divergence: str, i
     merged = merge.merged(merged_max, sums)
     jsd_sums = None
     if merge.jsd:
-        jsd_sums = kd_ops.slice_jsd_sums(backend, a, merged, ignore_index)
+        jsd_sums = kd_ops.slice_jsd_sums(backend, a, merged)
         dist.all_reduce(jsd_sums, group=group)
     return merged, jsd_sums
 
 
+@_validate.kd_keywords
 def vocab_parallel_sparse_kd_loss(
     student_logits: Tensor,
     teacher_indices: Tensor,
@@ -186,16 +180,8 @@ def vocab_parallel_sparse_kd_loss(
     temperature: Scalar = 1.0,
     *,
     group: Optional[dist.ProcessGroup] = None,
-    divergence: str = "forward_kl",
-    beta: Scalar = 0.5,
     truncation: str = "renormalize",
-    labels: Optional[Tensor] = None,
-    alpha: Scalar = 0.0,
-    label_smoothing: Scalar = 0.0,
-    ignore_index: int = -100,
-    scale_by_t2: bool = True,
-    reduction: str = "mean",
-    num_items_in_batch: Optional[Union[int, Tensor]] = None,
+    **kd: Unpack[_validate.KDKeywords],
 ) -> Tensor:
     r""":func:`lepton_fast.sparse_kd_loss` of student logits whose classes are split over ranks.
 
@@ -233,12 +219,10 @@ def vocab_parallel_sparse_kd_loss(
             on every rank (a tensor, or a replicated DTensor, as are the mask and labels).
         teacher_logprobs, teacher_mask: [..., K], as for ``sparse_kd_loss``, the same on every
             rank.
-        temperature, divergence, beta, truncation, alpha, label_smoothing, ignore_index,
-            scale_by_t2, reduction, num_items_in_batch: as for ``sparse_kd_loss``, the same on
-            every rank.
+        temperature, truncation: as for ``sparse_kd_loss``, the same on every rank.
         group: the process group the classes are split over (default: the world).
-        labels: optional [...] integer class ids into the whole vocabulary, the same on every
-            rank.
+        KD_KEYWORDS
+            Each the same on every rank; labels are class ids into the whole vocabulary.
 
     Returns:
         On every rank, the loss of the whole rows: a scalar, or [...] for ``"none"``; float32
@@ -256,10 +240,11 @@ def vocab_parallel_sparse_kd_loss(
         from torch.distributed.tensor import DTensor, Replicate
 
         local, mesh, group, class_offset, n_classes = _dtensor_slice(student_logits, group)
-        teacher_indices, teacher_logprobs, teacher_mask, labels = (
+        teacher_indices, teacher_logprobs, teacher_mask = (
             _replicated_local(name, x) for name, x in (("teacher_indices", teacher_indices),
                                                        ("teacher_logprobs", teacher_logprobs),
-                                                       ("teacher_mask", teacher_mask), ("labels", labels)))
+                                                       ("teacher_mask", teacher_mask)))
+        kd = {**kd, "labels": _replicated_local("labels", kd.get("labels"))}
         split = (class_offset, n_classes)
     else:
         if not (dist.is_available() and dist.is_initialized()):
@@ -270,8 +255,8 @@ def vocab_parallel_sparse_kd_loss(
         indices, logprobs, mask = _validate.sparse_teacher(teacher_indices, teacher_logprobs, teacher_mask,
                                                            "student_logits", local)
         _validate.choice("truncation", truncation, sparse_ops.TRUNCATIONS)
-        o = _validate.kd_options(temperature, divergence, beta, alpha, label_smoothing, reduction,
-                                 num_items_in_batch, labels, "student_logits", local)
+        o = _validate.kd_options("vocab_parallel_sparse_kd_loss", "student_logits", local, temperature=temperature,
+                                 **kd)
     except (TypeError, ValueError) as error:
         if split is None:
             refuse(group, error)
@@ -280,21 +265,20 @@ def vocab_parallel_sparse_kd_loss(
     class_offset, n_classes = split or _slice_of(group, student.shape[-1], student.device)
     compute_grad = student.requires_grad and torch.is_grad_enabled()  # (the Function's forward runs without grad)
     loss = _SparseSliceLoss.apply(student, lambda: _sparse_sharded_loss(
-        student, indices, logprobs, mask, o, group, class_offset, n_classes, divergence, truncation, ignore_index,
-        scale_by_t2, reduction, compute_grad))
-    loss = loss.reshape(local.shape[:-1]) if reduction == "none" else loss
+        student, indices, logprobs, mask, o, group, class_offset, n_classes, truncation, compute_grad))
+    loss = loss.reshape(local.shape[:-1]) if o.reduction == "none" else loss
     return loss if split is None else DTensor.from_local(loss, mesh, [Replicate()] * mesh.ndim, run_check=False)
 
 
 def _sparse_sharded_loss(student: Tensor, indices: Tensor, logprobs: Tensor, mask: Optional[Tensor],
-                         o: _validate.KDOptions, group, class_offset: int, n_classes: int, divergence: str,
-                         truncation: str, ignore_index: int, scale_by_t2: bool, reduction: str,
+                         o: _validate.KDOptions, group, class_offset: int, n_classes: int, truncation: str,
                          compute_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
     """(the loss of the whole rows, d(loss)/d(this rank's slice) or None): the steps of
     reference.sparse_slice_* with the all-reduces of vocab_parallel_sparse_kd_loss between them."""
     from lepton_fast import reference as ref  # the per-rank steps (no compiled kernel yet)
-    from lepton_fast.ops._reference import rows_defined
+    from lepton_fast.ops._reference import hyper_keywords, rows_defined
 
+    ignore_index = o.ignore_index
     # The arguments that are the same on every rank fail on every rank alike, before a collective.
     if o.labels is not None:
         _validate.labels_in_range("labels", o.labels, n_classes, ignore_index)
@@ -302,7 +286,7 @@ def _sparse_sharded_loss(student: Tensor, indices: Tensor, logprobs: Tensor, mas
     _validate.teacher_indices_in_range(indices, read, n_classes)
     counted = ref.sparse_counted_entries(indices, read)
     column = ref.sparse_slice_columns(indices, counted, class_offset, student.shape[-1])
-    temperature, alpha = float(o.temperature), float(o.alpha)
+    alpha = _validate.kd_values(o.hyper)["alpha"]
     soft, ce = alpha < 1, alpha > 0
     tail = soft and truncation == "tail"
     maxima = ref.sparse_slice_maxima(student, column, tail=tail)
@@ -311,19 +295,18 @@ def _sparse_sharded_loss(student: Tensor, indices: Tensor, logprobs: Tensor, mas
         merged = maxima[:, max_cols].contiguous()
         dist.all_reduce(merged, op=dist.ReduceOp.MAX, group=group)
         maxima[:, max_cols] = merged
-    sums = ref.sparse_slice_sums(student, column, o.labels, maxima, temperature=temperature,
-                                 label_smoothing=float(o.label_smoothing), ignore_index=ignore_index,
-                                 class_offset=class_offset, n_classes=n_classes, soft=soft, tail=tail, ce=ce)
+    sums = ref.sparse_slice_sums(student, column, o.labels, maxima, ignore_index=ignore_index,
+                                 class_offset=class_offset, n_classes=n_classes, soft=soft, tail=tail, ce=ce,
+                                 **hyper_keywords(ref.sparse_slice_sums, o.hyper))
     sum_cols = (([ref.SP_SUM, ref.SP_SUM_UNLISTED] if tail else []) + ([ref.SP_SUM_CE, ref.SP_LIN_CE] if ce else [])
                 + (list(range(ref.SP_ENTRIES, sums.shape[1])) if soft else []))
     merged = sums[:, sum_cols].contiguous()
     dist.all_reduce(merged, group=group)
     sums[:, sum_cols] = merged
     loss, grad = ref.sparse_slice_loss(
-        student, column, counted, logprobs, o.labels, maxima, sums, temperature=temperature, divergence=divergence,
-        beta=float(o.beta), truncation=truncation, alpha=alpha, label_smoothing=float(o.label_smoothing),
-        ignore_index=ignore_index, scale_by_t2=scale_by_t2, reduction=reduction, num_items_in_batch=o.num_items,
-        class_offset=class_offset, n_classes=n_classes, compute_grad=compute_grad)
+        student, column, counted, logprobs, o.labels, maxima, sums, truncation=truncation, ignore_index=ignore_index,
+        reduction=o.reduction, num_items_in_batch=o.num_items, class_offset=class_offset, n_classes=n_classes,
+        compute_grad=compute_grad, **hyper_keywords(ref.sparse_slice_loss, o.hyper))
     rows_defined(loss.reshape(-1), "vocab_parallel_sparse_kd_loss: student_logits or teacher_logprobs")
     return loss, grad
 
@@ -365,14 +348,11 @@ def vocab_split(group, n_local: int, device: torch.device, backend: str) -> Voca
     return VocabSplit(group, *_slice_of(group, n_local, device, "student_weight", "rows"), backend)
 
 
-def chunk_loss_and_grad(split: VocabSplit, a: kd_ops.KDArgs, divergence: str, ignore_index: int, scale_by_t2: bool,
-                        reduction: str) -> tuple[Tensor, Tensor]:
+def chunk_loss_and_grad(split: VocabSplit, a: kd_ops.KDArgs) -> tuple[Tensor, Tensor]:
     """(the loss of a chunk of whole rows, d(loss)/d(this rank's logits slice)) as
     fused_kd_loss's kernel gives them on one device: for fused_linear_kd_loss(group=)."""
-    merged, jsd_sums = _merged_statistics(split.backend, a, split.group, divergence, ignore_index, split.class_offset,
-                                          split.n_classes)
-    return kd_ops.slice_loss_and_grad(split.backend, a, merged, jsd_sums, divergence, ignore_index, scale_by_t2,
-                                      reduction, split.class_offset, split.n_classes)
+    merged, jsd_sums = _merged_statistics(split.backend, a, split.group, split.class_offset, split.n_classes)
+    return kd_ops.slice_loss_and_grad(split.backend, a, merged, jsd_sums, split.class_offset, split.n_classes)
 
 
 class RefusedOnAnotherRank(ValueError):
@@ -492,8 +472,7 @@ def _replicated_local(name: str, x):
     return x.to_local()
 
 
-def _dtensor_loss(student, teacher, group, temperature, divergence, beta, labels, alpha, label_smoothing,
-                  ignore_index, scale_by_t2, reduction, num_items_in_batch):
+def _dtensor_loss(student, teacher, group, temperature, kd: dict):
     from torch.distributed.tensor import DTensor, Replicate
 
     for name, x in (("student_logits", student), ("teacher_logits", teacher)):
@@ -509,8 +488,7 @@ def _dtensor_loss(student, teacher, group, temperature, divergence, beta, labels
         raise ValueError(f"teacher_logits has shape {tuple(teacher.shape)} but student_logits has shape "
                          f"{tuple(student.shape)}")
     local_s, mesh, mesh_group, class_offset, n_classes = _dtensor_slice(student, group)
-    labels = _replicated_local("labels", labels)
-    a = kd_ops.checked(local_s, teacher.to_local(), temperature, divergence, beta, labels, alpha, label_smoothing,
-                       reduction, num_items_in_batch, slice_of_classes=True)
-    loss = _sharded_loss(a, mesh_group, class_offset, n_classes, divergence, ignore_index, scale_by_t2, reduction)
+    a = kd_ops.checked("vocab_parallel_kd_loss", local_s, teacher.to_local(), slice_of_classes=True,
+                       temperature=temperature, **{**kd, "labels": _replicated_local("labels", kd.get("labels"))})
+    loss = _sharded_loss(a, mesh_group, class_offset, n_classes)
     return DTensor.from_local(loss, mesh, [Replicate()] * mesh.ndim, run_check=False)

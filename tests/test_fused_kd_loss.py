@@ -7,6 +7,7 @@ error of the reference run in that same dtype (the loss is float32 in every case
 the float32 tolerance). Cases marked `cuda` run the CUDA C++ and the compiled Triton kernel
 on a GPU; without one, the Triton kernel runs on CPU tensors in Triton's interpreter.
 """
+import inspect
 import math
 import textwrap
 
@@ -15,7 +16,8 @@ import torch
 
 from conftest import (DEVICE_BACKENDS, TEMPERATURES, TRITON_COLUMN_BLOCKS, interpreted, low_precision_tolerance,
                       opcheck_kernel, require, run_on_each_cpu_capability, temperature_sweep_logits)
-from lepton_fast import KDLoss, fused_kd_loss, reference
+from lepton_fast import KDLoss, _validate, fused_kd_loss, reference, sparse_kd_loss
+from lepton_fast._validate import KD_DEFAULTS, KD_FIELDS, kd_hyper, kd_values
 from lepton_fast.ops.kd_loss import SPEC
 
 # The interpreter evaluates both sides of tl.where with numpy, which warns about the
@@ -354,10 +356,9 @@ def _op_args(device, requires_grad):
     labels = random_labels((4,), 19, seed=34, device=device)
     f64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
     return [
-        (s, t, labels, f64(2.0), f64(0.5), f64(0.3), f64(0.1), "forward_kl", -100, True, "mean", None,
-         requires_grad),
-        (s, t, None, f64(1.0), f64(0.3), f64(0.0), f64(0.0), "jsd", -100, False, "none", None, requires_grad),
-        (s, t, labels, f64(0.5), f64(0.5), f64(0.5), f64(0.0), "reverse_kl", -100, True, "sum", f64(5.0),
+        (s, t, labels, kd_hyper(temperature=2.0, alpha=0.3, label_smoothing=0.1), -100, "mean", None, requires_grad),
+        (s, t, None, kd_hyper(divergence="jsd", beta=0.3, scale_by_t2=False), -100, "none", None, requires_grad),
+        (s, t, labels, kd_hyper(temperature=0.5, divergence="reverse_kl", alpha=0.5), -100, "sum", f64(5.0),
          requires_grad),
     ]
 
@@ -430,6 +431,8 @@ BAD_INPUTS = [
     ("beta < 0", dict(divergence="jsd", beta=-0.1), ValueError, "beta"),
     ("beta > 1", dict(divergence="jsd", beta=1.5), ValueError, "beta"),
     ("divergence", dict(divergence="kl"), ValueError, "divergence"),
+    ("scale_by_t2 int", dict(scale_by_t2=1), TypeError, "scale_by_t2 must be a bool"),
+    ("unknown keyword", dict(alpah=0.5), TypeError, r"fused_kd_loss\(\) got an unexpected keyword argument 'alpah'"),
     ("reduction", dict(reduction="avg"), ValueError, "reduction"),
     ("alpha without labels", dict(alpha=0.5), ValueError, "labels"),
     ("alpha > 1", dict(alpha=1.5, labels=torch.tensor([0, 1, 2, 3])), ValueError, "alpha"),
@@ -447,6 +450,60 @@ def test_bad_input(what, change, error, name, backend):
     kw.update(change)
     with pytest.raises(error, match=name):
         fused_kd_loss(kw.pop("student"), kw.pop("teacher"), backend=backend, **kw)
+
+
+def test_hyper_parameters_travel_packed():
+    """The KD schemas take the hyper-parameters as one float64 CPU tensor (_validate.KD_FIELDS),
+    packed once per distinct set of values, which every kernel reads back as they were given."""
+    given = dict(temperature=2.5, divergence="reverse_kl", beta=0.25, alpha=0.75, label_smoothing=0.125,
+                 scale_by_t2=False)
+    hyper = kd_hyper(**given)
+    assert hyper.dtype == torch.float64 and hyper.device.type == "cpu" and hyper.shape == (len(KD_FIELDS),)
+    assert kd_values(hyper) == given
+    assert kd_hyper(**given) is hyper  # remembered: a training loop's same values cost a lookup
+    assert kd_hyper(**{**given, "beta": 0.5}) is not hyper
+    with pytest.raises(TypeError, match="temprature"):
+        kd_hyper(temprature=2.0)
+
+
+@pytest.mark.parametrize("name", ["fused_kd_loss", "sparse_kd_loss", "fused_linear_kd_loss",
+                                  "fused_linear_sparse_kd_loss", "distributed.vocab_parallel_kd_loss",
+                                  "distributed.vocab_parallel_sparse_kd_loss"])
+def test_kd_functions_share_one_keyword_list(name):
+    """Every public KD function takes the keywords of _validate.KDKeywords from that one list:
+    each in its signature (help(), inspect.signature) with the default of KD_DEFAULTS and in
+    its docstring; temperature stays positional; the checks at construction see them all."""
+    import importlib
+
+    module, _, attr = ("lepton_fast." + name).rpartition(".")
+    fn = getattr(importlib.import_module(module), attr)
+    params = inspect.signature(fn).parameters
+    assert params["temperature"].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    for keyword, default in KD_DEFAULTS.items():
+        assert params[keyword].default == default, keyword
+        assert keyword == "temperature" or params[keyword].kind is inspect.Parameter.KEYWORD_ONLY
+        assert f"        {keyword}: " in fn.__doc__ or keyword == "temperature", keyword
+    assert "KD_KEYWORDS" not in fn.__doc__
+    with pytest.raises(TypeError, match="unexpected keyword argument 'temprature'"):  # (KDLoss, TRL)
+        _validate.kd_hyper_parameters(fn, temprature=2.0)
+
+
+def test_unknown_keyword_names_the_function():
+    with pytest.raises(TypeError, match=r"sparse_kd_loss\(\) got an unexpected keyword argument 'truncate'"):
+        sparse_kd_loss(randn(2, 5, seed=1), torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1), truncate="tail")
+
+
+@pytest.mark.parametrize("hyper, match", [
+    (torch.tensor(2.0, dtype=torch.float64), "hyper must have shape"),
+    (torch.zeros(len(KD_FIELDS), dtype=torch.float32), "hyper must be Double"),
+    (torch.tensor([1.0, 3.0, 0.5, 0.0, 0.0, 1.0], dtype=torch.float64), "divergence code"),
+])
+def test_compiled_kernel_refuses_a_malformed_hyper(hyper, match):
+    """make_kd_params (csrc/kd_loss.h), the one reader of the packed tensor, checks it once."""
+    require(SPEC, "cpu", "cpu")
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.lepton_fast.fused_kd_loss(randn(2, 5, seed=1), randn(2, 5, seed=2), None, hyper, -100, "mean",
+                                            None, False)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
@@ -568,9 +625,8 @@ def test_triton_column_blocks(n, c, block, divergence):
 
     s, t = randn(n, c, seed=49).requires_grad_(False), randn(n, c, seed=50)
     labels = random_labels((n,), c, seed=51, ignore_every=2)
-    f64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
-    loss, grad = triton_kd_loss(s, t, labels, f64(2.0), f64(0.3), f64(0.4), f64(0.1), divergence, -100, True, "sum",
-                                None, True, block=block)
+    hyper = kd_hyper(temperature=2.0, divergence=divergence, beta=0.3, alpha=0.4, label_smoothing=0.1)
+    loss, grad = triton_kd_loss(s, t, labels, hyper, -100, "sum", None, True, block=block)
     ref_loss, ref_grad = oracle(s, t, temperature=2.0, divergence=divergence, beta=0.3, labels=labels, alpha=0.4,
                                 label_smoothing=0.1, reduction="sum")
     torch.testing.assert_close(loss.double(), ref_loss, **TOL)

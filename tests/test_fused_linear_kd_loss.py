@@ -12,6 +12,7 @@ import torch
 
 from conftest import (DEVICE_BACKENDS, TEMPERATURES, assert_close_to_oracle, largest_allocation, loss_and_grads,
                       require)
+from lepton_fast._validate import kd_hyper
 from lepton_fast import fused_linear_kd_loss, reference
 from lepton_fast.ops import linear_kd_loss
 from lepton_fast.ops.kd_loss import SPEC
@@ -363,15 +364,16 @@ def _op_args(device, requires_grad):
     sh = x["student_hidden"].requires_grad_(requires_grad)
     sw = x["student_weight"].requires_grad_(requires_grad)
     f64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
-    common = (f64(2.0), f64(0.5), f64(0.3), f64(0.1))
+    common = dict(temperature=2.0, alpha=0.3, label_smoothing=0.1)
     return [
-        (sh, sw, x["teacher_hidden"], x["teacher_weight"], x["student_bias"], x["teacher_bias"], labels, *common,
-         "jsd", -100, True, "mean", None, 37, 1.0, 1.0, None, None, 2, None, requires_grad, requires_grad, False,
-         False),
-        (sh, sw, x["teacher_hidden"], x["teacher_weight"], None, None, None, f64(1.0), f64(0.5), f64(0.0), f64(0.0),
-         "reverse_kl", -100, False, "none", None, 30, 0.5, 2.0, 3.0, None, 3, None, False, False, False, True),
-        (sh, sw, x["teacher_hidden"], x["teacher_weight"], None, x["teacher_bias"], labels, *common, "forward_kl",
-         -100, True, "sum", f64(4.0), 37, 1.0, 1.0, None, 10.0, 5, None, requires_grad, requires_grad, False, True),
+        (sh, sw, x["teacher_hidden"], x["teacher_weight"], x["student_bias"], x["teacher_bias"], labels,
+         kd_hyper(divergence="jsd", **common), -100, "mean", None, 37, 1.0, 1.0, None, None, 2, None, requires_grad,
+         requires_grad, False, False),
+        (sh, sw, x["teacher_hidden"], x["teacher_weight"], None, None, None,
+         kd_hyper(divergence="reverse_kl", scale_by_t2=False), -100, "none", None, 30, 0.5, 2.0, 3.0, None, 3, None,
+         False, False, False, True),
+        (sh, sw, x["teacher_hidden"], x["teacher_weight"], None, x["teacher_bias"], labels, kd_hyper(**common), -100,
+         "sum", f64(4.0), 37, 1.0, 1.0, None, 10.0, 5, None, requires_grad, requires_grad, False, True),
     ]
 
 

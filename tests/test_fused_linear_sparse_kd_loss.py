@@ -13,6 +13,7 @@ import torch
 
 from axolotl_kd import AxolotlChunkedTopKLoss, axolotl_collated_logprobs
 from conftest import DEVICE_BACKENDS, assert_close_to_oracle, largest_allocation, loss_and_grads, require
+from lepton_fast._validate import kd_hyper
 from lepton_fast import fused_linear_sparse_kd_loss, reference
 from lepton_fast.ops import linear_kd_loss
 from lepton_fast.ops.sparse_kd_loss import SPEC
@@ -318,15 +319,15 @@ def _op_args(device, requires_grad):
     teacher = (x["teacher_indices"], x["teacher_logprobs"], x["teacher_mask"])
     plain, _ = make(n=5, device=device, seed=15)  # a teacher without a mask
     f64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
-    common = (f64(2.0), f64(0.5), f64(0.3), f64(0.1))
+    common = dict(temperature=2.0, alpha=0.3, label_smoothing=0.1)
     return [
-        (sh, sw, x["student_bias"], *teacher, labels, *common, "jsd", "tail", -100, True, "mean", None, 37, 1.0,
-         None, 2, None, requires_grad, requires_grad, False),
-        (sh, sw, None, plain["teacher_indices"], plain["teacher_logprobs"].double(), None, None, f64(1.0), f64(0.5),
-         f64(0.0), f64(0.0), "reverse_kl", "renormalize", -100, False, "none", None, 37, 0.5, 3.0, 3, None, False,
-         False, False),
-        (sh, sw, x["student_bias"], *teacher, labels, *common, "forward_kl", "renormalize", -100, True, "sum",
-         f64(4.0), 37, 1.0, 10.0, 5, None, requires_grad, requires_grad, requires_grad),
+        (sh, sw, x["student_bias"], *teacher, labels, kd_hyper(divergence="jsd", **common), "tail", -100, "mean",
+         None, 37, 1.0, None, 2, None, requires_grad, requires_grad, False),
+        (sh, sw, None, plain["teacher_indices"], plain["teacher_logprobs"].double(), None, None,
+         kd_hyper(divergence="reverse_kl", scale_by_t2=False), "renormalize", -100, "none", None, 37, 0.5, 3.0, 3,
+         None, False, False, False),
+        (sh, sw, x["student_bias"], *teacher, labels, kd_hyper(**common), "renormalize", -100, "sum", f64(4.0), 37,
+         1.0, 10.0, 5, None, requires_grad, requires_grad, requires_grad),
     ]
 
 

@@ -16,6 +16,7 @@ import torch
 
 from conftest import (CPU_DEVICE_BACKENDS, DEVICE_BACKENDS, TEMPERATURES, assert_device_assertion, interpreted,
                       opcheck_kernel, require, temperature_sweep_logits)
+from lepton_fast._validate import kd_hyper
 from lepton_fast import fused_kd_loss, reference
 from lepton_fast.ops import kd_loss as kd_ops
 
@@ -37,31 +38,29 @@ def random_labels(n, n_classes, seed, device="cpu"):
     return labels.to(device)
 
 
-def sliced(backend, student, teacher, sizes, temperature=1.0, *, divergence="forward_kl", beta=0.5, labels=None,
-           alpha=0.0, label_smoothing=0.0, ignore_index=-100, scale_by_t2=True, reduction="mean",
-           num_items_in_batch=None, grad_output=None):
-    """(each slice's loss, the slices' gradients side by side) through the slice ops on ``backend``."""
-    merge = kd_ops.SliceMerge(divergence, float(temperature), float(beta), float(alpha))
+def sliced(backend, student, teacher, sizes, temperature=1.0, *, grad_output=None, **kd):
+    """(each slice's loss, the slices' gradients side by side) through the slice ops on ``backend``;
+    ``kd``: fused_kd_loss's keywords."""
     offsets = [sum(sizes[:r]) for r in range(len(sizes))]
     n_classes = student.shape[-1]
     parts = []
     for offset, size in zip(offsets, sizes):
         s = student[..., offset:offset + size].detach().clone().requires_grad_()
-        a = kd_ops.checked(s, teacher[..., offset:offset + size], temperature, divergence, beta, labels, alpha,
-                           label_smoothing, reduction, num_items_in_batch, slice_of_classes=True)
+        a = kd_ops.checked("fused_kd_loss", s, teacher[..., offset:offset + size], slice_of_classes=True,
+                           temperature=temperature, **kd)
         parts.append((s, a, offset))
-    stats = [kd_ops.slice_stats(backend, a, divergence, ignore_index, offset, n_classes) for _, a, offset in parts]
+    merge = kd_ops.SliceMerge(parts[0][1].hyper)
+    stats = [kd_ops.slice_stats(backend, a, offset, n_classes) for _, a, offset in parts]
     for st in stats:
         assert st.shape == (parts[0][1].student.shape[0], kd_ops.N_STATS)
     merged_max = torch.stack([merge.maxima(st) for st in stats]).amax(0)
     merged = merge.merged(merged_max, sum(merge.rescaled(st, merged_max) for st in stats))
     jsd = None
     if merge.jsd:
-        jsd = sum(kd_ops.slice_jsd_sums(backend, a, merged, ignore_index) for _, a, _ in parts)
+        jsd = sum(kd_ops.slice_jsd_sums(backend, a, merged) for _, a, _ in parts)
     losses, grads = [], []
     for s, a, offset in parts:
-        loss = kd_ops.slice_loss(backend, a, merged, jsd, divergence, ignore_index, scale_by_t2, reduction, offset,
-                                 n_classes)
+        loss = kd_ops.slice_loss(backend, a, merged, jsd, offset, n_classes)
         loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
         losses.append(loss.detach())
         grads.append(s.grad)
@@ -222,28 +221,24 @@ def test_cuda_data_errors_are_device_assertions(backend):
 def test_slice_that_does_not_fit_raises(device, backend):
     require(kd_ops.SLICE_SPEC, device, backend)
     s, t = randn(3, 13, seed=15, device=device), randn(3, 13, seed=16, device=device)
-    a = kd_ops.checked(s, t, 1.0, "forward_kl", 0.5, None, 0.0, 0.0, "mean", None)
+    a = kd_ops.checked("fused_kd_loss", s, t)
     with pytest.raises(ValueError, match="class_offset=30"):
-        kd_ops.slice_stats(backend, a, "forward_kl", -100, 30, 37)
+        kd_ops.slice_stats(backend, a, 30, 37)
 
 
 def _slice_op_args(device):
-    f64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
     s, t = randn(4, 13, seed=17, dtype=torch.float32, device=device), randn(4, 13, seed=18, dtype=torch.float32,
                                                                            device=device)
     labels = torch.tensor([3, -100, 20, 14], device=device)
-    stats = [
-        (s, t, labels, f64(2.0), f64(0.5), f64(0.3), f64(0.1), "forward_kl", -100, 13, 37),
-        (s, t, None, f64(1.0), f64(0.3), f64(0.0), f64(0.0), "jsd", -100, 0, 13),
-    ]
+    kl = kd_hyper(temperature=2.0, alpha=0.3, label_smoothing=0.1, scale_by_t2=False)
+    jsd_hyper = kd_hyper(divergence="jsd", beta=0.3)
+    stats = [(s, t, labels, kl, -100, 13, 37), (s, t, None, jsd_hyper, -100, 0, 13)]
     merged = torch.ops.lepton_fast.kd_slice_stats(*stats[1])
-    jsd = (s, t, labels, merged, f64(1.0), f64(0.3), -100)
+    jsd = (s, t, labels, merged, jsd_hyper, -100)
     jsd_sums = torch.ops.lepton_fast.kd_slice_jsd_sums(*jsd)
     loss = [
-        (s.clone().requires_grad_(), t, None, merged, jsd_sums, f64(1.0), f64(0.3), f64(0.0), f64(0.0), "jsd", -100,
-         True, "mean", None, 0, 13, True),
-        (s, t, labels, torch.ops.lepton_fast.kd_slice_stats(*stats[0]), None, f64(2.0), f64(0.5), f64(0.3), f64(0.1),
-         "forward_kl", -100, False, "none", None, 13, 37, False),
+        (s.clone().requires_grad_(), t, None, merged, jsd_sums, jsd_hyper, -100, "mean", None, 0, 13, True),
+        (s, t, labels, torch.ops.lepton_fast.kd_slice_stats(*stats[0]), None, kl, -100, "none", None, 13, 37, False),
     ]
     return stats, [jsd], loss
 

@@ -14,6 +14,7 @@ import torch
 from axolotl_kd import axolotl_collated_logprobs, axolotl_topk_forward_kl
 from conftest import (CPU_DEVICE_BACKENDS, DEVICE_BACKENDS, TEMPERATURES, TRITON_COLUMN_BLOCKS, assert_device_assertion,
                       low_precision_tolerance, opcheck_kernel, require, temperature_sweep_logits)
+from lepton_fast._validate import kd_hyper
 from lepton_fast import reference, sparse_kd_loss
 from lepton_fast.ops.sparse_kd_loss import SPEC
 
@@ -496,13 +497,12 @@ def test_second_order_gradient_is_refused():
 def test_opcheck(device, backend):
     require(SPEC, device, backend)
     s, idx, logp, mask, extra = case("duplicates_masked", device, torch.float32)
-    hyper = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
     labels = torch.tensor([1, -100, 3, 4, 0, 2], device=device)
     arg_sets = [
-        (s.requires_grad_(), idx, logp, mask, None, hyper(2.0), hyper(0.5), hyper(0.0), hyper(0.0), "forward_kl",
-         "tail", -100, True, "mean", None, True),
-        (s.detach(), idx, logp.double(), mask, labels, hyper(1.0), hyper(0.3), hyper(0.5), hyper(0.1), "jsd",
-         "renormalize", -100, False, "none", None, False),
+        (s.requires_grad_(), idx, logp, mask, None, kd_hyper(temperature=2.0), "tail", -100, "mean", None, True),
+        (s.detach(), idx, logp.double(), mask, labels,
+         kd_hyper(divergence="jsd", beta=0.3, alpha=0.5, label_smoothing=0.1, scale_by_t2=False), "renormalize", -100,
+         "none", None, False),
     ]
     opcheck_kernel(SPEC, device, backend, arg_sets)
 
@@ -530,9 +530,8 @@ def test_triton_column_blocks(truncation, n, c, block):
     idx, logp, _ = top_k_teacher(n, c, k, seed=51)
     logp = logp.float()
     labels = torch.randint(0, c, (n,), generator=torch.Generator().manual_seed(52))
-    hyper = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
-    loss, grad = kernel(s, idx, logp, None, labels, hyper(2.0), hyper(0.5), hyper(0.3), hyper(0.1), "jsd", truncation,
-                        -100, True, "none", None, True, block=block)
+    hyper = kd_hyper(temperature=2.0, divergence="jsd", alpha=0.3, label_smoothing=0.1)
+    loss, grad = kernel(s, idx, logp, None, labels, hyper, truncation, -100, "none", None, True, block=block)
     kw = dict(temperature=2.0, divergence="jsd", truncation=truncation, labels=labels, alpha=0.3,
               label_smoothing=0.1, reduction="none")
     ref_loss, ref_grad = oracle(s, idx, logp, None, **kw)

@@ -24,9 +24,8 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> sparse_kd_loss_cpu(
     const at::Tensor& student_logits, const at::Tensor& teacher_indices, const at::Tensor& teacher_logprobs,
     const std::optional<at::Tensor>& teacher_mask, const std::optional<at::Tensor>& labels,
-    const at::Tensor& temperature, const at::Tensor& beta, const at::Tensor& alpha, const at::Tensor& label_smoothing,
-    c10::string_view divergence, c10::string_view truncation, int64_t ignore_index, bool scale_by_t2,
-    c10::string_view reduction, const std::optional<at::Tensor>& num_items_in_batch, bool compute_grad) {
+    const at::Tensor& hyper, c10::string_view truncation, int64_t ignore_index, c10::string_view reduction,
+    const std::optional<at::Tensor>& num_items_in_batch, bool compute_grad) {
   const char* op = "sparse_kd_loss";
   check_sparse_inputs(student_logits, teacher_indices, teacher_logprobs, teacher_mask, labels, truncation);
   const auto dtype = student_logits.scalar_type();
@@ -35,8 +34,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_loss_cpu(
   const auto acc_type = at::toOpMathType(dtype);
   const int64_t n = student_logits.size(0), v = student_logits.size(1);
   SparseRows a{};
-  a.p = make_kd_params(temperature, beta, alpha, label_smoothing, divergence, ignore_index, scale_by_t2,
-                       labels.has_value(), compute_grad);
+  a.p = make_kd_params(hyper, ignore_index, labels.has_value(), compute_grad);
   at::Tensor idx = teacher_indices.contiguous();
   at::Tensor lp = teacher_logprobs.to(acc_type).contiguous();
   at::Tensor mask = teacher_mask ? teacher_mask->contiguous() : at::Tensor();

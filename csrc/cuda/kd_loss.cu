@@ -303,12 +303,10 @@ struct KDLaunch {
 std::tuple<at::Tensor, at::Tensor> loss_and_grad(
     const char* op, const at::Tensor& student_logits, const at::Tensor& teacher_logits,
     const std::optional<at::Tensor>& labels, const at::Tensor* stats, const std::optional<at::Tensor>& jsd_sums,
-    const at::Tensor& temperature, const at::Tensor& beta, const at::Tensor& alpha, const at::Tensor& label_smoothing,
-    c10::string_view divergence, int64_t ignore_index, bool scale_by_t2, c10::string_view reduction,
+    const at::Tensor& hyper, int64_t ignore_index, c10::string_view reduction,
     const std::optional<at::Tensor>& num_items_in_batch, int64_t class_offset, int64_t n_classes,
     bool compute_grad) {
-  const KDParams p = make_kd_params(temperature, beta, alpha, label_smoothing, divergence, ignore_index, scale_by_t2,
-                                    labels.has_value(), compute_grad);
+  const KDParams p = make_kd_params(hyper, ignore_index, labels.has_value(), compute_grad);
   const c10::cuda::CUDAGuard guard(student_logits.device());
   const KDLaunch launch(op, stats ? KDMode::kSlice : KDMode::kFused, student_logits, teacher_logits, labels, p,
                         class_offset, n_classes);
@@ -358,32 +356,25 @@ std::tuple<at::Tensor, at::Tensor> loss_and_grad(
 
 std::tuple<at::Tensor, at::Tensor> fused_kd_loss_cuda(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits, const std::optional<at::Tensor>& labels,
-    const at::Tensor& temperature, const at::Tensor& beta, const at::Tensor& alpha, const at::Tensor& label_smoothing,
-    c10::string_view divergence, int64_t ignore_index, bool scale_by_t2, c10::string_view reduction,
+    const at::Tensor& hyper, int64_t ignore_index, c10::string_view reduction,
     const std::optional<at::Tensor>& num_items_in_batch, bool compute_grad) {
-  return loss_and_grad("fused_kd_loss", student_logits, teacher_logits, labels, nullptr, std::nullopt, temperature,
-                       beta, alpha, label_smoothing, divergence, ignore_index, scale_by_t2, reduction,
-                       num_items_in_batch, 0, student_logits.size(-1), compute_grad);
+  return loss_and_grad("fused_kd_loss", student_logits, teacher_logits, labels, nullptr, std::nullopt, hyper,
+                       ignore_index, reduction, num_items_in_batch, 0, student_logits.size(-1), compute_grad);
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_slice_loss_cuda(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits, const std::optional<at::Tensor>& labels,
-    const at::Tensor& stats, const std::optional<at::Tensor>& jsd_sums, const at::Tensor& temperature,
-    const at::Tensor& beta, const at::Tensor& alpha, const at::Tensor& label_smoothing, c10::string_view divergence,
-    int64_t ignore_index, bool scale_by_t2, c10::string_view reduction,
-    const std::optional<at::Tensor>& num_items_in_batch, int64_t class_offset, int64_t n_classes, bool compute_grad) {
-  return loss_and_grad("kd_slice_loss", student_logits, teacher_logits, labels, &stats, jsd_sums, temperature, beta,
-                       alpha, label_smoothing, divergence, ignore_index, scale_by_t2, reduction, num_items_in_batch,
-                       class_offset, n_classes, compute_grad);
+    const at::Tensor& stats, const std::optional<at::Tensor>& jsd_sums, const at::Tensor& hyper, int64_t ignore_index,
+    c10::string_view reduction, const std::optional<at::Tensor>& num_items_in_batch, int64_t class_offset,
+    int64_t n_classes, bool compute_grad) {
+  return loss_and_grad("kd_slice_loss", student_logits, teacher_logits, labels, &stats, jsd_sums, hyper, ignore_index,
+                       reduction, num_items_in_batch, class_offset, n_classes, compute_grad);
 }
 
 at::Tensor kd_slice_stats_cuda(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
-                               const std::optional<at::Tensor>& labels, const at::Tensor& temperature,
-                               const at::Tensor& beta, const at::Tensor& alpha, const at::Tensor& label_smoothing,
-                               c10::string_view divergence, int64_t ignore_index, int64_t class_offset,
-                               int64_t n_classes) {
-  const KDParams p = make_kd_params(temperature, beta, alpha, label_smoothing, divergence, ignore_index, false,
-                                    labels.has_value(), false);
+                               const std::optional<at::Tensor>& labels, const at::Tensor& hyper,
+                               int64_t ignore_index, int64_t class_offset, int64_t n_classes) {
+  const KDParams p = make_kd_params(hyper, ignore_index, labels.has_value(), false);
   const c10::cuda::CUDAGuard guard(student_logits.device());
   const KDLaunch launch("kd_slice_stats", KDMode::kStats, student_logits, teacher_logits, labels, p, class_offset,
                         n_classes);
@@ -395,10 +386,8 @@ at::Tensor kd_slice_stats_cuda(const at::Tensor& student_logits, const at::Tenso
 
 at::Tensor kd_slice_jsd_sums_cuda(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
                                   const std::optional<at::Tensor>& labels, const at::Tensor& stats,
-                                  const at::Tensor& temperature, const at::Tensor& beta, int64_t ignore_index) {
-  const auto zero = at::zeros({}, at::kDouble);
-  const KDParams p = make_kd_params(temperature, beta, zero, zero, "jsd", ignore_index, false, labels.has_value(),
-                                    false);
+                                  const at::Tensor& hyper, int64_t ignore_index) {
+  const KDParams p = make_kd_params(hyper, ignore_index, labels.has_value(), false);
   const c10::cuda::CUDAGuard guard(student_logits.device());
   const KDLaunch launch("kd_slice_jsd_sums", KDMode::kJSDSums, student_logits, teacher_logits, labels, p, 0, 0);
   check_merged_stats("kd_slice_jsd_sums", stats, student_logits, kNumKDStats);

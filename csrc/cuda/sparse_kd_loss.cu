@@ -201,17 +201,15 @@ void launch_sparse(const SparseArgs<scalar_t>& a, int64_t n_rows) {
 std::tuple<at::Tensor, at::Tensor> sparse_kd_loss_cuda(
     const at::Tensor& student_logits, const at::Tensor& teacher_indices, const at::Tensor& teacher_logprobs,
     const std::optional<at::Tensor>& teacher_mask, const std::optional<at::Tensor>& labels,
-    const at::Tensor& temperature, const at::Tensor& beta, const at::Tensor& alpha, const at::Tensor& label_smoothing,
-    c10::string_view divergence, c10::string_view truncation, int64_t ignore_index, bool scale_by_t2,
-    c10::string_view reduction, const std::optional<at::Tensor>& num_items_in_batch, bool compute_grad) {
+    const at::Tensor& hyper, c10::string_view truncation, int64_t ignore_index, c10::string_view reduction,
+    const std::optional<at::Tensor>& num_items_in_batch, bool compute_grad) {
   const char* op = "sparse_kd_loss";
   check_sparse_inputs(student_logits, teacher_indices, teacher_logprobs, teacher_mask, labels, truncation);
   const int64_t n = student_logits.size(0), v = student_logits.size(1);
   TORCH_CHECK(n <= int64_t(std::numeric_limits<int32_t>::max()), op, ": at most 2^31 - 1 rows");
   TORCH_CHECK(v <= kMaxClasses, op, ": the CUDA kernel takes at most ", kMaxClasses, " classes, got ", v,
               "; backend=\"triton\" takes any number");
-  const KDParams p = make_kd_params(temperature, beta, alpha, label_smoothing, divergence, ignore_index, scale_by_t2,
-                                    labels.has_value(), compute_grad);
+  const KDParams p = make_kd_params(hyper, ignore_index, labels.has_value(), compute_grad);
   const c10::cuda::CUDAGuard guard(student_logits.device());
   const auto acc_type = at::toOpMathType(student_logits.scalar_type());
   const at::Tensor idx = teacher_indices.contiguous();

@@ -5,8 +5,9 @@ CUDA and Triton kernels live in csrc/ and kernels/ (lepton_fast._backend says wh
 
 Conventions of every schema (the kernels rely on them):
   - logits are [N, C] with rows contiguous along C (the public functions flatten [..., C]);
-  - a floating hyper-parameter (temperature, beta, eps, ...) is a 0-d float64 CPU tensor, so
-    that a changing value neither recompiles a torch.compile graph nor syncs a device;
+  - a floating hyper-parameter (a threshold, eps, ...) is a 0-d float64 CPU tensor, so that a
+    changing value neither recompiles a torch.compile graph nor syncs a device; the KD ops take
+    all of theirs packed in one 1-D float64 CPU tensor ``hyper`` (_validate.KD_FIELDS);
   - argument values are checked once, in Python (lepton_fast/_validate.py), before any kernel
     runs; kernels check shapes, dtypes, devices and strides, and the data they read (label
     ranges, rows whose softmax is undefined), raising ValueError on the CPU.

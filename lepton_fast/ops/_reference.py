@@ -3,7 +3,8 @@ oracle of the tests.
 
 They run where no compiled kernel holds the device key (CPU tensors of a pure-Python install),
 and wherever ``backend="reference"`` is forced (lepton_fast._backend). Each is a thin adapter:
-the schema's 0-d hyper-parameter tensors become floats, a gradient the schema returns is the
+the schema's hyper-parameter tensors become floats (the KD ops' packed ones by
+``hyper_keywords``), a gradient the schema returns is the
 oracle's autograd gradient, and the data checks the compiled kernels make where they read the
 data (labels in range, rows whose softmax is undefined, a perturbation's box and range) are
 made here, once, on the oracle's answer.
@@ -11,6 +12,7 @@ made here, once, on the oracle's answer.
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 from torch import Tensor
@@ -54,21 +56,29 @@ def rows_defined(rows: Tensor, what: str) -> None:
                             f"{what}: a row is entirely -inf, or holds +inf or NaN, so its softmax is undefined")
 
 
-def _floats(**hypers: Tensor) -> dict:
-    return {name: float(value) for name, value in hypers.items()}
+_TAKES: dict = {}  # a reference function -> the names of its parameters
+
+
+def hyper_keywords(fn, hyper: Tensor) -> dict:
+    """The KD ops' packed hyper-parameters (_validate.KD_FIELDS) as the keywords of the
+    reference function ``fn`` that take them: a new field reaches every function that names
+    it, and no adapter changes."""
+    takes = _TAKES.get(fn)
+    if takes is None:
+        takes = _TAKES[fn] = frozenset(inspect.signature(fn).parameters)
+    return {name: value for name, value in _validate.kd_values(hyper).items() if name in takes}
 
 
 # --- knowledge distillation ---------------------------------------------------------------------
 
 
-def fused_kd_loss(student_logits, teacher_logits, labels, temperature, beta, alpha, label_smoothing, divergence,
-                  ignore_index, scale_by_t2, reduction, num_items_in_batch, compute_grad):
+def fused_kd_loss(student_logits, teacher_logits, labels, hyper, ignore_index, reduction, num_items_in_batch,
+                  compute_grad):
     if labels is not None:
         _validate.labels_in_range("labels", labels, student_logits.shape[-1], ignore_index)
     loss, grad = _with_grad(lambda s: reference.fused_kd_loss(
-        s, teacher_logits, divergence=divergence, labels=labels, ignore_index=ignore_index, scale_by_t2=scale_by_t2,
-        reduction=reduction, num_items_in_batch=num_items_in_batch,
-        **_floats(temperature=temperature, beta=beta, alpha=alpha, label_smoothing=label_smoothing)),
+        s, teacher_logits, labels=labels, ignore_index=ignore_index, reduction=reduction,
+        num_items_in_batch=num_items_in_batch, **hyper_keywords(reference.fused_kd_loss, hyper)),
         student_logits, compute_grad)
     # Every term is >= 0 (or +inf), so a NaN row leaves NaN in a sum as well.
     rows_defined(loss.reshape(-1), "fused_kd_loss: student_logits or teacher_logits")
@@ -85,29 +95,25 @@ def _slice_checks(op: str, student_logits, labels, ignore_index: int, class_offs
         _validate.labels_in_range("labels", labels, n_classes, ignore_index)
 
 
-def kd_slice_stats(student_logits, teacher_logits, labels, temperature, beta, alpha, label_smoothing, divergence,
-                   ignore_index, class_offset, n_classes):
+def kd_slice_stats(student_logits, teacher_logits, labels, hyper, ignore_index, class_offset, n_classes):
     _slice_checks("kd_slice_stats", student_logits, labels, ignore_index, class_offset, n_classes)
     return reference.kd_slice_stats(
-        student_logits, teacher_logits, labels, divergence=divergence, ignore_index=ignore_index,
-        class_offset=class_offset, n_classes=n_classes,
-        **_floats(temperature=temperature, beta=beta, alpha=alpha, label_smoothing=label_smoothing))
+        student_logits, teacher_logits, labels, ignore_index=ignore_index, class_offset=class_offset,
+        n_classes=n_classes, **hyper_keywords(reference.kd_slice_stats, hyper))
 
 
-def kd_slice_jsd_sums(student_logits, teacher_logits, labels, stats, temperature, beta, ignore_index):
+def kd_slice_jsd_sums(student_logits, teacher_logits, labels, stats, hyper, ignore_index):
     return reference.kd_slice_jsd_sums(student_logits, teacher_logits, labels, stats, ignore_index=ignore_index,
-                                       **_floats(temperature=temperature, beta=beta))
+                                       **hyper_keywords(reference.kd_slice_jsd_sums, hyper))
 
 
-def kd_slice_loss(student_logits, teacher_logits, labels, stats, jsd_sums, temperature, beta, alpha, label_smoothing,
-                  divergence, ignore_index, scale_by_t2, reduction, num_items_in_batch, class_offset, n_classes,
-                  compute_grad):
+def kd_slice_loss(student_logits, teacher_logits, labels, stats, jsd_sums, hyper, ignore_index, reduction,
+                  num_items_in_batch, class_offset, n_classes, compute_grad):
     _slice_checks("kd_slice_loss", student_logits, labels, ignore_index, class_offset, n_classes)
     loss, grad = reference.kd_slice_loss(
-        student_logits, teacher_logits, labels, stats, jsd_sums, divergence=divergence, ignore_index=ignore_index,
-        scale_by_t2=scale_by_t2, reduction=reduction, num_items_in_batch=num_items_in_batch,
-        class_offset=class_offset, n_classes=n_classes,
-        **_floats(temperature=temperature, beta=beta, alpha=alpha, label_smoothing=label_smoothing))
+        student_logits, teacher_logits, labels, stats, jsd_sums, ignore_index=ignore_index, reduction=reduction,
+        num_items_in_batch=num_items_in_batch, class_offset=class_offset, n_classes=n_classes,
+        **hyper_keywords(reference.kd_slice_loss, hyper))
     rows_defined(loss.reshape(-1), "kd_slice_loss: student_logits or teacher_logits")
     return loss, (grad if compute_grad else student_logits.new_empty((0,)))
 
@@ -192,19 +198,17 @@ def pgd_step_(x_adv, x_orig, grad, step_size, eps, clamp_min, clamp_max):
 # --- knowledge distillation from a sparse teacher ------------------------------------------------
 
 
-def sparse_kd_loss(student_logits, teacher_indices, teacher_logprobs, teacher_mask, labels, temperature, beta, alpha,
-                   label_smoothing, divergence, truncation, ignore_index, scale_by_t2, reduction, num_items_in_batch,
-                   compute_grad):
+def sparse_kd_loss(student_logits, teacher_indices, teacher_logprobs, teacher_mask, labels, hyper, truncation,
+                   ignore_index, reduction, num_items_in_batch, compute_grad):
     n_classes = student_logits.shape[-1]
     if labels is not None:
         _validate.labels_in_range("labels", labels, n_classes, ignore_index)
     read = reference.sparse_teacher_entries(teacher_indices, teacher_mask, labels, ignore_index)
     _validate.teacher_indices_in_range(teacher_indices, read, n_classes)
     loss, grad = _with_grad(lambda s: reference.sparse_kd_loss(
-        s, teacher_indices, teacher_logprobs, teacher_mask, divergence=divergence, truncation=truncation,
-        labels=labels, ignore_index=ignore_index, scale_by_t2=scale_by_t2, reduction=reduction,
-        num_items_in_batch=num_items_in_batch,
-        **_floats(temperature=temperature, beta=beta, alpha=alpha, label_smoothing=label_smoothing)),
+        s, teacher_indices, teacher_logprobs, teacher_mask, truncation=truncation, labels=labels,
+        ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
+        **hyper_keywords(reference.sparse_kd_loss, hyper)),
         student_logits, compute_grad)
     rows_defined(loss.reshape(-1), "sparse_kd_loss: student_logits or teacher_logprobs")
     return loss, grad

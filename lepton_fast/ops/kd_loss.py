@@ -14,20 +14,24 @@ the steps and merges them; :func:`slice_stats`, :func:`slice_jsd_sums` and
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import TYPE_CHECKING, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
 
 from lepton_fast import _backend, _validate
 
+if TYPE_CHECKING:
+    from typing import Unpack
+
 # Knowledge distillation (csrc/kd_loss.h has the formulas): the loss as `reduction` asks
 # (float32; float64 for float64 logits) and, when compute_grad, d(loss)/d(student_logits) in the
 # student's dtype, written during the forward. "mean" divides by the rows whose label is not
-# ignore_index (at least 1); num_items_in_batch, when given, divides the sum instead.
+# ignore_index (at least 1); num_items_in_batch, when given, divides the sum instead. ``hyper``
+# is every KD schema's packed hyper-parameters (temperature, divergence, beta, alpha,
+# label_smoothing, scale_by_t2: _validate.KD_FIELDS), a 1-D float64 CPU tensor.
 SPEC = _backend.define(
-    "fused_kd_loss(Tensor student_logits, Tensor teacher_logits, Tensor? labels, Tensor temperature, "
-    "Tensor beta, Tensor alpha, Tensor label_smoothing, str divergence, int ignore_index, bool scale_by_t2, "
+    "fused_kd_loss(Tensor student_logits, Tensor teacher_logits, Tensor? labels, Tensor hyper, int ignore_index, "
     "str reduction, Tensor? num_items_in_batch, bool compute_grad) -> (Tensor loss, Tensor grad)",
     triton="kd_loss", saves_grad=True)
 # fused_kd_loss split at its steps (csrc/kd_loss.h), for rows whose columns lie in slices
@@ -43,18 +47,16 @@ SPEC = _backend.define(
 #     whole rows as fused_kd_loss gives it, and the gradient of the slice (autograd as
 #     fused_kd_loss's).
 STATS_SPEC = _backend.define(
-    "kd_slice_stats(Tensor student_logits, Tensor teacher_logits, Tensor? labels, Tensor temperature, "
-    "Tensor beta, Tensor alpha, Tensor label_smoothing, str divergence, int ignore_index, int class_offset, "
-    "int n_classes) -> Tensor",
+    "kd_slice_stats(Tensor student_logits, Tensor teacher_logits, Tensor? labels, Tensor hyper, int ignore_index, "
+    "int class_offset, int n_classes) -> Tensor",
     triton="kd_loss", public=False)
 JSD_SUMS_SPEC = _backend.define(
-    "kd_slice_jsd_sums(Tensor student_logits, Tensor teacher_logits, Tensor? labels, Tensor stats, "
-    "Tensor temperature, Tensor beta, int ignore_index) -> Tensor",
+    "kd_slice_jsd_sums(Tensor student_logits, Tensor teacher_logits, Tensor? labels, Tensor stats, Tensor hyper, "
+    "int ignore_index) -> Tensor",
     triton="kd_loss", public=False)
 SLICE_SPEC = _backend.define(
     "kd_slice_loss(Tensor student_logits, Tensor teacher_logits, Tensor? labels, Tensor stats, Tensor? jsd_sums, "
-    "Tensor temperature, Tensor beta, Tensor alpha, Tensor label_smoothing, str divergence, int ignore_index, "
-    "bool scale_by_t2, str reduction, Tensor? num_items_in_batch, int class_offset, int n_classes, "
+    "Tensor hyper, int ignore_index, str reduction, Tensor? num_items_in_batch, int class_offset, int n_classes, "
     "bool compute_grad) -> (Tensor loss, Tensor grad)",
     triton="kd_loss", public=False, saves_grad=True)
 
@@ -74,51 +76,46 @@ def soft_kind(divergence: str, beta: float) -> str:
     return divergence
 
 
-@torch.library.register_fake("lepton_fast::fused_kd_loss")
-def _(student_logits, teacher_logits, labels, temperature, beta, alpha, label_smoothing, divergence,
-      ignore_index, scale_by_t2, reduction, num_items_in_batch, compute_grad):
+def fake_loss_and_grad(student_logits: Tensor, reduction: str, compute_grad: bool) -> tuple[Tensor, Tensor]:
+    """What every KD loss op's fake kernel returns: the loss in the accumulation dtype (float32;
+    float64 for float64 logits), [N] for "none", and the gradient like the student's logits, or
+    an empty tensor unless compute_grad."""
     acc = torch.promote_types(student_logits.dtype, torch.float32)
     loss = student_logits.new_empty((student_logits.shape[0],) if reduction == "none" else (), dtype=acc)
     grad = torch.empty_like(student_logits) if compute_grad else student_logits.new_empty((0,))
     return loss, grad
 
 
+@torch.library.register_fake("lepton_fast::fused_kd_loss")
+def _(student_logits, teacher_logits, labels, hyper, ignore_index, reduction, num_items_in_batch, compute_grad):
+    return fake_loss_and_grad(student_logits, reduction, compute_grad)
+
+
 @torch.library.register_fake("lepton_fast::kd_slice_stats")
-def _(student_logits, teacher_logits, labels, temperature, beta, alpha, label_smoothing, divergence,
-      ignore_index, class_offset, n_classes):
+def _(student_logits, teacher_logits, labels, hyper, ignore_index, class_offset, n_classes):
     acc = torch.promote_types(student_logits.dtype, torch.float32)
     return student_logits.new_empty((student_logits.shape[0], N_STATS), dtype=acc)
 
 
 @torch.library.register_fake("lepton_fast::kd_slice_jsd_sums")
-def _(student_logits, teacher_logits, labels, stats, temperature, beta, ignore_index):
+def _(student_logits, teacher_logits, labels, stats, hyper, ignore_index):
     return stats.new_empty((student_logits.shape[0], 2))
 
 
 @torch.library.register_fake("lepton_fast::kd_slice_loss")
-def _(student_logits, teacher_logits, labels, stats, jsd_sums, temperature, beta, alpha, label_smoothing,
-      divergence, ignore_index, scale_by_t2, reduction, num_items_in_batch, class_offset, n_classes,
-      compute_grad):
-    loss = stats.new_empty((student_logits.shape[0],) if reduction == "none" else ())
-    grad = torch.empty_like(student_logits) if compute_grad else student_logits.new_empty((0,))
-    return loss, grad
+def _(student_logits, teacher_logits, labels, stats, jsd_sums, hyper, ignore_index, reduction, num_items_in_batch,
+      class_offset, n_classes, compute_grad):
+    return fake_loss_and_grad(student_logits, reduction, compute_grad)
 
 
+@_validate.kd_keywords
 def fused_kd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
     temperature: Scalar = 1.0,
     *,
-    divergence: str = "forward_kl",
-    beta: Scalar = 0.5,
-    labels: Optional[Tensor] = None,
-    alpha: Scalar = 0.0,
-    label_smoothing: Scalar = 0.0,
-    ignore_index: int = -100,
-    scale_by_t2: bool = True,
-    reduction: str = "mean",
-    num_items_in_batch: Optional[Union[int, Tensor]] = None,
     backend: Optional[str] = None,
+    **kd: Unpack[_validate.KDKeywords],
 ) -> Tensor:
     r"""Knowledge-distillation loss in one fused pass (Hinton, Vinyals & Dean 2015).
 
@@ -144,22 +141,7 @@ def fused_kd_loss(
             loss at large T: "Precision" below). A float or a 0-d CPU tensor (as
             are beta, alpha and label_smoothing): a value that changes every step does not
             recompile a ``torch.compile`` graph.
-        divergence: ``"forward_kl"``, ``"reverse_kl"`` or ``"jsd"``.
-        beta: JSD mixture weight in [0, 1]; used only by ``"jsd"``.
-        labels: optional [...] integer hard labels (int64 or int32). Rows labelled
-            ``ignore_index`` are left out of the loss and get zero gradient, also when
-            ``alpha`` is 0.
-        alpha: weight in [0, 1] of the hard-label CE; > 0 needs ``labels``.
-        label_smoothing: in [0, 1], for the CE term (as ``F.cross_entropy``).
-        ignore_index: label value that marks a row to leave out (default -100).
-        scale_by_t2: multiply the soft term by T² (Hinton et al.; PyTorch's KD tutorial,
-            torchdistill). Pass False for TRL/Liger-Kernel's unscaled loss.
-        reduction: ``"mean"`` (= ``"batchmean"``): mean over non-ignored rows of the per-row
-            loss, 0 if every row is ignored; ``"sum"``; ``"none"``: per-row loss [...], 0 at
-            ignored rows. Unlike ``F.kl_div(reduction="mean")``, "mean" is per sample.
-        num_items_in_batch: the sum of the row losses divided by this count instead (> 0, a
-            number or a 0-d tensor), as transformers and TRL do under gradient accumulation;
-            not with ``reduction="none"``.
+        KD_KEYWORDS
         backend: force the kernel: ``"reference"`` (lepton_fast.reference under the op's
             schema), ``"cpu"``, ``"cuda"`` or ``"triton"`` (default: the dispatcher's, or
             ``$LEPTON_FAST_BACKEND``). Forcing is eager-only.
@@ -187,15 +169,13 @@ def fused_kd_loss(
     The gradient is computed during the forward into one buffer the size of the logits;
     nothing else larger than O(N) is allocated. The backward scales it in place.
     """
-    a = checked(student_logits, teacher_logits, temperature, divergence, beta, labels, alpha, label_smoothing,
-                reduction, num_items_in_batch)
+    a = checked("fused_kd_loss", student_logits, teacher_logits, temperature=temperature, **kd)
     device_type = _backend.device_type(a.student)
     loss, _ = _backend.call(
         SPEC, _backend.resolve_type(SPEC, device_type, backend), device_type, a.student, a.teacher,
-        a.labels, a.temperature, a.beta, a.alpha, a.label_smoothing, divergence, ignore_index, scale_by_t2, reduction,
-        a.num_items, a.compute_grad,
+        a.labels, a.hyper, a.ignore_index, a.reduction, a.num_items, a.compute_grad,
     )
-    return loss.reshape(a.lead) if reduction == "none" else loss
+    return loss.reshape(a.lead) if a.reduction == "none" else loss
 
 
 class KDArgs(NamedTuple):
@@ -205,29 +185,27 @@ class KDArgs(NamedTuple):
     teacher: Tensor  # [N, C], detached
     labels: Optional[Tensor]  # [N] int64 or None
     lead: torch.Size  # the logits' leading dims, for a "none" loss
-    temperature: Tensor  # 0-d float64 CPU tensors, as the schemas take them
-    beta: Tensor
-    alpha: Tensor
-    label_smoothing: Tensor
+    hyper: Tensor  # the packed hyper-parameters (_validate.KD_FIELDS), as the schemas take them
+    ignore_index: int
+    reduction: str
     num_items: Optional[Tensor]
     compute_grad: bool  # the student requires a gradient and grad mode is on
 
 
-def checked(student_logits, teacher_logits, temperature, divergence, beta, labels, alpha, label_smoothing, reduction,
-            num_items_in_batch, *, slice_of_classes=False) -> KDArgs:
-    """Every check of fused_kd_loss's arguments (the label range aside: the kernels check it
-    where they read the labels), and the arguments as the ops take them. A slice of the
-    classes (``slice_of_classes``) may be empty."""
+def checked(op: str, student_logits, teacher_logits, *, slice_of_classes=False, **kd) -> KDArgs:
+    """Every check of the arguments of ``op`` (fused_kd_loss, or a function with its contract;
+    the label range aside: the kernels check it where they read the labels), and the
+    arguments as the ops take them; ``kd`` are the KD keywords (_validate.kd_options). A slice
+    of the classes (``slice_of_classes``) may be empty."""
     _validate.logits("student_logits", student_logits, empty_ok=slice_of_classes)
     _validate.logits("teacher_logits", teacher_logits, empty_ok=slice_of_classes)
     _validate.same_shape("teacher_logits", teacher_logits, "student_logits", student_logits)
-    o = _validate.kd_options(temperature, divergence, beta, alpha, label_smoothing, reduction, num_items_in_batch,
-                             labels, "student_logits", student_logits)
+    o = _validate.kd_options(op, "student_logits", student_logits, **kd)
     student, teacher = _validate.common_dtype(student_logits, _validate.constant(teacher_logits))
     student, teacher = _validate.as_rows(student), _validate.as_rows(teacher)
     compute_grad = student.requires_grad and torch.is_grad_enabled()
-    return KDArgs(student, teacher, o.labels, student_logits.shape[:-1], o.temperature, o.beta, o.alpha,
-                  o.label_smoothing, o.num_items, compute_grad)
+    return KDArgs(student, teacher, o.labels, student_logits.shape[:-1], o.hyper, o.ignore_index, o.reduction,
+                  o.num_items, compute_grad)
 
 
 # --- The slice ops ---------------------------------------------------------------------------
@@ -243,9 +221,10 @@ class SliceMerge:
     (alpha > 0) adds its linear part and, at T != 1 (or without the soft term), its sum.
     """
 
-    def __init__(self, divergence: str, temperature: float, beta: float, alpha: float):
-        kind = soft_kind(divergence, beta)
-        soft, ce = alpha < 1, alpha > 0
+    def __init__(self, hyper: Tensor):
+        h = _validate.kd_values(hyper)
+        temperature, kind = h["temperature"], soft_kind(h["divergence"], h["beta"])
+        soft, ce = h["alpha"] < 1, h["alpha"] > 0
         self.temperature = temperature
         self.jsd = soft and kind == "jsd"
         self.max_cols = [MAX_S, MAX_T] if soft else [MAX_S]
@@ -300,34 +279,31 @@ def slice_backend(device: torch.device) -> str:
     return _backend.resolve(SLICE_SPEC, device)
 
 
-def slice_stats(backend: str, a: KDArgs, divergence: str, ignore_index: int, class_offset: int,
-                n_classes: int) -> Tensor:
+def slice_stats(backend: str, a: KDArgs, class_offset: int, n_classes: int) -> Tensor:
     """kd_slice_stats of the slice a.student (columns class_offset... of n_classes)."""
     student = a.student.detach()
-    return _backend.call(STATS_SPEC, backend, student.device.type, student, a.teacher, a.labels, a.temperature,
-                         a.beta, a.alpha, a.label_smoothing, divergence, ignore_index, class_offset, n_classes)
+    return _backend.call(STATS_SPEC, backend, student.device.type, student, a.teacher, a.labels, a.hyper,
+                         a.ignore_index, class_offset, n_classes)
 
 
-def slice_jsd_sums(backend: str, a: KDArgs, stats: Tensor, ignore_index: int) -> Tensor:
+def slice_jsd_sums(backend: str, a: KDArgs, stats: Tensor) -> Tensor:
     """kd_slice_jsd_sums of the slice a.student, given the merged statistics."""
     student = a.student.detach()
-    return _backend.call(JSD_SUMS_SPEC, backend, student.device.type, student, a.teacher, a.labels, stats,
-                         a.temperature, a.beta, ignore_index)
+    return _backend.call(JSD_SUMS_SPEC, backend, student.device.type, student, a.teacher, a.labels, stats, a.hyper,
+                         a.ignore_index)
 
 
-def slice_loss_and_grad(backend: str, a: KDArgs, stats: Tensor, jsd_sums: Optional[Tensor], divergence: str,
-               ignore_index: int, scale_by_t2: bool, reduction: str, class_offset: int,
-               n_classes: int) -> tuple[Tensor, Tensor]:
+def slice_loss_and_grad(backend: str, a: KDArgs, stats: Tensor, jsd_sums: Optional[Tensor], class_offset: int,
+                        n_classes: int) -> tuple[Tensor, Tensor]:
     """kd_slice_loss: (the loss of the whole rows from their merged statistics, differentiable
     with respect to a.student (the slice) through the op's autograd kernel; d(loss)/d(a.student)
     as the op wrote it, or an empty tensor unless a.compute_grad)."""
     return _backend.call(SLICE_SPEC, backend, a.student.device.type, a.student, a.teacher, a.labels, stats,
-                         jsd_sums, a.temperature, a.beta, a.alpha, a.label_smoothing, divergence, ignore_index,
-                         scale_by_t2, reduction, a.num_items, class_offset, n_classes, a.compute_grad)
+                         jsd_sums, a.hyper, a.ignore_index, a.reduction, a.num_items, class_offset, n_classes,
+                         a.compute_grad)
 
 
-def slice_loss(backend: str, a: KDArgs, stats: Tensor, jsd_sums: Optional[Tensor], divergence: str,
-               ignore_index: int, scale_by_t2: bool, reduction: str, class_offset: int, n_classes: int) -> Tensor:
+def slice_loss(backend: str, a: KDArgs, stats: Tensor, jsd_sums: Optional[Tensor], class_offset: int,
+               n_classes: int) -> Tensor:
     """The loss of :func:`slice_loss_and_grad`, differentiable with respect to a.student."""
-    return slice_loss_and_grad(backend, a, stats, jsd_sums, divergence, ignore_index, scale_by_t2, reduction,
-                               class_offset, n_classes)[0]
+    return slice_loss_and_grad(backend, a, stats, jsd_sums, class_offset, n_classes)[0]

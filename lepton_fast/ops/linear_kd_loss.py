@@ -47,7 +47,7 @@ which only fused_linear_kd_loss sets, around its call of the op.
 from __future__ import annotations
 
 import contextvars
-from typing import NamedTuple, Optional, Union
+from typing import TYPE_CHECKING, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -57,6 +57,9 @@ from lepton_fast.ops import _autograd, kd_loss
 from lepton_fast.ops.kd_loss import SPEC as KD_SPEC
 from lepton_fast.ops.sparse_kd_loss import SPEC as SPARSE_SPEC
 from lepton_fast.ops.sparse_kd_loss import TRUNCATIONS
+
+if TYPE_CHECKING:
+    from typing import Unpack
 
 Scalar = Union[float, Tensor]
 
@@ -233,9 +236,8 @@ def _student_head_loop(student_hidden: Tensor, student_weight: Tensor, student_b
 @torch.library.custom_op("lepton_fast::fused_linear_kd_loss", mutates_args=())
 def _fused_linear_kd_loss(
     student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor,
-    student_bias: Optional[Tensor], teacher_bias: Optional[Tensor], labels: Optional[Tensor],
-    temperature: Tensor, beta: Tensor, alpha: Tensor, label_smoothing: Tensor, divergence: str, ignore_index: int,
-    scale_by_t2: bool, reduction: str, num_items_in_batch: Optional[Tensor], vocab_size: int,
+    student_bias: Optional[Tensor], teacher_bias: Optional[Tensor], labels: Optional[Tensor], hyper: Tensor,
+    ignore_index: int, reduction: str, num_items_in_batch: Optional[Tensor], vocab_size: int,
     student_logit_scale: float, teacher_logit_scale: float, student_softcap: Optional[float],
     teacher_softcap: Optional[float], chunk_size: int, row_weights: Optional[Tensor], grad_hidden: bool,
     grad_weight: bool, grad_bias: bool, entropy: bool,
@@ -260,20 +262,19 @@ def _fused_linear_kd_loss(
                        buf_t[: z_s.shape[0]])
         if split is None:
             return torch.ops.lepton_fast.fused_kd_loss.default(
-                z_s, z_t, chunk_labels, temperature, beta, alpha, label_smoothing, divergence, ignore_index,
-                scale_by_t2, kd_reduction, divisor, compute_grad)
+                z_s, z_t, chunk_labels, hyper, ignore_index, kd_reduction, divisor, compute_grad)
         from lepton_fast import distributed
 
-        a = kd_loss.KDArgs(z_s, z_t, chunk_labels, z_s.shape[:-1], temperature, beta, alpha, label_smoothing,
-                           divisor, compute_grad)
-        return distributed.chunk_loss_and_grad(split, a, divergence, ignore_index, scale_by_t2, kd_reduction)
+        a = kd_loss.KDArgs(z_s, z_t, chunk_labels, z_s.shape[:-1], hyper, ignore_index, kd_reduction, divisor,
+                           compute_grad)
+        return distributed.chunk_loss_and_grad(split, a)
 
     out = _student_head_loop(
         student_hidden, student_weight, student_bias, labels, row_loss, acc=acc, ignore_index=ignore_index,
         reduction=reduction, num_items_in_batch=num_items_in_batch, vocab_size=vocab_size,
         logit_scale=student_logit_scale, softcap=student_softcap, chunk_size=chunk_size, row_weights=row_weights,
         grad_hidden=grad_hidden, grad_weight=grad_weight, grad_bias=grad_bias,
-        entropy_inv_temperature=1.0 / float(temperature) if entropy else None)
+        entropy_inv_temperature=1.0 / _validate.kd_values(hyper)["temperature"] if entropy else None)
     if split is not None and grad_hidden:
         torch.distributed.all_reduce(out[1], group=split.group)  # every slice's part of dL/dh
     return out
@@ -290,9 +291,8 @@ def _fake_outputs(student_hidden, student_weight, student_bias, acc, reduction, 
 
 
 @_fused_linear_kd_loss.register_fake
-def _(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias, labels,
-      temperature, beta, alpha, label_smoothing, divergence, ignore_index, scale_by_t2, reduction,
-      num_items_in_batch, vocab_size, student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap,
+def _(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias, labels, hyper,
+      ignore_index, reduction, num_items_in_batch, vocab_size, student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap,
       chunk_size, row_weights, grad_hidden, grad_weight, grad_bias, entropy):
     acc = torch.promote_types(torch.promote_types(student_hidden.dtype, teacher_hidden.dtype), torch.float32)
     return (*_fake_outputs(student_hidden, student_weight, student_bias, acc, reduction, grad_hidden, grad_weight,
@@ -303,9 +303,8 @@ def _(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bi
 @torch.library.custom_op("lepton_fast::fused_linear_sparse_kd_loss", mutates_args=())
 def _fused_linear_sparse_kd_loss(
     student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor], teacher_indices: Tensor,
-    teacher_logprobs: Tensor, teacher_mask: Optional[Tensor], labels: Optional[Tensor], temperature: Tensor,
-    beta: Tensor, alpha: Tensor, label_smoothing: Tensor, divergence: str, truncation: str, ignore_index: int,
-    scale_by_t2: bool, reduction: str, num_items_in_batch: Optional[Tensor], vocab_size: int,
+    teacher_logprobs: Tensor, teacher_mask: Optional[Tensor], labels: Optional[Tensor], hyper: Tensor,
+    truncation: str, ignore_index: int, reduction: str, num_items_in_batch: Optional[Tensor], vocab_size: int,
     student_logit_scale: float, student_softcap: Optional[float], chunk_size: int, row_weights: Optional[Tensor],
     grad_hidden: bool, grad_weight: bool, grad_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -317,8 +316,7 @@ def _fused_linear_sparse_kd_loss(
     def row_loss(take, z_s, chunk_labels, kd_reduction, divisor, compute_grad):
         return torch.ops.lepton_fast.sparse_kd_loss.default(
             z_s, take(teacher_indices), take(teacher_logprobs), None if teacher_mask is None else take(teacher_mask),
-            chunk_labels, temperature, beta, alpha, label_smoothing, divergence, truncation, ignore_index,
-            scale_by_t2, kd_reduction, divisor, compute_grad)
+            chunk_labels, hyper, truncation, ignore_index, kd_reduction, divisor, compute_grad)
 
     return _student_head_loop(
         student_hidden, student_weight, student_bias, labels, row_loss,
@@ -329,9 +327,8 @@ def _fused_linear_sparse_kd_loss(
 
 
 @_fused_linear_sparse_kd_loss.register_fake
-def _(student_hidden, student_weight, student_bias, teacher_indices, teacher_logprobs, teacher_mask, labels,
-      temperature, beta, alpha, label_smoothing, divergence, truncation, ignore_index, scale_by_t2, reduction,
-      num_items_in_batch, vocab_size, student_logit_scale, student_softcap, chunk_size, row_weights, grad_hidden,
+def _(student_hidden, student_weight, student_bias, teacher_indices, teacher_logprobs, teacher_mask, labels, hyper,
+      truncation, ignore_index, reduction, num_items_in_batch, vocab_size, student_logit_scale, student_softcap, chunk_size, row_weights, grad_hidden,
       grad_weight, grad_bias):
     return _fake_outputs(student_hidden, student_weight, student_bias,
                          torch.promote_types(student_hidden.dtype, torch.float32), reduction, grad_hidden,
@@ -452,6 +449,7 @@ def _grads_to_write(reduction: str, student: _Head) -> list[bool]:
     on = torch.is_grad_enabled() and reduction != "none"
     return [on and t is not None and t.requires_grad for t in (student.hidden, student.weight, student.bias)]
 
+@_validate.kd_keywords
 def fused_linear_kd_loss(
     student_hidden: Tensor,
     student_weight: Tensor,
@@ -461,15 +459,6 @@ def fused_linear_kd_loss(
     *,
     student_bias: Optional[Tensor] = None,
     teacher_bias: Optional[Tensor] = None,
-    divergence: str = "forward_kl",
-    beta: Scalar = 0.5,
-    labels: Optional[Tensor] = None,
-    alpha: Scalar = 0.0,
-    label_smoothing: Scalar = 0.0,
-    ignore_index: int = -100,
-    scale_by_t2: bool = True,
-    reduction: str = "mean",
-    num_items_in_batch: Optional[Union[int, Tensor]] = None,
     vocab_size: Optional[int] = None,
     student_logit_scale: float = 1.0,
     teacher_logit_scale: float = 1.0,
@@ -478,6 +467,7 @@ def fused_linear_kd_loss(
     chunk_size: Optional[int] = None,
     backend: Optional[str] = None,
     group=None,
+    **kd: Unpack[_validate.KDKeywords],
 ) -> Tensor:
     r"""Knowledge distillation through both models' lm_heads, the [N, V] logits never
     materialised (Hinton, Vinyals & Dean 2015; generalized JSD of Agarwal et al. 2024).
@@ -503,11 +493,9 @@ def fused_linear_kd_loss(
             beta, alpha, label_smoothing).
         student_bias, teacher_bias: optional [V] / [V_t] lm_head biases; the student's gets a
             gradient.
-        divergence, beta, labels, alpha, label_smoothing, ignore_index, scale_by_t2,
-        reduction, num_items_in_batch: as in :func:`lepton_fast.fused_kd_loss` (labels are
-            [...] class ids < vocab size; the hard-label CE uses the student's logits at T=1;
-            ``num_items_in_batch`` divides the summed loss, as TRL and transformers do under
-            gradient accumulation). Rows labelled ``ignore_index`` cost nothing on the CPU
+        KD_KEYWORDS
+            Here labels are [...] class ids < vocab size and the hard-label CE uses the
+            student's logits at T=1. Rows labelled ``ignore_index`` cost nothing on the CPU
             (left out before the GEMMs) and need no host synchronisation anywhere.
         vocab_size: the shared vocabulary when V != V_t (heads padded to a multiple of 64,
             say): both heads are cut to their first ``vocab_size`` rows; the student's rows
@@ -563,11 +551,9 @@ def fused_linear_kd_loss(
     try:
         return _linear_kd(
             student_hidden, student_weight, teacher_hidden, teacher_weight, temperature, student_bias=student_bias,
-            teacher_bias=teacher_bias, divergence=divergence, beta=beta, labels=labels, alpha=alpha,
-            label_smoothing=label_smoothing, ignore_index=ignore_index, scale_by_t2=scale_by_t2, reduction=reduction,
-            num_items_in_batch=num_items_in_batch, vocab_size=vocab_size, student_logit_scale=student_logit_scale,
+            teacher_bias=teacher_bias, vocab_size=vocab_size, student_logit_scale=student_logit_scale,
             teacher_logit_scale=teacher_logit_scale, student_softcap=student_softcap, teacher_softcap=teacher_softcap,
-            chunk_size=chunk_size, backend=backend, entropy=False, group=group)[0]
+            chunk_size=chunk_size, backend=backend, entropy=False, group=group, **kd)[0]
     except (TypeError, ValueError) as error:
         if group is not None:  # at the group's first call every rank hears of a refusal (distributed.refuse)
             from lepton_fast import distributed
@@ -577,10 +563,9 @@ def fused_linear_kd_loss(
 
 
 def _linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, temperature, *, student_bias,
-               teacher_bias, divergence, beta, labels, alpha, label_smoothing, ignore_index, scale_by_t2, reduction,
-               num_items_in_batch, vocab_size, student_logit_scale, teacher_logit_scale, student_softcap,
-               teacher_softcap, chunk_size, backend, entropy: bool, group=None) -> tuple[Tensor, Optional[Tensor]]:
-    """:func:`fused_linear_kd_loss` (every argument given) -> (loss, the sum of the student's
+               teacher_bias, vocab_size, student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap,
+               chunk_size, backend, entropy: bool, group=None, **kd) -> tuple[Tensor, Optional[Tensor]]:
+    """:func:`fused_linear_kd_loss` (every argument given but the KD keywords ``kd``) -> (loss, the sum of the student's
     entropy of softmax(z_s / T) over the rows that count, no gradient, when ``entropy``; else
     None), on every backend."""
     s = _checked_head("student", student_hidden, student_weight, student_bias, student_logit_scale, student_softcap,
@@ -599,8 +584,8 @@ def _linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, t
             "vocabulary> to cut both heads to it (padding the shorter head with zeros would put probability "
             "mass on the padded classes)")
     vocab_size = _checked_vocab_size(vocab_size, v_s, v_t)
-    o = _validate.kd_options(temperature, divergence, beta, alpha, label_smoothing, reduction, num_items_in_batch,
-                             labels, "student_hidden", s.hidden)
+    o = _validate.kd_options("fused_linear_kd_loss", "student_hidden", s.hidden, temperature=temperature, **kd)
+    reduction = o.reduction
     _checked_chunk_size(chunk_size)
     chosen = _backend.resolve(KD_SPEC, s.hidden.device, backend)
     split = None
@@ -622,9 +607,8 @@ def _linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, t
         chunk_size = _auto_chunk_size(h_s.shape[0], vocab_size if split is None else split.n_classes, acc,
                                       s.weight.dtype, h_s.device)
     args = (h_s, s.weight, h_t, t.weight.detach(), s.bias, None if t.bias is None else t.bias.detach(), o.labels,
-            o.temperature, o.beta, o.alpha, o.label_smoothing, divergence, ignore_index, scale_by_t2, reduction,
-            o.num_items, vocab_size, s.scale, t.scale, s.softcap, t.softcap, chunk_size, None,
-            *_grads_to_write(reduction, s), entropy)
+            o.hyper, o.ignore_index, reduction, o.num_items, vocab_size, s.scale, t.scale, s.softcap, t.softcap,
+            chunk_size, None, *_grads_to_write(reduction, s), entropy)
     token = None if split is None else _VOCAB_SPLIT.set(split)  # (torch.compile cannot trace a set)
     try:
         with _backend.running(KD_SPEC, chosen, h_s.device.type):
@@ -636,6 +620,7 @@ def _linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, t
     return loss, (out[4] if entropy else None)
 
 
+@_validate.kd_keywords
 def fused_linear_sparse_kd_loss(
     student_hidden: Tensor,
     student_weight: Tensor,
@@ -645,21 +630,13 @@ def fused_linear_sparse_kd_loss(
     temperature: Scalar = 1.0,
     *,
     student_bias: Optional[Tensor] = None,
-    divergence: str = "forward_kl",
-    beta: Scalar = 0.5,
     truncation: str = "renormalize",
-    labels: Optional[Tensor] = None,
-    alpha: Scalar = 0.0,
-    label_smoothing: Scalar = 0.0,
-    ignore_index: int = -100,
-    scale_by_t2: bool = True,
-    reduction: str = "mean",
-    num_items_in_batch: Optional[Union[int, Tensor]] = None,
     vocab_size: Optional[int] = None,
     student_logit_scale: float = 1.0,
     student_softcap: Optional[float] = None,
     chunk_size: Optional[int] = None,
     backend: Optional[str] = None,
+    **kd: Unpack[_validate.KDKeywords],
 ) -> Tensor:
     r"""Distillation from a teacher's stored top-k log-probabilities through the student's
     lm_head, the [N, V] logits never materialised.
@@ -688,11 +665,11 @@ def fused_linear_sparse_kd_loss(
         temperature: T > 0, documented range 1e-8 <= T <= 1e4 (a float or a 0-d CPU tensor, as are
             beta, alpha, label_smoothing).
         student_bias: optional [V] lm_head bias; it gets a gradient.
-        divergence, beta, truncation, labels, alpha, label_smoothing, ignore_index, scale_by_t2,
-        reduction, num_items_in_batch: as in :func:`lepton_fast.sparse_kd_loss` (labels are
-            [...] class ids < vocab_size; ``reduction="sum"`` is the sum of the rows' losses).
-            Rows labelled ``ignore_index`` cost nothing on the CPU (left out before the GEMMs)
-            and need no host synchronisation anywhere.
+        KD_KEYWORDS
+            Here labels are [...] class ids < vocab_size. Rows labelled ``ignore_index`` cost
+            nothing on the CPU (left out before the GEMMs) and need no host synchronisation
+            anywhere.
+        truncation: as in :func:`lepton_fast.sparse_kd_loss`.
         vocab_size: the classes are the head's first ``vocab_size`` rows (a head padded beyond
             the tokenizer's vocabulary, whose padded rows must take no probability mass in the
             ``"tail"`` bucket); those beyond get zero gradient. None: all V.
@@ -737,8 +714,8 @@ def fused_linear_sparse_kd_loss(
     indices, logprobs, mask = _validate.sparse_teacher(teacher_indices, teacher_logprobs, teacher_mask,
                                                        "student_hidden", s.hidden)
     _validate.choice("truncation", truncation, TRUNCATIONS)
-    o = _validate.kd_options(temperature, divergence, beta, alpha, label_smoothing, reduction, num_items_in_batch,
-                             labels, "student_hidden", s.hidden)
+    o = _validate.kd_options("fused_linear_sparse_kd_loss", "student_hidden", s.hidden, temperature=temperature,
+                             **kd)
     vocab_size = _checked_vocab_size(vocab_size, s.weight.shape[0])
     _checked_chunk_size(chunk_size)
     chosen = _backend.resolve(SPARSE_SPEC, s.hidden.device, backend)
@@ -748,7 +725,6 @@ def fused_linear_sparse_kd_loss(
                                       s.weight.dtype, h.device, buffers=2)
     with _backend.running(SPARSE_SPEC, chosen, h.device.type):
         loss = _fused_linear_sparse_kd_loss(
-            h, s.weight, s.bias, indices, logprobs, mask, o.labels, o.temperature, o.beta, o.alpha,
-            o.label_smoothing, divergence, truncation, ignore_index, scale_by_t2, reduction, o.num_items,
-            vocab_size, s.scale, s.softcap, chunk_size, None, *_grads_to_write(reduction, s))[0]
-    return loss.reshape(s.hidden.shape[:-1]) if reduction == "none" else loss
+            h, s.weight, s.bias, indices, logprobs, mask, o.labels, o.hyper, truncation, o.ignore_index, o.reduction,
+            o.num_items, vocab_size, s.scale, s.softcap, chunk_size, None, *_grads_to_write(o.reduction, s))[0]
+    return loss.reshape(s.hidden.shape[:-1]) if o.reduction == "none" else loss

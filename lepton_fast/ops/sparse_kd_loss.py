@@ -13,7 +13,7 @@ under TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor
@@ -21,15 +21,19 @@ from torch import Tensor
 from lepton_fast import _backend, _validate
 from lepton_fast.ops import kd_loss
 
+if TYPE_CHECKING:
+    from typing import Unpack
+
 # The loss as `reduction` asks (float32; float64 for float64 logits) and, when compute_grad,
 # d(loss)/d(student_logits) in the student's dtype, written during the forward. Rows: student
 # logits [N, V] and teacher entries [N, K] (indices int64, log-probabilities of any floating
 # dtype, mask bool or None), each contiguous along its last dim. The kernels check the indices
-# they read (unmasked entries of rows not ignored) against [0, V).
+# they read (unmasked entries of rows not ignored) against [0, V). ``hyper``: the packed KD
+# hyper-parameters, as fused_kd_loss's schema takes them (_validate.KD_FIELDS); the truncation,
+# which only this family has, is an argument of its own.
 SPEC = _backend.define(
     "sparse_kd_loss(Tensor student_logits, Tensor teacher_indices, Tensor teacher_logprobs, Tensor? teacher_mask, "
-    "Tensor? labels, Tensor temperature, Tensor beta, Tensor alpha, Tensor label_smoothing, str divergence, "
-    "str truncation, int ignore_index, bool scale_by_t2, str reduction, Tensor? num_items_in_batch, "
+    "Tensor? labels, Tensor hyper, str truncation, int ignore_index, str reduction, Tensor? num_items_in_batch, "
     "bool compute_grad) -> (Tensor loss, Tensor grad)",
     triton="sparse_kd_loss", saves_grad=True)
 
@@ -37,14 +41,12 @@ TRUNCATIONS = ("renormalize", "tail")
 
 
 @torch.library.register_fake("lepton_fast::sparse_kd_loss")
-def _(student_logits, teacher_indices, teacher_logprobs, teacher_mask, labels, temperature, beta, alpha,
-      label_smoothing, divergence, truncation, ignore_index, scale_by_t2, reduction, num_items_in_batch, compute_grad):
-    acc = torch.promote_types(student_logits.dtype, torch.float32)
-    loss = student_logits.new_empty((student_logits.shape[0],) if reduction == "none" else (), dtype=acc)
-    grad = torch.empty_like(student_logits) if compute_grad else student_logits.new_empty((0,))
-    return loss, grad
+def _(student_logits, teacher_indices, teacher_logprobs, teacher_mask, labels, hyper, truncation, ignore_index,
+      reduction, num_items_in_batch, compute_grad):
+    return kd_loss.fake_loss_and_grad(student_logits, reduction, compute_grad)
 
 
+@_validate.kd_keywords
 def sparse_kd_loss(
     student_logits: Tensor,
     teacher_indices: Tensor,
@@ -52,17 +54,9 @@ def sparse_kd_loss(
     teacher_mask: Optional[Tensor] = None,
     temperature: kd_loss.Scalar = 1.0,
     *,
-    divergence: str = "forward_kl",
-    beta: kd_loss.Scalar = 0.5,
     truncation: str = "renormalize",
-    labels: Optional[Tensor] = None,
-    alpha: kd_loss.Scalar = 0.0,
-    label_smoothing: kd_loss.Scalar = 0.0,
-    ignore_index: int = -100,
-    scale_by_t2: bool = True,
-    reduction: str = "mean",
-    num_items_in_batch: Optional[Union[int, Tensor]] = None,
     backend: Optional[str] = None,
+    **kd: Unpack[_validate.KDKeywords],
 ) -> Tensor:
     r"""Knowledge distillation from a teacher given only at K entries per row: its top-k
     log-probabilities as a teacher model or vLLM writes them once, for many student runs.
@@ -105,9 +99,8 @@ def sparse_kd_loss(
             with probability 0); a constant. Read in their own dtype, accumulated in float32
             (float64 for float64 student logits).
         teacher_mask: optional [..., K] bool (or 0/1 integer): False = entry not provided.
-        temperature, divergence, beta, labels, alpha, label_smoothing, ignore_index,
-        scale_by_t2, reduction, num_items_in_batch, backend: as :func:`lepton_fast.fused_kd_loss`
-            (``reduction="sum"`` is the sum of the rows' losses).
+        temperature, backend: as :func:`lepton_fast.fused_kd_loss`.
+        KD_KEYWORDS
         truncation: ``"renormalize"`` or ``"tail"``.
 
     Returns:
@@ -132,13 +125,11 @@ def sparse_kd_loss(
     indices, logprobs, mask = _validate.sparse_teacher(teacher_indices, teacher_logprobs, teacher_mask,
                                                        "student_logits", student_logits)
     _validate.choice("truncation", truncation, TRUNCATIONS)
-    o = _validate.kd_options(temperature, divergence, beta, alpha, label_smoothing, reduction, num_items_in_batch,
-                             labels, "student_logits", student_logits)
+    o = _validate.kd_options("sparse_kd_loss", "student_logits", student_logits, temperature=temperature, **kd)
     student = _validate.as_rows(student_logits)
     compute_grad = student.requires_grad and torch.is_grad_enabled()
     loss, _ = _backend.call(
         SPEC, _backend.resolve(SPEC, student.device, backend), student.device.type, student, indices, logprobs, mask,
-        o.labels, o.temperature, o.beta, o.alpha, o.label_smoothing, divergence, truncation, ignore_index, scale_by_t2,
-        reduction, o.num_items, compute_grad,
+        o.labels, o.hyper, truncation, o.ignore_index, o.reduction, o.num_items, compute_grad,
     )
-    return loss.reshape(student_logits.shape[:-1]) if reduction == "none" else loss
+    return loss.reshape(student_logits.shape[:-1]) if o.reduction == "none" else loss
