@@ -322,8 +322,7 @@ def _packed(values: tuple) -> Tensor:
         entries = [f.pack(f.name, v) for f, v in zip(KD_FIELDS, values)]
         return torch.stack([e if isinstance(e, Tensor) else torch.full((), e, dtype=torch.float64) for e in entries])
 
-    plain = not torch.compiler.is_compiling() and tuple(map(type, values)) == _PLAIN_TYPES
-    return _checked_scalars(_KD_PACKED, values, plain, pack)
+    return _checked_scalars(_KD_PACKED, values, tuple(map(type, values)) == _PLAIN_TYPES, pack)
 
 
 def kd_hyper(**values) -> Tensor:
@@ -372,7 +371,7 @@ def kd_options(op: str, x_name: str, x: Tensor, /, **kd) -> KDOptions:
         if name not in _KD_NAMES:
             raise TypeError(f"{op}() got an unexpected keyword argument {name!r}")
     kd = {**KD_DEFAULTS, **kd}
-    hyper = _packed(tuple(kd[f.name] for f in KD_FIELDS))
+    hyper = _packed(tuple([kd[name] for name in _FIELD_NAMES]))
     reduction = choice("reduction", kd["reduction"], REDUCTIONS)
     count = kd["num_items_in_batch"]
     if count is not None and reduction == "none":
@@ -387,6 +386,7 @@ def kd_options(op: str, x_name: str, x: Tensor, /, **kd) -> KDOptions:
 
 
 _KD_NAMES = frozenset(KD_DEFAULTS)
+_FIELD_NAMES = tuple(f.name for f in KD_FIELDS)
 
 
 class KDKeywords(TypedDict, total=False):
