@@ -58,22 +58,16 @@ struct SparseRow {
     std::vector<acc_t> e_t, e_1, m;
   };
 
-  // x, a row's columns j .. j + W, with the lanes of the listed columns among them (sorted;
-  // the next one not yet passed at *next) replaced: by -inf without `value` (the pass: the
-  // unlisted statistics are accumulated over the unlisted columns themselves, never as the
-  // row's minus the entries', which cancels at small T), else by the listed columns' values in
-  // turn (the gradient: the entries' own values go out with the row's stores, where a write
-  // into the streamed-out row afterwards cost a read-for-ownership miss each).
-  static Vec replace_listed(Vec x, int64_t j, const int64_t*& next, const int64_t* end, const acc_t*& value) {
+  // The n <= W columns of s at j, those listed (sorted; the next one not yet passed at *next)
+  // as -inf: the unlisted statistics are accumulated over the unlisted columns themselves,
+  // never as the row's minus the entries' (which cancels at small T).
+  static Vec load_unlisted(const scalar_t* s, int64_t j, int64_t n, const int64_t*& next, const int64_t* end) {
+    const Vec x = IO::load(s + j, n, kNegInf);
     if (next == end || *next >= j + W) return x;
     alignas(64) acc_t buf[W];
     x.store(buf);
-    for (; next != end && *next < j + W; ++next) buf[*next - j] = value ? *value++ : kNegInf;
+    for (; next != end && *next < j + W; ++next) buf[*next - j] = kNegInf;
     return Vec::loadu(buf);
-  }
-  static Vec load_unlisted(const scalar_t* s, int64_t j, int64_t n, const int64_t*& next, const int64_t* end) {
-    const acc_t* none = nullptr;
-    return replace_listed(IO::load(s + j, n, kNegInf), j, next, end, none);
   }
 
   // The pass over the row s, its listed columns [listed, end) left out: the lanes' statistics
@@ -130,11 +124,10 @@ struct SparseRow {
   // The unlisted columns' gradient (sparse_unlisted_grad, times sg) plus the CE's (times cg;
   // its softmax from the kept e_t when ce_at_t, else e_1) at every column of the row, from the
   // kept exps: a kept exp times its chunk's factor is the probability, so no exp per column.
-  // The listed columns [listed, end) get their values d_listed instead.
+  // The entries' columns are overwritten afterwards.
   static void grad(scalar_t* g, int64_t V, int64_t label, const SparseRowConsts<acc_t>& c, const Kept& kept,
                    bool soft, bool ce, bool ce_at_t, acc_t sg, acc_t g_tail, acc_t big_g, acc_t cg, acc_t lse1,
-                   acc_t label_smoothing, const int64_t* listed, const int64_t* end, const acc_t* d_listed,
-                   bool stream) {
+                   acc_t label_smoothing, bool stream) {
     // Without a finite unlisted logit pu and p are 0 at every unlisted column.
     const bool has_pu = soft && c.max_u != kNegInf;
     const Vec v_inv_t(c.inv_t), v_max_u(c.max_u), v_lsum_u(c.log_sum_u);
@@ -162,7 +155,7 @@ struct SparseRow {
         dv = at::vec::fmadd(Vec::loadu(e_1 + j), ce_f, dv - v_smooth_cg);
         if (label >= j && label < j + n) dv = IO::add_at(dv, label - j, -cg * (1 - label_smoothing));
       }
-      IO::store(g + j, replace_listed(dv, j, listed, end, d_listed), n, stream);
+      IO::store(g + j, dv, n, stream);
     }
   }
 
@@ -178,14 +171,10 @@ struct SparseRow {
     }
   }
 
-  // A row of zeros (+0.0 is all-zero bits in the four dtypes) but at the listed columns
-  // [listed, end), which get d_listed.
-  static void zero(scalar_t* g, int64_t V, bool stream, const int64_t* listed = nullptr, const int64_t* end = nullptr,
-                   const acc_t* d_listed = nullptr) {
-    if (stream || listed != end) {
-      for (int64_t j = 0; j < V; j += W) {
-        IO::store(g + j, replace_listed(Vec(0), j, listed, end, d_listed), std::min(W, V - j), stream);
-      }
+  // A row of zeros (+0.0 is all-zero bits in the four dtypes).
+  static void zero(scalar_t* g, int64_t V, bool stream) {
+    if (stream) {
+      for (int64_t j = 0; j < V; j += W) IO::store(g + j, Vec(0), std::min(W, V - j), true);
     } else {
       std::memset(g, 0, V * sizeof(scalar_t));
     }
@@ -208,8 +197,7 @@ struct SparseRow {
       kept.m.resize((V + kChunk - 1) / kChunk * W);
     }
     std::vector<char> counted(K);
-    std::vector<int64_t> slot(K);  // a counted entry's place in `listed`
-    std::vector<acc_t> xk(K), lp(K), g(K), d_listed(K);
+    std::vector<acc_t> xk(K), lp(K), g(K);
     std::vector<std::pair<int64_t, int64_t>> order;  // (index, entry)
     std::vector<int64_t> listed;
     order.reserve(K);
@@ -244,7 +232,6 @@ struct SparseRow {
       for (size_t i = 0; i < order.size(); ++i) {
         if (i > 0 && order[i].first == order[i - 1].first) continue;
         counted[order[i].second] = 1;
-        slot[order[i].second] = static_cast<int64_t>(listed.size());
         listed.push_back(order[i].first);
       }
       Stats teacher_t, teacher_1, student;
@@ -307,7 +294,13 @@ struct SparseRow {
       out = row_loss;
       if (!gr) continue;
       const acc_t sg = acc_t(p.soft_grad_weight * a.grad_scale), cg = acc_t(p.alpha * a.grad_scale);
-      if (p.needs_soft) {  // the entries' columns' gradient, in the order of `listed`
+      if (row_tail || p.needs_ce) {
+        grad(gr, V, label, c, kept, row_tail, p.needs_ce, !at_1, sg, g_tail, big_g, cg, lse1, label_smoothing,
+             a.stream_grad);
+      } else {  // "renormalize" without the CE: no column but the entries' has a gradient
+        zero(gr, V, a.stream_grad);
+      }
+      if (p.needs_soft) {
         for (int64_t k = 0; k < K; ++k) {
           if (!counted[k]) continue;
           acc_t dk = (g[k] - std::exp(c.logq(xk[k])) * big_g) * sg;
@@ -315,17 +308,8 @@ struct SparseRow {
             const int64_t j = idx[k];
             dk += cg * (std::exp(acc_t(s[j]) - lse1) - label_smoothing / V - (j == label ? 1 - label_smoothing : 0));
           }
-          d_listed[slot[k]] = dk;
+          gr[idx[k]] = static_cast<scalar_t>(dk);
         }
-      }
-      // Without the soft term the CE's formula serves the listed columns too.
-      const int64_t* lb = listed.data();
-      const int64_t* le = p.needs_soft ? lb + listed.size() : lb;
-      if (row_tail || p.needs_ce) {
-        grad(gr, V, label, c, kept, row_tail, p.needs_ce, !at_1, sg, g_tail, big_g, cg, lse1, label_smoothing, lb, le,
-             d_listed.data(), a.stream_grad);
-      } else {  // "renormalize" without the CE: no column but the entries' has a gradient
-        zero(gr, V, a.stream_grad, lb, le, d_listed.data());
       }
     }
     if (a.stream_grad) streaming_fence();
