@@ -363,14 +363,20 @@ def num_items(value, like: Tensor) -> Optional[Tensor]:
     return positive("num_items_in_batch", value)
 
 
+def kd_filled(op: str, kd: dict) -> dict:
+    """The KD keywords ``kd`` with :data:`KD_DEFAULTS` for those not given; a TypeError naming
+    the function ``op`` for a keyword that no KD function takes."""
+    for name in kd:
+        if name not in _KD_NAMES:
+            raise TypeError(f"{op}() got an unexpected keyword argument {name!r}")
+    return {**KD_DEFAULTS, **kd}
+
+
 def kd_options(op: str, x_name: str, x: Tensor, /, **kd) -> KDOptions:
     """Every check of the KD keywords ``kd`` (those of :data:`KD_DEFAULTS`; the defaults for
     those not given) and of the labels of rows x.shape[:-1] of ``x_name``, for every KD
     function alike; ``op`` names the public function in a TypeError for an unknown keyword."""
-    for name in kd:
-        if name not in _KD_NAMES:
-            raise TypeError(f"{op}() got an unexpected keyword argument {name!r}")
-    kd = {**KD_DEFAULTS, **kd}
+    kd = kd_filled(op, kd)
     hyper = _packed(tuple([kd[name] for name in _FIELD_NAMES]))
     reduction = choice("reduction", kd["reduction"], REDUCTIONS)
     count = kd["num_items_in_batch"]

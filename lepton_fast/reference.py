@@ -15,6 +15,7 @@ import math
 import torch
 from torch import Tensor
 
+from lepton_fast import _validate
 from lepton_fast.ops.kd_loss import KL_SUM, LIN_CE, MAX_S, MAX_T, N_STATS, SUM_CE, SUM_S, SUM_T, soft_kind
 
 NEG_INF = float("-inf")
@@ -86,58 +87,39 @@ def divergence_rows(logp_t: Tensor, logp_s: Tensor, divergence: str, beta: float
     raise ValueError(f"divergence must be 'forward_kl', 'reverse_kl' or 'jsd', got {divergence!r}")
 
 
-def kd_loss_rows(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    labels: Tensor | None = None,
-    *,
-    temperature: float = 1.0,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    alpha: float = 0.0,
-    label_smoothing: float = 0.0,
-    ignore_index: int = -100,
-    scale_by_t2: bool = True,
-) -> Tensor:
-    """Per-row knowledge-distillation loss of [N, C] logits, float32 (float64 for float64), [N].
+def _kd_loss(op: str, student_logits: Tensor, temperature, kd: dict, soft) -> Tensor:
+    """The loss of every KD op around its soft term, reduced as ``kd["reduction"]`` says: per row
+    alpha * CE(student, label) + (1 - alpha) * T^2 * soft, CE at T = 1 with ``label_smoothing``
+    (Hinton et al. 2015); rows whose label is ``ignore_index`` are 0 and get no gradient. A term
+    whose weight is 0 is not computed, so its infinities cannot leak in as 0 * inf.
 
-    row = alpha * CE(student, label) + (1 - alpha) * T^2 * D(p_t, p_s), CE at T = 1 with
-    ``label_smoothing``; rows whose label is ``ignore_index`` are 0 and get no gradient.
-    A term whose weight is 0 is not computed, so its infinities cannot leak in as 0 * inf.
+    ``kd`` are the KD keywords given to ``op`` (lepton_fast._validate.KD_DEFAULTS for the others);
+    ``soft(student, valid, kd)`` gives the soft term [N] of the [N, C] student rows (ignored rows
+    zeroed), ``valid`` the rows not ignored ([N] bool, or None without labels), ``kd`` filled in
+    (its labels flattened to [N]).
     """
-    teacher_logits = teacher_logits.detach()
-
-    def soft(student: Tensor, valid: Tensor | None) -> Tensor:
-        teacher = teacher_logits if valid is None else torch.where(valid[:, None], teacher_logits, 0.0)
-        return soft_divergence_rows(student, teacher, temperature, divergence, beta)
-
-    return _kd_rows(student_logits, labels, soft, temperature=temperature, alpha=alpha,
-                    label_smoothing=label_smoothing, ignore_index=ignore_index, scale_by_t2=scale_by_t2)
-
-
-def _kd_rows(student_logits: Tensor, labels: Tensor | None, soft, *, temperature: float, alpha: float,
-             label_smoothing: float, ignore_index: int, scale_by_t2: bool) -> Tensor:
-    """alpha * CE(student, label) + (1 - alpha) * T^2 * soft(student, valid) per row, [N]:
-    the row loss of every KD op around its soft term. ``soft`` takes the [N, C] student
-    logits with ignored rows zeroed and the rows not ignored ([N] bool, or None without labels).
-    """
-    rows = student_logits.new_zeros(student_logits.shape[0], dtype=_acc(student_logits).dtype)
+    kd = _validate.kd_filled(op, {**kd, "temperature": temperature})
+    lead, n_classes = student_logits.shape[:-1], student_logits.shape[-1]
+    labels = kd["labels"] = None if kd["labels"] is None else kd["labels"].reshape(-1)
+    student = student_logits.reshape(-1, n_classes)
+    rows = student.new_zeros(student.shape[0], dtype=_acc(student).dtype)
     valid = None
     if labels is not None:
-        valid = labels != ignore_index
+        valid = labels != kd["ignore_index"]
         # Ignored rows may hold anything (even all -inf): zero them so no NaN can reach autograd.
-        student_logits = torch.where(valid[:, None], student_logits, 0.0)
+        student = torch.where(valid[:, None], student, 0.0)
+    alpha = kd["alpha"]
     if alpha < 1.0:
-        rows = rows + (1.0 - alpha) * (temperature**2 if scale_by_t2 else 1.0) * soft(student_logits, valid)
+        rows = rows + (1.0 - alpha) * (temperature**2 if kd["scale_by_t2"] else 1.0) * soft(student, valid, kd)
     if alpha > 0.0:
-        ce = torch.nn.functional.cross_entropy(
-            _acc(student_logits), labels, ignore_index=ignore_index,
-            label_smoothing=label_smoothing, reduction="none",
-        )
+        ce = torch.nn.functional.cross_entropy(_acc(student), labels, ignore_index=kd["ignore_index"],
+                                               label_smoothing=kd["label_smoothing"], reduction="none")
         rows = rows + alpha * ce
     if valid is not None:
         rows = torch.where(valid, rows, 0.0)
-    return rows
+    divisor = mean_divisor(labels, kd["ignore_index"], rows.shape[0])
+    loss = reduce_rows(rows, kd["reduction"], divisor, kd["num_items_in_batch"])
+    return loss.reshape(lead if kd["reduction"] == "none" else ())
 
 
 def mean_divisor(labels: Tensor | None, ignore_index: int, n_rows: int):
@@ -159,31 +141,21 @@ def reduce_rows(rows: Tensor, reduction: str, divisor, num_items_in_batch=None) 
     return total if reduction == "sum" else total / divisor
 
 
-def fused_kd_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    temperature: float = 1.0,
-    *,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    labels: Tensor | None = None,
-    alpha: float = 0.0,
-    label_smoothing: float = 0.0,
-    ignore_index: int = -100,
-    scale_by_t2: bool = True,
-    reduction: str = "mean",
-    num_items_in_batch=None,
-) -> Tensor:
-    """Reference of :func:`lepton_fast.fused_kd_loss` on [..., C] logits (no argument checks)."""
-    lead, n_classes = student_logits.shape[:-1], student_logits.shape[-1]
-    flat_labels = None if labels is None else labels.reshape(-1)
-    rows = kd_loss_rows(
-        student_logits.reshape(-1, n_classes), teacher_logits.reshape(-1, n_classes), flat_labels,
-        temperature=temperature, divergence=divergence, beta=beta, alpha=alpha,
-        label_smoothing=label_smoothing, ignore_index=ignore_index, scale_by_t2=scale_by_t2,
-    )
-    divisor = mean_divisor(flat_labels, ignore_index, rows.shape[0])
-    return reduce_rows(rows, reduction, divisor, num_items_in_batch).reshape(lead if reduction == "none" else ())
+@_validate.kd_keywords
+def fused_kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, **kd) -> Tensor:
+    """Reference of :func:`lepton_fast.fused_kd_loss` on [..., C] logits (no argument checks):
+    the divergences of :func:`soft_divergence_rows` in :func:`_kd_loss`.
+
+    Args:
+        KD_KEYWORDS
+    """
+    teacher = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
+
+    def soft(student: Tensor, valid: Tensor | None, kd: dict) -> Tensor:
+        t = teacher if valid is None else torch.where(valid[:, None], teacher, 0.0)
+        return soft_divergence_rows(student, t, kd["temperature"], kd["divergence"], kd["beta"])
+
+    return _kd_loss("fused_kd_loss", student_logits, temperature, kd, soft)
 
 
 # --- Knowledge distillation from a sparse teacher (stored top-k log-probabilities) ---------
@@ -284,67 +256,29 @@ def sparse_student_buckets(x_at: Tensor, counted: Tensor, *, temperature: float,
     return torch.cat([log_s, (lse_unlisted - lse)[:, None]], 1)
 
 
-def sparse_kd_loss_rows(
-    student_logits: Tensor,
-    teacher_indices: Tensor,
-    teacher_logprobs: Tensor,
-    teacher_mask: Tensor | None = None,
-    labels: Tensor | None = None,
-    *,
-    temperature: float = 1.0,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    truncation: str = "renormalize",
-    alpha: float = 0.0,
-    label_smoothing: float = 0.0,
-    ignore_index: int = -100,
-    scale_by_t2: bool = True,
-) -> Tensor:
-    """Per-row loss of [N, V] student logits against a teacher given at [N, K] entries, [N]:
-    :func:`kd_loss_rows` with D the divergence between the buckets of :func:`sparse_buckets`.
-    A row with no counted entry has soft term 0."""
-    read = sparse_teacher_entries(teacher_indices, teacher_mask, labels, ignore_index)
-    counted = sparse_counted_entries(teacher_indices, read)
-
-    def soft(student: Tensor, valid: Tensor | None) -> Tensor:
-        logp_t, logp_s = sparse_buckets(student, teacher_indices, teacher_logprobs, counted,
-                                        temperature=temperature, truncation=truncation)
-        return divergence_rows(logp_t, logp_s, divergence, beta)
-
-    return _kd_rows(student_logits, labels, soft, temperature=temperature, alpha=alpha,
-                    label_smoothing=label_smoothing, ignore_index=ignore_index, scale_by_t2=scale_by_t2)
-
-
-def sparse_kd_loss(
-    student_logits: Tensor,
-    teacher_indices: Tensor,
-    teacher_logprobs: Tensor,
-    teacher_mask: Tensor | None = None,
-    temperature: float = 1.0,
-    *,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    truncation: str = "renormalize",
-    labels: Tensor | None = None,
-    alpha: float = 0.0,
-    label_smoothing: float = 0.0,
-    ignore_index: int = -100,
-    scale_by_t2: bool = True,
-    reduction: str = "mean",
-    num_items_in_batch=None,
-) -> Tensor:
+@_validate.kd_keywords
+def sparse_kd_loss(student_logits: Tensor, teacher_indices: Tensor, teacher_logprobs: Tensor,
+                   teacher_mask: Tensor | None = None, temperature: float = 1.0, *, truncation: str = "renormalize",
+                   **kd) -> Tensor:
     """Reference of :func:`lepton_fast.sparse_kd_loss` on [..., V] logits and [..., K] teacher
-    entries (no argument checks)."""
-    lead, n_classes, k = student_logits.shape[:-1], student_logits.shape[-1], teacher_indices.shape[-1]
-    flat_labels = None if labels is None else labels.reshape(-1)
-    rows = sparse_kd_loss_rows(
-        student_logits.reshape(-1, n_classes), teacher_indices.reshape(-1, k), teacher_logprobs.reshape(-1, k),
-        None if teacher_mask is None else teacher_mask.reshape(-1, k), flat_labels, temperature=temperature,
-        divergence=divergence, beta=beta, truncation=truncation, alpha=alpha, label_smoothing=label_smoothing,
-        ignore_index=ignore_index, scale_by_t2=scale_by_t2,
-    )
-    divisor = mean_divisor(flat_labels, ignore_index, rows.shape[0])
-    return reduce_rows(rows, reduction, divisor, num_items_in_batch).reshape(lead if reduction == "none" else ())
+    entries (no argument checks): the divergence between the buckets of :func:`sparse_buckets`
+    in :func:`_kd_loss`. A row with no counted entry has soft term 0.
+
+    Args:
+        KD_KEYWORDS
+    """
+    k = teacher_indices.shape[-1]
+    indices, logprobs = teacher_indices.reshape(-1, k), teacher_logprobs.reshape(-1, k)
+    mask = None if teacher_mask is None else teacher_mask.reshape(-1, k)
+
+    def soft(student: Tensor, valid: Tensor | None, kd: dict) -> Tensor:
+        read = sparse_teacher_entries(indices, mask, kd["labels"], kd["ignore_index"])
+        counted = sparse_counted_entries(indices, read)
+        logp_t, logp_s = sparse_buckets(student, indices, logprobs, counted, temperature=kd["temperature"],
+                                        truncation=truncation)
+        return divergence_rows(logp_t, logp_s, kd["divergence"], kd["beta"])
+
+    return _kd_loss("sparse_kd_loss", student_logits, temperature, kd, soft)
 
 
 # --- Knowledge distillation over slices of the classes (the vocabulary-parallel loss) -----
