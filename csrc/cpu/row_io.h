@@ -71,6 +71,9 @@ struct RowIO {
         return v;
       }
     }
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<scalar_t, acc_t>) return masked_load(p, n, pad);
+#endif
     alignas(64) acc_t buf[W];
     for (int64_t i = 0; i < W; ++i) buf[i] = i < n ? acc_t(p[i]) : pad;
     return Vec::loadu(buf);
@@ -87,10 +90,60 @@ struct RowIO {
       }
       return;
     }
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<scalar_t, acc_t>) return masked_store(p, v, n);
+#endif
     alignas(64) acc_t buf[W];
     v.store(buf);
     for (int64_t i = 0; i < n; ++i) p[i] = static_cast<scalar_t>(buf[i]);
   }
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  // A row's ragged tail (the whole row at a classifier's 10 classes, below one AVX-512 vector)
+  // with the instruction set's masked moves, which never touch the lanes masked out: the copy
+  // through a buffer above, lane by lane, was about a third of a 10-class row's time
+  // (benchmarks/RESULTS.md, "Per-call cost at tiny shapes"). float32 and float64 only.
+#if defined(CPU_CAPABILITY_AVX512)
+  static Vec masked_load(const acc_t* p, int64_t n, acc_t pad) {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      return _mm512_mask_loadu_ps(_mm512_set1_ps(pad), static_cast<__mmask16>((1u << n) - 1), p);
+    } else {
+      return _mm512_mask_loadu_pd(_mm512_set1_pd(pad), static_cast<__mmask8>((1u << n) - 1), p);
+    }
+  }
+  static void masked_store(acc_t* p, const Vec& v, int64_t n) {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), v);
+    } else {
+      _mm512_mask_storeu_pd(p, static_cast<__mmask8>((1u << n) - 1), v);
+    }
+  }
+#else
+  // All ones in the lanes below n, as vmaskmov and blendv read a mask (each lane's top bit).
+  static __m256i lanes_below(int64_t n) {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    } else {
+      return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+    }
+  }
+  static Vec masked_load(const acc_t* p, int64_t n, acc_t pad) {
+    const __m256i m = lanes_below(n);
+    if constexpr (std::is_same_v<acc_t, float>) {
+      return _mm256_blendv_ps(_mm256_set1_ps(pad), _mm256_maskload_ps(p, m), _mm256_castsi256_ps(m));
+    } else {
+      return _mm256_blendv_pd(_mm256_set1_pd(pad), _mm256_maskload_pd(p, m), _mm256_castsi256_pd(m));
+    }
+  }
+  static void masked_store(acc_t* p, const Vec& v, int64_t n) {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      _mm256_maskstore_ps(p, lanes_below(n), v);
+    } else {
+      _mm256_maskstore_pd(p, lanes_below(n), v);
+    }
+  }
+#endif
+#endif
 
   // v with delta added to its lane `lane` (the one-hot term of a label among a vector's columns).
   static Vec add_at(const Vec& v, int64_t lane, acc_t delta) {
@@ -133,7 +186,7 @@ struct RowIO {
   // this merge is a large part of a row's work.
   static void merge(Vec m, Vec s, Vec a, acc_t scale, acc_t& m_row, acc_t& s_row, acc_t& a_row) {
     m_row = at::vec::vec_reduce_all<acc_t>([](const Vec& x, const Vec& y) { return at::vec::maximum(x, y); }, m);
-    const Vec f = ((m - Vec(m_row)) * Vec(scale)).exp();
+    const Vec f = VecMath<acc_t>::exp((m - Vec(m_row)) * Vec(scale));
     s_row = sum(s * f);
     a_row = sum(VecMath<acc_t>::zero_where_zero(f, a * f));
   }
