@@ -148,6 +148,17 @@ def mean_divisor(labels: Tensor | None, ignore_index: int, n_rows: int):
     return (labels != ignore_index).sum().clamp(min=1)
 
 
+def reduction_divisor(reduction: str, divisor, num_items_in_batch=None):
+    """What :func:`reduce_rows` divides the rows' sum by, and so what each row's gradient is
+    divided by: num_items_in_batch when given, the mean's ``divisor`` for "mean"/"batchmean",
+    else 1 ("sum"; "none", whose rows are not summed)."""
+    if reduction == "none":
+        return 1
+    if num_items_in_batch is not None:
+        return num_items_in_batch
+    return divisor if reduction in ("mean", "batchmean") else 1
+
+
 def reduce_rows(rows: Tensor, reduction: str, divisor, num_items_in_batch=None) -> Tensor:
     """"mean"/"batchmean": sum / divisor; "sum"; "none": rows unchanged. num_items_in_batch,
     when given, divides the sum instead (transformers' and TRL's gradient accumulation)."""
@@ -464,9 +475,7 @@ def kd_slice_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor
         rows, grad = torch.where(valid, rows, 0.0), torch.where(valid[:, None], grad, 0.0)
     divisor = mean_divisor(labels, ignore_index, rows.shape[0])
     loss = reduce_rows(rows, reduction, divisor, num_items_in_batch)
-    if reduction != "none":
-        grad = grad / (num_items_in_batch if num_items_in_batch is not None else
-                       divisor if reduction in ("mean", "batchmean") else 1)
+    grad = grad / reduction_divisor(reduction, divisor, num_items_in_batch)
     return loss, grad.to(student_logits.dtype)
 
 
@@ -532,18 +541,22 @@ def sparse_slice_sums(student_logits: Tensor, column: Tensor, labels: Tensor | N
     return out
 
 
-def sparse_slice_loss(student_logits: Tensor, column: Tensor, counted: Tensor, teacher_logprobs: Tensor,
+def sparse_slice_rows(student_logits: Tensor, column: Tensor, counted: Tensor, teacher_logprobs: Tensor,
                       labels: Tensor | None, maxima: Tensor, sums: Tensor, *, temperature: float, divergence: str,
                       beta: float, truncation: str, alpha: float, label_smoothing: float, ignore_index: int,
-                      scale_by_t2: bool, reduction: str, num_items_in_batch=None, class_offset: int,
-                      n_classes: int, compute_grad: bool) -> tuple[Tensor, Tensor | None]:
-    """(the loss of the whole rows as sparse_kd_loss gives it, from the merged ``maxima`` and
-    ``sums``; d(loss)/d(this slice), or None unless ``compute_grad``).
+                      scale_by_t2: bool, class_offset: int, n_classes: int, grad_out: Tensor | None = None,
+                      grad_divisor=1) -> Tensor:
+    """Each row's loss as sparse_kd_loss_rows gives it, [N] (0 at ignored rows), from the
+    rows' merged ``maxima`` and ``sums``; with ``grad_out`` ([N, C_r], the student's dtype),
+    d(the rows' sum)/d(this slice) / ``grad_divisor`` written into it (the divisor of the
+    caller's reduction, :func:`reduction_divisor`).
 
     The loss is :func:`sparse_buckets`' divergence and the CE written over the rows' merged
     statistics (:func:`sparse_student_buckets`); autograd gives its derivatives with respect
     to them, [N, <= K + 4], and the chain rule through each statistic's derivative (the
     softmax for a log-sum-exp, the one-hot for a gathered logit) gives the slice's gradient.
+    Like the other sparse_slice_* steps, row by row: each output row depends only on the same
+    row of every argument, so that a caller may run it on blocks of rows.
     """
     x = _acc(student_logits.detach())
     n_rows, n_local = x.shape
@@ -575,12 +588,9 @@ def sparse_slice_loss(student_logits: Tensor, column: Tensor, counted: Tensor, t
             leaves["lin_ce"] = keep(sums[:, SP_LIN_CE]).requires_grad_()
             rows = rows + alpha * (leaves["lse_ce"] - leaves["lin_ce"])
         rows = torch.where(valid, rows, 0.0)
-        d = dict(zip(leaves, torch.autograd.grad(rows.sum(), list(leaves.values())))) if compute_grad else None
-    rows = rows.detach()
-    divisor = mean_divisor(labels, ignore_index, n_rows)
-    loss = reduce_rows(rows, reduction, divisor, num_items_in_batch)
+        d = dict(zip(leaves, torch.autograd.grad(rows.sum(), list(leaves.values())))) if grad_out is not None else None
     if d is None:
-        return loss, None
+        return rows.detach()
     grad = torch.zeros_like(x)
     if tail:  # d lse / dx = softmax(z) / T; d lse_u / dx = the softmax of z over the unlisted classes / T
         grad += d["lse"][:, None] * ((x - row_max[:, None]) / temperature - leaves["lse"].detach()[:, None]).exp()
@@ -598,11 +608,8 @@ def sparse_slice_loss(student_logits: Tensor, column: Tensor, counted: Tensor, t
                               torch.where(label_column >= 0, (1.0 - label_smoothing) * d["lin_ce"], 0.0)[:, None])
     if soft and n_local:  # each gathered logit is its class's
         grad.scatter_add_(1, column.clamp(min=0), torch.where(column >= 0, d["at"], 0.0))
-    grad = torch.where(valid[:, None], grad, 0.0)
-    if reduction != "none":
-        grad = grad / (num_items_in_batch if num_items_in_batch is not None else
-                       divisor if reduction in ("mean", "batchmean") else 1)
-    return loss, grad.to(student_logits.dtype)
+    grad_out.copy_(torch.where(valid[:, None], grad, 0.0) / grad_divisor)
+    return rows.detach()
 
 
 def lm_head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None = None, logit_scale: float = 1.0,
