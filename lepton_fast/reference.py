@@ -369,10 +369,19 @@ def _slice_max(z: Tensor) -> Tensor:
     return z.amax(-1) if z.shape[-1] else z.new_full(z.shape[:-1], NEG_INF)
 
 
+def _exp_shifted(x: Tensor, m: Tensor, temperature=1.0) -> Tensor:
+    """exp((x - m) / T) of [N, C] x and a per-row [N] shift m, in one new buffer (the shift
+    subtracted before the division, as in scaled_logits)."""
+    out = x - m[:, None]
+    if temperature != 1:
+        out.div_(temperature)
+    return out.exp_()
+
+
 def _sum_exp(x: Tensor, m: Tensor, temperature=1.0) -> Tensor:
     """sum exp((x - m) / T) along the last dim; 0 where m = -inf (nothing finite)."""
     some = m != NEG_INF
-    return torch.where(some, ((x - torch.where(some, m, 0.0)[:, None]) / temperature).exp().sum(-1), 0.0)
+    return torch.where(some, _exp_shifted(x, torch.where(some, m, 0.0), temperature).sum(-1), 0.0)
 
 
 def _log_sum(s: Tensor) -> Tensor:
@@ -500,10 +509,14 @@ def sparse_slice_columns(teacher_indices: Tensor, counted: Tensor, class_offset:
     return torch.where(counted & (column >= 0) & (column < n_local), column, -1)
 
 
-def _listed(column: Tensor, n_local: int) -> Tensor:
-    """[N, C_r] bool: the slice's classes that a counted entry lists."""
-    out = torch.zeros(column.shape[0], n_local + 1, dtype=torch.bool, device=column.device)
-    return out.scatter_(1, torch.where(column >= 0, column, n_local), True)[:, :n_local]
+def _unlisted(x: Tensor, column: Tensor) -> Tensor:
+    """A copy of the [N, C_r] slice x with the classes a counted entry lists at -inf: x in a
+    buffer of one more column, which takes the entries that are not in the slice (column -1),
+    so that no [N, C_r] mask is made."""
+    n_local = x.shape[-1]
+    out = x.new_empty(x.shape[0], n_local + 1)
+    out[:, :n_local] = x
+    return out.scatter_(1, torch.where(column >= 0, column, n_local), NEG_INF)[:, :n_local]
 
 
 def sparse_slice_maxima(student_logits: Tensor, column: Tensor, *, tail: bool) -> Tensor:
@@ -512,7 +525,7 @@ def sparse_slice_maxima(student_logits: Tensor, column: Tensor, *, tail: bool) -
     out = x.new_full((x.shape[0], 2), NEG_INF)
     out[:, SP_MAX] = _slice_max(x)
     if tail:
-        out[:, SP_MAX_UNLISTED] = _slice_max(x.masked_fill(_listed(column, x.shape[-1]), NEG_INF))
+        out[:, SP_MAX_UNLISTED] = _slice_max(_unlisted(x, column))
     return out
 
 
@@ -526,8 +539,7 @@ def sparse_slice_sums(student_logits: Tensor, column: Tensor, labels: Tensor | N
     out = x.new_zeros(x.shape[0], SP_ENTRIES + column.shape[-1])
     if tail:
         out[:, SP_SUM] = _sum_exp(x, maxima[:, SP_MAX], temperature)
-        unlisted = x.masked_fill(_listed(column, n_local), NEG_INF)
-        out[:, SP_SUM_UNLISTED] = _sum_exp(unlisted, maxima[:, SP_MAX_UNLISTED], temperature)
+        out[:, SP_SUM_UNLISTED] = _sum_exp(_unlisted(x, column), maxima[:, SP_MAX_UNLISTED], temperature)
     if ce:
         out[:, SP_SUM_CE] = _sum_exp(x, maxima[:, SP_MAX])
         _, label_column = _label_columns(labels, ignore_index, class_offset, n_local)
@@ -591,24 +603,33 @@ def sparse_slice_rows(student_logits: Tensor, column: Tensor, counted: Tensor, t
         d = dict(zip(leaves, torch.autograd.grad(rows.sum(), list(leaves.values())))) if grad_out is not None else None
     if d is None:
         return rows.detach()
-    grad = torch.zeros_like(x)
+    # Each row's factors (the reduction's divisor, 1 / T, a softmax's 1 / sum) go into its [N]
+    # coefficients, so that each [N, C_r] term is one exp and one multiply-add into the gradient.
+    d = {name: value / grad_divisor for name, value in d.items()}
+    grad = grad_out if grad_out.dtype == x.dtype else torch.empty_like(x)
+    if ce:  # d lin_ce / dx = (1 - eps) one-hot(label) + eps / C: its constant part first
+        grad.copy_((d["lin_ce"] * (label_smoothing / n_classes))[:, None])
+    else:
+        grad.zero_()
     if tail:  # d lse / dx = softmax(z) / T; d lse_u / dx = the softmax of z over the unlisted classes / T
-        grad += d["lse"][:, None] * ((x - row_max[:, None]) / temperature - leaves["lse"].detach()[:, None]).exp()
-        unlisted = x.masked_fill(_listed(column, n_local), NEG_INF)
-        u_max = torch.where(maxima[:, SP_MAX_UNLISTED] > NEG_INF, maxima[:, SP_MAX_UNLISTED], 0.0)
-        p_u = ((unlisted - u_max[:, None]) / temperature - sums[:, SP_SUM_UNLISTED].log()[:, None]).exp()
-        grad += d["lse_u"][:, None] * torch.where(unlisted > NEG_INF, p_u, 0.0)
-        grad /= temperature
-    if ce:  # d lse_ce / dx = softmax(x); d lin_ce / dx = (1 - eps) one-hot(label) + eps / C
-        grad += d["lse_ce"][:, None] * (x - leaves["lse_ce"].detach()[:, None]).exp()
-        grad += d["lin_ce"][:, None] * (label_smoothing / n_classes)
+        grad.addcmul_(_exp_shifted(x, row_max, temperature), (d["lse"] / (temperature * sums[:, SP_SUM]))[:, None])
+        sum_u = sums[:, SP_SUM_UNLISTED]
+        some_u = sum_u > 0  # else every class of the row is listed (or -inf): no tail
+        grad.addcmul_(_exp_shifted(_unlisted(x, column), torch.where(some_u, maxima[:, SP_MAX_UNLISTED], 0.0),
+                                   temperature),
+                      torch.where(some_u, d["lse_u"] / (temperature * sum_u), 0.0)[:, None])
+    if ce:  # d lse_ce / dx = softmax(x) = exp(x - max) / sum
+        grad.addcmul_(_exp_shifted(x, row_max), (d["lse_ce"] / sums[:, SP_SUM_CE])[:, None])
         _, label_column = _label_columns(labels, ignore_index, class_offset, n_local)
         if n_local:
             grad.scatter_add_(1, label_column.clamp(min=0)[:, None],
                               torch.where(label_column >= 0, (1.0 - label_smoothing) * d["lin_ce"], 0.0)[:, None])
     if soft and n_local:  # each gathered logit is its class's
         grad.scatter_add_(1, column.clamp(min=0), torch.where(column >= 0, d["at"], 0.0))
-    grad_out.copy_(torch.where(valid[:, None], grad, 0.0) / grad_divisor)
+    if labels is not None:  # an ignored row's slice may hold anything (0 * inf)
+        grad.masked_fill_(~valid[:, None], 0.0)
+    if grad is not grad_out:
+        grad_out.copy_(grad)
     return rows.detach()
 
 
