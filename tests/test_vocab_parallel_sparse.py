@@ -105,8 +105,8 @@ def _rank_cases(ctx, split, cases, block_elements=None):
 
 
 class _NewSliceTensors(TorchDispatchMode):
-    """Records the shape of every new tensor (not a view, not written in place) of ``width``
-    columns and more than ``rows`` rows that an op returns."""
+    """Records the shape of every new tensor (not a view, not written in place) that an op
+    returns with more than ``rows`` rows of ``width`` elements or more each."""
 
     def __init__(self, rows, width):
         super().__init__()
@@ -116,14 +116,16 @@ class _NewSliceTensors(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         fresh = all(r.alias_info is None for r in func._schema.returns)
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if (fresh and isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] > self.rows
-                    and t.shape[1] in (self.width, self.width + 1)):
+            if (fresh and isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[0] > self.rows
+                    and t[0].numel() >= self.width):
                 self.shapes.append((func.__name__, tuple(t.shape)))
         return out
 
 
 def _rank_slice_tensors(ctx, n, block_rows, kw):
-    """The new [> block_rows, C_r] tensors of a forward on split "2" in blocks of block_rows rows."""
+    """The new tensors of more than block_rows rows of C_r elements or more (the teacher's
+    [N, K, K] duplicate test among them: K = 5) that a forward on split "2" makes in blocks of
+    block_rows rows."""
     index, sizes = SPLITS["2"]
     group = ctx.groups[index]
     if group is None:
@@ -296,7 +298,7 @@ def test_blocks_of_rows(pool, split, block_elements):
                                 dict(truncation="renormalize", divergence="jsd")])
 def test_one_slice_sized_tensor(pool, kw):
     """The per-rank steps run on blocks of rows: the gradient is the only new tensor of
-    [N, C_r] a forward makes (9 rows in blocks of 2)."""
+    [N, C_r] or more a forward makes (9 rows in blocks of 2)."""
     answers = pool.run(_rank_slice_tensors, 9, 2, kw)
     for shapes, width in zip(answers, SPLITS["2"][1]):
         assert [shape for _, shape in shapes] == [(9, width)], shapes
