@@ -26,7 +26,8 @@ states' gradient [N, H_s].
 :func:`vocab_parallel_sparse_kd_loss` (a teacher stored as its top-k log-probabilities, the same
 on every rank) runs at most one all-reduce MAX of [N, <= 2] and one SUM of [N, K + <= 4] per
 forward (its docstring says which), none in the backward: O(N·K) bytes. Its per-rank steps are
-plain PyTorch for now (``lepton_fast.reference.sparse_slice_*``), not compiled kernels.
+plain PyTorch for now (``lepton_fast.reference.sparse_slice_*``, run on blocks of rows), not
+compiled kernels.
 
 So the bytes sent per step are O(N) (O(N·K) for the sparse teacher), independent of the
 vocabulary. The slices' sizes are exchanged once per process group (one all-gather of one
@@ -204,12 +205,16 @@ def vocab_parallel_sparse_kd_loss(
     when that tail is far below the entries' mass, at a small T).
 
     What runs where: the per-rank steps are plain PyTorch (``lepton_fast.reference``'s
-    ``sparse_slice_maxima``, ``sparse_slice_sums`` and ``sparse_slice_loss``; no compiled
-    kernel yet), on any device: each reads the rank's slice a few times and allocates a few
-    [N, C_r] temporaries (its logits in float32, the unlisted classes, the gradient), and
-    never the whole [N, V]. The rows' divergence and its derivatives with respect to the
-    merged statistics ([N, <= K + 4]) come from autograd; the chain rule to the slice is
-    written out.
+    ``sparse_slice_maxima``, ``sparse_slice_sums`` and ``sparse_slice_rows``; no compiled
+    kernel yet), on any device. Each step runs on blocks of rows of about
+    ``SPARSE_BLOCK_ELEMENTS`` (2**20) elements of the slice, writing its [N, <= K + 4]
+    outputs block by block before the next all-reduce, and the last step writes the gradient
+    block by block into one [N, C_r] tensor of the slice's dtype: that gradient is the only
+    [N, C_r] allocation (the temporaries, its logits in float32, the unlisted classes, the
+    exponentials, are a block's, a few MiB), and nothing holds the whole [N, V]. The
+    reduction ("mean"'s divisor, ``num_items_in_batch``) is over all rows, once. The rows'
+    divergence and its derivatives with respect to the merged statistics ([N, <= K + 4])
+    come from autograd; the chain rule to the slice is written out.
 
     Args:
         student_logits: [..., V_r] this rank's slice, float32, bfloat16, float16 or float64;
@@ -270,43 +275,82 @@ def vocab_parallel_sparse_kd_loss(
     return loss if split is None else DTensor.from_local(loss, mesh, [Replicate()] * mesh.ndim, run_check=False)
 
 
+# The per-rank steps of vocab_parallel_sparse_kd_loss run over blocks of rows, so that their
+# temporaries (the block's logits in float32, its unlisted classes, its exponentials and
+# gradient terms) are a few MiB whatever N and C_r: a rank's peak is then its logits and the
+# one [N, C_r] gradient, not a multiple of the slice. A block holds about this many elements
+# of the slice (4 MiB in float32): small next to a training slice, large enough that a
+# block's few dozen op calls (microseconds each) stay small next to its elementwise work.
+# Tests set it smaller, to run many blocks.
+SPARSE_BLOCK_ELEMENTS = 1 << 20
+
+
+def _row_blocks(n_rows: int, n_local: int) -> list[slice]:
+    """The blocks of rows of an [n_rows, n_local] slice that the sparse steps run on."""
+    step = max(1, SPARSE_BLOCK_ELEMENTS // max(n_local, 1))
+    return [slice(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
+
+
 def _sparse_sharded_loss(student: Tensor, indices: Tensor, logprobs: Tensor, mask: Optional[Tensor],
                          o: _validate.KDOptions, group, class_offset: int, n_classes: int, truncation: str,
                          compute_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
     """(the loss of the whole rows, d(loss)/d(this rank's slice) or None): the steps of
-    reference.sparse_slice_* with the all-reduces of vocab_parallel_sparse_kd_loss between them."""
+    reference.sparse_slice_* on blocks of rows (_row_blocks), each step's [N, small] outputs
+    written block by block before the all-reduces of vocab_parallel_sparse_kd_loss, and the
+    gradient block by block into one [N, C_r] tensor."""
     from lepton_fast import reference as ref  # the per-rank steps (no compiled kernel yet)
     from lepton_fast.ops._reference import hyper_keywords, rows_defined
 
-    ignore_index = o.ignore_index
+    ignore_index, labels = o.ignore_index, o.labels
     # The arguments that are the same on every rank fail on every rank alike, before a collective.
-    if o.labels is not None:
-        _validate.labels_in_range("labels", o.labels, n_classes, ignore_index)
-    read = ref.sparse_teacher_entries(indices, mask, o.labels, ignore_index)
+    if labels is not None:
+        _validate.labels_in_range("labels", labels, n_classes, ignore_index)
+    read = ref.sparse_teacher_entries(indices, mask, labels, ignore_index)
     _validate.teacher_indices_in_range(indices, read, n_classes)
-    counted = ref.sparse_counted_entries(indices, read)
+    n_rows, k = indices.shape
+    counted = torch.empty_like(read)
+    for b in _row_blocks(n_rows, k * k):  # its test for duplicates compares [rows, K, K]
+        counted[b] = ref.sparse_counted_entries(indices[b], read[b])
     column = ref.sparse_slice_columns(indices, counted, class_offset, student.shape[-1])
     alpha = _validate.kd_values(o.hyper)["alpha"]
     soft, ce = alpha < 1, alpha > 0
     tail = soft and truncation == "tail"
-    maxima = ref.sparse_slice_maxima(student, column, tail=tail)
+    blocks = _row_blocks(*student.shape)
+    acc = torch.promote_types(student.dtype, torch.float32)
+    rows_of = lambda t, b: None if t is None else t[b]  # noqa: E731
+
+    maxima = student.new_empty((n_rows, 2), dtype=acc)
+    for b in blocks:
+        maxima[b] = ref.sparse_slice_maxima(student[b], column[b], tail=tail)
     max_cols = ([ref.SP_MAX] if tail or ce else []) + ([ref.SP_MAX_UNLISTED] if tail else [])
     if max_cols:
         merged = maxima[:, max_cols].contiguous()
         dist.all_reduce(merged, op=dist.ReduceOp.MAX, group=group)
         maxima[:, max_cols] = merged
-    sums = ref.sparse_slice_sums(student, column, o.labels, maxima, ignore_index=ignore_index,
-                                 class_offset=class_offset, n_classes=n_classes, soft=soft, tail=tail, ce=ce,
-                                 **hyper_keywords(ref.sparse_slice_sums, o.hyper))
+
+    sums = student.new_empty((n_rows, ref.SP_ENTRIES + k), dtype=acc)
+    sums_kw = dict(ignore_index=ignore_index, class_offset=class_offset, n_classes=n_classes, soft=soft, tail=tail,
+                   ce=ce, **hyper_keywords(ref.sparse_slice_sums, o.hyper))
+    for b in blocks:
+        sums[b] = ref.sparse_slice_sums(student[b], column[b], rows_of(labels, b), maxima[b], **sums_kw)
     sum_cols = (([ref.SP_SUM, ref.SP_SUM_UNLISTED] if tail else []) + ([ref.SP_SUM_CE, ref.SP_LIN_CE] if ce else [])
                 + (list(range(ref.SP_ENTRIES, sums.shape[1])) if soft else []))
     merged = sums[:, sum_cols].contiguous()
     dist.all_reduce(merged, group=group)
     sums[:, sum_cols] = merged
-    loss, grad = ref.sparse_slice_loss(
-        student, column, counted, logprobs, o.labels, maxima, sums, truncation=truncation, ignore_index=ignore_index,
-        reduction=o.reduction, num_items_in_batch=o.num_items, class_offset=class_offset, n_classes=n_classes,
-        compute_grad=compute_grad, **hyper_keywords(ref.sparse_slice_loss, o.hyper))
+
+    # The reduction is over all rows: its divisor is known before the last step, which writes
+    # each block's gradient already divided by it.
+    divisor = ref.mean_divisor(labels, ignore_index, n_rows)
+    grad = student.new_empty(student.shape) if compute_grad else None
+    rows = student.new_empty((n_rows,), dtype=acc)
+    rows_kw = dict(truncation=truncation, ignore_index=ignore_index, class_offset=class_offset, n_classes=n_classes,
+                   grad_divisor=ref.reduction_divisor(o.reduction, divisor, o.num_items),
+                   **hyper_keywords(ref.sparse_slice_rows, o.hyper))
+    for b in blocks:
+        rows[b] = ref.sparse_slice_rows(student[b], column[b], counted[b], logprobs[b], rows_of(labels, b), maxima[b],
+                                        sums[b], grad_out=rows_of(grad, b), **rows_kw)
+    loss = ref.reduce_rows(rows, o.reduction, divisor, o.num_items)
     rows_defined(loss.reshape(-1), "vocab_parallel_sparse_kd_loss: student_logits or teacher_logprobs")
     return loss, grad
 

@@ -130,6 +130,17 @@ def mean_divisor(labels: Tensor | None, ignore_index: int, n_rows: int):
     return (labels != ignore_index).sum().clamp(min=1)
 
 
+def reduction_divisor(reduction: str, divisor, num_items_in_batch=None):
+    """What :func:`reduce_rows` divides the rows' sum by, and so what each row's gradient is
+    divided by: num_items_in_batch when given, the mean's ``divisor`` for "mean"/"batchmean",
+    else 1 ("sum"; "none", whose rows are not summed)."""
+    if reduction == "none":
+        return 1
+    if num_items_in_batch is not None:
+        return num_items_in_batch
+    return divisor if reduction in ("mean", "batchmean") else 1
+
+
 def reduce_rows(rows: Tensor, reduction: str, divisor, num_items_in_batch=None) -> Tensor:
     """"mean"/"batchmean": sum / divisor; "sum"; "none": rows unchanged. num_items_in_batch,
     when given, divides the sum instead (transformers' and TRL's gradient accumulation)."""
@@ -292,10 +303,19 @@ def _slice_max(z: Tensor) -> Tensor:
     return z.amax(-1) if z.shape[-1] else z.new_full(z.shape[:-1], NEG_INF)
 
 
+def _exp_shifted(x: Tensor, m: Tensor, temperature=1.0) -> Tensor:
+    """exp((x - m) / T) of [N, C] x and a per-row [N] shift m, in one new buffer (the shift
+    subtracted before the division, as in scaled_logits)."""
+    out = x - m[:, None]
+    if temperature != 1:
+        out.div_(temperature)
+    return out.exp_()
+
+
 def _sum_exp(x: Tensor, m: Tensor, temperature=1.0) -> Tensor:
     """sum exp((x - m) / T) along the last dim; 0 where m = -inf (nothing finite)."""
     some = m != NEG_INF
-    return torch.where(some, ((x - torch.where(some, m, 0.0)[:, None]) / temperature).exp().sum(-1), 0.0)
+    return torch.where(some, _exp_shifted(x, torch.where(some, m, 0.0), temperature).sum(-1), 0.0)
 
 
 def _log_sum(s: Tensor) -> Tensor:
@@ -398,9 +418,7 @@ def kd_slice_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor
         rows, grad = torch.where(valid, rows, 0.0), torch.where(valid[:, None], grad, 0.0)
     divisor = mean_divisor(labels, ignore_index, rows.shape[0])
     loss = reduce_rows(rows, reduction, divisor, num_items_in_batch)
-    if reduction != "none":
-        grad = grad / (num_items_in_batch if num_items_in_batch is not None else
-                       divisor if reduction in ("mean", "batchmean") else 1)
+    grad = grad / reduction_divisor(reduction, divisor, num_items_in_batch)
     return loss, grad.to(student_logits.dtype)
 
 
@@ -425,10 +443,14 @@ def sparse_slice_columns(teacher_indices: Tensor, counted: Tensor, class_offset:
     return torch.where(counted & (column >= 0) & (column < n_local), column, -1)
 
 
-def _listed(column: Tensor, n_local: int) -> Tensor:
-    """[N, C_r] bool: the slice's classes that a counted entry lists."""
-    out = torch.zeros(column.shape[0], n_local + 1, dtype=torch.bool, device=column.device)
-    return out.scatter_(1, torch.where(column >= 0, column, n_local), True)[:, :n_local]
+def _unlisted(x: Tensor, column: Tensor) -> Tensor:
+    """A copy of the [N, C_r] slice x with the classes a counted entry lists at -inf: x in a
+    buffer of one more column, which takes the entries that are not in the slice (column -1),
+    so that no [N, C_r] mask is made."""
+    n_local = x.shape[-1]
+    out = x.new_empty(x.shape[0], n_local + 1)
+    out[:, :n_local] = x
+    return out.scatter_(1, torch.where(column >= 0, column, n_local), NEG_INF)[:, :n_local]
 
 
 def sparse_slice_maxima(student_logits: Tensor, column: Tensor, *, tail: bool) -> Tensor:
@@ -437,7 +459,7 @@ def sparse_slice_maxima(student_logits: Tensor, column: Tensor, *, tail: bool) -
     out = x.new_full((x.shape[0], 2), NEG_INF)
     out[:, SP_MAX] = _slice_max(x)
     if tail:
-        out[:, SP_MAX_UNLISTED] = _slice_max(x.masked_fill(_listed(column, x.shape[-1]), NEG_INF))
+        out[:, SP_MAX_UNLISTED] = _slice_max(_unlisted(x, column))
     return out
 
 
@@ -451,8 +473,7 @@ def sparse_slice_sums(student_logits: Tensor, column: Tensor, labels: Tensor | N
     out = x.new_zeros(x.shape[0], SP_ENTRIES + column.shape[-1])
     if tail:
         out[:, SP_SUM] = _sum_exp(x, maxima[:, SP_MAX], temperature)
-        unlisted = x.masked_fill(_listed(column, n_local), NEG_INF)
-        out[:, SP_SUM_UNLISTED] = _sum_exp(unlisted, maxima[:, SP_MAX_UNLISTED], temperature)
+        out[:, SP_SUM_UNLISTED] = _sum_exp(_unlisted(x, column), maxima[:, SP_MAX_UNLISTED], temperature)
     if ce:
         out[:, SP_SUM_CE] = _sum_exp(x, maxima[:, SP_MAX])
         _, label_column = _label_columns(labels, ignore_index, class_offset, n_local)
@@ -466,18 +487,22 @@ def sparse_slice_sums(student_logits: Tensor, column: Tensor, labels: Tensor | N
     return out
 
 
-def sparse_slice_loss(student_logits: Tensor, column: Tensor, counted: Tensor, teacher_logprobs: Tensor,
+def sparse_slice_rows(student_logits: Tensor, column: Tensor, counted: Tensor, teacher_logprobs: Tensor,
                       labels: Tensor | None, maxima: Tensor, sums: Tensor, *, temperature: float, divergence: str,
                       beta: float, truncation: str, alpha: float, label_smoothing: float, ignore_index: int,
-                      scale_by_t2: bool, reduction: str, num_items_in_batch=None, class_offset: int,
-                      n_classes: int, compute_grad: bool) -> tuple[Tensor, Tensor | None]:
-    """(the loss of the whole rows as sparse_kd_loss gives it, from the merged ``maxima`` and
-    ``sums``; d(loss)/d(this slice), or None unless ``compute_grad``).
+                      scale_by_t2: bool, class_offset: int, n_classes: int, grad_out: Tensor | None = None,
+                      grad_divisor=1) -> Tensor:
+    """Each row's loss as sparse_kd_loss_rows gives it, [N] (0 at ignored rows), from the
+    rows' merged ``maxima`` and ``sums``; with ``grad_out`` ([N, C_r], the student's dtype),
+    d(the rows' sum)/d(this slice) / ``grad_divisor`` written into it (the divisor of the
+    caller's reduction, :func:`reduction_divisor`).
 
     The loss is :func:`sparse_buckets`' divergence and the CE written over the rows' merged
     statistics (:func:`sparse_student_buckets`); autograd gives its derivatives with respect
     to them, [N, <= K + 4], and the chain rule through each statistic's derivative (the
     softmax for a log-sum-exp, the one-hot for a gathered logit) gives the slice's gradient.
+    Like the other sparse_slice_* steps, row by row: each output row depends only on the same
+    row of every argument, so that a caller may run it on blocks of rows.
     """
     x = _acc(student_logits.detach())
     n_rows, n_local = x.shape
@@ -509,34 +534,37 @@ def sparse_slice_loss(student_logits: Tensor, column: Tensor, counted: Tensor, t
             leaves["lin_ce"] = keep(sums[:, SP_LIN_CE]).requires_grad_()
             rows = rows + alpha * (leaves["lse_ce"] - leaves["lin_ce"])
         rows = torch.where(valid, rows, 0.0)
-        d = dict(zip(leaves, torch.autograd.grad(rows.sum(), list(leaves.values())))) if compute_grad else None
-    rows = rows.detach()
-    divisor = mean_divisor(labels, ignore_index, n_rows)
-    loss = reduce_rows(rows, reduction, divisor, num_items_in_batch)
+        d = dict(zip(leaves, torch.autograd.grad(rows.sum(), list(leaves.values())))) if grad_out is not None else None
     if d is None:
-        return loss, None
-    grad = torch.zeros_like(x)
+        return rows.detach()
+    # Each row's factors (the reduction's divisor, 1 / T, a softmax's 1 / sum) go into its [N]
+    # coefficients, so that each [N, C_r] term is one exp and one multiply-add into the gradient.
+    d = {name: value / grad_divisor for name, value in d.items()}
+    grad = grad_out if grad_out.dtype == x.dtype else torch.empty_like(x)
+    if ce:  # d lin_ce / dx = (1 - eps) one-hot(label) + eps / C: its constant part first
+        grad.copy_((d["lin_ce"] * (label_smoothing / n_classes))[:, None])
+    else:
+        grad.zero_()
     if tail:  # d lse / dx = softmax(z) / T; d lse_u / dx = the softmax of z over the unlisted classes / T
-        grad += d["lse"][:, None] * ((x - row_max[:, None]) / temperature - leaves["lse"].detach()[:, None]).exp()
-        unlisted = x.masked_fill(_listed(column, n_local), NEG_INF)
-        u_max = torch.where(maxima[:, SP_MAX_UNLISTED] > NEG_INF, maxima[:, SP_MAX_UNLISTED], 0.0)
-        p_u = ((unlisted - u_max[:, None]) / temperature - sums[:, SP_SUM_UNLISTED].log()[:, None]).exp()
-        grad += d["lse_u"][:, None] * torch.where(unlisted > NEG_INF, p_u, 0.0)
-        grad /= temperature
-    if ce:  # d lse_ce / dx = softmax(x); d lin_ce / dx = (1 - eps) one-hot(label) + eps / C
-        grad += d["lse_ce"][:, None] * (x - leaves["lse_ce"].detach()[:, None]).exp()
-        grad += d["lin_ce"][:, None] * (label_smoothing / n_classes)
+        grad.addcmul_(_exp_shifted(x, row_max, temperature), (d["lse"] / (temperature * sums[:, SP_SUM]))[:, None])
+        sum_u = sums[:, SP_SUM_UNLISTED]
+        some_u = sum_u > 0  # else every class of the row is listed (or -inf): no tail
+        grad.addcmul_(_exp_shifted(_unlisted(x, column), torch.where(some_u, maxima[:, SP_MAX_UNLISTED], 0.0),
+                                   temperature),
+                      torch.where(some_u, d["lse_u"] / (temperature * sum_u), 0.0)[:, None])
+    if ce:  # d lse_ce / dx = softmax(x) = exp(x - max) / sum
+        grad.addcmul_(_exp_shifted(x, row_max), (d["lse_ce"] / sums[:, SP_SUM_CE])[:, None])
         _, label_column = _label_columns(labels, ignore_index, class_offset, n_local)
         if n_local:
             grad.scatter_add_(1, label_column.clamp(min=0)[:, None],
                               torch.where(label_column >= 0, (1.0 - label_smoothing) * d["lin_ce"], 0.0)[:, None])
     if soft and n_local:  # each gathered logit is its class's
         grad.scatter_add_(1, column.clamp(min=0), torch.where(column >= 0, d["at"], 0.0))
-    grad = torch.where(valid[:, None], grad, 0.0)
-    if reduction != "none":
-        grad = grad / (num_items_in_batch if num_items_in_batch is not None else
-                       divisor if reduction in ("mean", "batchmean") else 1)
-    return loss, grad.to(student_logits.dtype)
+    if labels is not None:  # an ignored row's slice may hold anything (0 * inf)
+        grad.masked_fill_(~valid[:, None], 0.0)
+    if grad is not grad_out:
+        grad_out.copy_(grad)
+    return rows.detach()
 
 
 def lm_head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None = None, logit_scale: float = 1.0,

@@ -8,14 +8,16 @@ rank generates the same logits and teacher and keeps its slice of the student. E
 loss must be the oracle's on the whole logits, and the ranks' gradients side by side its
 gradient.
 """
+import contextlib
 import re
 
 import pytest
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from rank_pool import CollectiveRecorder, RankPool
-from lepton_fast import reference
+from lepton_fast import distributed, reference
 from lepton_fast.distributed import vocab_parallel_sparse_kd_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
@@ -73,7 +75,18 @@ def data(seed, n=6, k=5, *, teacher="top_k", masked=False, labelled=False, ignor
 # --- What each rank runs (module-level functions: the workers import them) -----------------
 
 
-def _rank_cases(ctx, split, cases):
+@contextlib.contextmanager
+def _block_elements(n):
+    """distributed.SPARSE_BLOCK_ELEMENTS set to n (None: left as it is) for the block."""
+    saved = distributed.SPARSE_BLOCK_ELEMENTS
+    distributed.SPARSE_BLOCK_ELEMENTS = saved if n is None else n
+    try:
+        yield
+    finally:
+        distributed.SPARSE_BLOCK_ELEMENTS = saved
+
+
+def _rank_cases(ctx, split, cases, block_elements=None):
     """[(loss, gradient of this rank's slice)] per case on the ranks of ``split``; None off them."""
     index, sizes = SPLITS[split]
     group = ctx.groups[index]
@@ -84,10 +97,45 @@ def _rank_cases(ctx, split, cases):
     for data_kw, kw, grad_output in cases:
         s, idx, logp, mask, labels = data(**data_kw)
         x = s[..., lo:hi].clone().requires_grad_()
-        loss = vocab_parallel_sparse_kd_loss(x, idx, logp, mask, group=group, labels=labels, **kw)
+        with _block_elements(block_elements):
+            loss = vocab_parallel_sparse_kd_loss(x, idx, logp, mask, group=group, labels=labels, **kw)
         loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
         out.append((loss.detach(), x.grad))
     return out
+
+
+class _NewSliceTensors(TorchDispatchMode):
+    """Records the shape of every new tensor (not a view, not written in place) that an op
+    returns with more than ``rows`` rows of ``width`` elements or more each."""
+
+    def __init__(self, rows, width):
+        super().__init__()
+        self.rows, self.width, self.shapes = rows, width, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        fresh = all(r.alias_info is None for r in func._schema.returns)
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if (fresh and isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[0] > self.rows
+                    and t[0].numel() >= self.width):
+                self.shapes.append((func.__name__, tuple(t.shape)))
+        return out
+
+
+def _rank_slice_tensors(ctx, n, block_rows, kw):
+    """The new tensors of more than block_rows rows of C_r elements or more (the teacher's
+    [N, K, K] duplicate test among them: K = 5) that a forward on split "2" makes in blocks of
+    block_rows rows."""
+    index, sizes = SPLITS["2"]
+    group = ctx.groups[index]
+    if group is None:
+        return None
+    lo, hi = sum(sizes[:ctx.rank]), sum(sizes[:ctx.rank + 1])
+    s, idx, logp, mask, labels = data(seed=23, n=n, teacher="random", masked=True, labelled=True)
+    x = s[:, lo:hi].clone().requires_grad_()
+    with _block_elements(block_rows * max(sizes)), _NewSliceTensors(block_rows, hi - lo) as recorder:
+        vocab_parallel_sparse_kd_loss(x, idx, logp, mask, group=group, labels=labels, **kw)
+    return recorder.shapes
 
 
 def _rank_collectives(ctx, cases, n):
@@ -160,8 +208,8 @@ def oracle(data_kw, kw, grad_output=None):
     return loss.detach(), x.grad
 
 
-def assert_cases_match(pool, split, cases, tol=F64_TOL):
-    answers = [a for a in pool.run(_rank_cases, split, cases) if a is not None]
+def assert_cases_match(pool, split, cases, tol=F64_TOL, block_elements=None):
+    answers = [a for a in pool.run(_rank_cases, split, cases, block_elements) if a is not None]
     assert len(answers) == len(SPLITS[split][1])
     for i, (data_kw, kw, grad_output) in enumerate(cases):
         want_loss, want_grad = oracle(data_kw, kw, grad_output)
@@ -215,6 +263,45 @@ def test_edge_cases(pool):
              go_rows.reshape(2, 3)),
         ]
     assert_cases_match(pool, "3-empty", cases)
+
+
+# Elements per block of rows (distributed.SPARSE_BLOCK_ELEMENTS): 1, blocks of one row; 80,
+# four rows on the slices of 17 to 20 classes (7 rows: a block of 4 and one of 3) and one
+# block on the empty slice; 10**9, one block.
+BLOCK_ELEMENTS = [1, 80, 10**9]
+
+
+def _blocked_cases():
+    """Both truncations with and without the CE term, every reduction, duplicates, an
+    all-masked row and ignored rows, on 7 rows."""
+    go_rows = torch.linspace(-1, 2, 7, dtype=torch.float64)
+    for truncation in TRUNCATIONS:
+        kw = dict(truncation=truncation, temperature=1.5)
+        yield dict(seed=30, n=7, masked=True), dict(kw, divergence="jsd", beta=0.3), None
+        yield dict(seed=31, n=7, teacher="random", k=9, labelled=True), dict(kw, alpha=0.4, label_smoothing=0.1), None
+        yield dict(seed=32, n=7, masked=True, labelled=True), dict(kw, alpha=1.0, reduction="sum"), None
+        yield (dict(seed=33, n=7, teacher="random", labelled=True), dict(kw, divergence="reverse_kl", reduction="none"),
+               go_rows)
+        yield (dict(seed=34, n=7, masked=True, labelled=True), dict(kw, alpha=0.2, reduction="batchmean"),
+               torch.tensor(0.6, dtype=torch.float64))
+        yield dict(seed=35, n=7, labelled=True), dict(kw, alpha=0.3, reduction="sum", num_items_in_batch=11), None
+        yield dict(seed=36, n=7, labelled="all"), dict(kw, alpha=0.5), None
+
+
+@pytest.mark.parametrize("block_elements", BLOCK_ELEMENTS)
+@pytest.mark.parametrize("split", SPLITS)
+def test_blocks_of_rows(pool, split, block_elements):
+    assert_cases_match(pool, split, list(_blocked_cases()), block_elements=block_elements)
+
+
+@pytest.mark.parametrize("kw", [dict(truncation="tail", alpha=0.3, temperature=2.0),
+                                dict(truncation="renormalize", divergence="jsd")])
+def test_one_slice_sized_tensor(pool, kw):
+    """The per-rank steps run on blocks of rows: the gradient is the only new tensor of
+    [N, C_r] or more a forward makes (9 rows in blocks of 2)."""
+    answers = pool.run(_rank_slice_tensors, 9, 2, kw)
+    for shapes, width in zip(answers, SPLITS["2"][1]):
+        assert [shape for _, shape in shapes] == [(9, width)], shapes
 
 
 def test_every_row_ignored(pool):
