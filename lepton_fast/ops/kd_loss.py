@@ -321,12 +321,6 @@ def slice_loss_and_grad(backend: str, a: KDArgs, stats: Tensor, jsd_sums: Option
                          a.compute_grad)
 
 
-def slice_loss(backend: str, a: KDArgs, stats: Tensor, jsd_sums: Optional[Tensor], class_offset: int,
-               n_classes: int) -> Tensor:
-    """The loss of :func:`slice_loss_and_grad`, differentiable with respect to a.student."""
-    return slice_loss_and_grad(backend, a, stats, jsd_sums, class_offset, n_classes)[0]
-
-
 def slice_loss_into(backend: str, a: KDArgs, stats: Tensor, jsd_sums: Optional[Tensor], class_offset: int,
                     n_classes: int, grad: Tensor) -> Tensor:
     """kd_slice_loss.grad_out: the loss of :func:`slice_loss_and_grad` (not differentiable), its
