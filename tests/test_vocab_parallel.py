@@ -18,11 +18,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import require
 from rank_pool import CollectiveRecorder, RankPool, WorkerError
-from lepton_fast import fused_kd_loss, fused_linear_kd_loss, reference
-from lepton_fast import distributed
+from lepton_fast import distributed, fused_kd_loss, fused_linear_kd_loss, reference
 from lepton_fast.distributed import vocab_parallel_kd_loss
 from lepton_fast.ops import kd_loss as kd_ops
 
@@ -121,6 +121,34 @@ def _rank_collectives(ctx, kw, n, block_rows):
         with CollectiveRecorder() as second:
             vocab_parallel_kd_loss(x, t, group=group, labels=labels, **kw).backward()
     return first.calls, backward.calls, second.calls
+
+
+class _OpRecorder(TorchDispatchMode):
+    """The lepton_fast ops a block of code runs, and its copies into 2-D tensors (where a
+    gradient copied block by block into a whole one would show)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "lepton_fast" or (func.__name__.startswith("copy_") and args[0].dim() == 2):
+            self.calls.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _rank_ops(ctx, kw, n, block_rows):
+    """The ops of a forward and backward on split "3" in row blocks of ``block_rows``."""
+    index, sizes = SPLITS["3"]
+    if ctx.groups[index] is None:
+        return None
+    s, t, labels = data(6, n, labelled=kw.pop("labelled", False))
+    lo = sum(sizes[:ctx.rank])
+    x = s[:, lo:lo + sizes[ctx.rank]].clone().requires_grad_()
+    with _blocks_of(block_rows, len(sizes)), _OpRecorder() as recorder:
+        vocab_parallel_kd_loss(x, t[:, lo:lo + sizes[ctx.rank]], group=ctx.groups[index], labels=labels,
+                               **kw).backward()
+    return recorder.calls
 
 
 def _mesh(ctx, kind):
@@ -348,6 +376,18 @@ def test_collectives_per_step(pool, kw, expected):
         assert backward == []
         assert first[0] == ("allgather_", None, [(1,)] * 3, torch.int64, 24)  # the sizes, once per group
         assert first[1:] == want
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_blocks_write_one_gradient(pool, divergence):
+    """Per block the slice ops, its loss step writing its rows into the one gradient
+    (kd_slice_loss.grad_out), no block's gradient copied; the backward scales that gradient."""
+    kw = dict(divergence=divergence, labelled=True, alpha=0.3, temperature=2.0)
+    per_block = ["lepton_fast.kd_slice_stats.default"]
+    per_block += ["lepton_fast.kd_slice_jsd_sums.default"] if divergence == "jsd" else []
+    per_block += ["lepton_fast.kd_slice_loss.grad_out"]
+    for calls in pool.run(_rank_ops, kw, 6, 4)[:3]:
+        assert calls == per_block * 2 + ["lepton_fast.scale_grad_.default"]
 
 
 @pytest.mark.parametrize("kind", ["1d", "2d-tp", "2d-dp"])
