@@ -16,6 +16,7 @@ import torch
 
 from conftest import (CPU_DEVICE_BACKENDS, DEVICE_BACKENDS, TEMPERATURES, assert_device_assertion, interpreted,
                       opcheck_kernel, require, temperature_sweep_logits)
+from lepton_fast._extension import extension
 from lepton_fast._validate import kd_hyper
 from lepton_fast import fused_kd_loss, reference
 from lepton_fast.ops import kd_loss as kd_ops
@@ -192,6 +193,23 @@ def test_grad_out_refuses_a_gradient_unlike_the_slice(device, backend):
                 torch.empty(13, 4, dtype=s.dtype, device=device).t()):
         with pytest.raises(ValueError, match="grad must be a contiguous"):
             kd_ops.slice_loss_into(backend, a, merged, None, 0, 13, bad)
+
+
+def test_empty_gradient_like_is_the_recycled_gradient_block():
+    """The buffer that kd_slice_loss.grad_out fills block by block (vocab_parallel_kd_loss)
+    comes from the CPU kernels' recycled gradient block: a freed one serves the next step
+    (no page faults), one still held is not handed out again."""
+    require(kd_ops.SLICE_GRAD_OUT_SPEC, "cpu", "cpu")
+    like = torch.empty(64, 8192, dtype=torch.float32)  # 2 MiB: above the recycling size
+    grad = kd_ops.empty_gradient_like(like)
+    assert grad.shape == like.shape and grad.dtype == like.dtype and grad.is_contiguous()
+    first = grad.data_ptr()
+    del grad
+    held = kd_ops.empty_gradient_like(like)
+    assert held.data_ptr() == first
+    assert kd_ops.empty_gradient_like(like).data_ptr() != first
+    with pytest.raises(RuntimeError, match="takes a CPU tensor"):
+        extension().module.empty_gradient_like(torch.empty(2, device="meta"))
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
