@@ -92,17 +92,6 @@ inline void check_kd_inputs(const char* op, const at::Tensor& student_logits, co
                     " does not fit in n_classes=", n_classes);
 }
 
-// The gradient kd_slice_loss.grad_out writes: shaped and typed like the student's slice, and
-// contiguous (the kernels write row i at grad + i * C), which a block of rows of a larger
-// contiguous gradient is.
-inline void check_grad_out(const char* op, const at::Tensor& grad, const at::Tensor& student) {
-  TORCH_CHECK_VALUE(grad.sizes() == student.sizes() && grad.is_contiguous() &&
-                        grad.scalar_type() == student.scalar_type() && grad.device() == student.device(),
-                    op, ": grad must be a contiguous ", student.scalar_type(), " tensor of the student's shape ",
-                    student.sizes(), " on ", student.device(), ", got ", grad.scalar_type(), " ", grad.sizes(),
-                    " with strides ", grad.strides(), " on ", grad.device());
-}
-
 // Merged statistics (or JSD sums) of every row, [N, width] in the logits' accumulation type,
 // as kd_slice_jsd_sums and kd_slice_loss take them.
 inline void check_merged_stats(const char* op, const at::Tensor& x, const at::Tensor& student, int64_t width) {

@@ -12,12 +12,8 @@
 //     (label ranges, rows whose softmax is undefined), raising ValueError on the CPU.
 #include <Python.h>
 #include <ATen/Parallel.h>
-#include <torch/csrc/Exceptions.h>
-#include <torch/csrc/autograd/python_variable.h>
 
 #include <atomic>
-
-#include "cpu/grad_buffer.h"
 
 namespace {
 
@@ -38,23 +34,8 @@ PyObject* parallel_threads(PyObject*, PyObject*) {
   return PyLong_FromLong(width.load());
 }
 
-// An uninitialised contiguous CPU tensor like `like`, from the fused losses' recycled gradient
-// block (cpu/grad_buffer.h): for a gradient that Python code has kernels write block by block
-// (lepton_fast.distributed's row blocks, through kd_slice_loss.grad_out), which a fresh
-// torch.empty of its size would fault in page by page every step.
-PyObject* empty_gradient_like(PyObject*, PyObject* like) {
-  HANDLE_TH_ERRORS
-  TORCH_CHECK_TYPE(THPVariable_Check(like), "empty_gradient_like takes a tensor");
-  const at::Tensor& x = THPVariable_Unpack(like);
-  TORCH_CHECK(x.device().is_cpu(), "empty_gradient_like takes a CPU tensor, got one on ", x.device());
-  return THPVariable_Wrap(lepton_fast::cpu::GradientBlockCache::get().empty_like(x));
-  END_HANDLE_TH_ERRORS
-}
-
 PyMethodDef methods[] = {
     {"parallel_threads", parallel_threads, METH_NOARGS, "Threads an at::parallel_for of lepton_fast runs on."},
-    {"empty_gradient_like", empty_gradient_like, METH_O,
-     "An uninitialised CPU tensor like the argument, from the recycled gradient block."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

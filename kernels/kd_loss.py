@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lepton_fast._validate import DIVERGENCES, grad_out, kd_values
+from lepton_fast._validate import DIVERGENCES, kd_values
 from lepton_fast.ops.kd_loss import N_STATS, soft_kind
 
 from ._common import acc_dtype, check_labels, check_rows_defined, online_softmax, reduce_rows, signature, store_zeros
@@ -427,12 +427,9 @@ def _merged(op, x, call, width):
 
 
 def _loss_and_grad(op, student_logits, teacher_logits, labels, stats, jsd_sums, hyper, ignore_index, reduction,
-                   num_items_in_batch, class_offset, n_classes, compute_grad, block, grad=None):
-    """fused_kd_loss (stats None) or kd_slice_loss: the loss as ``reduction`` asks, and the
-    gradient, written into ``grad`` when given (kd_slice_loss.grad_out), else into a new buffer."""
+                   num_items_in_batch, class_offset, n_classes, compute_grad, block):
+    """fused_kd_loss (stats None) or kd_slice_loss: the loss as ``reduction`` asks, and the gradient."""
     call = _Launch(op, student_logits, teacher_logits, labels, hyper, ignore_index, block)
-    if grad is not None:
-        grad_out(op, grad, student_logits)
     call.check_slice(class_offset, n_classes)
     jsd = call.flags["NEEDS_SOFT"] and call.flags["DIV"] == _DIVERGENCES["jsd"]
     if stats is not None:
@@ -442,9 +439,8 @@ def _loss_and_grad(op, student_logits, teacher_logits, labels, stats, jsd_sums, 
                 raise ValueError(f"{op}: the JSD needs jsd_sums")
             _merged(op, jsd_sums, call, 2)
     rows = torch.empty(call.n_rows, dtype=call.acc, device=student_logits.device)
-    if grad is None:
-        grad = (torch.empty_like(student_logits, memory_format=torch.contiguous_format) if compute_grad
-                else student_logits.new_empty((0,)))
+    grad = (torch.empty_like(student_logits, memory_format=torch.contiguous_format) if compute_grad
+            else student_logits.new_empty((0,)))
     divisor = max(call.n_rows, 1)
     if call.labels is not None:
         divisor = (call.labels != ignore_index).sum().clamp(min=1)
@@ -490,13 +486,6 @@ def kd_slice_loss(student_logits, teacher_logits, labels, stats, jsd_sums, hyper
     """The contract of ``torch.ops.lepton_fast.kd_slice_loss`` (lepton_fast/ops/kd_loss.py)."""
     return _loss_and_grad("kd_slice_loss", student_logits, teacher_logits, labels, stats, jsd_sums, hyper,
                           ignore_index, reduction, num_items_in_batch, class_offset, n_classes, compute_grad, block)
-
-
-def kd_slice_loss_grad_out(student_logits, teacher_logits, labels, stats, jsd_sums, hyper, ignore_index, reduction,
-                           num_items_in_batch, class_offset, n_classes, grad, *, block=None):
-    """The contract of ``torch.ops.lepton_fast.kd_slice_loss.grad_out`` (lepton_fast/ops/kd_loss.py)."""
-    return _loss_and_grad("kd_slice_loss.grad_out", student_logits, teacher_logits, labels, stats, jsd_sums, hyper,
-                          ignore_index, reduction, num_items_in_batch, class_offset, n_classes, True, block, grad)[0]
 
 
 def kd_slice_stats(student_logits, teacher_logits, labels, hyper, ignore_index, class_offset, n_classes, *,

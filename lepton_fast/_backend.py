@@ -49,17 +49,14 @@ _DEFINITIONS = torch.library.Library(LIBRARY, "DEF")
 @dataclass(frozen=True, eq=False)  # one object per op: identity is equality, and hashing is free
 class OpSpec:
     """An op as the dispatcher table sees it: ``torch.ops.lepton_fast.<name>``; the module
-    ``lepton_fast.kernels.<triton>`` whose function ``<kernel_name>`` is its Triton kernel, or None;
-    its reference kernel is ``lepton_fast.ops._reference.<kernel_name>``. ``public`` is False for an
+    ``lepton_fast.kernels.<triton>`` whose function ``<name>`` is its Triton kernel, or None;
+    its reference kernel is ``lepton_fast.ops._reference.<name>``. ``public`` is False for an
     op that only other ops call. ``saves_grad``: the op returns (loss, d(loss)/d(first
     input), ...) and its autograd kernel scales that saved gradient (csrc/autograd.cpp, or
     lepton_fast/ops/_autograd.py without the extension). ``cuda_cpp``: csrc/cuda has a kernel
     of it, so a CUDA build of the extension must register one (benchmarks/gpu_check.py checks);
-    without one, Triton is its CUDA kernel. ``overload``: ``torch.ops.lepton_fast.<name>.default``
-    (or the named overload), bound once (two attribute lookups a call otherwise). A ``name``
-    with a dot is an overload of another op ("kd_slice_loss.grad_out":
-    ``torch.ops.lepton_fast.kd_slice_loss.grad_out``, the ATen ``.out`` convention), with its
-    own kernels and table row."""
+    without one, Triton is its CUDA kernel. ``overload``: ``torch.ops.lepton_fast.<name>.default``,
+    bound once (two attribute lookups a call otherwise)."""
 
     name: str
     triton: Optional[str]
@@ -72,12 +69,6 @@ class OpSpec:
     def qualname(self) -> str:
         return f"{LIBRARY}::{self.name}"
 
-    @property
-    def kernel_name(self) -> str:
-        """The name of its Triton and reference kernels (a Python name: the overload's dot
-        becomes "_")."""
-        return self.name.replace(".", "_")
-
 
 OPS: dict[str, OpSpec] = {}
 
@@ -89,9 +80,7 @@ def define(schema: str, *, triton: Optional[str] = None, public: bool = True, sa
     :func:`load_kernels`."""
     name = schema.split("(", 1)[0]
     _DEFINITIONS.define(schema)
-    packet, _, overload = name.partition(".")
-    spec = OpSpec(name, triton, public, saves_grad, cuda_cpp,
-                  getattr(getattr(torch.ops.lepton_fast, packet), overload or "default"))
+    spec = OpSpec(name, triton, public, saves_grad, cuda_cpp, getattr(torch.ops.lepton_fast, name).default)
     OPS[name] = spec
     return spec
 
@@ -118,20 +107,20 @@ def triton_kernel(spec: OpSpec):
     module, why = _triton_module(spec.triton)
     if module is None:
         raise RuntimeError(f"{spec.name}: the Triton backend is unavailable: {why}")
-    return getattr(module, spec.kernel_name)
+    return getattr(module, spec.name)
 
 
 def reference_kernel(spec: OpSpec):
     """The reference kernel of ``spec`` (lepton_fast/ops/_reference.py): the op's schema over
     reference.py, imported on first use."""
-    return getattr(importlib.import_module("lepton_fast.ops._reference"), spec.kernel_name)
+    return getattr(importlib.import_module("lepton_fast.ops._reference"), spec.name)
 
 
 def _lazy(spec: OpSpec, kind: str, load):
     def kernel(*args):
         return load(spec)(*args)
 
-    kernel.__name__ = f"{spec.kernel_name}_{kind}"
+    kernel.__name__ = f"{spec.name}_{kind}"
     return kernel
 
 

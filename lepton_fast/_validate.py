@@ -199,16 +199,6 @@ def same_shape(name: str, x: Tensor, ref_name: str, ref: Tensor) -> None:
         raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
 
 
-def grad_out(op: str, grad: Tensor, like: Tensor) -> None:
-    """The gradient buffer of an op's ``.grad_out`` overload: contiguous, with ``like``'s shape,
-    dtype and device (the Python kernels' check; csrc/kd_loss.h's check_grad_out the C++ one)."""
-    if (grad.shape != like.shape or grad.dtype != like.dtype or grad.device != like.device
-            or not grad.is_contiguous()):
-        raise ValueError(f"{op}: grad must be a contiguous {like.dtype} tensor of the student's shape "
-                         f"{tuple(like.shape)} on {like.device}, got {grad.dtype} {tuple(grad.shape)} with strides "
-                         f"{grad.stride()} on {grad.device}")
-
-
 def common_dtype(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """Two operands of one op in one dtype, the wider of the two: each keeps every digit it
     was given (a float32 teacher is never rounded to a bfloat16 student's precision, and a

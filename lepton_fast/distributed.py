@@ -7,28 +7,21 @@ the gathered logits and the gradient of its own slice without any rank holding t
 vocabulary: the fused KD kernels split at a row's steps (csrc/kd_loss.h, the ops
 ``kd_slice_*`` of lepton_fast.ops.kd_loss), with the rows' statistics all-reduced between them.
 
-The rows run in blocks (the row-block pipeline): each block's statistics are computed, merged
-across ranks and used for the block's loss and gradient before the next block starts, so that
-the block's slice of the logits is still in cache when the loss step reads it again (one read
-of each row from memory per step, as in one process). A block holds about 8 MiB of student +
-teacher logits of an even split of the vocabulary (``_BLOCK_BYTES``; 65 rows at 32000 classes
-over two ranks in float32), at least one row: ceil(N / rows) blocks, the same number on every
-rank. Per forward, per block of n rows (all-reduces over ``group``, in the statistics' dtype:
-float32, or float64 for float64 logits):
+Per forward, for N rows (all-reduces over ``group``, in the statistics' dtype: float32, or
+float64 for float64 logits):
 
-- forward / reverse KL: MAX of [n, 2] (each row's maximum of the student's and the teacher's
-  logits), then SUM of [n, 3] (the sums of exp((x - max) / T) of both sides against those
+- forward / reverse KL: MAX of [N, 2] (each row's maximum of the student's and the teacher's
+  logits), then SUM of [N, 3] (the sums of exp((x - max) / T) of both sides against those
   maxima, and the KL's sum);
-- JSD: the same two with [n, 2] sums, and a SUM of [n, 2] (K_t, K_s) once both
+- JSD: the same two with [N, 2] sums, and a SUM of [N, 2] (K_t, K_s) once both
   log-sum-exps are known: three;
 - the hard-label cross-entropy (alpha > 0) adds its linear part (label logit and smoothing
   sum) to the SUM, one more column, and at T != 1 its own sum of exponentials, a second;
-- the backward: none (the gradient was written during the forward, as fused_kd_loss does,
-  each block's rows straight into one [N, C_r] buffer).
+- the backward: none (the gradient was written during the forward, as fused_kd_loss does).
 
 ``fused_linear_kd_loss(..., group=)`` (a vocabulary-sharded lm_head) runs the same
-all-reduces per chunk of rows (:func:`chunk_loss_and_grad`, its chunks being its blocks), and
-one more of the hidden states' gradient [N, H_s].
+all-reduces per chunk of rows (:func:`chunk_loss_and_grad`), and one more of the hidden
+states' gradient [N, H_s].
 
 :func:`vocab_parallel_sparse_kd_loss` (a teacher stored as its top-k log-probabilities, the same
 on every rank) runs at most one all-reduce MAX of [N, <= 2] and one SUM of [N, K + <= 4] per
@@ -37,9 +30,8 @@ plain PyTorch for now (``lepton_fast.reference.sparse_slice_*``, run on blocks o
 compiled kernels.
 
 So the bytes sent per step are O(N) (O(N·K) for the sparse teacher), independent of the
-vocabulary; the row blocks split them into more, smaller messages, not more bytes. The slices'
-sizes are exchanged once per process group (one all-gather of one integer at the first call,
-cached), and never for DTensors, whose layout says them.
+vocabulary. The slices' sizes are exchanged once per process group (one all-gather of one
+integer at the first call, cached), and never for DTensors, whose layout says them.
 
 Argument errors: every argument is checked before the op's first collective, and at a group's
 first call the size exchange carries each rank's verdict (-1 for refused arguments, ``refuse``;
@@ -91,17 +83,15 @@ def vocab_parallel_kd_loss(
     one device (Hinton, Vinyals & Dean 2015; the divergences, CE term and reductions of its
     docstring), and ``backward`` gives each rank the gradient of its own slice. No rank holds
     more than its slice: the rows' softmax statistics merge across ranks as the online
-    softmax merges blocks of a row, per block of rows (about 8 MiB of this rank's logits, so
-    that the loss step finds them still in cache: ceil(N / rows) blocks) in two all-reduces of
-    [rows, <= 3] for forward/reverse KL and three for the JSD (one or two more columns for the
-    CE term), and none in the backward: the module docstring has the list. This is the scheme
-    of Megatron-LM's vocabulary-parallel cross-entropy (Shoeybi et al. 2019, "Megatron-LM: Training
+    softmax merges blocks of a row, in two all-reduces of [N, <= 3] for forward/reverse KL and
+    three for the JSD (one or two more columns for the CE term), and none in the backward:
+    the module docstring has the list. This is the scheme of Megatron-LM's
+    vocabulary-parallel cross-entropy (Shoeybi et al. 2019, "Megatron-LM: Training
     Multi-Billion Parameter Language Models Using Model Parallelism"), which takes three
     all-reduces for the cross-entropy alone, extended to the KD divergences.
 
     Args:
-        student_logits: [..., C_r] this rank's slice, float32, bfloat16, float16 or float64,
-            the same dtype and leading dims on every rank (the row blocks are sized from them);
+        student_logits: [..., C_r] this rank's slice, float32, bfloat16, float16 or float64;
             gradient flows here. Or a DTensor placed ``Shard(-1)`` on one dimension of its
             device mesh and ``Replicate()`` on the others (a 1-D mesh, or a 2-D mesh whose
             other dimension replicates): the slices are its shards.
@@ -156,66 +146,12 @@ def vocab_parallel_kd_loss(
     return _sharded_loss(a, group, class_offset, n_classes)
 
 
-# The row-block pipeline of vocab_parallel_kd_loss: the bytes of student + teacher logits one block
-# of rows holds on a rank. A block's loss step reads its slice again right after the block's
-# statistics were all-reduced; a block of this size is still in the last-level cache then (32 MiB
-# shared by the two ranks of the benchmark machine, benchmarks/RESULTS.md), so each row comes from
-# DRAM once per step, as in one process, instead of once for the statistics and again for the
-# loss and gradient. Much smaller blocks would pay the all-reduces' fixed cost (one set per block)
-# more often for nothing.
-_BLOCK_BYTES = 8 << 20
-
-
-def _rows_per_block(n_classes: int, ranks: int, dtype: torch.dtype) -> int:
-    """The rows of one block, at least 1: _BLOCK_BYTES of student + teacher rows of n_classes
-    split evenly over ``ranks``. Computed from what every rank of the group shares (the whole
-    vocabulary, the group's size, the logits' dtype: vocab_parallel_kd_loss's docstring asks for
-    one dtype on every rank), so that every rank runs as many blocks, hence as many all-reduces."""
-    columns = -(-n_classes // ranks)
-    return max(1, _BLOCK_BYTES // max(2 * columns * dtype.itemsize, 1))
-
-
 def _sharded_loss(a: kd_ops.KDArgs, group, class_offset: int, n_classes: int) -> Tensor:
     """The loss of the whole rows on this rank, from its checked slice at class_offset of n_classes."""
     backend = kd_ops.slice_backend(a.student.device)
-    rows = _rows_per_block(n_classes, dist.get_world_size(group), a.student.dtype)
-
-    def compute():
-        return _blocked_loss(backend, a, group, class_offset, n_classes, rows)
-
-    loss = _LossOfWrittenGrad.apply(a.student, compute, "fused_kd_loss") if a.compute_grad else compute()[0]
+    merged, jsd_sums = _merged_statistics(backend, a, group, class_offset, n_classes)
+    loss = kd_ops.slice_loss(backend, a, merged, jsd_sums, class_offset, n_classes)
     return loss.reshape(a.lead) if a.reduction == "none" else loss
-
-
-def _blocked_loss(backend: str, a: kd_ops.KDArgs, group, class_offset: int, n_classes: int,
-                  rows_per_block: int) -> tuple[Tensor, Optional[Tensor]]:
-    """(the loss of the whole rows, d(loss)/d(this rank's slice), or None unless a.compute_grad):
-    the rows in blocks of ``rows_per_block``, each block's statistics merged across ranks (the
-    all-reduces of the module docstring) and its loss and gradient computed right after, while
-    its slice is still in cache; the blocks' gradients written into one buffer (no copy)."""
-    n_rows = a.student.shape[0]
-    grad = kd_ops.empty_gradient_like(a.student) if a.compute_grad else None
-    blocks = range(0, max(n_rows, 1), rows_per_block)  # one empty block for N = 0, as one call has
-    if len(blocks) > 1 and a.reduction in ("mean", "batchmean") and a.num_items is None:
-        # Each block divides its sum by the divisor of all rows (reference.mean_divisor): the
-        # num_items_in_batch of the op. A tensor, so no host synchronisation on a GPU.
-        divisor = (torch.tensor(float(n_rows), dtype=torch.float64) if a.labels is None
-                   else (a.labels != a.ignore_index).sum().clamp(min=1).to(torch.float64))
-        a = a._replace(num_items=divisor)
-    losses = []
-    for start in blocks:
-        rows = slice(start, start + rows_per_block)
-        block = a._replace(student=a.student[rows], teacher=a.teacher[rows],
-                           labels=None if a.labels is None else a.labels[rows])
-        merged, jsd_sums = _merged_statistics(backend, block, group, class_offset, n_classes)
-        if grad is None:
-            losses.append(kd_ops.slice_loss_and_grad(backend, block, merged, jsd_sums, class_offset, n_classes)[0])
-        else:
-            losses.append(kd_ops.slice_loss_into(backend, block, merged, jsd_sums, class_offset, n_classes,
-                                                 grad[rows]))
-    if len(losses) == 1:
-        return losses[0], grad
-    return (torch.cat(losses) if a.reduction == "none" else torch.stack(losses).sum()), grad
 
 
 def _merged_statistics(backend: str, a: kd_ops.KDArgs, group, class_offset: int,
@@ -333,9 +269,8 @@ def vocab_parallel_sparse_kd_loss(
     student = _validate.as_rows(local)
     class_offset, n_classes = split or _slice_of(group, student.shape[-1], student.device)
     compute_grad = student.requires_grad and torch.is_grad_enabled()  # (the Function's forward runs without grad)
-    loss = _LossOfWrittenGrad.apply(student, lambda: _sparse_sharded_loss(
-        student, indices, logprobs, mask, o, group, class_offset, n_classes, truncation, compute_grad),
-        "sparse_kd_loss")
+    loss = _SparseSliceLoss.apply(student, lambda: _sparse_sharded_loss(
+        student, indices, logprobs, mask, o, group, class_offset, n_classes, truncation, compute_grad))
     loss = loss.reshape(local.shape[:-1]) if o.reduction == "none" else loss
     return loss if split is None else DTensor.from_local(loss, mesh, [Replicate()] * mesh.ndim, run_check=False)
 
@@ -420,24 +355,22 @@ def _sparse_sharded_loss(student: Tensor, indices: Tensor, logprobs: Tensor, mas
     return loss, grad
 
 
-class _LossOfWrittenGrad(torch.autograd.Function):
+class _SparseSliceLoss(torch.autograd.Function):
     """The loss of ``compute()`` (loss, d(loss)/d(student) or None), whose gradient was written
-    during the forward; the backward scales it by grad_output (ops/_autograd.py), its errors
-    naming ``op``, the single-device function to differentiate instead."""
+    during the forward; the backward scales it by grad_output (ops/_autograd.py)."""
 
     @staticmethod
-    def forward(ctx, student, compute, op):
+    def forward(ctx, student, compute):
         loss, grad = compute()
         ctx.save_for_backward(grad)
         ctx.used = False
-        ctx.op = op
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        _autograd.check_backward(ctx, ctx.op)
+        _autograd.check_backward(ctx, "sparse_kd_loss")
         (grad,) = ctx.saved_tensors
-        return _autograd.times(grad, grad_loss), None, None
+        return _autograd.times(grad, grad_loss), None
 
 
 class VocabSplit(NamedTuple):

@@ -271,7 +271,7 @@ def opcheck_kernel(spec, device: str, backend: str, arg_sets) -> None:
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
     if not interpreted(device, backend):
         utils += ("test_aot_dispatch_dynamic",)
-    op = spec.overload
+    op = getattr(torch.ops.lepton_fast, spec.name).default
     for args in arg_sets:
         with _backend.running(spec, backend, device):
             torch.library.opcheck(op, args, test_utils=utils)

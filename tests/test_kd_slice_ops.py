@@ -16,7 +16,6 @@ import torch
 
 from conftest import (CPU_DEVICE_BACKENDS, DEVICE_BACKENDS, TEMPERATURES, assert_device_assertion, interpreted,
                       opcheck_kernel, require, temperature_sweep_logits)
-from lepton_fast._extension import extension
 from lepton_fast._validate import kd_hyper
 from lepton_fast import fused_kd_loss, reference
 from lepton_fast.ops import kd_loss as kd_ops
@@ -39,11 +38,9 @@ def random_labels(n, n_classes, seed, device="cpu"):
     return labels.to(device)
 
 
-def sliced(backend, student, teacher, sizes, temperature=1.0, *, grad_output=None, into=False, **kd):
+def sliced(backend, student, teacher, sizes, temperature=1.0, *, grad_output=None, **kd):
     """(each slice's loss, the slices' gradients side by side) through the slice ops on ``backend``;
-    ``kd``: fused_kd_loss's keywords. ``into``: through kd_slice_loss.grad_out, each slice's
-    gradient written into rows 1..N of a NaN-filled [N + 2, C_r] buffer, whose first and last
-    rows must stay untouched."""
+    ``kd``: fused_kd_loss's keywords."""
     offsets = [sum(sizes[:r]) for r in range(len(sizes))]
     n_classes = student.shape[-1]
     parts = []
@@ -63,15 +60,7 @@ def sliced(backend, student, teacher, sizes, temperature=1.0, *, grad_output=Non
         jsd = sum(kd_ops.slice_jsd_sums(backend, a, merged) for _, a, _ in parts)
     losses, grads = [], []
     for s, a, offset in parts:
-        if into:
-            assert grad_output is None
-            buffer = torch.full((a.student.shape[0] + 2, a.student.shape[1]), math.nan, dtype=s.dtype,
-                                device=s.device)
-            losses.append(kd_ops.slice_loss_into(backend, a, merged, jsd, offset, n_classes, buffer[1:-1]))
-            assert buffer[[0, -1]].isnan().all(), "kd_slice_loss.grad_out wrote outside the rows it was given"
-            grads.append(buffer[1:-1].reshape(s.shape))
-            continue
-        loss = kd_ops.slice_loss_and_grad(backend, a, merged, jsd, offset, n_classes)[0]
+        loss = kd_ops.slice_loss(backend, a, merged, jsd, offset, n_classes)
         loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
         losses.append(loss.detach())
         grads.append(s.grad)
@@ -86,8 +75,8 @@ def oracle(student, teacher, temperature=1.0, grad_output=None, **kw):
     return loss.detach(), s.grad
 
 
-def assert_sliced_matches(backend, student, teacher, sizes, temperature=1.0, tol=F64_TOL, into=False, **kw):
-    losses, grad = sliced(backend, student, teacher, sizes, temperature, into=into, **kw)
+def assert_sliced_matches(backend, student, teacher, sizes, temperature=1.0, tol=F64_TOL, **kw):
+    losses, grad = sliced(backend, student, teacher, sizes, temperature, **kw)
     grad_output = kw.pop("grad_output", None)
     want_loss, want_grad = oracle(student, teacher, temperature, grad_output, **kw)
     for loss in losses:
@@ -161,55 +150,6 @@ def test_reductions_and_grad_output(reduction, device, backend):
     if reduction != "none":
         assert_sliced_matches(backend, s, t, (13, 13, 11), 2.0, divergence="jsd", labels=labels, alpha=0.3,
                               reduction=reduction, num_items_in_batch=7)
-
-
-@pytest.mark.parametrize("device,backend", BACKENDS)
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none", "num_items"])
-@pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_grad_out_writes_the_rows_it_is_given(divergence, reduction, device, backend):
-    """kd_slice_loss.grad_out: the loss of kd_slice_loss, its gradient written into the rows of a
-    NaN-filled buffer it was given (a block of a larger gradient) and nowhere else."""
-    _require(device, backend)
-    require(kd_ops.SLICE_GRAD_OUT_SPEC, device, backend)
-    n, c = 5, 37
-    s, t = randn(n, c, seed=51, device=device), randn(n, c, seed=52, device=device)
-    kw = dict(divergence=divergence, beta=0.3, labels=random_labels(n, c, seed=53, device=device), alpha=0.3,
-              label_smoothing=0.1)
-    kw.update(dict(num_items_in_batch=7) if reduction == "num_items" else dict(reduction=reduction))
-    for sizes in ((13, 13, 11), (20, 0, 17)):
-        assert_sliced_matches(backend, s, t, sizes, 2.0, into=True, **kw)
-
-
-@pytest.mark.parametrize("device,backend", BACKENDS)
-def test_grad_out_refuses_a_gradient_unlike_the_slice(device, backend):
-    _require(device, backend)
-    require(kd_ops.SLICE_GRAD_OUT_SPEC, device, backend)
-    s, t = randn(4, 13, seed=54, device=device), randn(4, 13, seed=55, device=device)
-    a = kd_ops.checked("fused_kd_loss", s, t, slice_of_classes=True)
-    stats = kd_ops.slice_stats(backend, a, 0, 13)
-    merge = kd_ops.SliceMerge(a.hyper)
-    merged = merge.merged(merge.maxima(stats), merge.rescaled(stats, merge.maxima(stats)))
-    for bad in (torch.empty(4, 12, dtype=s.dtype, device=device), torch.empty(4, 13, device=device),
-                torch.empty(13, 4, dtype=s.dtype, device=device).t()):
-        with pytest.raises(ValueError, match="grad must be a contiguous"):
-            kd_ops.slice_loss_into(backend, a, merged, None, 0, 13, bad)
-
-
-def test_empty_gradient_like_is_the_recycled_gradient_block():
-    """The buffer that kd_slice_loss.grad_out fills block by block (vocab_parallel_kd_loss)
-    comes from the CPU kernels' recycled gradient block: a freed one serves the next step
-    (no page faults), one still held is not handed out again."""
-    require(kd_ops.SLICE_GRAD_OUT_SPEC, "cpu", "cpu")
-    like = torch.empty(64, 8192, dtype=torch.float32)  # 2 MiB: above the recycling size
-    grad = kd_ops.empty_gradient_like(like)
-    assert grad.shape == like.shape and grad.dtype == like.dtype and grad.is_contiguous()
-    first = grad.data_ptr()
-    del grad
-    held = kd_ops.empty_gradient_like(like)
-    assert held.data_ptr() == first
-    assert kd_ops.empty_gradient_like(like).data_ptr() != first
-    with pytest.raises(RuntimeError, match="takes a CPU tensor"):
-        extension().module.empty_gradient_like(torch.empty(2, device="meta"))
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
@@ -300,17 +240,13 @@ def _slice_op_args(device):
         (s.clone().requires_grad_(), t, None, merged, jsd_sums, jsd_hyper, -100, "mean", None, 0, 13, True),
         (s, t, labels, torch.ops.lepton_fast.kd_slice_stats(*stats[0]), None, kl, -100, "none", None, 13, 37, False),
     ]
-    # kd_slice_loss.grad_out: the gradient into a new buffer, and into a block of rows of a larger one.
-    grad_out = [(s,) + args[1:-1] + (torch.empty_like(s),) for args in loss]
-    grad_out[1] = grad_out[1][:-1] + (torch.empty(6, 13, device=device)[1:5],)
-    return stats, [jsd], loss, grad_out
+    return stats, [jsd], loss
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_opcheck(device, backend):
     """The schemas, fake kernels, autograd registration and AOT dispatch of the slice ops."""
     require(kd_ops.SLICE_SPEC, device, backend)
-    stats, jsd, loss, grad_out = _slice_op_args(device)
-    for spec, cases in ((kd_ops.STATS_SPEC, stats), (kd_ops.JSD_SUMS_SPEC, jsd), (kd_ops.SLICE_SPEC, loss),
-                        (kd_ops.SLICE_GRAD_OUT_SPEC, grad_out)):
+    stats, jsd, loss = _slice_op_args(device)
+    for spec, cases in ((kd_ops.STATS_SPEC, stats), (kd_ops.JSD_SUMS_SPEC, jsd), (kd_ops.SLICE_SPEC, loss)):
         opcheck_kernel(spec, device, backend, cases)

@@ -18,11 +18,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import require
 from rank_pool import CollectiveRecorder, RankPool, WorkerError
-from lepton_fast import distributed, fused_kd_loss, fused_linear_kd_loss, reference
+from lepton_fast import fused_kd_loss, fused_linear_kd_loss, reference
 from lepton_fast.distributed import vocab_parallel_kd_loss
 from lepton_fast.ops import kd_loss as kd_ops
 
@@ -58,21 +57,6 @@ def data(seed, n, dtype=torch.float64, labelled=False):
     return s, t, labels
 
 
-@contextlib.contextmanager
-def _blocks_of(rows, ranks, dtype=torch.float64):
-    """vocab_parallel_kd_loss's row blocks of ``rows`` rows (None: as the library sizes them,
-    one block at these sizes) for 37 classes over ``ranks`` ranks."""
-    if rows is None:
-        yield
-        return
-    saved = distributed._BLOCK_BYTES
-    distributed._BLOCK_BYTES = rows * 2 * -(-N_CLASSES // ranks) * dtype.itemsize
-    try:
-        yield
-    finally:
-        distributed._BLOCK_BYTES = saved
-
-
 def _set_backend(backend):
     if backend is None:
         os.environ.pop("LEPTON_FAST_BACKEND", None)
@@ -83,7 +67,7 @@ def _set_backend(backend):
 # --- What each rank runs (module-level functions: the workers import them) -----------------
 
 
-def _rank_loss(ctx, split, seed, n, kw, backend=None, grad_output=None, block_rows=None):
+def _rank_loss(ctx, split, seed, n, kw, backend=None, grad_output=None):
     """(loss, gradient of this rank's slice) on the ranks of ``split``; None off them."""
     index, sizes = SPLITS[split]
     group = ctx.groups[index]
@@ -94,17 +78,15 @@ def _rank_loss(ctx, split, seed, n, kw, backend=None, grad_output=None, block_ro
         s, t, labels = data(seed, n, labelled=kw.pop("labelled", False))
         lo = sum(sizes[:ctx.rank])
         x = s[:, lo:lo + sizes[ctx.rank]].clone().requires_grad_()
-        with _blocks_of(block_rows, len(sizes)):
-            loss = vocab_parallel_kd_loss(x, t[:, lo:lo + sizes[ctx.rank]], group=group, labels=labels, **kw)
+        loss = vocab_parallel_kd_loss(x, t[:, lo:lo + sizes[ctx.rank]], group=group, labels=labels, **kw)
         loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
         return loss.detach(), x.grad
     finally:
         _set_backend(None)
 
 
-def _rank_collectives(ctx, kw, n, block_rows):
-    """The collectives of a fresh group's first call, its backward, and a second call, in row
-    blocks of ``block_rows``."""
+def _rank_collectives(ctx, kw, n):
+    """The collectives of a fresh group's first call, its backward, and a second call."""
     group = dist.new_group([0, 1, 2])  # every rank makes it; ranks 0-2 use it
     if ctx.rank > 2:
         return None
@@ -113,42 +95,13 @@ def _rank_collectives(ctx, kw, n, block_rows):
     lo = sum(sizes[:ctx.rank])
     x = s[:, lo:lo + sizes[ctx.rank]].clone().requires_grad_()
     t = t[:, lo:lo + sizes[ctx.rank]]
-    with _blocks_of(block_rows, len(sizes)):
-        with CollectiveRecorder() as first:
-            loss = vocab_parallel_kd_loss(x, t, group=group, labels=labels, **kw)
-        with CollectiveRecorder() as backward:
-            loss.backward()
-        with CollectiveRecorder() as second:
-            vocab_parallel_kd_loss(x, t, group=group, labels=labels, **kw).backward()
+    with CollectiveRecorder() as first:
+        loss = vocab_parallel_kd_loss(x, t, group=group, labels=labels, **kw)
+    with CollectiveRecorder() as backward:
+        loss.backward()
+    with CollectiveRecorder() as second:
+        vocab_parallel_kd_loss(x, t, group=group, labels=labels, **kw).backward()
     return first.calls, backward.calls, second.calls
-
-
-class _OpRecorder(TorchDispatchMode):
-    """The lepton_fast ops a block of code runs, and its copies into 2-D tensors (where a
-    gradient copied block by block into a whole one would show)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "lepton_fast" or (func.__name__.startswith("copy_") and args[0].dim() == 2):
-            self.calls.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
-def _rank_ops(ctx, kw, n, block_rows):
-    """The ops of a forward and backward on split "3" in row blocks of ``block_rows``."""
-    index, sizes = SPLITS["3"]
-    if ctx.groups[index] is None:
-        return None
-    s, t, labels = data(6, n, labelled=kw.pop("labelled", False))
-    lo = sum(sizes[:ctx.rank])
-    x = s[:, lo:lo + sizes[ctx.rank]].clone().requires_grad_()
-    with _blocks_of(block_rows, len(sizes)), _OpRecorder() as recorder:
-        vocab_parallel_kd_loss(x, t[:, lo:lo + sizes[ctx.rank]], group=ctx.groups[index], labels=labels,
-                               **kw).backward()
-    return recorder.calls
 
 
 def _mesh(ctx, kind):
@@ -314,29 +267,6 @@ def test_reductions_and_grad_output(pool, reduction):
         assert_ranks_match(pool.run(_rank_loss, "3", 12, 5, dict(kw)), 12, 5, kw)
 
 
-@pytest.mark.parametrize("block_rows", [1, 4, None], ids=["rows-of-1", "rows-of-4", "one-block"])
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none", "num_items"])
-@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
-def test_row_blocks(pool, divergence, reduction, block_rows):
-    """The row-block pipeline: 10 rows (a third of them ignored) in blocks of 1, of 4 (the last
-    one of 2) or in one, over three ranks one of which holds no class, give the single-process
-    loss and gradient under every reduction, the CE term included."""
-    kw = dict(temperature=2.0, divergence=divergence, beta=0.3, labelled=True, alpha=0.3, label_smoothing=0.1)
-    kw.update(dict(num_items_in_batch=9) if reduction == "num_items" else dict(reduction=reduction))
-    go = torch.linspace(-1, 2, 10, dtype=torch.float64) if reduction == "none" else None
-    answers = pool.run(_rank_loss, "3-empty", 19, 10, dict(kw), None, go, block_rows)
-    assert_ranks_match(answers, 19, 10, kw, go)
-
-
-def test_block_size():
-    """About 8 MiB of student + teacher rows per block at an even split, at least one row."""
-    assert distributed._BLOCK_BYTES == 8 << 20
-    assert distributed._rows_per_block(32000, 2, torch.float32) == 65  # 2 x 16000 x 4 bytes a row
-    assert distributed._rows_per_block(32001, 2, torch.bfloat16) == 131  # 16001 columns on the larger slice
-    assert distributed._rows_per_block(10**9, 1, torch.float64) == 1
-    assert distributed._rows_per_block(3, 4, torch.float32) == 1 << 20
-
-
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_other_backends(pool, divergence, backend):
@@ -344,7 +274,7 @@ def test_other_backends(pool, divergence, backend):
     if backend == "triton":
         require(kd_ops.SLICE_SPEC, "cpu", "triton")
     kw = dict(temperature=2.0, divergence=divergence, beta=0.3, labelled=True, alpha=0.4, label_smoothing=0.1)
-    assert_ranks_match(pool.run(_rank_loss, "3", 13, 5, dict(kw), backend, None, 2), 13, 5, kw)
+    assert_ranks_match(pool.run(_rank_loss, "3", 13, 4, dict(kw), backend), 13, 4, kw)
 
 
 def _allreduces(op, *columns, n):
@@ -365,29 +295,16 @@ def _allreduces(op, *columns, n):
     ids=["fwd", "rev", "fwd+CE", "rev+CE@T2", "jsd", "jsd+CE@T2", "CE only"],
 )
 def test_collectives_per_step(pool, kw, expected):
-    """Forward, per block of rows (6 rows in blocks of 4: 4 and 2): all-reduces of
-    [rows, <= 3] columns (two for the KLs, three for the JSD), one or two columns more for the
-    CE term; the backward none; the slice sizes exchanged once."""
+    """Forward: all-reduces of [N, <= 3] columns (two for the KLs, three for the JSD), one or
+    two columns more for the CE term; the backward none; the slice sizes exchanged once."""
     n = 6
-    for answer in pool.run(_rank_collectives, dict(kw), n, 4)[:3]:
+    for answer in pool.run(_rank_collectives, dict(kw), n)[:3]:
         first, backward, second = answer
-        want = [c for rows in (4, 2) for op, k in expected for c in _allreduces(op, k, n=rows)]
+        want = [c for op, k in expected for c in _allreduces(op, k, n=n)]
         assert second == want
         assert backward == []
         assert first[0] == ("allgather_", None, [(1,)] * 3, torch.int64, 24)  # the sizes, once per group
         assert first[1:] == want
-
-
-@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
-def test_blocks_write_one_gradient(pool, divergence):
-    """Per block the slice ops, its loss step writing its rows into the one gradient
-    (kd_slice_loss.grad_out), no block's gradient copied; the backward scales that gradient."""
-    kw = dict(divergence=divergence, labelled=True, alpha=0.3, temperature=2.0)
-    per_block = ["lepton_fast.kd_slice_stats.default"]
-    per_block += ["lepton_fast.kd_slice_jsd_sums.default"] if divergence == "jsd" else []
-    per_block += ["lepton_fast.kd_slice_loss.grad_out"]
-    for calls in pool.run(_rank_ops, kw, 6, 4)[:3]:
-        assert calls == per_block * 2 + ["lepton_fast.scale_grad_.default"]
 
 
 @pytest.mark.parametrize("kind", ["1d", "2d-tp", "2d-dp"])

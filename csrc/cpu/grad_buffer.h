@@ -32,13 +32,9 @@ namespace cpu {
 // gradient too large to still be in cache when its reader (the layer below, in the backward)
 // gets to it. At 16 MB (fused_pseudo_label_loss 4096 x 1000 float32) streaming was no faster
 // on the 2-core VM, at 256 MB (fused_kd_loss 2048 x 32000) it saved ~10 % (benchmarks/RESULTS.md).
-// Keyed on the buffer the gradient lies in, not on the part one call writes: a block of rows of
-// a larger gradient (kd_slice_loss.grad_out, vocab_parallel_kd_loss's row blocks) is written
-// once and read by the layer below only after every other block was written, so whether it is
-// still in cache then depends on the whole gradient's size.
 constexpr int64_t kStreamGradBytes = int64_t(32) << 20;
 inline bool stream_gradient(const at::Tensor& grad) {
-  return grad.numel() > 0 && static_cast<int64_t>(grad.storage().nbytes()) >= kStreamGradBytes;
+  return static_cast<int64_t>(grad.nbytes()) >= kStreamGradBytes;
 }
 
 class GradientBlockCache {

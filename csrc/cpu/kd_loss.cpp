@@ -88,15 +88,13 @@ void run_rows(const KDRows& a, int64_t n_rows) {
   at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) { fn(a, begin, end); });
 }
 
-// The row losses and gradient of fused_kd_loss (kFused) or kd_slice_loss (kSlice), reduced. The
-// gradient goes into grad_out when given (kd_slice_loss.grad_out), else into a new buffer.
+// The row losses and gradient of fused_kd_loss (kFused) or kd_slice_loss (kSlice), reduced.
 std::tuple<at::Tensor, at::Tensor> loss_and_grad(
     const char* op, KDMode mode, const at::Tensor& student_logits, const at::Tensor& teacher_logits,
     const std::optional<at::Tensor>& labels, const at::Tensor* stats, const std::optional<at::Tensor>& jsd_sums,
     const at::Tensor& hyper, int64_t ignore_index, c10::string_view reduction,
     const std::optional<at::Tensor>& num_items_in_batch, int64_t class_offset, int64_t n_classes,
-    bool compute_grad, const at::Tensor* grad_out = nullptr) {
-  if (grad_out) check_grad_out(op, *grad_out, student_logits);
+    bool compute_grad) {
   const KDParams p = make_kd_params(hyper, ignore_index, labels.has_value(), compute_grad);
   KDLaunch launch = prepare(op, mode, student_logits, teacher_logits, labels, p, class_offset, n_classes);
   KDRows& a = launch.rows;
@@ -118,9 +116,8 @@ std::tuple<at::Tensor, at::Tensor> loss_and_grad(
   }
   const int64_t n_rows = student_logits.size(0);
   auto rows = at::empty({n_rows}, student_logits.options().dtype(launch.acc_type));
-  auto grad = grad_out          ? *grad_out
-              : compute_grad ? GradientBlockCache::get().empty_like(student_logits)
-                             : at::empty({0}, student_logits.options());
+  auto grad = compute_grad ? GradientBlockCache::get().empty_like(student_logits)
+                           : at::empty({0}, student_logits.options());
   a.loss = rows.data_ptr();
   a.grad = compute_grad ? grad.data_ptr() : nullptr;
   a.grad_scale = how == Reduction::kNone ? 1.0 : 1.0 / divisor;
@@ -153,17 +150,6 @@ std::tuple<at::Tensor, at::Tensor> kd_slice_loss_cpu(
     int64_t n_classes, bool compute_grad) {
   return loss_and_grad("kd_slice_loss", KDMode::kSlice, student_logits, teacher_logits, labels, &stats, jsd_sums,
                        hyper, ignore_index, reduction, num_items_in_batch, class_offset, n_classes, compute_grad);
-}
-
-at::Tensor kd_slice_loss_grad_out_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
-                                      const std::optional<at::Tensor>& labels, const at::Tensor& stats,
-                                      const std::optional<at::Tensor>& jsd_sums, const at::Tensor& hyper,
-                                      int64_t ignore_index, c10::string_view reduction,
-                                      const std::optional<at::Tensor>& num_items_in_batch, int64_t class_offset,
-                                      int64_t n_classes, at::Tensor& grad) {
-  return std::get<0>(loss_and_grad("kd_slice_loss.grad_out", KDMode::kSlice, student_logits, teacher_logits, labels,
-                                   &stats, jsd_sums, hyper, ignore_index, reduction, num_items_in_batch, class_offset,
-                                   n_classes, /*compute_grad=*/true, &grad));
 }
 
 at::Tensor kd_slice_stats_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
@@ -199,7 +185,6 @@ TORCH_LIBRARY_IMPL(lepton_fast, CPU, m) {
   m.impl("kd_slice_stats", &cpu::kd_slice_stats_cpu);
   m.impl("kd_slice_jsd_sums", &cpu::kd_slice_jsd_sums_cpu);
   m.impl("kd_slice_loss", &cpu::kd_slice_loss_cpu);
-  m.impl("kd_slice_loss.grad_out", &cpu::kd_slice_loss_grad_out_cpu);
 }
 
 }  // namespace lepton_fast

@@ -299,15 +299,13 @@ struct KDLaunch {
   }
 };
 
-// fused_kd_loss (no stats) or kd_slice_loss: the loss as `reduction` asks, and the gradient,
-// written into grad_out when given (kd_slice_loss.grad_out), else into a new buffer.
+// fused_kd_loss (no stats) or kd_slice_loss: the loss as `reduction` asks, and the gradient.
 std::tuple<at::Tensor, at::Tensor> loss_and_grad(
     const char* op, const at::Tensor& student_logits, const at::Tensor& teacher_logits,
     const std::optional<at::Tensor>& labels, const at::Tensor* stats, const std::optional<at::Tensor>& jsd_sums,
     const at::Tensor& hyper, int64_t ignore_index, c10::string_view reduction,
     const std::optional<at::Tensor>& num_items_in_batch, int64_t class_offset, int64_t n_classes,
-    bool compute_grad, const at::Tensor* grad_out = nullptr) {
-  if (grad_out) check_grad_out(op, *grad_out, student_logits);
+    bool compute_grad) {
   const KDParams p = make_kd_params(hyper, ignore_index, labels.has_value(), compute_grad);
   const c10::cuda::CUDAGuard guard(student_logits.device());
   const KDLaunch launch(op, stats ? KDMode::kSlice : KDMode::kFused, student_logits, teacher_logits, labels, p,
@@ -335,9 +333,8 @@ std::tuple<at::Tensor, at::Tensor> loss_and_grad(
                                                    : at::ones({}, student_logits.options().dtype(at::kFloat));
   const auto acc_type = launch.acc_type();
   auto rows = at::empty({n_rows}, student_logits.options().dtype(acc_type));
-  auto grad = grad_out          ? *grad_out
-              : compute_grad ? at::empty_like(student_logits, at::MemoryFormat::Contiguous)
-                             : at::empty({0}, student_logits.options());
+  auto grad = compute_grad ? at::empty_like(student_logits, at::MemoryFormat::Contiguous)
+                           : at::empty({0}, student_logits.options());
   launch.run(grad_scale, [&](auto& a) {
     using s_t = typename std::decay_t<decltype(a)>::scalar_type;
     using a_t = typename std::decay_t<decltype(a)>::acc_t;
@@ -372,17 +369,6 @@ std::tuple<at::Tensor, at::Tensor> kd_slice_loss_cuda(
     int64_t n_classes, bool compute_grad) {
   return loss_and_grad("kd_slice_loss", student_logits, teacher_logits, labels, &stats, jsd_sums, hyper, ignore_index,
                        reduction, num_items_in_batch, class_offset, n_classes, compute_grad);
-}
-
-at::Tensor kd_slice_loss_grad_out_cuda(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
-                                       const std::optional<at::Tensor>& labels, const at::Tensor& stats,
-                                       const std::optional<at::Tensor>& jsd_sums, const at::Tensor& hyper,
-                                       int64_t ignore_index, c10::string_view reduction,
-                                       const std::optional<at::Tensor>& num_items_in_batch, int64_t class_offset,
-                                       int64_t n_classes, at::Tensor& grad) {
-  return std::get<0>(loss_and_grad("kd_slice_loss.grad_out", student_logits, teacher_logits, labels, &stats, jsd_sums,
-                                   hyper, ignore_index, reduction, num_items_in_batch, class_offset, n_classes,
-                                   /*compute_grad=*/true, &grad));
 }
 
 at::Tensor kd_slice_stats_cuda(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
@@ -422,7 +408,6 @@ TORCH_LIBRARY_IMPL(lepton_fast, CUDA, m) {
   m.impl("kd_slice_stats", &kd_slice_stats_cuda);
   m.impl("kd_slice_jsd_sums", &kd_slice_jsd_sums_cuda);
   m.impl("kd_slice_loss", &kd_slice_loss_cuda);
-  m.impl("kd_slice_loss.grad_out", &kd_slice_loss_grad_out_cuda);
 }
 
 }  // namespace lepton_fast

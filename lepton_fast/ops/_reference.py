@@ -118,15 +118,6 @@ def kd_slice_loss(student_logits, teacher_logits, labels, stats, jsd_sums, hyper
     return loss, (grad if compute_grad else student_logits.new_empty((0,)))
 
 
-def kd_slice_loss_grad_out(student_logits, teacher_logits, labels, stats, jsd_sums, hyper, ignore_index, reduction,
-                           num_items_in_batch, class_offset, n_classes, grad):
-    _validate.grad_out("kd_slice_loss.grad_out", grad, student_logits)
-    loss, g = kd_slice_loss(student_logits, teacher_logits, labels, stats, jsd_sums, hyper, ignore_index, reduction,
-                            num_items_in_batch, class_offset, n_classes, True)
-    grad.copy_(g)
-    return loss
-
-
 def scale_grad_(grad, scale):
     grad.mul_(scale if scale.dim() == 0 else scale.to(grad.device).unsqueeze(1))
 

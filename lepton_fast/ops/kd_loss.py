@@ -10,8 +10,7 @@ The same kernels split at a row's steps are the internal ops ``kd_slice_stats``,
 ``kd_slice_jsd_sums`` and ``kd_slice_loss``, for rows whose classes lie in slices on several
 ranks (lepton_fast.distributed): :class:`SliceMerge` says which statistics travel between
 the steps and merges them; :func:`slice_stats`, :func:`slice_jsd_sums` and
-:func:`slice_loss_and_grad` (or :func:`slice_loss_into`, the gradient written into a
-caller's buffer) run the ops on a resolved backend.
+:func:`slice_loss_and_grad` run the ops on a resolved backend.
 """
 from __future__ import annotations
 
@@ -21,7 +20,6 @@ import torch
 from torch import Tensor
 
 from lepton_fast import _backend, _validate
-from lepton_fast._extension import extension
 
 if TYPE_CHECKING:
     from typing import Unpack
@@ -48,11 +46,6 @@ SPEC = _backend.define(
 #   kd_slice_loss: given the merged statistics (and merged jsd_sums for the JSD), the loss of the
 #     whole rows as fused_kd_loss gives it, and the gradient of the slice (autograd as
 #     fused_kd_loss's).
-#   kd_slice_loss.grad_out: the same, the gradient written into ``grad`` (contiguous, the
-#     student's shape and dtype: a block of rows of a larger gradient, say) and the loss
-#     returned (ATen's ``.out`` convention; no autograd kernel: its caller owns the gradient).
-#     Each kernel runs both through one path (the compiled ones: kd_slice_loss is this into a
-#     new buffer).
 STATS_SPEC = _backend.define(
     "kd_slice_stats(Tensor student_logits, Tensor teacher_logits, Tensor? labels, Tensor hyper, int ignore_index, "
     "int class_offset, int n_classes) -> Tensor",
@@ -66,11 +59,6 @@ SLICE_SPEC = _backend.define(
     "Tensor hyper, int ignore_index, str reduction, Tensor? num_items_in_batch, int class_offset, int n_classes, "
     "bool compute_grad) -> (Tensor loss, Tensor grad)",
     triton="kd_loss", public=False, saves_grad=True)
-SLICE_GRAD_OUT_SPEC = _backend.define(
-    "kd_slice_loss.grad_out(Tensor student_logits, Tensor teacher_logits, Tensor? labels, Tensor stats, "
-    "Tensor? jsd_sums, Tensor hyper, int ignore_index, str reduction, Tensor? num_items_in_batch, int class_offset, "
-    "int n_classes, Tensor(a!) grad) -> Tensor",
-    triton="kd_loss", public=False)
 
 DIVERGENCES = _validate.DIVERGENCES
 # The columns of kd_slice_stats: KDStat in csrc/kd_loss.h.
@@ -118,12 +106,6 @@ def _(student_logits, teacher_logits, labels, stats, hyper, ignore_index):
 def _(student_logits, teacher_logits, labels, stats, jsd_sums, hyper, ignore_index, reduction, num_items_in_batch,
       class_offset, n_classes, compute_grad):
     return fake_loss_and_grad(student_logits, reduction, compute_grad)
-
-
-@torch.library.register_fake("lepton_fast::kd_slice_loss.grad_out")
-def _(student_logits, teacher_logits, labels, stats, jsd_sums, hyper, ignore_index, reduction, num_items_in_batch,
-      class_offset, n_classes, grad):
-    return fake_loss_and_grad(student_logits, reduction, False)[0]
 
 
 @_validate.kd_keywords
@@ -321,21 +303,7 @@ def slice_loss_and_grad(backend: str, a: KDArgs, stats: Tensor, jsd_sums: Option
                          a.compute_grad)
 
 
-def slice_loss_into(backend: str, a: KDArgs, stats: Tensor, jsd_sums: Optional[Tensor], class_offset: int,
-                    n_classes: int, grad: Tensor) -> Tensor:
-    """kd_slice_loss.grad_out: the loss of :func:`slice_loss_and_grad` (not differentiable), its
-    gradient written into ``grad`` (contiguous, like a.student)."""
-    student = a.student.detach()
-    return _backend.call(SLICE_GRAD_OUT_SPEC, backend, student.device.type, student, a.teacher, a.labels, stats,
-                         jsd_sums, a.hyper, a.ignore_index, a.reduction, a.num_items, class_offset, n_classes, grad)
-
-
-def empty_gradient_like(x: Tensor) -> Tensor:
-    """An uninitialised contiguous tensor like ``x`` for a gradient that kernels write in parts
-    (:func:`slice_loss_into`): on the CPU the compiled kernels' recycled gradient block
-    (csrc/cpu/grad_buffer.h: a fresh buffer of that size faults in every page each step), else
-    torch.empty_like."""
-    module = extension().module
-    if x.is_cpu and module is not None:
-        return module.empty_gradient_like(x)
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+def slice_loss(backend: str, a: KDArgs, stats: Tensor, jsd_sums: Optional[Tensor], class_offset: int,
+               n_classes: int) -> Tensor:
+    """The loss of :func:`slice_loss_and_grad`, differentiable with respect to a.student."""
+    return slice_loss_and_grad(backend, a, stats, jsd_sums, class_offset, n_classes)[0]
