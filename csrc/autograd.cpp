@@ -16,6 +16,8 @@
 #include <optional>
 #include <tuple>
 
+#include "common.h"
+
 namespace lepton_fast {
 namespace {
 
@@ -47,16 +49,6 @@ void scale_grad_(at::Tensor& grad, const at::Tensor& scale) {
   op.call(grad, scale);
 }
 
-// A loss's usual grad_output, exactly 1 on the CPU, read without a dispatch: scale_grad_ would
-// do nothing with it either, but the dispatch and its item() were ~2 us of a 64x10 call's ~30 us
-// backward (benchmarks/RESULTS.md, "Round 3, fifth session").
-bool is_cpu_one(const at::Tensor& scale) {
-  if (!scale.is_cpu() || scale.dim() != 0 || scale.key_set().has(c10::DispatchKey::Python)) return false;
-  if (scale.scalar_type() == at::kFloat) return *scale.const_data_ptr<float>() == 1.0f;
-  if (scale.scalar_type() == at::kDouble) return *scale.const_data_ptr<double>() == 1.0;
-  return false;
-}
-
 void check_forward(const at::Tensor& logits, bool compute_grad, const char* op) {
   TORCH_CHECK(compute_grad || !(at::GradMode::is_enabled() && logits.requires_grad()), op,
               ": compute_grad=False, but the logits require a gradient");
@@ -83,6 +75,8 @@ at::Tensor saved_gradient_times(AutogradContext* ctx, const at::Tensor& grad_los
     const at::Tensor factor = grad_loss.dim() == 0 ? grad_loss : grad_loss.unsqueeze(1);
     return (grad * factor).to(grad.scalar_type());
   }
+  // Checked here too, before the dispatch: a dispatch to scale_grad_ just to learn there is nothing
+  // to scale was ~2 us of a 64x10 call's ~30 us backward (benchmarks/RESULTS.md, fifth session).
   if (!is_cpu_one(grad_loss)) scale_grad_(grad, grad_loss);
   return grad;
 }

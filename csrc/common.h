@@ -91,4 +91,14 @@ inline Reduction parse_reduction(c10::string_view reduction) {
   return Reduction::kMean;
 }
 
+// A 0-d CPU float32/float64 tensor that is exactly 1, read in place: a loss's usual grad_output,
+// with which the backward's scale_grad_ has nothing to do (the autograd kernels check it
+// before dispatching scale_grad_, its CPU kernel for every other caller).
+inline bool is_cpu_one(const at::Tensor& scale) {
+  if (!scale.is_cpu() || scale.dim() != 0 || scale.key_set().has(c10::DispatchKey::Python)) return false;
+  if (scale.scalar_type() == at::kFloat) return *scale.const_data_ptr<float>() == 1.0f;
+  if (scale.scalar_type() == at::kDouble) return *scale.const_data_ptr<double>() == 1.0;
+  return false;
+}
+
 }  // namespace lepton_fast

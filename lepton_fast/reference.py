@@ -492,7 +492,7 @@ def sparse_slice_rows(student_logits: Tensor, column: Tensor, counted: Tensor, t
                       beta: float, truncation: str, alpha: float, label_smoothing: float, ignore_index: int,
                       scale_by_t2: bool, class_offset: int, n_classes: int, grad_out: Tensor | None = None,
                       grad_divisor=1) -> Tensor:
-    """Each row's loss as sparse_kd_loss_rows gives it, [N] (0 at ignored rows), from the
+    """Each row's loss as :func:`sparse_kd_loss` sums it, [N] (0 at ignored rows), from the
     rows' merged ``maxima`` and ``sums``; with ``grad_out`` ([N, C_r], the student's dtype),
     d(the rows' sum)/d(this slice) / ``grad_divisor`` written into it (the divisor of the
     caller's reduction, :func:`reduction_divisor`).

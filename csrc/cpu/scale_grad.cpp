@@ -11,7 +11,7 @@ void scale_grad_cpu(at::Tensor& grad, const at::Tensor& scale) {
   LF_CHECK_DEVICE(scale, grad);
   if (scale.dim() == 0) {
     // The usual grad_output of a loss is exactly 1: no pass over the gradient at all.
-    if (scale.item<double>() != 1.0) grad.mul_(scale);
+    if (!is_cpu_one(scale)) grad.mul_(scale);
     return;
   }
   TORCH_CHECK(grad.dim() == 2 && scale.dim() == 1 && scale.size(0) == grad.size(0),
