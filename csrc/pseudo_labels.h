@@ -60,27 +60,37 @@ inline void check_pseudo_label_inputs(const char* op, const at::Tensor& weak_log
               op, ": weights must be [N] on the logits' device");
 }
 
-// The start of a fused_pseudo_label_loss call, shared by the CPU and CUDA kernels: the tensor
-// checks, then the reduction, its divisor and the kernel's parameters. "mean" divides by every
-// row, selected or not (FixMatch's unlabeled loss), at least 1 so that an empty batch has
-// loss 0; the gradient is written already scaled by 1 / divisor.
+// fused_pseudo_label_loss's arguments as the CPU and CUDA kernels read them: checked, with the
+// reduction, its divisor and the kernel's parameters. "mean" divides by every row, selected or
+// not (FixMatch's unlabeled loss), at least 1 so that an empty batch has loss 0; the gradient
+// is written already scaled by 1 / divisor.
 struct PseudoLabelLossCall {
+  const at::Tensor& strong_logits;
+  const at::Tensor& weak_logits;
+  const std::optional<at::Tensor>& class_thresholds;
+  const std::optional<at::Tensor>& weights;
   Reduction how;
   double divisor;
   PseudoLabelParams p;
 };
 
-inline PseudoLabelLossCall start_pseudo_label_loss(const at::Tensor& strong_logits, const at::Tensor& weak_logits,
-                                                   const at::Tensor& threshold, const at::Tensor& temperature,
-                                                   bool soft, const std::optional<at::Tensor>& class_thresholds,
-                                                   const std::optional<at::Tensor>& weights,
-                                                   c10::string_view reduction, bool compute_grad) {
+using PseudoLabelLossOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The schema's C++ signature, written once for every device: the checks and parameters the
+// kernels share, then `kernel`, the device's part; each device registers
+// fused_pseudo_label_loss_entry<its kernel>.
+template <PseudoLabelLossOutputs (*kernel)(const PseudoLabelLossCall&)>
+PseudoLabelLossOutputs fused_pseudo_label_loss_entry(const at::Tensor& strong_logits, const at::Tensor& weak_logits,
+                                                     const at::Tensor& threshold, const at::Tensor& temperature,
+                                                     bool soft, const std::optional<at::Tensor>& class_thresholds,
+                                                     const std::optional<at::Tensor>& weights,
+                                                     c10::string_view reduction, bool compute_grad) {
   check_pseudo_label_inputs("fused_pseudo_label_loss", weak_logits, &strong_logits, class_thresholds, weights);
   const Reduction how = parse_reduction(reduction);
   const double divisor = static_cast<double>(std::max<int64_t>(strong_logits.size(0), 1));
-  return {how, divisor,
-          make_pseudo_label_params(threshold, temperature, soft, compute_grad,
-                                   how == Reduction::kMean ? 1.0 / divisor : 1.0)};
+  return kernel({strong_logits, weak_logits, class_thresholds, weights, how, divisor,
+                 make_pseudo_label_params(threshold, temperature, soft, compute_grad,
+                                          how == Reduction::kMean ? 1.0 / divisor : 1.0)});
 }
 
 // max softmax = exp(max - max) / sum = 1 / sum (the exponent at the max is exactly 0:

@@ -23,13 +23,32 @@
 
 namespace lepton_fast {
 
-// The checks of the op's tensors that the CPU and CUDA kernels share (the indices' range is
-// checked where each kernel reads them).
-inline void check_sparse_inputs(const at::Tensor& student_logits, const at::Tensor& teacher_indices,
-                                const at::Tensor& teacher_logprobs, const std::optional<at::Tensor>& teacher_mask,
-                                const std::optional<at::Tensor>& labels, c10::string_view truncation) {
+// sparse_kd_loss's arguments as the CPU and CUDA kernels read them: checked, the teacher's
+// tensors and the labels contiguous (mask, labels undefined when not given), its
+// log-probabilities in the logits' op-math type, the hyper-parameters resolved.
+struct SparseKDLossCall {
+  const at::Tensor& student_logits;
+  at::Tensor indices, logprobs, mask, labels;
+  KDParams p;
+  bool tail;
+  Reduction how;
+  const std::optional<at::Tensor>& num_items_in_batch;
+};
+
+// The schema's C++ signature, written once for every device: the checks and preparation the
+// kernels share, then `kernel`, the device's part. Each device registers
+// sparse_kd_loss_entry<its kernel> (the indices' range is checked where each kernel reads them).
+template <std::tuple<at::Tensor, at::Tensor> (*kernel)(const SparseKDLossCall&)>
+std::tuple<at::Tensor, at::Tensor> sparse_kd_loss_entry(
+    const at::Tensor& student_logits, const at::Tensor& teacher_indices, const at::Tensor& teacher_logprobs,
+    const std::optional<at::Tensor>& teacher_mask, const std::optional<at::Tensor>& labels,
+    const at::Tensor& hyper, c10::string_view truncation, int64_t ignore_index, c10::string_view reduction,
+    const std::optional<at::Tensor>& num_items_in_batch, bool compute_grad) {
   const char* op = "sparse_kd_loss";
   LF_CHECK_ROWS(student_logits);
+  const auto dtype = student_logits.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+              ": student_logits must be float32, float64, bfloat16 or float16, got ", dtype);
   TORCH_CHECK(teacher_indices.dim() == 2 && teacher_indices.size(0) == student_logits.size(0), op,
               ": teacher_indices must be [N, K]");
   LF_CHECK_DTYPE(teacher_indices, at::kLong);
@@ -43,9 +62,15 @@ inline void check_sparse_inputs(const at::Tensor& student_logits, const at::Tens
   }
   if (labels) {
     LF_CHECK_SHAPE(*labels, student_logits.size(0));
+    LF_CHECK_DTYPE(*labels, at::kLong);
     LF_CHECK_DEVICE(*labels, student_logits);
   }
   TORCH_CHECK(truncation == "renormalize" || truncation == "tail", op, ": truncation must be 'renormalize' or 'tail'");
+  return kernel({student_logits, teacher_indices.contiguous(),
+                 teacher_logprobs.to(at::toOpMathType(dtype)).contiguous(),
+                 teacher_mask ? teacher_mask->contiguous() : at::Tensor(), labels ? labels->contiguous() : at::Tensor(),
+                 make_kd_params(hyper, ignore_index, labels.has_value(), compute_grad), truncation == "tail",
+                 parse_reduction(reduction), num_items_in_batch});
 }
 
 // One bucket's divergence term and g = dD/d(log Q), (logp, logq) the teacher's and the

@@ -71,26 +71,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_pseudo_labels_cpu(
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_pseudo_label_loss_cpu(
-    const at::Tensor& strong_logits, const at::Tensor& weak_logits, const at::Tensor& threshold,
-    const at::Tensor& temperature, bool soft, const std::optional<at::Tensor>& class_thresholds,
-    const std::optional<at::Tensor>& weights, c10::string_view reduction, bool compute_grad) {
+PseudoLabelLossOutputs fused_pseudo_label_loss_cpu(const PseudoLabelLossCall& call) {
   constexpr const char* op = "fused_pseudo_label_loss";
-  const PseudoLabelLossCall call = start_pseudo_label_loss(strong_logits, weak_logits, threshold, temperature, soft,
-                                                           class_thresholds, weights, reduction, compute_grad);
+  const at::Tensor &strong_logits = call.strong_logits, &weak_logits = call.weak_logits;
   const int64_t n_rows = strong_logits.size(0), n_classes = strong_logits.size(1);
   const auto acc_type = at::toOpMathType(strong_logits.scalar_type());
-  const at::Tensor thresholds = acc_contiguous(class_thresholds, acc_type);
-  const at::Tensor row_weights = acc_contiguous(weights, acc_type);
+  const at::Tensor thresholds = acc_contiguous(call.class_thresholds, acc_type);
+  const at::Tensor row_weights = acc_contiguous(call.weights, acc_type);
   auto rows = at::empty({n_rows}, strong_logits.options().dtype(acc_type));
-  auto grad = compute_grad ? GradientBlockCache::get().empty_like(strong_logits)
-                           : at::empty({0}, strong_logits.options());
+  auto grad = call.p.compute_grad ? GradientBlockCache::get().empty_like(strong_logits)
+                                : at::empty({0}, strong_logits.options());
   PseudoLabelRows a{};
   a.strong = strong_logits.const_data_ptr();
   a.weak = weak_logits.const_data_ptr();
   a.class_thresholds = thresholds.defined() ? thresholds.const_data_ptr() : nullptr;
   a.weights = row_weights.defined() ? row_weights.const_data_ptr() : nullptr;
-  a.grad = compute_grad ? grad.data_ptr() : nullptr;
+  a.grad = call.p.compute_grad ? grad.data_ptr() : nullptr;
   a.stream_grad = stream_gradient(grad);  // false for the empty grad of compute_grad=False
   a.loss = rows.data_ptr();
   a.n_classes = n_classes;
@@ -125,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 TORCH_LIBRARY_IMPL(lepton_fast, CPU, m) {
   m.impl("select_pseudo_labels", &cpu::select_pseudo_labels_cpu);
-  m.impl("fused_pseudo_label_loss", &cpu::fused_pseudo_label_loss_cpu);
+  m.impl("fused_pseudo_label_loss", &fused_pseudo_label_loss_entry<&cpu::fused_pseudo_label_loss_cpu>);
 }
 
 }  // namespace lepton_fast

@@ -224,17 +224,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_pseudo_labels_cuda(
   return {out.labels, out.confidence, out.mask};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_pseudo_label_loss_cuda(
-    const at::Tensor& strong_logits, const at::Tensor& weak_logits, const at::Tensor& threshold,
-    const at::Tensor& temperature, bool soft, const std::optional<at::Tensor>& class_thresholds,
-    const std::optional<at::Tensor>& weights, c10::string_view reduction, bool compute_grad) {
+PseudoLabelLossOutputs fused_pseudo_label_loss_cuda(const PseudoLabelLossCall& call) {
   constexpr const char* op = "fused_pseudo_label_loss";
-  const PseudoLabelLossCall call = start_pseudo_label_loss(strong_logits, weak_logits, threshold, temperature, soft,
-                                                           class_thresholds, weights, reduction, compute_grad);
-  Outputs out = launch(strong_logits, weak_logits, class_thresholds, weights, call.p);
+  Outputs out = launch(call.strong_logits, call.weak_logits, call.class_thresholds, call.weights, call.p);
   assert_rows_defined(out.confidence, op, "weak_logits");
   assert_rows_defined(out.rows, op, "strong_logits");
-  auto counts = at::zeros({weak_logits.size(1)}, out.labels.options());
+  auto counts = at::zeros({call.weak_logits.size(1)}, out.labels.options());
   counts.index_add_(0, out.labels, out.mask.to(at::kLong));
   at::Tensor loss = out.rows;
   if (call.how == Reduction::kSum) loss = out.rows.sum();
@@ -246,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 TORCH_LIBRARY_IMPL(lepton_fast, CUDA, m) {
   m.impl("select_pseudo_labels", &select_pseudo_labels_cuda);
-  m.impl("fused_pseudo_label_loss", &fused_pseudo_label_loss_cuda);
+  m.impl("fused_pseudo_label_loss", &fused_pseudo_label_loss_entry<&fused_pseudo_label_loss_cuda>);
 }
 
 }  // namespace lepton_fast

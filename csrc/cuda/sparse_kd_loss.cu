@@ -198,55 +198,41 @@ void launch_sparse(const SparseArgs<scalar_t>& a, int64_t n_rows) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor> sparse_kd_loss_cuda(
-    const at::Tensor& student_logits, const at::Tensor& teacher_indices, const at::Tensor& teacher_logprobs,
-    const std::optional<at::Tensor>& teacher_mask, const std::optional<at::Tensor>& labels,
-    const at::Tensor& hyper, c10::string_view truncation, int64_t ignore_index, c10::string_view reduction,
-    const std::optional<at::Tensor>& num_items_in_batch, bool compute_grad) {
-  const char* op = "sparse_kd_loss";
-  check_sparse_inputs(student_logits, teacher_indices, teacher_logprobs, teacher_mask, labels, truncation);
+std::tuple<at::Tensor, at::Tensor> sparse_kd_loss_cuda(const SparseKDLossCall& c) {
+  const at::Tensor& student_logits = c.student_logits;
   const int64_t n = student_logits.size(0), v = student_logits.size(1);
-  TORCH_CHECK(n <= int64_t(std::numeric_limits<int32_t>::max()), op, ": at most 2^31 - 1 rows");
-  TORCH_CHECK(v <= kMaxClasses, op, ": the CUDA kernel takes at most ", kMaxClasses, " classes, got ", v,
+  TORCH_CHECK(n <= int64_t(std::numeric_limits<int32_t>::max()), "sparse_kd_loss: at most 2^31 - 1 rows");
+  TORCH_CHECK(v <= kMaxClasses, "sparse_kd_loss: the CUDA kernel takes at most ", kMaxClasses, " classes, got ", v,
               "; backend=\"triton\" takes any number");
-  const KDParams p = make_kd_params(hyper, ignore_index, labels.has_value(), compute_grad);
   const c10::cuda::CUDAGuard guard(student_logits.device());
   const auto acc_type = at::toOpMathType(student_logits.scalar_type());
-  const at::Tensor idx = teacher_indices.contiguous();
-  const at::Tensor lp = teacher_logprobs.to(acc_type).contiguous();
-  const at::Tensor mask = teacher_mask ? teacher_mask->contiguous() : at::Tensor();
-  at::Tensor labels64;
-  if (labels) {
-    labels64 = labels->contiguous();
-    LF_CHECK_DTYPE(labels64, at::kLong);
-  }
   // What a "mean" divides by: the rows not ignored (counted on the device, at least 1), or
   // num_items_in_batch; its reciprocal scales the gradient, read by the kernel on the device.
-  const Reduction how = parse_reduction(reduction);
   at::Tensor divisor;
-  if (num_items_in_batch) {
-    divisor = num_items_in_batch->to(student_logits.device(), at::kFloat);
-  } else if (how == Reduction::kMean) {
-    divisor = labels ? (labels64 != ignore_index).sum().clamp_min(1).to(at::kFloat)
-                     : at::scalar_tensor(static_cast<double>(std::max<int64_t>(n, 1)),
-                                         student_logits.options().dtype(at::kFloat));
+  if (c.num_items_in_batch) {
+    divisor = c.num_items_in_batch->to(student_logits.device(), at::kFloat);
+  } else if (c.how == Reduction::kMean) {
+    divisor = c.labels.defined() ? (c.labels != c.p.ignore_index).sum().clamp_min(1).to(at::kFloat)
+                                 : at::scalar_tensor(static_cast<double>(std::max<int64_t>(n, 1)),
+                                                     student_logits.options().dtype(at::kFloat));
   }
-  const at::Tensor grad_scale = divisor.defined() && how != Reduction::kNone
+  const at::Tensor grad_scale = divisor.defined() && c.how != Reduction::kNone
                                     ? divisor.reciprocal()
                                     : at::ones({}, student_logits.options().dtype(at::kFloat));
   auto rows = at::empty({n}, student_logits.options().dtype(acc_type));
-  auto grad = compute_grad ? at::empty_like(student_logits, at::MemoryFormat::Contiguous)
-                           : at::empty({0}, student_logits.options());
+  auto grad = c.p.compute_grad ? at::empty_like(student_logits, at::MemoryFormat::Contiguous)
+                               : at::empty({0}, student_logits.options());
   if (n > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student_logits.scalar_type(), "sparse_kd_loss_cuda",
                                     [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      const SparseArgs<scalar_t> a{student_logits.const_data_ptr<scalar_t>(), idx.const_data_ptr<int64_t>(),
-                                   lp.const_data_ptr<acc_t>(), teacher_mask ? mask.const_data_ptr<bool>() : nullptr,
-                                   labels ? labels64.const_data_ptr<int64_t>() : nullptr,
-                                   compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr,
+      const SparseArgs<scalar_t> a{student_logits.const_data_ptr<scalar_t>(), c.indices.const_data_ptr<int64_t>(),
+                                   c.logprobs.const_data_ptr<acc_t>(),
+                                   c.mask.defined() ? c.mask.const_data_ptr<bool>() : nullptr,
+                                   c.labels.defined() ? c.labels.const_data_ptr<int64_t>() : nullptr,
+                                   c.p.compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr,
                                    rows.mutable_data_ptr<acc_t>(), grad_scale.const_data_ptr<float>(), v,
-                                   idx.size(1), student_logits.stride(0), truncation == "tail", p};
+                                   c.indices.size(1), student_logits.stride(0), c.tail, c.p};
       constexpr int kVec = 16 / sizeof(scalar_t);
       const bool vec = cuda::rows_aligned16<scalar_t>(student_logits.const_data_ptr(), student_logits.stride(0)) &&
                        v % kVec == 0;
@@ -259,13 +245,13 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_loss_cuda(
   at::_assert_async(at::logical_not(at::isnan(rows).any()),
                     "sparse_kd_loss: a row of student_logits or teacher_logprobs is entirely -inf, or holds +inf or "
                     "NaN, so its softmax is undefined");
-  if (how == Reduction::kNone) return {rows, grad};
+  if (c.how == Reduction::kNone) return {rows, grad};
   const at::Tensor total = rows.sum();
   return {divisor.defined() ? total / divisor.to(acc_type) : total, grad};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lepton_fast, CUDA, m) { m.impl("sparse_kd_loss", &sparse_kd_loss_cuda); }
+TORCH_LIBRARY_IMPL(lepton_fast, CUDA, m) { m.impl("sparse_kd_loss", &sparse_kd_loss_entry<&sparse_kd_loss_cuda>); }
 
 }  // namespace lepton_fast
