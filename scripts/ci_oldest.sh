@@ -2,15 +2,15 @@
 # CI job on the oldest supported versions, the GPU machines' toolchain: Python 3.12,
 # torch 2.11.0 (PyPI's CUDA 13.0 build, with Triton 3.6) and nvcc 13. .ci/run calls it.
 #
-# 1. A fresh venv with what the README's install line gives, plus numpy < 2.4, which Triton
-#    3.6's interpreter needs (README "Supported versions"), and the test tools.
-# 1b. The op tests against that pure-Python install (LEPTON_FAST_SKIP_EXT=1, what the
-#    py3-none-any wheel holds): CPU tensors through the reference kernels, the Triton kernels in
-#    the interpreter, the Python autograd kernels, torch.compile. The test file of each op with
-#    a schema (sparse_kd_loss included), and the vocabulary-parallel loss; not grad_reverse
-#    (no schema, no kernel), the trainers, data or packaging (pure Python over the ops, the
-#    same with or without the extension). The C++ cases skip themselves. About 5 min on the
-#    shared 2-core machine (loaded).
+# 1. A fresh venv with what the README's install line gives (the [dev,examples] extras), plus
+#    numpy < 2.4, which Triton 3.6's interpreter needs (README "Supported versions").
+# 1b. The whole test suite but the packaging tests (venvs and wheels: minutes; they build the
+#    pure-Python wheel themselves) against that pure-Python install (LEPTON_FAST_SKIP_EXT=1,
+#    what the py3-none-any wheel holds): CPU tensors through the reference kernels, the Triton
+#    kernels in the interpreter, the Python autograd kernels, torch.compile, and the trainers,
+#    tasks, CLI and README over them. The C++ cases skip themselves, and so do the README's and
+#    test_trl.py's cases of the [trl] extra, which this venv does not install. About 12 min on
+#    the shared 2-core machine (loaded).
 # 2. benchmarks/gpu_check.py --dry-run, the GPU check as it will run on the GPU machine but
 #    without a GPU: its checks, its own offline build (CPU + CUDA, for sm_90), the `cuda`
 #    tests collected, every Triton kernel compiled for sm_90 and sm_80, the GPU cases
@@ -78,23 +78,23 @@ start=$SECONDS
 # from it with no index, as on the GPU machines, which have no network.
 # --no-compile: no .pyc for the ~20,000 modules of torch and its libraries up front (CPU
 # time CI does not have); Python compiles the few it imports.
-reqs=("torch==$TORCH" ninja "setuptools>=77" "numpy<2.4" "pytest>=8" "pytest-benchmark>=4" expecttest)
+# The README's install line's extras ([dev,examples]) as pyproject.toml lists them.
+mapfile -t extras < <(python -c 'import tomllib; e = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]; print("\n".join(e["dev"] + e["examples"]))')
+reqs=("torch==$TORCH" ninja "setuptools>=77" "numpy<2.4" "${extras[@]}")
 offline=(-q --no-compile --no-index --find-links "$wheels")
 if ! pip install "${offline[@]}" "${reqs[@]}" 2>/dev/null; then
     pip download -q -d "$wheels" "${reqs[@]}"
     pip install "${offline[@]}" "${reqs[@]}"
 fi
 # the package and its dev extra, no compile yet (the GPU check builds it)
-LEPTON_FAST_SKIP_EXT=1 pip install "${offline[@]}" --no-build-isolation -e "$src[dev]"
+LEPTON_FAST_SKIP_EXT=1 pip install "${offline[@]}" --no-build-isolation -e "$src[dev,examples]"
 python -c "import sys, torch, triton, numpy, setuptools; print('installed:', sys.version.split()[0], torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__, 'setuptools', setuptools.__version__)"
 installed=$SECONDS
 
-# --- 1b. the op tests against the pure-Python install, before anything is compiled ---------
+# --- 1b. the test suite against the pure-Python install, before anything is compiled ------
 cd "$src"
 LEPTON_FAST_SKIP_EXT=1 LEPTON_FAST_REQUIRE_TRITON_INTERPRETER=1 python -m pytest -q -p no:cacheprovider \
-    -m "not packaging" tests/test_fused_kd_loss.py tests/test_kd_slice_ops.py tests/test_fused_pseudo_label_loss.py \
-    tests/test_select_pseudo_labels.py tests/test_fgsm_perturb.py tests/test_pgd_step.py \
-    tests/test_fused_linear_kd_loss.py tests/test_vocab_parallel.py tests/test_sparse_kd_loss.py
+    -m "not packaging" tests
 pure_tested=$SECONDS
 
 # --- 2. the GPU check's dry run: build (CPU + CUDA), collect, compile, cases -------------
@@ -113,6 +113,6 @@ LEPTON_FAST_REQUIRE_TRITON_INTERPRETER=1 python -m pytest -q -p no:cacheprovider
     --deselect tests/test_fused_kd_loss.py::test_every_mode_float32 \
     --deselect tests/test_fused_kd_loss.py::test_other_cpu_instruction_sets
 set +x
-echo "ci_oldest.sh: install $((installed - start)) s, pure-Python op tests $((pure_tested - installed)) s," \
+echo "ci_oldest.sh: install $((installed - start)) s, pure-Python tests $((pure_tested - installed)) s," \
      "gpu_check --dry-run $((checked - pure_tested)) s," \
      "tests $((SECONDS - checked)) s, total $((SECONDS - start)) s"

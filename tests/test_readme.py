@@ -3,8 +3,11 @@ kept in benchmarks/demo/ gave (scripts/readme_tables.py writes them).
 
 Blocks run in order, each in a fresh namespace, in a temporary working folder. A block may
 be left out only by an HTML comment on the line just before it that says why:
-``<!-- readme-test: skip (needs a GPU) -->``.
+``<!-- readme-test: skip (needs a GPU) -->``. A block that imports an optional extra's
+package skips where that extra is not installed, as tests/test_trl.py does (CI's
+pure-Python job installs only the [dev] extra; `make test` installs [trl] and runs them).
 """
+import ast
 import json
 import re
 import sys
@@ -39,18 +42,39 @@ def python_blocks(text: str):
 
 
 BLOCKS = python_blocks(README.read_text(encoding="utf-8"))
+# What a README block may import that needs an optional extra (pyproject.toml): the module
+# (or a package above it) → (the package it needs, the extra that installs it).
+NEEDS_EXTRA = {"trl": ("trl", "trl"), "transformers": ("transformers", "trl"),
+               "lepton_fast.integrations.trl": ("trl", "trl")}
+
+
+def needed_extras(code: str) -> set[tuple[str, str]]:
+    """(package, extra) of each NEEDS_EXTRA module that ``code`` imports."""
+    modules = set()
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            modules.add(node.module)
+    return {need for module in modules for prefix, need in NEEDS_EXTRA.items()
+            if module == prefix or module.startswith(prefix + ".")}
 
 
 def test_the_extraction_finds_blocks_and_skip_reasons():
     text = "# A\n```python\nx = 1\n```\n<!-- readme-test: skip (needs a GPU) -->\n```python\ny = 2\n```\n"
     assert python_blocks(text) == [("A", 3, "x = 1\n", None), ("A", 7, "y = 2\n", "needs a GPU")]
     assert len(BLOCKS) >= 4
+    assert needed_extras("import transformers\nfrom trl.x import y\nfrom . import z\nimport torch") == {
+        ("transformers", "trl"), ("trl", "trl")}
+    assert needed_extras("import lepton_fast.integrations.trl\nimport lepton_fast") == {("trl", "trl")}
 
 
 @pytest.mark.parametrize("heading,line,code,skip", BLOCKS, ids=[f"line{b[1]}-{b[0][:30]}" for b in BLOCKS])
 def test_readme_block_runs(heading, line, code, skip, tmp_path, monkeypatch):
     if skip:
         pytest.skip(skip)
+    for package, extra in sorted(needed_extras(code)):
+        pytest.importorskip(package, reason=f"the [{extra}] extra is not installed")
     monkeypatch.chdir(tmp_path)
     namespace = {"__name__": "__readme__"}
     threads = torch.get_num_threads()
