@@ -816,7 +816,8 @@ def _ddp_worker(rank, world, init_file, out_dir):
             pass
         resumed = _ddp_trainer(checkpoint=path)
         resumed.fit(SOURCE, TARGET, steps=4, batch_size=8)
-        torch.save({"params": _flat(trainer), "validation": history["validation"], "train": history["train"],
+        torch.save({"params": _flat(trainer), "buffers": trainer.student.state_dict(),
+                    "validation": history["validation"], "train": history["train"],
                     "updates": updates, "global": global_state,
                     "resume": {"straight": (_flat(straight), straight.generator.get_state(), torch.get_rng_state()),
                                "resumed": (_flat(resumed), resumed.generator.get_state(), torch.get_rng_state())},
@@ -832,8 +833,12 @@ def test_ddp_two_processes_gloo():
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_ddp_worker, args=(2, os.path.join(d, "init"), d), nprocs=2, join=True)
         r0, r1 = (torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False) for r in (0, 1))
-    # DDP keeps the replicas identical; metrics and logged losses are reduced across ranks
+    # DDP keeps the replicas identical, BatchNorm's running statistics included (synchronised
+    # after each step; the adversarial term's second forward comes before the backward);
+    # metrics and logged losses are reduced across ranks
     assert torch.equal(r0["params"], r1["params"])
+    _assert_same(r0["buffers"], r1["buffers"])
+    assert int(r0["buffers"]["features.2.num_batches_tracked"]) > 0
     assert r0["validation"] == r1["validation"] and r0["train"] == r1["train"]
     # threshold, alignment and GRL state are global: the same on both ranks...
     _assert_same(r0["global"], r1["global"])

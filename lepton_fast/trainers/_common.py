@@ -479,9 +479,37 @@ def progress(total: int, initial: int, desc: str, enabled: bool):
 
 
 def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module`` in DistributedDataParallel under torch.distributed (else as it is), with its
+    buffers synchronised by :func:`sync_buffers` rather than by DDP at each forward.
+
+    DDP's default copies rank 0's buffers into the module's at the start of every forward, in
+    place. A step with a second forward before its backward (the adversarial term's pass over
+    the perturbed batch) then overwrites the BatchNorm running statistics that the first
+    forward's graph saved, and on torch 2.11 the backward fails ("modified by an inplace
+    operation"). The same copy once after each optimiser step, and once here, gives every
+    forward the same buffers on every rank, and leaves them the same on every rank whenever a
+    checkpoint is written."""
     if distributed()[1] == 1:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids)
+    net = DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+    sync_buffers(net)
+    return net
+
+
+def sync_buffers(net: nn.Module) -> None:
+    """Rank 0's buffers into every rank's, one broadcast per dtype, as DDP's own
+    broadcast_buffers does; nothing outside DDP."""
+    if not isinstance(net, nn.parallel.DistributedDataParallel):
+        return
+    by_dtype: dict = {}
+    for b in net.module.buffers():
+        by_dtype.setdefault(b.dtype, []).append(b)
+    with torch.no_grad():
+        for buffers in by_dtype.values():
+            flat = torch.cat([b.reshape(-1) for b in buffers])
+            dist.broadcast(flat, 0)
+            for b, value in zip(buffers, flat.split([b.numel() for b in buffers])):
+                b.copy_(value.view_as(b))

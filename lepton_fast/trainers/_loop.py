@@ -180,6 +180,7 @@ class Loop:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        _common.sync_buffers(self.net)
         if self.scheduler is not None:
             self.scheduler.step()
 
