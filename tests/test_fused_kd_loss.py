@@ -226,6 +226,20 @@ def test_neg_inf_masks(divergence, device, backend):
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_torch_func_grad_is_refused_naming_the_op_and_the_way_out(device, backend):
+    # torch's own message named neither the op nor what to do; vmap alone works.
+    require(SPEC, device, backend)
+    s, t = randn(3, 4, 9, seed=62, device=device), randn(3, 4, 9, seed=63, device=device)
+    with pytest.raises(RuntimeError, match=r"^fused_kd_loss: torch\.func's grad.*lepton_fast\.reference\.fused_kd_loss"):
+        torch.func.grad(lambda x: fused_kd_loss(x, t[0], temperature=2.0, backend=backend))(s[0])
+    ref = [reference.fused_kd_loss(s[i].double(), t[i].double(), temperature=2.0) for i in range(3)]
+    vmapped = torch.vmap(lambda x, y: fused_kd_loss(x, y, temperature=2.0, backend=backend))(s, t)
+    torch.testing.assert_close(vmapped.double(), torch.stack(ref), **TOL)
+    expected = torch.func.grad(lambda x: reference.fused_kd_loss(x, t[0].double(), temperature=2.0))(s[0].double())
+    torch.testing.assert_close(ours(backend, s[0], t[0], temperature=2.0)[1].double(), expected, **TOL)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_infinite_loss_is_the_true_value(device, backend):
     # The student rules out a class the teacher allows: KL(p_t || p_s) is +inf, not NaN.
     require(SPEC, device, backend)
