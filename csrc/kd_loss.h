@@ -197,22 +197,25 @@ LF_HOST_DEVICE acc_t ce_linear_part(bool has_label, acc_t x_label, acc_t sum_x, 
 // Entries with x = -inf have p = 0 and contribute nothing, whatever w is.
 template <typename acc_t>
 struct WeightedSoftmaxStats {
+  using M = ScalarMath<acc_t>;
   acc_t scale = 1;
   acc_t max = -std::numeric_limits<acc_t>::infinity();
   acc_t sum = 0;
   acc_t weighted = 0;
 
+  // A term whose factor exp(...) underflows to 0 adds nothing, whatever w (weighted): a
+  // teacher's padded class at finfo.min against the student's -inf has w = +inf.
   LF_HOST_DEVICE void add(acc_t x, acc_t w = 0) {
     if (x == -std::numeric_limits<acc_t>::infinity()) return;
     if (x > max) {
       const acc_t r = std::exp((max - x) * scale);
       sum = sum * r + 1;
-      weighted = weighted * r + w;
+      weighted = lepton_fast::weighted<M>(r, weighted) + w;
       max = x;
     } else {
       const acc_t e = std::exp((x - max) * scale);
       sum += e;
-      weighted += e * w;
+      weighted += lepton_fast::weighted<M>(e, w);
     }
   }
   LF_HOST_DEVICE void merge(const WeightedSoftmaxStats& o) {
@@ -220,12 +223,12 @@ struct WeightedSoftmaxStats {
     if (o.max > max) {
       const acc_t r = std::exp((max - o.max) * scale);
       sum = sum * r + o.sum;
-      weighted = weighted * r + o.weighted;
+      weighted = lepton_fast::weighted<M>(r, weighted) + o.weighted;
       max = o.max;
     } else {
       const acc_t r = std::exp((o.max - max) * scale);
       sum += o.sum * r;
-      weighted += o.weighted * r;
+      weighted += lepton_fast::weighted<M>(r, o.weighted);
     }
   }
 };

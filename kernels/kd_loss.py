@@ -57,9 +57,17 @@ def _log_mixture(lps, lpt, log_beta, log_1m_beta):
 
 
 @triton.jit
+def _weighted(p, d):
+    """p * d with 0 * d = 0 for every d (csrc/kd_loss.h, weighted): a class whose probability
+    is 0 adds nothing to a KL sum, also where the other side's -inf makes d infinite (the
+    teacher's padded classes at finfo.min, the student's at -inf); NaN stays."""
+    return tl.where(p == 0.0, 0.0, p * d)
+
+
+@triton.jit
 def _kl_term(logp, logq):
     """p (log p - log q) with 0 log 0 = 0."""
-    return tl.where(logp == float("-inf"), 0.0, tl.exp(logp) * (logp - logq))
+    return _weighted(tl.exp(logp), logp - logq)
 
 
 @triton.jit
@@ -93,9 +101,9 @@ def _row_stats(s_row, t_row, C, label, inv_t, label_smoothing, n_classes,
             m_s, l_s, e_s, r_s = online_softmax(m_s, l_s, xs, inv_t)
             m_t, l_t, e_t, r_t = online_softmax(m_t, l_t, xt, inv_t)
             if DIV == 0:
-                w_kl = w_kl * r_t + tl.sum(tl.where(xt == neg_inf, 0.0, e_t * ((xt - xs) * inv_t)), 0)
+                w_kl = _weighted(r_t, w_kl) + tl.sum(_weighted(e_t, (xt - xs) * inv_t), 0)
             elif DIV == 1:
-                w_kl = w_kl * r_s + tl.sum(tl.where(xs == neg_inf, 0.0, e_s * ((xs - xt) * inv_t)), 0)
+                w_kl = _weighted(r_s, w_kl) + tl.sum(_weighted(e_s, (xs - xt) * inv_t), 0)
         if CE_OWN:
             m_1, l_1, _e1, _r1 = online_softmax(m_1, l_1, xs, 1.0)
         if SMOOTH:
@@ -188,10 +196,10 @@ def _row_grad(s_row, t_row, g_row, C, label, m_s, lse_s, m_t, lse_t, lse_ce, k, 
             if DIV == 0:
                 d = ps - tl.exp(lpt)
             elif DIV == 1:
-                d = tl.where(ps == 0.0, 0.0, ps * (lps - lpt - k))
+                d = _weighted(ps, lps - lpt - k)
             else:
                 lm = _log_mixture(lps, lpt, log_beta, log_1m_beta)
-                d = tl.where(ps == 0.0, 0.0, (1.0 - beta) * ps * (lps - lm - k))
+                d = (1.0 - beta) * _weighted(ps, lps - lm - k)
             d = d * soft_scale
         if NEEDS_CE:
             q = tl.exp(xs - lse_ce)

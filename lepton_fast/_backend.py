@@ -283,10 +283,24 @@ def running(spec: OpSpec, backend: str, device_type: str):
         yield
 
 
+# What torch says when a torch.func transform that differentiates (grad, vjp, jacrev, ...) meets
+# a C++ autograd kernel (csrc/autograd.cpp), naming neither the op nor what to do instead.
+_FUNCTORCH_REFUSAL = "cannot use C++ torch::autograd::Function with functorch transforms"
+
+
 def call(spec: OpSpec, backend: str, device_type: str, *args):
     """``torch.ops.lepton_fast.<op>(*args)`` on ``backend``'s kernel (as :func:`resolve` chose it)."""
     op = spec.overload
-    if not _swapped(spec.name, backend, device_type):  # the common case, without a context manager
-        return op(*args)
-    with running(spec, backend, device_type):
-        return op(*args)
+    try:
+        if not _swapped(spec.name, backend, device_type):  # the common case, without a context manager
+            return op(*args)
+        with running(spec, backend, device_type):
+            return op(*args)
+    except RuntimeError as e:
+        if _FUNCTORCH_REFUSAL not in str(e):
+            raise
+        raise RuntimeError(
+            f"{spec.name}: torch.func's grad, vjp, jacrev and jacfwd cannot differentiate the fused kernel, whose "
+            f"gradient is written during the forward by an autograd kernel that torch.func does not run (vmap "
+            f"alone works). Use loss.backward() or torch.autograd.grad, or differentiate "
+            f"lepton_fast.reference.{spec.name} (plain PyTorch) under torch.func.") from e

@@ -41,10 +41,13 @@ def scaled_logits(x: Tensor, temperature) -> Tensor:
 def _kl_rows(logp: Tensor, logq: Tensor) -> Tensor:
     """KL(p || q) along the last dim with 0 * log 0 = 0.
 
-    Where p > 0 and q = 0 the term is +inf, the true value. The inner ``where`` keeps
-    the masked branch finite so that autograd sends no NaN through it.
+    A class whose p is 0 in the accumulation dtype adds nothing, whatever q: a -inf logit,
+    or a finite one so low that exp underflows (a padded class masked with finfo.min on one
+    side and -inf on the other, whose 0 * inf would be NaN). Where p > 0 and q = 0 the term
+    is +inf, the true value. The inner ``where`` keeps the masked branch finite so that
+    autograd sends no NaN through it.
     """
-    present = logp != NEG_INF  # NaN (a row with no finite logit) stays, and shows
+    present = logp.exp() != 0  # NaN (a row with no finite logit) stays, and shows
     logp_safe = torch.where(present, logp, 0.0)
     terms = torch.where(present, logp_safe.exp() * (logp_safe - logq), 0.0)
     return terms.sum(-1)
@@ -346,7 +349,9 @@ def kd_slice_stats(student_logits: Tensor, teacher_logits: Tensor, labels: Tenso
         p, q, m = (t, s, out[:, MAX_T]) if kind == "forward_kl" else (s, t, out[:, MAX_S])
         some = (p != NEG_INF) & (m != NEG_INF)[:, None]
         safe = torch.where(some, p - torch.where(m != NEG_INF, m, 0.0)[:, None], 0.0)
-        out[:, KL_SUM] = torch.where(some, (safe / temperature).exp() * ((p - q) / temperature), 0.0).sum(-1)
+        weight = torch.where(some, (safe / temperature).exp(), 0.0)
+        # 0 where the weight underflows, as in _kl_rows: q's -inf there would make it 0 * inf
+        out[:, KL_SUM] = torch.where(weight != 0, weight * ((p - q) / temperature), 0.0).sum(-1)
     out[:, SUM_CE] = _sum_exp(s, out[:, MAX_S])
     valid, column = _label_columns(labels, ignore_index, class_offset, s.shape[-1])
     if alpha > 0:

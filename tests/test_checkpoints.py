@@ -305,6 +305,20 @@ def test_a_checkpoint_of_another_batch_size_is_refused(tmp_path, kind):
         _fit(_trainer(kind, checkpoint=path), 4, batch_size=8)
 
 
+def test_a_refused_resume_changes_nothing_and_deleting_the_file_starts_over(tmp_path):
+    # The checkpoint has no discriminator: loading it had replaced the student's weights and
+    # the step before it failed, so the "start over" the error advises resumed them silently.
+    path, _ = _written(tmp_path)
+    trainer = make(("pseudo", "domain"), threshold=thresholds.FlexMatchThreshold(C, **FLEX), checkpoint=path)
+    weights = {k: v.clone() for k, v in trainer.student.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"another configuration .* nothing was changed.*'discriminator'"):
+        _fit(trainer, 4)
+    _assert_same(trainer.student.state_dict(), weights)
+    assert trainer.step == 0 and trainer.history["step"] == []
+    os.remove(path)
+    assert _fit(trainer, 4)["step"] == [4]  # from step 0
+
+
 @pytest.mark.parametrize("kind", TRAINERS)
 def test_no_checkpoint_holds_non_finite_weights(tmp_path, kind):
     path, trainer = _written(tmp_path, kind)

@@ -225,6 +225,61 @@ def test_neg_inf_masks(divergence, device, backend):
     assert (grad[both.to(device)] == 0).all()
 
 
+def padded_vocabulary(divergence, fill, device):
+    """Logits whose last 20 columns (a padded vocabulary) one model masks with -inf and the
+    other with a finite ``fill`` so low that its probability is 0 in float32 (HF masks with
+    torch.finfo(dtype).min): (student, teacher, the 50 real columns)."""
+    s, t = randn(4, 70, seed=60), randn(4, 70, seed=61)
+    finite, ruled_out = (t, s) if divergence == "forward_kl" else (s, t)  # p's side holds the finite fill
+    finite[:, 50:], ruled_out[:, 50:] = fill, -math.inf
+    return s.to(device), t.to(device), slice(0, 50)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("fill", [-1e4, torch.finfo(torch.float32).min], ids=["-1e4", "finfo.min"])
+def test_a_class_of_probability_zero_adds_nothing_whatever_the_other_side(fill, divergence, device, backend):
+    # 0 log 0 = 0 holds for a class whose probability is 0 in the accumulation dtype, not only
+    # for a -inf logit: the other model's -inf there makes the term 0 * inf, which was NaN
+    # (an error naming a non-finite input) on the Triton and reference kernels while the CPU
+    # kernel gave the loss. The loss is that of the real columns alone.
+    require(SPEC, device, backend)
+    s, t, real = padded_vocabulary(divergence, fill, device)
+    kw = dict(temperature=2.0, divergence=divergence, beta=0.3, reduction="none")
+    loss, grad = ours(backend, s, t, **kw)
+    ref_loss, ref_grad = oracle(s[:, real], t[:, real], **kw)
+    torch.testing.assert_close(loss.double(), ref_loss, **TOL)
+    torch.testing.assert_close(grad[:, real].double(), ref_grad, **TOL)
+    assert (grad[:, 50:] == 0).all()
+
+
+@pytest.mark.parametrize("block", [16, 64])  # the padded classes in blocks of their own, before the rescale
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+def test_triton_a_class_of_probability_zero_adds_nothing_across_blocks(divergence, block):
+    require(SPEC, "cpu", "triton")
+    from lepton_fast.kernels.kd_loss import fused_kd_loss as triton_kd_loss
+
+    s, t, real = padded_vocabulary(divergence, -1e4, "cpu")
+    s, t = s.flip(-1).contiguous(), t.flip(-1).contiguous()  # the padded block first: its sum is rescaled by 0
+    loss, _ = triton_kd_loss(s, t, None, kd_hyper(divergence=divergence), -100, "none", None, False, block=block)
+    ref_loss, _ = oracle(s[:, 20:], t[:, 20:], divergence=divergence, reduction="none")
+    torch.testing.assert_close(loss.double(), ref_loss, **TOL)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_torch_func_grad_is_refused_naming_the_op_and_the_way_out(device, backend):
+    # torch's own message named neither the op nor what to do; vmap alone works.
+    require(SPEC, device, backend)
+    s, t = randn(3, 4, 9, seed=62, device=device), randn(3, 4, 9, seed=63, device=device)
+    with pytest.raises(RuntimeError, match=r"^fused_kd_loss: torch\.func's grad.*lepton_fast\.reference\.fused_kd_loss"):
+        torch.func.grad(lambda x: fused_kd_loss(x, t[0], temperature=2.0, backend=backend))(s[0])
+    ref = [reference.fused_kd_loss(s[i].double(), t[i].double(), temperature=2.0) for i in range(3)]
+    vmapped = torch.vmap(lambda x, y: fused_kd_loss(x, y, temperature=2.0, backend=backend))(s, t)
+    torch.testing.assert_close(vmapped.double(), torch.stack(ref), **TOL)
+    expected = torch.func.grad(lambda x: reference.fused_kd_loss(x, t[0].double(), temperature=2.0))(s[0].double())
+    torch.testing.assert_close(ours(backend, s[0], t[0], temperature=2.0)[1].double(), expected, **TOL)
+
+
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_infinite_loss_is_the_true_value(device, backend):
     # The student rules out a class the teacher allows: KL(p_t || p_s) is +inf, not NaN.

@@ -191,6 +191,25 @@ def test_masked_classes_and_a_masked_slice(divergence, device, backend):
     assert (grad[masked.to(device)] == 0).all()
 
 
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+def test_a_padded_vocabulary_masked_finite_on_one_side_and_neg_inf_on_the_other(divergence, device, backend):
+    """Columns 24.. (part of the second slice, all of the third) are a padded vocabulary: -1e4
+    on the side whose probability weights the KL sum (exp underflows to 0), -inf on the other.
+    Each such class adds 0, not 0 * inf = NaN: the loss is that of the real columns."""
+    _require(device, backend)
+    s, t = randn(3, 37, seed=13), randn(3, 37, seed=14)
+    finite, ruled_out = (t, s) if divergence == "forward_kl" else (s, t)
+    finite[:, 24:], ruled_out[:, 24:] = -1e4, -math.inf
+    losses, grad = sliced(backend, s.to(device), t.to(device), (13, 13, 11), 2.0, divergence=divergence,
+                          reduction="none")
+    want_loss, want_grad = oracle(s[:, :24], t[:, :24], 2.0, divergence=divergence, reduction="none")
+    for loss in losses:
+        torch.testing.assert_close(loss.double().cpu(), want_loss, **F64_TOL)
+    torch.testing.assert_close(grad[:, :24].double().cpu(), want_grad, **F64_TOL)
+    assert (grad[:, 24:] == 0).all()
+
+
 @pytest.mark.parametrize("device,backend", CPU_DEVICE_BACKENDS)
 def test_undefined_row_and_bad_labels_raise(device, backend):
     _require(device, backend)

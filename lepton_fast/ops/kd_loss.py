@@ -157,9 +157,9 @@ def fused_kd_loss(
             label_smoothing outside [0, 1], unknown divergence or reduction, labels out
             of range, alpha > 0 without labels, a row that is entirely -inf.
         RuntimeError: a forced backend that cannot run here (the message says why); a
-            second backward through the same graph, or a second-order gradient
-            (``create_graph=True``): differentiate :func:`lepton_fast.reference.fused_kd_loss`
-            for those.
+            second backward through the same graph, a second-order gradient
+            (``create_graph=True``), or torch.func's grad, vjp or jacrev (vmap works):
+            differentiate :func:`lepton_fast.reference.fused_kd_loss` for those.
 
     Precision: the soft term is a KL of O(1/T²) multiplied back by T², so float32
     accumulation loses digits as T grows (relative error about 1e-6 at T = 30, 1e-4 at

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from lepton_fast import _validate
 from lepton_fast.trainers import _common
@@ -249,19 +250,30 @@ class Loop:
             dist.barrier()
 
     def _maybe_resume(self) -> bool:
-        """Load ``checkpoint`` if it exists; whether it did."""
-        if self.checkpoint and os.path.exists(self.checkpoint):
-            state = _common.load_checkpoint(self.checkpoint, map_location=self.device)
-            try:
-                self.load_state_dict(state)
-            except (RuntimeError, KeyError, ValueError) as e:
-                raise RuntimeError(
-                    f"checkpoint {self.checkpoint!r} was written by a trainer with another configuration "
-                    f"(model, optimiser, threshold, loss terms, data, batch size or number of processes), so it "
-                    f"cannot resume this one; delete it or pass another checkpoint path. Loading it said: {e}"
-                ) from e
-            return True
-        return False
+        """Load ``checkpoint`` if it exists; whether it did. A checkpoint that cannot be
+        loaded leaves the trainer and its modules as they were: loading stops at the first part
+        that does not fit, after the parts before it (the student's weights, the step) were
+        replaced, so they are put back from a copy taken first; deleting the file and
+        calling ``fit`` again then starts over, as the error says."""
+        if not (self.checkpoint and os.path.exists(self.checkpoint)):
+            return False
+        state = _common.load_checkpoint(self.checkpoint, map_location=self.device)
+        # On the CPU: module and optimiser state_dicts hold the live tensors, which loading overwrites.
+        before = tree_map(lambda v: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v,
+                          self.state_dict())
+        try:
+            self.load_state_dict(state)
+        except Exception as e:
+            self.load_state_dict(before)
+            if not isinstance(e, (RuntimeError, KeyError, ValueError)):
+                raise
+            raise RuntimeError(
+                f"checkpoint {self.checkpoint!r} was written by a trainer with another configuration "
+                f"(model, optimiser, threshold, loss terms, data, batch size or number of processes), so it "
+                f"cannot resume this one; nothing was changed: delete it or pass another checkpoint path. "
+                f"Loading it said: {e}"
+            ) from e
+        return True
 
     # -- the loop ---------------------------------------------------------------------------
     def _run(self, total_steps: int, desc: str, validation_data, eval_every: int) -> dict:

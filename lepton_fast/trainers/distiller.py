@@ -59,7 +59,10 @@ class KnowledgeDistiller(Loop):
             checksum every ``checkpoint_every`` steps, at the end, and on SIGINT/SIGTERM
             (after the step under way; the signal then takes its usual course), and read by
             ``fit`` to resume where an interrupted run stopped, with the same history. A
-            checkpoint of another batch size, data size or number of processes is refused.
+            checkpoint of another batch size, data size or number of processes is refused
+            (and changes nothing). The optimiser and scheduler resume as saved, learning
+            rate included, as their load_state_dict does: an ``lr=`` changed since is not
+            applied.
         progress: a tqdm bar with the running loss (rank 0 only).
 
     Under ``torchrun`` (torch.distributed initialised before construction) the student is
