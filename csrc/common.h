@@ -47,6 +47,21 @@
 
 namespace lepton_fast {
 
+// The labels' range, checked where a CPU kernel reads them (the CUDA kernels assert the same),
+// and the count of rows a "mean" divides by: those whose label is not ignore_index.
+inline int64_t count_valid_labels(const char* op, const int64_t* labels, int64_t n_rows, int64_t n_classes,
+                                  int64_t ignore_index) {
+  int64_t valid = 0;
+  for (int64_t i = 0; i < n_rows; ++i) {
+    const int64_t y = labels[i];
+    if (y == ignore_index) continue;
+    TORCH_CHECK_VALUE(y >= 0 && y < n_classes, op, ": labels must be in [0, ", n_classes, ") or equal ignore_index=",
+                      ignore_index, "; got ", y, " at row ", i);
+    ++valid;
+  }
+  return valid;
+}
+
 // The value of a 0-d hyper-parameter tensor: float64 on the CPU as the Python layer makes
 // it (a read from host memory, never a device synchronisation).
 inline double scalar_arg(const at::Tensor& t, const char* name) {

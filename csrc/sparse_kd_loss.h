@@ -23,6 +23,15 @@
 
 namespace lepton_fast {
 
+// The vocabulary-parallel split (ops sparse_slice_stats and sparse_slice_grad, schemas and
+// formulas in lepton_fast/ops/sparse_kd_loss.py; CPU kernels only): the columns of a slice's
+// statistics, against the slice's own maxima, then the K entries' logits ...
+enum SparseStat : int { kSpMax = 0, kSpMaxUnlisted, kSpSum, kSpSumUnlisted, kSpSumCE, kSpLinCE, kSpEntries };
+// ... and of a row's gradient coefficients, then the K entries' own.
+enum SparseGradCoef : int {
+  kGrMax = 0, kGrMaxUnlisted, kGrConst, kGrSoftmax, kGrUnlisted, kGrSoftmaxCE, kGrLabel, kGrEntries
+};
+
 // sparse_kd_loss's arguments as the CPU and CUDA kernels read them: checked, the teacher's
 // tensors and the labels contiguous (mask, labels undefined when not given), its
 // log-probabilities in the logits' op-math type, the hyper-parameters resolved.

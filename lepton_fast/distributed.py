@@ -275,30 +275,14 @@ def vocab_parallel_sparse_kd_loss(
     return loss if split is None else DTensor.from_local(loss, mesh, [Replicate()] * mesh.ndim, run_check=False)
 
 
-# The per-rank steps of vocab_parallel_sparse_kd_loss run over blocks of rows, so that their
-# temporaries (the block's logits in float32, its unlisted classes, its exponentials and
-# gradient terms) are a few MiB whatever N and C_r: a rank's peak is then its logits and the
-# one [N, C_r] gradient, not a multiple of the slice. A block holds about this many elements
-# of the slice (4 MiB in float32): small next to a training slice, large enough that a
-# block's few dozen op calls (microseconds each) stay small next to its elementwise work.
-# Tests set it smaller, to run many blocks.
-SPARSE_BLOCK_ELEMENTS = 1 << 20
-
-
-def _row_blocks(n_rows: int, n_local: int) -> list[slice]:
-    """The blocks of rows of an [n_rows, n_local] slice that the sparse steps run on."""
-    step = max(1, SPARSE_BLOCK_ELEMENTS // max(n_local, 1))
-    return [slice(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
-
-
 def _sparse_sharded_loss(student: Tensor, indices: Tensor, logprobs: Tensor, mask: Optional[Tensor],
                          o: _validate.KDOptions, group, class_offset: int, n_classes: int, truncation: str,
                          compute_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
-    """(the loss of the whole rows, d(loss)/d(this rank's slice) or None): the steps of
-    reference.sparse_slice_* on blocks of rows (_row_blocks), each step's [N, small] outputs
-    written block by block before the all-reduces of vocab_parallel_sparse_kd_loss, and the
-    gradient block by block into one [N, C_r] tensor."""
-    from lepton_fast import reference as ref  # the per-rank steps (no compiled kernel yet)
+    """(the loss of the whole rows, d(loss)/d(this rank's slice) or None): the slice's statistics
+    (op sparse_slice_stats), the all-reduces of vocab_parallel_sparse_kd_loss, the rows' loss and
+    gradient coefficients (reference.sparse_slice_rows, [N, K + 8]), the gradient (op
+    sparse_slice_grad)."""
+    from lepton_fast import reference as ref  # the rows' step, on [N, K + small]
     from lepton_fast.ops._reference import hyper_keywords, rows_defined
 
     ignore_index, labels = o.ignore_index, o.labels
@@ -309,49 +293,33 @@ def _sparse_sharded_loss(student: Tensor, indices: Tensor, logprobs: Tensor, mas
     _validate.teacher_indices_in_range(indices, read, n_classes)
     n_rows, k = indices.shape
     counted = torch.empty_like(read)
-    for b in _row_blocks(n_rows, k * k):  # its test for duplicates compares [rows, K, K]
+    for b in ref.row_blocks(n_rows, k * k):  # its test for duplicates compares [rows, K, K]
         counted[b] = ref.sparse_counted_entries(indices[b], read[b])
     column = ref.sparse_slice_columns(indices, counted, class_offset, student.shape[-1])
-    alpha = _validate.kd_values(o.hyper)["alpha"]
-    soft, ce = alpha < 1, alpha > 0
-    tail = soft and truncation == "tail"
-    blocks = _row_blocks(*student.shape)
-    acc = torch.promote_types(student.dtype, torch.float32)
-    rows_of = lambda t, b: None if t is None else t[b]  # noqa: E731
+    backend = sparse_ops.slice_backend(student.device)
+    stats = sparse_ops.slice_stats(backend, student, column, labels, o.hyper, truncation, ignore_index, class_offset,
+                                   n_classes)
+    merge = sparse_ops.SliceMerge(o.hyper, truncation)
+    merged_max = merge.maxima(stats)
+    if merge.max_cols:
+        dist.all_reduce(merged_max, op=dist.ReduceOp.MAX, group=group)
+    sums = merge.rescaled(stats, merged_max)
+    dist.all_reduce(sums, group=group)
+    stats = merge.merged(stats, merged_max, sums)
 
-    maxima = student.new_empty((n_rows, 2), dtype=acc)
-    for b in blocks:
-        maxima[b] = ref.sparse_slice_maxima(student[b], column[b], tail=tail)
-    max_cols = ([ref.SP_MAX] if tail or ce else []) + ([ref.SP_MAX_UNLISTED] if tail else [])
-    if max_cols:
-        merged = maxima[:, max_cols].contiguous()
-        dist.all_reduce(merged, op=dist.ReduceOp.MAX, group=group)
-        maxima[:, max_cols] = merged
-
-    sums = student.new_empty((n_rows, ref.SP_ENTRIES + k), dtype=acc)
-    sums_kw = dict(ignore_index=ignore_index, class_offset=class_offset, n_classes=n_classes, soft=soft, tail=tail,
-                   ce=ce, **hyper_keywords(ref.sparse_slice_sums, o.hyper))
-    for b in blocks:
-        sums[b] = ref.sparse_slice_sums(student[b], column[b], rows_of(labels, b), maxima[b], **sums_kw)
-    sum_cols = (([ref.SP_SUM, ref.SP_SUM_UNLISTED] if tail else []) + ([ref.SP_SUM_CE, ref.SP_LIN_CE] if ce else [])
-                + (list(range(ref.SP_ENTRIES, sums.shape[1])) if soft else []))
-    merged = sums[:, sum_cols].contiguous()
-    dist.all_reduce(merged, group=group)
-    sums[:, sum_cols] = merged
-
-    # The reduction is over all rows: its divisor is known before the last step, which writes
-    # each block's gradient already divided by it.
+    # The reduction is over all rows: its divisor is known before the gradient, which is written
+    # already divided by it.
     divisor = ref.mean_divisor(labels, ignore_index, n_rows)
-    grad = student.new_empty(student.shape) if compute_grad else None
-    rows = student.new_empty((n_rows,), dtype=acc)
-    rows_kw = dict(truncation=truncation, ignore_index=ignore_index, class_offset=class_offset, n_classes=n_classes,
-                   grad_divisor=ref.reduction_divisor(o.reduction, divisor, o.num_items),
-                   **hyper_keywords(ref.sparse_slice_rows, o.hyper))
-    for b in blocks:
-        rows[b] = ref.sparse_slice_rows(student[b], column[b], counted[b], logprobs[b], rows_of(labels, b), maxima[b],
-                                        sums[b], grad_out=rows_of(grad, b), **rows_kw)
+    rows, coefficients = ref.sparse_slice_rows(
+        counted, logprobs, labels, stats, truncation=truncation, ignore_index=ignore_index, n_classes=n_classes,
+        coefficients=compute_grad, grad_divisor=ref.reduction_divisor(o.reduction, divisor, o.num_items),
+        **hyper_keywords(ref.sparse_slice_rows, o.hyper))
     loss = ref.reduce_rows(rows, o.reduction, divisor, o.num_items)
     rows_defined(loss.reshape(-1), "vocab_parallel_sparse_kd_loss: student_logits or teacher_logprobs")
+    grad = None
+    if compute_grad:
+        grad = sparse_ops.slice_grad(backend, student, column, labels, coefficients, o.hyper, ignore_index,
+                                     class_offset)
     return loss, grad
 
 

@@ -4,9 +4,9 @@ This module is the single source of truth for the math. It is the oracle of the 
 in float64), the math of the reference kernels (lepton_fast/ops/_reference.py adapts it to
 the op schemas: the CPU kernels without the extension) and the baseline of the
 benchmarks (eager and under torch.compile). It computes in float32 at least, whatever the
-input dtype, as the kernels do; autograd gives its gradients. Until they have kernels, its
-sparse_slice_* functions are also the per-rank steps of
-lepton_fast.distributed.vocab_parallel_sparse_kd_loss.
+input dtype, as the kernels do; autograd gives its gradients. Its sparse_slice_rows is also the
+small [N, K + 4] step of lepton_fast.distributed.vocab_parallel_sparse_kd_loss between its two
+kernels (the derivatives of the rows' loss with respect to their merged statistics).
 """
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ from torch import Tensor
 
 from lepton_fast import _validate
 from lepton_fast.ops.kd_loss import KL_SUM, LIN_CE, MAX_S, MAX_T, N_STATS, SUM_CE, SUM_S, SUM_T, soft_kind
+from lepton_fast.ops.sparse_kd_loss import (GR_CONST, GR_ENTRIES, GR_LABEL, GR_MAX, GR_MAX_UNLISTED, GR_SOFTMAX,
+                                           GR_SOFTMAX_CE, GR_UNLISTED, SP_ENTRIES, SP_LIN_CE, SP_MAX,
+                                           SP_MAX_UNLISTED, SP_SUM, SP_SUM_CE, SP_SUM_UNLISTED)
 
 NEG_INF = float("-inf")
 
@@ -428,18 +431,27 @@ def kd_slice_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor
 
 
 # --- Sparse KD over slices of the classes (the vocabulary-parallel sparse loss) -------------
-# sparse_kd_loss split at its steps, for a rank that holds the [N, C_r] slice of the student's
-# classes starting at class_offset (lepton_fast.distributed.vocab_parallel_sparse_kd_loss merges
-# the slices' statistics in between; no compiled kernel yet). The teacher's entries are global
-# class ids, the same on every rank; ``column`` [N, K] is each counted entry's column in the
-# slice, -1 for the entries that do not count or lie in another slice (sparse_slice_columns).
-# Maxima [N, 2] (SP_MAX: of the slice's logits; SP_MAX_UNLISTED: of those no counted entry
-# lists), merged by their max; against the merged maxima, sums [N, SP_ENTRIES + K] (SP_SUM,
-# SP_SUM_UNLISTED: sum exp((x - max) / T); SP_SUM_CE: sum exp(x - max); SP_LIN_CE: the CE's
-# linear part; then the student's logits at the entries in the slice, 0 elsewhere), merged by
-# their sum: each entry's logit comes from the one slice that holds it.
-SP_MAX, SP_MAX_UNLISTED = range(2)
-SP_SUM, SP_SUM_UNLISTED, SP_SUM_CE, SP_LIN_CE, SP_ENTRIES = range(5)
+# sparse_kd_loss split at its two passes over a row, for a rank that holds the [N, C_r] slice of
+# the student's classes starting at class_offset (lepton_fast.distributed.vocab_parallel_sparse_kd_loss):
+# the slice's statistics (sparse_slice_stats, the op's float64 oracle), merged across slices by
+# lepton_fast.ops.sparse_kd_loss.SliceMerge; the rows' loss and the coefficients of their gradient
+# from the merged statistics (sparse_slice_rows, [N, K + small]: what the distributed loss runs
+# itself); the slice's gradient from those (sparse_slice_grad, the op's oracle). The teacher's
+# entries are global class ids, the same on every rank; ``column`` [N, K] is each counted entry's
+# column in the slice, -1 for the entries that do not count or lie in another slice
+# (sparse_slice_columns). The columns SP_* and GR_* are named in lepton_fast.ops.sparse_kd_loss.
+# Each function is row by row: an output row depends only on the same row of every argument.
+
+# The reference kernels of the slice ops and the distributed loss's test for duplicate entries run
+# over blocks of rows, so that their temporaries are a few MiB whatever N and C_r: about this
+# many elements of [N, C_r] (4 MiB in float32) a block. Tests set it smaller, to run many blocks.
+SPARSE_BLOCK_ELEMENTS = 1 << 20
+
+
+def row_blocks(n_rows: int, row_elements: int) -> list[slice]:
+    """The blocks of rows of an [n_rows, row_elements] tensor (SPARSE_BLOCK_ELEMENTS each)."""
+    step = max(1, SPARSE_BLOCK_ELEMENTS // max(row_elements, 1))
+    return [slice(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
 
 
 def sparse_slice_columns(teacher_indices: Tensor, counted: Tensor, class_offset: int, n_local: int) -> Tensor:
@@ -458,118 +470,139 @@ def _unlisted(x: Tensor, column: Tensor) -> Tensor:
     return out.scatter_(1, torch.where(column >= 0, column, n_local), NEG_INF)[:, :n_local]
 
 
-def sparse_slice_maxima(student_logits: Tensor, column: Tensor, *, tail: bool) -> Tensor:
-    """The slice's maxima [N, 2] (-inf where none; SP_MAX_UNLISTED only when ``tail``)."""
-    x = _acc(student_logits.detach())
-    out = x.new_full((x.shape[0], 2), NEG_INF)
-    out[:, SP_MAX] = _slice_max(x)
-    if tail:
-        out[:, SP_MAX_UNLISTED] = _slice_max(_unlisted(x, column))
-    return out
+def _sparse_terms(alpha: float, truncation: str) -> tuple[bool, bool, bool]:
+    """(the soft term, "tail"'s buckets, the CE term): which terms a loss has."""
+    soft = alpha < 1
+    return soft, soft and truncation == "tail", alpha > 0
 
 
-def sparse_slice_sums(student_logits: Tensor, column: Tensor, labels: Tensor | None, maxima: Tensor, *,
-                      temperature: float, label_smoothing: float, ignore_index: int, class_offset: int,
-                      n_classes: int, soft: bool, tail: bool, ce: bool) -> Tensor:
-    """The slice's sums against the merged ``maxima``, [N, SP_ENTRIES + K]; the columns that
-    the flags do not ask for (the soft term's entries, the tail's sums, the CE's) are 0."""
+def sparse_slice_stats(student_logits: Tensor, column: Tensor, labels: Tensor | None, *, temperature: float,
+                       alpha: float, label_smoothing: float, truncation: str, ignore_index: int, class_offset: int,
+                       n_classes: int) -> Tensor:
+    """The slice's statistics against its own maxima, [N, SP_ENTRIES + K] (the columns of
+    lepton_fast.ops.sparse_kd_loss): those the terms do not need, and an ignored row's, are
+    -inf (maxima) or 0."""
     x = _acc(student_logits.detach())
     n_local = x.shape[-1]
+    soft, tail, ce = _sparse_terms(alpha, truncation)
     out = x.new_zeros(x.shape[0], SP_ENTRIES + column.shape[-1])
+    out[:, [SP_MAX, SP_MAX_UNLISTED]] = NEG_INF
+    if tail or ce:
+        out[:, SP_MAX] = _slice_max(x)
     if tail:
-        out[:, SP_SUM] = _sum_exp(x, maxima[:, SP_MAX], temperature)
-        out[:, SP_SUM_UNLISTED] = _sum_exp(_unlisted(x, column), maxima[:, SP_MAX_UNLISTED], temperature)
+        unlisted = _unlisted(x, column)
+        out[:, SP_MAX_UNLISTED] = _slice_max(unlisted)
+        out[:, SP_SUM] = _sum_exp(x, out[:, SP_MAX], temperature)
+        out[:, SP_SUM_UNLISTED] = _sum_exp(unlisted, out[:, SP_MAX_UNLISTED], temperature)
     if ce:
-        out[:, SP_SUM_CE] = _sum_exp(x, maxima[:, SP_MAX])
+        out[:, SP_SUM_CE] = _sum_exp(x, out[:, SP_MAX])
         _, label_column = _label_columns(labels, ignore_index, class_offset, n_local)
-        if n_local:
+        if n_local and label_column is not None:
             x_label = x.gather(1, label_column.clamp(min=0)[:, None])[:, 0]
             out[:, SP_LIN_CE] = torch.where(label_column >= 0, (1.0 - label_smoothing) * x_label, 0.0)
-            if label_smoothing > 0:
-                out[:, SP_LIN_CE] += label_smoothing / n_classes * x.sum(-1)
+        if label_smoothing > 0:
+            out[:, SP_LIN_CE] += label_smoothing / n_classes * x.sum(-1)
     if soft and n_local:
         out[:, SP_ENTRIES:] = torch.where(column >= 0, x.gather(1, column.clamp(min=0)), 0.0)
-    return out
+    if labels is None:
+        return out
+    ignored = out.new_zeros(out.shape[1])
+    ignored[[SP_MAX, SP_MAX_UNLISTED]] = NEG_INF
+    return torch.where((labels != ignore_index)[:, None], out, ignored)
 
 
-def sparse_slice_rows(student_logits: Tensor, column: Tensor, counted: Tensor, teacher_logprobs: Tensor,
-                      labels: Tensor | None, maxima: Tensor, sums: Tensor, *, temperature: float, divergence: str,
-                      beta: float, truncation: str, alpha: float, label_smoothing: float, ignore_index: int,
-                      scale_by_t2: bool, class_offset: int, n_classes: int, grad_out: Tensor | None = None,
-                      grad_divisor=1) -> Tensor:
-    """Each row's loss as :func:`sparse_kd_loss` sums it, [N] (0 at ignored rows), from the
-    rows' merged ``maxima`` and ``sums``; with ``grad_out`` ([N, C_r], the student's dtype),
-    d(the rows' sum)/d(this slice) / ``grad_divisor`` written into it (the divisor of the
-    caller's reduction, :func:`reduction_divisor`).
+def sparse_slice_rows(counted: Tensor, teacher_logprobs: Tensor, labels: Tensor | None, stats: Tensor, *,
+                      temperature: float, divergence: str, beta: float, truncation: str, alpha: float,
+                      label_smoothing: float, ignore_index: int, scale_by_t2: bool, n_classes: int,
+                      coefficients: bool = False, grad_divisor=1) -> tuple[Tensor, Tensor | None]:
+    """(each row's loss as :func:`sparse_kd_loss` sums it, [N] (0 at ignored rows); with
+    ``coefficients``, the coefficients [N, GR_ENTRIES + K] of sparse_slice_grad that give
+    d(the rows' sum)/d(the slice) / ``grad_divisor`` (the divisor of the caller's reduction,
+    :func:`reduction_divisor`), else None), from the rows' ``stats`` merged over every slice
+    (sparse_slice_stats' columns).
 
-    The loss is :func:`sparse_buckets`' divergence and the CE written over the rows' merged
+    The loss is :func:`sparse_buckets`' divergence and the CE written over the merged
     statistics (:func:`sparse_student_buckets`); autograd gives its derivatives with respect
     to them, [N, <= K + 4], and the chain rule through each statistic's derivative (the
-    softmax for a log-sum-exp, the one-hot for a gathered logit) gives the slice's gradient.
-    Like the other sparse_slice_* steps, row by row: each output row depends only on the same
-    row of every argument, so that a caller may run it on blocks of rows.
+    softmax for a log-sum-exp, the one-hot for a gathered logit) gives the coefficients.
     """
-    x = _acc(student_logits.detach())
-    n_rows, n_local = x.shape
-    soft, ce = alpha < 1, alpha > 0
-    tail = soft and truncation == "tail"
-    valid = torch.ones(n_rows, dtype=torch.bool, device=x.device) if labels is None else labels != ignore_index
+    n_rows = stats.shape[0]
+    soft, tail, ce = _sparse_terms(alpha, truncation)
+    valid = torch.ones(n_rows, dtype=torch.bool, device=stats.device) if labels is None else labels != ignore_index
     # Ignored rows get harmless statistics: their slices may hold anything, and so their sums.
     keep = lambda t: torch.where(valid, t, 0.0)  # noqa: E731
-    row_max = keep(maxima[:, SP_MAX])
+    row_max = keep(stats[:, SP_MAX])
     leaves = {}
     with torch.enable_grad():
-        rows = x.new_zeros(n_rows)
+        rows = stats.new_zeros(n_rows)
         if soft:
-            leaves["at"] = sums[:, SP_ENTRIES:].clone().requires_grad_()
+            leaves["at"] = stats[:, SP_ENTRIES:].clone().requires_grad_()
             log_t = sparse_teacher_buckets(teacher_logprobs, counted, n_classes, temperature=temperature,
-                                           truncation=truncation, dtype=x.dtype)
-            stats = {}
+                                           truncation=truncation, dtype=stats.dtype)
+            merged = {}
             if tail:
-                leaves["lse"] = keep(_log_sum(sums[:, SP_SUM])).requires_grad_()
-                log_u = (maxima[:, SP_MAX_UNLISTED] - row_max) / temperature + sums[:, SP_SUM_UNLISTED].log()
+                leaves["lse"] = keep(_log_sum(stats[:, SP_SUM])).requires_grad_()
+                log_u = (stats[:, SP_MAX_UNLISTED] - row_max) / temperature + stats[:, SP_SUM_UNLISTED].log()
                 leaves["lse_u"] = keep(log_u).requires_grad_()
-                stats = dict(row_max=row_max, lse=leaves["lse"], lse_unlisted=leaves["lse_u"])
+                merged = dict(row_max=row_max, lse=leaves["lse"], lse_unlisted=leaves["lse_u"])
             log_s = sparse_student_buckets(leaves["at"], counted, temperature=temperature, truncation=truncation,
-                                           **stats)
+                                           **merged)
             weight = (1.0 - alpha) * (temperature**2 if scale_by_t2 else 1.0)
             rows = rows + weight * divergence_rows(log_t, log_s, divergence, beta)
         if ce:
-            leaves["lse_ce"] = keep(row_max + _log_sum(sums[:, SP_SUM_CE])).requires_grad_()
-            leaves["lin_ce"] = keep(sums[:, SP_LIN_CE]).requires_grad_()
+            leaves["lse_ce"] = keep(row_max + _log_sum(stats[:, SP_SUM_CE])).requires_grad_()
+            leaves["lin_ce"] = keep(stats[:, SP_LIN_CE]).requires_grad_()
             rows = rows + alpha * (leaves["lse_ce"] - leaves["lin_ce"])
         rows = torch.where(valid, rows, 0.0)
-        d = dict(zip(leaves, torch.autograd.grad(rows.sum(), list(leaves.values())))) if grad_out is not None else None
+        d = dict(zip(leaves, torch.autograd.grad(rows.sum(), list(leaves.values())))) if coefficients else None
     if d is None:
-        return rows.detach()
-    # Each row's factors (the reduction's divisor, 1 / T, a softmax's 1 / sum) go into its [N]
-    # coefficients, so that each [N, C_r] term is one exp and one multiply-add into the gradient.
+        return rows.detach(), None
+    # Each row's factors (the reduction's divisor, 1 / T, a softmax's 1 / sum) go into its
+    # coefficients, so that each [N, C_r] term is one exp and one multiply-add.
     d = {name: value / grad_divisor for name, value in d.items()}
-    grad = grad_out if grad_out.dtype == x.dtype else torch.empty_like(x)
-    if ce:  # d lin_ce / dx = (1 - eps) one-hot(label) + eps / C: its constant part first
-        grad.copy_((d["lin_ce"] * (label_smoothing / n_classes))[:, None])
-    else:
-        grad.zero_()
+    coef = stats.new_zeros(n_rows, GR_ENTRIES + counted.shape[-1])
+    if tail or ce:
+        coef[:, GR_MAX] = row_max
     if tail:  # d lse / dx = softmax(z) / T; d lse_u / dx = the softmax of z over the unlisted classes / T
-        grad.addcmul_(_exp_shifted(x, row_max, temperature), (d["lse"] / (temperature * sums[:, SP_SUM]))[:, None])
-        sum_u = sums[:, SP_SUM_UNLISTED]
+        coef[:, GR_SOFTMAX] = d["lse"] / (temperature * stats[:, SP_SUM])
+        sum_u = stats[:, SP_SUM_UNLISTED]
         some_u = sum_u > 0  # else every class of the row is listed (or -inf): no tail
-        grad.addcmul_(_exp_shifted(_unlisted(x, column), torch.where(some_u, maxima[:, SP_MAX_UNLISTED], 0.0),
-                                   temperature),
-                      torch.where(some_u, d["lse_u"] / (temperature * sum_u), 0.0)[:, None])
-    if ce:  # d lse_ce / dx = softmax(x) = exp(x - max) / sum
-        grad.addcmul_(_exp_shifted(x, row_max), (d["lse_ce"] / sums[:, SP_SUM_CE])[:, None])
-        _, label_column = _label_columns(labels, ignore_index, class_offset, n_local)
-        if n_local:
+        coef[:, GR_MAX_UNLISTED] = torch.where(some_u, stats[:, SP_MAX_UNLISTED], 0.0)
+        coef[:, GR_UNLISTED] = torch.where(some_u, d["lse_u"] / (temperature * sum_u), 0.0)
+    if ce:  # d lse_ce / dx = softmax(x) = exp(x - max) / sum; d lin_ce / dx = (1 - eps) one-hot(label) + eps / C
+        coef[:, GR_SOFTMAX_CE] = d["lse_ce"] / stats[:, SP_SUM_CE]
+        coef[:, GR_CONST] = d["lin_ce"] * (label_smoothing / n_classes)
+        coef[:, GR_LABEL] = (1.0 - label_smoothing) * d["lin_ce"]
+    if soft:  # each gathered logit is its class's
+        coef[:, GR_ENTRIES:] = d["at"]
+    # An ignored row's statistics may be anything (0 / 0): its coefficients are 0.
+    return rows.detach(), torch.where(valid[:, None], coef, 0.0)
+
+
+def _term(coefficient: Tensor, exps: Tensor) -> Tensor:
+    """coefficient [N] times exps [N, C_r], 0 where the coefficient is 0 (whatever the exps)."""
+    return torch.where(coefficient[:, None] != 0, coefficient[:, None] * exps, 0.0)
+
+
+def sparse_slice_grad(student_logits: Tensor, column: Tensor, labels: Tensor | None, coefficients: Tensor, *,
+                      temperature: float, ignore_index: int, class_offset: int) -> Tensor:
+    """d(loss)/d(the slice) from the rows' ``coefficients`` (:func:`sparse_slice_rows`), in the
+    student's dtype: the formula of lepton_fast.ops.sparse_kd_loss's sparse_slice_grad."""
+    x = _acc(student_logits.detach())
+    c = coefficients.to(x.dtype)
+    n_local = x.shape[-1]
+    grad = c[:, GR_CONST, None] + _term(c[:, GR_SOFTMAX], _exp_shifted(x, c[:, GR_MAX], temperature))
+    grad += _term(c[:, GR_UNLISTED], _exp_shifted(_unlisted(x, column), c[:, GR_MAX_UNLISTED], temperature))
+    grad += _term(c[:, GR_SOFTMAX_CE], _exp_shifted(x, c[:, GR_MAX]))
+    valid, label_column = _label_columns(labels, ignore_index, class_offset, n_local)
+    if n_local:
+        if label_column is not None:
             grad.scatter_add_(1, label_column.clamp(min=0)[:, None],
-                              torch.where(label_column >= 0, (1.0 - label_smoothing) * d["lin_ce"], 0.0)[:, None])
-    if soft and n_local:  # each gathered logit is its class's
-        grad.scatter_add_(1, column.clamp(min=0), torch.where(column >= 0, d["at"], 0.0))
-    if labels is not None:  # an ignored row's slice may hold anything (0 * inf)
-        grad.masked_fill_(~valid[:, None], 0.0)
-    if grad is not grad_out:
-        grad_out.copy_(grad)
-    return rows.detach()
+                              torch.where(label_column >= 0, c[:, GR_LABEL], 0.0)[:, None])
+        grad.scatter_add_(1, column.clamp(min=0), torch.where(column >= 0, c[:, GR_ENTRIES:], 0.0))
+    if valid is not None:  # an ignored row's slice may hold anything (0 * inf)
+        grad = torch.where(valid[:, None], grad, 0.0)
+    return grad.to(student_logits.dtype)
 
 
 def lm_head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None = None, logit_scale: float = 1.0,

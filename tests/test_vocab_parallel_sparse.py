@@ -9,6 +9,7 @@ loss must be the oracle's on the whole logits, and the ranks' gradients side by 
 gradient.
 """
 import contextlib
+import os
 import re
 
 import pytest
@@ -17,7 +18,7 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rank_pool import CollectiveRecorder, RankPool
-from lepton_fast import distributed, reference
+from lepton_fast import reference
 from lepton_fast.distributed import vocab_parallel_sparse_kd_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
@@ -76,17 +77,26 @@ def data(seed, n=6, k=5, *, teacher="top_k", masked=False, labelled=False, ignor
 
 
 @contextlib.contextmanager
-def _block_elements(n):
-    """distributed.SPARSE_BLOCK_ELEMENTS set to n (None: left as it is) for the block."""
-    saved = distributed.SPARSE_BLOCK_ELEMENTS
-    distributed.SPARSE_BLOCK_ELEMENTS = saved if n is None else n
+def _kernels(backend=None, block_elements=None):
+    """For the block: the slice ops on ``backend`` ($LEPTON_FAST_BACKEND; None: the dispatcher's,
+    the CPU C++ kernels), and reference.SPARSE_BLOCK_ELEMENTS (the blocks of rows of the
+    reference kernels and of the test for duplicate entries) set to ``block_elements`` (None:
+    left as it is)."""
+    saved = reference.SPARSE_BLOCK_ELEMENTS, os.environ.pop("LEPTON_FAST_BACKEND", None)
+    if block_elements is not None:
+        reference.SPARSE_BLOCK_ELEMENTS = block_elements
+    if backend is not None:
+        os.environ["LEPTON_FAST_BACKEND"] = backend
     try:
         yield
     finally:
-        distributed.SPARSE_BLOCK_ELEMENTS = saved
+        reference.SPARSE_BLOCK_ELEMENTS = saved[0]
+        os.environ.pop("LEPTON_FAST_BACKEND", None)
+        if saved[1] is not None:
+            os.environ["LEPTON_FAST_BACKEND"] = saved[1]
 
 
-def _rank_cases(ctx, split, cases, block_elements=None):
+def _rank_cases(ctx, split, cases, block_elements=None, backend=None):
     """[(loss, gradient of this rank's slice)] per case on the ranks of ``split``; None off them."""
     index, sizes = SPLITS[split]
     group = ctx.groups[index]
@@ -97,7 +107,7 @@ def _rank_cases(ctx, split, cases, block_elements=None):
     for data_kw, kw, grad_output in cases:
         s, idx, logp, mask, labels = data(**data_kw)
         x = s[..., lo:hi].clone().requires_grad_()
-        with _block_elements(block_elements):
+        with _kernels(backend, block_elements):
             loss = vocab_parallel_sparse_kd_loss(x, idx, logp, mask, group=group, labels=labels, **kw)
         loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
         out.append((loss.detach(), x.grad))
@@ -133,7 +143,7 @@ def _rank_slice_tensors(ctx, n, block_rows, kw):
     lo, hi = sum(sizes[:ctx.rank]), sum(sizes[:ctx.rank + 1])
     s, idx, logp, mask, labels = data(seed=23, n=n, teacher="random", masked=True, labelled=True)
     x = s[:, lo:hi].clone().requires_grad_()
-    with _block_elements(block_rows * max(sizes)), _NewSliceTensors(block_rows, hi - lo) as recorder:
+    with _kernels(block_elements=block_rows * max(sizes)), _NewSliceTensors(block_rows, hi - lo) as recorder:
         vocab_parallel_sparse_kd_loss(x, idx, logp, mask, group=group, labels=labels, **kw)
     return recorder.shapes
 
@@ -208,8 +218,8 @@ def oracle(data_kw, kw, grad_output=None):
     return loss.detach(), x.grad
 
 
-def assert_cases_match(pool, split, cases, tol=F64_TOL, block_elements=None):
-    answers = [a for a in pool.run(_rank_cases, split, cases, block_elements) if a is not None]
+def assert_cases_match(pool, split, cases, tol=F64_TOL, block_elements=None, backend=None):
+    answers = [a for a in pool.run(_rank_cases, split, cases, block_elements, backend) if a is not None]
     assert len(answers) == len(SPLITS[split][1])
     for i, (data_kw, kw, grad_output) in enumerate(cases):
         want_loss, want_grad = oracle(data_kw, kw, grad_output)
@@ -265,7 +275,7 @@ def test_edge_cases(pool):
     assert_cases_match(pool, "3-empty", cases)
 
 
-# Elements per block of rows (distributed.SPARSE_BLOCK_ELEMENTS): 1, blocks of one row; 80,
+# Elements per block of rows of the reference kernels (reference.SPARSE_BLOCK_ELEMENTS): 1, blocks of one row; 80,
 # four rows on the slices of 17 to 20 classes (7 rows: a block of 4 and one of 3) and one
 # block on the empty slice; 10**9, one block.
 BLOCK_ELEMENTS = [1, 80, 10**9]
@@ -291,14 +301,16 @@ def _blocked_cases():
 @pytest.mark.parametrize("block_elements", BLOCK_ELEMENTS)
 @pytest.mark.parametrize("split", SPLITS)
 def test_blocks_of_rows(pool, split, block_elements):
-    assert_cases_match(pool, split, list(_blocked_cases()), block_elements=block_elements)
+    """The reference kernels (those of CUDA tensors) run on blocks of rows."""
+    assert_cases_match(pool, split, list(_blocked_cases()), block_elements=block_elements, backend="reference")
 
 
 @pytest.mark.parametrize("kw", [dict(truncation="tail", alpha=0.3, temperature=2.0),
                                 dict(truncation="renormalize", divergence="jsd")])
 def test_one_slice_sized_tensor(pool, kw):
-    """The per-rank steps run on blocks of rows: the gradient is the only new tensor of
-    [N, C_r] or more a forward makes (9 rows in blocks of 2)."""
+    """The gradient is the only new tensor of [N, C_r] or more a forward makes (9 rows; the
+    test for duplicate entries in blocks of 2): the CPU kernels read the slice in place. (The
+    reference kernels' own blocks: test_sparse_slice_ops.py.)"""
     answers = pool.run(_rank_slice_tensors, 9, 2, kw)
     for shapes, width in zip(answers, SPLITS["2"][1]):
         assert [shape for _, shape in shapes] == [(9, width)], shapes

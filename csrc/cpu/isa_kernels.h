@@ -32,6 +32,12 @@ StepFaults LF_CAT(adversarial_step, LF_ISA)(const StepBuffers& a, int64_t begin,
 void LF_CAT(sparse_kd_rows, LF_ISA)(const SparseRows& a, int64_t begin, int64_t end) {
   sparse_kd_rows_any_dtype(a, begin, end);
 }
+void LF_CAT(sparse_slice_stats_rows, LF_ISA)(const SparseSliceRows& a, int64_t begin, int64_t end) {
+  with_row_dtype(a.dtype, [&](auto tag) { SparseRow<decltype(tag)>::slice_stats(a, begin, end); });
+}
+void LF_CAT(sparse_slice_grad_rows, LF_ISA)(const SparseSliceRows& a, int64_t begin, int64_t end) {
+  with_row_dtype(a.dtype, [&](auto tag) { SparseRow<decltype(tag)>::slice_grad(a, begin, end); });
+}
 #else
 void LF_CAT(kd_rows, LF_ISA)(const KDRows& a, int64_t begin, int64_t end) { kd_rows_default(a, begin, end); }
 void LF_CAT(pseudo_label_rows, LF_ISA)(const PseudoLabelRows& a, int64_t begin, int64_t end) {
@@ -42,6 +48,12 @@ StepFaults LF_CAT(adversarial_step, LF_ISA)(const StepBuffers& a, int64_t begin,
 }
 void LF_CAT(sparse_kd_rows, LF_ISA)(const SparseRows& a, int64_t begin, int64_t end) {
   sparse_kd_rows_default(a, begin, end);
+}
+void LF_CAT(sparse_slice_stats_rows, LF_ISA)(const SparseSliceRows& a, int64_t begin, int64_t end) {
+  sparse_slice_stats_rows_default(a, begin, end);
+}
+void LF_CAT(sparse_slice_grad_rows, LF_ISA)(const SparseSliceRows& a, int64_t begin, int64_t end) {
+  sparse_slice_grad_rows_default(a, begin, end);
 }
 #endif
 

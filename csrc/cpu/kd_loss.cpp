@@ -18,21 +18,6 @@ namespace lepton_fast {
 namespace cpu {
 namespace {
 
-// The labels' range, checked where they are read (the CUDA kernel asserts the same), and the
-// count of rows a "mean" divides by.
-int64_t count_valid_labels(const char* op, const int64_t* labels, int64_t n_rows, int64_t n_classes,
-                           int64_t ignore_index) {
-  int64_t valid = 0;
-  for (int64_t i = 0; i < n_rows; ++i) {
-    const int64_t y = labels[i];
-    if (y == ignore_index) continue;
-    TORCH_CHECK_VALUE(y >= 0 && y < n_classes, op, ": labels must be in [0, ", n_classes, ") or equal ignore_index=",
-                      ignore_index, "; got ", y, " at row ", i);
-    ++valid;
-  }
-  return valid;
-}
-
 template <typename acc_t>
 at::Tensor reduce_rows(const at::Tensor& rows, Reduction reduction, double divisor) {
   if (reduction == Reduction::kNone) return rows;

@@ -29,14 +29,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_loss_cpu(const SparseKDLossCall& c)
   const int64_t n = student_logits.size(0), v = student_logits.size(1);
   int64_t n_valid = n;
   if (c.labels.defined()) {
-    const int64_t* y = c.labels.const_data_ptr<int64_t>();
-    n_valid = 0;
-    for (int64_t i = 0; i < n; ++i) {  // the labels' range, checked where they are read
-      if (y[i] == c.p.ignore_index) continue;
-      TORCH_CHECK_VALUE(y[i] >= 0 && y[i] < v, op, ": labels must be in [0, ", v, ") or equal ignore_index=",
-                        c.p.ignore_index, "; got ", y[i], " at row ", i);
-      ++n_valid;
-    }
+    n_valid = count_valid_labels(op, c.labels.const_data_ptr<int64_t>(), n, v, c.p.ignore_index);
   }
   double divisor = 1;
   if (c.num_items_in_batch) {
@@ -82,9 +75,105 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_loss_cpu(const SparseKDLossCall& c)
   return {at::scalar_tensor(plain_sum ? total : total / divisor, rows.options()), grad};
 }
 
+// What both slice ops check and hand their row kernel: the [N, C] slice of rows of n_classes at
+// class_offset, its entries' columns [N, K] and the labels (class ids of the whole row).
+struct SliceLaunch {
+  SparseSliceRows rows;
+  at::Tensor column, labels64;
+  at::ScalarType acc_type;
+};
+
+SliceLaunch prepare_slice(const char* op, const at::Tensor& student, const at::Tensor& column,
+                          const std::optional<at::Tensor>& labels, const at::Tensor& hyper, int64_t ignore_index,
+                          int64_t class_offset, int64_t n_classes) {
+  LF_CHECK_ROWS(student);
+  const auto dtype = student.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+              ": student_logits must be float32, float64, bfloat16 or float16, got ", dtype);
+  const int64_t n = student.size(0), c = student.size(1);
+  TORCH_CHECK(column.dim() == 2 && column.size(0) == n, op, ": column must be [N, K]");
+  LF_CHECK_DTYPE(column, at::kLong);
+  LF_CHECK_DEVICE(column, student);
+  TORCH_CHECK_VALUE(class_offset >= 0 && class_offset + c <= n_classes, op, ": a slice of ", c,
+                    " columns at class_offset=", class_offset, " does not fit in n_classes=", n_classes);
+  SliceLaunch launch;
+  launch.column = column.contiguous();
+  launch.acc_type = at::toOpMathType(dtype);
+  if (labels) {
+    LF_CHECK_SHAPE(*labels, n);
+    LF_CHECK_DEVICE(*labels, student);
+    launch.labels64 = labels->contiguous();
+    LF_CHECK_DTYPE(launch.labels64, at::kLong);
+  }
+  SparseSliceRows& a = launch.rows;
+  a = SparseSliceRows{};
+  a.student = student.const_data_ptr();
+  a.column = launch.column.const_data_ptr<int64_t>();
+  a.labels = labels ? launch.labels64.const_data_ptr<int64_t>() : nullptr;
+  a.slice_classes = c;
+  a.k = column.size(1);
+  a.s_stride = student.stride(0);
+  a.class_offset = class_offset;
+  a.n_classes = n_classes;
+  a.dtype = dtype;
+  a.p = make_kd_params(hyper, ignore_index, labels.has_value(), false);
+  return launch;
+}
+
+template <typename Fn>
+void run_slice_rows(const SparseSliceRows& a, int64_t n_rows, Fn baseline, Fn avx2, Fn avx512) {
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(a.slice_classes, 1));
+  const auto fn = pick_isa(baseline, avx2, avx512);
+  at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) { fn(a, begin, end); });
+}
+
+at::Tensor sparse_slice_stats_cpu(const at::Tensor& student_logits, const at::Tensor& column,
+                                  const std::optional<at::Tensor>& labels, const at::Tensor& hyper,
+                                  c10::string_view truncation, int64_t ignore_index, int64_t class_offset,
+                                  int64_t n_classes) {
+  const char* op = "sparse_slice_stats";
+  TORCH_CHECK(truncation == "renormalize" || truncation == "tail", op, ": truncation must be 'renormalize' or 'tail'");
+  SliceLaunch launch = prepare_slice(op, student_logits, column, labels, hyper, ignore_index, class_offset, n_classes);
+  const int64_t n = student_logits.size(0);
+  if (labels) count_valid_labels(op, launch.labels64.const_data_ptr<int64_t>(), n, n_classes, ignore_index);
+  auto out = at::empty({n, kSpEntries + launch.rows.k}, student_logits.options().dtype(launch.acc_type));
+  launch.rows.out = out.mutable_data_ptr();
+  launch.rows.tail = truncation == "tail";
+  run_slice_rows(launch.rows, n, &sparse_slice_stats_rows_default, &sparse_slice_stats_rows_avx2,
+                 &sparse_slice_stats_rows_avx512);
+  return out;
+}
+
+at::Tensor sparse_slice_grad_cpu(const at::Tensor& student_logits, const at::Tensor& column,
+                                 const std::optional<at::Tensor>& labels, const at::Tensor& coefficients,
+                                 const at::Tensor& hyper, int64_t ignore_index, int64_t class_offset) {
+  const char* op = "sparse_slice_grad";
+  // The labels were checked by sparse_slice_stats; a label outside the slice has no column here.
+  SliceLaunch launch = prepare_slice(op, student_logits, column, labels, hyper, ignore_index, class_offset,
+                                     class_offset + student_logits.size(1));
+  const int64_t n = student_logits.size(0);
+  TORCH_CHECK(coefficients.dim() == 2 && coefficients.size(0) == n &&
+                  coefficients.size(1) == kGrEntries + launch.rows.k && coefficients.is_contiguous(),
+              op, ": coefficients must be a contiguous [N, ", kGrEntries, " + K] tensor, got ", coefficients.sizes());
+  TORCH_CHECK(coefficients.scalar_type() == launch.acc_type, op, ": coefficients must be ", launch.acc_type,
+              ", got ", coefficients.scalar_type());
+  LF_CHECK_DEVICE(coefficients, student_logits);
+  auto grad = GradientBlockCache::get().empty_like(student_logits);
+  launch.rows.coefficients = coefficients.const_data_ptr();
+  launch.rows.out = grad.mutable_data_ptr();
+  launch.rows.stream_grad = stream_gradient(grad);
+  run_slice_rows(launch.rows, n, &sparse_slice_grad_rows_default, &sparse_slice_grad_rows_avx2,
+                 &sparse_slice_grad_rows_avx512);
+  return grad;
+}
+
 }  // namespace
 }  // namespace cpu
 
-TORCH_LIBRARY_IMPL(lepton_fast, CPU, m) { m.impl("sparse_kd_loss", &sparse_kd_loss_entry<&cpu::sparse_kd_loss_cpu>); }
+TORCH_LIBRARY_IMPL(lepton_fast, CPU, m) {
+  m.impl("sparse_kd_loss", &sparse_kd_loss_entry<&cpu::sparse_kd_loss_cpu>);
+  m.impl("sparse_slice_stats", &cpu::sparse_slice_stats_cpu);
+  m.impl("sparse_slice_grad", &cpu::sparse_slice_grad_cpu);
+}
 
 }  // namespace lepton_fast

@@ -180,6 +180,150 @@ struct SparseRow {
     }
   }
 
+  // --- The vocabulary-parallel split: sparse_slice_stats and sparse_slice_grad, one pass each ---
+
+  // The slice row's listed columns (its counted entries' columns >= 0), sorted, after checking
+  // them: in [-1, C), none twice (the reference kernel makes the same checks).
+  static void slice_listed(const int64_t* col, int64_t K, int64_t C, int64_t row, std::vector<int64_t>& listed) {
+    listed.clear();
+    for (int64_t k = 0; k < K; ++k) {
+      if (col[k] == -1) continue;
+      TORCH_CHECK_VALUE(col[k] >= 0 && col[k] < C, "sparse_slice: column must be in [-1, ", C, "); got ", col[k],
+                        " at row ", row, ", entry ", k);
+      listed.push_back(col[k]);
+    }
+    std::sort(listed.begin(), listed.end());
+    TORCH_CHECK_VALUE(std::adjacent_find(listed.begin(), listed.end()) == listed.end(),
+                      "sparse_slice: a row of column lists a column twice (row ", row, ")");
+  }
+
+  // The label's column in the slice, or -1 (no labels, or a label in another slice).
+  static int64_t label_column(const SparseSliceRows& a, int64_t row) {
+    if (!a.labels) return -1;
+    const int64_t j = a.labels[row] - a.class_offset;
+    return j >= 0 && j < a.slice_classes ? j : -1;
+  }
+
+  static bool ignored(const SparseSliceRows& a, int64_t row) {
+    return a.labels && a.labels[row] == a.p.ignore_index;
+  }
+
+  // The slice's statistics against its own maxima: the pass of sparse_kd_loss (the listed
+  // columns read as -inf under "tail", so the unlisted statistics come from the unlisted
+  // columns themselves), then the listed columns added one by one for the row's; the caller
+  // rescales each sum to the maxima merged over the slices, with no second read.
+  static void slice_stats(const SparseSliceRows& a, int64_t begin, int64_t end) {
+    const KDParams& p = a.p;
+    const int64_t C = a.slice_classes, K = a.k, width = kSpEntries + K;
+    const acc_t inv_t = p.inv_temperature, label_smoothing = p.label_smoothing;
+    const bool tail = a.tail && p.needs_soft, ce = p.needs_ce, smoothing = ce && label_smoothing > 0;
+    const bool at_t = tail, at_1 = ce && !(at_t && inv_t == acc_t(1));  // as in rows()
+    std::vector<int64_t> listed;
+    listed.reserve(K);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t* col = a.column + row * K;
+      acc_t* out = static_cast<acc_t*>(a.out) + row * width;
+      slice_listed(col, K, C, row, listed);
+      std::fill(out, out + width, acc_t(0));
+      out[kSpMax] = out[kSpMaxUnlisted] = kNegInf;
+      if (ignored(a, row)) continue;
+      const scalar_t* s = static_cast<const scalar_t*>(a.student) + row * a.s_stride;
+      if (tail || ce) {
+        const int64_t* lb = listed.data();
+        const Lanes lanes = pass(s, C, lb, tail ? lb + listed.size() : lb, inv_t, at_t, at_1, smoothing, nullptr);
+        if (tail) {
+          Stats all = row_stats(lanes.max, lanes.sum_t, inv_t);
+          out[kSpMaxUnlisted] = all.max;
+          out[kSpSumUnlisted] = all.sum;
+          for (const int64_t j : listed) all.add(acc_t(s[j]));
+          out[kSpMax] = all.max;
+          out[kSpSum] = all.sum;
+        }
+        if (ce) {
+          Stats all = row_stats(lanes.max, at_1 ? lanes.sum_1 : lanes.sum_t, acc_t(1));
+          if (tail) {
+            for (const int64_t j : listed) all.add(acc_t(s[j]));
+          }
+          out[kSpMax] = all.max;
+          out[kSpSumCE] = all.sum;
+          const int64_t lc = label_column(a, row);
+          acc_t lin = lc >= 0 ? (1 - label_smoothing) * acc_t(s[lc]) : acc_t(0);
+          if (smoothing) lin += label_smoothing / acc_t(a.n_classes) * IO::sum(lanes.sum_x);
+          out[kSpLinCE] = lin;
+        }
+      }
+      if (p.needs_soft) {
+        for (int64_t k = 0; k < K; ++k) out[kSpEntries + k] = col[k] >= 0 ? acc_t(s[col[k]]) : acc_t(0);
+      }
+    }
+  }
+
+  // Above this (max - max_unlisted) / T the unlisted term keeps an exp of its own: below it,
+  // exp((x - max_u) / T) = exp((x - max) / T) exp((max - max_u) / T) shares the softmax's exp,
+  // and a factor <= e^16 leaves exp((x - max) / T) >= e^-16 times the unlisted one, far from
+  // underflow wherever that term matters.
+  static constexpr acc_t kFoldUnlisted = 16;
+
+  // The slice's gradient from its rows' coefficients: the dense formula at every column
+  // (1 to 3 exps an element, each only where its coefficient is not 0), written once; then
+  // each listed column overwritten with its own (no unlisted term, its entry's coefficient).
+  static void slice_grad(const SparseSliceRows& a, int64_t begin, int64_t end) {
+    const int64_t C = a.slice_classes, K = a.k, width = kGrEntries + K;
+    const acc_t inv_t = a.p.inv_temperature;
+    const Vec v_inv_t(inv_t);
+    std::vector<int64_t> listed;
+    listed.reserve(K);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t* col = a.column + row * K;
+      slice_listed(col, K, C, row, listed);
+      scalar_t* g = static_cast<scalar_t*>(a.out) + row * C;
+      if (ignored(a, row)) {
+        zero(g, C, a.stream_grad);
+        continue;
+      }
+      const scalar_t* s = static_cast<const scalar_t*>(a.student) + row * a.s_stride;
+      const acc_t* cf = static_cast<const acc_t*>(a.coefficients) + row * width;
+      const acc_t m = cf[kGrMax], mu = cf[kGrMaxUnlisted], c0 = cf[kGrConst], cu = cf[kGrUnlisted];
+      acc_t ct = cf[kGrSoftmax], c1 = cf[kGrSoftmaxCE];
+      if (inv_t == acc_t(1)) {  // the CE's softmax is the soft term's: one exp
+        ct += c1;
+        c1 = 0;
+      }
+      const bool fold = cu != 0 && (m - mu) * inv_t <= kFoldUnlisted;
+      const acc_t ct_dense = fold ? ct + cu * std::exp((m - mu) * inv_t) : ct;
+      const bool own_u = cu != 0 && !fold;
+      const int64_t lc = label_column(a, row);
+      const acc_t c_label = cf[kGrLabel];
+      if (c0 == 0 && ct_dense == 0 && c1 == 0 && !own_u) {
+        zero(g, C, a.stream_grad);
+        if (lc >= 0) g[lc] = static_cast<scalar_t>(c_label);
+      } else {
+        const Vec v_m(m), v_mu(mu), v_c0(c0), v_ct(ct_dense), v_cu(cu), v_c1(c1);
+        for (int64_t j = 0; j < C; j += W) {
+          prefetch_ahead(s + j);
+          const int64_t n = std::min(W, C - j);
+          const Vec x = IO::load(s + j, n, m);  // padding lanes: exps of 0, never stored
+          Vec dv = v_c0;
+          if (ct_dense != 0) dv = at::vec::fmadd(M::exp((x - v_m) * v_inv_t), v_ct, dv);
+          if (own_u) dv = at::vec::fmadd(M::exp((x - v_mu) * v_inv_t), v_cu, dv);
+          if (c1 != 0) dv = at::vec::fmadd(M::exp(x - v_m), v_c1, dv);
+          if (lc >= j && lc < j + n) dv = IO::add_at(dv, lc - j, c_label);
+          IO::store(g + j, dv, n, a.stream_grad);
+        }
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t j = col[k];
+        if (j < 0) continue;
+        const acc_t x = s[j];
+        acc_t dk = c0 + cf[kGrEntries + k] + (j == lc ? c_label : acc_t(0));
+        if (ct != 0) dk += ct * std::exp((x - m) * inv_t);
+        if (c1 != 0) dk += c1 * std::exp(x - m);
+        g[j] = static_cast<scalar_t>(dk);
+      }
+    }
+    if (a.stream_grad) streaming_fence();
+  }
+
   static void rows(const SparseRows& a, int64_t begin, int64_t end) {
     const KDParams& p = a.p;
     const int64_t V = a.n_classes, K = a.k;

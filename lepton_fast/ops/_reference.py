@@ -212,3 +212,36 @@ def sparse_kd_loss(student_logits, teacher_indices, teacher_logprobs, teacher_ma
         student_logits, compute_grad)
     rows_defined(loss.reshape(-1), "sparse_kd_loss: student_logits or teacher_logprobs")
     return loss, grad
+
+
+def _slice_columns_checked(op: str, column: Tensor, n_local: int) -> None:
+    """The checks the CPU kernels make of ``column``: in [-1, C_r), the columns >= 0 of a row distinct."""
+    _validate.no_bad_values((column < -1) | (column >= n_local),
+                            f"{op}: column must be in [-1, {n_local}) (a counted entry's column in the slice, or -1)")
+    ordered = column.sort(-1).values
+    _validate.no_bad_values((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0),
+                            f"{op}: a row of column lists a column twice")
+
+
+def sparse_slice_stats(student_logits, column, labels, hyper, truncation, ignore_index, class_offset, n_classes):
+    _slice_checks("sparse_slice_stats", student_logits, labels, ignore_index, class_offset, n_classes)
+    _slice_columns_checked("sparse_slice_stats", column, student_logits.shape[-1])
+    kw = dict(truncation=truncation, ignore_index=ignore_index, class_offset=class_offset, n_classes=n_classes,
+              **hyper_keywords(reference.sparse_slice_stats, hyper))
+    acc = torch.promote_types(student_logits.dtype, torch.float32)
+    out = student_logits.new_empty((student_logits.shape[0], reference.SP_ENTRIES + column.shape[-1]), dtype=acc)
+    for b in reference.row_blocks(*student_logits.shape):  # temporaries of a block's size (reference.py)
+        out[b] = reference.sparse_slice_stats(student_logits[b], column[b], None if labels is None else labels[b],
+                                              **kw)
+    return out
+
+
+def sparse_slice_grad(student_logits, column, labels, coefficients, hyper, ignore_index, class_offset):
+    _slice_columns_checked("sparse_slice_grad", column, student_logits.shape[-1])
+    kw = dict(ignore_index=ignore_index, class_offset=class_offset,
+              **hyper_keywords(reference.sparse_slice_grad, hyper))
+    grad = torch.empty_like(student_logits)
+    for b in reference.row_blocks(*student_logits.shape):
+        grad[b] = reference.sparse_slice_grad(student_logits[b], column[b], None if labels is None else labels[b],
+                                              coefficients[b], **kw)
+    return grad

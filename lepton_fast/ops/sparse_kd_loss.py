@@ -39,6 +39,105 @@ SPEC = _backend.define(
 
 TRUNCATIONS = ("renormalize", "tail")
 
+# sparse_kd_loss split at its two passes over a row, for a rank that holds the [N, C_r] slice of
+# the student's classes starting at class_offset of rows of n_classes
+# (lepton_fast.distributed.vocab_parallel_sparse_kd_loss). ``column`` [N, K] int64 is each
+# counted entry's column in the slice, -1 for an entry that does not count or lies in another
+# slice; the columns >= 0 of a row must be distinct (reference.sparse_slice_columns gives them).
+# Both ops skip the rows whose label is ignore_index. CPU C++ kernels (csrc/cpu/sparse_kd_loss.cpp,
+# one pass over the slice each); on CUDA tensors the reference kernel (no CUDA or Triton kernel).
+#   sparse_slice_stats: the slice's statistics against its OWN maxima, [N, SP_ENTRIES + K] in the
+#     accumulation dtype (columns below); the columns that the terms (alpha, truncation) do not
+#     need are -inf (maxima) or 0, as are an ignored row's. SliceMerge merges them across slices.
+#   sparse_slice_grad: d(loss)/d(the slice) in the student's dtype, from each row's coefficients
+#     [N, GR_ENTRIES + K] in the accumulation dtype (columns below; reference.sparse_slice_rows
+#     gives them): per class x of the slice, GR_CONST + GR_SOFTMAX exp((x - GR_MAX) / T)
+#     + GR_UNLISTED [x not listed] exp((x - GR_MAX_UNLISTED) / T) + GR_SOFTMAX_CE exp(x - GR_MAX),
+#     plus GR_LABEL at the label's column and GR_ENTRIES + k at entry k's column; a term whose
+#     coefficient is 0 adds 0, and an ignored row is 0.
+SLICE_STATS_SPEC = _backend.define(
+    "sparse_slice_stats(Tensor student_logits, Tensor column, Tensor? labels, Tensor hyper, str truncation, "
+    "int ignore_index, int class_offset, int n_classes) -> Tensor",
+    public=False, cuda_cpp=False)
+SLICE_GRAD_SPEC = _backend.define(
+    "sparse_slice_grad(Tensor student_logits, Tensor column, Tensor? labels, Tensor coefficients, Tensor hyper, "
+    "int ignore_index, int class_offset) -> Tensor",
+    public=False, cuda_cpp=False)
+# The columns of sparse_slice_stats (SparseStat in csrc/sparse_kd_loss.h): the slice's max of the
+# raw logits and its max over the classes no counted entry lists ("tail"); against them, the sums
+# of exp((x - max) / T) over all classes and over the unlisted ones ("tail"), the CE's sum of
+# exp(x - max) and its linear part (1 - eps) x[label] + eps / n_classes sum x (alpha > 0); then
+# the student's logits at the K entries (0 where column is -1; the soft term).
+SP_MAX, SP_MAX_UNLISTED, SP_SUM, SP_SUM_UNLISTED, SP_SUM_CE, SP_LIN_CE, SP_ENTRIES = range(7)
+# The columns of sparse_slice_grad's coefficients (SparseGradCoef in csrc/sparse_kd_loss.h).
+GR_MAX, GR_MAX_UNLISTED, GR_CONST, GR_SOFTMAX, GR_UNLISTED, GR_SOFTMAX_CE, GR_LABEL, GR_ENTRIES = range(8)
+
+
+@torch.library.register_fake("lepton_fast::sparse_slice_stats")
+def _(student_logits, column, labels, hyper, truncation, ignore_index, class_offset, n_classes):
+    acc = torch.promote_types(student_logits.dtype, torch.float32)
+    return student_logits.new_empty((student_logits.shape[0], SP_ENTRIES + column.shape[1]), dtype=acc)
+
+
+@torch.library.register_fake("lepton_fast::sparse_slice_grad")
+def _(student_logits, column, labels, coefficients, hyper, ignore_index, class_offset):
+    return torch.empty_like(student_logits)
+
+
+class SliceMerge:
+    """Which of sparse_slice_stats' columns the slices of a row merge for a loss, and the merge:
+    the maxima by their max, each sum rescaled from its slice's max to the merged one and summed
+    (as ops.kd_loss.SliceMerge merges the dense statistics), the linear part and the entries'
+    logits summed (each entry's logit comes from the one slice that holds it).
+
+    The maxima: the row's for "tail" or the CE, the unlisted classes' for "tail". The sums:
+    "tail"'s two at T, the CE's at 1 and its linear part, the soft term's K logits; so
+    "renormalize" without the CE merges only the logits."""
+
+    def __init__(self, hyper: Tensor, truncation: str):
+        h = _validate.kd_values(hyper)
+        soft, ce = h["alpha"] < 1, h["alpha"] > 0
+        tail = soft and truncation == "tail"
+        self.temperature = h["temperature"]
+        self.max_cols = ([SP_MAX] if tail or ce else []) + ([SP_MAX_UNLISTED] if tail else [])
+        # (column, the column of the max it is against and its temperature, or None for a plain sum)
+        sums = ([(SP_SUM, (SP_MAX, self.temperature)), (SP_SUM_UNLISTED, (SP_MAX_UNLISTED, self.temperature))]
+                if tail else [])
+        sums += [(SP_SUM_CE, (SP_MAX, 1.0)), (SP_LIN_CE, None)] if ce else []
+        self._sums = sums
+        self.soft = soft
+
+    def sum_cols(self, k: int) -> list[int]:
+        return [c for c, _ in self._sums] + (list(range(SP_ENTRIES, SP_ENTRIES + k)) if self.soft else [])
+
+    def maxima(self, stats: Tensor) -> Tensor:
+        """[N, len(max_cols)], contiguous: what the maxima's merge reduces with MAX."""
+        return stats[:, self.max_cols].contiguous()
+
+    def rescaled(self, stats: Tensor, merged_max: Tensor) -> Tensor:
+        """[N, len(sum_cols)], contiguous: this slice's sums against the merged maxima
+        (``maxima`` reduced by MAX), what the sums' merge reduces with SUM."""
+        columns = []
+        for col, against in self._sums:
+            x = stats[:, col]
+            if against is not None:
+                max_col, temperature = against
+                local, merged = stats[:, max_col], merged_max[:, self.max_cols.index(max_col)]
+                some = local != float("-inf")  # a slice with no finite entry adds 0
+                # of the raw logits, the difference before the division, as in scaled_logits
+                x = torch.where(some, x * ((torch.where(some, local, 0.0) - merged) / temperature).exp(), 0.0)
+            columns.append(x)
+        if self.soft:
+            columns.append(stats[:, SP_ENTRIES:])
+        return torch.cat([c if c.dim() == 2 else c[:, None] for c in columns], 1)
+
+    def merged(self, stats: Tensor, merged_max: Tensor, merged_sums: Tensor) -> Tensor:
+        """``stats`` with the merged maxima and sums in their columns (in place), the rows'
+        statistics over the whole vocabulary that reference.sparse_slice_rows takes."""
+        stats[:, self.max_cols] = merged_max
+        stats[:, self.sum_cols(stats.shape[1] - SP_ENTRIES)] = merged_sums
+        return stats
+
 
 @torch.library.register_fake("lepton_fast::sparse_kd_loss")
 def _(student_logits, teacher_indices, teacher_logprobs, teacher_mask, labels, hyper, truncation, ignore_index,
@@ -133,3 +232,25 @@ def sparse_kd_loss(
         o.labels, o.hyper, truncation, o.ignore_index, o.reduction, o.num_items, compute_grad,
     )
     return loss.reshape(student_logits.shape[:-1]) if o.reduction == "none" else loss
+
+
+def slice_backend(device: torch.device) -> str:
+    """The backend the slice ops run on for tensors on ``device`` ($LEPTON_FAST_BACKEND or the
+    dispatcher's kernel: the CPU C++ kernels, the reference kernel on CUDA tensors)."""
+    return _backend.resolve(SLICE_GRAD_SPEC, device)
+
+
+def slice_stats(backend: str, student: Tensor, column: Tensor, labels: Optional[Tensor], hyper: Tensor,
+                truncation: str, ignore_index: int, class_offset: int, n_classes: int) -> Tensor:
+    """sparse_slice_stats of the [N, C_r] slice ``student`` (columns class_offset... of n_classes)."""
+    student = student.detach()
+    return _backend.call(SLICE_STATS_SPEC, backend, student.device.type, student, column, labels, hyper, truncation,
+                         ignore_index, class_offset, n_classes)
+
+
+def slice_grad(backend: str, student: Tensor, column: Tensor, labels: Optional[Tensor], coefficients: Tensor,
+               hyper: Tensor, ignore_index: int, class_offset: int) -> Tensor:
+    """sparse_slice_grad: d(loss)/d(the slice ``student``) from the rows' gradient coefficients."""
+    student = student.detach()
+    return _backend.call(SLICE_GRAD_SPEC, backend, student.device.type, student, column, labels, coefficients,
+                         hyper, ignore_index, class_offset)

@@ -1,0 +1,248 @@
+"""The sparse_slice_* ops (sparse_kd_loss split at its two passes over a row, the per-rank
+kernels of vocab_parallel_sparse_kd_loss) on every kernel, in one process.
+
+Each op against its float64 oracle in reference.py on fresh random data (the kernels accumulate
+in float32, or float64 for float64 logits: the oracle runs on the values as the kernel read
+them), and the ops composed as the ranks compose them (lepton_fast.distributed: the slices'
+statistics merged by SliceMerge, with a max and a sum in place of the all-reduces) against
+reference.sparse_kd_loss on the whole rows. conftest fills every new buffer with NaN, so an
+element a kernel forgets to write shows.
+"""
+import pytest
+import torch
+
+from conftest import DEVICE_BACKENDS, opcheck_kernel, require
+from lepton_fast import _validate, reference
+from lepton_fast.ops import sparse_kd_loss as sparse_ops
+from lepton_fast.ops._reference import hyper_keywords
+from lepton_fast.ops.sparse_kd_loss import GR_ENTRIES, GR_MAX, GR_MAX_UNLISTED, SP_MAX, SP_MAX_UNLISTED
+from test_vocab_parallel_sparse import DIVERGENCES, TRUNCATIONS, V, data
+
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
+                                        "ignore:divide by zero encountered:RuntimeWarning")
+F64_TOL = dict(atol=1e-12, rtol=1e-10)
+ACC_TOL = {torch.float64: F64_TOL, torch.float32: dict(atol=2e-5, rtol=2e-5)}
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+SPLITS = [pytest.param((19, 18), id="19/18"), pytest.param((20, 0, 17), id="20/0/17"),
+          pytest.param((V,), id="whole")]
+
+
+@pytest.fixture(params=[pytest.param(p.values, marks=p.marks, id=p.id) for p in DEVICE_BACKENDS])
+def backend(request):
+    """Each kernel of CPU tensors (the ops have no CUDA or Triton kernel: those cases skip)."""
+    device, backend = request.param
+    require(sparse_ops.SLICE_GRAD_SPEC, device, backend)
+    return backend
+
+
+def teacher(data_kw, kw):
+    """(student [n, V], indices, logprobs, counted entries, options, truncation) of data(**data_kw)
+    and the loss keywords kw, as vocab_parallel_sparse_kd_loss checks and reads them."""
+    s, idx, logp, mask, labels = data(**data_kw)
+    kw = dict(kw)
+    truncation = kw.pop("truncation", "renormalize")
+    indices, logprobs, mask = _validate.sparse_teacher(idx, logp, mask, "student_logits", s)
+    o = _validate.kd_options("vocab_parallel_sparse_kd_loss", "student_logits", s, labels=labels, **kw)
+    counted = reference.sparse_counted_entries(indices, reference.sparse_teacher_entries(indices, mask, o.labels,
+                                                                                         o.ignore_index))
+    return s, indices, logprobs, counted, o, truncation
+
+
+def sliced(backend, data_kw, kw, sizes):
+    """(the loss, the slices' gradients side by side) through the slice ops on ``backend``."""
+    s, indices, logprobs, counted, o, truncation = teacher(data_kw, kw)
+    merge = sparse_ops.SliceMerge(o.hyper, truncation)
+    parts = []
+    for offset, size in zip([sum(sizes[:r]) for r in range(len(sizes))], sizes):
+        x = s[:, offset:offset + size]
+        column = reference.sparse_slice_columns(indices, counted, offset, size)
+        stats = sparse_ops.slice_stats(backend, x, column, o.labels, o.hyper, truncation, o.ignore_index, offset, V)
+        assert stats.shape == (s.shape[0], sparse_ops.SP_ENTRIES + indices.shape[1])
+        parts.append((x, column, offset, stats))
+    merged_max = torch.stack([merge.maxima(st) for *_, st in parts]).amax(0)
+    sums = sum(merge.rescaled(st, merged_max) for *_, st in parts)
+    stats = merge.merged(parts[0][3].clone(), merged_max, sums)
+    divisor = reference.mean_divisor(o.labels, o.ignore_index, s.shape[0])
+    rows, coefficients = reference.sparse_slice_rows(
+        counted, logprobs, o.labels, stats, truncation=truncation, ignore_index=o.ignore_index, n_classes=V,
+        coefficients=True, grad_divisor=reference.reduction_divisor(o.reduction, divisor, o.num_items),
+        **hyper_keywords(reference.sparse_slice_rows, o.hyper))
+    loss = reference.reduce_rows(rows, o.reduction, divisor, o.num_items)
+    grads = [sparse_ops.slice_grad(backend, x, column, o.labels, coefficients, o.hyper, o.ignore_index, offset)
+             for x, column, offset, _ in parts]
+    return loss, torch.cat(grads, -1)
+
+
+def cases():
+    """Both truncations and the three divergences, with and without the CE term (label
+    smoothing), temperatures small and large, masked entries (an all-masked row), ignored rows,
+    duplicate indices, K = 1 and K = V."""
+    for truncation in TRUNCATIONS:
+        for divergence in DIVERGENCES:
+            base = dict(divergence=divergence, truncation=truncation, beta=0.3)
+            yield dict(seed=1), dict(base, temperature=2.0)
+            yield dict(seed=2, masked=True, labelled=True), dict(base, temperature=0.7, alpha=0.3, label_smoothing=0.1)
+            yield dict(seed=3, teacher="random", k=9, labelled=True), dict(base, alpha=1.0 if divergence == "jsd" else 0.0)
+        yield dict(seed=4, k=1), dict(truncation=truncation, divergence="reverse_kl")
+        yield dict(seed=5, k=V, labelled=True), dict(truncation=truncation, alpha=0.4, temperature=1.5)
+        yield dict(seed=6, k=V, teacher="random", masked=True), dict(truncation=truncation, divergence="jsd")
+        yield dict(seed=7, masked=True, labelled=True), dict(truncation=truncation, temperature=0.05, alpha=0.2)
+        yield dict(seed=8, labelled="all"), dict(truncation=truncation, alpha=0.5)
+
+
+CASES = [pytest.param(d, k, id=f"{i}") for i, (d, k) in enumerate(cases())]
+
+
+@pytest.mark.parametrize("sizes", SPLITS)
+@pytest.mark.parametrize("data_kw,kw", CASES)
+def test_slices_give_the_whole_loss_float64(backend, data_kw, kw, sizes):
+    loss, grad = sliced(backend, data_kw, kw, sizes)
+    s, idx, logp, mask, labels = data(**data_kw)
+    x = s.clone().requires_grad_()
+    want = reference.sparse_kd_loss(x, idx, logp, mask, labels=labels, **kw)
+    want.backward()
+    torch.testing.assert_close(loss, want.detach(), **F64_TOL)
+    torch.testing.assert_close(grad, x.grad, **F64_TOL)
+
+
+def op_inputs(seed, n=9, c=37, k=6, dtype=torch.float32, class_offset=5):
+    """(student [n, c] of ``dtype`` with -inf classes and a NaN row (ignored), column [n, k] from
+    random global indices with duplicates and masked entries, labels [n] with ignored rows and
+    labels in other slices), the slice at class_offset of rows of c + 13 classes."""
+    n_classes = c + 13
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(n, c, generator=g, dtype=torch.float64) * 3
+    if c:
+        s[2, ::5] = float("-inf")
+        s[4] = float("nan")  # an ignored row may hold anything
+    indices = torch.randint(0, n_classes, (n, k), generator=g)
+    indices[1] = indices[1, 0]  # duplicates: one counts
+    read = torch.rand(n, k, generator=g) > 0.2
+    read[3] = False  # an all-masked row
+    labels = torch.randint(0, n_classes, (n,), generator=g)
+    labels[[0, 4]] = -100
+    read &= (labels != -100)[:, None]
+    counted = reference.sparse_counted_entries(indices, read)
+    column = reference.sparse_slice_columns(indices, counted, class_offset, c)
+    return s.to(dtype), column, labels, g
+
+
+OP_MODES = {
+    "renormalize": dict(truncation="renormalize"),
+    "tail": dict(truncation="tail", temperature=2.0),
+    "tail-ce": dict(truncation="tail", alpha=0.3, label_smoothing=0.1, temperature=0.5),
+    "tail-ce-T1": dict(truncation="tail", alpha=0.3),
+    "ce": dict(truncation="renormalize", alpha=1.0, label_smoothing=0.2, temperature=3.0),
+}
+
+
+@pytest.mark.parametrize("c,k", [(37, 6), (70, 1), (0, 4), (12, 12)], ids=["37x6", "K1", "empty", "K=C"])
+@pytest.mark.parametrize("mode", list(OP_MODES))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stats_op(backend, dtype, mode, c, k):
+    kw = dict(OP_MODES[mode])
+    truncation = kw.pop("truncation")
+    s, column, labels, _ = op_inputs(11, c=c, k=k, dtype=dtype)
+    hyper = _validate.kd_hyper(**kw)
+    got = sparse_ops.slice_stats(backend, s, column, labels, hyper, truncation, -100, 5, c + 13)
+    want = reference.sparse_slice_stats(s.double(), column, labels, truncation=truncation, ignore_index=-100,
+                                        class_offset=5, n_classes=c + 13, **hyper_keywords(reference.sparse_slice_stats, hyper))
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(got.double(), want, **ACC_TOL[got.dtype])
+
+
+def coefficients_for(s, column, g, temperature, zero_every=4):
+    """Fresh random coefficients of sparse_slice_grad, against the slice's maxima as the merged
+    ones would be (at or above them), every ``zero_every``-th one 0 (a term that adds nothing)."""
+    x = s.double()
+    n, k = column.shape
+    coef = torch.randn(n, GR_ENTRIES + k, generator=g, dtype=torch.float64)
+    coef[torch.rand(coef.shape, generator=g) < 1 / zero_every] = 0.0
+    finite = torch.where(x.isfinite(), x, float("-inf"))
+    row_max = finite.amax(-1).clamp(min=-50) if x.shape[1] else torch.zeros(n, dtype=torch.float64)
+    unlisted = reference.sparse_slice_stats(finite, column, None, temperature=temperature, alpha=0.0,
+                                            label_smoothing=0.0, truncation="tail", ignore_index=-100,
+                                            class_offset=0, n_classes=x.shape[1])[:, SP_MAX_UNLISTED]
+    coef[:, GR_MAX] = row_max + 1.0  # at T = 0.05 the unlisted term keeps its own exp (csrc kFoldUnlisted)
+    coef[:, GR_MAX_UNLISTED] = torch.where(unlisted.isfinite(), unlisted, 0.0)
+    return coef
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.05], ids=["T1", "T2", "T0.05"])
+@pytest.mark.parametrize("c,k", [(37, 6), (70, 1), (0, 4), (12, 12)], ids=["37x6", "K1", "empty", "K=C"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grad_op(backend, dtype, c, k, temperature):
+    s, column, labels, g = op_inputs(12, c=c, k=k, dtype=dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    coef = coefficients_for(s, column, g, temperature).to(acc)
+    hyper = _validate.kd_hyper(temperature=temperature)
+    got = sparse_ops.slice_grad(backend, s, column, labels, coef, hyper, -100, 5)
+    want = reference.sparse_slice_grad(s.double(), column, labels, coef.double(), temperature=temperature,
+                                       ignore_index=-100, class_offset=5)
+    assert got.dtype == dtype and got.shape == s.shape
+    tol = ACC_TOL.get(dtype, dict(atol=1e-2, rtol=1e-2))  # bfloat16, float16: the output's rounding
+    torch.testing.assert_close(got.double(), want, **tol)
+
+
+def test_grad_without_labels_and_a_strided_slice(backend):
+    """No labels (the soft term alone), and the slice a view of wider rows."""
+    s, column, _, g = op_inputs(13, c=40, k=5, dtype=torch.float32)
+    s = s[:, :37]  # row stride 40
+    column = torch.where(column < 37, column, -1)
+    s[4] = 0.0  # the NaN row is not ignored without labels
+    coef = coefficients_for(s, column, g, 1.5).float()
+    hyper = _validate.kd_hyper(temperature=1.5)
+    got = sparse_ops.slice_grad(backend, s, column, None, coef, hyper, -100, 0)
+    want = reference.sparse_slice_grad(s.double(), column, None, coef.double(), temperature=1.5, ignore_index=-100,
+                                       class_offset=0)
+    torch.testing.assert_close(got.double(), want, **ACC_TOL[torch.float32])
+
+
+def test_ignored_rows_are_zero(backend):
+    s, column, labels, g = op_inputs(14)
+    hyper = _validate.kd_hyper(temperature=2.0, alpha=0.5)
+    stats = sparse_ops.slice_stats(backend, s, column, labels, hyper, "tail", -100, 5, 50)
+    grad = sparse_ops.slice_grad(backend, s, column, labels, coefficients_for(s, column, g, 2.0).float(), hyper,
+                                 -100, 5)
+    ignored = labels == -100
+    assert (stats[ignored][:, [SP_MAX, SP_MAX_UNLISTED]] == float("-inf")).all()
+    assert (stats[ignored][:, SP_MAX_UNLISTED + 1:] == 0).all()
+    assert (grad[ignored] == 0).all()
+
+
+@pytest.mark.parametrize("what,message", [
+    ("column out of range", r"column must be in \[-1, 37\)"),
+    ("column twice", r"lists a column twice"),
+    ("slice does not fit", r"does not fit in n_classes=40"),
+    ("label out of range", r"labels must be in \[0, 50\)"),
+])
+def test_bad_input_raises(backend, what, message):
+    s, column, labels, g = op_inputs(15)
+    offset, n_classes = 5, 50
+    coef = coefficients_for(s, column, g, 1.0).float()
+    if what == "column out of range":
+        column[2, 0] = 37
+    elif what == "column twice":
+        column[5, :2] = 3
+    elif what == "slice does not fit":
+        n_classes = 40
+    else:
+        labels[1] = 50
+    hyper = _validate.kd_hyper(alpha=0.5)
+    with pytest.raises(ValueError, match=message):
+        sparse_ops.slice_stats(backend, s, column, labels, hyper, "tail", -100, offset, n_classes)
+    if what.startswith("column"):
+        with pytest.raises(ValueError, match=message):
+            sparse_ops.slice_grad(backend, s, column, labels, coef, hyper, -100, offset)
+
+
+def test_opcheck(backend):
+    """The schemas, fake kernels and AOT dispatch of the slice ops."""
+    s, column, labels, g = op_inputs(16)
+    s = torch.where(s.isnan(), 0.0, s)  # opcheck compares runs, and NaN is not equal to itself
+    hyper = _validate.kd_hyper(temperature=2.0, alpha=0.3, label_smoothing=0.1)
+    coef = coefficients_for(s, column, g, 2.0).float()
+    opcheck_kernel(sparse_ops.SLICE_STATS_SPEC, "cpu", backend,
+                   [(s, column, labels, hyper, "tail", -100, 5, 50), (s, column, None, hyper, "renormalize", -100, 0, 37)])
+    opcheck_kernel(sparse_ops.SLICE_GRAD_SPEC, "cpu", backend,
+                   [(s, column, labels, coef, hyper, -100, 5), (s, column, None, coef, hyper, -100, 0)])
