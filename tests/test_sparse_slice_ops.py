@@ -13,10 +13,11 @@ import torch
 
 from conftest import DEVICE_BACKENDS, opcheck_kernel, require
 from lepton_fast import _validate, reference
+from lepton_fast.ops import _reference
 from lepton_fast.ops import sparse_kd_loss as sparse_ops
 from lepton_fast.ops._reference import hyper_keywords
 from lepton_fast.ops.sparse_kd_loss import GR_ENTRIES, GR_MAX, GR_MAX_UNLISTED, SP_MAX, SP_MAX_UNLISTED
-from test_vocab_parallel_sparse import DIVERGENCES, TRUNCATIONS, V, data
+from test_vocab_parallel_sparse import DIVERGENCES, TRUNCATIONS, V, _NewSliceTensors, data
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
                                         "ignore:divide by zero encountered:RuntimeWarning")
@@ -246,3 +247,19 @@ def test_opcheck(backend):
                    [(s, column, labels, hyper, "tail", -100, 5, 50), (s, column, None, hyper, "renormalize", -100, 0, 37)])
     opcheck_kernel(sparse_ops.SLICE_GRAD_SPEC, "cpu", backend,
                    [(s, column, labels, coef, hyper, -100, 5), (s, column, None, coef, hyper, -100, 0)])
+
+
+def test_reference_kernels_run_on_blocks_of_rows(monkeypatch):
+    """The reference kernels (those of CUDA tensors) make no new tensor of more than a block of
+    rows of the slice, but the gradient they return (9 rows in blocks of 2)."""
+    s, column, labels, g = op_inputs(17)
+    hyper = _validate.kd_hyper(temperature=2.0, alpha=0.3, label_smoothing=0.1)
+    coef = coefficients_for(s, column, g, 2.0).float()
+    monkeypatch.setattr(reference, "SPARSE_BLOCK_ELEMENTS", 2 * s.shape[1])
+    with _NewSliceTensors(2, s.shape[1]) as recorder:
+        stats = _reference.sparse_slice_stats(s, column, labels, hyper, "tail", -100, 5, 50)
+        grad = _reference.sparse_slice_grad(s, column, labels, coef, hyper, -100, 5)
+    assert [shape for _, shape in recorder.shapes] == [tuple(s.shape)], recorder.shapes
+    monkeypatch.undo()
+    torch.testing.assert_close(stats, _reference.sparse_slice_stats(s, column, labels, hyper, "tail", -100, 5, 50))
+    torch.testing.assert_close(grad, _reference.sparse_slice_grad(s, column, labels, coef, hyper, -100, 5))
