@@ -25,9 +25,9 @@ states' gradient [N, H_s].
 
 :func:`vocab_parallel_sparse_kd_loss` (a teacher stored as its top-k log-probabilities, the same
 on every rank) runs at most one all-reduce MAX of [N, <= 2] and one SUM of [N, K + <= 4] per
-forward (its docstring says which), none in the backward: O(N·K) bytes. Its per-rank steps are
-plain PyTorch for now (``lepton_fast.reference.sparse_slice_*``, run on blocks of rows), not
-compiled kernels.
+forward (its docstring says which), none in the backward: O(N·K) bytes. Its per-rank work is two
+passes over the slice, the ops ``sparse_slice_stats`` and ``sparse_slice_grad`` of
+lepton_fast.ops.sparse_kd_loss (CPU C++ kernels; the reference kernels on CUDA tensors).
 
 So the bytes sent per step are O(N) (O(N·K) for the sparse teacher), independent of the
 vocabulary. The slices' sizes are exchanged once per process group (one all-gather of one
@@ -204,17 +204,21 @@ def vocab_parallel_sparse_kd_loss(
     not listed, with a max of its own, not as the whole row's mass minus the entries' (exact
     when that tail is far below the entries' mass, at a small T).
 
-    What runs where: the per-rank steps are plain PyTorch (``lepton_fast.reference``'s
-    ``sparse_slice_maxima``, ``sparse_slice_sums`` and ``sparse_slice_rows``; no compiled
-    kernel yet), on any device. Each step runs on blocks of rows of about
-    ``SPARSE_BLOCK_ELEMENTS`` (2**20) elements of the slice, writing its [N, <= K + 4]
-    outputs block by block before the next all-reduce, and the last step writes the gradient
-    block by block into one [N, C_r] tensor of the slice's dtype: that gradient is the only
-    [N, C_r] allocation (the temporaries, its logits in float32, the unlisted classes, the
-    exponentials, are a block's, a few MiB), and nothing holds the whole [N, V]. The
-    reduction ("mean"'s divisor, ``num_items_in_batch``) is over all rows, once. The rows'
-    divergence and its derivatives with respect to the merged statistics ([N, <= K + 4])
-    come from autograd; the chain rule to the slice is written out.
+    What runs where: two passes over this rank's [N, V_r] slice, each one op
+    (lepton_fast.ops.sparse_kd_loss; CPU C++ kernels in csrc/cpu/sparse_kd_loss.cpp, rows in
+    parallel, at::vec per ISA). ``sparse_slice_stats`` reads the slice once and gives each row's
+    statistics against the slice's own maxima (the max, the unlisted classes' max, their sums of
+    exponentials, the CE's sum and linear part) and the entries' logits, [N, K + 6]; Python
+    rescales the sums to the maxima merged by the MAX all-reduce (no second read) before the
+    SUM. The rows' divergence and its derivatives with respect to the merged statistics
+    ([N, <= K + 4], autograd: ``lepton_fast.reference.sparse_slice_rows``) give each row's
+    gradient coefficients, and ``sparse_slice_grad`` writes the gradient in one more pass
+    (1 to 3 exponentials an element), straight into the one [N, V_r] tensor of the slice's
+    dtype: a step reads the slice twice and writes it once, and allocates nothing else of that
+    size. The reduction ("mean"'s divisor, ``num_items_in_batch``) is over all rows, once.
+    CUDA tensors run the ops' reference kernels (the float64 oracles of reference.py, on
+    blocks of rows of ``reference.SPARSE_BLOCK_ELEMENTS`` so that their temporaries stay a few
+    MiB); there is no CUDA or Triton kernel of the slice ops yet.
 
     Args:
         student_logits: [..., V_r] this rank's slice, float32, bfloat16, float16 or float64;
@@ -280,7 +284,7 @@ def _sparse_sharded_loss(student: Tensor, indices: Tensor, logprobs: Tensor, mas
                          compute_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
     """(the loss of the whole rows, d(loss)/d(this rank's slice) or None): the slice's statistics
     (op sparse_slice_stats), the all-reduces of vocab_parallel_sparse_kd_loss, the rows' loss and
-    gradient coefficients (reference.sparse_slice_rows, [N, K + 8]), the gradient (op
+    gradient coefficients (reference.sparse_slice_rows, [N, K + 7]), the gradient (op
     sparse_slice_grad)."""
     from lepton_fast import reference as ref  # the rows' step, on [N, K + small]
     from lepton_fast.ops._reference import hyper_keywords, rows_defined

@@ -1,4 +1,5 @@
-// CPU kernel of sparse_kd_loss (schema: lepton_fast/ops/sparse_kd_loss.py), the contract of the
+// CPU kernels of sparse_kd_loss and of its vocabulary-parallel split sparse_slice_stats /
+// sparse_slice_grad (schemas: lepton_fast/ops/sparse_kd_loss.py), the contract of the
 // reference kernel; the per-row maths is csrc/sparse_kd_loss.h (shared with the CUDA kernel),
 // the buckets lepton_fast.reference.sparse_buckets'. This file checks, allocates and reduces;
 // the rows run in parallel (at::parallel_for) in the row kernel of sparse_kd_loss_rows.h,

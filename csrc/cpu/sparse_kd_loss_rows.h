@@ -15,6 +15,9 @@
 //   the gradient: the unlisted columns' formula over the whole row from the kept exps, no exp
 //     per column and no second read of the logits (or, under "renormalize" without the CE,
 //     zeros: a memset), then each entry's own formula.
+// The vocabulary-parallel ops (slice_stats, slice_grad below) split a row at that point: the
+// same pass gives a slice's statistics, and the gradient is a second pass that recomputes its
+// exps from the merged statistics (the slice is not kept between the two all-reduces).
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>

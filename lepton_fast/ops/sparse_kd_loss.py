@@ -10,6 +10,11 @@ C++ kernel (csrc/cuda/sparse_kd_loss.cu; Triton, kernels/sparse_kd_loss.py, with
 build of the extension) on CUDA tensors. The C++ kernels share their per-row maths
 (csrc/sparse_kd_loss.h). ``backend=`` swaps in another kernel (``"triton"`` on CPU tensors
 under TRITON_INTERPRET=1).
+
+The same row kernel split at its pass are the internal ops ``sparse_slice_stats`` and
+``sparse_slice_grad``, the per-rank work of lepton_fast.distributed.vocab_parallel_sparse_kd_loss:
+:class:`SliceMerge` merges their statistics across ranks; :func:`slice_stats` and
+:func:`slice_grad` run them on a resolved backend.
 """
 from __future__ import annotations
 
