@@ -295,10 +295,8 @@ def _sparse_sharded_loss(student: Tensor, indices: Tensor, logprobs: Tensor, mas
         _validate.labels_in_range("labels", labels, n_classes, ignore_index)
     read = ref.sparse_teacher_entries(indices, mask, labels, ignore_index)
     _validate.teacher_indices_in_range(indices, read, n_classes)
-    n_rows, k = indices.shape
-    counted = torch.empty_like(read)
-    for b in ref.row_blocks(n_rows, k * k):  # its test for duplicates compares [rows, K, K]
-        counted[b] = ref.sparse_counted_entries(indices[b], read[b])
+    n_rows = indices.shape[0]
+    counted = ref.sparse_counted_entries(indices, read)
     column = ref.sparse_slice_columns(indices, counted, class_offset, student.shape[-1])
     backend = sparse_ops.slice_backend(student.device)
     stats = sparse_ops.slice_stats(backend, student, column, labels, o.hyper, truncation, ignore_index, class_offset,

@@ -203,11 +203,16 @@ def sparse_teacher_entries(teacher_indices: Tensor, teacher_mask: Tensor | None,
 
 def sparse_counted_entries(teacher_indices: Tensor, read: Tensor) -> Tensor:
     """The entries that count, [N, K] bool: each read entry whose index no earlier read entry
-    of its row holds (a duplicate index counts once, at its first read occurrence)."""
-    k = teacher_indices.shape[-1]
-    same = teacher_indices[:, :, None] == teacher_indices[:, None, :]  # [N, entry, earlier entry]
-    earlier = torch.ones(k, k, dtype=torch.bool, device=read.device).tril(-1)
-    return read & ~(same & read[:, None, :] & earlier).any(-1)
+    of its row holds (a duplicate index counts once, at its first read occurrence).
+
+    By a stable sort of each row's read indices (the entries not read as -1, below every class
+    id): the first of each run of equal indices counts. O(N K log K), where comparing every
+    pair of entries took an [N, K, K] tensor (64 MiB of booleans at N = 4096, K = 64)."""
+    key = torch.where(read, teacher_indices, -1)
+    ordered, entry = key.sort(dim=-1, stable=True)
+    first = torch.ones_like(read)
+    first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    return torch.empty_like(read).scatter_(1, entry, first & (ordered >= 0))
 
 
 def sparse_buckets(student_logits: Tensor, teacher_indices: Tensor, teacher_logprobs: Tensor, counted: Tensor, *,
@@ -442,9 +447,9 @@ def kd_slice_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor
 # (sparse_slice_columns). The columns SP_* and GR_* are named in lepton_fast.ops.sparse_kd_loss.
 # Each function is row by row: an output row depends only on the same row of every argument.
 
-# The reference kernels of the slice ops and the distributed loss's test for duplicate entries run
-# over blocks of rows, so that their temporaries are a few MiB whatever N and C_r: about this
-# many elements of [N, C_r] (4 MiB in float32) a block. Tests set it smaller, to run many blocks.
+# The reference kernels of the slice ops (lepton_fast/ops/_reference.py) run over blocks of rows,
+# so that their temporaries are a few MiB whatever N and C_r: about this many elements of
+# [N, C_r] (4 MiB in float32) a block. Tests set it smaller, to run many blocks.
 SPARSE_BLOCK_ELEMENTS = 1 << 20
 
 

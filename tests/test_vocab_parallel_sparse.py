@@ -132,10 +132,10 @@ class _NewSliceTensors(TorchDispatchMode):
         return out
 
 
-def _rank_slice_tensors(ctx, n, block_rows, kw):
-    """The new tensors of more than block_rows rows of C_r elements or more (the teacher's
-    [N, K, K] duplicate test among them: K = 5) that a forward on split "2" makes in blocks of
-    block_rows rows."""
+def _rank_slice_tensors(ctx, n, rows, kw):
+    """The new tensors of more than ``rows`` rows of C_r elements or more that a forward on
+    split "2" makes (with K = 5 entries, so that an [N, K, K] comparison of the entries would
+    show too)."""
     index, sizes = SPLITS["2"]
     group = ctx.groups[index]
     if group is None:
@@ -143,7 +143,7 @@ def _rank_slice_tensors(ctx, n, block_rows, kw):
     lo, hi = sum(sizes[:ctx.rank]), sum(sizes[:ctx.rank + 1])
     s, idx, logp, mask, labels = data(seed=23, n=n, teacher="random", masked=True, labelled=True)
     x = s[:, lo:hi].clone().requires_grad_()
-    with _kernels(block_elements=block_rows * max(sizes)), _NewSliceTensors(block_rows, hi - lo) as recorder:
+    with _NewSliceTensors(rows, hi - lo) as recorder:
         vocab_parallel_sparse_kd_loss(x, idx, logp, mask, group=group, labels=labels, **kw)
     return recorder.shapes
 
@@ -308,9 +308,9 @@ def test_blocks_of_rows(pool, split, block_elements):
 @pytest.mark.parametrize("kw", [dict(truncation="tail", alpha=0.3, temperature=2.0),
                                 dict(truncation="renormalize", divergence="jsd")])
 def test_one_slice_sized_tensor(pool, kw):
-    """The gradient is the only new tensor of [N, C_r] or more a forward makes (9 rows; the
-    test for duplicate entries in blocks of 2): the CPU kernels read the slice in place. (The
-    reference kernels' own blocks: test_sparse_slice_ops.py.)"""
+    """The gradient is the only new tensor of more than 2 rows of C_r elements or more that a
+    forward makes (9 rows): the CPU kernels read the slice in place, and the test for
+    duplicate entries sorts [N, K]. (The reference kernels' blocks: test_sparse_slice_ops.py.)"""
     answers = pool.run(_rank_slice_tensors, 9, 2, kw)
     for shapes, width in zip(answers, SPLITS["2"][1]):
         assert [shape for _, shape in shapes] == [(9, width)], shapes
