@@ -32,6 +32,15 @@ enum SparseGradCoef : int {
   kGrMax = 0, kGrMaxUnlisted, kGrConst, kGrSoftmax, kGrUnlisted, kGrSoftmaxCE, kGrLabel, kGrEntries
 };
 
+// The student's logits as every kernel of the family reads them: [N, C] rows contiguous along C,
+// of one of the four dtypes.
+inline void check_sparse_student(const char* op, const at::Tensor& student_logits) {
+  LF_CHECK_ROWS(student_logits);
+  const auto dtype = student_logits.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+              ": student_logits must be float32, float64, bfloat16 or float16, got ", dtype);
+}
+
 // sparse_kd_loss's arguments as the CPU and CUDA kernels read them: checked, the teacher's
 // tensors and the labels contiguous (mask, labels undefined when not given), its
 // log-probabilities in the logits' op-math type, the hyper-parameters resolved.
@@ -54,10 +63,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_loss_entry(
     const at::Tensor& hyper, c10::string_view truncation, int64_t ignore_index, c10::string_view reduction,
     const std::optional<at::Tensor>& num_items_in_batch, bool compute_grad) {
   const char* op = "sparse_kd_loss";
-  LF_CHECK_ROWS(student_logits);
+  check_sparse_student(op, student_logits);
   const auto dtype = student_logits.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf, op,
-              ": student_logits must be float32, float64, bfloat16 or float16, got ", dtype);
   TORCH_CHECK(teacher_indices.dim() == 2 && teacher_indices.size(0) == student_logits.size(0), op,
               ": teacher_indices must be [N, K]");
   LF_CHECK_DTYPE(teacher_indices, at::kLong);

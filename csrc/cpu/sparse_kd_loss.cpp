@@ -87,10 +87,8 @@ struct SliceLaunch {
 SliceLaunch prepare_slice(const char* op, const at::Tensor& student, const at::Tensor& column,
                           const std::optional<at::Tensor>& labels, const at::Tensor& hyper, int64_t ignore_index,
                           int64_t class_offset, int64_t n_classes) {
-  LF_CHECK_ROWS(student);
+  check_sparse_student(op, student);
   const auto dtype = student.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf, op,
-              ": student_logits must be float32, float64, bfloat16 or float16, got ", dtype);
   const int64_t n = student.size(0), c = student.size(1);
   TORCH_CHECK(column.dim() == 2 && column.size(0) == n, op, ": column must be [N, K]");
   LF_CHECK_DTYPE(column, at::kLong);
