@@ -216,7 +216,7 @@ def vocab_parallel_sparse_kd_loss(
     (1 to 3 exponentials an element), straight into the one [N, V_r] tensor of the slice's
     dtype: a step reads the slice twice and writes it once, and allocates nothing else of that
     size. The reduction ("mean"'s divisor, ``num_items_in_batch``) is over all rows, once.
-    CUDA tensors run the ops' reference kernels (the float64 oracles of reference.py, on
+    CUDA tensors run the ops' reference kernels (the tests' oracles in reference.py, on
     blocks of rows of ``reference.SPARSE_BLOCK_ELEMENTS`` so that their temporaries stay a few
     MiB); there is no CUDA or Triton kernel of the slice ops yet.
 
