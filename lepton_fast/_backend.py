@@ -284,8 +284,10 @@ def running(spec: OpSpec, backend: str, device_type: str):
 
 
 # What torch says when a torch.func transform that differentiates (grad, vjp, jacrev, ...) meets
-# a C++ autograd kernel (csrc/autograd.cpp), naming neither the op nor what to do instead.
-_FUNCTORCH_REFUSAL = "cannot use C++ torch::autograd::Function with functorch transforms"
+# the op's autograd kernel: the C++ one (csrc/autograd.cpp) or, without the extension, the
+# Python one (ops/_autograd.py). Neither names the op or what to do instead.
+_FUNCTORCH_REFUSALS = ("cannot use C++ torch::autograd::Function with functorch transforms",
+                       "In order to use an autograd.Function with functorch transforms")
 
 
 def call(spec: OpSpec, backend: str, device_type: str, *args):
@@ -297,7 +299,7 @@ def call(spec: OpSpec, backend: str, device_type: str, *args):
         with running(spec, backend, device_type):
             return op(*args)
     except RuntimeError as e:
-        if _FUNCTORCH_REFUSAL not in str(e):
+        if not any(refusal in str(e) for refusal in _FUNCTORCH_REFUSALS):
             raise
         raise RuntimeError(
             f"{spec.name}: torch.func's grad, vjp, jacrev and jacfwd cannot differentiate the fused kernel, whose "
