@@ -261,6 +261,29 @@ def labels_in_range(name: str, labels: Tensor, n_classes: int, ignore_index: int
     no_bad_values(bad, f"{name} must be in [0, {n_classes}) or equal ignore_index={ignore_index}", labels)
 
 
+def slice_of_rows(op: str, student_logits: Tensor, labels: Optional[Tensor], ignore_index: int, class_offset: int,
+                  n_classes: int) -> None:
+    """The checks of a vocabulary-parallel slice op (the reference and Triton kernels'; the C++
+    kernels make them in C++): the [N, C_r] slice lies in rows of n_classes; the labels are
+    class ids of those rows."""
+    width = student_logits.shape[-1]
+    if not (0 <= class_offset and class_offset + width <= n_classes):
+        raise ValueError(f"{op}: a slice of {width} columns at class_offset={class_offset} does not fit in "
+                         f"n_classes={n_classes}")
+    if labels is not None:
+        labels_in_range("labels", labels, n_classes, ignore_index)
+
+
+def slice_columns(op: str, column: Tensor, n_local: int) -> None:
+    """The checks the CPU kernels make of a sparse slice op's ``column`` [N, K]: in [-1, C_r),
+    the columns >= 0 of a row distinct."""
+    no_bad_values((column < -1) | (column >= n_local),
+                  f"{op}: column must be in [-1, {n_local}) (a counted entry's column in the slice, or -1)")
+    ordered = column.sort(-1).values
+    no_bad_values((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0),
+                  f"{op}: a row of column lists a column twice")
+
+
 def teacher_indices_in_range(indices: Tensor, read: Tensor, n_classes: int) -> None:
     """Each sparse-teacher entry that is read (``read`` [N, K]) a class in [0, V) (the
     reference kernels' check; the compiled kernels check the entries they read)."""

@@ -85,18 +85,8 @@ def fused_kd_loss(student_logits, teacher_logits, labels, hyper, ignore_index, r
     return loss, grad
 
 
-def _slice_checks(op: str, student_logits, labels, ignore_index: int, class_offset: int, n_classes: int) -> None:
-    """The slice lies in rows of n_classes; the labels are class ids of those rows."""
-    width = student_logits.shape[-1]
-    if not (0 <= class_offset and class_offset + width <= n_classes):
-        raise ValueError(f"{op}: a slice of {width} columns at class_offset={class_offset} does not fit in "
-                         f"n_classes={n_classes}")
-    if labels is not None:
-        _validate.labels_in_range("labels", labels, n_classes, ignore_index)
-
-
 def kd_slice_stats(student_logits, teacher_logits, labels, hyper, ignore_index, class_offset, n_classes):
-    _slice_checks("kd_slice_stats", student_logits, labels, ignore_index, class_offset, n_classes)
+    _validate.slice_of_rows("kd_slice_stats", student_logits, labels, ignore_index, class_offset, n_classes)
     return reference.kd_slice_stats(
         student_logits, teacher_logits, labels, ignore_index=ignore_index, class_offset=class_offset,
         n_classes=n_classes, **hyper_keywords(reference.kd_slice_stats, hyper))
@@ -109,7 +99,7 @@ def kd_slice_jsd_sums(student_logits, teacher_logits, labels, stats, hyper, igno
 
 def kd_slice_loss(student_logits, teacher_logits, labels, stats, jsd_sums, hyper, ignore_index, reduction,
                   num_items_in_batch, class_offset, n_classes, compute_grad):
-    _slice_checks("kd_slice_loss", student_logits, labels, ignore_index, class_offset, n_classes)
+    _validate.slice_of_rows("kd_slice_loss", student_logits, labels, ignore_index, class_offset, n_classes)
     loss, grad = reference.kd_slice_loss(
         student_logits, teacher_logits, labels, stats, jsd_sums, ignore_index=ignore_index, reduction=reduction,
         num_items_in_batch=num_items_in_batch, class_offset=class_offset, n_classes=n_classes,
@@ -214,18 +204,9 @@ def sparse_kd_loss(student_logits, teacher_indices, teacher_logprobs, teacher_ma
     return loss, grad
 
 
-def _slice_columns_checked(op: str, column: Tensor, n_local: int) -> None:
-    """The checks the CPU kernels make of ``column``: in [-1, C_r), the columns >= 0 of a row distinct."""
-    _validate.no_bad_values((column < -1) | (column >= n_local),
-                            f"{op}: column must be in [-1, {n_local}) (a counted entry's column in the slice, or -1)")
-    ordered = column.sort(-1).values
-    _validate.no_bad_values((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0),
-                            f"{op}: a row of column lists a column twice")
-
-
 def sparse_slice_stats(student_logits, column, labels, hyper, truncation, ignore_index, class_offset, n_classes):
-    _slice_checks("sparse_slice_stats", student_logits, labels, ignore_index, class_offset, n_classes)
-    _slice_columns_checked("sparse_slice_stats", column, student_logits.shape[-1])
+    _validate.slice_of_rows("sparse_slice_stats", student_logits, labels, ignore_index, class_offset, n_classes)
+    _validate.slice_columns("sparse_slice_stats", column, student_logits.shape[-1])
     kw = dict(truncation=truncation, ignore_index=ignore_index, class_offset=class_offset, n_classes=n_classes,
               **hyper_keywords(reference.sparse_slice_stats, hyper))
     acc = torch.promote_types(student_logits.dtype, torch.float32)
@@ -237,7 +218,7 @@ def sparse_slice_stats(student_logits, column, labels, hyper, truncation, ignore
 
 
 def sparse_slice_grad(student_logits, column, labels, coefficients, hyper, ignore_index, class_offset):
-    _slice_columns_checked("sparse_slice_grad", column, student_logits.shape[-1])
+    _validate.slice_columns("sparse_slice_grad", column, student_logits.shape[-1])
     kw = dict(ignore_index=ignore_index, class_offset=class_offset,
               **hyper_keywords(reference.sparse_slice_grad, hyper))
     grad = torch.empty_like(student_logits)
