@@ -364,16 +364,22 @@ def switch_variants(kernel) -> list[dict]:
     checks accept: each divergence, beta and alpha at both ends and between, T at 1 and not,
     smoothing off and on, labels given or not (always given when alpha > 0:
     _validate.kd_options requires them for the CE)."""
-    taken = {p.name for p in kernel.params if p.is_constexpr}
     variants = {}
     for divergence, beta, alpha, t, smoothing, has_labels in itertools.product(
             DIVERGENCES, (0.0, 0.5, 1.0), (0.0, 0.5, 1.0), (1.0, 2.0), (0.0, 0.1), (False, True)):
         if alpha > 0 and not has_labels:
             continue
         h = {"divergence": divergence, "beta": beta, "alpha": alpha, "temperature": t, "label_smoothing": smoothing}
-        chosen = {k: v for k, v in switches(h, has_labels).items() if k in taken}
+        chosen = kernel_switches(kernel, h, has_labels)
         variants.setdefault(tuple(chosen.items()), chosen)
     return list(variants.values())
+
+
+def kernel_switches(kernel, h: dict, has_labels: bool) -> dict:
+    """The :func:`switches` that ``kernel`` takes (its parameters by name: a JITFunction's and, under
+    TRITON_INTERPRET=1, an InterpretedFunction's ``arg_names``)."""
+    taken = set(kernel.arg_names)
+    return {k: v for k, v in switches(h, has_labels).items() if k in taken}
 
 
 def mixture_logs(beta: float) -> tuple[float, float]:

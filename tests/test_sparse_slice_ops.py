@@ -11,7 +11,8 @@ element a kernel forgets to write shows.
 import pytest
 import torch
 
-from conftest import DEVICE_BACKENDS, opcheck_kernel, require
+from conftest import DEVICE_BACKENDS, TRITON_COLUMN_BLOCKS, interpreted, opcheck_kernel, require
+from lepton_fast import _backend
 from lepton_fast import _validate, reference
 from lepton_fast.ops import _reference
 from lepton_fast.ops import sparse_kd_loss as sparse_ops
@@ -30,10 +31,21 @@ SPLITS = [pytest.param((19, 18), id="19/18"), pytest.param((20, 0, 17), id="20/0
 
 @pytest.fixture(params=[pytest.param(p.values, marks=p.marks, id=p.id) for p in DEVICE_BACKENDS])
 def backend(request):
-    """Each kernel of CPU tensors (the ops have no CUDA or Triton kernel: those cases skip)."""
+    """Each kernel of CPU tensors, Triton's in its interpreter (the ops have no CUDA C++ kernel,
+    and the CUDA cases run on CPU tensors here: they skip)."""
     device, backend = request.param
     require(sparse_ops.SLICE_GRAD_SPEC, device, backend)
     return backend
+
+
+def test_triton_is_the_cuda_kernel(monkeypatch):
+    """Triton runs the slice ops on CUDA tensors by default (no CUDA C++ kernel of them); where
+    it does not, their Triton cases above skip, so this is the test that fails."""
+    require(sparse_ops.SPEC, "cpu", "triton")  # triton installed (sparse_kd_loss's kernel runs)
+    monkeypatch.delenv(_backend.ENV_BACKEND, raising=False)
+    for spec in (sparse_ops.SLICE_STATS_SPEC, sparse_ops.SLICE_GRAD_SPEC):
+        assert _backend.default(spec, "cuda") == "triton", spec.name
+    assert sparse_ops.slice_backend(torch.device("cuda")) == "triton"
 
 
 def teacher(data_kw, kw):
@@ -97,6 +109,8 @@ CASES = [pytest.param(d, k, id=f"{i}") for i, (d, k) in enumerate(cases())]
 @pytest.mark.parametrize("sizes", SPLITS)
 @pytest.mark.parametrize("data_kw,kw", CASES)
 def test_slices_give_the_whole_loss_float64(backend, data_kw, kw, sizes):
+    if interpreted("cpu", backend) and sizes != (20, 0, 17):
+        pytest.skip("the interpreter runs one split (with an empty slice): a kernel runs for seconds there")
     loss, grad = sliced(backend, data_kw, kw, sizes)
     s, idx, logp, mask, labels = data(**data_kw)
     x = s.clone().requires_grad_()
@@ -107,21 +121,23 @@ def test_slices_give_the_whole_loss_float64(backend, data_kw, kw, sizes):
 
 
 def op_inputs(seed, n=9, c=37, k=6, dtype=torch.float32, class_offset=5):
-    """(student [n, c] of ``dtype`` with -inf classes and a NaN row (ignored), column [n, k] from
-    random global indices with duplicates and masked entries, labels [n] with ignored rows and
-    labels in other slices), the slice at class_offset of rows of c + 13 classes."""
+    """(student [n, c] of ``dtype``, column [n, k] from random global indices with masked
+    entries, labels [n] with labels in other slices), the slice at class_offset of rows of
+    c + 13 classes; with n >= 5, also -inf classes and a NaN row (ignored), duplicates, an
+    all-masked row and ignored rows."""
     n_classes = c + 13
     g = torch.Generator().manual_seed(seed)
     s = torch.randn(n, c, generator=g, dtype=torch.float64) * 3
-    if c:
-        s[2, ::5] = float("-inf")
-        s[4] = float("nan")  # an ignored row may hold anything
     indices = torch.randint(0, n_classes, (n, k), generator=g)
-    indices[1] = indices[1, 0]  # duplicates: one counts
     read = torch.rand(n, k, generator=g) > 0.2
-    read[3] = False  # an all-masked row
     labels = torch.randint(0, n_classes, (n,), generator=g)
-    labels[[0, 4]] = -100
+    if n >= 5:
+        if c:
+            s[2, ::5] = float("-inf")
+            s[4] = float("nan")  # an ignored row may hold anything
+        indices[1] = indices[1, 0]  # duplicates: one counts
+        read[3] = False  # an all-masked row
+        labels[[0, 4]] = -100
     read &= (labels != -100)[:, None]
     counted = reference.sparse_counted_entries(indices, read)
     column = reference.sparse_slice_columns(indices, counted, class_offset, c)
@@ -250,7 +266,7 @@ def test_opcheck(backend):
 
 
 def test_reference_kernels_run_on_blocks_of_rows(monkeypatch):
-    """The reference kernels (those of CUDA tensors) make no new tensor of more than a block of
+    """The reference kernels (those of CUDA tensors without triton) make no new tensor of more than a block of
     rows of the slice, but the gradient they return (9 rows in blocks of 2)."""
     s, column, labels, g = op_inputs(17)
     hyper = _validate.kd_hyper(temperature=2.0, alpha=0.3, label_smoothing=0.1)
@@ -263,3 +279,27 @@ def test_reference_kernels_run_on_blocks_of_rows(monkeypatch):
     monkeypatch.undo()
     torch.testing.assert_close(stats, _reference.sparse_slice_stats(s, column, labels, hyper, "tail", -100, 5, 50))
     torch.testing.assert_close(grad, _reference.sparse_slice_grad(s, column, labels, coef, hyper, -100, 5))
+
+
+@TRITON_COLUMN_BLOCKS
+@pytest.mark.parametrize("mode", ["tail-ce", "ce"])
+def test_triton_column_blocks(mode, n, c, block):
+    """The Triton kernels at the edges of their column blocks (called with a small block): the
+    entries' columns in several blocks, a ragged last block, one column."""
+    require(sparse_ops.SPEC, "cpu", "triton")
+    from lepton_fast.kernels.sparse_kd_loss import sparse_slice_grad, sparse_slice_stats
+
+    kw = dict(OP_MODES[mode])
+    truncation = kw.pop("truncation")
+    s, column, labels, g = op_inputs(18, n=n, c=c, k=8)
+    hyper = _validate.kd_hyper(**kw)
+    stats = sparse_slice_stats(s, column, labels, hyper, truncation, -100, 5, c + 13, block=block)
+    want = reference.sparse_slice_stats(s.double(), column, labels, truncation=truncation, ignore_index=-100,
+                                        class_offset=5, n_classes=c + 13,
+                                        **hyper_keywords(reference.sparse_slice_stats, hyper))
+    torch.testing.assert_close(stats.double(), want, **ACC_TOL[torch.float32])
+    coef = coefficients_for(s, column, g, kw["temperature"]).float()
+    grad = sparse_slice_grad(s, column, labels, coef, hyper, -100, 5, block=block)
+    want = reference.sparse_slice_grad(s.double(), column, labels, coef.double(), temperature=kw["temperature"],
+                                       ignore_index=-100, class_offset=5)
+    torch.testing.assert_close(grad.double(), want, **ACC_TOL[torch.float32])

@@ -391,3 +391,18 @@ def test_needs_torch_distributed():
     s, idx, logp, _, _ = data(19)
     with pytest.raises(RuntimeError, match="init_process_group"):
         vocab_parallel_sparse_kd_loss(s, idx, logp)
+
+
+def test_triton_kernels(pool):
+    """The slice ops' Triton kernels (interpreted on these CPU tensors; the kernels of CUDA
+    tensors) end to end on the split with an empty slice: both truncations, the CE term,
+    duplicates, an all-masked row, ignored rows, K = 1."""
+    from conftest import require
+    from lepton_fast.ops import sparse_kd_loss as sparse_ops
+
+    require(sparse_ops.SPEC, "cpu", "triton")  # triton installed; the slice ops' kernels are the test
+    cases = [(dict(seed=40, teacher="random", k=9, masked=True, labelled=True),
+              dict(truncation="tail", divergence="jsd", beta=0.3, alpha=0.3, label_smoothing=0.1, temperature=1.5),
+              None),
+             (dict(seed=41, k=1, labelled=True), dict(truncation="renormalize", alpha=0.4), None)]
+    assert_cases_match(pool, "3-empty", cases, backend="triton")

@@ -49,8 +49,9 @@ TRUNCATIONS = ("renormalize", "tail")
 # (lepton_fast.distributed.vocab_parallel_sparse_kd_loss). ``column`` [N, K] int64 is each
 # counted entry's column in the slice, -1 for an entry that does not count or lies in another
 # slice; the columns >= 0 of a row must be distinct (reference.sparse_slice_columns gives them).
-# Both ops skip the rows whose label is ignore_index. CPU C++ kernels (csrc/cpu/sparse_kd_loss.cpp,
-# one pass over the slice each); on CUDA tensors the reference kernel (no CUDA or Triton kernel).
+# Both ops skip the rows whose label is ignore_index. One pass over the slice each: CPU C++ kernels
+# (csrc/cpu/sparse_kd_loss.cpp) and Triton kernels (kernels/sparse_kd_loss.py, those of CUDA
+# tensors: there is no CUDA C++ kernel of these two).
 #   sparse_slice_stats: the slice's statistics against its OWN maxima, [N, SP_ENTRIES + K] in the
 #     accumulation dtype (columns below); the columns that the terms (alpha, truncation) do not
 #     need are -inf (maxima) or 0, as are an ignored row's. SliceMerge merges them across slices.
@@ -63,11 +64,11 @@ TRUNCATIONS = ("renormalize", "tail")
 SLICE_STATS_SPEC = _backend.define(
     "sparse_slice_stats(Tensor student_logits, Tensor column, Tensor? labels, Tensor hyper, str truncation, "
     "int ignore_index, int class_offset, int n_classes) -> Tensor",
-    public=False, cuda_cpp=False)
+    triton="sparse_kd_loss", public=False, cuda_cpp=False)
 SLICE_GRAD_SPEC = _backend.define(
     "sparse_slice_grad(Tensor student_logits, Tensor column, Tensor? labels, Tensor coefficients, Tensor hyper, "
     "int ignore_index, int class_offset) -> Tensor",
-    public=False, cuda_cpp=False)
+    triton="sparse_kd_loss", public=False, cuda_cpp=False)
 # The columns of sparse_slice_stats (SparseStat in csrc/sparse_kd_loss.h): the slice's max of the
 # raw logits and its max over the classes no counted entry lists ("tail"); against them, the sums
 # of exp((x - max) / T) over all classes and over the unlisted ones ("tail"), the CE's sum of
@@ -241,7 +242,8 @@ def sparse_kd_loss(
 
 def slice_backend(device: torch.device) -> str:
     """The backend the slice ops run on for tensors on ``device`` ($LEPTON_FAST_BACKEND or the
-    dispatcher's kernel: the CPU C++ kernels, the reference kernel on CUDA tensors)."""
+    dispatcher's kernel: the CPU C++ kernels, Triton on CUDA tensors; the reference kernels
+    where neither is installed)."""
     return _backend.resolve(SLICE_GRAD_SPEC, device)
 
 
