@@ -506,5 +506,6 @@ def compile_targets():
             pointers = {"s_ptr": f"*{dtype}", "col_ptr": "*i64", "g_ptr": f"*{dtype}",
                         "y_ptr": "*i64" if chosen["HAS_LABELS"] else f"*{acc}"}
             constexprs = {**chosen, "ACC": tl.float64 if acc == "fp64" else tl.float32, "KB": kb, "BLOCK": block}
-            targets.append((kernel, signature(kernel, pointers, f"*{acc}"), constexprs, {"num_warps": num_warps(block)}))
+            targets.append((kernel, signature(kernel, pointers, f"*{acc}"), constexprs,
+                            {"num_warps": num_warps(block)}))
     return targets

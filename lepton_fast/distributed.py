@@ -27,7 +27,7 @@ states' gradient [N, H_s].
 on every rank) runs at most one all-reduce MAX of [N, <= 2] and one SUM of [N, K + <= 4] per
 forward (its docstring says which), none in the backward: O(N·K) bytes. Its per-rank work is two
 passes over the slice, the ops ``sparse_slice_stats`` and ``sparse_slice_grad`` of
-lepton_fast.ops.sparse_kd_loss (CPU C++ kernels; the reference kernels on CUDA tensors).
+lepton_fast.ops.sparse_kd_loss (CPU C++ kernels; Triton kernels on CUDA tensors).
 
 So the bytes sent per step are O(N) (O(N·K) for the sparse teacher), independent of the
 vocabulary. The slices' sizes are exchanged once per process group (one all-gather of one
@@ -216,9 +216,10 @@ def vocab_parallel_sparse_kd_loss(
     (1 to 3 exponentials an element), straight into the one [N, V_r] tensor of the slice's
     dtype: a step reads the slice twice and writes it once, and allocates nothing else of that
     size. The reduction ("mean"'s divisor, ``num_items_in_batch``) is over all rows, once.
-    CUDA tensors run the ops' reference kernels (the tests' oracles in reference.py, on
-    blocks of rows of ``reference.SPARSE_BLOCK_ELEMENTS`` so that their temporaries stay a few
-    MiB); there is no CUDA or Triton kernel of the slice ops yet.
+    CUDA tensors run the ops' Triton kernels (kernels/sparse_kd_loss.py, the same passes, one
+    program per row); without triton, the reference kernels (the tests' oracles in
+    reference.py, on blocks of rows of ``reference.SPARSE_BLOCK_ELEMENTS`` so that their
+    temporaries stay a few MiB).
 
     Args:
         student_logits: [..., V_r] this rank's slice, float32, bfloat16, float16 or float64;

@@ -266,8 +266,8 @@ def test_opcheck(backend):
 
 
 def test_reference_kernels_run_on_blocks_of_rows(monkeypatch):
-    """The reference kernels (those of CUDA tensors without triton) make no new tensor of more than a block of
-    rows of the slice, but the gradient they return (9 rows in blocks of 2)."""
+    """The reference kernels (those of CUDA tensors without triton) make no new tensor of more
+    than a block of rows of the slice, but the gradient they return (9 rows in blocks of 2)."""
     s, column, labels, g = op_inputs(17)
     hyper = _validate.kd_hyper(temperature=2.0, alpha=0.3, label_smoothing=0.1)
     coef = coefficients_for(s, column, g, 2.0).float()
