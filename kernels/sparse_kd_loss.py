@@ -41,7 +41,7 @@ from lepton_fast.ops import sparse_kd_loss as ops
 from ._common import acc_dtype, check_labels, check_rows_defined, no_bad_values, online_softmax, reduce_rows, \
     signature, store_zeros
 from .kd_loss import (BLOCKS, _in_acc, _kl_term, _label_of_row, _log_mixture, _log_sum, column_block,
-                      kernel_switches, mixture_logs, num_warps, soft_weights, switch_variants, switches)
+                      kernel_switches, mixture_logs, num_warps, soft_weights, switch_variants)
 
 
 @triton.jit
@@ -249,8 +249,7 @@ def sparse_kd_loss(student_logits, teacher_indices, teacher_logprobs, teacher_ma
         raise ValueError(f"{op}: the teacher's tensors must be [{n}, K] alike")
     h = kd_values(hyper)
     inv_t, soft_weight, soft_grad_weight = soft_weights(h)
-    chosen = switches(h, labels is not None)
-    del chosen["CE_OWN"]  # the CE's statistics are always its own here
+    chosen = kernel_switches(_sparse_kd_loss_kernel, h, labels is not None)  # (the CE's statistics: always its own)
     acc, tl_acc = acc_dtype(student_logits)
     if labels is not None:
         labels = labels.to(torch.int64).contiguous()
