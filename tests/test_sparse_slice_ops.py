@@ -8,12 +8,14 @@ statistics merged by SliceMerge, with a max and a sum in place of the all-reduce
 reference.sparse_kd_loss on the whole rows. conftest fills every new buffer with NaN, so an
 element a kernel forgets to write shows.
 """
+from pathlib import Path
+
 import pytest
 import torch
 
-from conftest import DEVICE_BACKENDS, TRITON_COLUMN_BLOCKS, interpreted, opcheck_kernel, require
-from lepton_fast import _backend
-from lepton_fast import _validate, reference
+from conftest import (CPU_DEVICE_BACKENDS, DEVICE_BACKENDS, TRITON_COLUMN_BLOCKS, assert_device_assertion, interpreted,
+                      opcheck_kernel, require)
+from lepton_fast import _backend, _validate, reference
 from lepton_fast.ops import _reference
 from lepton_fast.ops import sparse_kd_loss as sparse_ops
 from lepton_fast.ops._reference import hyper_keywords
@@ -29,13 +31,33 @@ SPLITS = [pytest.param((19, 18), id="19/18"), pytest.param((20, 0, 17), id="20/0
           pytest.param((V,), id="whole")]
 
 
-@pytest.fixture(params=[pytest.param(p.values, marks=p.marks, id=p.id) for p in DEVICE_BACKENDS])
-def backend(request):
-    """Each kernel of CPU tensors, Triton's in its interpreter (the ops have no CUDA C++ kernel,
-    and the CUDA cases run on CPU tensors here: they skip)."""
+def _params(device_backends):
+    return [pytest.param(p.values, marks=p.marks, id=p.id) for p in device_backends]
+
+
+@pytest.fixture(params=_params(DEVICE_BACKENDS))
+def device_backend(request):
+    """(device, backend): each kernel, Triton's in its interpreter on CPU tensors (the ops have
+    no CUDA C++ kernel: those cases skip). The inputs are made on the CPU (the oracle's) and
+    copied to the device (:func:`on`)."""
     device, backend = request.param
     require(sparse_ops.SLICE_GRAD_SPEC, device, backend)
-    return backend
+    return device, backend
+
+
+@pytest.fixture
+def device(device_backend):
+    return device_backend[0]
+
+
+@pytest.fixture
+def backend(device_backend):
+    return device_backend[1]
+
+
+def on(device, *tensors):
+    """The tensors copied to ``device`` (None stays None)."""
+    return tuple(None if t is None else t.to(device) for t in tensors)
 
 
 def test_triton_is_the_cuda_kernel(monkeypatch):
@@ -61,15 +83,18 @@ def teacher(data_kw, kw):
     return s, indices, logprobs, counted, o, truncation
 
 
-def sliced(backend, data_kw, kw, sizes):
-    """(the loss, the slices' gradients side by side) through the slice ops on ``backend``."""
+def sliced(device, backend, data_kw, kw, sizes):
+    """(the loss, the slices' gradients side by side) through the slice ops on ``backend`` on
+    ``device``; the merge and the rows' coefficients on the CPU, as the test's oracle."""
     s, indices, logprobs, counted, o, truncation = teacher(data_kw, kw)
     merge = sparse_ops.SliceMerge(o.hyper, truncation)
     parts = []
+    labels, = on(device, o.labels)
     for offset, size in zip([sum(sizes[:r]) for r in range(len(sizes))], sizes):
-        x = s[:, offset:offset + size]
         column = reference.sparse_slice_columns(indices, counted, offset, size)
-        stats = sparse_ops.slice_stats(backend, x, column, o.labels, o.hyper, truncation, o.ignore_index, offset, V)
+        x, column = on(device, s[:, offset:offset + size], column)
+        stats = sparse_ops.slice_stats(backend, x, column, labels, o.hyper, truncation, o.ignore_index, offset,
+                                       V).cpu()
         assert stats.shape == (s.shape[0], sparse_ops.SP_ENTRIES + indices.shape[1])
         parts.append((x, column, offset, stats))
     merged_max = torch.stack([merge.maxima(st) for *_, st in parts]).amax(0)
@@ -81,7 +106,8 @@ def sliced(backend, data_kw, kw, sizes):
         coefficients=True, grad_divisor=reference.reduction_divisor(o.reduction, divisor, o.num_items),
         **hyper_keywords(reference.sparse_slice_rows, o.hyper))
     loss = reference.reduce_rows(rows, o.reduction, divisor, o.num_items)
-    grads = [sparse_ops.slice_grad(backend, x, column, o.labels, coefficients, o.hyper, o.ignore_index, offset)
+    grads = [sparse_ops.slice_grad(backend, x, column, labels, coefficients.to(device), o.hyper, o.ignore_index,
+                                   offset).cpu()
              for x, column, offset, _ in parts]
     return loss, torch.cat(grads, -1)
 
@@ -108,10 +134,10 @@ CASES = [pytest.param(d, k, id=f"{i}") for i, (d, k) in enumerate(cases())]
 
 @pytest.mark.parametrize("sizes", SPLITS)
 @pytest.mark.parametrize("data_kw,kw", CASES)
-def test_slices_give_the_whole_loss_float64(backend, data_kw, kw, sizes):
-    if interpreted("cpu", backend) and sizes != (20, 0, 17):
+def test_slices_give_the_whole_loss_float64(device, backend, data_kw, kw, sizes):
+    if interpreted(device, backend) and sizes != (20, 0, 17):
         pytest.skip("the interpreter runs one split (with an empty slice): a kernel runs for seconds there")
-    loss, grad = sliced(backend, data_kw, kw, sizes)
+    loss, grad = sliced(device, backend, data_kw, kw, sizes)
     s, idx, logp, mask, labels = data(**data_kw)
     x = s.clone().requires_grad_()
     want = reference.sparse_kd_loss(x, idx, logp, mask, labels=labels, **kw)
@@ -156,12 +182,12 @@ OP_MODES = {
 @pytest.mark.parametrize("c,k", [(37, 6), (70, 1), (0, 4), (12, 12)], ids=["37x6", "K1", "empty", "K=C"])
 @pytest.mark.parametrize("mode", list(OP_MODES))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_stats_op(backend, dtype, mode, c, k):
+def test_stats_op(device, backend, dtype, mode, c, k):
     kw = dict(OP_MODES[mode])
     truncation = kw.pop("truncation")
     s, column, labels, _ = op_inputs(11, c=c, k=k, dtype=dtype)
     hyper = _validate.kd_hyper(**kw)
-    got = sparse_ops.slice_stats(backend, s, column, labels, hyper, truncation, -100, 5, c + 13)
+    got = sparse_ops.slice_stats(backend, *on(device, s, column, labels), hyper, truncation, -100, 5, c + 13).cpu()
     want = reference.sparse_slice_stats(s.double(), column, labels, truncation=truncation, ignore_index=-100,
                                         class_offset=5, n_classes=c + 13, **hyper_keywords(reference.sparse_slice_stats, hyper))
     assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -188,12 +214,12 @@ def coefficients_for(s, column, g, temperature, zero_every=4):
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 0.05], ids=["T1", "T2", "T0.05"])
 @pytest.mark.parametrize("c,k", [(37, 6), (70, 1), (0, 4), (12, 12)], ids=["37x6", "K1", "empty", "K=C"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_grad_op(backend, dtype, c, k, temperature):
+def test_grad_op(device, backend, dtype, c, k, temperature):
     s, column, labels, g = op_inputs(12, c=c, k=k, dtype=dtype)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     coef = coefficients_for(s, column, g, temperature).to(acc)
     hyper = _validate.kd_hyper(temperature=temperature)
-    got = sparse_ops.slice_grad(backend, s, column, labels, coef, hyper, -100, 5)
+    got = sparse_ops.slice_grad(backend, *on(device, s, column, labels, coef), hyper, -100, 5).cpu()
     want = reference.sparse_slice_grad(s.double(), column, labels, coef.double(), temperature=temperature,
                                        ignore_index=-100, class_offset=5)
     assert got.dtype == dtype and got.shape == s.shape
@@ -201,26 +227,27 @@ def test_grad_op(backend, dtype, c, k, temperature):
     torch.testing.assert_close(got.double(), want, **tol)
 
 
-def test_grad_without_labels_and_a_strided_slice(backend):
+def test_grad_without_labels_and_a_strided_slice(device, backend):
     """No labels (the soft term alone), and the slice a view of wider rows."""
-    s, column, _, g = op_inputs(13, c=40, k=5, dtype=torch.float32)
-    s = s[:, :37]  # row stride 40
+    wide, column, _, g = op_inputs(13, c=40, k=5, dtype=torch.float32)
+    wide[4] = 0.0  # the NaN row is not ignored without labels
+    s = wide[:, :37]  # row stride 40
     column = torch.where(column < 37, column, -1)
-    s[4] = 0.0  # the NaN row is not ignored without labels
     coef = coefficients_for(s, column, g, 1.5).float()
     hyper = _validate.kd_hyper(temperature=1.5)
-    got = sparse_ops.slice_grad(backend, s, column, None, coef, hyper, -100, 0)
+    wide_on, column_on, coef_on = on(device, wide, column, coef)
+    got = sparse_ops.slice_grad(backend, wide_on[:, :37], column_on, None, coef_on, hyper, -100, 0).cpu()
     want = reference.sparse_slice_grad(s.double(), column, None, coef.double(), temperature=1.5, ignore_index=-100,
                                        class_offset=0)
     torch.testing.assert_close(got.double(), want, **ACC_TOL[torch.float32])
 
 
-def test_ignored_rows_are_zero(backend):
+def test_ignored_rows_are_zero(device, backend):
     s, column, labels, g = op_inputs(14)
     hyper = _validate.kd_hyper(temperature=2.0, alpha=0.5)
-    stats = sparse_ops.slice_stats(backend, s, column, labels, hyper, "tail", -100, 5, 50)
-    grad = sparse_ops.slice_grad(backend, s, column, labels, coefficients_for(s, column, g, 2.0).float(), hyper,
-                                 -100, 5)
+    coef = coefficients_for(s, column, g, 2.0).float()
+    stats = sparse_ops.slice_stats(backend, *on(device, s, column, labels), hyper, "tail", -100, 5, 50).cpu()
+    grad = sparse_ops.slice_grad(backend, *on(device, s, column, labels, coef), hyper, -100, 5).cpu()
     ignored = labels == -100
     assert (stats[ignored][:, [SP_MAX, SP_MAX_UNLISTED]] == float("-inf")).all()
     assert (stats[ignored][:, SP_MAX_UNLISTED + 1:] == 0).all()
@@ -233,7 +260,9 @@ def test_ignored_rows_are_zero(backend):
     ("slice does not fit", r"does not fit in n_classes=40"),
     ("label out of range", r"labels must be in \[0, 50\)"),
 ])
+@pytest.mark.parametrize("device_backend", _params(CPU_DEVICE_BACKENDS), indirect=True)
 def test_bad_input_raises(backend, what, message):
+    # (On a GPU these are device assertions, as the dense slice ops' (test_kd_slice_ops).)
     s, column, labels, g = op_inputs(15)
     offset, n_classes = 5, 50
     coef = coefficients_for(s, column, g, 1.0).float()
@@ -253,15 +282,35 @@ def test_bad_input_raises(backend, what, message):
             sparse_ops.slice_grad(backend, s, column, labels, coef, hyper, -100, offset)
 
 
-def test_opcheck(backend):
+@pytest.mark.cuda
+def test_cuda_data_errors_are_device_assertions():
+    """A column out of the slice ends a GPU process (conftest.assert_device_assertion), as a
+    label out of range does for the dense slice ops."""
+    require(sparse_ops.SLICE_GRAD_SPEC, "cuda", "triton")
+    assert_device_assertion(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from lepton_fast import _validate
+        from lepton_fast.ops import sparse_kd_loss as sparse_ops
+        from test_sparse_slice_ops import on, op_inputs
+        s, column, labels = on("cuda", *op_inputs(15)[:3])
+        hyper = _validate.kd_hyper(alpha=0.5)
+        bad = column.clone()
+        bad[2, 0] = 37
+    """, 'sparse_ops.slice_stats("triton", s, column, labels, hyper, "tail", -100, 5, 50)',
+        'sparse_ops.slice_stats("triton", s, bad, labels, hyper, "tail", -100, 5, 50)')
+
+
+def test_opcheck(device, backend):
     """The schemas, fake kernels and AOT dispatch of the slice ops."""
     s, column, labels, g = op_inputs(16)
     s = torch.where(s.isnan(), 0.0, s)  # opcheck compares runs, and NaN is not equal to itself
     hyper = _validate.kd_hyper(temperature=2.0, alpha=0.3, label_smoothing=0.1)
     coef = coefficients_for(s, column, g, 2.0).float()
-    opcheck_kernel(sparse_ops.SLICE_STATS_SPEC, "cpu", backend,
+    s, column, labels, coef = on(device, s, column, labels, coef)
+    opcheck_kernel(sparse_ops.SLICE_STATS_SPEC, device, backend,
                    [(s, column, labels, hyper, "tail", -100, 5, 50), (s, column, None, hyper, "renormalize", -100, 0, 37)])
-    opcheck_kernel(sparse_ops.SLICE_GRAD_SPEC, "cpu", backend,
+    opcheck_kernel(sparse_ops.SLICE_GRAD_SPEC, device, backend,
                    [(s, column, labels, coef, hyper, -100, 5), (s, column, None, coef, hyper, -100, 0)])
 
 
