@@ -6,7 +6,6 @@ random logits are split 19/18 over two ranks, 13/13/11 and 20/0/17 over three, 1
 over four; every rank generates the same logits and keeps its slice. Each rank's loss must be
 fused_kd_loss's on the whole logits, and the ranks' gradients side by side its gradient.
 """
-import contextlib
 import math
 import os
 import re
@@ -20,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from conftest import require
-from rank_pool import CollectiveRecorder, RankPool, WorkerError
+from rank_pool import CollectiveRecorder, RankPool, WorkerError, recording_all_reduce
 from lepton_fast import fused_kd_loss, fused_linear_kd_loss, reference
 from lepton_fast.distributed import vocab_parallel_kd_loss
 from lepton_fast.ops import kd_loss as kd_ops
@@ -424,30 +423,12 @@ def _rank_linear(ctx, split, seed, kw):
     lo, hi = sum(sizes[:ctx.rank]), sum(sizes[:ctx.rank + 1])
     h, w, b = (x.clone().requires_grad_() for x in (h_s, w_s[lo:hi], b_s[lo:hi]))
     forward, backward = [], []
-    with _recording_all_reduce(forward):
+    with recording_all_reduce(forward):
         loss = fused_linear_kd_loss(h, w, h_t, w_t[lo:hi], student_bias=b, teacher_bias=b_t[lo:hi], labels=labels,
                                     chunk_size=3, group=group, **kw)
-    with _recording_all_reduce(backward):
+    with recording_all_reduce(backward):
         loss.backward()
     return loss.detach(), h.grad, w.grad, b.grad, forward, backward
-
-
-@contextlib.contextmanager
-def _recording_all_reduce(calls):
-    """Appends (reduction, shape) of every dist.all_reduce to ``calls``. CollectiveRecorder (a
-    dispatch mode) cannot see into fused_linear_kd_loss: a custom op runs its body below it."""
-    real = dist.all_reduce
-
-    def recording(tensor, op=dist.ReduceOp.SUM, **kwargs):
-        calls.append(("MAX" if op == dist.ReduceOp.MAX else "SUM" if op == dist.ReduceOp.SUM else op,
-                      tuple(tensor.shape)))
-        return real(tensor, op=op, **kwargs)
-
-    dist.all_reduce = recording
-    try:
-        yield
-    finally:
-        dist.all_reduce = real
 
 
 @pytest.mark.parametrize("split", ["3", "3-empty"])
