@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from conftest import require
 from rank_pool import CollectiveRecorder, RankPool, WorkerError, recording_all_reduce
-from lepton_fast import fused_kd_loss, fused_linear_kd_loss, reference
+from lepton_fast import fused_kd_loss, fused_linear_kd_loss, fused_linear_sparse_kd_loss, reference
 from lepton_fast.distributed import vocab_parallel_kd_loss
 from lepton_fast.ops import kd_loss as kd_ops
 
@@ -458,12 +458,19 @@ def test_linear_kd_loss_over_a_vocabulary_sharded_head(pool, divergence, split):
     torch.testing.assert_close(torch.cat([a[3] for a in answers]), b.grad, **F64_TOL)
 
 
+@pytest.mark.parametrize("teacher", ["live", "sparse"])
 @pytest.mark.parametrize("kw,refused", [(dict(reduction="none"), "reduction 'none'"),
                                        (dict(vocab_size=30), "vocab_size")])
-def test_linear_kd_loss_group_refuses(kw, refused):
+def test_linear_kd_loss_group_refuses(kw, refused, teacher):
+    """fused_linear_kd_loss and fused_linear_sparse_kd_loss (a teacher's stored top-4) refuse
+    what their vocabulary-parallel loop does not do, before any collective."""
     h_s, w_s, b_s, h_t, w_t, b_t, labels = linear_data(18)
     with pytest.raises(ValueError, match=f"group=: not with {re.escape(refused)}"):
-        fused_linear_kd_loss(h_s, w_s, h_t, w_t, group=object(), **kw)
+        if teacher == "live":
+            fused_linear_kd_loss(h_s, w_s, h_t, w_t, group=object(), **kw)
+        else:
+            logprobs, indices = torch.log_softmax(h_t @ w_t.T, -1).topk(4, -1)
+            fused_linear_sparse_kd_loss(h_s, w_s, indices, logprobs, group=object(), **kw)
 
 
 def test_example_runs_under_torchrun():

@@ -84,6 +84,13 @@ def linear_data(seed, n=7, h=8, **teacher):
 # --- What each rank runs (module-level functions: the workers import them) -----------------
 
 
+def _rank_slice(ctx, split):
+    """(this rank's group of ``split``, the first and the end of its classes); the group is None
+    on the ranks outside it."""
+    index, sizes = SPLITS[split]
+    return ctx.groups[index], sum(sizes[:ctx.rank]), sum(sizes[:ctx.rank + 1])
+
+
 @contextlib.contextmanager
 def _kernels(backend=None, block_elements=None):
     """For the block: the slice ops on ``backend`` ($LEPTON_FAST_BACKEND; None: the dispatcher's,
@@ -106,11 +113,9 @@ def _kernels(backend=None, block_elements=None):
 
 def _rank_cases(ctx, split, cases, block_elements=None, backend=None):
     """[(loss, gradient of this rank's slice)] per case on the ranks of ``split``; None off them."""
-    index, sizes = SPLITS[split]
-    group = ctx.groups[index]
+    group, lo, hi = _rank_slice(ctx, split)
     if group is None:
         return None
-    lo, hi = sum(sizes[:ctx.rank]), sum(sizes[:ctx.rank + 1])
     out = []
     for data_kw, kw, grad_output in cases:
         s, idx, logp, mask, labels = data(**data_kw)
@@ -144,11 +149,9 @@ def _rank_slice_tensors(ctx, n, rows, kw):
     """The new tensors of more than ``rows`` rows of C_r elements or more that a forward on
     split "2" makes (with K = 5 entries, so that an [N, K, K] comparison of the entries would
     show too)."""
-    index, sizes = SPLITS["2"]
-    group = ctx.groups[index]
+    group, lo, hi = _rank_slice(ctx, "2")
     if group is None:
         return None
-    lo, hi = sum(sizes[:ctx.rank]), sum(sizes[:ctx.rank + 1])
     s, idx, logp, mask, labels = data(seed=23, n=n, teacher="random", masked=True, labelled=True)
     x = s[:, lo:hi].clone().requires_grad_()
     with _NewSliceTensors(rows, hi - lo) as recorder:
@@ -158,11 +161,9 @@ def _rank_slice_tensors(ctx, n, rows, kw):
 
 def _rank_collectives(ctx, cases, n):
     """For each case: the collectives of a forward and of its backward on split "2"."""
-    index, sizes = SPLITS["2"]
-    group = ctx.groups[index]
+    group, lo, hi = _rank_slice(ctx, "2")
     if group is None:
         return None
-    lo, hi = sum(sizes[:ctx.rank]), sum(sizes[:ctx.rank + 1])
     out = []
     for data_kw, kw in cases:
         s, idx, logp, mask, labels = data(n=n, **data_kw)
@@ -225,11 +226,9 @@ def _rank_linear(ctx, split, cases):
     """fused_linear_sparse_kd_loss(group=) on this rank's rows of the head, chunks of 3 rows, per
     case: (loss, d hidden, d weight slice, d bias slice, the all-reduces of the forward and of
     the backward)."""
-    index, sizes = SPLITS[split]
-    group = ctx.groups[index]
+    group, lo, hi = _rank_slice(ctx, split)
     if group is None:
         return None
-    lo, hi = sum(sizes[:ctx.rank]), sum(sizes[:ctx.rank + 1])
     out = []
     for data_kw, kw in cases:
         h_s, w_s, b_s, idx, logp, mask, labels = linear_data(**data_kw)
@@ -476,14 +475,6 @@ def test_fused_linear_over_a_vocabulary_sharded_head(pool, split):
     forward = answers[0][0][4]
     assert forward == [(op, (rows, k)) for rows in (3, 1) for op, k in (("MAX", 1), ("SUM", 5 + 2))] + \
         [("SUM", (7, 8))], forward
-
-
-@pytest.mark.parametrize("kw,refused", [(dict(reduction="none"), "reduction 'none'"),
-                                       (dict(vocab_size=30), "vocab_size")])
-def test_fused_linear_group_refuses(kw, refused):
-    h_s, w_s, b_s, idx, logp, mask, labels = linear_data(43)
-    with pytest.raises(ValueError, match=f"group=: not with {re.escape(refused)}"):
-        fused_linear_sparse_kd_loss(h_s, w_s, idx, logp, group=object(), **kw)
 
 
 def test_needs_torch_distributed():
