@@ -274,23 +274,26 @@ def vocab_parallel_sparse_kd_loss(
     student = _validate.as_rows(local)
     class_offset, n_classes = split or _slice_of(group, student.shape[-1], student.device)
     compute_grad = student.requires_grad and torch.is_grad_enabled()  # (the Function's forward runs without grad)
+    backend = sparse_ops.slice_backend(student.device)
     loss = _SparseSliceLoss.apply(student, lambda: _sparse_sharded_loss(
-        student, indices, logprobs, mask, o, group, class_offset, n_classes, truncation, compute_grad))
+        student, indices, logprobs, mask, o, truncation, compute_grad,
+        VocabSplit(group, class_offset, n_classes, backend), "vocab_parallel_sparse_kd_loss: student_logits"))
     loss = loss.reshape(local.shape[:-1]) if o.reduction == "none" else loss
     return loss if split is None else DTensor.from_local(loss, mesh, [Replicate()] * mesh.ndim, run_check=False)
 
 
 def _sparse_sharded_loss(student: Tensor, indices: Tensor, logprobs: Tensor, mask: Optional[Tensor],
-                         o: _validate.KDOptions, group, class_offset: int, n_classes: int, truncation: str,
-                         compute_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
+                         o: _validate.KDOptions, truncation: str, compute_grad: bool, split: "VocabSplit",
+                         student_name: str) -> tuple[Tensor, Optional[Tensor]]:
     """(the loss of the whole rows, d(loss)/d(this rank's slice) or None): the slice's statistics
     (op sparse_slice_stats), the all-reduces of vocab_parallel_sparse_kd_loss, the rows' loss and
     gradient coefficients (reference.sparse_slice_rows, [N, K + 7]), the gradient (op
-    sparse_slice_grad)."""
+    sparse_slice_grad). ``student_name`` is what a row with an undefined softmax is blamed on."""
     from lepton_fast import reference as ref  # the rows' step, on [N, K + small]
-    from lepton_fast.ops._reference import hyper_keywords, rows_defined
+    from lepton_fast.ops._reference import autograd_on, hyper_keywords, rows_defined
 
     ignore_index, labels = o.ignore_index, o.labels
+    group, class_offset, n_classes, backend = split
     # The arguments that are the same on every rank fail on every rank alike, before a collective.
     if labels is not None:
         _validate.labels_in_range("labels", labels, n_classes, ignore_index)
@@ -299,7 +302,6 @@ def _sparse_sharded_loss(student: Tensor, indices: Tensor, logprobs: Tensor, mas
     n_rows = indices.shape[0]
     counted = ref.sparse_counted_entries(indices, read)
     column = ref.sparse_slice_columns(indices, counted, class_offset, student.shape[-1])
-    backend = sparse_ops.slice_backend(student.device)
     stats = sparse_ops.slice_stats(backend, student, column, labels, o.hyper, truncation, ignore_index, class_offset,
                                    n_classes)
     merge = sparse_ops.SliceMerge(o.hyper, truncation)
@@ -313,12 +315,13 @@ def _sparse_sharded_loss(student: Tensor, indices: Tensor, logprobs: Tensor, mas
     # The reduction is over all rows: its divisor is known before the gradient, which is written
     # already divided by it.
     divisor = ref.mean_divisor(labels, ignore_index, n_rows)
-    rows, coefficients = ref.sparse_slice_rows(
-        counted, logprobs, labels, stats, truncation=truncation, ignore_index=ignore_index, n_classes=n_classes,
-        coefficients=compute_grad, grad_divisor=ref.reduction_divisor(o.reduction, divisor, o.num_items),
-        **hyper_keywords(ref.sparse_slice_rows, o.hyper))
+    with autograd_on():  # (inside fused_linear_sparse_kd_loss's op too, which runs below autograd)
+        rows, coefficients = ref.sparse_slice_rows(
+            counted, logprobs, labels, stats, truncation=truncation, ignore_index=ignore_index, n_classes=n_classes,
+            coefficients=compute_grad, grad_divisor=ref.reduction_divisor(o.reduction, divisor, o.num_items),
+            **hyper_keywords(ref.sparse_slice_rows, o.hyper))
     loss = ref.reduce_rows(rows, o.reduction, divisor, o.num_items)
-    rows_defined(loss.reshape(-1), "vocab_parallel_sparse_kd_loss: student_logits or teacher_logprobs")
+    rows_defined(loss.reshape(-1), f"{student_name} or teacher_logprobs")
     grad = None
     if compute_grad:
         grad = sparse_ops.slice_grad(backend, student, column, labels, coefficients, o.hyper, ignore_index,
@@ -345,8 +348,9 @@ class _SparseSliceLoss(torch.autograd.Function):
 
 
 class VocabSplit(NamedTuple):
-    """This rank's slice of the vocabulary in ``group`` and the backend of the slice ops:
-    what fused_linear_kd_loss(group=) hands its chunk loop (lepton_fast/ops/linear_kd_loss.py)."""
+    """This rank's slice of the vocabulary in ``group`` and the backend of the slice ops (the
+    kd_slice_* or the sparse_slice_* ops): what fused_linear_kd_loss(group=) and
+    fused_linear_sparse_kd_loss(group=) hand their chunk loop (lepton_fast/ops/linear_kd_loss.py)."""
 
     group: object
     class_offset: int
@@ -368,6 +372,15 @@ def chunk_loss_and_grad(split: VocabSplit, a: kd_ops.KDArgs) -> tuple[Tensor, Te
     fused_kd_loss's kernel gives them on one device: for fused_linear_kd_loss(group=)."""
     merged, jsd_sums = _merged_statistics(split.backend, a, split.group, split.class_offset, split.n_classes)
     return kd_ops.slice_loss_and_grad(split.backend, a, merged, jsd_sums, split.class_offset, split.n_classes)
+
+
+def sparse_chunk_loss_and_grad(split: VocabSplit, student: Tensor, indices: Tensor, logprobs: Tensor,
+                               mask: Optional[Tensor], o: _validate.KDOptions, truncation: str,
+                               compute_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """(the loss of a chunk of whole rows, d(loss)/d(this rank's logits slice)) as sparse_kd_loss's
+    kernel gives them on one device: for fused_linear_sparse_kd_loss(group=)."""
+    return _sparse_sharded_loss(student, indices, logprobs, mask, o, truncation, compute_grad, split,
+                                "fused_linear_sparse_kd_loss: student_hidden, student_weight")
 
 
 class RefusedOnAnotherRank(ValueError):

@@ -9,10 +9,12 @@ any rank is raised in the caller with the worker's traceback; a case that does n
 within ``timeout`` seconds (a rank waiting in a collective the others never join) shuts the
 pool down and fails. With ``poison`` (the tests' default) every new buffer is filled with
 NaN, as tests/conftest.py does in the test process; benchmarks turn it off.
-``CollectiveRecorder`` records the collectives a block of code runs.
+``CollectiveRecorder`` records the collectives a block of code runs; ``recording_all_reduce``
+the all-reduces inside custom ops, which a dispatch mode cannot see.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import tempfile
@@ -149,3 +151,21 @@ class RankPool:
             if p.is_alive():
                 p.kill()
         self._dir.cleanup()
+
+
+@contextlib.contextmanager
+def recording_all_reduce(calls):
+    """Appends (reduction, shape) of every dist.all_reduce to ``calls``. CollectiveRecorder (a
+    dispatch mode) cannot see into the fused-linear losses: a custom op runs its body below it."""
+    real = dist.all_reduce
+
+    def recording(tensor, op=dist.ReduceOp.SUM, **kwargs):
+        calls.append(("MAX" if op == dist.ReduceOp.MAX else "SUM" if op == dist.ReduceOp.SUM else op,
+                      tuple(tensor.shape)))
+        return real(tensor, op=op, **kwargs)
+
+    dist.all_reduce = recording
+    try:
+        yield
+    finally:
+        dist.all_reduce = real

@@ -10,8 +10,10 @@ import math
 import pytest
 import torch
 
-from conftest import (DEVICE_BACKENDS, TEMPERATURES, assert_close_to_oracle, largest_allocation, loss_and_grads,
-                      require)
+from conftest import DEVICE_BACKENDS, TEMPERATURES, require
+from fused_linear_common import (TOL, assert_compiled_matches, assert_no_buffer_of_n_by_v,
+                                 assert_second_backward_and_second_order_raise, bind, gemm_shapes, projection_rows,
+                                 randn, run)
 from lepton_fast._validate import kd_hyper
 from lepton_fast import fused_linear_kd_loss, reference
 from lepton_fast.ops import linear_kd_loss
@@ -19,14 +21,8 @@ from lepton_fast.ops.kd_loss import SPEC
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
                                         "ignore:divide by zero encountered:RuntimeWarning")
-TOL = dict(atol=1e-5, rtol=1e-5)
 # Every divergence, and the generalized JSD at both ends (beta 0 = forward KL, 1 = reverse KL).
 DIVERGENCE_BETAS = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.0), ("jsd", 0.3), ("jsd", 1.0)]
-
-
-def randn(*shape, seed, dtype=torch.float32, device="cpu", scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
 
 
 def make(n=7, h_s=12, h_t=9, v=37, v_t=None, *, seed=0, dtype=torch.float32, device="cpu", bias=True, lead=None,
@@ -50,29 +46,7 @@ def make(n=7, h_s=12, h_t=9, v=37, v_t=None, *, seed=0, dtype=torch.float32, dev
     return x, labels.to(device)
 
 
-GRADS = ("student_hidden", "student_weight", "student_bias")
-
-
-def run(fn, x, grad_output=None):
-    """(loss, {name: grad}) of fn on fresh leaves of x; the student's tensors require grad."""
-    return loss_and_grads(fn, x, GRADS, grad_output)
-
-
-def ours(backend, x, grad_output=None, **kw):
-    return run(lambda **a: fused_linear_kd_loss(**a, backend=backend, **kw), x, grad_output)
-
-
-def oracle(x, grad_output=None, chunk_size=None, **kw):
-    """reference.py in float64 on the same (already rounded) inputs; chunk_size means nothing there."""
-    x64 = {k: t.double() for k, t in x.items()}
-    go = None if grad_output is None else grad_output.double()
-    return run(lambda **a: reference.fused_linear_kd_loss(**a, **kw), x64, go)
-
-
-def assert_matches(backend, x, grad_output=None, tol=TOL, **kw):
-    got = ours(backend, x, grad_output, **kw)
-    assert_close_to_oracle(got, oracle(x, grad_output, **kw), x, tol)
-    return got
+ours, oracle, assert_matches = bind(fused_linear_kd_loss, reference.fused_linear_kd_loss)
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
@@ -142,20 +116,6 @@ def test_every_row_ignored(reduction, device, backend):
         assert (g == 0).all()
 
 
-def _gemm_shapes(fn):
-    """Input shapes of every GEMM (aten::mm, addmm, addmm_) the call runs, from the profiler."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        fn()
-    return [e.input_shapes for e in prof.events() if e.name in ("aten::mm", "aten::addmm", "aten::addmm_")]
-
-
-def _projection_rows(shapes, hidden_sizes=(12, 9)):
-    """Rows of the logits GEMMs (hidden [m, H] @ W.T) among ``shapes``."""
-    return [s[0][0] for s in shapes if len(s[0]) == 2 and s[0][1] in hidden_sizes and s[1] == [s[0][1], 37]]
-
-
 def test_ignored_rows_cost_nothing_on_the_cpu():
     # The GEMMs see the valid rows only: with 2 of 9 rows valid each head's logits GEMM has 2
     # rows, and with none valid no GEMM runs at all. Labels are host memory: no synchronisation.
@@ -163,10 +123,10 @@ def test_ignored_rows_cost_nothing_on_the_cpu():
     x, _ = make(n=9, device="cpu", seed=6)
     labels = torch.full((9,), -100)
     labels[[2, 7]] = torch.tensor([4, 30])
-    shapes = _gemm_shapes(lambda: ours("cpu", x, labels=labels, chunk_size=4))
-    assert _projection_rows(shapes) == [2, 2], shapes
+    shapes = gemm_shapes(lambda: ours("cpu", x, labels=labels, chunk_size=4))
+    assert projection_rows(shapes, (12, 9)) == [2, 2], shapes
     assert len(shapes) == 4  # and the two gradient GEMMs
-    assert _gemm_shapes(lambda: ours("cpu", x, labels=torch.full((9,), -100))) == []
+    assert gemm_shapes(lambda: ours("cpu", x, labels=torch.full((9,), -100))) == []
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
@@ -339,12 +299,7 @@ def test_torch_compile_fullgraph(device):
         return fused_linear_kd_loss(**a, temperature=2.0, divergence="jsd", labels=labels, alpha=0.2,
                                     student_softcap=5.0, chunk_size=3) * 2
 
-    compiled = torch.compile(step, fullgraph=True)
-    want_loss, want = run(step, x)
-    loss, got = run(compiled, x)
-    torch.testing.assert_close(loss, want_loss, **TOL)
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], **TOL)
+    assert_compiled_matches(step, x)
     # Dynamic shapes: the token count changes between calls, the chunk size is chosen inside.
     for n in (5, 9):
         x, labels = make(n=n, device=device, seed=16 + n)
@@ -352,11 +307,7 @@ def test_torch_compile_fullgraph(device):
         def step_n(**a):
             return fused_linear_kd_loss(**a, divergence="reverse_kl", labels=labels, student_logit_scale=0.5)
 
-        want_loss, want = run(step_n, x)
-        loss, got = run(torch.compile(step_n, fullgraph=True, dynamic=True), x)
-        torch.testing.assert_close(loss, want_loss, **TOL)
-        for k in want:
-            torch.testing.assert_close(got[k], want[k], **TOL)
+        assert_compiled_matches(step_n, x, dynamic=True)
 
 
 def _op_args(device, requires_grad):
@@ -392,17 +343,15 @@ def test_no_buffer_of_n_by_v_elements():
     require(SPEC, "cpu", "cpu")
     n, v = 256, 500
     x, labels = make(n=n, h_s=24, h_t=16, v=v, seed=18)
-    largest = largest_allocation(lambda: run(lambda **a: fused_linear_kd_loss(
-        **a, temperature=2.0, divergence="jsd", labels=labels, alpha=0.3, chunk_size=16), x))
-    assert largest >= 16 * v * 4  # the chunk's float32 logits were seen: the check is live
-    assert largest < n * v, largest
+    assert_no_buffer_of_n_by_v(lambda: ours("cpu", x, temperature=2.0, divergence="jsd", labels=labels, alpha=0.3,
+                                            chunk_size=16), n, v, 16)
 
 
 def test_auto_chunk_size_follows_the_budget(monkeypatch):
     require(SPEC, "cpu", "cpu")
     x, labels = make(n=40, seed=19)
     monkeypatch.setitem(linear_kd_loss.CHUNK_BUDGET_BYTES, "cpu", 37 * 12 * 8)  # 8 rows of float32 buffers
-    rows = _projection_rows(_gemm_shapes(lambda: ours("cpu", x, labels=labels)))
+    rows = projection_rows(gemm_shapes(lambda: ours("cpu", x, labels=labels)), (12, 9))
     assert rows == [8, 8, 8, 8, 8, 8, 2, 2], rows  # 26 valid rows: 8 + 8 + 8 + 2, two heads each
     want, _ = oracle(x, labels=labels)
     torch.testing.assert_close(ours("cpu", x, labels=labels)[0].double(), want, **TOL)
@@ -451,12 +400,5 @@ def test_second_backward_and_second_order_raise(device, backend):
     require(SPEC, device, backend)
     x, _ = make(n=4, device=device, seed=21)
     w = x["student_weight"].clone().requires_grad_()
-    loss = fused_linear_kd_loss(x["student_hidden"], w, x["teacher_hidden"], x["teacher_weight"], 2.0,
-                                backend=backend)
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="backward ran twice"):
-        loss.backward()
-    loss = fused_linear_kd_loss(x["student_hidden"], w, x["teacher_hidden"], x["teacher_weight"], 2.0,
-                                backend=backend)
-    with pytest.raises(RuntimeError, match="second-order"):
-        torch.autograd.grad(loss, w, create_graph=True)
+    assert_second_backward_and_second_order_raise(lambda: fused_linear_kd_loss(
+        x["student_hidden"], w, x["teacher_hidden"], x["teacher_weight"], 2.0, backend=backend), w)

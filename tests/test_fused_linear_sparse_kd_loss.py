@@ -12,7 +12,10 @@ import pytest
 import torch
 
 from axolotl_kd import AxolotlChunkedTopKLoss, axolotl_collated_logprobs
-from conftest import DEVICE_BACKENDS, assert_close_to_oracle, largest_allocation, loss_and_grads, require
+from conftest import DEVICE_BACKENDS, assert_close_to_oracle, require
+from fused_linear_common import (TOL, as_float64, assert_compiled_matches, assert_no_buffer_of_n_by_v,
+                                 assert_second_backward_and_second_order_raise, bind, gemm_shapes, projection_rows,
+                                 randn, run)
 from lepton_fast._validate import kd_hyper
 from lepton_fast import fused_linear_sparse_kd_loss, reference
 from lepton_fast.ops import linear_kd_loss
@@ -23,13 +26,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
                                         "ignore:divide by zero encountered:RuntimeWarning")
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd"]
 TRUNCATIONS = ["renormalize", "tail"]
-TOL = dict(atol=1e-5, rtol=1e-5)
-GRADS = ("student_hidden", "student_weight", "student_bias")
-
-
-def randn(*shape, seed, dtype=torch.float32, device="cpu", scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
 
 
 def make(n=7, h=12, v=37, k=5, *, seed=0, dtype=torch.float32, device="cpu", bias=True, lead=None, ignore_every=3,
@@ -68,29 +64,7 @@ def make(n=7, h=12, v=37, k=5, *, seed=0, dtype=torch.float32, device="cpu", bia
     return x, labels.to(device)
 
 
-def run(fn, x, grad_output=None):
-    """(loss, {name: grad}) of fn on fresh leaves of x; the student's tensors require grad."""
-    return loss_and_grads(fn, x, GRADS, grad_output)
-
-
-def ours(backend, x, grad_output=None, **kw):
-    return run(lambda **a: fused_linear_sparse_kd_loss(**a, backend=backend, **kw), x, grad_output)
-
-
-def as_float64(x):
-    return {k: (t.double() if t is not None and t.is_floating_point() else t) for k, t in x.items()}
-
-
-def oracle(x, grad_output=None, chunk_size=None, **kw):
-    """reference.py in float64 on the same (already rounded) inputs; chunk_size means nothing there."""
-    go = None if grad_output is None else grad_output.double()
-    return run(lambda **a: reference.fused_linear_sparse_kd_loss(**a, **kw), as_float64(x), go)
-
-
-def assert_matches(backend, x, grad_output=None, tol=TOL, **kw):
-    got = ours(backend, x, grad_output, **kw)
-    assert_close_to_oracle(got, oracle(x, grad_output, **kw), x, tol)
-    return got
+ours, oracle, assert_matches = bind(fused_linear_sparse_kd_loss, reference.fused_linear_sparse_kd_loss)
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
@@ -293,11 +267,7 @@ def test_torch_compile_fullgraph(device):
         return fused_linear_sparse_kd_loss(**a, temperature=2.0, divergence="jsd", truncation="tail", labels=labels,
                                            alpha=0.2, student_softcap=5.0, chunk_size=3) * 2
 
-    want_loss, want = run(step, x)
-    loss, got = run(torch.compile(step, fullgraph=True), x)
-    torch.testing.assert_close(loss, want_loss, **TOL)
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], **TOL)
+    assert_compiled_matches(step, x)
     # Dynamic shapes: the token count changes between calls, the chunk size is chosen inside.
     for n in (5, 9):
         x, labels = make(n=n, device=device, seed=13 + n)
@@ -305,11 +275,7 @@ def test_torch_compile_fullgraph(device):
         def step_n(**a):
             return fused_linear_sparse_kd_loss(**a, divergence="reverse_kl", labels=labels, reduction="none").sum()
 
-        want_loss, want = run(step_n, x)
-        loss, got = run(torch.compile(step_n, fullgraph=True, dynamic=True), x)
-        torch.testing.assert_close(loss, want_loss, **TOL)
-        for k in want:
-            torch.testing.assert_close(got[k], want[k], **TOL)
+        assert_compiled_matches(step_n, x, dynamic=True)
 
 
 def _op_args(device, requires_grad):
@@ -346,26 +312,20 @@ def test_no_buffer_of_n_by_v_elements():
     require(SPEC, "cpu", "cpu")
     n, v = 256, 500
     x, labels = make(n=n, h=24, v=v, k=16, seed=15)
-    largest = largest_allocation(lambda: ours("cpu", x, temperature=2.0, truncation="tail", labels=labels, alpha=0.3,
-                                              chunk_size=16))
-    assert largest >= 16 * v * 4  # the chunk's float32 logits were seen: the check is live
-    assert largest < n * v, largest
+    assert_no_buffer_of_n_by_v(lambda: ours("cpu", x, temperature=2.0, truncation="tail", labels=labels, alpha=0.3,
+                                            chunk_size=16), n, v, 16)
 
 
 def test_auto_chunk_size_follows_the_budget(monkeypatch):
     # Two float32 buffers per row (the logits and the row gradient; no teacher head): a budget
     # of 8 rows of them cuts the 26 valid rows into 8 + 8 + 8 + 2.
-    from torch.profiler import ProfilerActivity, profile
-
     require(SPEC, "cpu", "cpu")
     x, labels = make(n=40, seed=16)
     monkeypatch.setitem(linear_kd_loss.CHUNK_BUDGET_BYTES, "cpu", 37 * 8 * 8)
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        loss, _ = ours("cpu", x, labels=labels)
-    rows = [e.input_shapes[0][0] for e in prof.events() if e.name == "aten::mm" and e.input_shapes[0][1:] == [12]]
+    rows = projection_rows(gemm_shapes(lambda: ours("cpu", x, labels=labels)), (12,))
     assert rows == [8, 8, 8, 2], rows
     want, _ = oracle(x, labels=labels)
-    torch.testing.assert_close(loss.double(), want, **TOL)
+    torch.testing.assert_close(ours("cpu", x, labels=labels)[0].double(), want, **TOL)
 
 
 # --- errors --------------------------------------------------------------------------------------
@@ -418,10 +378,4 @@ def test_second_backward_and_second_order_raise(device, backend):
     x, _ = make(n=4, device=device, seed=18)
     w = x["student_weight"].clone().requires_grad_()
     args = (x["student_hidden"], w, x["teacher_indices"], x["teacher_logprobs"], None, 2.0)
-    loss = fused_linear_sparse_kd_loss(*args, backend=backend)
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="backward ran twice"):
-        loss.backward()
-    loss = fused_linear_sparse_kd_loss(*args, backend=backend)
-    with pytest.raises(RuntimeError, match="second-order"):
-        torch.autograd.grad(loss, w, create_graph=True)
+    assert_second_backward_and_second_order_raise(lambda: fused_linear_sparse_kd_loss(*args, backend=backend), w)

@@ -6,7 +6,6 @@ random logits are split 19/18 over two ranks, 13/13/11 and 20/0/17 over three, 1
 over four; every rank generates the same logits and keeps its slice. Each rank's loss must be
 fused_kd_loss's on the whole logits, and the ranks' gradients side by side its gradient.
 """
-import contextlib
 import math
 import os
 import re
@@ -20,8 +19,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from conftest import require
-from rank_pool import CollectiveRecorder, RankPool, WorkerError
-from lepton_fast import fused_kd_loss, fused_linear_kd_loss, reference
+from rank_pool import CollectiveRecorder, RankPool, WorkerError, recording_all_reduce
+from lepton_fast import fused_kd_loss, fused_linear_kd_loss, fused_linear_sparse_kd_loss, reference
 from lepton_fast.distributed import vocab_parallel_kd_loss
 from lepton_fast.ops import kd_loss as kd_ops
 
@@ -424,30 +423,12 @@ def _rank_linear(ctx, split, seed, kw):
     lo, hi = sum(sizes[:ctx.rank]), sum(sizes[:ctx.rank + 1])
     h, w, b = (x.clone().requires_grad_() for x in (h_s, w_s[lo:hi], b_s[lo:hi]))
     forward, backward = [], []
-    with _recording_all_reduce(forward):
+    with recording_all_reduce(forward):
         loss = fused_linear_kd_loss(h, w, h_t, w_t[lo:hi], student_bias=b, teacher_bias=b_t[lo:hi], labels=labels,
                                     chunk_size=3, group=group, **kw)
-    with _recording_all_reduce(backward):
+    with recording_all_reduce(backward):
         loss.backward()
     return loss.detach(), h.grad, w.grad, b.grad, forward, backward
-
-
-@contextlib.contextmanager
-def _recording_all_reduce(calls):
-    """Appends (reduction, shape) of every dist.all_reduce to ``calls``. CollectiveRecorder (a
-    dispatch mode) cannot see into fused_linear_kd_loss: a custom op runs its body below it."""
-    real = dist.all_reduce
-
-    def recording(tensor, op=dist.ReduceOp.SUM, **kwargs):
-        calls.append(("MAX" if op == dist.ReduceOp.MAX else "SUM" if op == dist.ReduceOp.SUM else op,
-                      tuple(tensor.shape)))
-        return real(tensor, op=op, **kwargs)
-
-    dist.all_reduce = recording
-    try:
-        yield
-    finally:
-        dist.all_reduce = real
 
 
 @pytest.mark.parametrize("split", ["3", "3-empty"])
@@ -477,12 +458,19 @@ def test_linear_kd_loss_over_a_vocabulary_sharded_head(pool, divergence, split):
     torch.testing.assert_close(torch.cat([a[3] for a in answers]), b.grad, **F64_TOL)
 
 
+@pytest.mark.parametrize("teacher", ["live", "sparse"])
 @pytest.mark.parametrize("kw,refused", [(dict(reduction="none"), "reduction 'none'"),
                                        (dict(vocab_size=30), "vocab_size")])
-def test_linear_kd_loss_group_refuses(kw, refused):
+def test_linear_kd_loss_group_refuses(kw, refused, teacher):
+    """fused_linear_kd_loss and fused_linear_sparse_kd_loss (a teacher's stored top-4) refuse
+    what their vocabulary-parallel loop does not do, before any collective."""
     h_s, w_s, b_s, h_t, w_t, b_t, labels = linear_data(18)
     with pytest.raises(ValueError, match=f"group=: not with {re.escape(refused)}"):
-        fused_linear_kd_loss(h_s, w_s, h_t, w_t, group=object(), **kw)
+        if teacher == "live":
+            fused_linear_kd_loss(h_s, w_s, h_t, w_t, group=object(), **kw)
+        else:
+            logprobs, indices = torch.log_softmax(h_t @ w_t.T, -1).topk(4, -1)
+            fused_linear_sparse_kd_loss(h_s, w_s, indices, logprobs, group=object(), **kw)
 
 
 def test_example_runs_under_torchrun():

@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from rank_pool import CollectiveRecorder, RankPool
-from lepton_fast import reference
+from rank_pool import CollectiveRecorder, RankPool, recording_all_reduce
+from lepton_fast import fused_linear_sparse_kd_loss, reference
 from lepton_fast.distributed import vocab_parallel_sparse_kd_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
@@ -73,7 +73,22 @@ def data(seed, n=6, k=5, *, teacher="top_k", masked=False, labelled=False, ignor
     return s, idx, logp, mask, labels
 
 
+def linear_data(seed, n=7, h=8, **teacher):
+    """(student hidden [n, h], lm_head weight [V, h] and bias [V], then data()'s teacher
+    entries, mask and labels), the same on every rank."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    head = tuple(torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((n, h), (V, h), (V,)))
+    return head + data(seed, n=n, **teacher)[1:]
+
+
 # --- What each rank runs (module-level functions: the workers import them) -----------------
+
+
+def _rank_slice(ctx, split):
+    """(this rank's group of ``split``, the first and the end of its classes); the group is None
+    on the ranks outside it."""
+    index, sizes = SPLITS[split]
+    return ctx.groups[index], sum(sizes[:ctx.rank]), sum(sizes[:ctx.rank + 1])
 
 
 @contextlib.contextmanager
@@ -98,11 +113,9 @@ def _kernels(backend=None, block_elements=None):
 
 def _rank_cases(ctx, split, cases, block_elements=None, backend=None):
     """[(loss, gradient of this rank's slice)] per case on the ranks of ``split``; None off them."""
-    index, sizes = SPLITS[split]
-    group = ctx.groups[index]
+    group, lo, hi = _rank_slice(ctx, split)
     if group is None:
         return None
-    lo, hi = sum(sizes[:ctx.rank]), sum(sizes[:ctx.rank + 1])
     out = []
     for data_kw, kw, grad_output in cases:
         s, idx, logp, mask, labels = data(**data_kw)
@@ -136,11 +149,9 @@ def _rank_slice_tensors(ctx, n, rows, kw):
     """The new tensors of more than ``rows`` rows of C_r elements or more that a forward on
     split "2" makes (with K = 5 entries, so that an [N, K, K] comparison of the entries would
     show too)."""
-    index, sizes = SPLITS["2"]
-    group = ctx.groups[index]
+    group, lo, hi = _rank_slice(ctx, "2")
     if group is None:
         return None
-    lo, hi = sum(sizes[:ctx.rank]), sum(sizes[:ctx.rank + 1])
     s, idx, logp, mask, labels = data(seed=23, n=n, teacher="random", masked=True, labelled=True)
     x = s[:, lo:hi].clone().requires_grad_()
     with _NewSliceTensors(rows, hi - lo) as recorder:
@@ -150,11 +161,9 @@ def _rank_slice_tensors(ctx, n, rows, kw):
 
 def _rank_collectives(ctx, cases, n):
     """For each case: the collectives of a forward and of its backward on split "2"."""
-    index, sizes = SPLITS["2"]
-    group = ctx.groups[index]
+    group, lo, hi = _rank_slice(ctx, "2")
     if group is None:
         return None
-    lo, hi = sum(sizes[:ctx.rank]), sum(sizes[:ctx.rank + 1])
     out = []
     for data_kw, kw in cases:
         s, idx, logp, mask, labels = data(n=n, **data_kw)
@@ -168,12 +177,14 @@ def _rank_collectives(ctx, cases, n):
     return out
 
 
-def _rank_bad_call(ctx, what):
-    """Each rank's error message for a bad call on three ranks, or None where it went through."""
+def _rank_bad_call(ctx, what, form="logits"):
+    """Each rank's error message for a bad call on three ranks, or None where it went through;
+    ``form`` "linear": fused_linear_sparse_kd_loss(group=) on the rank's rows of a head."""
     group = dist.new_group([0, 1, 2])  # a fresh group: its first call exchanges the slice sizes
     sizes = SPLITS["3-empty"][1]
     lo, hi = sum(sizes[:ctx.rank]), sum(sizes[:ctx.rank + 1])
-    s, idx, logp, mask, labels = data(3, labelled=True)
+    h, w, b, idx, logp, mask, labels = linear_data(3, n=6, labelled=True)
+    s = data(3, labelled=True)[0]
     kw = {}
     if what == "one rank refused":
         kw = dict(truncation="bogus") if ctx.rank == 1 else {}
@@ -183,7 +194,11 @@ def _rank_bad_call(ctx, what):
         s[1] = float("-inf")
         kw = dict(truncation="tail")
     try:
-        vocab_parallel_sparse_kd_loss(s[:, lo:hi], idx, logp, mask, group=group, labels=labels, **kw)
+        if form == "linear":
+            fused_linear_sparse_kd_loss(h, w[lo:hi], idx, logp, mask, student_bias=b[lo:hi], labels=labels,
+                                        chunk_size=2, group=group, **kw)
+        else:
+            vocab_parallel_sparse_kd_loss(s[:, lo:hi], idx, logp, mask, group=group, labels=labels, **kw)
     except (ValueError, TypeError) as e:
         return f"{type(e).__name__}: {e}"
     return None
@@ -204,6 +219,27 @@ def _rank_dtensor(ctx, cases):
         loss = vocab_parallel_sparse_kd_loss(x, rep(idx), rep(logp), rep(mask), labels=rep(labels), **kw)
         loss.backward()
         out.append((loss.to_local(), tuple(map(repr, loss.placements)), x.grad.full_tensor()))
+    return out
+
+
+def _rank_linear(ctx, split, cases):
+    """fused_linear_sparse_kd_loss(group=) on this rank's rows of the head, chunks of 3 rows, per
+    case: (loss, d hidden, d weight slice, d bias slice, the all-reduces of the forward and of
+    the backward)."""
+    group, lo, hi = _rank_slice(ctx, split)
+    if group is None:
+        return None
+    out = []
+    for data_kw, kw in cases:
+        h_s, w_s, b_s, idx, logp, mask, labels = linear_data(**data_kw)
+        h, w, b = (x.clone().requires_grad_() for x in (h_s, w_s[lo:hi], b_s[lo:hi]))
+        forward, backward = [], []
+        with recording_all_reduce(forward):
+            loss = fused_linear_sparse_kd_loss(h, w, idx, logp, mask, student_bias=b, labels=labels, chunk_size=3,
+                                               group=group, **kw)
+        with recording_all_reduce(backward):
+            loss.backward()
+        out.append((loss.detach(), h.grad, w.grad, b.grad, forward, backward))
     return out
 
 
@@ -380,11 +416,65 @@ def test_collectives_per_step(pool):
 ])
 def test_bad_input_raises_on_every_rank(pool, what, message):
     errors = pool.run(_rank_bad_call, what)
+    _assert_every_rank_raised(what, message, errors)
+
+
+@pytest.mark.parametrize("what,message", [
+    ("one rank refused", r"truncation must be one of|rank 1 of the group refused"),
+    ("index out of range", r"teacher_indices must be in \[0, 37\)"),
+])
+def test_fused_linear_bad_input_raises_on_every_rank(pool, what, message):
+    _assert_every_rank_raised(what, message, pool.run(_rank_bad_call, what, "linear"))
+
+
+def _assert_every_rank_raised(what, message, errors):
     if what == "one rank refused":  # rank 1 its own error, the others that rank 1 refused
         assert ["truncation must" in e for e in errors] == [False, True, False], errors
     for error in errors:
         assert error is not None and error.split(": ", 1)[0] in ("ValueError", "TypeError", "RefusedOnAnotherRank")
         assert re.search(message, error), error
+
+
+def _linear_cases():
+    """Both truncations and the three divergences through a soft-capped, scaled head, with
+    masked entries and ignored rows and the CE term, and the reductions."""
+    for truncation in TRUNCATIONS:
+        for divergence in DIVERGENCES:
+            yield (dict(seed=40, masked=True, labelled=True),
+                   dict(truncation=truncation, divergence=divergence, beta=0.3, temperature=2.0, alpha=0.3,
+                        label_smoothing=0.1, student_softcap=4.0, student_logit_scale=0.7))
+        yield dict(seed=41, teacher="random", k=9), dict(truncation=truncation, reduction="sum")
+        yield (dict(seed=42, labelled=True), dict(truncation=truncation, reduction="batchmean", num_items_in_batch=5,
+                                                  temperature=0.7))
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_fused_linear_over_a_vocabulary_sharded_head(pool, split):
+    """fused_linear_sparse_kd_loss(group=): each rank its [V_r, H] rows of the head (19/18, or
+    20/0/17: a rank without vocabulary takes part with its empty slice), the same loss as the
+    single-process reference on the whole head, each rank the gradient of its weight and bias
+    rows, and every rank the whole hidden-state gradient (all-reduced in the forward: per
+    chunk the rows' all-reduces of vocab_parallel_sparse_kd_loss, then one [N, H]; the
+    backward none)."""
+    cases = list(_linear_cases())
+    answers = [a for a in pool.run(_rank_linear, split, cases) if a is not None]
+    assert len(answers) == len(SPLITS[split][1])
+    for i, (data_kw, kw) in enumerate(cases):
+        h_s, w_s, b_s, idx, logp, mask, labels = linear_data(**data_kw)
+        h, w, b = (x.clone().requires_grad_() for x in (h_s, w_s, b_s))
+        want = reference.fused_linear_sparse_kd_loss(h, w, idx, logp, mask, student_bias=b, labels=labels, **kw)
+        want.backward()
+        for loss, d_hidden, _, _, forward, backward in (a[i] for a in answers):
+            torch.testing.assert_close(loss, want.detach(), **F64_TOL)
+            torch.testing.assert_close(d_hidden, h.grad, **F64_TOL)
+            assert forward[-1] == ("SUM", (7, 8)) and backward == [], (forward, backward)
+        torch.testing.assert_close(torch.cat([a[i][2] for a in answers]), w.grad, **F64_TOL)
+        torch.testing.assert_close(torch.cat([a[i][3] for a in answers]), b.grad, **F64_TOL)
+    # The first case: 4 rows not ignored, in chunks of 3 and 1, each one MAX of [rows, 2] and one
+    # SUM of [rows, K + 4] ("renormalize": the CE's max, then the entries' logits and the CE's sums).
+    forward = answers[0][0][4]
+    assert forward == [(op, (rows, k)) for rows in (3, 1) for op, k in (("MAX", 1), ("SUM", 5 + 2))] + \
+        [("SUM", (7, 8))], forward
 
 
 def test_needs_torch_distributed():

@@ -26,7 +26,7 @@ _AUTOGRAD_KEYS = (_KEY.AutogradFunctionality, _KEY.AutogradOther, _KEY.AutogradN
 
 
 @contextlib.contextmanager
-def _autograd_on():
+def autograd_on():
     exclude = torch._C._dispatch_tls_local_exclude_set()
     for key in _AUTOGRAD_KEYS:
         exclude = exclude.remove(key)
@@ -41,7 +41,7 @@ def _with_grad(loss_of, x: Tensor, compute_grad: bool):
         with torch.no_grad():
             out = loss_of(x)
         return out, x.new_empty((0,))
-    with _autograd_on():
+    with autograd_on():
         leaf = x.detach().requires_grad_()
         out = loss_of(leaf)
         loss = out[0] if isinstance(out, tuple) else out

@@ -56,7 +56,7 @@ from lepton_fast import _backend, _validate
 from lepton_fast.ops import _autograd, kd_loss
 from lepton_fast.ops.kd_loss import SPEC as KD_SPEC
 from lepton_fast.ops.sparse_kd_loss import SPEC as SPARSE_SPEC
-from lepton_fast.ops.sparse_kd_loss import TRUNCATIONS
+from lepton_fast.ops.sparse_kd_loss import SLICE_GRAD_SPEC, TRUNCATIONS
 
 if TYPE_CHECKING:
     from typing import Unpack
@@ -136,7 +136,8 @@ def _student_head_loop(student_hidden: Tensor, student_weight: Tensor, student_b
                        labels: Optional[Tensor], row_loss, *, acc: torch.dtype, ignore_index: int, reduction: str,
                        num_items_in_batch: Optional[Tensor], vocab_size: int, logit_scale: float,
                        softcap: Optional[float], chunk_size: int, row_weights: Optional[Tensor], grad_hidden: bool,
-                       grad_weight: bool, grad_bias: bool, entropy_inv_temperature: Optional[float] = None):
+                       grad_weight: bool, grad_bias: bool, entropy_inv_temperature: Optional[float] = None,
+                       group=None):
     """The chunk loop of every fused-linear loss: per chunk of rows the student's logits out of
     the GEMM in ``acc``, ``row_loss`` for the chunk's loss and d(loss)/d(logits), then the
     chunk's rows of d(loss)/d(student_hidden) and its share of d(loss)/d(student_weight, bias).
@@ -145,6 +146,9 @@ def _student_head_loop(student_hidden: Tensor, student_weight: Tensor, student_b
     kernel with the teacher: ``take`` maps a tensor with one row per token ([N, ...]) to the
     chunk's rows, ``z_s`` is the chunk's [rows, vocab_size] logits, ``reduction`` is "none" or
     "sum" (the sum and the gradient divided by ``divisor`` when it is given).
+
+    With a process ``group`` (the weight a rank's slice of a vocabulary-parallel head), every
+    slice's part of d(loss)/d(student_hidden) is all-reduced over it at the end.
 
     Returns (loss, d hidden, d weight, d bias, entropy sum), as the ops' outputs: a gradient
     not asked for, and the entropy without ``entropy_inv_temperature``, as empty tensors."""
@@ -230,6 +234,8 @@ def _student_head_loop(student_hidden: Tensor, student_weight: Tensor, student_b
         d_weight[:vocab_size] = acc_weight
     if grad_bias:
         d_bias[:vocab_size] = acc_bias
+    if group is not None and grad_hidden:
+        torch.distributed.all_reduce(d_hidden, group=group)
     return loss, d_hidden, d_weight, d_bias, entropy_sum
 
 
@@ -269,15 +275,13 @@ def _fused_linear_kd_loss(
                            compute_grad)
         return distributed.chunk_loss_and_grad(split, a)
 
-    out = _student_head_loop(
+    return _student_head_loop(
         student_hidden, student_weight, student_bias, labels, row_loss, acc=acc, ignore_index=ignore_index,
         reduction=reduction, num_items_in_batch=num_items_in_batch, vocab_size=vocab_size,
         logit_scale=student_logit_scale, softcap=student_softcap, chunk_size=chunk_size, row_weights=row_weights,
         grad_hidden=grad_hidden, grad_weight=grad_weight, grad_bias=grad_bias,
-        entropy_inv_temperature=1.0 / _validate.kd_values(hyper)["temperature"] if entropy else None)
-    if split is not None and grad_hidden:
-        torch.distributed.all_reduce(out[1], group=split.group)  # every slice's part of dL/dh
-    return out
+        entropy_inv_temperature=1.0 / _validate.kd_values(hyper)["temperature"] if entropy else None,
+        group=None if split is None else split.group)
 
 
 def _fake_outputs(student_hidden, student_weight, student_bias, acc, reduction, grad_hidden, grad_weight,
@@ -310,20 +314,30 @@ def _fused_linear_sparse_kd_loss(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """[N, H], [V, H], [V] or None, [N, K] int64, [N, K], [N, K] bool or None -> (loss,
     d/d student_hidden, d/d student_weight, d/d student_bias), a gradient not asked for as an
-    empty tensor; ``row_weights`` and the reductions as in ``fused_linear_kd_loss``'s op. The
-    row kernel is ``sparse_kd_loss`` on each chunk's logits and teacher entries."""
+    empty tensor; ``row_weights``, the reductions and the vocabulary split (``_VOCAB_SPLIT``) as
+    in ``fused_linear_kd_loss``'s op. The row kernel is ``sparse_kd_loss`` on each chunk's
+    logits and teacher entries (with a split, lepton_fast.distributed's sparse slice ops)."""
+    split = _VOCAB_SPLIT.get()
 
     def row_loss(take, z_s, chunk_labels, kd_reduction, divisor, compute_grad):
-        return torch.ops.lepton_fast.sparse_kd_loss.default(
-            z_s, take(teacher_indices), take(teacher_logprobs), None if teacher_mask is None else take(teacher_mask),
-            chunk_labels, hyper, truncation, ignore_index, kd_reduction, divisor, compute_grad)
+        indices, logprobs = take(teacher_indices), take(teacher_logprobs)
+        mask = None if teacher_mask is None else take(teacher_mask)
+        if split is None:
+            return torch.ops.lepton_fast.sparse_kd_loss.default(
+                z_s, indices, logprobs, mask, chunk_labels, hyper, truncation, ignore_index, kd_reduction, divisor,
+                compute_grad)
+        from lepton_fast import distributed
+
+        o = _validate.KDOptions(hyper, chunk_labels, ignore_index, kd_reduction, divisor)
+        return distributed.sparse_chunk_loss_and_grad(split, z_s, indices, logprobs, mask, o, truncation,
+                                                      compute_grad)
 
     return _student_head_loop(
         student_hidden, student_weight, student_bias, labels, row_loss,
         acc=torch.promote_types(student_hidden.dtype, torch.float32), ignore_index=ignore_index, reduction=reduction,
         num_items_in_batch=num_items_in_batch, vocab_size=vocab_size, logit_scale=student_logit_scale,
         softcap=student_softcap, chunk_size=chunk_size, row_weights=row_weights, grad_hidden=grad_hidden,
-        grad_weight=grad_weight, grad_bias=grad_bias)[:4]
+        grad_weight=grad_weight, grad_bias=grad_bias, group=None if split is None else split.group)[:4]
 
 
 @_fused_linear_sparse_kd_loss.register_fake
@@ -443,6 +457,44 @@ def _checked_chunk_size(chunk_size) -> None:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
+def _vocab_split(public_name: str, group, slice_spec, backend: Optional[str], weight: Tensor, *, reduction: str,
+                 vocab_size: int, entropy: bool = False):
+    """None without a ``group``; else this rank's lepton_fast.distributed.VocabSplit of the
+    vocabulary for a head whose slice is ``weight`` [V_r, H], after refusing what the
+    vocabulary-parallel loop does not do, and the backend of the slice ops (``slice_spec``)."""
+    if group is None:
+        return None
+    refused = [what for what, given in (
+        ("reduction 'none'", reduction == "none"), ("vocab_size", vocab_size != weight.shape[0]),
+        ("torch.compile", torch.compiler.is_compiling()), ("the entropy", entropy)) if given]
+    if refused:
+        raise ValueError(f"{public_name} with group=: not with {refused[0]} (see the docstring)")
+    from lepton_fast import distributed
+
+    return distributed.vocab_split(group, weight.shape[0], weight.device,
+                                   _backend.resolve(slice_spec, weight.device, backend))
+
+
+def _split_call(split, op, *args):
+    """``op(*args)`` with ``_VOCAB_SPLIT`` set to ``split`` while it runs (torch.compile cannot
+    trace a ContextVar.set: the group refuses it, and without one nothing is set)."""
+    if split is None:
+        return op(*args)
+    token = _VOCAB_SPLIT.set(split)
+    try:
+        return op(*args)
+    finally:
+        _VOCAB_SPLIT.reset(token)
+
+
+def _tell_the_group(group, error: Exception) -> None:
+    """A refusal at a group's first call reaches every rank (lepton_fast.distributed.refuse)."""
+    if group is not None:
+        from lepton_fast import distributed
+
+        distributed.refuse(group, error)
+
+
 def _grads_to_write(reduction: str, student: _Head) -> list[bool]:
     """grad_hidden, grad_weight, grad_bias: the student's gradients the forward writes. None for
     reduction "none", whose gradient depends on the per-row grad_output: the backward computes it."""
@@ -533,9 +585,9 @@ def fused_linear_kd_loss(
         ValueError: mismatched shapes or devices, V != V_t without ``vocab_size`` (the message
             names both), ``vocab_size`` outside [1, min(V, V_t)], a non-positive chunk_size or
             softcap, a non-finite logit scale, and everything :func:`fused_kd_loss` refuses.
-        RuntimeError: a forced backend that cannot run here; a second backward through one
-            graph, or a second-order gradient (differentiate
-            :func:`lepton_fast.reference.fused_linear_kd_loss` for those).
+        RuntimeError: a forced backend that cannot run here; ``group`` without torch.distributed
+            initialised; a second backward through one graph, or a second-order gradient
+            (differentiate :func:`lepton_fast.reference.fused_linear_kd_loss` for those).
 
     Autocast: under ``torch.autocast`` each head's hidden states and weight are cast to
     autocast's dtype first, as ``F.linear`` would cast them (a bfloat16 hidden state with a
@@ -555,10 +607,7 @@ def fused_linear_kd_loss(
             teacher_logit_scale=teacher_logit_scale, student_softcap=student_softcap, teacher_softcap=teacher_softcap,
             chunk_size=chunk_size, backend=backend, entropy=False, group=group, **kd)[0]
     except (TypeError, ValueError) as error:
-        if group is not None:  # at the group's first call every rank hears of a refusal (distributed.refuse)
-            from lepton_fast import distributed
-
-            distributed.refuse(group, error)
+        _tell_the_group(group, error)
         raise
 
 
@@ -588,18 +637,8 @@ def _linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, t
     reduction = o.reduction
     _checked_chunk_size(chunk_size)
     chosen = _backend.resolve(KD_SPEC, s.hidden.device, backend)
-    split = None
-    if group is not None:
-        refused = [what for what, given in (
-            ("reduction 'none'", reduction == "none"), ("vocab_size", vocab_size != v_s),
-            ("torch.compile", torch.compiler.is_compiling()),
-            ("the entropy", entropy)) if given]
-        if refused:
-            raise ValueError(f"fused_linear_kd_loss with group=: not with {refused[0]} (see the docstring)")
-        from lepton_fast import distributed
-
-        split = distributed.vocab_split(group, v_s, s.hidden.device,
-                                        _backend.resolve(kd_loss.SLICE_SPEC, s.hidden.device, backend))
+    split = _vocab_split("fused_linear_kd_loss", group, kd_loss.SLICE_SPEC, backend, s.weight, reduction=reduction,
+                         vocab_size=vocab_size, entropy=entropy)
     h_s = s.hidden.reshape(-1, s.hidden.shape[-1])
     h_t = t.hidden.detach().reshape(-1, t.hidden.shape[-1])
     acc = torch.promote_types(torch.promote_types(h_s.dtype, h_t.dtype), torch.float32)
@@ -609,13 +648,8 @@ def _linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, t
     args = (h_s, s.weight, h_t, t.weight.detach(), s.bias, None if t.bias is None else t.bias.detach(), o.labels,
             o.hyper, o.ignore_index, reduction, o.num_items, vocab_size, s.scale, t.scale, s.softcap, t.softcap,
             chunk_size, None, *_grads_to_write(reduction, s), entropy)
-    token = None if split is None else _VOCAB_SPLIT.set(split)  # (torch.compile cannot trace a set)
-    try:
-        with _backend.running(KD_SPEC, chosen, h_s.device.type):
-            out = _fused_linear_kd_loss(*args)
-    finally:
-        if token is not None:
-            _VOCAB_SPLIT.reset(token)
+    with _backend.running(KD_SPEC, chosen, h_s.device.type):
+        out = _split_call(split, _fused_linear_kd_loss, *args)
     loss = out[0].reshape(s.hidden.shape[:-1]) if reduction == "none" else out[0]
     return loss, (out[4] if entropy else None)
 
@@ -636,6 +670,7 @@ def fused_linear_sparse_kd_loss(
     student_softcap: Optional[float] = None,
     chunk_size: Optional[int] = None,
     backend: Optional[str] = None,
+    group=None,
     **kd: Unpack[_validate.KDKeywords],
 ) -> Tensor:
     r"""Distillation from a teacher's stored top-k log-probabilities through the student's
@@ -680,7 +715,19 @@ def fused_linear_sparse_kd_loss(
             result does not depend on it beyond float32 rounding.
         backend: the row kernel, as in :func:`lepton_fast.sparse_kd_loss`; forcing one is
             eager-only and applies to the forward (with reduction "none" the backward
-            recomputes the gradients with the default kernel).
+            recomputes the gradients with the default kernel). With ``group``, the backend of
+            the sparse slice ops.
+        group: a torch.distributed process group whose ranks split the vocabulary, or None
+            for one device, as for :func:`lepton_fast.fused_linear_kd_loss`: each rank passes
+            its contiguous [V_r, H] slice of the weight (and of the bias), in rank order;
+            hidden states, the teacher's entries (global class ids) and labels are the same on
+            every rank, as is ``chunk_size``. Every rank gets the loss of the whole vocabulary,
+            the gradient of its weight and bias slices and the hidden states' gradient
+            all-reduced over the group. Per chunk the rows take the all-reduces of
+            :func:`lepton_fast.distributed.vocab_parallel_sparse_kd_loss` (O(rows x K)
+            elements), plus one of [N, H] at the end; the backward none. Eager only; not
+            with reduction "none" or ``vocab_size``. A refusal at the group's first call
+            stops every rank, as for :func:`lepton_fast.distributed.vocab_parallel_sparse_kd_loss`.
 
     Returns:
         float32 loss (float64 for float64 inputs): a scalar, or [...] for ``"none"``.
@@ -694,9 +741,9 @@ def fused_linear_sparse_kd_loss(
             divergence/truncation/reduction, and everything :func:`sparse_kd_loss` refuses
             (an index that counts outside [0, vocab_size), named ``teacher_indices``; labels
             out of range; a row whose buckets are undefined).
-        RuntimeError: a forced backend that cannot run here; a second backward through one
-            graph, or a second-order gradient (differentiate
-            :func:`lepton_fast.reference.fused_linear_sparse_kd_loss` for those).
+        RuntimeError: a forced backend that cannot run here; ``group`` without torch.distributed
+            initialised; a second backward through one graph, or a second-order gradient
+            (differentiate :func:`lepton_fast.reference.fused_linear_sparse_kd_loss` for those).
 
     Autocast: as :func:`lepton_fast.fused_linear_kd_loss`: the hidden states and weight are
     cast to autocast's dtype first, as ``F.linear`` would (a bfloat16 hidden state with a
@@ -710,21 +757,30 @@ def fused_linear_sparse_kd_loss(
     (``integrations/kd/kernels/liger.py``), without its per-chunk ``torch.func`` and host
     synchronisation; the buckets as :func:`lepton_fast.sparse_kd_loss` cites them.
     """
-    s = _checked_head("student", student_hidden, student_weight, student_bias, student_logit_scale, student_softcap)
-    indices, logprobs, mask = _validate.sparse_teacher(teacher_indices, teacher_logprobs, teacher_mask,
-                                                       "student_hidden", s.hidden)
-    _validate.choice("truncation", truncation, TRUNCATIONS)
-    o = _validate.kd_options("fused_linear_sparse_kd_loss", "student_hidden", s.hidden, temperature=temperature,
-                             **kd)
-    vocab_size = _checked_vocab_size(vocab_size, s.weight.shape[0])
-    _checked_chunk_size(chunk_size)
-    chosen = _backend.resolve(SPARSE_SPEC, s.hidden.device, backend)
+    try:
+        s = _checked_head("student", student_hidden, student_weight, student_bias, student_logit_scale,
+                          student_softcap, empty_ok=group is not None)
+        indices, logprobs, mask = _validate.sparse_teacher(teacher_indices, teacher_logprobs, teacher_mask,
+                                                           "student_hidden", s.hidden)
+        _validate.choice("truncation", truncation, TRUNCATIONS)
+        o = _validate.kd_options("fused_linear_sparse_kd_loss", "student_hidden", s.hidden,
+                                 temperature=temperature, **kd)
+        vocab_size = _checked_vocab_size(vocab_size, s.weight.shape[0])
+        _checked_chunk_size(chunk_size)
+        chosen = _backend.resolve(SPARSE_SPEC, s.hidden.device, backend)
+        split = _vocab_split("fused_linear_sparse_kd_loss", group, SLICE_GRAD_SPEC, backend, s.weight,
+                             reduction=o.reduction, vocab_size=vocab_size)
+    except (TypeError, ValueError) as error:
+        _tell_the_group(group, error)
+        raise
     h = s.hidden.reshape(-1, s.hidden.shape[-1])
-    if chunk_size is None:  # the student's logits and the row gradient: two float32 buffers per row
-        chunk_size = _auto_chunk_size(h.shape[0], vocab_size, torch.promote_types(h.dtype, torch.float32),
-                                      s.weight.dtype, h.device, buffers=2)
+    if chunk_size is None:  # the student's logits and the row gradient: two float32 buffers per row (with a
+        # group, from the whole vocabulary: every rank must cut the same chunks)
+        chunk_size = _auto_chunk_size(h.shape[0], vocab_size if split is None else split.n_classes,
+                                      torch.promote_types(h.dtype, torch.float32), s.weight.dtype, h.device, buffers=2)
     with _backend.running(SPARSE_SPEC, chosen, h.device.type):
-        loss = _fused_linear_sparse_kd_loss(
-            h, s.weight, s.bias, indices, logprobs, mask, o.labels, o.hyper, truncation, o.ignore_index, o.reduction,
-            o.num_items, vocab_size, s.scale, s.softcap, chunk_size, None, *_grads_to_write(o.reduction, s))[0]
+        loss = _split_call(
+            split, _fused_linear_sparse_kd_loss, h, s.weight, s.bias, indices, logprobs, mask, o.labels, o.hyper,
+            truncation, o.ignore_index, o.reduction, o.num_items, vocab_size, s.scale, s.softcap, chunk_size, None,
+            *_grads_to_write(o.reduction, s))[0]
     return loss.reshape(s.hidden.shape[:-1]) if o.reduction == "none" else loss
