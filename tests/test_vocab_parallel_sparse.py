@@ -337,7 +337,7 @@ def _blocked_cases():
 @pytest.mark.parametrize("block_elements", BLOCK_ELEMENTS)
 @pytest.mark.parametrize("split", SPLITS)
 def test_blocks_of_rows(pool, split, block_elements):
-    """The reference kernels (those of CUDA tensors) run on blocks of rows."""
+    """The reference kernels (LEPTON_FAST_BACKEND=reference) run on blocks of rows."""
     assert_cases_match(pool, split, list(_blocked_cases()), block_elements=block_elements, backend="reference")
 
 
