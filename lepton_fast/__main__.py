@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
 def main(argv=None) -> int:
-    from lepton_fast.tasks import DataUnavailable, runner
+    from lepton_fast.tasks import runner
     from lepton_fast.version import __version__
 
     parser = argparse.ArgumentParser(prog="lepton-fast", description=__doc__)
@@ -17,6 +18,16 @@ def main(argv=None) -> int:
                           description=runner.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     runner.add_arguments(demo)
     args = parser.parse_args(argv)
+    try:
+        return _run(args, demo)
+    except BrokenPipeError:  # `lepton-fast info | head`: the reader left; say nothing more (Python's docs' recipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _run(args, demo) -> int:
+    from lepton_fast.tasks import DataUnavailable, runner
+
     if args.command == "info":
         import lepton_fast
 

@@ -56,6 +56,15 @@ def test_version(cli):
     assert out.returncode == 0 and out.stdout.strip() == f"lepton-fast {__version__}"
 
 
+def test_info_into_a_closed_pipe_says_nothing():
+    """`lepton-fast info | head -3`: the reader is gone before the output ends; no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "lepton_fast", "info"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=300) == 1 and "Traceback" not in stderr, stderr
+
+
 def test_demo_help_shows_the_defaults(cli):
     out = cli["help"]
     text = " ".join(out.stdout.split())
