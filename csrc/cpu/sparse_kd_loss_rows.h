@@ -66,13 +66,15 @@ struct SparseRow {
   // The n <= W columns of s at j, those listed (sorted; the next one not yet passed at *next)
   // as -inf: the unlisted statistics are accumulated over the unlisted columns themselves,
   // never as the row's minus the entries' (which cancels at small T).
+  // A listed column's lane is blended in registers (lane indices compared, small integers,
+  // exact in acc_t): written into a buffer and reloaded, each cost a store-forwarding stall,
+  // twice per pass.
   static Vec load_unlisted(const scalar_t* s, int64_t j, int64_t n, const int64_t*& next, const int64_t* end) {
-    const Vec x = IO::load(s + j, n, kNegInf);
-    if (next == end || *next >= j + W) return x;
-    alignas(64) acc_t buf[W];
-    x.store(buf);
-    for (; next != end && *next < j + W; ++next) buf[*next - j] = kNegInf;
-    return Vec::loadu(buf);
+    Vec x = IO::load(s + j, n, kNegInf);
+    for (; next != end && *next < j + W; ++next) {
+      x = Vec::blendv(x, Vec(kNegInf), Vec::arange(acc_t(0), acc_t(1)) == Vec(acc_t(*next - j)));
+    }
+    return x;
   }
 
   // The pass over the row s, its listed columns [listed, end) left out: the lanes' statistics
