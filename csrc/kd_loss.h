@@ -233,10 +233,11 @@ struct WeightedSoftmaxStats {
   }
 };
 
-// p * (log p - log q) with 0 log 0 = 0: one term of a KL sum.
-template <typename acc_t>
-LF_HOST_DEVICE acc_t kl_term(acc_t logp, acc_t logq) {
-  return weighted<ScalarMath<acc_t>>(std::exp(logp), logp - logq);
+// p * (log p - log q) with 0 log 0 = 0: one term of a KL sum (of a scalar, or of a vector
+// under its math policy M).
+template <typename V, typename M = ScalarMath<V>>
+LF_HOST_DEVICE V kl_term(V logp, V logq) {
+  return weighted<M>(M::exp(logp), logp - logq);
 }
 
 // d(D)/d(z_s) of one element for the soft term (see the top of this file); 0 where p_s = 0

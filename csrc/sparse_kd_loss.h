@@ -90,21 +90,22 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_loss_entry(
 }
 
 // One bucket's divergence term and g = dD/d(log Q), (logp, logq) the teacher's and the
-// student's log-probabilities; 0 log 0 = 0 on either side.
-template <typename acc_t>
+// student's log-probabilities; 0 log 0 = 0 on either side. V is a scalar (math policy
+// ScalarMath) or, on the CPU, a SIMD vector of buckets (VecMath): a lane of -inf on both
+// sides (a padding lane) has d = g = 0.
+template <typename V>
 struct SparseBucket {
-  acc_t d, g;
+  V d, g;
 };
 
-template <typename acc_t>
-LF_HOST_DEVICE SparseBucket<acc_t> sparse_bucket(Divergence div, acc_t logp, acc_t logq, acc_t beta, acc_t log_beta,
-                                                 acc_t log_1m_beta) {
-  using M = ScalarMath<acc_t>;
-  const acc_t q = std::exp(logq);
-  if (div == Divergence::kForwardKL) return {kl_term(logp, logq), -std::exp(logp)};
-  if (div == Divergence::kReverseKL) return {kl_term(logq, logp), weighted<M>(q, logq - logp)};
-  const acc_t lm = log_mixture_of<M>(logq, logp, log_beta, log_1m_beta);
-  return {beta * kl_term(logp, lm) + (1 - beta) * kl_term(logq, lm), (1 - beta) * weighted<M>(q, logq - lm)};
+template <typename V, typename M = ScalarMath<V>>
+LF_HOST_DEVICE SparseBucket<V> sparse_bucket(Divergence div, V logp, V logq, V beta, V log_beta, V log_1m_beta) {
+  if (div == Divergence::kForwardKL) return {kl_term<V, M>(logp, logq), -M::exp(logp)};
+  const V q = M::exp(logq);
+  if (div == Divergence::kReverseKL) return {kl_term<V, M>(logq, logp), weighted<M>(q, logq - logp)};
+  const V lm = log_mixture_of<M>(logq, logp, log_beta, log_1m_beta);
+  return {beta * kl_term<V, M>(logp, lm) + (V(1) - beta) * kl_term<V, M>(logq, lm),
+          (V(1) - beta) * weighted<M>(q, logq - lm)};
 }
 
 // A row's constants, from online softmax statistics (csrc/kd_loss.h, WeightedSoftmaxStats;
@@ -119,12 +120,17 @@ struct SparseRowConsts {
   acc_t max_u, log_sum_u;  // student: softmax(z) over the columns not listed ("tail")
   acc_t logp_tail, logq_tail;  // -inf under "renormalize"
 
-  LF_HOST_DEVICE acc_t logp(acc_t lp) const {  // an entry's teacher bucket
+  // An entry's teacher and student buckets, for one entry (V = acc_t) or a vector of them.
+  template <typename V = acc_t>
+  LF_HOST_DEVICE V logp(V lp) const {
     return log_listed == -std::numeric_limits<acc_t>::infinity()
-               ? log_listed
-               : (lp - max_t) * inv_t - log_sum_t + log_listed;
+               ? V(log_listed)
+               : (lp - V(max_t)) * V(inv_t) - V(log_sum_t) + V(log_listed);
   }
-  LF_HOST_DEVICE acc_t logq(acc_t x) const { return (x - max_s) * inv_t - log_sum_s; }  // an entry's student bucket
+  template <typename V = acc_t>
+  LF_HOST_DEVICE V logq(V x) const {
+    return (x - V(max_s)) * V(inv_t) - V(log_sum_s);
+  }
   LF_HOST_DEVICE acc_t p(acc_t x) const { return std::exp(logq(x)); }  // softmax(z)_j over the row ("tail")
   LF_HOST_DEVICE acc_t pu(acc_t x) const {  // softmax(z)_j over the unlisted columns, 0 where there are none
     return max_u == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : std::exp((x - max_u) * inv_t - log_sum_u);

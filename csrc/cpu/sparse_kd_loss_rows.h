@@ -3,8 +3,9 @@
 // code below is in an anonymous namespace, so the copies never meet at link time.
 //
 // A row (the maths: csrc/sparse_kd_loss.h), z = x / T:
-//   its K entries, scalar: which count (the first read occurrence of an index the mask
-//     keeps), the teacher's statistics and the student's at the listed columns;
+//   its K entries: which count (the first read occurrence of an index the mask keeps), then,
+//     gathered into contiguous buffers (Entries), the teacher's statistics, the student's at
+//     the listed columns, the buckets and the entries' gradients, a vector of entries at a time;
 //   the pass over the row, only when a term needs the columns not listed ("tail") or all of
 //     them (the CE): lane-wise online softmax statistics of the raw logits (row_io.h's policy
 //     as in kd_loss_rows.h, a chunk's max first, then one exp per element and sum). Under
@@ -25,6 +26,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -64,13 +66,15 @@ struct SparseRow {
   // The n <= W columns of s at j, those listed (sorted; the next one not yet passed at *next)
   // as -inf: the unlisted statistics are accumulated over the unlisted columns themselves,
   // never as the row's minus the entries' (which cancels at small T).
+  // A listed column's lane is blended in registers (lane indices compared, small integers,
+  // exact in acc_t): written into a buffer and reloaded, each cost a store-forwarding stall,
+  // twice per pass.
   static Vec load_unlisted(const scalar_t* s, int64_t j, int64_t n, const int64_t*& next, const int64_t* end) {
-    const Vec x = IO::load(s + j, n, kNegInf);
-    if (next == end || *next >= j + W) return x;
-    alignas(64) acc_t buf[W];
-    x.store(buf);
-    for (; next != end && *next < j + W; ++next) buf[*next - j] = kNegInf;
-    return Vec::loadu(buf);
+    Vec x = IO::load(s + j, n, kNegInf);
+    for (; next != end && *next < j + W; ++next) {
+      x = Vec::blendv(x, Vec(kNegInf), Vec::arange(acc_t(0), acc_t(1)) == Vec(acc_t(*next - j)));
+    }
+    return x;
   }
 
   // The pass over the row s, its listed columns [listed, end) left out: the lanes' statistics
@@ -121,6 +125,42 @@ struct SparseRow {
     acc_t unused;
     IO::merge(max, sum, Vec(0), scale, r.max, r.sum, unused);
     if (r.sum == 0) r.max = kNegInf;
+    return r;
+  }
+
+  // A row's counted entries, gathered once into contiguous buffers so that their exps and
+  // logs run W at a time: their columns (ascending where they are the pass's listed columns),
+  // the teacher's log-probabilities and the student's logits, padded to a whole number of
+  // vectors with -inf (a bucket of probability 0 on both sides: no term in a softmax sum,
+  // d = g = 0), and a buffer for the buckets' g, then the entries' gradients.
+  struct Entries {
+    std::vector<int64_t> col;
+    std::vector<acc_t> lp, x, g;
+    int64_t n = 0, padded = 0;
+
+    explicit Entries(int64_t K) : col(K), lp(pad(K)), x(pad(K)), g(pad(K)) {}
+    static int64_t pad(int64_t n) { return (n + W - 1) / W * W; }
+    // The student's logits at the entries' columns of s, with the padding.
+    void gather(const scalar_t* s) {
+      for (int64_t i = 0; i < n; ++i) x[i] = acc_t(s[col[i]]);
+      std::fill(x.begin() + n, x.begin() + padded, kNegInf);
+    }
+  };
+
+  // The softmax statistics at `scale` (csrc/kd_loss.h) of the `padded` values at v, as
+  // WeightedSoftmaxStats::add gives them one by one (max -inf where none is finite), but with
+  // a NaN-propagating max: the vector exp maps NaN to a finite value (common.h).
+  static Stats buffer_stats(const acc_t* v, int64_t padded, acc_t scale) {
+    Vec mv(std::numeric_limits<acc_t>::lowest());
+    for (int64_t i = 0; i < padded; i += W) mv = M::max(mv, Vec::loadu(v + i));
+    Stats r;
+    r.scale = scale;
+    r.max = at::vec::vec_reduce_all<acc_t>([](const Vec& a, const Vec& b) { return M::max(a, b); }, mv);
+    const Vec m(r.max), v_scale(scale);
+    Vec sum(0);
+    for (int64_t i = 0; i < padded; i += W) sum = sum + M::exp((Vec::loadu(v + i) - m) * v_scale);
+    r.sum = IO::sum(sum);
+    if (r.sum == 0 && r.max == r.max) r.max = kNegInf;
     return r;
   }
 
@@ -185,18 +225,19 @@ struct SparseRow {
 
   // --- The vocabulary-parallel split: sparse_slice_stats and sparse_slice_grad, one pass each ---
 
-  // The slice row's listed columns (its counted entries' columns >= 0), sorted, after checking
-  // them: in [-1, C), none twice (the reference kernel makes the same checks).
-  static void slice_listed(const int64_t* col, int64_t K, int64_t C, int64_t row, std::vector<int64_t>& listed) {
-    listed.clear();
+  // The slice row's listed columns (its counted entries' columns >= 0), sorted, into e.col,
+  // after checking them: in [-1, C), none twice (the reference kernel makes the same checks).
+  static void slice_listed(const int64_t* col, int64_t K, int64_t C, int64_t row, Entries& e) {
+    e.n = 0;
     for (int64_t k = 0; k < K; ++k) {
       if (col[k] == -1) continue;
       TORCH_CHECK_VALUE(col[k] >= 0 && col[k] < C, "sparse_slice: column must be in [-1, ", C, "); got ", col[k],
                         " at row ", row, ", entry ", k);
-      listed.push_back(col[k]);
+      e.col[e.n++] = col[k];
     }
-    std::sort(listed.begin(), listed.end());
-    TORCH_CHECK_VALUE(std::adjacent_find(listed.begin(), listed.end()) == listed.end(),
+    e.padded = Entries::pad(e.n);
+    std::sort(e.col.begin(), e.col.begin() + e.n);
+    TORCH_CHECK_VALUE(std::adjacent_find(e.col.begin(), e.col.begin() + e.n) == e.col.begin() + e.n,
                       "sparse_slice: a row of column lists a column twice (row ", row, ")");
   }
 
@@ -221,32 +262,30 @@ struct SparseRow {
     const acc_t inv_t = p.inv_temperature, label_smoothing = p.label_smoothing;
     const bool tail = a.tail && p.needs_soft, ce = p.needs_ce, smoothing = ce && label_smoothing > 0;
     const bool at_t = tail, at_1 = ce && !(at_t && inv_t == acc_t(1));  // as in rows()
-    std::vector<int64_t> listed;
-    listed.reserve(K);
+    Entries e(K);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t* col = a.column + row * K;
       acc_t* out = static_cast<acc_t*>(a.out) + row * width;
-      slice_listed(col, K, C, row, listed);
+      slice_listed(col, K, C, row, e);
       std::fill(out, out + width, acc_t(0));
       out[kSpMax] = out[kSpMaxUnlisted] = kNegInf;
       if (ignored(a, row)) continue;
       const scalar_t* s = static_cast<const scalar_t*>(a.student) + row * a.s_stride;
       if (tail || ce) {
-        const int64_t* lb = listed.data();
-        const Lanes lanes = pass(s, C, lb, tail ? lb + listed.size() : lb, inv_t, at_t, at_1, smoothing, nullptr);
+        const int64_t* lb = e.col.data();
+        const Lanes lanes = pass(s, C, lb, tail ? lb + e.n : lb, inv_t, at_t, at_1, smoothing, nullptr);
         if (tail) {
+          e.gather(s);  // the listed columns, for the row's statistics (and the CE's below)
           Stats all = row_stats(lanes.max, lanes.sum_t, inv_t);
           out[kSpMaxUnlisted] = all.max;
           out[kSpSumUnlisted] = all.sum;
-          for (const int64_t j : listed) all.add(acc_t(s[j]));
+          all.merge(buffer_stats(e.x.data(), e.padded, inv_t));
           out[kSpMax] = all.max;
           out[kSpSum] = all.sum;
         }
         if (ce) {
           Stats all = row_stats(lanes.max, at_1 ? lanes.sum_1 : lanes.sum_t, acc_t(1));
-          if (tail) {
-            for (const int64_t j : listed) all.add(acc_t(s[j]));
-          }
+          if (tail) all.merge(buffer_stats(e.x.data(), e.padded, acc_t(1)));
           out[kSpMax] = all.max;
           out[kSpSumCE] = all.sum;
           const int64_t lc = label_column(a, row);
@@ -274,11 +313,10 @@ struct SparseRow {
     const int64_t C = a.slice_classes, K = a.k, width = kGrEntries + K;
     const acc_t inv_t = a.p.inv_temperature;
     const Vec v_inv_t(inv_t);
-    std::vector<int64_t> listed;
-    listed.reserve(K);
+    Entries e(K);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t* col = a.column + row * K;
-      slice_listed(col, K, C, row, listed);
+      slice_listed(col, K, C, row, e);
       scalar_t* g = static_cast<scalar_t*>(a.out) + row * C;
       if (ignored(a, row)) {
         zero(g, C, a.stream_grad);
@@ -297,11 +335,12 @@ struct SparseRow {
       const bool own_u = cu != 0 && !fold;
       const int64_t lc = label_column(a, row);
       const acc_t c_label = cf[kGrLabel];
+      const Vec v_m(m), v_c0(c0), v_c1(c1);
       if (c0 == 0 && ct_dense == 0 && c1 == 0 && !own_u) {
         zero(g, C, a.stream_grad);
         if (lc >= 0) g[lc] = static_cast<scalar_t>(c_label);
       } else {
-        const Vec v_m(m), v_mu(mu), v_c0(c0), v_ct(ct_dense), v_cu(cu), v_c1(c1);
+        const Vec v_mu(mu), v_ct(ct_dense), v_cu(cu);
         for (int64_t j = 0; j < C; j += W) {
           prefetch_ahead(s + j);
           const int64_t n = std::min(W, C - j);
@@ -314,17 +353,69 @@ struct SparseRow {
           IO::store(g + j, dv, n, a.stream_grad);
         }
       }
+      // The listed columns' own, W at a time: their columns, logits and coefficients in entry
+      // order (e.g, then their gradients).
+      e.n = 0;
       for (int64_t k = 0; k < K; ++k) {
-        const int64_t j = col[k];
-        if (j < 0) continue;
-        const acc_t x = s[j];
-        acc_t dk = c0 + cf[kGrEntries + k] + (j == lc ? c_label : acc_t(0));
-        if (ct != 0) dk += ct * std::exp((x - m) * inv_t);
-        if (c1 != 0) dk += c1 * std::exp(x - m);
-        g[j] = static_cast<scalar_t>(dk);
+        if (col[k] < 0) continue;
+        e.col[e.n] = col[k];
+        e.g[e.n++] = cf[kGrEntries + k];
+      }
+      e.gather(s);
+      for (int64_t i = 0; i < e.padded; i += W) {
+        const Vec x = Vec::loadu(e.x.data() + i);
+        Vec dk = v_c0 + Vec::loadu(e.g.data() + i);
+        if (ct != 0) dk = at::vec::fmadd(M::exp((x - v_m) * v_inv_t), Vec(ct), dk);
+        if (c1 != 0) dk = at::vec::fmadd(M::exp(x - v_m), v_c1, dk);
+        dk.store(e.g.data() + i);
+      }
+      for (int64_t i = 0; i < e.n; ++i) {
+        const int64_t j = e.col[i];
+        g[j] = static_cast<scalar_t>(j == lc ? e.g[i] + c_label : e.g[i]);
       }
     }
     if (a.stream_grad) streaming_fence();
+  }
+
+  // The entries' vector work is in functions of their own (noinline): inlined into rows(),
+  // its constants took registers from the pass's exp, whose constants were then reloaded
+  // per vector (tail, K = 1, 1024 x 32000: 22.0 -> 30.4 ms, one thread).
+
+  // The entries' buckets (sparse_bucket, a vector of entries at a time): their g into e.g;
+  // returns the sums of their d and their g.
+  __attribute__((noinline)) static std::pair<acc_t, acc_t> entry_buckets(Entries& e,
+                                                                          const SparseRowConsts<acc_t>& c,
+                                                                          Divergence div, acc_t beta,
+                                                                          acc_t log_beta, acc_t log_1m_beta) {
+    const Vec v_beta(beta), v_log_beta(log_beta), v_log_1m_beta(log_1m_beta);
+    Vec d(0), gs(0);
+    for (int64_t i = 0; i < e.padded; i += W) {
+      const SparseBucket<Vec> b = sparse_bucket<Vec, M>(div, c.logp(Vec::loadu(e.lp.data() + i)),
+                                                        c.logq(Vec::loadu(e.x.data() + i)), v_beta, v_log_beta,
+                                                        v_log_1m_beta);
+      d = d + b.d;
+      gs = gs + b.g;
+      b.g.store(e.g.data() + i);
+    }
+    return {IO::sum(d), IO::sum(gs)};
+  }
+
+  // The entries' own gradient, written over what grad() left at their columns: the soft
+  // term's (g_k - Q_k G) sg, plus the CE's (times cg) when it is on.
+  __attribute__((noinline)) static void entries_grad(scalar_t* gr, Entries& e, const SparseRowConsts<acc_t>& c, acc_t big_g, acc_t sg,
+                           bool ce, acc_t cg, acc_t lse1, int64_t label, acc_t label_smoothing, int64_t V) {
+    const Vec v_big_g(big_g), v_sg(sg), v_cg(cg), v_lse1(lse1), v_smooth(label_smoothing / acc_t(V));
+    for (int64_t i = 0; i < e.padded; i += W) {
+      const Vec x = Vec::loadu(e.x.data() + i);
+      Vec dk = (Vec::loadu(e.g.data() + i) - M::exp(c.logq(x)) * v_big_g) * v_sg;
+      if (ce) dk = at::vec::fmadd(v_cg, M::exp(x - v_lse1) - v_smooth, dk);
+      dk.store(e.g.data() + i);
+    }
+    const acc_t at_label = cg * (1 - label_smoothing);
+    for (int64_t i = 0; i < e.n; ++i) {
+      const int64_t j = e.col[i];
+      gr[j] = static_cast<scalar_t>(ce && j == label ? e.g[i] - at_label : e.g[i]);
+    }
   }
 
   static void rows(const SparseRows& a, int64_t begin, int64_t end) {
@@ -343,12 +434,9 @@ struct SparseRow {
       if (at_1) kept.e_1.resize(padded);
       kept.m.resize((V + kChunk - 1) / kChunk * W);
     }
-    std::vector<char> counted(K);
-    std::vector<acc_t> xk(K), lp(K), g(K);
+    Entries e(K);
     std::vector<std::pair<int64_t, int64_t>> order;  // (index, entry)
-    std::vector<int64_t> listed;
     order.reserve(K);
-    listed.reserve(K);
     const bool has_pass = row_tail || p.needs_ce;
     for (int64_t row = begin; row < end; ++row) {
       if (!has_pass && row + 1 < end) prefetch_entries(a, row + 1);
@@ -365,7 +453,7 @@ struct SparseRow {
       const acc_t* lpr = static_cast<const acc_t*>(a.logprobs) + row * K;
       const bool* mk = a.mask ? a.mask + row * K : nullptr;
       // An index counts at its first read occurrence that the mask keeps: sorted by (index,
-      // entry), the first of each index; `listed` holds the counted indices in order.
+      // entry), the first of each index.
       order.clear();
       for (int64_t k = 0; k < K; ++k) {
         if (mk && !mk[k]) continue;
@@ -374,65 +462,47 @@ struct SparseRow {
         order.emplace_back(idx[k], k);
       }
       std::sort(order.begin(), order.end());
-      std::fill(counted.begin(), counted.end(), 0);
-      listed.clear();
+      e.n = 0;
       for (size_t i = 0; i < order.size(); ++i) {
         if (i > 0 && order[i].first == order[i - 1].first) continue;
-        counted[order[i].second] = 1;
-        listed.push_back(order[i].first);
+        e.col[e.n] = order[i].first;
+        e.lp[e.n++] = lpr[order[i].second];
       }
-      Stats teacher_t, teacher_1, student;
-      teacher_t.scale = student.scale = inv_t;
-      for (int64_t k = 0; k < K; ++k) {
-        if (!counted[k]) continue;
-        lp[k] = lpr[k];
-        teacher_t.add(lp[k]);
-        teacher_1.add(lp[k]);
-      }
+      e.padded = Entries::pad(e.n);
+      std::fill(e.lp.begin() + e.n, e.lp.begin() + e.padded, kNegInf);
       // The pass over the row: the softmax statistics at T of the columns not listed ("tail")
       // and at 1 of all of them (the CE: under "tail" the unlisted columns', then the listed
-      // ones added one by one). It brings the entries' columns into the cache for what follows.
+      // ones merged). It brings the entries' columns into the cache for what follows.
       Stats unlisted, ce;
       unlisted.scale = inv_t;
       acc_t sum_x = 0;
-      if (row_tail || p.needs_ce) {
-        const int64_t* lb = listed.data();
-        const Lanes lanes = pass(s, V, lb, row_tail ? lb + listed.size() : lb, inv_t, at_t, at_1, smoothing,
-                                 gr ? &kept : nullptr);
+      if (has_pass) {
+        const int64_t* lb = e.col.data();
+        const Lanes lanes =
+            pass(s, V, lb, row_tail ? lb + e.n : lb, inv_t, at_t, at_1, smoothing, gr ? &kept : nullptr);
         if (row_tail) unlisted = row_stats(lanes.max, lanes.sum_t, inv_t);
         if (p.needs_ce) {
           ce = row_stats(lanes.max, at_1 ? lanes.sum_1 : lanes.sum_t, acc_t(1));
           if (smoothing) sum_x = IO::sum(lanes.sum_x);
-          if (row_tail) {
-            for (const int64_t j : listed) ce.add(acc_t(s[j]));
-          }
         }
-      }
-      for (int64_t k = 0; k < K; ++k) {
-        if (!counted[k]) continue;
-        xk[k] = s[idx[k]];
-        student.add(xk[k]);
       }
       acc_t row_loss = 0, big_g = 0, g_tail = 0;
       SparseRowConsts<acc_t> c{};
       if (p.needs_soft) {
-        c = sparse_row_consts(a.tail, static_cast<int64_t>(listed.size()) == V, inv_t, teacher_t, teacher_1,
-                              student, unlisted);
-        acc_t d = 0;
-        for (int64_t k = 0; k < K; ++k) {
-          if (!counted[k]) continue;
-          const SparseBucket<acc_t> b =
-              sparse_bucket(p.divergence, c.logp(lp[k]), c.logq(xk[k]), beta, log_beta, log_1m_beta);
-          d += b.d;
-          big_g += g[k] = b.g;
-        }
+        e.gather(s);
+        if (row_tail && p.needs_ce) ce.merge(buffer_stats(e.x.data(), e.padded, acc_t(1)));
+        c = sparse_row_consts(a.tail, e.n == V, inv_t, buffer_stats(e.lp.data(), e.padded, inv_t),
+                              buffer_stats(e.lp.data(), e.padded, acc_t(1)),
+                              buffer_stats(e.x.data(), e.padded, inv_t), unlisted);
+        acc_t row_d;
+        std::tie(row_d, big_g) = entry_buckets(e, c, p.divergence, beta, log_beta, log_1m_beta);
         if (a.tail) {
           const SparseBucket<acc_t> b =
               sparse_bucket(p.divergence, c.logp_tail, c.logq_tail, beta, log_beta, log_1m_beta);
-          d += b.d;
+          row_d += b.d;
           big_g += g_tail = b.g;
         }
-        row_loss += acc_t(p.soft_weight) * d;
+        row_loss += acc_t(p.soft_weight) * row_d;
       }
       const acc_t lse1 = lse_from_sum(ce.max, ce.sum);
       if (p.needs_ce) {
@@ -441,23 +511,13 @@ struct SparseRow {
       out = row_loss;
       if (!gr) continue;
       const acc_t sg = acc_t(p.soft_grad_weight * a.grad_scale), cg = acc_t(p.alpha * a.grad_scale);
-      if (row_tail || p.needs_ce) {
+      if (has_pass) {
         grad(gr, V, label, c, kept, row_tail, p.needs_ce, !at_1, sg, g_tail, big_g, cg, lse1, label_smoothing,
              a.stream_grad);
       } else {  // "renormalize" without the CE: no column but the entries' has a gradient
         zero(gr, V, a.stream_grad);
       }
-      if (p.needs_soft) {
-        for (int64_t k = 0; k < K; ++k) {
-          if (!counted[k]) continue;
-          acc_t dk = (g[k] - std::exp(c.logq(xk[k])) * big_g) * sg;
-          if (p.needs_ce) {
-            const int64_t j = idx[k];
-            dk += cg * (std::exp(acc_t(s[j]) - lse1) - label_smoothing / V - (j == label ? 1 - label_smoothing : 0));
-          }
-          gr[idx[k]] = static_cast<scalar_t>(dk);
-        }
-      }
+      if (p.needs_soft) entries_grad(gr, e, c, big_g, sg, p.needs_ce, cg, lse1, label, label_smoothing, V);
     }
     if (a.stream_grad) streaming_fence();
   }
