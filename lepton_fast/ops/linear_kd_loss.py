@@ -696,6 +696,8 @@ def fused_linear_sparse_kd_loss(
         student_weight: [V, H], the student's lm_head weight, same dtype. Gradient flows here.
         teacher_indices: [..., K] integer class ids in [0, vocab_size) (K >= 1), same leading dims.
         teacher_logprobs: [..., K] floating log-probabilities of the teacher at T = 1; a constant.
+            Log-probabilities (<= 0, from ``log_softmax``), not probabilities or raw logits, as
+            :func:`lepton_fast.sparse_kd_loss` says: the values are not checked.
         teacher_mask: optional [..., K] bool (or 0/1 integer): False = entry not provided.
         temperature: T > 0, documented range 1e-8 <= T <= 1e4 (a float or a 0-d CPU tensor, as are
             beta, alpha, label_smoothing).
