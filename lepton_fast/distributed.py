@@ -380,7 +380,7 @@ def sparse_chunk_loss_and_grad(split: VocabSplit, student: Tensor, indices: Tens
     """(the loss of a chunk of whole rows, d(loss)/d(this rank's logits slice)) as sparse_kd_loss's
     kernel gives them on one device: for fused_linear_sparse_kd_loss(group=)."""
     return _sparse_sharded_loss(student, indices, logprobs, mask, o, truncation, compute_grad, split,
-                                "fused_linear_sparse_kd_loss: student_hidden, student_weight")
+                                "student_hidden, student_weight")  # (the chunk loop names the op)
 
 
 class RefusedOnAnotherRank(ValueError):

@@ -2,6 +2,7 @@
 test_fused_linear_sparse_kd_loss.py): the random inputs, the runs against the float64 oracle,
 and the checks whose body is the same for both ops."""
 import functools
+import re
 
 import pytest
 import torch
@@ -77,6 +78,21 @@ def assert_no_buffer_of_n_by_v(call, n, v, chunk):
     largest = largest_allocation(call)
     assert largest >= chunk * v * 4  # the chunk's float32 logits were seen: the check is live
     assert largest < n * v, largest
+
+
+def assert_row_error_in_callers_terms(call, public_name, argument, row, backend):
+    """``call`` raises the ValueError that the row kernel finds in a chunk (a label, a teacher
+    index out of range) in the caller's terms: it names ``public_name``, not the kernel's op,
+    names ``argument``, and where the kernel says which row (the CPU C++ kernels; the reference
+    and Triton kernels quote the values instead) it is ``row`` of the caller's flattened batch,
+    not the row within the chunk."""
+    with pytest.raises(ValueError) as info:
+        call()
+    message = str(info.value)
+    assert message.startswith(f"{public_name}: {argument} must be"), message
+    assert not re.search(r"\b(fused_kd_loss|sparse_kd_loss):", message), message
+    rows = re.findall(r"\brow (\d+)", message)
+    assert rows == [str(row)] if backend == "cpu" else rows in ([], [str(row)]), message
 
 
 def assert_second_backward_and_second_order_raise(loss_of, weight):

@@ -10,10 +10,10 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICE_BACKENDS, TEMPERATURES, require
+from conftest import CPU_DEVICE_BACKENDS, DEVICE_BACKENDS, TEMPERATURES, require
 from fused_linear_common import (TOL, assert_compiled_matches, assert_no_buffer_of_n_by_v,
-                                 assert_second_backward_and_second_order_raise, bind, gemm_shapes, projection_rows,
-                                 randn, run)
+                                 assert_row_error_in_callers_terms, assert_second_backward_and_second_order_raise, bind,
+                                 gemm_shapes, projection_rows, randn, run)
 from lepton_fast._validate import kd_hyper
 from lepton_fast import fused_linear_kd_loss, reference
 from lepton_fast.ops import linear_kd_loss
@@ -393,6 +393,19 @@ def test_bad_input(what, change, error, match, backend):
     x.update(change)
     with pytest.raises(error, match=match):
         fused_linear_kd_loss(**x, backend=backend)
+
+
+@pytest.mark.parametrize("device,backend", CPU_DEVICE_BACKENDS)
+@pytest.mark.parametrize("ignore_every", [0, 3], ids=["every row", "ignored rows"])
+def test_a_label_out_of_range_is_reported_in_the_callers_terms(ignore_every, device, backend):
+    # 10 rows in chunks of 3: row 8 is the third of the third chunk, or, with rows 0, 3, 6, 9
+    # ignored (left out before the chunks on the CPU), the third of the second.
+    require(SPEC, device, backend)
+    x, labels = make(n=10, seed=21, ignore_every=ignore_every)
+    labels[8] = 37
+    assert_row_error_in_callers_terms(
+        lambda: fused_linear_kd_loss(**x, labels=labels, alpha=0.5, chunk_size=3, backend=backend),
+        "fused_linear_kd_loss", "labels", 8, backend)
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from axolotl_kd import AxolotlChunkedTopKLoss, axolotl_collated_logprobs
-from conftest import DEVICE_BACKENDS, assert_close_to_oracle, require
+from conftest import CPU_DEVICE_BACKENDS, DEVICE_BACKENDS, assert_close_to_oracle, require
 from fused_linear_common import (TOL, as_float64, assert_compiled_matches, assert_no_buffer_of_n_by_v,
-                                 assert_second_backward_and_second_order_raise, bind, gemm_shapes, projection_rows,
-                                 randn, run)
+                                 assert_row_error_in_callers_terms, assert_second_backward_and_second_order_raise, bind,
+                                 gemm_shapes, projection_rows, randn, run)
 from lepton_fast._validate import kd_hyper
 from lepton_fast import fused_linear_sparse_kd_loss, reference
 from lepton_fast.ops import linear_kd_loss
@@ -370,6 +370,26 @@ def test_bad_input(what, change, error, match, backend):
     x.update(change)
     with pytest.raises(error, match=match):
         fused_linear_sparse_kd_loss(**x, backend=backend)
+
+
+@pytest.mark.parametrize("device,backend", CPU_DEVICE_BACKENDS)
+@pytest.mark.parametrize("argument,row,labelled", [("teacher_indices", 7, False), ("teacher_indices", 7, True),
+                                                   ("labels", 8, True)],
+                         ids=["teacher_indices", "teacher_indices, ignored rows", "labels, ignored rows"])
+def test_an_index_out_of_range_is_reported_in_the_callers_terms(argument, row, labelled, device, backend):
+    # 10 rows in chunks of 3: rows 7 and 8 are in the third chunk, or, with rows 0, 3, 6, 9
+    # ignored (left out before the chunks on the CPU), in the second.
+    require(SPEC, device, backend)
+    x, labels = make(n=10, seed=21)
+    if argument == "teacher_indices":
+        x["teacher_indices"] = x["teacher_indices"].clone()
+        x["teacher_indices"][row, 2] = 37
+    else:
+        labels[row] = 37
+    kw = dict(labels=labels, alpha=0.5) if labelled else {}
+    assert_row_error_in_callers_terms(
+        lambda: fused_linear_sparse_kd_loss(**x, **kw, chunk_size=3, backend=backend),
+        "fused_linear_sparse_kd_loss", argument, row, backend)
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)

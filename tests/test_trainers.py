@@ -336,6 +336,54 @@ def test_int32_labels_are_accepted():
 
 
 # -- checks at the start of fit --------------------------------------------------------------
+def _fit_on(trainer: str, data):
+    """The trainer (KnowledgeDistiller or CrossDomainTrainer) and its fit(data, steps=2)."""
+    t = KnowledgeDistiller(Tiny(), Tiny(), device="cpu", progress=False) if trainer == "distiller" else make(())
+    return t, lambda: t.fit(data, steps=2, batch_size=16)
+
+
+FIRST_SAMPLE_LABELS = [
+    ("out of range", lambda y: torch.cat([torch.tensor([C]), y[1:]]), ValueError,
+     r"^{data} labels must be classes in \[0, 4\).*got \[4\]"),
+    ("negative", lambda y: torch.cat([torch.tensor([-1]), y[1:]]), ValueError, r"^{data} labels must be classes"),
+    ("floating", lambda y: y.float(), TypeError, r"^{data} labels must be integer class indices"),
+    ("one-hot", lambda y: nn.functional.one_hot(y, C), ValueError,
+     r"^{data}: each sample's label must be one class index, but the first sample's label has shape \(4,\)"),
+]
+
+
+@pytest.mark.parametrize("trainer,data", [("distiller", "train_data"), ("cross_domain", "source")])
+@pytest.mark.parametrize("what,change,error,match", FIRST_SAMPLE_LABELS, ids=[c[0] for c in FIRST_SAMPLE_LABELS])
+def test_first_samples_labels_are_checked_before_the_first_step(what, change, error, match, trainer, data):
+    """The README's promise: the first samples are checked before the first step, so the
+    error names the data, not a training step, and no weight has moved."""
+    t, fit = _fit_on(trainer, (SOURCE[0], change(SOURCE[1])))
+    before = [p.detach().clone() for p in t.student.parameters()]
+    with pytest.raises(error, match=match.format(data=data)):
+        fit()
+    assert t.step == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, t.student.parameters()))
+
+
+@pytest.mark.parametrize("trainer,data", [("distiller", "train_data"), ("cross_domain", "source")])
+def test_labels_after_the_first_sample_are_checked_by_their_step(trainer, data):
+    y = SOURCE[1].clone()
+    y[1:] = C  # the first sample passes; every batch holds another one
+    _, fit = _fit_on(trainer, (SOURCE[0], y))
+    with pytest.raises(ValueError, match=rf"^training step 1: {data} labels must be classes in \[0, 4\)"):
+        fit()
+
+
+@pytest.mark.parametrize("trainer,data", [("distiller", "train_data"), ("cross_domain", "source")])
+def test_inputs_the_model_cannot_take_name_the_data(trainer, data):
+    """A width the model does not take is the model's own error (its shapes are not guessed),
+    with a note naming the data and the first sample's shape."""
+    _, fit = _fit_on(trainer, (SOURCE[0][:, :, :, :6], SOURCE[1]))
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied") as info:
+        fit()
+    assert any(f"first sample of {data}, of shape (1, 8, 6)" in note for note in info.value.__notes__)
+
+
 def test_num_unlabeled_must_match_the_target_before_the_first_step():
     trainer = make(("pseudo",), threshold=thresholds.FlexMatchThreshold(C, num_unlabeled=40))
     with pytest.raises(ValueError, match="num_unlabeled=40 but the target has 48"):

@@ -169,6 +169,15 @@ def _rank_bad_call(ctx, what):
             labels[1] = N_CLASSES
             vocab_parallel_kd_loss(s[:, lo:lo + sizes[ctx.rank]], t[:, lo:lo + sizes[ctx.rank]],
                                    group=ctx.groups[index], labels=labels, alpha=0.5)
+        elif what == "labels range, linear":  # row 4: the first of the second chunk of valid rows (1, 2, 4, 5)
+            index, sizes = SPLITS["3"]
+            if ctx.groups[index] is None:
+                return None
+            lo, hi = sum(sizes[:ctx.rank]), sum(sizes[:ctx.rank + 1])
+            h_s, w_s, _, h_t, w_t, _, labels = linear_data(7)
+            labels[4] = N_CLASSES
+            fused_linear_kd_loss(h_s, w_s[lo:hi], h_t, w_t[lo:hi], group=ctx.groups[index], labels=labels, alpha=0.5,
+                                 chunk_size=2)
         elif what in ("one rank refused", "one rank refused, linear"):  # a fresh group's first call
             group = dist.new_group([0, 1, 2])  # every rank makes every group
             if ctx.rank > 2:
@@ -349,6 +358,9 @@ def test_loss_parallel_gets_the_kd_gradient_wrong_and_we_do_not(pool):
     "what,message",
     [
         ("labels range", r"labels must be in \[0, 37\)"),
+        ("labels range, linear",  # the row in the caller's batch where the kernel says one (the C++ kernels)
+         r"^ValueError: fused_linear_kd_loss: labels must be in \[0, 37\) or equal ignore_index=-100; "
+         r"got (37 at row 4|\[37\])$"),
         ("one rank refused", r"temperature must be a finite number in \(0, inf\)|rank 1 of the group refused"),
         ("one rank refused, linear",
          r"temperature must be a finite number in \(0, inf\)|rank 1 of the group refused"),

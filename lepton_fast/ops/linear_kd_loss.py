@@ -47,6 +47,7 @@ which only fused_linear_kd_loss sets, around its call of the op.
 from __future__ import annotations
 
 import contextvars
+import re
 from typing import TYPE_CHECKING, NamedTuple, Optional, Union
 
 import torch
@@ -132,12 +133,30 @@ def _widened(weight: Tensor, acc: torch.dtype) -> Tensor:
     return weight
 
 
-def _student_head_loop(student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
-                       labels: Optional[Tensor], row_loss, *, acc: torch.dtype, ignore_index: int, reduction: str,
-                       num_items_in_batch: Optional[Tensor], vocab_size: int, logit_scale: float,
-                       softcap: Optional[float], chunk_size: int, row_weights: Optional[Tensor], grad_hidden: bool,
-                       grad_weight: bool, grad_bias: bool, entropy_inv_temperature: Optional[float] = None,
-                       group=None):
+# A row kernel checks what it reads (labels, teacher_indices, undefined rows) and says so in
+# its own terms: its op's name first, and the row within the chunk it was given.
+_KERNEL_NAME = re.compile(r"^(?:fused_kd_loss|sparse_kd_loss|kd_slice_\w+|sparse_slice\w*): ")
+_ROW = re.compile(r"\brow (\d+)")
+
+
+def _in_the_callers_terms(error: ValueError, public_name: str, start: int, index: Optional[Tensor]) -> ValueError:
+    """The row kernel's ``error`` on the chunk from row ``start`` (or of rows ``index``, on the
+    CPU where ignored rows are left out) as the caller of ``public_name`` should read it: that
+    op's name in place of the kernel's, and each row its row in the caller's (flattened) batch.
+    The check itself stays the kernel's, its one source of truth."""
+    def callers_row(m: re.Match) -> str:
+        i = int(m.group(1))
+        return f"row {start + i if index is None else int(index[i])}"
+
+    return ValueError(f"{public_name}: {_ROW.sub(callers_row, _KERNEL_NAME.sub('', str(error), count=1))}")
+
+
+def _student_head_loop(public_name: str, student_hidden: Tensor, student_weight: Tensor,
+                       student_bias: Optional[Tensor], labels: Optional[Tensor], row_loss, *, acc: torch.dtype,
+                       ignore_index: int, reduction: str, num_items_in_batch: Optional[Tensor], vocab_size: int,
+                       logit_scale: float, softcap: Optional[float], chunk_size: int, row_weights: Optional[Tensor],
+                       grad_hidden: bool, grad_weight: bool, grad_bias: bool,
+                       entropy_inv_temperature: Optional[float] = None, group=None):
     """The chunk loop of every fused-linear loss: per chunk of rows the student's logits out of
     the GEMM in ``acc``, ``row_loss`` for the chunk's loss and d(loss)/d(logits), then the
     chunk's rows of d(loss)/d(student_hidden) and its share of d(loss)/d(student_weight, bias).
@@ -149,6 +168,10 @@ def _student_head_loop(student_hidden: Tensor, student_weight: Tensor, student_b
 
     With a process ``group`` (the weight a rank's slice of a vocabulary-parallel head), every
     slice's part of d(loss)/d(student_hidden) is all-reduced over it at the end.
+
+    A ValueError of the row kernel (a label or teacher index out of range, a row whose softmax
+    is undefined) is raised again naming ``public_name``, the op the caller called, and the
+    caller's row.
 
     Returns (loss, d hidden, d weight, d bias, entropy sum), as the ops' outputs: a gradient
     not asked for, and the entropy without ``entropy_inv_temperature``, as empty tensors."""
@@ -197,8 +220,11 @@ def _student_head_loop(student_hidden: Tensor, student_weight: Tensor, student_b
         h_s = take(student_hidden).to(ws.dtype)
         z_s = _project(h_s, ws, bs, logit_scale, softcap, buf_s[: end - start])
         grad = None  # the last chunk's [chunk, V] gradient, freed before row_loss allocates this one's
-        part, grad = row_loss(take, z_s, None if labels is None else take(labels), kd_reduction, divisor,
-                              compute_grad)
+        try:
+            part, grad = row_loss(take, z_s, None if labels is None else take(labels), kd_reduction, divisor,
+                                  compute_grad)
+        except ValueError as error:
+            raise _in_the_callers_terms(error, public_name, start, index) from error
         if entropy:
             rows_entropy = _entropy_rows(z_s, entropy_inv_temperature)
             if rows is None and valid is not None:
@@ -276,8 +302,8 @@ def _fused_linear_kd_loss(
         return distributed.chunk_loss_and_grad(split, a)
 
     return _student_head_loop(
-        student_hidden, student_weight, student_bias, labels, row_loss, acc=acc, ignore_index=ignore_index,
-        reduction=reduction, num_items_in_batch=num_items_in_batch, vocab_size=vocab_size,
+        "fused_linear_kd_loss", student_hidden, student_weight, student_bias, labels, row_loss, acc=acc,
+        ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch, vocab_size=vocab_size,
         logit_scale=student_logit_scale, softcap=student_softcap, chunk_size=chunk_size, row_weights=row_weights,
         grad_hidden=grad_hidden, grad_weight=grad_weight, grad_bias=grad_bias,
         entropy_inv_temperature=1.0 / _validate.kd_values(hyper)["temperature"] if entropy else None,
@@ -333,7 +359,7 @@ def _fused_linear_sparse_kd_loss(
                                                       compute_grad)
 
     return _student_head_loop(
-        student_hidden, student_weight, student_bias, labels, row_loss,
+        "fused_linear_sparse_kd_loss", student_hidden, student_weight, student_bias, labels, row_loss,
         acc=torch.promote_types(student_hidden.dtype, torch.float32), ignore_index=ignore_index, reduction=reduction,
         num_items_in_batch=num_items_in_batch, vocab_size=vocab_size, logit_scale=student_logit_scale,
         softcap=student_softcap, chunk_size=chunk_size, row_weights=row_weights, grad_hidden=grad_hidden,
@@ -696,6 +722,8 @@ def fused_linear_sparse_kd_loss(
         student_weight: [V, H], the student's lm_head weight, same dtype. Gradient flows here.
         teacher_indices: [..., K] integer class ids in [0, vocab_size) (K >= 1), same leading dims.
         teacher_logprobs: [..., K] floating log-probabilities of the teacher at T = 1; a constant.
+            Log-probabilities (<= 0, from ``log_softmax``), not probabilities or raw logits, as
+            :func:`lepton_fast.sparse_kd_loss` says: the values are not checked.
         teacher_mask: optional [..., K] bool (or 0/1 integer): False = entry not provided.
         temperature: T > 0, documented range 1e-8 <= T <= 1e4 (a float or a 0-d CPU tensor, as are
             beta, alpha, label_smoothing).

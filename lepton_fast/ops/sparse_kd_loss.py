@@ -202,7 +202,10 @@ def sparse_kd_loss(
         teacher_indices: [..., K] integer class ids in [0, V) (K ≥ 1).
         teacher_logprobs: [..., K] floating log-probabilities at T = 1 (-inf allowed: a class
             with probability 0); a constant. Read in their own dtype, accumulated in float32
-            (float64 for float64 student logits).
+            (float64 for float64 student logits). They must be log-probabilities (<= 0, as
+            ``log_softmax`` gives them): probabilities give a wrong loss without an error, and
+            so do raw or shifted logits under ``"tail"`` (``"renormalize"`` reads only their
+            differences); the values are not checked.
         teacher_mask: optional [..., K] bool (or 0/1 integer): False = entry not provided.
         temperature, backend: as :func:`lepton_fast.fused_kd_loss`.
         KD_KEYWORDS

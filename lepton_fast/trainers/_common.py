@@ -284,9 +284,23 @@ def probe(model: nn.Module, x: Tensor, name: str, who: str, amp: Optional[str]) 
             return eval_mode_forward(model, x)
     except RuntimeError as e:
         if x.is_floating_point():
+            # The model's own error (a width it does not take, say), unchanged: its shapes are
+            # the model's to state, but the traceback should say which data it was given.
+            e.add_note(f"(the {who}'s forward on the first sample of {name}, of shape {tuple(x.shape[1:])}, "
+                       f"before the first step)")
             raise
         raise TypeError(f"{name} inputs are {x.dtype} and the {who} fails on them ({e}). Integer inputs suit a "
                         f"model that embeds them (token ids); for features or images pass x.float()") from e
+
+
+def first_labels(name: str, y: Tensor, classes: int, ignore_index: Optional[int] = None) -> None:
+    """The first sample's label ``y`` (a batch of one), before the first step: one class index
+    per sample, in [0, ``classes``) or ``ignore_index`` (each step checks its batch's range
+    too). Raises TypeError / ValueError naming the data ``name``."""
+    if y.dim() != 1:
+        raise ValueError(f"{name}: each sample's label must be one class index, but the first sample's label has "
+                         f"shape {tuple(y.shape[1:])}")
+    _validate.class_indices(name, y, classes, ignore_index)
 
 
 @torch.no_grad()

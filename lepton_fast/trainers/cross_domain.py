@@ -273,7 +273,8 @@ class CrossDomainTrainer(Loop):
             feature/classifier split; "coral" with a batch of one;
             ``clamp`` with "vat". At the start of ``fit``: teacher/student class counts
             that differ, a split that does not give ``student(x)``, no target data for a
-            target term (or target data without one), an unlabeled source, a threshold's
+            target term (or target data without one), an unlabeled source, a first source
+            sample whose label is not one class in [0, C), a threshold's
             ``num_unlabeled`` other than the target's size, an optimizer over other
             parameters, ``perturb="input"`` on integer inputs, inputs outside ``clamp``; a
             weight that is not finite; during ``fit`` (naming the step): inputs holding NaN
@@ -281,7 +282,7 @@ class CrossDomainTrainer(Loop):
             the alignment refuses.
         TypeError: a non-callable augmentation, a malformed ``clamp``, a setting that is
             not a number (a string, a bool); at the start of ``fit``: source or target
-            inputs of a dtype the student cannot take.
+            inputs of a dtype the student cannot take, source labels that are not integers.
         FloatingPointError, RuntimeError: as in KnowledgeDistiller (a non-finite loss or
             weights; an unreadable checkpoint).
     """
@@ -389,6 +390,7 @@ class CrossDomainTrainer(Loop):
         x0 = x0.to(self.device)
         classes = (probe_classes(self.teacher, self.student, x0, "source", self.amp) if self.teacher is not None
                    else _common.probe(self.student, x0, "source", "student", self.amp).shape[-1])
+        _common.first_labels("source", y0, classes)
         if xt0 is not None:
             _common.probe(self.student, xt0.to(self.device), "target", "student", self.amp)
         feature_dim = None

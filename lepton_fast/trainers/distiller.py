@@ -72,12 +72,14 @@ class KnowledgeDistiller(Loop):
     Raises:
         TypeError: teacher/student not nn.Modules, bad optimizer or data types, a setting
             that is not a number (a string, a bool); at the start of ``fit``: inputs of a
-            dtype the models cannot take (fp16 data for float32 models outside ``amp``).
+            dtype the models cannot take (fp16 data for float32 models outside ``amp``),
+            labels that are not integers.
         ValueError: temperature ≤ 0, alpha outside [0, 1], unknown divergence or amp, lr
             with an optimizer, an optimizer over other parameters; at the start of
             ``fit``: teacher and student with different class counts, ``alpha > 0`` with
-            unlabeled data; during ``fit`` (naming the step): inputs holding NaN or ±inf,
-            labels outside [0, C) other than -100.
+            unlabeled data, a first sample whose label is not one class in [0, C) or -100;
+            during ``fit`` (naming the step): inputs holding NaN or ±inf, labels outside
+            [0, C) other than -100.
         FloatingPointError: a non-finite loss (before it reaches the weights), or
             non-finite weights at a checkpoint (nothing is written).
         RuntimeError: an unreadable checkpoint (empty, truncated, corrupted) or one of
@@ -202,4 +204,6 @@ class KnowledgeDistiller(Loop):
             raise ValueError(f"alpha={self.alpha} weights a cross-entropy on labels, but train_data has none: pass "
                              f"alpha=0 to distil unlabeled data")
         self.classes = probe_classes(self.teacher, self.student, x0.to(self.device), "train_data", self.amp)
+        if self.alpha > 0:
+            _common.first_labels("train_data", y0, self.classes, IGNORE_INDEX)
         return self._run(total, "distil", validation_data, eval_every)
