@@ -95,10 +95,10 @@ def _input_grad(model: Model, x_adv: Tensor, y, loss_fn: LossFn, check: bool) ->
 
 
 _CLAMP_DOC = """clamp: ``(min, max)`` of the valid input range, each a number or a tensor that
-            broadcasts to ``x``, or ``None``. The default suits images in [0, 1]; for a
-            normalised image ``(image - mean) / std`` pass its per-channel box
-            ``((0 - mean) / std, (1 - mean) / std)`` as two [C, 1, 1] tensors. An ``x``
-            farther than eps outside the box is refused (ValueError, naming the fix)."""
+    broadcasts to ``x``, or ``None``. The default suits images in [0, 1]; for a
+    normalised image ``(image - mean) / std`` pass its per-channel box
+    ``((0 - mean) / std, (1 - mean) / std)`` as two [C, 1, 1] tensors. An ``x``
+    farther than eps outside the box is refused (ValueError, naming the fix)."""
 
 
 def fgsm(model: Model, x: Tensor, y, eps: Scalar, loss_fn: LossFn = F.cross_entropy, *,
@@ -115,7 +115,7 @@ def fgsm(model: Model, x: Tensor, y, eps: Scalar, loss_fn: LossFn = F.cross_entr
         eps: L-inf budget >= 0: a number, a per-sample tensor [N], or a tensor that broadcasts
             to ``x`` (per channel, say).
         loss_fn: ``loss_fn(model(x), y)`` -> scalar to increase (default cross-entropy).
-        {clamp}
+        CLAMP
         backend: forwarded to :func:`lepton_fast.fgsm_perturb`.
 
     Returns:
@@ -151,7 +151,7 @@ def pgd(model: Model, x: Tensor, y, eps: Scalar, step_size: Scalar, steps: int, 
         step_size: >= 0, a number or a tensor as eps (commonly 2.5·eps/steps).
         steps: number of steps >= 0.
         random_start: start from a uniform random point in the ball (Madry et al.).
-        {clamp}
+        CLAMP
         generator: the random start's torch.Generator (default: the global one).
 
     Returns:
@@ -335,5 +335,5 @@ def vat_loss(model: Model, x: Tensor, xi: float = 1e-6, eps: float = 1.0, power_
         return _kl_batchmean(logp, logq)
 
 
-fgsm.__doc__ = fgsm.__doc__.replace("{clamp}", _CLAMP_DOC)
-pgd.__doc__ = pgd.__doc__.replace("{clamp}", _CLAMP_DOC)
+_validate.splice_doc(fgsm, "CLAMP", _CLAMP_DOC)
+_validate.splice_doc(pgd, "CLAMP", _CLAMP_DOC)
