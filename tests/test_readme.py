@@ -169,3 +169,27 @@ def test_readme_inline_call_binds_to_the_signature(code, fn, call):
     if inspect.isclass(fn) or "self" in signature.parameters:
         signature = signature.replace(parameters=list(signature.parameters.values())[1:])
     signature.bind_partial(*positional, **keywords)
+
+
+def _defaults():
+    import lepton_fast as lf
+    from lepton_fast.trainers import CrossDomainTrainer, KnowledgeDistiller
+    return [  # (what the README says, the function, its parameter, the default that says)
+        (r"the KD temperature defaults to 1\.0, as in `fused_kd_loss` and `KDLoss`",
+         [KnowledgeDistiller, CrossDomainTrainer, lf.fused_kd_loss, lf.KDLoss], "temperature", 1.0),
+        (r"`KnowledgeDistiller`'s `alpha` to 0\.5 \(theirs to 0", [KnowledgeDistiller], "alpha", 0.5),
+        (r"`KnowledgeDistiller`'s `alpha` to 0\.5 \(theirs to 0", [lf.fused_kd_loss], "alpha", 0.0),  # KDLoss forwards it
+        (r"within `clamp=` \(default `None`, no bounds, unlike `fgsm`/`pgd`", [CrossDomainTrainer], "clamp", None),
+        (r"`clamp=\(0, 1\)` is the default of these and of `fgsm` and `pgd`",
+         [lf.fgsm_perturb, lf.pgd_step, lf.fgsm_perturb_, lf.pgd_step_, lf.fgsm, lf.pgd], "clamp", (0.0, 1.0)),
+        (r"`vat_loss`'s is `None`", [lf.vat_loss], "clamp", None),
+    ]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_readme_defaults_are_the_signatures(case):
+    import inspect
+    said, functions, name, default = _defaults()[case]
+    assert re.search(said, " ".join(README.read_text(encoding="utf-8").split()))
+    for fn in functions:
+        assert inspect.signature(fn).parameters[name].default == default, (fn, name)
