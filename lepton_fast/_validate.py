@@ -9,8 +9,10 @@ they are concrete and with ``torch._check`` (a guard or runtime assert) under tr
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
+import re
 from typing import Callable, NamedTuple, Optional, TypedDict, Union
 
 import torch
@@ -458,14 +460,17 @@ num_items_in_batch: the sum of the row losses divided by this count instead (> 0
 assert set(KDKeywords.__annotations__) | {"temperature"} == _KD_NAMES, "KDKeywords and KD_DEFAULTS name the same"
 
 
-def kd_keywords(fn):
+def kd_keywords(fn=None, /, **notes: str):
     """Decorates a public KD function ``fn(..., *, ..., **kd: Unpack[KDKeywords])``: puts the
     shared keywords (:class:`KDKeywords`, with their defaults) in its signature in place of
     ``**kd``, first among its keyword-only parameters, so that ``help()``,
     ``inspect.signature`` and :func:`kd_hyper_parameters` see every keyword; and their
-    documentation in its docstring in place of the line ``KD_KEYWORDS``. No wrapper: a call
+    documentation in its docstring in place of the line ``KD_KEYWORDS``, each ``notes[name]``
+    (``@kd_keywords(labels="...")``) appended to that keyword's entry. No wrapper: a call
     costs nothing more, and :func:`kd_options` raises the TypeError for a keyword ``fn``
     does not take."""
+    if fn is None:
+        return functools.partial(kd_keywords, **notes)
     signature = inspect.signature(fn)
     own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     at = next((i for i, p in enumerate(own) if p.kind is inspect.Parameter.KEYWORD_ONLY), len(own))
@@ -473,12 +478,28 @@ def kd_keywords(fn):
                                 annotation=getattr(annotation, "__forward_arg__", annotation))  # as fn's own: text
               for name, annotation in KDKeywords.__annotations__.items()]
     fn.__signature__ = signature.replace(parameters=own[:at] + shared + own[at:])
-    lines = fn.__doc__.splitlines()
-    i = next(k for k, line in enumerate(lines) if line.strip() == "KD_KEYWORDS")
-    indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
-    lines[i:i + 1] = [indent + line for line in KD_KEYWORDS_DOC.splitlines()]
-    fn.__doc__ = "\n".join(lines)
+    entries = re.split(r"\n(?=\S)", KD_KEYWORDS_DOC)  # one per keyword, each at column 0
+    for name, note in notes.items():
+        k = next(k for k, entry in enumerate(entries) if entry.startswith(name + ":"))
+        entries[k] += "".join("\n    " + line for line in inspect.cleandoc(note).splitlines())
+    splice_doc(fn, "KD_KEYWORDS", "\n".join(entries))
     return fn
+
+
+def splice_doc(fn, marker: str, text: str) -> None:
+    """Puts ``text`` (lines at column 0, continuations indented relative to it) in ``fn``'s
+    docstring in place of the one line that is ``marker`` alone, at that line's indent. A
+    whole-line marker, not a ``str.replace`` of a ``{name}`` field, which would also hit the
+    same characters in the docstring's LaTeX (``\\mathrm{clamp}``)."""
+    if fn.__doc__ is None:  # python -OO
+        return
+    lines = fn.__doc__.splitlines()
+    at = [k for k, line in enumerate(lines) if line.strip() == marker]
+    if len(at) != 1:
+        raise AssertionError(f"{fn.__qualname__}'s docstring has {len(at)} '{marker}' lines, not 1")
+    indent = lines[at[0]][: len(lines[at[0]]) - len(lines[at[0]].lstrip())]
+    lines[at[0]:at[0] + 1] = [indent + line for line in text.splitlines()]
+    fn.__doc__ = "\n".join(lines)
 
 
 def kd_hyper_parameters(fn, /, **given) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 from typing import Callable, Optional
 
 import torch
@@ -94,11 +95,26 @@ def _input_grad(model: Model, x_adv: Tensor, y, loss_fn: LossFn, check: bool) ->
     return grad
 
 
+@contextlib.contextmanager
+def _errors_as(caller: str, op: str, arg: str):
+    """The steps' kernels make the data checks and name their op and input (``pgd_step_:
+    x_orig ...``); the user of an attack called ``caller`` with ``x``: their ValueErrors are
+    re-raised under those names. (On a GPU the checks are device assertions, which name the
+    op.)"""
+    try:
+        yield
+    except ValueError as e:
+        message = str(e)
+        if message.startswith(op + ":"):
+            e.args = (re.sub(rf"\b{arg}\b", "x", caller + message[len(op):]),)
+        raise
+
+
 _CLAMP_DOC = """clamp: ``(min, max)`` of the valid input range, each a number or a tensor that
-            broadcasts to ``x``, or ``None``. The default suits images in [0, 1]; for a
-            normalised image ``(image - mean) / std`` pass its per-channel box
-            ``((0 - mean) / std, (1 - mean) / std)`` as two [C, 1, 1] tensors. An ``x``
-            farther than eps outside the box is refused (ValueError, naming the fix)."""
+    broadcasts to ``x``, or ``None``. The default suits images in [0, 1]; for a
+    normalised image ``(image - mean) / std`` pass its per-channel box
+    ``((0 - mean) / std, (1 - mean) / std)`` as two [C, 1, 1] tensors. An ``x``
+    farther than eps outside the box is refused (ValueError, naming the fix)."""
 
 
 def fgsm(model: Model, x: Tensor, y, eps: Scalar, loss_fn: LossFn = F.cross_entropy, *,
@@ -115,7 +131,7 @@ def fgsm(model: Model, x: Tensor, y, eps: Scalar, loss_fn: LossFn = F.cross_entr
         eps: L-inf budget >= 0: a number, a per-sample tensor [N], or a tensor that broadcasts
             to ``x`` (per channel, say).
         loss_fn: ``loss_fn(model(x), y)`` -> scalar to increase (default cross-entropy).
-        {clamp}
+        CLAMP
         backend: forwarded to :func:`lepton_fast.fgsm_perturb`.
 
     Returns:
@@ -123,7 +139,7 @@ def fgsm(model: Model, x: Tensor, y, eps: Scalar, loss_fn: LossFn = F.cross_entr
 
     Raises:
         ValueError: ``y`` out of the model's classes; the errors of
-        :func:`lepton_fast.fgsm_perturb` for ``x``, ``eps``, ``clamp``.
+        :func:`lepton_fast.fgsm_perturb` for ``x``, ``eps``, ``clamp`` (as ``fgsm: x ...``).
     """
     check_input("x", x)
     eps = operand("eps", eps, x, non_negative=True)
@@ -132,7 +148,8 @@ def fgsm(model: Model, x: Tensor, y, eps: Scalar, loss_fn: LossFn = F.cross_entr
     x = x.detach()
     with frozen_batchnorm_stats(model):
         grad = _input_grad(model, x, y, loss_fn, check=True)
-    return fgsm_checked(x, grad, eps, lo, hi, backend, in_place=False)
+    with _errors_as("fgsm", "fgsm_perturb", "x"):
+        return fgsm_checked(x, grad, eps, lo, hi, backend, in_place=False)
 
 
 def pgd(model: Model, x: Tensor, y, eps: Scalar, step_size: Scalar, steps: int, random_start: bool = True,
@@ -151,7 +168,7 @@ def pgd(model: Model, x: Tensor, y, eps: Scalar, step_size: Scalar, steps: int, 
         step_size: >= 0, a number or a tensor as eps (commonly 2.5·eps/steps).
         steps: number of steps >= 0.
         random_start: start from a uniform random point in the ball (Madry et al.).
-        {clamp}
+        CLAMP
         generator: the random start's torch.Generator (default: the global one).
 
     Returns:
@@ -159,7 +176,7 @@ def pgd(model: Model, x: Tensor, y, eps: Scalar, step_size: Scalar, steps: int, 
 
     Raises:
         ValueError: ``steps`` < 0, ``y`` out of the model's classes, and the errors of
-        :func:`lepton_fast.pgd_step`.
+        :func:`lepton_fast.pgd_step`, its ``x_orig`` named as given (``pgd: x ...``).
     """
     check_input("x", x)
     eps = operand("eps", eps, x, non_negative=True)
@@ -170,15 +187,16 @@ def pgd(model: Model, x: Tensor, y, eps: Scalar, step_size: Scalar, steps: int, 
     y = _targets(y, x, loss_fn)
     x = x.detach().contiguous()
     x_adv = x.clone()
-    if random_start:
-        noise = torch.empty_like(x_adv).uniform_(-1.0, 1.0, generator=generator)
-        # A step of size 0 projects and clamps the random start in the same pass.
-        x_adv.add_(noise.mul_(eps))
-        pgd_checked(x_adv, x, noise, _validate.hyper("step_size", 0.0), eps, lo, hi, backend, in_place=True)
-    with frozen_batchnorm_stats(model):
-        for i in range(steps):
-            grad = _input_grad(model, x_adv, y, loss_fn, check=i == 0)
-            pgd_checked(x_adv, x, grad, step, eps, lo, hi, backend, in_place=True)
+    with _errors_as("pgd", "pgd_step_", "x_orig"):
+        if random_start:
+            noise = torch.empty_like(x_adv).uniform_(-1.0, 1.0, generator=generator)
+            # A step of size 0 projects and clamps the random start in the same pass.
+            x_adv.add_(noise.mul_(eps))
+            pgd_checked(x_adv, x, noise, _validate.hyper("step_size", 0.0), eps, lo, hi, backend, in_place=True)
+        with frozen_batchnorm_stats(model):
+            for i in range(steps):
+                grad = _input_grad(model, x_adv, y, loss_fn, check=i == 0)
+                pgd_checked(x_adv, x, grad, step, eps, lo, hi, backend, in_place=True)
     return x_adv
 
 
@@ -335,5 +353,5 @@ def vat_loss(model: Model, x: Tensor, xi: float = 1e-6, eps: float = 1.0, power_
         return _kl_batchmean(logp, logq)
 
 
-fgsm.__doc__ = fgsm.__doc__.replace("{clamp}", _CLAMP_DOC)
-pgd.__doc__ = pgd.__doc__.replace("{clamp}", _CLAMP_DOC)
+_validate.splice_doc(fgsm, "CLAMP", _CLAMP_DOC)
+_validate.splice_doc(pgd, "CLAMP", _CLAMP_DOC)

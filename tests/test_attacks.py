@@ -168,6 +168,23 @@ def test_normalised_inputs_with_the_default_box_are_refused_with_the_fix(attack)
             lepton_fast.pgd(model, x, y, eps=8 / 255, step_size=2 / 255, steps=3)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("attack", ["fgsm", "pgd", "pgd-no-random-start"])
+def test_an_input_outside_the_box_is_named_as_the_user_passed_it(attack, backend):
+    """pgd(model, x * 255, ...) said "pgd_step_: x_orig = ...": the kernel's op and argument,
+    not the function the user called and the argument they passed."""
+    model = cnn().eval()
+    x, y = images(4)
+    x = x * 255
+    with pytest.raises(ValueError, match=r"^(fgsm|pgd): x (= \S+ \(at flat index \d+\) )?lies farther than eps") as info:
+        if attack == "fgsm":
+            lepton_fast.fgsm(model, x, y, 8 / 255, backend=backend)
+        else:
+            lepton_fast.pgd(model, x, y, 8 / 255, 2 / 255, 3, random_start=attack == "pgd", backend=backend)
+    assert str(info.value).startswith(attack.split("-")[0] + ": x ")
+    assert "x_orig" not in str(info.value) and "pgd_step" not in str(info.value)
+
+
 @pytest.mark.parametrize("random_start", [True, False])
 def test_normalised_inputs_with_their_box_stay_within_eps(random_start):
     model = cnn().eval()

@@ -120,3 +120,76 @@ def test_readme_tables_rewrite_only_their_block():
         readme_tables.rewrite(text, {**run, "task": "other"})
     with pytest.raises(ValueError, match="--quick"):  # a smoke run's figures never reach the README
         readme_tables.rewrite(text, {**run, "quick": True})
+
+
+def readme_calls(text: str):
+    """[(code, function, call)]: each inline ```name(args)``` of the prose whose name is a
+    lepton_fast function or method (``...`` stands for the arguments left out)."""
+    import lepton_fast.distributed
+    import lepton_fast.trainers
+    modules = (lepton_fast, lepton_fast.trainers, lepton_fast.distributed)
+    found = []
+    for match in re.finditer(r"(?<!`)`([A-Za-z_][\w.]*\([^`]*\))`(?!`)", text):
+        code = " ".join(match[1].split())
+        try:
+            call = ast.parse(code, mode="eval").body
+        except SyntaxError:
+            continue
+        while isinstance(call.func, ast.Attribute) and isinstance(call.func.value, ast.Call):
+            call = call.func.value  # KnowledgeDistiller(...).fit(...): its first call
+        first, *rest = ast.unparse(call.func).split(".")
+        fn = next((vars(m)[first] for m in modules if first in vars(m)), None)
+        for part in rest:
+            fn = getattr(fn, part, None)
+        if callable(fn) and (getattr(fn, "__module__", "") or "").startswith("lepton_fast"):
+            found.append((code, fn, call))
+    return found
+
+
+CALLS = readme_calls(README.read_text(encoding="utf-8"))
+
+
+def test_the_inline_calls_are_found():
+    assert {"fused_linear_sparse_kd_loss", "vocab_parallel_sparse_kd_loss", "KnowledgeDistiller"} <= {
+        fn.__name__ for _, fn, _ in CALLS}
+    [(_, fn, call)] = readme_calls("pass `sparse_kd_loss(s, idx, lp,\nmask=m)` here")
+    with pytest.raises(TypeError, match="mask"):
+        test_readme_inline_call_binds_to_the_signature("", fn, call)
+
+
+@pytest.mark.parametrize("code, fn, call", CALLS, ids=[code for code, _, _ in CALLS])
+def test_readme_inline_call_binds_to_the_signature(code, fn, call):
+    """The README's inline calls use the real keyword names and no more positional arguments
+    than the signature takes (``mask=`` for ``teacher_mask=`` would raise a TypeError)."""
+    import inspect
+    positional = [a for a in call.args if not (isinstance(a, ast.Constant) and a.value is Ellipsis)]
+    keywords = {k.arg: None for k in call.keywords if k.arg is not None}
+    target = fn.__init__ if inspect.isclass(fn) else fn
+    signature = inspect.signature(target)
+    if inspect.isclass(fn) or "self" in signature.parameters:
+        signature = signature.replace(parameters=list(signature.parameters.values())[1:])
+    signature.bind_partial(*positional, **keywords)
+
+
+def _defaults():
+    import lepton_fast as lf
+    from lepton_fast.trainers import CrossDomainTrainer, KnowledgeDistiller
+    return [  # (what the README says, the function, its parameter, the default that says)
+        (r"the KD temperature defaults to 1\.0, as in `fused_kd_loss` and `KDLoss`",
+         [KnowledgeDistiller, CrossDomainTrainer, lf.fused_kd_loss, lf.KDLoss], "temperature", 1.0),
+        (r"`KnowledgeDistiller`'s `alpha` to 0\.5 \(theirs to 0", [KnowledgeDistiller], "alpha", 0.5),
+        (r"`KnowledgeDistiller`'s `alpha` to 0\.5 \(theirs to 0", [lf.fused_kd_loss], "alpha", 0.0),  # KDLoss forwards it
+        (r"within `clamp=` \(default `None`, no bounds, unlike `fgsm`/`pgd`", [CrossDomainTrainer], "clamp", None),
+        (r"`clamp=\(0, 1\)` is the default of these and of `fgsm` and `pgd`",
+         [lf.fgsm_perturb, lf.pgd_step, lf.fgsm_perturb_, lf.pgd_step_, lf.fgsm, lf.pgd], "clamp", (0.0, 1.0)),
+        (r"`vat_loss`'s is `None`", [lf.vat_loss], "clamp", None),
+    ]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_readme_defaults_are_the_signatures(case):
+    import inspect
+    said, functions, name, default = _defaults()[case]
+    assert re.search(said, " ".join(README.read_text(encoding="utf-8").split()))
+    for fn in functions:
+        assert inspect.signature(fn).parameters[name].default == default, (fn, name)

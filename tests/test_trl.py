@@ -262,3 +262,25 @@ def test_distillation_training_step_patched_is_unpatched():
         return loss
 
     _assert_same_step(loss_fn)
+
+
+def test_readme_names_trl_objects_where_trl_has_them():
+    """`from trl import GKDTrainer` fails on trl 1.16 (it lives in trl.experimental.gkd): each
+    trl.<dotted name> that README.md writes resolves in the installed trl."""
+    import importlib
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    names = set(re.findall(r"(?<![\w.])trl(?:\.\w+)+", readme))
+    assert {"trl.experimental.gkd.GKDTrainer.generalized_jsd_loss", "trl.DistillationTrainer"} <= names
+    for name in names:
+        obj = trl
+        for part in name.split(".")[1:]:
+            if not hasattr(obj, part) and hasattr(obj, "__path__"):
+                try:  # a submodule not imported yet
+                    importlib.import_module(f"{obj.__name__}.{part}")
+                except ImportError:
+                    pass
+            assert hasattr(obj, part), f"README.md names {name}, which trl {trl.__version__} does not have"
+            obj = getattr(obj, part)

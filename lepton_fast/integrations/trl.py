@@ -68,7 +68,8 @@ def generalized_jsd_loss(
     reduction: str = "batchmean",
     num_items_in_batch: Optional[Union[int, Tensor]] = None,
 ) -> Tensor:
-    """trl 1.16's ``GKDTrainer.generalized_jsd_loss`` on the fused kernel (Agarwal et al. 2024, Eq. 1).
+    """trl 1.16's ``trl.experimental.gkd.GKDTrainer.generalized_jsd_loss`` on the fused kernel
+    (Agarwal et al. 2024, Eq. 1).
 
     JSD_beta = beta KL(p_t || m) + (1 - beta) KL(p_s || m), m = beta p_t + (1 - beta) p_s, with
     p = softmax(logits / temperature); beta 0 is KL(p_t || p_s), 1 is KL(p_s || p_t).

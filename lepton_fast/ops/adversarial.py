@@ -116,12 +116,12 @@ def pgd_checked(x_adv: Tensor, x_orig: Tensor, g: Tensor, step: Tensor, eps: Ten
 # --- public API --------------------------------------------------------------------------------
 
 _CLAMP_DOC = """clamp: ``(min, max)`` bounds of the valid input range, each a number or a tensor
-            that broadcasts to the input, or ``None`` for inputs without bounds (features,
-            embeddings). The default suits images in [0, 1]. A normalised image
-            ``(image - mean) / std`` has the per-channel box ``((0 - mean) / std, (1 - mean) / std)``:
-            pass it as two [C, 1, 1] tensors on the input's device. The input must lie in the
-            box up to eps (a ValueError otherwise, which names the fix), so that the step
-            stays within eps of it."""
+    that broadcasts to the input, or ``None`` for inputs without bounds (features,
+    embeddings). The default suits images in [0, 1]. A normalised image
+    ``(image - mean) / std`` has the per-channel box ``((0 - mean) / std, (1 - mean) / std)``:
+    pass it as two [C, 1, 1] tensors on the input's device. The input must lie in the
+    box up to eps (a ValueError otherwise, which names the fix), so that the step
+    stays within eps of it."""
 
 
 def _check_in_place(name: str, x: Tensor) -> None:
@@ -152,7 +152,7 @@ def fgsm_perturb(x: Tensor, grad: Tensor, eps: Scalar, clamp: Clamp = (0.0, 1.0)
             so such an element is left unchanged, as ``torch.sign`` does.
         eps: step in input units >= 0: a number, a per-sample tensor [N], or any tensor that
             broadcasts to ``x`` (per channel [C, 1, 1], full shape).
-        {clamp}
+        CLAMP
         backend: force ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
 
     Returns:
@@ -207,7 +207,7 @@ def pgd_step(x_adv: Tensor, x_orig: Tensor, grad: Tensor, step_size: Scalar, eps
         grad: d(loss)/d(x_adv), same shape; sign(0) = sign(NaN) = 0.
         step_size: α >= 0: a number, a per-sample tensor [N], or a tensor that broadcasts.
         eps: radius >= 0 of the ball, as ``step_size``.
-        {clamp}
+        CLAMP
         backend: force ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
 
     Returns:
@@ -235,5 +235,5 @@ def pgd_step_(x_adv: Tensor, x_orig: Tensor, grad: Tensor, step_size: Scalar, ep
     return pgd_checked(x_adv, x_orig, g, step, eps, lo, hi, backend, in_place=True)
 
 
-fgsm_perturb.__doc__ = fgsm_perturb.__doc__.replace("{clamp}", _CLAMP_DOC)
-pgd_step.__doc__ = pgd_step.__doc__.replace("{clamp}", _CLAMP_DOC)
+_validate.splice_doc(fgsm_perturb, "CLAMP", _CLAMP_DOC)
+_validate.splice_doc(pgd_step, "CLAMP", _CLAMP_DOC)

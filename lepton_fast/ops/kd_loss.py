@@ -139,8 +139,8 @@ def fused_kd_loss(
             1e-8 <= T <= 1e4 no kernel overflows or cancels in the softmax (every backend is
             tested against the float64 reference at both ends; how float32 loses digits of the
             loss at large T: "Precision" below). A float or a 0-d CPU tensor (as
-            are beta, alpha and label_smoothing): a value that changes every step does not
-            recompile a ``torch.compile`` graph.
+            are beta, alpha and label_smoothing): a 0-d tensor that changes every step never
+            recompiles a ``torch.compile`` graph, a Python float once.
         KD_KEYWORDS
         backend: force the kernel: ``"reference"`` (lepton_fast.reference under the op's
             schema), ``"cpu"``, ``"cuda"`` or ``"triton"`` (default: the dispatcher's, or

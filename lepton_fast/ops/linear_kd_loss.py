@@ -527,7 +527,10 @@ def _grads_to_write(reduction: str, student: _Head) -> list[bool]:
     on = torch.is_grad_enabled() and reduction != "none"
     return [on and t is not None and t.requires_grad for t in (student.hidden, student.weight, student.bias)]
 
-@_validate.kd_keywords
+@_validate.kd_keywords(labels="""
+    Here labels are [...] class ids < vocab size and the hard-label CE uses the student's
+    logits at T=1. Rows labelled ``ignore_index`` cost nothing on the CPU (left out before
+    the GEMMs) and need no host synchronisation anywhere.""")
 def fused_linear_kd_loss(
     student_hidden: Tensor,
     student_weight: Tensor,
@@ -572,9 +575,6 @@ def fused_linear_kd_loss(
         student_bias, teacher_bias: optional [V] / [V_t] lm_head biases; the student's gets a
             gradient.
         KD_KEYWORDS
-            Here labels are [...] class ids < vocab size and the hard-label CE uses the
-            student's logits at T=1. Rows labelled ``ignore_index`` cost nothing on the CPU
-            (left out before the GEMMs) and need no host synchronisation anywhere.
         vocab_size: the shared vocabulary when V != V_t (heads padded to a multiple of 64,
             say): both heads are cut to their first ``vocab_size`` rows; the student's rows
             beyond it get zero gradient. Without it, V != V_t is an error. The shorter head
@@ -680,7 +680,10 @@ def _linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, t
     return loss, (out[4] if entropy else None)
 
 
-@_validate.kd_keywords
+@_validate.kd_keywords(labels="""
+    Here labels are [...] class ids < vocab_size. Rows labelled ``ignore_index`` cost
+    nothing on the CPU (left out before the GEMMs) and need no host synchronisation
+    anywhere.""")
 def fused_linear_sparse_kd_loss(
     student_hidden: Tensor,
     student_weight: Tensor,
@@ -729,9 +732,6 @@ def fused_linear_sparse_kd_loss(
             beta, alpha, label_smoothing).
         student_bias: optional [V] lm_head bias; it gets a gradient.
         KD_KEYWORDS
-            Here labels are [...] class ids < vocab_size. Rows labelled ``ignore_index`` cost
-            nothing on the CPU (left out before the GEMMs) and need no host synchronisation
-            anywhere.
         truncation: as in :func:`lepton_fast.sparse_kd_loss`.
         vocab_size: the classes are the head's first ``vocab_size`` rows (a head padded beyond
             the tokenizer's vocabulary, whose padded rows must take no probability mass in the

@@ -101,8 +101,8 @@ def select_pseudo_labels(
     Args:
         logits: [..., C] float32, bfloat16, float16 or float64; non-contiguous is fine.
         threshold: in [0, 1]; ignored when ``class_thresholds`` is given. A float or a 0-d
-            CPU tensor (as is temperature): a value that changes every step does not
-            recompile a ``torch.compile`` graph.
+            CPU tensor (as is temperature): a 0-d tensor that changes every step never
+            recompiles a ``torch.compile`` graph, a Python float once.
         temperature: T > 0 (T < 1 sharpens, so raises the confidence); every backend agrees
             with the float64 reference over the documented range 1e-8 <= T <= 1e4.
         class_thresholds: optional [C] floating tensor of per-class thresholds in [0, 1].
@@ -162,8 +162,8 @@ def fused_pseudo_label_loss(
             views are read in the wider of the two (never rounded to the narrower), and the
             gradient comes back in the strong view's dtype.
         threshold: τ in [0, 1]; ignored when ``class_thresholds`` is given. A float or a
-            0-d CPU tensor (as is temperature): a value that changes every step does not
-            recompile a ``torch.compile`` graph.
+            0-d CPU tensor (as is temperature): a 0-d tensor that changes every step never
+            recompiles a ``torch.compile`` graph, a Python float once.
         temperature: T > 0 for the weak view's confidence and soft target, in the documented
             range 1e-8 <= T <= 1e4 (as select_pseudo_labels).
         soft: use softmax(weak / T) as the target instead of the hard pseudo-label.
