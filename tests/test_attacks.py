@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import lepton_fast
+from conftest import require
+from lepton_fast.ops.adversarial import FGSM_SPEC, PGD_INPLACE_SPEC
 
 # CIFAR-10's channel statistics: a normalised image lies in [-2.4, 2.8], not [0, 1].
 MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(3, 1, 1)
@@ -173,6 +175,7 @@ def test_normalised_inputs_with_the_default_box_are_refused_with_the_fix(attack)
 def test_an_input_outside_the_box_is_named_as_the_user_passed_it(attack, backend):
     """pgd(model, x * 255, ...) said "pgd_step_: x_orig = ...": the kernel's op and argument,
     not the function the user called and the argument they passed."""
+    require(FGSM_SPEC if attack == "fgsm" else PGD_INPLACE_SPEC, "cpu", backend)
     model = cnn().eval()
     x, y = images(4)
     x = x * 255
