@@ -106,7 +106,8 @@ def _kd_loss(op: str, student_logits: Tensor, temperature, kd: dict, soft) -> Te
     """
     kd = _validate.kd_filled(op, {**kd, "temperature": temperature})
     lead, n_classes = student_logits.shape[:-1], student_logits.shape[-1]
-    labels = kd["labels"] = None if kd["labels"] is None else kd["labels"].reshape(-1)
+    # int64: F.cross_entropy takes no other integer labels, the ops take any
+    labels = kd["labels"] = None if kd["labels"] is None else kd["labels"].reshape(-1).long()
     student = student_logits.reshape(-1, n_classes)
     rows = student.new_zeros(student.shape[0], dtype=_acc(student).dtype)
     valid = None

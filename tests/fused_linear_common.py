@@ -95,6 +95,16 @@ def assert_row_error_in_callers_terms(call, public_name, argument, row, backend)
     assert rows == [str(row)] if backend == "cpu" else rows in ([], [str(row)]), message
 
 
+def assert_undefined_row_in_callers_terms(call, public_name):
+    """``call`` (a NaN in a row of student_hidden) raises naming ``public_name`` and the product
+    the bad logits came from, not the kernel's ``student_logits``, which the caller never passed."""
+    with pytest.raises(ValueError) as info:
+        call()
+    message = str(info.value)
+    assert message.startswith(f"{public_name}: "), message
+    assert "student_hidden @ student_weight.T" in message and "student_logits" not in message, message
+
+
 def assert_second_backward_and_second_order_raise(loss_of, weight):
     """``loss_of()`` is a fresh loss whose graph holds ``weight``."""
     loss = loss_of()

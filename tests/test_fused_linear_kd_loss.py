@@ -12,7 +12,8 @@ import torch
 
 from conftest import CPU_DEVICE_BACKENDS, DEVICE_BACKENDS, TEMPERATURES, require
 from fused_linear_common import (TOL, assert_compiled_matches, assert_no_buffer_of_n_by_v,
-                                 assert_row_error_in_callers_terms, assert_second_backward_and_second_order_raise, bind,
+                                 assert_row_error_in_callers_terms, assert_second_backward_and_second_order_raise,
+                                 assert_undefined_row_in_callers_terms, bind,
                                  gemm_shapes, projection_rows, randn, run)
 from lepton_fast._validate import kd_hyper
 from lepton_fast import fused_linear_kd_loss, reference
@@ -406,6 +407,15 @@ def test_a_label_out_of_range_is_reported_in_the_callers_terms(ignore_every, dev
     assert_row_error_in_callers_terms(
         lambda: fused_linear_kd_loss(**x, labels=labels, alpha=0.5, chunk_size=3, backend=backend),
         "fused_linear_kd_loss", "labels", 8, backend)
+
+
+@pytest.mark.parametrize("device,backend", CPU_DEVICE_BACKENDS)
+def test_an_undefined_row_is_reported_in_the_callers_terms(device, backend):
+    require(SPEC, device, backend)
+    x, _ = make(n=10, seed=22)
+    x["student_hidden"] = x["student_hidden"].clone()
+    x["student_hidden"][7, 0] = float("nan")
+    assert_undefined_row_in_callers_terms(lambda: fused_linear_kd_loss(**x, chunk_size=3, backend=backend), "fused_linear_kd_loss")
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)

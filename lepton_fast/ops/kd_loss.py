@@ -164,7 +164,11 @@ def fused_kd_loss(
     Precision: the soft term is a KL of O(1/T²) multiplied back by T², so float32
     accumulation loses digits as T grows (relative error about 1e-6 at T = 30, 1e-4 at
     T = 100, a few % at T = 1000, measured; the gradient stays accurate). For T ≫ 100 pass
-    float64 logits, which the kernels accumulate in float64.
+    float64 logits, which the kernels accumulate in float64. At small T, forward and reverse
+    KL in float32 carry an absolute error of about ulp(|x_s - x_t|) / T where the two rows
+    disagree (their KL sum takes the raw logits' differences, not each row's offsets from its
+    max: logits near 30 give about 2e-2 at T = 1e-4 and about 1e2 at T = 1e-8, even where the
+    exact KL is 0; JSD and sparse_kd_loss do not): below T = 1e-2 pass float64 logits.
 
     The gradient is computed during the forward into one buffer the size of the logits;
     nothing else larger than O(N) is allocated. The backward scales it in place.

@@ -137,18 +137,24 @@ def _widened(weight: Tensor, acc: torch.dtype) -> Tensor:
 # its own terms: its op's name first, and the row within the chunk it was given.
 _KERNEL_NAME = re.compile(r"^(?:fused_kd_loss|sparse_kd_loss|kd_slice_\w+|sparse_slice\w*): ")
 _ROW = re.compile(r"\brow (\d+)")
+# The logits the kernel was given are the caller's products (a row of them NaN or all -inf).
+_LOGITS = {"student_logits": "student_hidden @ student_weight.T", "teacher_logits": "teacher_hidden @ teacher_weight.T"}
 
 
 def _in_the_callers_terms(error: ValueError, public_name: str, start: int, index: Optional[Tensor]) -> ValueError:
     """The row kernel's ``error`` on the chunk from row ``start`` (or of rows ``index``, on the
     CPU where ignored rows are left out) as the caller of ``public_name`` should read it: that
-    op's name in place of the kernel's, and each row its row in the caller's (flattened) batch.
+    op's name in place of the kernel's, each row its row in the caller's (flattened) batch, and
+    the logits the products they came from.
     The check itself stays the kernel's, its one source of truth."""
     def callers_row(m: re.Match) -> str:
         i = int(m.group(1))
         return f"row {start + i if index is None else int(index[i])}"
 
-    return ValueError(f"{public_name}: {_ROW.sub(callers_row, _KERNEL_NAME.sub('', str(error), count=1))}")
+    message = _ROW.sub(callers_row, _KERNEL_NAME.sub("", str(error), count=1))
+    for name, product in _LOGITS.items():
+        message = re.sub(rf"\b{name}\b", product, message)
+    return ValueError(f"{public_name}: {message}")
 
 
 def _student_head_loop(public_name: str, student_hidden: Tensor, student_weight: Tensor,
