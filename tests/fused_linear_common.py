@@ -95,11 +95,14 @@ def assert_row_error_in_callers_terms(call, public_name, argument, row, backend)
     assert rows == [str(row)] if backend == "cpu" else rows in ([], [str(row)]), message
 
 
-def assert_undefined_row_in_callers_terms(call, public_name):
-    """``call`` (a NaN in a row of student_hidden) raises naming ``public_name`` and the product
-    the bad logits came from, not the kernel's ``student_logits``, which the caller never passed."""
+def assert_undefined_row_in_callers_terms(loss, x, public_name, backend):
+    """``loss(**x)`` with a NaN in row 7 of student_hidden (of 10 rows, in chunks of 3) raises
+    naming ``public_name`` and the product the bad logits came from, not the kernel's
+    ``student_logits``, which the caller never passed."""
+    x = {**x, "student_hidden": x["student_hidden"].clone()}
+    x["student_hidden"][7, 0] = float("nan")
     with pytest.raises(ValueError) as info:
-        call()
+        loss(**x, chunk_size=3, backend=backend)
     message = str(info.value)
     assert message.startswith(f"{public_name}: "), message
     assert "student_hidden @ student_weight.T" in message and "student_logits" not in message, message
