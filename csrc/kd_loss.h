@@ -167,15 +167,29 @@ LF_HOST_DEVICE V log_mixture_of(V logp_s, V logp_t, V log_beta, V log_1m_beta) {
   return M::keep_neg_inf(hi, hi + M::log1p(M::exp(lo - hi)));
 }
 
-// KL(p || q) of softmax(x_p / T) and softmax(x_q / T) from one pass of online sums over the row,
-// with m_p, m_q the maxima of the raw logits:
-//   S_p = sum_j exp((x_p,j - m_p) / T),  S_q likewise,  A = sum_j exp((x_p,j - m_p) / T) (x_p,j - x_q,j) / T,
-//   KL = A / S_p - (lse_p - lse_q) = A / S_p + (m_q - m_p) / T + log(S_q / S_p).
-// Forward KL is p = teacher, q = student; reverse KL the other way round. Differences of the
-// raw logits per element and of the maxes keep the cancellation of two large log-sum-exps out.
+// KL(p || q) of softmax(x_p / T) and softmax(x_q / T) from one pass of online sums over the row.
+// With m_p, m_q the maxima of the raw logits and each logit's offset from its row's max,
+//   u_j = (x_p,j - m_p) / T <= 0,  v_j = (x_q,j - m_q) / T <= 0,
+//   S_p = sum_j exp(u_j),  S_q = sum_j exp(v_j),  A = sum_j exp(u_j) (u_j - v_j),
+//   KL = A / S_p + log(S_q / S_p).
+// Forward KL is p = teacher, q = student; reverse KL the other way round. Every term is an
+// offset from a max: the raw form, E_p[x_p - x_q] / T + (m_q - m_p) / T + ..., cancels two terms
+// of size |x_p - x_q| / T, which left float32 an error of ulp(|x_p - x_q|) / T (about 1 at
+// T = 1e-6 and logits near 50, 1e2 at T = 1e-8).
 template <typename acc_t>
-LF_HOST_DEVICE acc_t kl_from_sums(acc_t a, acc_t s_p, acc_t m_p, acc_t s_q, acc_t m_q, acc_t inv_t) {
-  return a / s_p + (m_q - m_p) * inv_t + std::log(s_q / s_p);
+LF_HOST_DEVICE acc_t kl_from_sums(acc_t a, acc_t s_p, acc_t s_q) {
+  return a / s_p + std::log(s_q / s_p);
+}
+
+// kl_from_sums' A re-centred when the maxima rise by d_p, d_q >= 0 (a running max that moves,
+// or a part of the row merged into the whole): each u_j - v_j gains (d_q - d_p) / T and each
+// exp(u_j) the factor r_p = exp(-d_p / T), so, with shift = (d_q - d_p) / T,
+//   A' = r_p (A + S_p shift),
+// 0 where r_p underflows (the part's p is negligible) and S_p shift 0 where S_p is 0 (a part
+// with no p yet, whose shift may be inf or NaN).
+template <typename M, typename V = typename M::V>
+LF_HOST_DEVICE V recentred_kl_sum(V a, V s_p, V r_p, V shift) {
+  return M::zero_where_zero(r_p, r_p * (a + weighted<M>(s_p, shift)));
 }
 
 // The part of a row's cross-entropy at T = 1 (label smoothing ls, C = n_classes in the row)
@@ -190,46 +204,80 @@ LF_HOST_DEVICE acc_t ce_linear_part(bool has_label, acc_t x_label, acc_t sum_x, 
   return (has_label ? (1 - label_smoothing) * x_label : acc_t(0)) + smooth;
 }
 
-// Online softmax statistics of z = x * scale (scale = 1 / T > 0): the max of the raw x, the sum
-// of exp((x_j - max) * scale) and W = sum_j exp((x_j - max) * scale) w_j, so that E_p[w] = W / sum
-// comes out of the same single pass. With w = z - z_q this gives KL(p || q) = E_p[z - z_q] -
-// lse_p + lse_q without a second pass over the row (the GPU kernels use it, kl_from_sums).
-// Entries with x = -inf have p = 0 and contribute nothing, whatever w is.
+// Online softmax statistics of z = x * scale (scale = 1 / T > 0), one logit at a time or
+// merged: the max of the raw x (-inf until a finite x comes) and the sum of exp((x_j - max) *
+// scale). Entries with x = -inf add nothing.
 template <typename acc_t>
-struct WeightedSoftmaxStats {
-  using M = ScalarMath<acc_t>;
+struct SoftmaxStats {
   acc_t scale = 1;
   acc_t max = -std::numeric_limits<acc_t>::infinity();
   acc_t sum = 0;
-  acc_t weighted = 0;
 
-  // A term whose factor exp(...) underflows to 0 adds nothing, whatever w (weighted): a
-  // teacher's padded class at finfo.min against the student's -inf has w = +inf.
-  LF_HOST_DEVICE void add(acc_t x, acc_t w = 0) {
+  LF_HOST_DEVICE void add(acc_t x) {
     if (x == -std::numeric_limits<acc_t>::infinity()) return;
     if (x > max) {
-      const acc_t r = std::exp((max - x) * scale);
-      sum = sum * r + 1;
-      weighted = lepton_fast::weighted<M>(r, weighted) + w;
+      sum = sum * std::exp((max - x) * scale) + 1;
       max = x;
     } else {
-      const acc_t e = std::exp((x - max) * scale);
-      sum += e;
-      weighted += lepton_fast::weighted<M>(e, w);
+      sum += std::exp((x - max) * scale);
     }
   }
-  LF_HOST_DEVICE void merge(const WeightedSoftmaxStats& o) {
+  LF_HOST_DEVICE void merge(const SoftmaxStats& o) {
     if (o.max == -std::numeric_limits<acc_t>::infinity()) return;
     if (o.max > max) {
-      const acc_t r = std::exp((max - o.max) * scale);
-      sum = sum * r + o.sum;
-      weighted = lepton_fast::weighted<M>(r, weighted) + o.weighted;
+      sum = sum * std::exp((max - o.max) * scale) + o.sum;
       max = o.max;
     } else {
-      const acc_t r = std::exp((o.max - max) * scale);
-      sum += o.sum * r;
-      weighted += lepton_fast::weighted<M>(r, o.weighted);
+      sum += o.sum * std::exp((o.max - max) * scale);
     }
+  }
+};
+
+// The online statistics of two distributions p and q over the same columns and kl_from_sums'
+// centred sum A of KL(p || q), in one pass (the GPU kernels' step 1). A column's term is
+// exp(u) (u - v) against the current maxima, and every rise of a max re-centres A first
+// (recentred_kl_sum). A q of -inf where p > 0 makes A infinite, as the KL is.
+template <typename acc_t>
+struct KLSums {
+  using M = ScalarMath<acc_t>;
+  SoftmaxStats<acc_t> p, q;
+  acc_t a = 0;
+
+  LF_HOST_DEVICE void set_scale(acc_t scale) { p.scale = q.scale = scale; }
+
+  LF_HOST_DEVICE void add(acc_t xp, acc_t xq) {
+    const acc_t new_p = xp > p.max ? xp : p.max, new_q = xq > q.max ? xq : q.max;
+    if (new_p != p.max || new_q != q.max) rise_to(new_p, new_q);
+    constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+    if (xp != kNegInf) {
+      const acc_t e = std::exp((xp - p.max) * p.scale);
+      p.sum += e;
+      a += weighted<M>(e, ((xp - p.max) - (xq == kNegInf ? xq : xq - q.max)) * p.scale);
+    }
+    if (xq != kNegInf) q.sum += std::exp((xq - q.max) * q.scale);
+  }
+  LF_HOST_DEVICE void merge(const KLSums& o) {
+    KLSums other = o;
+    const acc_t new_p = M::max(p.max, o.p.max), new_q = M::max(q.max, o.q.max);
+    rise_to(new_p, new_q);
+    other.rise_to(new_p, new_q);
+    p.sum += other.p.sum;
+    q.sum += other.q.sum;
+    a += other.a;
+  }
+
+ private:
+  // How far a max rises to m >= max: 0 where it stays (at -inf too), inf from -inf.
+  static LF_HOST_DEVICE acc_t rise(acc_t m, acc_t max) { return m == max ? acc_t(0) : m - max; }
+  // Re-states the sums against maxima new_p >= p.max, new_q >= q.max.
+  LF_HOST_DEVICE void rise_to(acc_t new_p, acc_t new_q) {
+    const acc_t d_p = rise(new_p, p.max), d_q = rise(new_q, q.max);
+    const acc_t r_p = std::exp(-d_p * p.scale);
+    a = recentred_kl_sum<M>(a, p.sum, r_p, (d_q - d_p) * p.scale);
+    p.sum *= r_p;
+    q.sum *= std::exp(-d_q * q.scale);
+    p.max = new_p;
+    q.max = new_q;
   }
 };
 
@@ -267,13 +315,14 @@ enum class KDMode : int {
 // student (s) and teacher (t) logits x. Each max is the slice's max of the raw logits x (not of
 // z = x / T), -inf where the slice has no finite x (its sums are then 0); each sum is of
 // exp((x - max) / T). kd_slice_stats writes them as the columns KDStat of an [N, 7] tensor.
-//   kl: forward KL sum exp((x_t - max_t) / T) (x_t - x_s) / T; reverse KL sum
-//       exp((x_s - max_s) / T) (x_s - x_t) / T; 0 for JSD (kl_from_sums has the formulas);
+//   kl: kl_from_sums' A against the slice's two maxima, p = teacher for forward KL, p =
+//       student for reverse KL; 0 for JSD;
 //   sum_ce: sum exp(x_s - max_s), the CE's softmax at T = 1 (= sum_s at T = 1);
 //   lin_ce: ce_linear_part over the slice.
 // Slices merge as online-softmax statistics do: max = the largest max; each sum times
 // exp((its max - max) / T) (sum_ce: exp(its max - max)), with 0 for a slice whose max is -inf
-// and 0 * inf = 0; then sums add, and lin_ce adds.
+// and 0 * inf = 0, kl re-centred on both merged maxima (recentred_kl_sum); then sums add, and
+// lin_ce adds.
 enum KDStat : int { kStatMaxS = 0, kStatMaxT, kStatSumS, kStatSumT, kStatKL, kStatSumCE, kStatLinCE, kNumKDStats };
 
 template <typename acc_t>
@@ -313,9 +362,9 @@ LF_HOST_DEVICE KDRowConsts<acc_t> kd_row_consts(const KDRowStats<acc_t>& st, con
     c.lse_t = log_sum(st.max_t, st.sum_t);
     acc_t div;
     if (p.divergence == Divergence::kForwardKL) {
-      div = kl_from_sums(st.kl, st.sum_t, st.max_t, st.sum_s, st.max_s, inv_t);
+      div = kl_from_sums(st.kl, st.sum_t, st.sum_s);
     } else if (p.divergence == Divergence::kReverseKL) {
-      div = kl_from_sums(st.kl, st.sum_s, st.max_s, st.sum_t, st.max_t, inv_t);
+      div = kl_from_sums(st.kl, st.sum_s, st.sum_t);
       c.k = div;
     } else {
       const acc_t beta = p.beta;

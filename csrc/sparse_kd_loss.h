@@ -108,7 +108,7 @@ LF_HOST_DEVICE SparseBucket<V> sparse_bucket(Divergence div, V logp, V logq, V b
           (V(1) - beta) * weighted<M>(q, logq - lm)};
 }
 
-// A row's constants, from online softmax statistics (csrc/kd_loss.h, WeightedSoftmaxStats;
+// A row's constants, from online softmax statistics (csrc/kd_loss.h, SoftmaxStats;
 // maxima of the raw values, exponents (x - max) / T) of its counted entries' teacher
 // log-probabilities lp at T and at 1, their student logits x_k at T, and (under "tail") the
 // student's unlisted columns at T. `covers`: the counted entries list every class.
@@ -142,10 +142,10 @@ struct SparseRowConsts {
 // under "renormalize", a +inf or NaN read.
 template <typename acc_t>
 LF_HOST_DEVICE SparseRowConsts<acc_t> sparse_row_consts(bool tail, bool covers, acc_t inv_t,
-                                                        const WeightedSoftmaxStats<acc_t>& teacher_t,
-                                                        const WeightedSoftmaxStats<acc_t>& teacher_1,
-                                                        WeightedSoftmaxStats<acc_t> student,
-                                                        const WeightedSoftmaxStats<acc_t>& unlisted) {
+                                                        const SoftmaxStats<acc_t>& teacher_t,
+                                                        const SoftmaxStats<acc_t>& teacher_1,
+                                                        SoftmaxStats<acc_t> student,
+                                                        const SoftmaxStats<acc_t>& unlisted) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   SparseRowConsts<acc_t> c{inv_t, teacher_t.max, 0, 0, kNegInf, 0, kNegInf, 0, kNegInf, kNegInf};
   if (!tail) {

@@ -9,10 +9,13 @@ kernels run step 1 and step 2 on a slice of the columns.
 
 Each program walks its row in column blocks, so a row of any width (C >= 64k included) runs
 in a fixed number of registers. Step 1 keeps online softmax statistics (running max and sum
-of exponentials) of student and teacher, and for forward/reverse KL also the running sum
-E_p[z_p - z_q] that gives the divergence in the same pass:
+of exponentials) of student and teacher, and for forward/reverse KL also the running sum A
+that gives the divergence in the same pass (kl_from_sums in csrc/kd_loss.h), of the logits'
+offsets from their rows' maxima u = (x_p - m_p) / T, v = (x_q - m_q) / T:
 
-    KL(p || q) = E_p[z_p - z_q] - lse_p + lse_q,  z = logits / T.
+    A = sum exp(u) (u - v),  KL(p || q) = A / S_p + log(S_q / S_p),
+
+re-centred whenever a block raises a max (recentred_kl_sum).
 
 The statistics keep the max of the raw logits x, and every exponent is (x - max) / T
 (csrc/kd_loss.h, KDRowStats): exact at the max, accurate for every T in 1e-8 ... 1e4.
@@ -71,6 +74,26 @@ def _kl_term(logp, logq):
 
 
 @triton.jit
+def _rise(m_new, m):
+    """How far a running max rises to m_new >= m: 0 where it stays (at -inf too), inf from -inf."""
+    return tl.where(m_new == m, 0.0, m_new - m)
+
+
+@triton.jit
+def _recentred_kl_sum(a, s_p, r_p, shift):
+    """A re-centred when the maxima rise (csrc/kd_loss.h, recentred_kl_sum): r_p (A + S_p shift)."""
+    return _weighted(r_p, a + _weighted(s_p, shift))
+
+
+@triton.jit
+def _kl_sum_terms(e_p, xp, m_p, xq, m_q, inv_t):
+    """The block's part of A against the current maxima, sum exp(u) (u - v) with e_p = exp(u):
+    0 where p is 0, inf where p > 0 and q is 0 (also while m_q is -inf)."""
+    v = tl.where(xq == float("-inf"), xq, xq - m_q)
+    return tl.sum(_weighted(e_p, ((xp - m_p) - v) * inv_t), 0)
+
+
+@triton.jit
 def _log_sum(s):
     """log s, the log-sum-exp of (x - max) / T from its sum; NaN where the sum is 0 (no finite entry)."""
     return tl.where(s > 0, tl.log(tl.where(s > 0, s, 1.0)), float("nan"))
@@ -90,7 +113,7 @@ def _row_stats(s_row, t_row, C, label, inv_t, label_smoothing, n_classes,
     l_t = tl.zeros([], ACC)
     m_1 = tl.full([], neg_inf, ACC)
     l_1 = tl.zeros([], ACC)
-    w_kl = tl.zeros([], ACC)  # sum exp((x_p - m_p) / T) (x_p - x_q) / T, p = teacher (fwd) or student (rev)
+    w_kl = tl.zeros([], ACC)  # A, p = teacher (fwd) or student (rev)
     sum_x = tl.zeros([], ACC)
     for off in range(0, C, BLOCK):
         cols = off + cols0
@@ -98,12 +121,15 @@ def _row_stats(s_row, t_row, C, label, inv_t, label_smoothing, n_classes,
         xs = tl.load(s_row + cols, mask=mask, other=neg_inf).to(ACC)
         if NEEDS_SOFT:
             xt = tl.load(t_row + cols, mask=mask, other=neg_inf).to(ACC)
-            m_s, l_s, e_s, r_s = online_softmax(m_s, l_s, xs, inv_t)
-            m_t, l_t, e_t, r_t = online_softmax(m_t, l_t, xt, inv_t)
+            new_s, new_l_s, e_s, r_s = online_softmax(m_s, l_s, xs, inv_t)
+            new_t, new_l_t, e_t, r_t = online_softmax(m_t, l_t, xt, inv_t)
             if DIV == 0:
-                w_kl = _weighted(r_t, w_kl) + tl.sum(_weighted(e_t, (xt - xs) * inv_t), 0)
+                shift = (_rise(new_s, m_s) - _rise(new_t, m_t)) * inv_t
+                w_kl = _recentred_kl_sum(w_kl, l_t, r_t, shift) + _kl_sum_terms(e_t, xt, new_t, xs, new_s, inv_t)
             elif DIV == 1:
-                w_kl = _weighted(r_s, w_kl) + tl.sum(_weighted(e_s, (xs - xt) * inv_t), 0)
+                shift = (_rise(new_t, m_t) - _rise(new_s, m_s)) * inv_t
+                w_kl = _recentred_kl_sum(w_kl, l_s, r_s, shift) + _kl_sum_terms(e_s, xs, new_s, xt, new_t, inv_t)
+            m_s, l_s, m_t, l_t = new_s, new_l_s, new_t, new_l_t
         if CE_OWN:
             m_1, l_1, _e1, _r1 = online_softmax(m_1, l_1, xs, 1.0)
         if SMOOTH:
@@ -158,9 +184,9 @@ def _row_consts(m_s, m_t, l_s, l_t, w_kl, sum_ce, lin_ce, k_t, k_s, inv_t, beta,
     row_loss = tl.zeros_like(lse_s)
     if NEEDS_SOFT:
         if DIV == 0:
-            div = w_kl / l_t + (m_s - m_t) * inv_t + lse_s - lse_t
+            div = w_kl / l_t + lse_s - lse_t
         elif DIV == 1:
-            div = w_kl / l_s + (m_t - m_s) * inv_t + lse_t - lse_s
+            div = w_kl / l_s + lse_t - lse_s
             k = div
         else:
             div = beta * k_t + (1.0 - beta) * k_s

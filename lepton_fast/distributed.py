@@ -12,7 +12,7 @@ float64 for float64 logits):
 
 - forward / reverse KL: MAX of [N, 2] (each row's maximum of the student's and the teacher's
   logits), then SUM of [N, 3] (the sums of exp((x - max) / T) of both sides against those
-  maxima, and the KL's sum);
+  maxima, and the KL's sum re-centred on both, ``SliceMerge``);
 - JSD: the same two with [N, 2] sums, and a SUM of [N, 2] (K_t, K_s) once both
   log-sum-exps are known: three;
 - the hard-label cross-entropy (alpha > 0) adds its linear part (label logit and smoothing

@@ -355,12 +355,14 @@ def kd_slice_stats(student_logits: Tensor, teacher_logits: Tensor, labels: Tenso
     out[:, SUM_T] = _sum_exp(t, out[:, MAX_T], temperature)
     kind = soft_kind(divergence, beta)
     if kind in ("forward_kl", "reverse_kl"):
-        p, q, m = (t, s, out[:, MAX_T]) if kind == "forward_kl" else (s, t, out[:, MAX_S])
-        some = (p != NEG_INF) & (m != NEG_INF)[:, None]
-        safe = torch.where(some, p - torch.where(m != NEG_INF, m, 0.0)[:, None], 0.0)
-        weight = torch.where(some, (safe / temperature).exp(), 0.0)
+        teacher, student = (t, out[:, MAX_T]), (s, out[:, MAX_S])
+        (p, m_p), (q, m_q) = (teacher, student) if kind == "forward_kl" else (student, teacher)
+        # A = sum exp(u) (u - v) of the offsets from the slice's maxima (kl_from_sums in csrc/kd_loss.h)
+        u = p - torch.where(m_p != NEG_INF, m_p, 0.0)[:, None]
+        v = torch.where(q != NEG_INF, q - torch.where(m_q != NEG_INF, m_q, 0.0)[:, None], NEG_INF)
+        weight = torch.where(p != NEG_INF, (u / temperature).exp(), 0.0)
         # 0 where the weight underflows, as in _kl_rows: q's -inf there would make it 0 * inf
-        out[:, KL_SUM] = torch.where(weight != 0, weight * ((p - q) / temperature), 0.0).sum(-1)
+        out[:, KL_SUM] = torch.where(weight != 0, weight * ((u - v) / temperature), 0.0).sum(-1)
     out[:, SUM_CE] = _sum_exp(s, out[:, MAX_S])
     valid, column = _label_columns(labels, ignore_index, class_offset, s.shape[-1])
     if alpha > 0:
@@ -404,12 +406,10 @@ def kd_slice_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor
     grad = torch.zeros_like(s)
     if alpha < 1:
         if kind == "forward_kl":
-            div = (st[:, KL_SUM] / st[:, SUM_T] + (st[:, MAX_S] - st[:, MAX_T]) / temperature
-                   + (st[:, SUM_S] / st[:, SUM_T]).log())
+            div = st[:, KL_SUM] / st[:, SUM_T] + (st[:, SUM_S] / st[:, SUM_T]).log()
             d = lps.exp() - lpt.exp()
         elif kind == "reverse_kl":
-            div = (st[:, KL_SUM] / st[:, SUM_S] + (st[:, MAX_T] - st[:, MAX_S]) / temperature
-                   + (st[:, SUM_T] / st[:, SUM_S]).log())
+            div = st[:, KL_SUM] / st[:, SUM_S] + (st[:, SUM_T] / st[:, SUM_S]).log()
             ps = lps.exp()
             d = torch.where(ps == 0, 0.0, ps * (lps - lpt - div[:, None]))
         else:

@@ -186,6 +186,27 @@ def temperature_sweep_logits(shape, temperature, seed, device="cpu"):
     return (torch.randn(shape, generator=g, dtype=torch.float64) * 30).to(dtype).to(device)
 
 
+# Rows (student, teacher, T) where student and teacher disagree by far more than T in raw
+# logits (a new user's hunt, 2026-12-07): the teacher one-hot against the student's z = [0,
+# 1, 2, 3] (forward KL = log(1 + e + e^2 + e^3) = 3.44, with the teacher's 50 / T to cancel);
+# both one-hot at the same class with the raw logits 21.6 apart there (KL 0; it gave -126.8
+# on the CPU's vector kernels).
+DISAGREEING_ROWS = {
+    "one-hot-p": ([0.0, 1e-6, 2e-6, 3e-6], [50.0, 0.0, 0.0, 0.0], 1e-6),
+    "same-argmax": ([22.3, 5.1, -3.7, 0.2, 1.5], [0.7, -1.2, -5.0, 0.6, 0.65], 1e-8),
+}
+
+
+def disagreeing_rows(row, divergence, n=3, device="cpu"):
+    """(student, teacher, T): ``n`` float32 copies of DISAGREEING_ROWS[row], student and teacher
+    swapped for reverse KL, whose p is the student."""
+    student, teacher, temperature = DISAGREEING_ROWS[row]
+    if divergence == "reverse_kl":
+        student, teacher = teacher, student
+    s, t = (torch.tensor([x], device=device).repeat(n, 1) for x in (student, teacher))
+    return s, t, temperature
+
+
 # Every kernel of an op, by the device of its tensors: the C++ kernel, the Triton kernel
 # (under the interpreter on CPU tensors) and the reference kernel. The CUDA cases carry the
 # `cuda` mark, so that `pytest -m cuda` on a GPU machine runs every GPU kernel and nothing else.

@@ -14,8 +14,9 @@ import textwrap
 import pytest
 import torch
 
-from conftest import (CPU_DEVICE_BACKENDS, DEVICE_BACKENDS, TEMPERATURES, TRITON_COLUMN_BLOCKS, interpreted, low_precision_tolerance,
-                      opcheck_kernel, require, run_on_each_cpu_capability, temperature_sweep_logits)
+from conftest import (CPU_DEVICE_BACKENDS, DEVICE_BACKENDS, DISAGREEING_ROWS, TEMPERATURES, TRITON_COLUMN_BLOCKS,
+                      disagreeing_rows, interpreted, low_precision_tolerance, opcheck_kernel, require,
+                      run_on_each_cpu_capability, temperature_sweep_logits)
 from lepton_fast import KDLoss, _validate, fused_kd_loss, reference, sparse_kd_loss
 from lepton_fast._validate import KD_DEFAULTS, KD_FIELDS, kd_hyper, kd_values
 from lepton_fast.ops.kd_loss import SPEC
@@ -669,8 +670,15 @@ def test_other_cpu_instruction_sets():
         x = s.clone().requires_grad_(); fused_kd_loss(x, t, 2.0, backend="cpu").backward()
         xr = s.double().requires_grad_(); reference.fused_kd_loss(xr, t.double(), 2.0).backward()
         torch.testing.assert_close(x.grad.double(), xr.grad, atol=1e-5, rtol=1e-5)
+        # Rows that disagree by far more than T (conftest.disagreeing_rows: swapped for reverse KL).
+        for (a, b, T), div in itertools.product(ROWS.values(), ["forward_kl", "reverse_kl"]):
+            s, t = torch.tensor([a]), torch.tensor([b])
+            s, t = (s, t) if div == "forward_kl" else (t, s)
+            got = fused_kd_loss(s, t, T, divergence=div, scale_by_t2=False, backend="cpu")
+            want = reference.fused_kd_loss(s.double(), t.double(), T, divergence=div, scale_by_t2=False)
+            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
         print("ok")
-    """)
+    """).replace("ROWS", repr(DISAGREEING_ROWS))
     run_on_each_cpu_capability(script)
 
 
@@ -785,19 +793,21 @@ def test_the_reference_takes_labels_of_any_integer_dtype(dtype):
         torch.testing.assert_close(loss(labels.to(dtype)), loss(labels), rtol=0, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="known defect, 2026-12-07: the kernels' KL sum takes the raw logits' "
-                   "differences (x_s - x_t) / T, whose float32 rounding / T survives at small T (kl_from_sums, "
-                   "csrc/kd_loss.h); the fix takes each row's offsets from its max in the online sums")
-@pytest.mark.parametrize("device,backend", [p for p in CPU_DEVICE_BACKENDS if p.values[1] != "reference"])
-def test_forward_kl_at_a_small_temperature_where_the_rows_disagree(device, backend):
-    """A new user's hunt (2026-12-07): forward and reverse KL in float32 at a small T lose
-    about ulp(|x_s - x_t|) / T where the rows disagree ("Precision" in help(fused_kd_loss)).
-    Here the teacher is one-hot and the student z = [0, 1, 2, 3]: KL = log(1 + e + e^2 + e^3)
-    = 3.44, and the teacher's logit 50 / T cancels (CPU 4.25, Triton 4.44). (The hunt's other
-    row, both softmaxes one-hot at one class with the raw logits ~22 apart there, KL 0, gave
-    -126.8 / +126.8 at T = 1e-8 on the CPU's vector kernels but 0 on its scalar one.)"""
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+@pytest.mark.parametrize("row", list(DISAGREEING_ROWS))
+def test_kl_at_a_small_temperature_where_the_rows_disagree(row, divergence, device, backend):
+    """Float32 forward and reverse KL at a small T, where the raw logits differ by 1e6-1e9 T:
+    the kernels' KL sum takes each logit's offset from its row's max (kl_from_sums in
+    csrc/kd_loss.h), so nothing of size |x_s - x_t| / T cancels, loss and gradient."""
     require(SPEC, device, backend)
-    s, t = torch.tensor([[0.0, 1e-6, 2e-6, 3e-6]]), torch.tensor([[50.0, 0.0, 0.0, 0.0]])
-    want = reference.fused_kd_loss(s.double(), t.double(), 1e-6, scale_by_t2=False)
-    got = fused_kd_loss(s, t, 1e-6, scale_by_t2=False, backend=backend)
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    s, t, temperature = disagreeing_rows(row, divergence, device=device)
+    s64 = s.double().cpu().requires_grad_()
+    want = reference.fused_kd_loss(s64, t.double().cpu(), temperature, divergence=divergence, scale_by_t2=False)
+    want.backward()
+    x = s.clone().requires_grad_()
+    got = fused_kd_loss(x, t, temperature, divergence=divergence, scale_by_t2=False, backend=backend)
+    got.backward()
+    torch.testing.assert_close(got.double().cpu(), want.detach(), rtol=1e-5, atol=1e-5)
+    # The gradient is (an O(1) difference of log-probabilities) / T: 1e-5 of its scale.
+    torch.testing.assert_close(x.grad.double().cpu(), s64.grad, rtol=1e-5, atol=1e-5 / temperature)

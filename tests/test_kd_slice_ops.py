@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (CPU_DEVICE_BACKENDS, DEVICE_BACKENDS, TEMPERATURES, assert_device_assertion, interpreted,
-                      opcheck_kernel, require, temperature_sweep_logits)
+from conftest import (CPU_DEVICE_BACKENDS, DEVICE_BACKENDS, DISAGREEING_ROWS, TEMPERATURES, assert_device_assertion,
+                      disagreeing_rows, interpreted, opcheck_kernel, require, temperature_sweep_logits)
 from lepton_fast._validate import kd_hyper
 from lepton_fast import fused_kd_loss, reference
 from lepton_fast.ops import kd_loss as kd_ops
@@ -133,6 +133,25 @@ def test_temperature_range(temperature, divergence, device, backend):
     tol = dict(rtol=1e-5, atol=1e-5 + torch.finfo(s.dtype).eps * s.abs().max().item())
     assert_sliced_matches(backend, s, t, (13, 13, 11), temperature, tol, divergence=divergence, beta=0.3,
                           labels=random_labels(5, 37, seed=43, device=device), alpha=0.3)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+@pytest.mark.parametrize("row", list(DISAGREEING_ROWS))
+def test_small_temperature_where_the_rows_disagree_and_their_maxima_are_on_other_ranks(row, divergence, device,
+                                                                                     backend):
+    """Float32 at T = 1e-6 and 1e-8 where the raw logits differ by far more than T, with the
+    two maxima of the one-hot row in different slices: each slice's KL sum is against its own
+    maxima and the merge re-centres it on both merged ones (SliceMerge.rescaled), so nothing of
+    size |x_s - x_t| / T cancels."""
+    _require(device, backend)
+    s, t, temperature = disagreeing_rows(row, divergence, device=device)
+    c = s.shape[-1]
+    losses, grad = sliced(backend, s, t, (1, 0, c - 1), temperature, divergence=divergence, scale_by_t2=False)
+    want_loss, want_grad = oracle(s, t, temperature, divergence=divergence, scale_by_t2=False)
+    for loss in losses:
+        torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-5, atol=1e-5 / temperature)
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)

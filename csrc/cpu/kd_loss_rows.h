@@ -93,10 +93,12 @@ struct Row {
       if constexpr (kHasSoft) {
         const Vec cs = rs, ct = rt;  // running maxima from ms, mt: never below them
         const Vec fs = M::exp((ms - cs) * v_inv_t), ft = M::exp((mt - ct) * v_inv_t);
+        // The KL sum against the chunk's maxima first, while the sums are still against the old.
+        const Vec rise = ((cs - ms) - (ct - mt)) * v_inv_t;  // (rise of max_s - rise of max_t) / T
+        if constexpr (kSoft == Soft::kForwardKL) kl_sum = recentred_kl_sum<M>(kl_sum, st, ft, rise);
+        if constexpr (kSoft == Soft::kReverseKL) kl_sum = recentred_kl_sum<M>(kl_sum, ss, fs, -rise);
         ss = ss * fs;
         st = st * ft;
-        if constexpr (kSoft == Soft::kForwardKL) kl_sum = M::zero_where_zero(ft, kl_sum * ft);
-        if constexpr (kSoft == Soft::kReverseKL) kl_sum = M::zero_where_zero(fs, kl_sum * fs);
         ms = cs;
         mt = ct;
         if (keep) {
@@ -114,15 +116,16 @@ struct Row {
         const Vec xs = IO::load(s + j, n, kNegInf);
         if constexpr (kHasSoft) {
           const Vec xt = IO::load(t + j, n, kNegInf);
-          const Vec es = M::exp((xs - ms) * v_inv_t), et = M::exp((xt - mt) * v_inv_t);
+          const Vec us = xs - ms, ut = xt - mt;  // -inf at -inf: the maxima start finite
+          const Vec es = M::exp(us * v_inv_t), et = M::exp(ut * v_inv_t);
           ss = ss + es;
           st = st + et;
           if (keep) {  // padding lanes keep exp(-inf) = 0: the rows are W-padded
             es.store(keep->e_s + j);
             et.store(keep->e_t + j);
           }
-          if constexpr (kSoft == Soft::kForwardKL) kl_sum = kl_sum + weighted<M>(et, (xt - xs) * v_inv_t);
-          if constexpr (kSoft == Soft::kReverseKL) kl_sum = kl_sum + weighted<M>(es, (xs - xt) * v_inv_t);
+          if constexpr (kSoft == Soft::kForwardKL) kl_sum = kl_sum + weighted<M>(et, (ut - us) * v_inv_t);
+          if constexpr (kSoft == Soft::kReverseKL) kl_sum = kl_sum + weighted<M>(es, (us - ut) * v_inv_t);
         }
         if (own) {
           const Vec e1 = M::exp(xs - m1);
@@ -135,16 +138,17 @@ struct Row {
 
     KDRowStats<acc_t> r{kNegInf, kNegInf, 0, 0, 0, 0, 0};
     if constexpr (kHasSoft) {
-      acc_t a_s, a_t;
-      IO::merge(ms, ss, kSoft == Soft::kReverseKL ? kl_sum : Vec(0), inv_t, r.max_s, r.sum_s, a_s);
-      IO::merge(mt, st, kSoft == Soft::kForwardKL ? kl_sum : Vec(0), inv_t, r.max_t, r.sum_t, a_t);
-      r.kl = kSoft == Soft::kForwardKL ? a_t : kSoft == Soft::kReverseKL ? a_s : acc_t(0);
+      const Vec fs = IO::merge(ms, ss, inv_t, r.max_s, r.sum_s), ft = IO::merge(mt, st, inv_t, r.max_t, r.sum_t);
+      // Each lane's KL sum against the row's maxima (the lanes' sums ss, st are still their own).
+      const Vec rise = ((Vec(r.max_s) - ms) - (Vec(r.max_t) - mt)) * v_inv_t;
+      if constexpr (kSoft == Soft::kForwardKL) r.kl = IO::sum(recentred_kl_sum<M>(kl_sum, st, ft, rise));
+      if constexpr (kSoft == Soft::kReverseKL) r.kl = IO::sum(recentred_kl_sum<M>(kl_sum, ss, fs, -rise));
       r.sum_ce = r.sum_s;
     }
     if constexpr (kCE) {
       if (own) {
-        acc_t m_1, s_1, unused;
-        IO::merge(m1, s1, Vec(0), acc_t(1), m_1, s_1, unused);
+        acc_t m_1, s_1;
+        IO::merge(m1, s1, acc_t(1), m_1, s_1);
         if constexpr (!kHasSoft) r.max_s = s_1 > 0 ? m_1 : kNegInf;
         // Against max_s, the same max of the same logits (so the factor is 1).
         r.sum_ce = s_1 > 0 ? s_1 * std::exp(m_1 - r.max_s) : acc_t(0);
@@ -184,13 +188,11 @@ struct Row {
     const bool own = ce_own(p);
     const acc_t beta = p.beta, label_smoothing = p.label_smoothing;
     const acc_t soft_gw = acc_t(p.soft_grad_weight) * gs, ce_gw = acc_t(p.alpha) * gs;
-    // Reverse KL: d - D = (z_s - z_t) - grad_const; JSD: d - K_s = lps - log m - grad_const.
+    // Reverse KL: d - D = lps - lpt - k; JSD: d - K_s = lps - log m - k.
     const acc_t inv_t = p.inv_temperature;
-    const acc_t grad_const =
-        kSoft == Soft::kReverseKL ? (c.max_s - c.max_t) * inv_t + (c.lse_s - c.lse_t) + c.k : c.k;
     const Vec v_inv_t(inv_t), v_lse_s(c.lse_s), v_lse_t(c.lse_t), v_lse_1(c.lse_ce);
     const Vec v_max_s(c.max_s), v_max_t(c.max_t);
-    const Vec v_grad_const(grad_const), v_log_beta(std::log(beta)), v_log_1m_beta(std::log1p(-beta));
+    const Vec v_k(c.k), v_log_beta(std::log(beta)), v_log_1m_beta(std::log1p(-beta));
     const Vec v_soft_gw(kSoft == Soft::kJSD ? (1 - beta) * soft_gw : soft_gw), v_ce_gw(ce_gw);
     const Vec v_smooth(label_smoothing / acc_t(n_classes));
     Vec fs(0), ft(0), f1(0);  // the chunk's exp(m - lse) that turn kept exps into probabilities
@@ -217,10 +219,10 @@ struct Row {
         if constexpr (kSoft == Soft::kForwardKL) {
           d = ps - (kept ? Vec::loadu(kept->e_t + j) * ft : M::exp(at::vec::fmadd(xt - v_max_t, v_inv_t, -v_lse_t)));
         } else if constexpr (kSoft == Soft::kReverseKL) {
-          d = weighted<M>(ps, (xs - xt) * v_inv_t - v_grad_const);
+          d = weighted<M>(ps, lps - at::vec::fmadd(xt - v_max_t, v_inv_t, -v_lse_t) - v_k);
         } else {
           const Vec lpt = at::vec::fmadd(xt - v_max_t, v_inv_t, -v_lse_t);
-          d = weighted<M>(ps, lps - log_mixture_of<M>(lps, lpt, v_log_beta, v_log_1m_beta) - v_grad_const);
+          d = weighted<M>(ps, lps - log_mixture_of<M>(lps, lpt, v_log_beta, v_log_1m_beta) - v_k);
         }
         gv = d * v_soft_gw;
       }

@@ -180,15 +180,15 @@ struct RowIO {
     return at::vec::vec_reduce_all<acc_t>([](const Vec& x, const Vec& y) { return x + y; }, v);
   }
 
-  // Lane statistics -> row: the max of the raw logits (NaN if any lane saw a NaN), the sum of
-  // exp((x - max) * scale) and the sum `a` rescaled alongside it (0 * inf = 0 for a lane whose
-  // factor underflows). One vector exp for the W lanes: at small C (a classifier's 10 classes)
-  // this merge is a large part of a row's work.
-  static void merge(Vec m, Vec s, Vec a, acc_t scale, acc_t& m_row, acc_t& s_row, acc_t& a_row) {
+  // Lane statistics -> row: the max of the raw logits (NaN if any lane saw a NaN) and the sum
+  // of exp((x - max) * scale). Returns the lanes' factors exp((m - max) * scale), which carry
+  // any other lane-wise sum over to the row's max. One vector exp for the W lanes: at small C
+  // (a classifier's 10 classes) this merge is a large part of a row's work.
+  static Vec merge(Vec m, Vec s, acc_t scale, acc_t& m_row, acc_t& s_row) {
     m_row = at::vec::vec_reduce_all<acc_t>([](const Vec& x, const Vec& y) { return at::vec::maximum(x, y); }, m);
     const Vec f = VecMath<acc_t>::exp((m - Vec(m_row)) * Vec(scale));
     s_row = sum(s * f);
-    a_row = sum(VecMath<acc_t>::zero_where_zero(f, a * f));
+    return f;
   }
 };
 

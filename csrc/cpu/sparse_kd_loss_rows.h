@@ -43,7 +43,7 @@ struct SparseRow {
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
   using M = VecMath<acc_t>;
-  using Stats = WeightedSoftmaxStats<acc_t>;
+  using Stats = SoftmaxStats<acc_t>;
   static constexpr int64_t W = IO::W;
   static constexpr int64_t kChunk = 16 * W;
   static constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
@@ -122,8 +122,7 @@ struct SparseRow {
   static Stats row_stats(Vec max, Vec sum, acc_t scale) {
     Stats r;
     r.scale = scale;
-    acc_t unused;
-    IO::merge(max, sum, Vec(0), scale, r.max, r.sum, unused);
+    IO::merge(max, sum, scale, r.max, r.sum);
     if (r.sum == 0) r.max = kNegInf;
     return r;
   }
@@ -148,7 +147,7 @@ struct SparseRow {
   };
 
   // The softmax statistics at `scale` (csrc/kd_loss.h) of the `padded` values at v, as
-  // WeightedSoftmaxStats::add gives them one by one (max -inf where none is finite), but with
+  // SoftmaxStats::add gives them one by one (max -inf where none is finite), but with
   // a NaN-propagating max: the vector exp maps NaN to a finite value (common.h).
   static Stats buffer_stats(const acc_t* v, int64_t padded, acc_t scale) {
     Vec mv(std::numeric_limits<acc_t>::lowest());

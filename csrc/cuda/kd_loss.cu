@@ -78,15 +78,16 @@ struct BlockRow {
   int64_t first = int64_t(threadIdx.x) * kVec;
   int64_t step = int64_t(kThreads) * kVec;
 
-  // Step 1. Online softmax statistics of student and teacher (with E_p[z_p - z_q]'s sum, which
-  // gives a KL in the same pass, kl_from_sums), at T = 1 for the CE, and the CE's linear part.
+  // Step 1. Online softmax statistics of student and teacher (with the sum A that gives a KL in
+  // the same pass, kl_from_sums), at T = 1 for the CE, and the CE's linear part.
   __device__ KDRowStats<acc_t> stats(const KDParams& p, int64_t label, int64_t n_classes) const {
     const acc_t inv_t = p.inv_temperature, label_smoothing = p.label_smoothing;
     const bool fwd = p.divergence == Divergence::kForwardKL, rev = p.divergence == Divergence::kReverseKL;
     const bool ce_own = p.needs_ce && (!p.needs_soft || inv_t != acc_t(1));
     const bool smoothing = p.needs_ce && label_smoothing > 0;
-    WeightedSoftmaxStats<acc_t> st_s, st_t, st_1;
-    st_s.scale = st_t.scale = inv_t;
+    KLSums<acc_t> st;  // p = the teacher for forward KL, else the student (A unused for JSD)
+    st.set_scale(inv_t);
+    SoftmaxStats<acc_t> st_1;
     acc_t sum_x = 0;
     for (int64_t i = first; i < C; i += step) {
       const P xs = load_pack<scalar_t, kVec>(s + i);
@@ -97,8 +98,7 @@ struct BlockRow {
         const acc_t x = acc_t(xs.v[k]);
         if (p.needs_soft) {
           const acc_t y = acc_t(xt.v[k]);
-          st_s.add(x, rev ? (x - y) * inv_t : acc_t(0));
-          st_t.add(y, fwd ? (y - x) * inv_t : acc_t(0));
+          st.add(fwd ? y : x, fwd ? x : y);  // (p, q)
         }
         if (ce_own) st_1.add(x);
         if (smoothing) sum_x += x;
@@ -107,13 +107,14 @@ struct BlockRow {
     constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
     KDRowStats<acc_t> r{kNegInf, kNegInf, 0, 0, 0, 0, 0};
     if (p.needs_soft) {
-      st_s = block_reduce(st_s);
-      st_t = block_reduce(st_t);
+      st = block_reduce(st);
+      const SoftmaxStats<acc_t>& st_s = fwd ? st.q : st.p;
+      const SoftmaxStats<acc_t>& st_t = fwd ? st.p : st.q;
       r.max_s = st_s.max;
       r.sum_s = st_s.sum;
       r.max_t = st_t.max;
       r.sum_t = st_t.sum;
-      r.kl = fwd ? st_t.weighted : rev ? st_s.weighted : acc_t(0);
+      r.kl = fwd || rev ? st.a : acc_t(0);
       r.sum_ce = r.sum_s;
     }
     if (p.needs_ce) {

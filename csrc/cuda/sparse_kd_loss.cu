@@ -56,7 +56,7 @@ struct SparseArgs {
 template <typename scalar_t, int kVec, int kThreads>
 __global__ void __launch_bounds__(kThreads) sparse_kd_rows_kernel(const SparseArgs<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
-  using Stats = WeightedSoftmaxStats<acc_t>;
+  using Stats = SoftmaxStats<acc_t>;
   using P = Pack<scalar_t, kVec>;
   extern __shared__ uint32_t listed_bits[];
   const KDParams& p = a.p;

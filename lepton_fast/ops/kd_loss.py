@@ -164,11 +164,10 @@ def fused_kd_loss(
     Precision: the soft term is a KL of O(1/T²) multiplied back by T², so float32
     accumulation loses digits as T grows (relative error about 1e-6 at T = 30, 1e-4 at
     T = 100, a few % at T = 1000, measured; the gradient stays accurate). For T ≫ 100 pass
-    float64 logits, which the kernels accumulate in float64. At small T, forward and reverse
-    KL in float32 carry an absolute error of about ulp(|x_s - x_t|) / T where the two rows
-    disagree (their KL sum takes the raw logits' differences, not each row's offsets from its
-    max: logits near 30 give about 2e-2 at T = 1e-4 and about 1e2 at T = 1e-8, even where the
-    exact KL is 0; JSD and sparse_kd_loss do not): below T = 1e-2 pass float64 logits.
+    float64 logits, which the kernels accumulate in float64. At small T every exponent and
+    every KL term is an offset from its row's max, so nothing of size |x_s - x_t| / T cancels:
+    float32 stays accurate to T = 1e-8 where the rows disagree: the loss to 1e-5, the
+    gradient (of size 1/T) to 1e-5/T, tested against the float64 reference.
 
     The gradient is computed during the forward into one buffer the size of the logits;
     nothing else larger than O(N) is allocated. The backward scales it in place.
@@ -220,9 +219,10 @@ class SliceMerge:
     merge for a loss, and the merge (KDStat in csrc/kd_loss.h): the maxima by their max; each
     sum against the merged max (``rescaled``), then summed; the CE's linear part summed.
 
-    Forward and reverse KL need the two maxima, then the two sums and the KL sum; the JSD
-    the maxima and the sums, and afterwards its own two sums (kd_slice_jsd_sums); the CE
-    (alpha > 0) adds its linear part and, at T != 1 (or without the soft term), its sum.
+    Forward and reverse KL need the two maxima, then the two sums and the KL sum A (re-centred
+    on both merged maxima, recentred_kl_sum in csrc/kd_loss.h); the JSD the maxima and the
+    sums, and afterwards its own two sums (kd_slice_jsd_sums); the CE (alpha > 0) adds its
+    linear part and, at T != 1 (or without the soft term), its sum.
     """
 
     def __init__(self, hyper: Tensor):
@@ -261,9 +261,15 @@ class SliceMerge:
         columns = []
         for col, against in zip(self.sum_cols, self._against):
             x = stats[:, col]
-            if against is not None:
-                f = ce_factor if col == SUM_CE else factor[:, self.max_cols.index(against)]
-                x = torch.where(f == 0, 0.0, x * f) if col == KL_SUM else x * f  # 0 * inf = 0, as merged
+            if col == KL_SUM:
+                # p's sum S_p and the rise of each max: A' = r_p (A + S_p (rise_q - rise_p) / T)
+                p = self.max_cols.index(against)
+                s_p = stats[:, SUM_T if against == MAX_T else SUM_S]
+                shift = (delta[:, p] - delta[:, 1 - p]) / self.temperature
+                x = x + torch.where(s_p == 0, 0.0, s_p * shift)
+                x = torch.where(factor[:, p] == 0, 0.0, x * factor[:, p])  # 0 * inf = 0, as merged
+            elif against is not None:
+                x = x * (ce_factor if col == SUM_CE else factor[:, self.max_cols.index(against)])
             columns.append(x)
         return torch.stack(columns, 1)
 
