@@ -53,6 +53,18 @@ def _lse_vec(x):
 
 
 @triton.jit
+def _log_one_minus_exp(a):
+    """log(1 - exp(a)) for a <= 0, the C++ kernels' log(-expm1(a)): a listed mass L = exp(a)
+    within float32 steps of 1 leaves 1 - L exact (1 - exp(-1e-7) would round to 1.19e-7).
+    Triton's interpreter has no expm1, so near 0 it is the series -a (1 + a/2 + a^2/6 + ...),
+    7 terms: below 3e-12 of the value for a > -0.1, where 1 - exp(a) loses more than 1e-6."""
+    poly = 1.0 + a / 7.0
+    for k in tl.static_range(2, 7):  # Horner: 1 + a/6 (...), down to 1 + a/2 (...)
+        poly = 1.0 + a / (8 - k) * poly
+    return tl.log(tl.where(a > -0.1, -a * poly, 1.0 - tl.exp(a)))
+
+
+@triton.jit
 def _log_softmax_vec(x, scale):
     """log softmax(x * scale) of a block, scale = 1 / T > 0, as (x - max) * scale - log sum
     exp((x - max) * scale): the max subtracted before the scaling; NaN when no entry is above
@@ -186,7 +198,7 @@ def _sparse_kd_loss_kernel(
             if TAIL:
                 log_l = tl.where(covers, 0.0, tl.minimum(_lse_vec(lp), 0.0))
                 logp = tl.where(counted, tl.where(log_l == neg_inf, neg_inf, logp_t + log_l), neg_inf)
-                lp_tail = tl.log(1.0 - tl.exp(log_l))
+                lp_tail = _log_one_minus_exp(log_l)
                 lq = tl.where(counted, (xk - m) * inv_t - log_l_all, neg_inf)
                 # (l_u = 0: no unlisted column; -inf, or NaN with an undefined row)
                 lq_tail = tl.where(l_u > 0, (m_u - safe_m) * inv_t + log_l_u, neg_inf) - log_l_all
