@@ -62,6 +62,18 @@ inline int64_t count_valid_labels(const char* op, const int64_t* labels, int64_t
   return valid;
 }
 
+// A row whose softmax is undefined (entirely -inf, or +inf / NaN in it) comes out of a CPU
+// kernel as a NaN row value; the error names the row and `names`, the inputs to blame, in the
+// words of the Python kernels' check (lepton_fast._validate.rows_defined).
+template <typename acc_t>
+void check_rows_defined(const at::Tensor& rows, const char* op, const char* names) {
+  const acc_t* r = rows.const_data_ptr<acc_t>();
+  for (int64_t i = 0; i < rows.numel(); ++i) {
+    TORCH_CHECK_VALUE(!std::isnan(r[i]), op, ": row ", i, " of ", names,
+                      " is entirely -inf, or holds +inf or NaN, so its softmax is undefined");
+  }
+}
+
 // The value of a 0-d hyper-parameter tensor: float64 on the CPU as the Python layer makes
 // it (a read from host memory, never a device synchronisation).
 inline double scalar_arg(const at::Tensor& t, const char* name) {
@@ -71,8 +83,8 @@ inline double scalar_arg(const at::Tensor& t, const char* name) {
 
 // A row's softmax is defined when its max is finite and its sum positive: an entirely -inf row
 // (sum 0, or max -inf), a +inf entry (inf - inf) or a NaN give NaN, which the kernels report
-// naming the argument. The CPU's vector exp maps NaN to a finite value, so the max decides, not
-// the sum.
+// naming the argument. The CPU's vector exp maps NaN to a number, so the max decides, not the
+// sum (the CPU's running max keeps a NaN).
 template <typename acc_t>
 LF_HOST_DEVICE bool softmax_defined(acc_t max, acc_t sum) {
   return max > -std::numeric_limits<acc_t>::infinity() && max < std::numeric_limits<acc_t>::infinity() &&

@@ -1,6 +1,7 @@
 """What the Triton kernels share: the online-softmax and log-sum-exp helpers (device code),
 and the host-side work of a launcher that the C++ kernels do in C++ (reading the 0-d
-hyper-parameter tensors, the label and row checks, the reduction).
+hyper-parameter tensors, the reduction). The data checks (labels, indices, undefined rows)
+are lepton_fast._validate's, which the reference kernels make too, in the C++ kernels' words.
 
 Scalars: every floating scalar argument of a ``@triton.jit`` kernel is annotated
 ``tl.float64`` (Triton would otherwise pass a Python float as float32, and a float64 input
@@ -63,26 +64,6 @@ def signature(kernel, pointers: dict, other_pointers: str) -> dict:
 def acc_dtype(x: torch.Tensor):
     """(torch, triton) accumulation dtypes of logits ``x``: float64 for float64, else float32."""
     return (torch.float64, tl.float64) if x.dtype == torch.float64 else (torch.float32, tl.float32)
-
-
-def no_bad_values(bad: torch.Tensor, message: str) -> None:
-    """ValueError(message) if any element of ``bad`` is set: at once on CPU tensors (the
-    interpreter), through torch._assert_async on a GPU (no host synchronisation)."""
-    if bad.device.type == "cpu":
-        if bool(bad.any()):
-            raise ValueError(message)
-    else:
-        torch._assert_async(~bad.any(), message)
-
-
-def check_labels(op: str, labels: torch.Tensor, n_classes: int, ignore_index: int) -> None:
-    bad = ((labels < 0) | (labels >= n_classes)) & (labels != ignore_index)
-    no_bad_values(bad, f"{op}: labels must be in [0, {n_classes}) or equal ignore_index={ignore_index}")
-
-
-def check_rows_defined(op: str, rows: torch.Tensor, name: str) -> None:
-    no_bad_values(torch.isnan(rows), f"{op}: a row of {name} is entirely -inf, or holds +inf or NaN, so its softmax "
-                  "is undefined")
 
 
 def reduce_rows(rows: torch.Tensor, reduction: str, divisor) -> torch.Tensor:

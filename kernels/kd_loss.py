@@ -37,10 +37,10 @@ import torch
 import triton
 import triton.language as tl
 
-from lepton_fast._validate import DIVERGENCES, kd_values
+from lepton_fast._validate import DIVERGENCES, kd_values, labels_in_range, rows_defined
 from lepton_fast.ops.kd_loss import N_STATS, soft_kind
 
-from ._common import acc_dtype, check_labels, check_rows_defined, online_softmax, reduce_rows, signature, store_zeros
+from ._common import acc_dtype, online_softmax, reduce_rows, signature, store_zeros
 
 # The kernels' DIV constexpr: the divergence's position in the names every layer accepts.
 _DIVERGENCES = {name: code for code, name in enumerate(DIVERGENCES)}
@@ -453,7 +453,7 @@ class _Launch:
             raise ValueError(f"{self.op}: a slice of {self.slice_classes} columns at class_offset={class_offset} "
                              f"does not fit in n_classes={n_classes}")
         if self.labels is not None:
-            check_labels(self.op, self.labels, n_classes, self.ignore_index)
+            labels_in_range(self.op, self.labels, n_classes, self.ignore_index)
 
     def labels_or(self, fallback):
         return self.labels if self.labels is not None else fallback
@@ -498,7 +498,7 @@ def _loss_and_grad(op, student_logits, teacher_logits, labels, stats, jsd_sums, 
             call.soft_weight, call.soft_grad_weight, ignore_index, COMPUTE_GRAD=compute_grad, FROM_STATS=stats is not None,
             num_warps=call.num_warps, **call.flags,
         )
-    check_rows_defined(op, rows, "student_logits or teacher_logits")
+    rows_defined(op, rows, "student_logits or teacher_logits")
     return reduce_rows(rows, reduction, divisor), grad
 
 

@@ -20,7 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, check_rows_defined, lse, online_softmax, reduce_rows, scalar, store_zeros
+from lepton_fast._validate import rows_defined
+
+from ._common import acc_dtype, lse, online_softmax, reduce_rows, scalar, store_zeros
 
 # Widest column block: two views and their exps per element stay in registers at 8 warps.
 MAX_BLOCK = 4096
@@ -162,7 +164,7 @@ def select_pseudo_labels(
     (lepton_fast/ops/pseudo_labels.py). ``block`` overrides the column block (a power of two), for tests."""
     _, _, labels, confidence, mask = _launch(None, logits, threshold, temperature, False, class_thresholds, None,
                                              1.0, False, block)
-    check_rows_defined("select_pseudo_labels", confidence, "logits")
+    rows_defined("select_pseudo_labels", confidence, "logits")
     return labels, confidence, mask
 
 
@@ -191,8 +193,8 @@ def fused_pseudo_label_loss(
     grad_scale = 1.0 / divisor if reduction in ("mean", "batchmean") else 1.0
     rows, grad, labels, confidence, mask = _launch(strong_logits, weak_logits, threshold, temperature, soft,
                                                    class_thresholds, weights, grad_scale, compute_grad, block)
-    check_rows_defined(op, confidence, "weak_logits")
-    check_rows_defined(op, rows, "strong_logits")
+    rows_defined(op, confidence, "weak_logits")
+    rows_defined(op, rows, "strong_logits")
     counts = torch.zeros(n_classes, dtype=torch.int64, device=strong_logits.device)
     counts.index_add_(0, labels, mask.to(torch.int64))
     return reduce_rows(rows, reduction, divisor), grad, labels, confidence, mask, counts

@@ -35,11 +35,11 @@ import torch
 import triton
 import triton.language as tl
 
-from lepton_fast._validate import choice, kd_values, slice_columns, slice_of_rows
+from lepton_fast._validate import (choice, kd_values, labels_in_range, rows_defined, slice_columns, slice_of_rows,
+                                   teacher_indices_in_range)
 from lepton_fast.ops import sparse_kd_loss as ops
 
-from ._common import acc_dtype, check_labels, check_rows_defined, no_bad_values, online_softmax, reduce_rows, \
-    signature, store_zeros
+from ._common import acc_dtype, online_softmax, reduce_rows, signature, store_zeros
 from .kd_loss import (BLOCKS, _in_acc, _kl_term, _label_of_row, _log_mixture, _log_sum, column_block,
                       kernel_switches, mixture_logs, num_warps, soft_weights, switch_variants)
 
@@ -265,12 +265,11 @@ def sparse_kd_loss(student_logits, teacher_indices, teacher_logprobs, teacher_ma
     acc, tl_acc = acc_dtype(student_logits)
     if labels is not None:
         labels = labels.to(torch.int64).contiguous()
-        check_labels(op, labels, v, ignore_index)
+        labels_in_range(op, labels, v, ignore_index)
     read = torch.ones_like(teacher_indices, dtype=torch.bool) if teacher_mask is None else teacher_mask.bool()
     if labels is not None:
         read = read & (labels != ignore_index)[:, None]
-    no_bad_values(read & ((teacher_indices < 0) | (teacher_indices >= v)),
-                  f"{op}: teacher_indices must be in [0, {v}) where teacher_mask is True")
+    teacher_indices_in_range(op, teacher_indices, read, v)
     rows = torch.empty(n, dtype=acc, device=student_logits.device)
     grad = torch.empty_like(student_logits) if compute_grad else student_logits.new_empty((0,))
     divisor = max(n, 1) if labels is None else (labels != ignore_index).sum().clamp(min=1)
@@ -291,7 +290,7 @@ def sparse_kd_loss(student_logits, teacher_indices, teacher_logprobs, teacher_ma
             TAIL=truncation == "tail", HAS_MASK=teacher_mask is not None, COMPUTE_GRAD=compute_grad, ACC=tl_acc,
             KB=entry_block(k), BLOCK=blk, num_warps=num_warps(blk), **chosen,
         )
-    check_rows_defined(op, rows, "student_logits or teacher_logprobs")
+    rows_defined(op, rows, "student_logits or teacher_logprobs")
     return reduce_rows(rows, reduction, divisor), grad
 
 

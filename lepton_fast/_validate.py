@@ -241,26 +241,54 @@ def class_labels(name: str, labels, logits_name: str, x: Tensor) -> Tensor:
     return labels.long()
 
 
-def no_bad_values(bad: Tensor, message: str, values: Optional[Tensor] = None) -> None:
-    """Raise ValueError(message) if any element of the bool tensor ``bad`` is set.
+def _raises_at_once(t: Tensor) -> bool:
+    """Whether a check of ``t`` raises at once: on the CPU in eager mode. Elsewhere reading the
+    values costs a host synchronisation, so the check is torch._assert_async (it raises at the
+    next synchronisation instead)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
-    Reading a tensor's values costs a host synchronisation off the CPU, so there the check
-    is torch._assert_async (it raises at the next synchronisation instead); on the CPU and in
-    eager mode it raises at once, quoting up to five offending ``values``.
+
+def no_bad_values(bad: Tensor, message: str, values: Optional[Tensor] = None, *, first: bool = False) -> None:
+    """Raise ValueError(message) if any element of the bool tensor ``bad`` is set: at once on
+    the CPU in eager mode, quoting up to five offending ``values``, or with ``first`` the first
+    one and where it is (``got 12 at row 2, entry 1`` of an [N, K] tensor), in the C++ kernels'
+    words; elsewhere through torch._assert_async, without the values.
     """
-    if bad.device.type == "cpu" and not torch.compiler.is_compiling():
+    if _raises_at_once(bad):
         if bool(bad.any()):
-            quoted = f"; got {values[bad][:5].tolist()}" if values is not None else ""
+            quoted = ""
+            if values is not None and first:
+                at = bad.nonzero()[0].tolist()
+                entry = f", entry {at[1]}" if len(at) > 1 else ""
+                quoted = f"; got {values[tuple(at)].item()} at row {at[0]}{entry}"
+            elif values is not None:
+                quoted = f"; got {values[bad][:5].tolist()}"
             raise ValueError(message + quoted)
     else:
         torch._assert_async(~bad.any(), message)
 
 
-def labels_in_range(name: str, labels: Tensor, n_classes: int, ignore_index: int) -> None:
-    """Each label in [0, C) or equal to ignore_index (the reference kernels' check; the
-    compiled kernels check the labels they read)."""
+def labels_in_range(op: str, labels: Tensor, n_classes: int, ignore_index: int, name: str = "labels") -> None:
+    """Each label in [0, C) or equal to ignore_index (the reference and Triton kernels' check;
+    the C++ kernels check the labels they read, count_valid_labels in csrc/common.h, with the
+    same message)."""
     bad = ((labels < 0) | (labels >= n_classes)) & (labels != ignore_index)
-    no_bad_values(bad, f"{name} must be in [0, {n_classes}) or equal ignore_index={ignore_index}", labels)
+    no_bad_values(bad, f"{op}: {name} must be in [0, {n_classes}) or equal ignore_index={ignore_index}", labels,
+                  first=True)
+
+
+def rows_defined(op: str, rows: Tensor, names: str) -> None:
+    """ValueError where a row's loss (``rows`` [N]) is NaN: its softmax is undefined (the row
+    entirely -inf, or +inf or NaN in it). The message names ``op``, the row and ``names``, the
+    inputs to blame, as the C++ kernels' (check_rows_defined in csrc/common.h); off the CPU a
+    device assertion, without the row."""
+    bad = torch.isnan(rows)
+    undefined = "is entirely -inf, or holds +inf or NaN, so its softmax is undefined"
+    if _raises_at_once(bad):
+        if bool(bad.any()):
+            raise ValueError(f"{op}: row {int(bad.nonzero()[0, 0])} of {names} {undefined}")
+    else:
+        torch._assert_async(~bad.any(), f"{op}: a row of {names} {undefined}")
 
 
 def slice_of_rows(op: str, student_logits: Tensor, labels: Optional[Tensor], ignore_index: int, class_offset: int,
@@ -273,7 +301,7 @@ def slice_of_rows(op: str, student_logits: Tensor, labels: Optional[Tensor], ign
         raise ValueError(f"{op}: a slice of {width} columns at class_offset={class_offset} does not fit in "
                          f"n_classes={n_classes}")
     if labels is not None:
-        labels_in_range("labels", labels, n_classes, ignore_index)
+        labels_in_range(op, labels, n_classes, ignore_index)
 
 
 def slice_columns(op: str, column: Tensor, n_local: int) -> None:
@@ -286,11 +314,12 @@ def slice_columns(op: str, column: Tensor, n_local: int) -> None:
                   f"{op}: a row of column lists a column twice")
 
 
-def teacher_indices_in_range(indices: Tensor, read: Tensor, n_classes: int) -> None:
+def teacher_indices_in_range(op: str, indices: Tensor, read: Tensor, n_classes: int) -> None:
     """Each sparse-teacher entry that is read (``read`` [N, K]) a class in [0, V) (the
-    reference kernels' check; the compiled kernels check the entries they read)."""
+    reference and Triton kernels' check; the C++ kernels check the entries they read, with the
+    same message)."""
     no_bad_values(read & ((indices < 0) | (indices >= n_classes)),
-                  f"teacher_indices must be in [0, {n_classes}) where teacher_mask is True", indices)
+                  f"{op}: teacher_indices must be in [0, {n_classes}) where teacher_mask is True", indices, first=True)
 
 
 # --- knowledge distillation: the hyper-parameters of every KD entry point ----------------------

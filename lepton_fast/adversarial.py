@@ -78,19 +78,21 @@ def _targets(y, x: Tensor, loss_fn: LossFn):
     return y
 
 
-def _check_classes(y, logits: Tensor, loss_fn: LossFn) -> None:
+def _check_classes(attack: str, y, logits: Tensor, loss_fn: LossFn) -> None:
     """The class indices of the default loss against the model's number of classes: F.cross_entropy
     would raise a bare IndexError (or assert on a GPU) at an index out of range."""
     if loss_fn is F.cross_entropy and isinstance(y, Tensor) and not y.is_floating_point() and logits.dim() == 2:
-        _validate.labels_in_range("y", y, logits.shape[1], -100)
+        _validate.labels_in_range(attack, y, logits.shape[1], -100, name="y")
 
 
-def _input_grad(model: Model, x_adv: Tensor, y, loss_fn: LossFn, check: bool) -> Tensor:
+def _input_grad(model: Model, x_adv: Tensor, y, loss_fn: LossFn, check_for: Optional[str]) -> Tensor:
+    """d loss_fn(model(x_adv), y) / d x_adv; the classes of y checked first for ``check_for``,
+    the attack's name, unless it is None."""
     x_adv = x_adv.detach().requires_grad_(True)
     with torch.enable_grad():
         logits = model(x_adv)
-        if check:
-            _check_classes(y, logits, loss_fn)
+        if check_for is not None:
+            _check_classes(check_for, y, logits, loss_fn)
         (grad,) = torch.autograd.grad(loss_fn(logits, y), x_adv)
     return grad
 
@@ -147,7 +149,7 @@ def fgsm(model: Model, x: Tensor, y, eps: Scalar, loss_fn: LossFn = F.cross_entr
     y = _targets(y, x, loss_fn)
     x = x.detach()
     with frozen_batchnorm_stats(model):
-        grad = _input_grad(model, x, y, loss_fn, check=True)
+        grad = _input_grad(model, x, y, loss_fn, check_for="fgsm")
     with _errors_as("fgsm", "fgsm_perturb", "x"):
         return fgsm_checked(x, grad, eps, lo, hi, backend, in_place=False)
 
@@ -195,7 +197,7 @@ def pgd(model: Model, x: Tensor, y, eps: Scalar, step_size: Scalar, steps: int, 
             pgd_checked(x_adv, x, noise, _validate.hyper("step_size", 0.0), eps, lo, hi, backend, in_place=True)
         with frozen_batchnorm_stats(model):
             for i in range(steps):
-                grad = _input_grad(model, x_adv, y, loss_fn, check=i == 0)
+                grad = _input_grad(model, x_adv, y, loss_fn, check_for="pgd" if i == 0 else None)
                 pgd_checked(x_adv, x, grad, step, eps, lo, hi, backend, in_place=True)
     return x_adv
 

@@ -277,28 +277,28 @@ def vocab_parallel_sparse_kd_loss(
     backend = sparse_ops.slice_backend(student.device)
     loss = _SparseSliceLoss.apply(student, lambda: _sparse_sharded_loss(
         student, indices, logprobs, mask, o, truncation, compute_grad,
-        VocabSplit(group, class_offset, n_classes, backend), "vocab_parallel_sparse_kd_loss: student_logits"))
+        VocabSplit(group, class_offset, n_classes, backend), "vocab_parallel_sparse_kd_loss"))
     loss = loss.reshape(local.shape[:-1]) if o.reduction == "none" else loss
     return loss if split is None else DTensor.from_local(loss, mesh, [Replicate()] * mesh.ndim, run_check=False)
 
 
 def _sparse_sharded_loss(student: Tensor, indices: Tensor, logprobs: Tensor, mask: Optional[Tensor],
                          o: _validate.KDOptions, truncation: str, compute_grad: bool, split: "VocabSplit",
-                         student_name: str) -> tuple[Tensor, Optional[Tensor]]:
+                         op: str) -> tuple[Tensor, Optional[Tensor]]:
     """(the loss of the whole rows, d(loss)/d(this rank's slice) or None): the slice's statistics
     (op sparse_slice_stats), the all-reduces of vocab_parallel_sparse_kd_loss, the rows' loss and
     gradient coefficients (reference.sparse_slice_rows, [N, K + 7]), the gradient (op
-    sparse_slice_grad). ``student_name`` is what a row with an undefined softmax is blamed on."""
+    sparse_slice_grad). The data errors name ``op``."""
     from lepton_fast import reference as ref  # the rows' step, on [N, K + small]
-    from lepton_fast.ops._reference import autograd_on, hyper_keywords, rows_defined
+    from lepton_fast.ops._reference import autograd_on, hyper_keywords
 
     ignore_index, labels = o.ignore_index, o.labels
     group, class_offset, n_classes, backend = split
     # The arguments that are the same on every rank fail on every rank alike, before a collective.
     if labels is not None:
-        _validate.labels_in_range("labels", labels, n_classes, ignore_index)
+        _validate.labels_in_range(op, labels, n_classes, ignore_index)
     read = ref.sparse_teacher_entries(indices, mask, labels, ignore_index)
-    _validate.teacher_indices_in_range(indices, read, n_classes)
+    _validate.teacher_indices_in_range(op, indices, read, n_classes)
     n_rows = indices.shape[0]
     counted = ref.sparse_counted_entries(indices, read)
     column = ref.sparse_slice_columns(indices, counted, class_offset, student.shape[-1])
@@ -321,7 +321,7 @@ def _sparse_sharded_loss(student: Tensor, indices: Tensor, logprobs: Tensor, mas
             coefficients=compute_grad, grad_divisor=ref.reduction_divisor(o.reduction, divisor, o.num_items),
             **hyper_keywords(ref.sparse_slice_rows, o.hyper))
     loss = ref.reduce_rows(rows, o.reduction, divisor, o.num_items)
-    rows_defined(loss.reshape(-1), f"{student_name} or teacher_logprobs")
+    _validate.rows_defined(op, rows, "student_logits or teacher_logprobs")
     grad = None
     if compute_grad:
         grad = sparse_ops.slice_grad(backend, student, column, labels, coefficients, o.hyper, ignore_index,
@@ -380,7 +380,7 @@ def sparse_chunk_loss_and_grad(split: VocabSplit, student: Tensor, indices: Tens
     """(the loss of a chunk of whole rows, d(loss)/d(this rank's logits slice)) as sparse_kd_loss's
     kernel gives them on one device: for fused_linear_sparse_kd_loss(group=)."""
     return _sparse_sharded_loss(student, indices, logprobs, mask, o, truncation, compute_grad, split,
-                                "student_hidden, student_weight")  # (the chunk loop names the op)
+                                "sparse_kd_loss")  # (the chunk loop names the caller's op, rows and products)
 
 
 class RefusedOnAnotherRank(ValueError):

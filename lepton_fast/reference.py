@@ -390,12 +390,14 @@ def kd_slice_jsd_sums(student_logits: Tensor, teacher_logits: Tensor, labels: Te
     return out if valid is None else torch.where(valid[:, None], out, 0.0)
 
 
-def kd_slice_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None, stats: Tensor,
+def kd_slice_rows(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None, stats: Tensor,
                   jsd_sums: Tensor | None, *, temperature: float, divergence: str, beta: float, alpha: float,
-                  label_smoothing: float, ignore_index: int, scale_by_t2: bool, reduction: str,
-                  num_items_in_batch=None, class_offset: int, n_classes: int) -> tuple[Tensor, Tensor]:
-    """(the loss of the whole rows, as fused_kd_loss gives it, from their merged statistics;
-    d(loss)/d(this slice) written out, the formulas at the top of csrc/kd_loss.h)."""
+                  label_smoothing: float, ignore_index: int, scale_by_t2: bool, class_offset: int,
+                  n_classes: int) -> tuple[Tensor, Tensor]:
+    """The rows of kd_slice_loss (each row's loss [N] as fused_kd_loss gives it, NaN where a
+    softmax it needs is undefined; d(row's loss)/d(this slice), the formulas at the top of
+    csrc/kd_loss.h, in the accumulation dtype), from the rows' merged statistics; the op
+    reduces them."""
     s, t = _acc(student_logits.detach()), _acc(teacher_logits.detach())
     st = stats
     lps = _log_probs(s, st[:, MAX_S], st[:, SUM_S], temperature)
@@ -430,10 +432,7 @@ def kd_slice_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor
         grad = grad + alpha * ((s - lse_ce[:, None]).exp() - label_smoothing / n_classes - onehot)
     if valid is not None:
         rows, grad = torch.where(valid, rows, 0.0), torch.where(valid[:, None], grad, 0.0)
-    divisor = mean_divisor(labels, ignore_index, rows.shape[0])
-    loss = reduce_rows(rows, reduction, divisor, num_items_in_batch)
-    grad = grad / reduction_divisor(reduction, divisor, num_items_in_batch)
-    return loss, grad.to(student_logits.dtype)
+    return rows, grad
 
 
 # --- Sparse KD over slices of the classes (the vocabulary-parallel sparse loss) -------------

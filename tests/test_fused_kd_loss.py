@@ -9,6 +9,7 @@ on a GPU; without one, the Triton kernel runs on CPU tensors in Triton's interpr
 """
 import inspect
 import math
+import re
 import textwrap
 
 import pytest
@@ -811,3 +812,33 @@ def test_kl_at_a_small_temperature_where_the_rows_disagree(row, divergence, devi
     torch.testing.assert_close(got.double().cpu(), want.detach(), rtol=1e-5, atol=1e-5)
     # The gradient is (an O(1) difference of log-probabilities) / T: 1e-5 of its scale.
     torch.testing.assert_close(x.grad.double().cpu(), s64.grad, rtol=1e-5, atol=1e-5 / temperature)
+
+
+@pytest.mark.parametrize("device,backend", CPU_DEVICE_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_a_data_error_reads_the_same_on_every_cpu_kernel(reduction, device, backend):
+    """A label out of range and a row with no softmax: each kernel checks the data it reads
+    (csrc/common.h, lepton_fast._validate), and every one names the op, the argument, the value
+    and the row in the same words, whatever the reduction."""
+    require(SPEC, device, backend)
+    s, t = randn(4, 100, seed=5), randn(4, 100, seed=6)
+    labels = torch.tensor([1, 2, 101, 3])
+    with pytest.raises(ValueError, match=re.escape(
+            "fused_kd_loss: labels must be in [0, 100) or equal ignore_index=-100; got 101 at row 2") + "$"):
+        fused_kd_loss(s, t, labels=labels, alpha=0.5, reduction=reduction, backend=backend)
+    undefined = re.escape("fused_kd_loss: row 1 of student_logits or teacher_logits is entirely -inf, or holds "
+                          "+inf or NaN, so its softmax is undefined") + "$"
+    # Row 1 entirely -inf, or one NaN among 100 finite logits of the student (forward KL's and
+    # JSD's q) or the teacher (reverse KL's q), at a small T too: the CPU kernels' vector exp
+    # maps NaN to a number, and their running max dropped it (a loss of +inf, not this error).
+    for fill, temperature, divergence in [("-inf", 1.0, "forward_kl"), ("nan", 1e-3, "forward_kl"),
+                                          ("nan", 1e-3, "reverse_kl"), ("nan", 1.0, "jsd")]:
+        x, y = s.clone(), t.clone()
+        bad = y if divergence == "reverse_kl" else x
+        if fill == "-inf":
+            bad[1] = -math.inf
+        else:
+            bad[1, 37] = math.nan
+        with pytest.raises(ValueError, match=undefined):
+            fused_kd_loss(x, y, temperature, divergence=divergence, reduction=reduction, backend=backend)
+

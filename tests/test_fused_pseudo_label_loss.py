@@ -10,13 +10,15 @@ Triton kernel on a GPU; without one, the Triton kernel runs on CPU tensors in Tr
 interpreter.
 """
 import math
+import re
 import textwrap
 
 import pytest
 import torch
 
-from conftest import (DEVICE_BACKENDS, TEMPERATURES, TRITON_COLUMN_BLOCKS, interpreted, low_precision_tolerance,
-                      opcheck_kernel, require, run_on_each_cpu_capability, temperature_sweep_logits)
+from conftest import (CPU_DEVICE_BACKENDS, DEVICE_BACKENDS, TEMPERATURES, TRITON_COLUMN_BLOCKS, interpreted,
+                      low_precision_tolerance, opcheck_kernel, require, run_on_each_cpu_capability,
+                      temperature_sweep_logits)
 from lepton_fast import _backend, fused_pseudo_label_loss, reference
 from lepton_fast.ops.pseudo_labels import LOSS_SPEC as SPEC
 
@@ -483,3 +485,27 @@ def test_triton_column_blocks(n, c, block, soft):
     torch.testing.assert_close(confidence.double(), ref_confidence, **TOL)
     torch.testing.assert_close(loss.double(), ref_loss, **TOL)
     torch.testing.assert_close(grad.double(), ref_grad, **TOL)
+
+
+@pytest.mark.parametrize("device,backend", CPU_DEVICE_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_a_row_with_no_softmax_reads_the_same_on_every_cpu_kernel(reduction, device, backend):
+    """An undefined weak or strong row (entirely -inf, or a NaN in it): every kernel names the
+    op, the row and the argument in the same words, whatever the reduction."""
+    require(SPEC, device, backend)
+    g = torch.Generator().manual_seed(7)
+    strong, weak = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
+    # Entirely -inf, or one NaN: the CPU kernels' running max dropped a NaN (a loss of +inf).
+    for name, fill in (("weak_logits", "-inf"), ("strong_logits", "-inf"), ("weak_logits", "nan"),
+                       ("strong_logits", "nan")):
+        bad = (weak if name == "weak_logits" else strong).clone()
+        if fill == "-inf":
+            bad[2] = -math.inf
+        else:
+            bad[2, 3] = math.nan
+        args = (strong, bad) if name == "weak_logits" else (bad, weak)
+        with pytest.raises(ValueError, match=re.escape(
+                f"fused_pseudo_label_loss: row 2 of {name} is entirely -inf, or holds +inf or NaN, so its softmax "
+                "is undefined") + "$"):
+            fused_pseudo_label_loss(*args, threshold=0.0, reduction=reduction, backend=backend)
+

@@ -7,6 +7,7 @@ buckets of each truncation are written out as logits of a [N, K] or [N, K + 1] f
 (the student's tail by boolean indexing, not the oracle's scatter).
 """
 import math
+import re
 
 import pytest
 import torch
@@ -589,3 +590,35 @@ def test_tail_where_the_listed_mass_is_one_float32_step_below_1(device, backend)
     torch.testing.assert_close(got.double(), want.detach(), rtol=1e-4, atol=0)
     eps = torch.finfo(torch.float32).eps
     torch.testing.assert_close(x32.grad.double(), x64.grad, rtol=1e-4, atol=eps / kw["temperature"])
+
+
+@pytest.mark.parametrize("device,backend", CPU_DEVICE_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_a_data_error_reads_the_same_on_every_cpu_kernel(reduction, device, backend):
+    """A teacher index or label out of range and a row with no softmax: every kernel names the
+    op, the argument, the value and where it is in the same words, whatever the reduction."""
+    require(SPEC, device, backend)
+    x = torch.randn(4, 10, generator=torch.Generator().manual_seed(5))
+    idx = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 12, 7], [8, 9, 0]])
+    lp = torch.log_softmax(torch.randn(4, 3, generator=torch.Generator().manual_seed(6)), -1)
+    with pytest.raises(ValueError, match=re.escape(
+            "sparse_kd_loss: teacher_indices must be in [0, 10) where teacher_mask is True; got 12 at row 2, entry 1")
+            + "$"):
+        sparse_kd_loss(x, idx, lp, reduction=reduction, backend=backend)
+    idx[2, 1] = 1
+    with pytest.raises(ValueError, match=re.escape(
+            "sparse_kd_loss: labels must be in [0, 10) or equal ignore_index=-100; got -3 at row 3") + "$"):
+        sparse_kd_loss(x, idx, lp, labels=torch.tensor([1, 2, 3, -3]), alpha=0.5, reduction=reduction,
+                       backend=backend)
+    for fill, truncation in (("-inf", "tail"), ("nan", "tail"), ("nan", "renormalize")):
+        bad = x.clone()
+        if fill == "-inf":
+            bad[3] = -math.inf
+        else:
+            bad[3, 8] = math.nan  # a listed column under "renormalize"
+        with pytest.raises(ValueError, match=re.escape(
+                "sparse_kd_loss: row 3 of student_logits or teacher_logprobs is entirely -inf, or holds +inf or NaN, "
+                "so its softmax is undefined") + "$"):
+            sparse_kd_loss(bad, idx, lp, temperature=1e-3, truncation=truncation, reduction=reduction,
+                           backend=backend)
+

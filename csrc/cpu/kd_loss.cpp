@@ -110,12 +110,7 @@ std::tuple<at::Tensor, at::Tensor> loss_and_grad(
   run_rows(a, n_rows);
 
   return AT_DISPATCH_FLOATING_TYPES(launch.acc_type, "kd_loss_cpu", [&] {
-    // A row whose softmax is undefined (entirely -inf, or +inf / NaN in it) came out NaN.
-    const scalar_t* r = rows.const_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < n_rows; ++i) {
-      TORCH_CHECK_VALUE(!std::isnan(r[i]), op, ": row ", i, " of student_logits or teacher_logits is entirely -inf, "
-                        "or holds +inf or NaN, so its softmax is undefined");
-    }
+    check_rows_defined<scalar_t>(rows, op, "student_logits or teacher_logits");
     return std::make_tuple(reduce_rows<scalar_t>(rows, how, divisor), grad);
   });
 }

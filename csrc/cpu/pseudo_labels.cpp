@@ -41,16 +41,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_rows(PseudoLabelRows& a, cons
   return {labels, confidence, mask};
 }
 
-// A row whose softmax is undefined (entirely -inf, or +inf / NaN in it) came out NaN.
-template <typename acc_t>
-void check_rows_defined(const at::Tensor& values, const char* op, const char* name) {
-  const acc_t* v = values.const_data_ptr<acc_t>();
-  for (int64_t row = 0; row < values.numel(); ++row) {
-    TORCH_CHECK_VALUE(!std::isnan(v[row]), op, ": row ", row, " of ", name,
-                      " is entirely -inf, or holds +inf or NaN, so its softmax is undefined");
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> select_pseudo_labels_cpu(
     const at::Tensor& logits, const at::Tensor& threshold, const at::Tensor& temperature,
     const std::optional<at::Tensor>& class_thresholds) {

@@ -75,7 +75,7 @@ struct PseudoLabelKernel {
       Vec cm = max;
       for_each_vector(x, j0, j1, [&](int64_t j, const Vec& v) {
         prefetch_ahead(x + j);
-        cm = M::running_max(cm, v);  // a NaN dropped here makes the sum NaN below
+        cm = M::running_max(cm, v);
       });
       sum = sum * M::exp((max - cm) * v_scale);
       on_chunk(k, cm, cm > max);

@@ -44,9 +44,11 @@ struct VecMath {
     }
   }
   static V max(V a, V b) { return at::vec::maximum(a, b); }
-  // One instruction instead of maximum's four, for a running max of raw inputs: a NaN input
-  // may be dropped here, but the exps of the pass that follows turn it into a NaN sum.
-  static V running_max(V m, V x) { return at::vec::clamp_min(x, m); }
+  // The running max of a row's raw inputs, NaN from a NaN input on: the row's max is what
+  // decides that its softmax is undefined (softmax_defined in common.h). The one-instruction
+  // max (clamp_min) dropped a NaN, and the vector exp turns NaN into ~3.4e38 or inf, not NaN:
+  // a NaN logit gave a loss of +inf, not the error the other kernels raise.
+  static V running_max(V m, V x) { return at::vec::maximum(m, x); }
   static V min(V a, V b) { return at::vec::minimum(a, b); }
   static V zero_where_zero(V p, V x) { return x & (p != V(0)); }
   static V keep_neg_inf(V h, V x) {

@@ -61,12 +61,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_loss_cpu(const SparseKDLossCall& c)
   const auto fn = pick_isa(&sparse_kd_rows_default, &sparse_kd_rows_avx2, &sparse_kd_rows_avx512);
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { fn(a, begin, end); });
   // A NaN row is an undefined softmax or bucket distribution (a check on the rows the kernel wrote).
-  AT_DISPATCH_FLOATING_TYPES(acc_type, "sparse_kd_loss_rows", [&] {
-    const scalar_t* r = rows.const_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < n; ++i)
-      TORCH_CHECK_VALUE(!std::isnan(r[i]), op, ": a row of student_logits or teacher_logprobs is entirely -inf, or "
-                        "holds +inf or NaN, so its softmax is undefined (row ", i, ")");
-  });
+  AT_DISPATCH_FLOATING_TYPES(acc_type, "sparse_kd_loss_rows",
+                             [&] { check_rows_defined<scalar_t>(rows, op, "student_logits or teacher_logprobs"); });
   if (c.how == Reduction::kNone) return {rows, grad};
   double total = 0;  // serial, in double: deterministic whatever the thread count
   AT_DISPATCH_FLOATING_TYPES(acc_type, "sparse_kd_loss_sum", [&] {

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -34,6 +35,17 @@ def autograd_on():
         yield
 
 
+def _reduced(rows_of, labels: Optional[Tensor], ignore_index: int, reduction: str, num_items_in_batch):
+    """x -> (the loss of x reduced as the op's arguments say, its rows): a KD op's loss from
+    ``rows_of(x)`` [N] (the reference with reduction "none"), so that the data check can name
+    the row a NaN comes from."""
+    def loss_and_rows(x: Tensor):
+        rows = rows_of(x)
+        divisor = reference.mean_divisor(labels, ignore_index, rows.shape[0])
+        return reference.reduce_rows(rows, reduction, divisor, num_items_in_batch), rows
+    return loss_and_rows
+
+
 def _with_grad(loss_of, x: Tensor, compute_grad: bool):
     """(loss_of(x), d(loss_of(x).sum())/dx, or an empty tensor unless compute_grad). The rows
     are independent, so for a per-row loss that is each row's own gradient."""
@@ -47,13 +59,6 @@ def _with_grad(loss_of, x: Tensor, compute_grad: bool):
         loss = out[0] if isinstance(out, tuple) else out
         (grad,) = torch.autograd.grad(loss.sum(), leaf, allow_unused=True, materialize_grads=True)
     return (tuple(o.detach() for o in out) if isinstance(out, tuple) else out.detach()), grad
-
-
-def rows_defined(rows: Tensor, what: str) -> None:
-    """A row whose softmax is undefined (entirely -inf, or holding NaN) gives NaN, which
-    becomes an error, as the compiled kernels raise it."""
-    _validate.no_bad_values(torch.isnan(rows),
-                            f"{what}: a row is entirely -inf, or holds +inf or NaN, so its softmax is undefined")
 
 
 _TAKES: dict = {}  # a reference function -> the names of its parameters
@@ -75,13 +80,12 @@ def hyper_keywords(fn, hyper: Tensor) -> dict:
 def fused_kd_loss(student_logits, teacher_logits, labels, hyper, ignore_index, reduction, num_items_in_batch,
                   compute_grad):
     if labels is not None:
-        _validate.labels_in_range("labels", labels, student_logits.shape[-1], ignore_index)
-    loss, grad = _with_grad(lambda s: reference.fused_kd_loss(
-        s, teacher_logits, labels=labels, ignore_index=ignore_index, reduction=reduction,
-        num_items_in_batch=num_items_in_batch, **hyper_keywords(reference.fused_kd_loss, hyper)),
+        _validate.labels_in_range("fused_kd_loss", labels, student_logits.shape[-1], ignore_index)
+    (loss, rows), grad = _with_grad(_reduced(lambda s: reference.fused_kd_loss(
+        s, teacher_logits, labels=labels, ignore_index=ignore_index, reduction="none",
+        **hyper_keywords(reference.fused_kd_loss, hyper)), labels, ignore_index, reduction, num_items_in_batch),
         student_logits, compute_grad)
-    # Every term is >= 0 (or +inf), so a NaN row leaves NaN in a sum as well.
-    rows_defined(loss.reshape(-1), "fused_kd_loss: student_logits or teacher_logits")
+    _validate.rows_defined("fused_kd_loss", rows, "student_logits or teacher_logits")
     return loss, grad
 
 
@@ -100,12 +104,15 @@ def kd_slice_jsd_sums(student_logits, teacher_logits, labels, stats, hyper, igno
 def kd_slice_loss(student_logits, teacher_logits, labels, stats, jsd_sums, hyper, ignore_index, reduction,
                   num_items_in_batch, class_offset, n_classes, compute_grad):
     _validate.slice_of_rows("kd_slice_loss", student_logits, labels, ignore_index, class_offset, n_classes)
-    loss, grad = reference.kd_slice_loss(
-        student_logits, teacher_logits, labels, stats, jsd_sums, ignore_index=ignore_index, reduction=reduction,
-        num_items_in_batch=num_items_in_batch, class_offset=class_offset, n_classes=n_classes,
-        **hyper_keywords(reference.kd_slice_loss, hyper))
-    rows_defined(loss.reshape(-1), "kd_slice_loss: student_logits or teacher_logits")
-    return loss, (grad if compute_grad else student_logits.new_empty((0,)))
+    rows, grad = reference.kd_slice_rows(
+        student_logits, teacher_logits, labels, stats, jsd_sums, ignore_index=ignore_index, class_offset=class_offset,
+        n_classes=n_classes, **hyper_keywords(reference.kd_slice_rows, hyper))
+    _validate.rows_defined("kd_slice_loss", rows, "student_logits or teacher_logits")
+    divisor = reference.mean_divisor(labels, ignore_index, rows.shape[0])
+    loss = reference.reduce_rows(rows, reduction, divisor, num_items_in_batch)
+    if not compute_grad:
+        return loss, student_logits.new_empty((0,))
+    return loss, (grad / reference.reduction_divisor(reduction, divisor, num_items_in_batch)).to(student_logits.dtype)
 
 
 def scale_grad_(grad, scale):
@@ -118,17 +125,20 @@ def scale_grad_(grad, scale):
 def select_pseudo_labels(logits, threshold, temperature, class_thresholds):
     labels, confidence, mask = reference.select_pseudo_labels(logits, float(threshold), float(temperature),
                                                               class_thresholds)
-    rows_defined(confidence, "select_pseudo_labels: logits")
+    _validate.rows_defined("select_pseudo_labels", confidence, "logits")
     return labels, confidence, mask
 
 
 def fused_pseudo_label_loss(strong_logits, weak_logits, threshold, temperature, soft, class_thresholds, weights,
                             reduction, compute_grad):
-    (loss, labels, confidence, mask, counts), grad = _with_grad(lambda s: reference.fused_pseudo_label_loss(
-        s, weak_logits, float(threshold), float(temperature), soft, class_thresholds, weights, reduction),
-        strong_logits, compute_grad)
-    rows_defined(confidence, "fused_pseudo_label_loss: weak_logits")
-    rows_defined(loss.reshape(-1), "fused_pseudo_label_loss: strong_logits")
+    def loss_of(s):  # the reduced loss, and the rows to name an undefined one
+        rows, *rest = reference.fused_pseudo_label_loss(s, weak_logits, float(threshold), float(temperature), soft,
+                                                        class_thresholds, weights, "none")
+        return (reference.reduce_rows(rows, reduction, max(rows.shape[0], 1)), rows, *rest)
+
+    (loss, rows, labels, confidence, mask, counts), grad = _with_grad(loss_of, strong_logits, compute_grad)
+    _validate.rows_defined("fused_pseudo_label_loss", confidence, "weak_logits")
+    _validate.rows_defined("fused_pseudo_label_loss", rows, "strong_logits")
     return loss, grad, labels, confidence, mask, counts
 
 
@@ -192,15 +202,15 @@ def sparse_kd_loss(student_logits, teacher_indices, teacher_logprobs, teacher_ma
                    ignore_index, reduction, num_items_in_batch, compute_grad):
     n_classes = student_logits.shape[-1]
     if labels is not None:
-        _validate.labels_in_range("labels", labels, n_classes, ignore_index)
+        _validate.labels_in_range("sparse_kd_loss", labels, n_classes, ignore_index)
     read = reference.sparse_teacher_entries(teacher_indices, teacher_mask, labels, ignore_index)
-    _validate.teacher_indices_in_range(teacher_indices, read, n_classes)
-    loss, grad = _with_grad(lambda s: reference.sparse_kd_loss(
+    _validate.teacher_indices_in_range("sparse_kd_loss", teacher_indices, read, n_classes)
+    (loss, rows), grad = _with_grad(_reduced(lambda s: reference.sparse_kd_loss(
         s, teacher_indices, teacher_logprobs, teacher_mask, truncation=truncation, labels=labels,
-        ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
-        **hyper_keywords(reference.sparse_kd_loss, hyper)),
+        ignore_index=ignore_index, reduction="none", **hyper_keywords(reference.sparse_kd_loss, hyper)),
+        labels, ignore_index, reduction, num_items_in_batch),
         student_logits, compute_grad)
-    rows_defined(loss.reshape(-1), "sparse_kd_loss: student_logits or teacher_logprobs")
+    _validate.rows_defined("sparse_kd_loss", rows, "student_logits or teacher_logprobs")
     return loss, grad
 
 
