@@ -718,6 +718,12 @@ def pseudo_label_loss_rows(
     return torch.where(w != 0, w * ce, 0.0), labels, confidence, mask
 
 
+def reduce_pseudo_label_rows(rows: Tensor, reduction: str) -> Tensor:
+    """fused_pseudo_label_loss's rows [N] reduced: "mean" divides by ALL rows, selected or not
+    (FixMatch's unlabeled loss)."""
+    return reduce_rows(rows, reduction, max(rows.shape[0], 1))
+
+
 def fused_pseudo_label_loss(
     strong_logits: Tensor,
     weak_logits: Tensor,
@@ -739,7 +745,7 @@ def fused_pseudo_label_loss(
         strong_logits.reshape(-1, n_classes), weak_logits.reshape(-1, n_classes), threshold, temperature,
         soft, class_thresholds, flat_weights,
     )
-    loss = reduce_rows(rows, reduction, max(rows.shape[0], 1)).reshape(lead if reduction == "none" else ())
+    loss = reduce_pseudo_label_rows(rows, reduction).reshape(lead if reduction == "none" else ())
     counts = selected_class_counts(labels, mask, n_classes)
     return loss, labels.reshape(lead), confidence.reshape(lead), mask.reshape(lead), counts
 

@@ -134,7 +134,7 @@ def fused_pseudo_label_loss(strong_logits, weak_logits, threshold, temperature, 
     def loss_of(s):  # the reduced loss, and the rows to name an undefined one
         rows, *rest = reference.fused_pseudo_label_loss(s, weak_logits, float(threshold), float(temperature), soft,
                                                         class_thresholds, weights, "none")
-        return (reference.reduce_rows(rows, reduction, max(rows.shape[0], 1)), rows, *rest)
+        return (reference.reduce_pseudo_label_rows(rows, reduction), rows, *rest)
 
     (loss, rows, labels, confidence, mask, counts), grad = _with_grad(loss_of, strong_logits, compute_grad)
     _validate.rows_defined("fused_pseudo_label_loss", confidence, "weak_logits")
