@@ -4,6 +4,8 @@ views and the model. Nothing here needs the network: the real files are used whe
 cache holds them (a skip says so otherwise), the rest runs on data the tests make."""
 import io
 import math
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -204,9 +206,11 @@ def test_source_cache_is_checked_and_remade_when_damaged(tmp_path, monkeypatch):
 
 
 def test_an_utterance_of_another_length_changes_no_other_utterance(monkeypatch):
-    """eSpeak NG may return a few samples more or less for the same settings from one run to
-    the next: the voice, rate, pitch and noise of every other utterance stay as they were."""
+    """Should eSpeak NG return a few samples more or less for an utterance (another build of
+    it, say), the voice, rate, pitch, eSpeak seed and noise of every other utterance stay as
+    they were."""
     runs = iter([0, 1])
+    seeds = [[], []]
 
     class Engine:  # eSpeak's place: a tone whose length also depends on the run
         rate = 22050
@@ -214,16 +218,40 @@ def test_an_utterance_of_another_length_changes_no_other_utterance(monkeypatch):
         def __init__(self, library, data):
             self.run = next(runs)
 
-        def say(self, word, voice, rate, pitch):
+        def say(self, word, voice, rate, pitch, seed):
+            seeds[self.run].append(seed)
             n = 4000 + 10 * len(word) + rate + (37 * self.run if word == "one" else 0)
             return (np.sin(np.arange(n) * (0.05 + pitch / 1000)) * 20000).astype(np.int16)
 
     monkeypatch.setattr(D, "_ESpeak", Engine)
     first, second = (D.synthesise(Path(), Path(), per_digit=3, progress=False) for _ in range(2))
     assert first["voices"].tolist() == second["voices"].tolist()
+    assert seeds[0] == seeds[1] and len(set(seeds[0])) == 30  # each utterance seeds eSpeak its own way
     waves = [np.split(s["audio"], np.cumsum(s["lengths"])[:-1]) for s in (first, second)]
     changed = [i for i, (a, b) in enumerate(zip(*waves)) if a.shape != b.shape or not np.array_equal(a, b)]
     assert changed == [3, 4, 5], changed  # the three "one"s alone
+
+
+_SYNTHESIS_DIGEST = """
+import hashlib, sys, tempfile
+from pathlib import Path
+from lepton_fast.tasks.speech import data as D
+library, data = D._unpacked_espeak(Path(sys.argv[1]), Path(tempfile.mkdtemp()))
+waves = D.synthesise(library, data, per_digit=3, progress=False)
+print(hashlib.sha256(waves["audio"].tobytes() + waves["lengths"].tobytes()).hexdigest())
+"""
+
+
+def test_the_real_espeak_synthesis_is_the_same_in_every_process():
+    """Unseeded, eSpeak NG drew its random numbers from the clock, and two processes gave
+    other waveforms (the module docstring)."""
+    wheel = _fetch.cache_dir() / next(iter(D.ESPEAK_FILES))
+    if not wheel.exists():
+        pytest.skip(f"{wheel.name} is not in the cache {_fetch.cache_dir()} (a first `lepton-fast demo --task "
+                    f"speech` puts it there)")
+    digests = {subprocess.run([sys.executable, "-c", _SYNTHESIS_DIGEST, str(wheel)], capture_output=True,
+                              text=True, check=True).stdout for _ in range(2)}
+    assert len(digests) == 1, digests
 
 
 def test_the_real_espeak_source_when_cached():

