@@ -46,10 +46,12 @@ from .kd_loss import (BLOCKS, _in_acc, _kl_term, _label_of_row, _log_mixture, _l
 
 @triton.jit
 def _lse_vec(x):
-    """log-sum-exp of a block; -inf when no entry is above -inf."""
+    """log-sum-exp of a block; -inf when every entry is -inf; NaN when one is NaN (tl.max
+    passes over a NaN, and a teacher row of NaN and -inf would pass as empty)."""
     m = tl.max(x, 0)
     safe = tl.where(m == float("-inf"), 0.0, m)
-    return tl.where(m == float("-inf"), m, safe + tl.log(tl.sum(tl.exp(x - safe), 0)))
+    lse = tl.where(m == float("-inf"), m, safe + tl.log(tl.sum(tl.exp(x - safe), 0)))
+    return tl.where(tl.max((x != x).to(tl.int32), 0) > 0, float("nan"), lse)
 
 
 @triton.jit

@@ -180,9 +180,9 @@ def fused_kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: f
 
 
 def _lse_or_neg_inf(x: Tensor) -> Tensor:
-    """logsumexp along the last dim, -inf for a row with no entry above -inf, with a finite
-    gradient in that case too (autograd's logsumexp gives NaN there)."""
-    some = (x > NEG_INF).any(-1)
+    """logsumexp along the last dim, -inf for a row whose entries are all -inf, with a finite
+    gradient in that case too (autograd's logsumexp gives NaN there); NaN for a row with a NaN."""
+    some = (x != NEG_INF).any(-1)  # not `x > NEG_INF`, which a NaN fails: the row would pass as empty
     return torch.where(some, torch.logsumexp(torch.where(some[..., None], x, 0.0), -1), NEG_INF)
 
 

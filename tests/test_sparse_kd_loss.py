@@ -621,4 +621,15 @@ def test_a_data_error_reads_the_same_on_every_cpu_kernel(reduction, device, back
                 "so its softmax is undefined") + "$"):
             sparse_kd_loss(bad, idx, lp, temperature=1e-3, truncation=truncation, reduction=reduction,
                            backend=backend)
+    # the teacher's side: a NaN beside -inf entries under "tail" (the reference and Triton took
+    # the row as one with no listed mass, 'break10'), a NaN among finite ones, a +inf
+    for row, truncation in (([math.nan, -math.inf, -math.inf], "tail"), ([math.nan] * 3, "tail"),
+                            ([-0.5, math.nan, -1.0], "tail"), ([math.nan, -math.inf, -math.inf], "renormalize"),
+                            ([math.inf, -1.0, -2.0], "renormalize")):
+        bad = lp.clone()
+        bad[3] = torch.tensor(row)
+        with pytest.raises(ValueError, match=re.escape(
+                "sparse_kd_loss: row 3 of student_logits or teacher_logprobs is entirely -inf, or holds +inf or NaN, "
+                "so its softmax is undefined") + "$"):
+            sparse_kd_loss(x, idx, bad, truncation=truncation, reduction=reduction, backend=backend)
 

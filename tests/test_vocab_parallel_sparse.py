@@ -193,6 +193,10 @@ def _rank_bad_call(ctx, what, form="logits"):
     elif what == "undefined row":  # -inf on every rank: no softmax, whose mass "tail" needs
         s[1] = float("-inf")
         kw = dict(truncation="tail")
+    elif what == "NaN teacher entry":  # beside -inf ones: the row passed as one with no listed mass
+        logp[1] = float("-inf")
+        logp[1, 0], mask, labels = float("nan"), None, None
+        kw = dict(truncation="tail")
     try:
         if form == "linear":
             fused_linear_sparse_kd_loss(h, w[lo:hi], idx, logp, mask, student_bias=b[lo:hi], labels=labels,
@@ -414,6 +418,8 @@ def test_collectives_per_step(pool):
     ("index out of range", r"teacher_indices must be in \[0, 37\)"),
     ("undefined row", r"^ValueError: vocab_parallel_sparse_kd_loss: row 1 of student_logits or teacher_logprobs is "
                       r"entirely -inf"),
+    ("NaN teacher entry", r"^ValueError: vocab_parallel_sparse_kd_loss: row 1 of student_logits or teacher_logprobs "
+                          r"is entirely -inf, or holds \+inf or NaN"),
 ])
 def test_bad_input_raises_on_every_rank(pool, what, message):
     errors = pool.run(_rank_bad_call, what)
