@@ -305,6 +305,50 @@ def test_a_checkpoint_of_another_batch_size_is_refused(tmp_path, kind):
         _fit(_trainer(kind, checkpoint=path), 4, batch_size=8)
 
 
+@pytest.mark.parametrize("kind", TRAINERS)
+def test_a_checkpoint_of_another_seed_is_refused(tmp_path, kind):
+    """Another seed shuffles the epoch under way another way: the resumed epoch would see some
+    samples twice and others never ('break10': 19 of 80 each)."""
+    path, _ = _written(tmp_path, kind)
+    with pytest.raises(RuntimeError, match=r"the checkpoint's (source|train_data) order was shuffled with seed 0 and "
+                                           r"this run's with seed 1, so it would resume at another sample: resume "
+                                           r"with seed=0$"):
+        _fit(_trainer(kind, checkpoint=path, seed=1), 4)
+
+
+@pytest.mark.parametrize("kind", TRAINERS)
+@pytest.mark.parametrize("change,message", [
+    (dict(optimizer=lambda p: torch.optim.SGD(p, lr=0.1)),  # torch's loading took Adam's groups: KeyError at step 3
+     r"the checkpoint's optimizer is torch\.optim\.adam\.Adam and this run's torch\.optim\.sgd\.SGD: resume with the "
+     r"same optimizer$"),
+    (dict(scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1)),  # it would start over
+     r"the checkpoint's scheduler is None and this run's torch\.optim\.lr_scheduler\.StepLR: resume with the same "
+     r"scheduler$"),
+])
+def test_a_checkpoint_of_another_optimizer_or_scheduler_is_refused(tmp_path, kind, change, message):
+    path, _ = _written(tmp_path, kind)
+    trainer = _trainer(kind, checkpoint=path, **change)
+    with pytest.raises(RuntimeError, match=r"another configuration .* nothing was changed.*" + message):
+        _fit(trainer, 4)
+    assert trainer.step == 0
+
+
+@pytest.mark.parametrize("kind", TRAINERS)
+def test_save_before_fit_or_without_a_path_is_a_clear_error(tmp_path, kind):
+    """Before fit a checkpoint has no data position, and the distiller's was refused on resume
+    as 'another configuration'; the cross-domain trainer's save raised AttributeError."""
+    trainer = _trainer(kind, checkpoint=str(tmp_path / "run.pt"))
+    with pytest.raises(RuntimeError, match=r"^save\(\) before fit\(\)"):
+        trainer.save()
+    assert not os.listdir(tmp_path)
+    trainer = _trainer(kind)
+    _fit(trainer, 1)
+    with pytest.raises(ValueError, match=r"^save\(\) needs a path"):
+        trainer.save()
+    trainer.save(str(tmp_path / "other.pt"))
+    assert _common.load_checkpoint(str(tmp_path / "other.pt"))["step"] == 1
+
+
 def test_a_refused_resume_changes_nothing_and_deleting_the_file_starts_over(tmp_path):
     # The checkpoint has no discriminator: loading it had replaced the student's weights and
     # the step before it failed, so the "start over" the error advises resumed them silently.

@@ -411,6 +411,32 @@ def test_optimizer_over_other_parameters_is_refused():
         SOURCE, steps=1, batch_size=16)
 
 
+def test_a_scheduler_over_another_optimizer_is_refused():
+    """Stepping it would change no learning rate of the trainer's ('break10': accepted, the
+    student trained at the initial rate throughout)."""
+    foreign = torch.optim.lr_scheduler.StepLR(torch.optim.SGD(nn.Linear(3, 3).parameters(), lr=0.1), step_size=1)
+    with pytest.raises(ValueError, match="^scheduler was built over another optimizer than the trainer's"):
+        KnowledgeDistiller(Tiny(), Tiny(), scheduler=foreign)
+    with pytest.raises(ValueError, match="^scheduler was built over another optimizer"):
+        make((), scheduler=foreign).fit(SOURCE, steps=1, batch_size=16)
+    student = Tiny()
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    own = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    make((), student=student, optimizer=optimizer, scheduler=own).fit(SOURCE, steps=2, batch_size=16)
+    assert optimizer.param_groups[0]["lr"] == 0.025
+
+
+def test_a_second_fit_to_the_same_steps_warns_that_nothing_trains():
+    trainer = make(())
+    trainer.fit(SOURCE, steps=2, batch_size=16)
+    with pytest.warns(RuntimeWarning, match=r"^fit: this trainer has taken 2 optimiser steps, and steps \(or epochs\) "
+                                            r"count from its first, 2 in all, so there is nothing to train"):
+        trainer.fit(SOURCE, steps=2, batch_size=16)
+    assert trainer.step == 2
+    trainer.fit(SOURCE, steps=3, batch_size=16)
+    assert trainer.step == 3
+
+
 def test_lr_sets_the_default_optimizer_only():
     trainer = make((), lr=0.05)
     trainer.fit(SOURCE, steps=1, batch_size=16)

@@ -226,17 +226,20 @@ class Batches:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset, "batch_size": self.batch_size,
-                "samples": len(self.dataset)}
+                "samples": len(self.dataset), "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore the position; a position counted in batches of another size, or in a
-        data set of another size, would resume at another sample: ValueError."""
-        for key, what, fix in (("batch_size", "batches hold", f"batch_size={state['batch_size']}"),
-                               ("samples", "data has", f"the same {self.name} data")):
-            mine = self.batch_size if key == "batch_size" else len(self.dataset)
-            if state[key] != mine:
-                raise ValueError(f"the checkpoint's {self.name} {what} {state[key]} samples and this run's {mine}, so "
-                                 f"it would resume at another sample: resume with {fix}")
+        """Restore the position; a position counted in batches of another size, in a data set
+        of another size or in an order shuffled with another seed would resume at another
+        sample: ValueError."""
+        for key, mine, differ, fix in (
+                ("batch_size", self.batch_size, "batches hold {} samples and this run's {}", "batch_size={}"),
+                ("samples", len(self.dataset), "data has {} samples and this run's {}", f"the same {self.name} data"),
+                ("seed", self.seed, "order was shuffled with seed {} and this run's with seed {}", "seed={}")):
+            saved = state.get(key, mine)  # checkpoints written before 2026-12-07 hold no seed
+            if saved != mine:
+                raise ValueError(f"the checkpoint's {self.name} {differ.format(saved, mine)}, so it would resume at "
+                                 f"another sample: resume with {fix.format(saved)}")
         self.epoch, self.offset, self._it = int(state["epoch"]), int(state["offset"]), None
 
 

@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import threading
+import warnings
 from typing import Optional
 
 import torch
@@ -119,6 +120,11 @@ def _new_window() -> dict:
     return {"sums": {}, "count": 0, "watch": {}}
 
 
+def _types(*objects) -> tuple:
+    """The qualified class names of the optimizer and the scheduler (None for no scheduler)."""
+    return tuple(None if o is None else f"{type(o).__module__}.{type(o).__qualname__}" for o in objects)
+
+
 class Loop:
     """Shared plumbing; see KnowledgeDistiller and CrossDomainTrainer for the arguments."""
 
@@ -159,6 +165,10 @@ class Loop:
             check_optimizer(self.optimizer, owners)
             s = self._scheduler_arg
             self.scheduler = s(self.optimizer) if callable(s) and not hasattr(s, "step") else s
+            if getattr(self.scheduler, "optimizer", self.optimizer) is not self.optimizer:
+                raise ValueError("scheduler was built over another optimizer than the trainer's, so stepping it "
+                                 "would change no learning rate here: pass a callable optimizer -> scheduler (the "
+                                 "trainer builds it over its optimizer), or build it over the optimizer you pass")
 
     def _watch(self, name: str, value) -> None:
         """Add ``value`` (a tensor) to the window's tally ``name``, which ``_after_window``
@@ -201,6 +211,7 @@ class Loop:
             "modules": {k: m.state_dict() for k, m in self._modules().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "types": _types(self.optimizer, self.scheduler),
             "scaler": self.scaler.state_dict(),
             "streams": {k: s.state_dict() for k, s in self._streams().items()},
             "rng": _common.gather_objects(_common.rng_state(self.generator)),
@@ -218,6 +229,13 @@ class Loop:
         if len(state["rng"]) != world:
             raise ValueError(f"the checkpoint was written by {len(state['rng'])} process(es) and this run has "
                              f"{world}: resume with the same number of processes")
+        # torch's own load_state_dict takes another optimizer's groups (SGD's into Adam: a KeyError
+        # at the first step) and a scheduler absent from the checkpoint would start over
+        for what, saved, mine in zip(("optimizer", "scheduler"), state.get("types", ()),
+                                     _types(self.optimizer, self.scheduler)):
+            if saved != mine:
+                raise ValueError(f"the checkpoint's {what} is {saved} and this run's {mine}: resume with the same "
+                                 f"{what}")
         for k, s in self._streams().items():  # first: refuses a position in another batch size
             s.load_state_dict(state["streams"][k])
         self.step = int(state["step"])
@@ -236,8 +254,15 @@ class Loop:
         """Write a checkpoint durably (rank 0; call on every rank, the others wait for it).
 
         Raises FloatingPointError, and writes nothing, if a module's state holds NaN or
-        ±inf: the last good checkpoint stays the one a resume reads.
+        ±inf: the last good checkpoint stays the one a resume reads; RuntimeError before
+        ``fit`` (a checkpoint holds the data's position, which ``fit`` sets); ValueError
+        without a ``path`` or the trainer's ``checkpoint``.
         """
+        if self.optimizer is None or not self._streams():
+            raise RuntimeError("save() before fit(): a checkpoint holds the optimiser and the data's position, which "
+                               "fit() sets up; call fit() first (with checkpoint= it saves as it trains)")
+        if path is None and not self.checkpoint:
+            raise ValueError("save() needs a path: save(path), or checkpoint= when building the trainer")
         modules = {f"{name}.{key}": t for name, m in self._modules().items() for key, t in m.state_dict().items()
                    if t.is_floating_point()}
         if modules and not bool(torch.stack([torch.isfinite(t).all() for t in modules.values()]).all()):
@@ -269,7 +294,7 @@ class Loop:
                 raise
             raise RuntimeError(
                 f"checkpoint {self.checkpoint!r} was written by a trainer with another configuration "
-                f"(model, optimiser, threshold, loss terms, data, batch size or number of processes), so it "
+                f"(model, optimiser, scheduler, threshold, loss terms, data, batch size, seed or number of processes), so it "
                 f"cannot resume this one; nothing was changed: delete it or pass another checkpoint path. "
                 f"Loading it said: {e}"
             ) from e
@@ -282,6 +307,10 @@ class Loop:
         uninterrupted run logs. An error raised by a step says which step it was."""
         if self._maybe_resume():  # say so: a finished checkpoint leaves nothing to train
             desc = f"{desc} (resumed from {self.checkpoint} at step {self.step})"
+        elif self.step >= total_steps:
+            warnings.warn(f"fit: this trainer has taken {self.step} optimiser steps, and steps (or epochs) count "
+                          f"from its first, {total_steps} in all, so there is nothing to train; pass more to go on",
+                          RuntimeWarning, stacklevel=3)
         bar = _common.progress(total_steps, self.step, desc, self.show_progress)
         stop = _StopOnSignal(enabled=bool(self.checkpoint))
         try:

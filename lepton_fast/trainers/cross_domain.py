@@ -276,7 +276,7 @@ class CrossDomainTrainer(Loop):
             target term (or target data without one), an unlabeled source, a first source
             sample whose label is not one class in [0, C), a threshold's
             ``num_unlabeled`` other than the target's size, an optimizer over other
-            parameters, ``perturb="input"`` on integer inputs, inputs outside ``clamp``; a
+            parameters, a scheduler over another optimizer, ``perturb="input"`` on integer inputs, inputs outside ``clamp``; a
             weight that is not finite; during ``fit`` (naming the step): inputs holding NaN
             or ±inf, source labels outside [0, C), weak-view logits that the threshold or
             the alignment refuses.
@@ -284,7 +284,8 @@ class CrossDomainTrainer(Loop):
             not a number (a string, a bool); at the start of ``fit``: source or target
             inputs of a dtype the student cannot take, source labels that are not integers.
         FloatingPointError, RuntimeError: as in KnowledgeDistiller (a non-finite loss or
-            weights; an unreadable checkpoint).
+            weights; an unreadable checkpoint or one of another configuration; ``save()``
+            before ``fit``). ``save()`` without a path or ``checkpoint``: ValueError.
     """
 
     def __init__(self, student: nn.Module, *, terms: Sequence[str] = (), teacher: Optional[nn.Module] = None,
@@ -616,7 +617,9 @@ class CrossDomainTrainer(Loop):
             batch_size: int = 64, target_batch_size: Optional[int] = None, validation_data=None,
             eval_every: Optional[int] = None) -> dict:
         """Train for ``steps`` optimiser steps or ``epochs`` passes over the source (one
-        epoch by default), resuming from ``checkpoint`` if it exists.
+        epoch by default), resuming from ``checkpoint`` if it exists; counted from the
+        trainer's first step: after ``fit(steps=100)``, ``fit(steps=150)`` trains 50 more (a
+        RuntimeWarning says when there is none to train).
 
         Args:
             source: labeled data: (x, y) tensors, a Dataset of (x, y[, index]) or a

@@ -47,8 +47,8 @@ class KnowledgeDistiller(Loop):
         optimizer: a torch.optim.Optimizer over the student's parameters, or a callable
             ``params -> Optimizer``; default Adam(lr).
         lr: the default optimizer's learning rate (default 1e-3); not with ``optimizer``.
-        scheduler: an LR scheduler, or a callable ``optimizer -> scheduler``; stepped once
-            per optimiser step.
+        scheduler: an LR scheduler over the trainer's optimizer, or a callable
+            ``optimizer -> scheduler``; stepped once per optimiser step.
         divergence: ``"forward_kl"``, ``"reverse_kl"`` or ``"jsd"`` (see fused_kd_loss).
         device: default CUDA if available, else CPU. amp: None, ``"bf16"`` (CPU or CUDA) or
             ``"fp16"`` (CUDA, with a GradScaler) for torch.autocast.
@@ -59,8 +59,8 @@ class KnowledgeDistiller(Loop):
             checksum every ``checkpoint_every`` steps, at the end, and on SIGINT/SIGTERM
             (after the step under way; the signal then takes its usual course), and read by
             ``fit`` to resume where an interrupted run stopped, with the same history. A
-            checkpoint of another batch size, data size or number of processes is refused
-            (and changes nothing). The optimiser and scheduler resume as saved, learning
+            checkpoint of another batch size, data size, seed, optimizer or scheduler class or
+            number of processes is refused (and changes nothing). The optimiser and scheduler resume as saved, learning
             rate included, as their load_state_dict does: an ``lr=`` changed since is not
             applied.
         progress: a tqdm bar with the running loss (rank 0 only).
@@ -75,7 +75,8 @@ class KnowledgeDistiller(Loop):
             dtype the models cannot take (fp16 data for float32 models outside ``amp``),
             labels that are not integers.
         ValueError: temperature ≤ 0, alpha outside [0, 1], unknown divergence or amp, lr
-            with an optimizer, an optimizer over other parameters; at the start of
+            with an optimizer, an optimizer over other parameters, a scheduler over another
+            optimizer, ``save()`` without a path or ``checkpoint``; at the start of
             ``fit``: teacher and student with different class counts, ``alpha > 0`` with
             unlabeled data, a first sample whose label is not one class in [0, C) or -100;
             during ``fit`` (naming the step): inputs holding NaN or ±inf, labels outside
@@ -83,7 +84,7 @@ class KnowledgeDistiller(Loop):
         FloatingPointError: a non-finite loss (before it reaches the weights), or
             non-finite weights at a checkpoint (nothing is written).
         RuntimeError: an unreadable checkpoint (empty, truncated, corrupted) or one of
-            another configuration, naming the file.
+            another configuration, naming the file; ``save()`` before ``fit``.
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, *, temperature: float = 1.0, alpha: float = 0.5,
@@ -184,7 +185,8 @@ class KnowledgeDistiller(Loop):
     def fit(self, train_data, *, steps: Optional[int] = None, epochs: Optional[int] = None, batch_size: int = 64,
             validation_data=None, eval_every: Optional[int] = None) -> dict:
         """Train for ``steps`` optimiser steps or ``epochs`` passes over ``train_data`` (one
-        epoch by default).
+        epoch by default), counted from the trainer's first step: after ``fit(steps=100)``,
+        ``fit(steps=150)`` trains 50 more (a RuntimeWarning says when there is none to train).
 
         Args:
             train_data: (x, y) tensors, a Dataset of (x, y[, index]) or a DataLoader; with
