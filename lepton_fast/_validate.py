@@ -230,7 +230,7 @@ def class_labels(name: str, labels, logits_name: str, x: Tensor) -> Tensor:
     if not isinstance(labels, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype not in INT_DTYPES:
-        raise TypeError(f"{name} must be an integer tensor (int64 or int32), got {labels.dtype}")
+        raise TypeError(f"{name} must be an integer tensor (int64, int32, int16, int8 or uint8), got {labels.dtype}")
     if labels.shape != x.shape[:-1]:
         raise ValueError(
             f"{name} must have shape {tuple(x.shape[:-1])} to match {logits_name} {tuple(x.shape)}, "
@@ -437,12 +437,15 @@ def kd_options(op: str, x_name: str, x: Tensor, /, **kd) -> KDOptions:
     if count is not None and reduction == "none":
         raise ValueError(
             "num_items_in_batch divides the summed loss, so it needs reduction 'mean' or 'sum', not 'none'")
+    ignore_index = kd["ignore_index"]
+    if isinstance(ignore_index, bool) or not hasattr(ignore_index, "__index__") or isinstance(ignore_index, Tensor):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__} {ignore_index!r}")
     labels = kd["labels"]
     if labels is not None:
         labels = class_labels("labels", labels, x_name, x).reshape(-1)
     else:
         zero("alpha", kd["alpha"], "alpha > 0 weights a hard-label cross-entropy, so labels are required")
-    return KDOptions(hyper, labels, kd["ignore_index"], reduction, num_items(count, x))
+    return KDOptions(hyper, labels, int(ignore_index), reduction, num_items(count, x))
 
 
 _KD_NAMES = frozenset(KD_DEFAULTS)
@@ -471,7 +474,7 @@ class KDKeywords(TypedDict, total=False):
 KD_KEYWORDS_DOC = """\
 divergence: ``"forward_kl"`` (default), ``"reverse_kl"`` or ``"jsd"``.
 beta: JSD mixture weight in [0, 1] (default 0.5); used only by ``"jsd"``.
-labels: optional [...] integer hard labels (int64 or int32). Rows labelled
+labels: optional [...] integer hard labels (int64, int32, int16, int8 or uint8). Rows labelled
     ``ignore_index`` are left out of the loss and get zero gradient, also when
     ``alpha`` is 0.
 alpha: weight in [0, 1] of the hard-label CE (default 0); > 0 needs ``labels``.
@@ -561,7 +564,8 @@ def sparse_teacher(indices, logprobs, mask, logits_name: str, x: Tensor) -> tupl
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but {logits_name} is on {x.device}")
     if indices.dtype not in INT_DTYPES:
-        raise TypeError(f"teacher_indices must be an integer tensor (int64 or int32), got {indices.dtype}")
+        raise TypeError(f"teacher_indices must be an integer tensor (int64, int32, int16, int8 or uint8), got "
+                        f"{indices.dtype}")
     if indices.shape[-1] == 0:
         raise ValueError(f"teacher_indices must have at least one entry per row, got shape {tuple(indices.shape)}")
     if logprobs.dtype not in FLOAT_DTYPES:

@@ -482,6 +482,7 @@ BAD_INPUTS = [
     ("labels range", dict(labels=torch.tensor([0, 1, 10, 2])), ValueError, "labels"),
     ("labels negative", dict(labels=torch.tensor([0, -1, 3, 2])), ValueError, "labels"),
     ("labels float", dict(labels=torch.zeros(4)), TypeError, "labels"),
+    ("ignore_index float", dict(ignore_index=5.0), TypeError, r"^ignore_index must be an int, got float 5\.0$"),
     ("int logits", dict(student=torch.ones(4, 10, dtype=torch.long)), TypeError, "student_logits"),
     ("int teacher", dict(teacher=torch.ones(4, 10, dtype=torch.int32)), TypeError, "teacher_logits"),
     ("temperature 0", dict(temperature=0.0), ValueError, "temperature"),
