@@ -293,8 +293,8 @@ class Loop:
             if not isinstance(e, (RuntimeError, KeyError, ValueError)):
                 raise
             raise RuntimeError(
-                f"checkpoint {self.checkpoint!r} was written by a trainer with another configuration "
-                f"(model, optimiser, scheduler, threshold, loss terms, data, batch size, seed or number of processes), so it "
+                f"checkpoint {self.checkpoint!r} was written by a trainer with another configuration (model, "
+                f"optimiser, scheduler, threshold, loss terms, data, batch size, seed or number of processes), so it "
                 f"cannot resume this one; nothing was changed: delete it or pass another checkpoint path. "
                 f"Loading it said: {e}"
             ) from e
