@@ -437,15 +437,13 @@ def kd_options(op: str, x_name: str, x: Tensor, /, **kd) -> KDOptions:
     if count is not None and reduction == "none":
         raise ValueError(
             "num_items_in_batch divides the summed loss, so it needs reduction 'mean' or 'sum', not 'none'")
-    ignore_index = kd["ignore_index"]
-    if isinstance(ignore_index, bool) or not hasattr(ignore_index, "__index__") or isinstance(ignore_index, Tensor):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__} {ignore_index!r}")
+    ignore_index = integer("ignore_index", kd["ignore_index"], None)
     labels = kd["labels"]
     if labels is not None:
         labels = class_labels("labels", labels, x_name, x).reshape(-1)
     else:
         zero("alpha", kd["alpha"], "alpha > 0 weights a hard-label cross-entropy, so labels are required")
-    return KDOptions(hyper, labels, int(ignore_index), reduction, num_items(count, x))
+    return KDOptions(hyper, labels, ignore_index, reduction, num_items(count, x))
 
 
 _KD_NAMES = frozenset(KD_DEFAULTS)
@@ -784,14 +782,16 @@ def real(name: str, value, lo: float = -math.inf, hi: float = math.inf, *, lo_op
     return number
 
 
-def integer(name: str, value, minimum: int) -> int:
-    """A Python (or NumPy) int >= ``minimum``; not a bool, not a float that happens to be whole.
+def integer(name: str, value, minimum: Optional[int]) -> int:
+    """A Python (or NumPy) int >= ``minimum`` (any int for None); not a bool, not a float that
+    happens to be whole.
 
     Raises TypeError for another type, ValueError below ``minimum``.
     """
     if isinstance(value, bool) or not hasattr(value, "__index__") or isinstance(value, Tensor):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
-    if value < minimum:
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise TypeError(f"{name} must be an int{bound}, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
     return int(value)
 
